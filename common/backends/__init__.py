@@ -1,0 +1,89 @@
+"""Model backends, chosen per service with ``--backend``:
+
+- ``diffusers``: the real pipelines (hub id or local folder) and the timm discriminator;
+- ``tiny``: the same code on tiny random-weight models built by ``diffserve make-tiny-models``;
+- ``profiled``: sleeps for the profiled batch latency and draws confidences from f(t),
+  so a whole cluster runs at GPU-like timing on a CPU box (it renders no real image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import option
+
+BACKENDS = ("diffusers", "tiny", "profiled")
+
+
+@dataclass
+class BackendSettings:
+    backend: str = option("profiled", "model backend", env="DIFFSERVE_BACKEND", choices=BACKENDS)
+    cascade: str = option("sdturbo-sdv15", "cascade (see `diffserve cascades`)", env="DIFFSERVE_CASCADE")
+    hardware: str = option("a100", "profile set for the profiled backend and planner: a100 (paper) or h100",
+                           env="DIFFSERVE_HARDWARE")
+    latency_file: str | None = option(None, "own batch-latency table (diffserve profile output)",
+                                      env="DIFFSERVE_LATENCY_FILE")
+    curve_file: str | None = option(None, "own f(t) curve (diffserve calibrate output)", env="DIFFSERVE_CURVE_FILE")
+    time_scale: float = option(1.0, "profiled backend: multiply every sleep by this (0.1 = 10x faster)",
+                               env="DIFFSERVE_TIME_SCALE")
+    model_dir: str | None = option(None, "tiny: folder from make-tiny-models; diffusers: folder of local "
+                                   "pipelines named like the models (else the hub id)", env="DIFFSERVE_MODEL_DIR")
+    discriminator_checkpoint: str | None = option(None, "discriminator checkpoint folder (diffusers backend)",
+                                                  env="DIFFSERVE_DISCRIMINATOR_CHECKPOINT")
+    device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N", env="DIFFSERVE_DEVICE")
+    host_cache: bool = option(True, "keep the idle pipeline in host memory for fast role switches",
+                              env="DIFFSERVE_HOST_CACHE")
+    cuda_graphs: bool = option(True, "capture a CUDA graph of the UNet step per batch size (CUDA only)",
+                               env="DIFFSERVE_CUDA_GRAPHS")
+    confidence_file: str | None = option(None, "profiled discriminator: recorded `prompt_index,confidence` lines",
+                                         env="DIFFSERVE_CONFIDENCE_FILE")
+    prompts_file: str | None = option(None, "prompt file the confidence file indexes (default: DiffusionDB 5k)",
+                                      env="DIFFSERVE_PROMPTS_FILE")
+
+
+def load_profile(settings: BackendSettings):
+    from common.profiles import load_cascade_profile
+
+    return load_cascade_profile(settings.cascade, settings.hardware, latency_file=settings.latency_file,
+                                curve_file=settings.curve_file)
+
+
+def make_model(settings: BackendSettings, role: str, pad_grid: tuple[int, ...] = ()):
+    """The light or heavy model of the configured cascade on the configured backend (not loaded yet)."""
+    from common.cascades import MODELS, cascade
+
+    name = getattr(cascade(settings.cascade), role)
+    if settings.backend == "profiled":
+        from common.backends.profiled import ProfiledModel
+
+        return ProfiledModel(name, role, load_profile(settings).table(role), settings.time_scale)
+    from common.backends.diffusion import DiffusersModel, local_spec, tiny_spec
+
+    spec = MODELS[name]
+    if settings.backend == "tiny":
+        if not settings.model_dir:
+            raise ValueError("the tiny backend needs --model-dir (made by `diffserve make-tiny-models DIR`)")
+        spec = tiny_spec(spec, settings.model_dir)
+    else:
+        spec = local_spec(spec, settings.model_dir)
+    return DiffusersModel(spec, role, settings.device, pad_grid=pad_grid, cuda_graphs=settings.cuda_graphs)
+
+
+def make_discriminator(settings: BackendSettings):
+    if settings.backend == "profiled":
+        from common.backends.profiled import ProfiledDiscriminator, load_confidence_overrides
+
+        overrides = (load_confidence_overrides(settings.confidence_file, settings.prompts_file)
+                     if settings.confidence_file else None)
+        profile = load_profile(settings)
+        return ProfiledDiscriminator(profile.discriminator, profile.curve, settings.time_scale, overrides)
+    from pathlib import Path
+
+    from common.backends.diffusion import TimmDiscriminator
+
+    checkpoint = settings.discriminator_checkpoint
+    if not checkpoint and settings.model_dir:
+        checkpoint = str(Path(settings.model_dir) / "discriminator")
+    if not checkpoint:
+        raise ValueError("the discriminator needs --discriminator-checkpoint (see `diffserve train-discriminator`)")
+    return TimmDiscriminator(checkpoint, settings.device)

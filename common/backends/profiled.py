@@ -1,0 +1,78 @@
+"""The profiled backend: profiled timing, placeholder images, calibrated confidences.
+
+It exists so the serving system can be load-tested at GPU-like timing on a CPU box;
+its images are flat placeholders, and results from it are labelled as profiled.
+"""
+
+from __future__ import annotations
+
+import time
+
+from PIL import Image
+
+from common.profiles import ConfidenceCurve, LatencyTable, load_prompts, uniform_from_text
+
+# Disk -> GPU and host -> GPU load times measured on the H100 (common/data/h100/README.md).
+LOAD_SECONDS = {"disk": {"sdturbo": 2.78, "sdv15": 1.90}, "host": {"sdturbo": 0.42, "sdv15": 0.38}}
+DEFAULT_LOAD_SECONDS = {"disk": 2.5, "host": 0.4}
+_COLOURS = {"light": (120, 170, 220), "heavy": (220, 150, 90)}
+
+
+def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+class ProfiledModel:
+    backend = "profiled"
+
+    def __init__(self, name: str, role: str, table: LatencyTable, time_scale: float):
+        self.name, self.role, self.table, self.time_scale = name, role, table, time_scale
+        self._image = Image.new("RGB", (64, 64), _COLOURS.get(role, (128, 128, 128)))
+
+    def load(self, source: str = "disk") -> float:
+        seconds = LOAD_SECONDS[source].get(self.name, DEFAULT_LOAD_SECONDS[source]) * self.time_scale
+        _sleep(seconds)
+        return seconds
+
+    def offload(self) -> None:
+        pass
+
+    def unload(self) -> None:
+        pass
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
+        return [self._image] * len(prompts)
+
+
+def load_confidence_overrides(confidence_file: str, prompts_file: str | None) -> dict[str, float]:
+    """``prompt_index,confidence`` lines -> {prompt text: confidence}."""
+    prompts = load_prompts(prompts_file)
+    overrides = {}
+    with open(confidence_file, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("#") or line.startswith("prompt_index"):
+                continue
+            index, confidence = line.split(",")[:2]
+            overrides[prompts[int(index)]] = float(confidence)
+    return overrides
+
+
+class ProfiledDiscriminator:
+    backend = "profiled"
+    input_size = 0  # takes no thumbnail
+
+    def __init__(self, table: LatencyTable, curve: ConfidenceCurve, time_scale: float,
+                 overrides: dict[str, float] | None = None):
+        self.table, self.curve, self.time_scale = table, curve, time_scale
+        self.overrides = overrides or {}
+
+    def load(self) -> float:
+        return 0.0
+
+    def score(self, prompts: list[str], images: list[Image.Image | None]) -> list[float]:
+        _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
+        return [self.overrides[p] if p in self.overrides else self.curve.confidence_for(uniform_from_text(p))
+                for p in prompts]

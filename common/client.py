@@ -1,0 +1,110 @@
+"""Python client: ``await client.submit(prompt) -> FinalResult``.
+
+Each client owns a reply stream (``<ns>:reply:<id>``); the router XADDs every result
+there exactly once, and one background reader hands results to the waiting callers.
+Jobs pushed without ``reply_to`` get their result in the list ``<ns>:result:<job_id>``
+instead (``wait_result``), which is what a plain ``XADD`` user reads with BLPOP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from common.config import Keys, RedisSettings
+from common.messages import ENTRY_FIELD, FinalResult, Job, MessageError, new_job_id
+from common.streams import TRANSIENT_ERRORS, add, connect
+
+
+class Client:
+    def __init__(self, settings: RedisSettings | None = None, *, redis_url: str | None = None):
+        settings = settings or RedisSettings()
+        if redis_url:
+            settings.redis_url = redis_url
+        self.keys = Keys(settings.namespace)
+        self.redis = connect(settings, client_name="client")
+        self.reader_redis = connect(settings, client_name="client-reader")
+        self.reply_stream = f"{self.keys.reply_prefix}{uuid.uuid4().hex}"
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self.reply_stream)
+        await self.redis.aclose()
+        await self.reader_redis.aclose()
+
+    async def enqueue(self, prompt: str, *, job_id: str | None = None, slo_ms: float | None = None,
+                      seed: int | None = None, image_format: str = "png", image_quality: int = 90,
+                      reply: bool = True) -> str:
+        """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``."""
+        job = Job(job_id or new_job_id(), prompt, slo_ms, seed, image_format, image_quality,
+                  self.reply_stream if reply else None, time.time() * 1000)
+        if reply:
+            self._start_reader()
+        await add(self.redis, self.keys.jobs, job.encode())
+        return job.job_id
+
+    async def submit(self, prompt: str, *, timeout: float = 120.0, **kwargs) -> FinalResult:
+        self._start_reader()
+        job_id = kwargs.pop("job_id", None) or new_job_id()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = future
+        try:
+            await self.enqueue(prompt, job_id=job_id, **kwargs)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(job_id, None)
+
+    async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs) -> list[FinalResult]:
+        return list(await asyncio.gather(*(self.submit(p, timeout=timeout, **kwargs) for p in prompts)))
+
+    async def results(self) -> AsyncIterator[FinalResult]:
+        """Results of jobs nobody is awaiting with ``submit`` (what ``enqueue`` sent), as they arrive."""
+        self._start_reader()
+        while True:
+            yield await self._unclaimed.get()
+
+    async def wait_result(self, job_id: str, timeout: float = 120.0) -> FinalResult | None:
+        """For jobs pushed without reply_to: BLPOP the job's result list."""
+        reply = await self.redis.blpop([self.keys.result(job_id)], timeout=timeout)
+        return FinalResult.decode(reply[1]) if reply else None
+
+    def _start_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        last_id = "0-0"
+        while True:
+            try:
+                reply = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=1000)
+            except TRANSIENT_ERRORS:
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, items in reply or []:
+                for entry_id, fields in items:
+                    last_id = entry_id
+                    try:
+                        result = FinalResult.decode(fields[ENTRY_FIELD])
+                    except (MessageError, KeyError):
+                        continue
+                    future = self._waiting.get(result.job_id)
+                    if future is not None and not future.done():
+                        future.set_result(result)
+                    else:
+                        self._unclaimed.put_nowait(result)

@@ -1,0 +1,145 @@
+"""Configuration: one dataclass per service, filled from CLI flags, then env, then defaults.
+
+A field declared with :func:`option` becomes ``--flag-name`` on the command line and
+``DIFFSERVE_FLAG_NAME`` in the environment (or the ``env`` name given).  The help
+strings are the documentation of the defaults (``diffserve <service> --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def option(default: Any, help: str, *, env: str | None = None, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "env": env, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _env_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("env") or "DIFFSERVE_" + f.name.upper()
+
+
+def _parse_value(raw: str, hint: Any) -> Any:
+    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    t = typing.get_origin(base[0]) or base[0]
+    if t is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if t is list:
+        item = typing.get_args(base[0])[0]
+        return [item(x) for x in raw.split(",") if x.strip()]
+    if raw == "" and type(None) in typing.get_args(hint):
+        return None
+    return t(raw)
+
+
+@dataclass
+class RedisSettings:
+    """How every service reaches Redis. Password/ACL user and TLS (``rediss://``) are supported."""
+
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL; rediss:// for TLS; may hold user:password@",
+                            env="REDIS_URL")
+    redis_username: str | None = option(None, "ACL user name (overrides the URL's)", env="REDIS_USERNAME")
+    redis_password: str | None = option(None, "password (overrides the URL's)", env="REDIS_PASSWORD")
+    redis_tls_ca: str | None = option(None, "CA bundle that signs the Redis server certificate", env="REDIS_TLS_CA")
+    redis_tls_cert: str | None = option(None, "client certificate for mutual TLS", env="REDIS_TLS_CERT")
+    redis_tls_key: str | None = option(None, "client key for mutual TLS", env="REDIS_TLS_KEY")
+    namespace: str = option("diffserve", "prefix of every Redis key and stream", env="DIFFSERVE_NAMESPACE")
+
+
+@dataclass
+class ServiceConfig(RedisSettings):
+    """Fields every service has."""
+
+    metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
+    log_level: str = option("INFO", "log level", env="LOG_LEVEL")
+    instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
+
+    def __post_init__(self):
+        if not self.instance_id:
+            self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("help"):
+                continue
+            hint = hints[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = "--" + f.name.replace("_", "-")
+            helptext = f"{f.metadata['help']} [env {_env_name(f)}; default {default!r}]"
+            if hint is bool:
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                    help=helptext)
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, help=helptext,
+                                    choices=f.metadata.get("choices"),
+                                    type=lambda raw, hint=hint: _parse_value(raw, hint))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace | None = None, env: dict[str, str] | None = None):
+        """CLI value if given, else env, else the documented default."""
+        env = os.environ if env is None else env
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(ns, f.name, None) if ns is not None else None
+            if value is None and _env_name(f) in env:
+                value = _parse_value(env[_env_name(f)], hints[f.name])
+            if value is not None:
+                choices = f.metadata.get("choices")
+                if choices and value not in choices:
+                    raise SystemExit(f"{_env_name(f)}={value!r}: choose one of {', '.join(choices)}")
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, prog: str | None = None):
+        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+        cls.add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+
+class Keys:
+    """Every Redis key and stream name, in one place."""
+
+    def __init__(self, namespace: str = "diffserve"):
+        ns = namespace
+        self.jobs = f"{ns}:jobs"  # clients -> router
+        self.light_queue = f"{ns}:queue:light"  # router -> light workers
+        self.light_results = f"{ns}:queue:discriminator"  # light workers -> discriminator
+        self.heavy_queue = f"{ns}:queue:heavy"  # discriminator/router -> heavy workers
+        self.completions = f"{ns}:completions"  # any stage -> router
+        self.dead_letters = f"{ns}:dead-letters"
+        self.plan = f"{ns}:plan"
+        self.plan_channel = f"{ns}:plan-announce"
+        self.workers = f"{ns}:workers"  # zset: worker_id -> last heartbeat (ms)
+        self.worker_info_prefix = f"{ns}:worker:"  # hash per worker
+        self.stats = f"{ns}:stats"  # hash of counters the controller reads
+        self.done_prefix = f"{ns}:done:"
+        self.result_prefix = f"{ns}:result:"
+        self.reply_prefix = f"{ns}:reply:"  # clients' own reply streams
+
+    def queue_for(self, role: str) -> str:
+        return {"light": self.light_queue, "heavy": self.heavy_queue}[role]
+
+    def worker_info(self, worker_id: str) -> str:
+        return self.worker_info_prefix + worker_id
+
+    def done(self, job_id: str) -> str:
+        return self.done_prefix + job_id
+
+    def result(self, job_id: str) -> str:
+        return self.result_prefix + job_id

@@ -1,0 +1,81 @@
+"""Image encoding off the model's path: a thread pool (Pillow releases the GIL
+while encoding) that keeps job order and reports errors per job."""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from common import metrics
+from common.messages import IMAGE_FORMATS
+
+MAX_IMAGE_BYTES = 32 << 20  # refuse to decode anything larger
+
+
+@dataclass
+class Encoded:
+    data: bytes | None
+    format: str
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def encode(image: Image.Image, fmt: str = "png", quality: int = 90) -> bytes:
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}; use one of {', '.join(IMAGE_FORMATS)}")
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG", compress_level=1)  # level 6 costs more and saves little on noisy images
+    else:
+        image.convert("RGB").save(buf, format=fmt.upper(), quality=max(1, min(100, quality)))
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError("image too large")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def thumbnail_rgb(image: Image.Image, size: int) -> bytes:
+    """Raw RGB8 bytes at size x size: what the discriminator consumes, no PNG decode needed."""
+    return image.convert("RGB").resize((size, size), Image.BILINEAR).tobytes()
+
+
+def from_thumbnail(data: bytes, size: int) -> Image.Image:
+    if len(data) != size * size * 3:
+        raise ValueError(f"thumbnail has {len(data)} bytes, expected {size}x{size}x3")
+    return Image.frombytes("RGB", (size, size), data)
+
+
+class EncoderPool:
+    """Encodes a batch in parallel threads; results come back in job order."""
+
+    def __init__(self, threads: int = 4):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
+
+    def _one(self, image: Image.Image, fmt: str, quality: int) -> Encoded:
+        start = time.perf_counter()
+        try:
+            data = encode(image, fmt, quality)
+        except Exception as exc:  # one bad request must not fail the batch
+            return Encoded(None, fmt, f"{type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - start
+        metrics.ENCODE_TIME.labels(fmt).observe(seconds)
+        return Encoded(data, fmt, None, seconds)
+
+    def submit(self, images: list[Image.Image], formats: list[tuple[str, int]]):
+        """Start encoding; returns futures in job order (await with ``asyncio.wrap_future``)."""
+        return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats)]
+
+    def encode_all(self, images: list[Image.Image], formats: list[tuple[str, int]]) -> list[Encoded]:
+        return [f.result() for f in self.submit(images, formats)]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,204 @@
+"""A local stack of real processes: its own redis-server (unless given a URL), a router,
+a discriminator, workers and optionally the controller, each started as
+``python -m services.<name>``.  ``diffserve up``, the load tester and the tests use it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port."""
+
+    def __init__(self, *, port: int | None = None, password: str | None = None, appendonly: bool = False,
+                 workdir: str | None = None):
+        if not shutil.which("redis-server"):
+            raise RuntimeError("redis-server not found: install it (Debian: apt-get install -y redis-server)")
+        self.port = port or free_port()
+        self.password = password
+        self.appendonly = appendonly
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="diffserve-redis-"))
+        self.pidfile = self.dir / "redis.pid"
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.dir),
+                "--daemonize", "yes", "--pidfile", str(self.pidfile), "--logfile", str(self.dir / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        subprocess.run(args, check=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._cli("ping").stdout.strip() == "PONG":
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def _cli(self, *cmd: str) -> subprocess.CompletedProcess:
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
+        return subprocess.run(["redis-cli", "-p", str(self.port), *auth, *cmd], capture_output=True, text=True)
+
+    def stop(self) -> None:
+        self._cli("shutdown", "nosave")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self._cli("ping").returncode == 0 and \
+                self._cli("ping").stdout.strip() == "PONG":
+            time.sleep(0.05)
+
+    def restart(self, down_s: float = 0.5) -> None:
+        """Stop and start on the same port (with AOF on, the data survives)."""
+        if self.appendonly:
+            self._cli("bgrewriteaof")
+            time.sleep(0.2)
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@dataclass
+class StackSpec:
+    backend: str = "profiled"
+    cascade: str = "sdturbo-sdv15"
+    light_workers: int = 1
+    heavy_workers: int = 1
+    controller: bool = False
+    policy: str = "diffserve"
+    time_scale: float = 1.0
+    redis_url: str | None = None
+    namespace: str = "diffserve"
+    model_dir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra DIFFSERVE_* settings for every service
+    controller_args: list[str] = field(default_factory=list)
+    metrics_base_port: int = 0  # >0: each service gets its own port from here up
+
+
+class LocalStack:
+    def __init__(self, spec: StackSpec, log_dir: str | None = None):
+        self.spec = spec
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="diffserve-stack-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis: RedisServer | None = None
+        self.redis_url = spec.redis_url
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._commands: dict[str, list[str]] = {}
+        self._next_metrics_port = spec.metrics_base_port
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = {**os.environ, "REDIS_URL": self.redis_url, "DIFFSERVE_NAMESPACE": self.spec.namespace,
+               "DIFFSERVE_BACKEND": self.spec.backend, "DIFFSERVE_CASCADE": self.spec.cascade,
+               "DIFFSERVE_TIME_SCALE": str(self.spec.time_scale), "DIFFSERVE_INSTANCE_ID": name,
+               "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               **self.spec.env}
+        if self.spec.model_dir:
+            env["DIFFSERVE_MODEL_DIR"] = self.spec.model_dir
+        if self._next_metrics_port:
+            env["METRICS_PORT"] = str(self._next_metrics_port)
+            self._next_metrics_port += 1
+        return env
+
+    def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", f"services.{module}", *args]
+        self._commands[name] = cmd
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, env=self._env(name), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parent.parent)
+        self.procs[name] = proc
+        return proc
+
+    def start(self, ready_timeout: float = 120.0) -> "LocalStack":
+        if not self.redis_url:
+            self.redis = RedisServer().start()
+            self.redis_url = self.redis.url
+        self.spawn("router", "router")
+        self.spawn("discriminator", "discriminator")
+        for i in range(self.spec.light_workers):
+            self.spawn(f"worker-{i}", "worker", "--role", "light")
+        for i in range(self.spec.heavy_workers):
+            self.spawn(f"worker-{self.spec.light_workers + i}", "worker", "--role", "heavy")
+        if self.spec.controller:
+            self.spawn("controller", "controller", "--policy", self.spec.policy, *self.spec.controller_args)
+        self.wait_ready(list(self.procs), ready_timeout)
+        return self
+
+    def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            for name in list(pending):
+                if self.procs[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
+                if '"msg": "ready"' in (self.log_dir / f"{name}.log").read_text(errors="replace"):
+                    pending.discard(name)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout}s: {sorted(pending)}")
+            time.sleep(0.05)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def restart(self, name: str, ready_timeout: float = 120.0) -> None:
+        """Start a process again under its name (after kill)."""
+        if self.procs[name].poll() is None:
+            self.kill(name)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            log.write(b"\n--- restarted ---\n")
+        offset = (self.log_dir / f"{name}.log").stat().st_size
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(self._commands[name], env=self._env(name), stdout=log,
+                                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.monotonic() + ready_timeout
+        while '"msg": "ready"' not in (self.log_dir / f"{name}.log").read_text(errors="replace")[offset:]:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready after restart")
+            time.sleep(0.05)
+
+    def alive(self) -> dict[str, bool]:
+        return {name: proc.poll() is None for name, proc in self.procs.items()}
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.redis:
+            self.redis.stop()

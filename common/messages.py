@@ -1,0 +1,266 @@
+"""Typed, versioned messages and their one wire encoding (msgpack).
+
+Every stream entry carries a single field ``m`` whose value is a msgpack map with
+``v`` (schema version) and ``type`` (message kind) plus the dataclass fields.
+Nothing on the wire is ever pickled.  Unknown fields are ignored so that a newer
+producer can talk to an older consumer; a missing required field or a wrong type
+raises :class:`MessageError`, which the services turn into an error result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+SCHEMA_VERSION = 1
+ENTRY_FIELD = b"m"
+
+
+class MessageError(ValueError):
+    """A payload that cannot be decoded into the expected message."""
+
+    def __init__(self, code: str, message: str, job_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.job_id = job_id
+
+
+# Error codes delivered to callers; stable strings, documented in README.
+E_MALFORMED = "malformed"
+E_INVALID = "invalid_request"
+E_PROMPT_TOO_LONG = "prompt_too_long"
+E_OVERLOADED = "overloaded"
+E_DEADLINE = "deadline_exceeded"
+E_MODEL = "model_error"
+E_UNKNOWN_MODEL = "unknown_model"
+E_INTERNAL = "internal_error"
+
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        body["v"] = SCHEMA_VERSION
+        body["type"] = self.TYPE
+        return body
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_dict(), use_bin_type=True)
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]):
+        kind = body.get("type", cls.TYPE)
+        if kind != cls.TYPE:
+            raise MessageError(E_MALFORMED, f"expected a {cls.TYPE!r} message, got {kind!r}", _job_id_of(body))
+        version = body.get("v", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise MessageError(E_MALFORMED, f"unsupported schema version {version!r}", _job_id_of(body))
+        kwargs = {}
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in body:
+                kwargs[f.name] = _check_type(f.name, body[f.name], hints[f.name], body)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MessageError(E_INVALID, f"missing field {f.name!r}", _job_id_of(body))
+        return cls(**kwargs)
+
+    @classmethod
+    def decode(cls, payload: bytes):
+        return cls.from_dict(unpack(payload))
+
+
+def unpack(payload: bytes) -> dict[str, Any]:
+    """msgpack bytes -> dict, refusing anything that is not a map with string keys."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=64 << 20)
+    except Exception as exc:  # msgpack raises a zoo of exception types
+        raise MessageError(E_MALFORMED, f"payload is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(body, dict):
+        raise MessageError(E_MALFORMED, "payload is not a msgpack map")
+    return body
+
+
+def _job_id_of(body: dict[str, Any]) -> str | None:
+    job_id = body.get("job_id")
+    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check_type(name: str, value: Any, hint: Any, body: dict[str, Any]) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        t = typing.get_origin(t) or t
+        if t is type(None) and value is None:
+            return value
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, bool):
+            continue
+        if t is not type(None) and isinstance(value, t):
+            return value
+    raise MessageError(E_INVALID, f"field {name!r} has the wrong type ({type(value).__name__})", _job_id_of(body))
+
+
+@dataclass
+class Job(Message):
+    """What a client puts on the jobs stream."""
+
+    TYPE: ClassVar[str] = "job"
+    job_id: str
+    prompt: str
+    slo_ms: float | None = None  # per-job SLO; the cascade default when absent
+    seed: int | None = None
+    image_format: str = "png"
+    image_quality: int = 90  # webp/jpeg only
+    reply_to: str | None = None  # a stream to XADD the result to; else the result list key
+    submitted_ms: float | None = None  # client clock, informational
+
+
+@dataclass
+class RoutedJob(Message):
+    """A validated job, stamped by the router; the payload of the light and heavy queues."""
+
+    TYPE: ClassVar[str] = "routed_job"
+    job_id: str
+    prompt: str
+    arrival_ms: float
+    deadline_ms: float
+    seed: int
+    image_format: str = "png"
+    image_quality: int = 90
+    reply_to: str | None = None
+    confidence: float | None = None  # set when the discriminator sends the job on to the heavy model
+    light_image: bytes | None = None  # kept so a late heavy job can still be answered with it
+    light_image_format: str | None = None
+    routed_by: str = "cascade"  # cascade | direct (policy sent it straight to heavy)
+
+
+@dataclass
+class LightResult(Message):
+    """Light worker -> discriminator."""
+
+    TYPE: ClassVar[str] = "light_result"
+    job: RoutedJob
+    image: bytes
+    image_format: str
+    thumbnail: bytes | None = None  # raw RGB8 at the discriminator's input size
+    thumbnail_size: int = 0
+    worker_id: str = ""
+    model: str = ""
+    batch_size: int = 0
+    light_ms: float = 0.0
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]):
+        job = body.get("job")
+        if not isinstance(job, dict):
+            raise MessageError(E_MALFORMED, "light result without a job map")
+        return super().from_dict({**body, "job": RoutedJob.from_dict({**job, "type": RoutedJob.TYPE})})
+
+
+@dataclass
+class Completion(Message):
+    """A stage's final answer for one job, sent to the router's completion stream."""
+
+    TYPE: ClassVar[str] = "completion"
+    job_id: str
+    arrival_ms: float
+    deadline_ms: float
+    reply_to: str | None = None
+    status: str = "ok"  # ok | error
+    image: bytes | None = None
+    image_format: str | None = None
+    answered_by: str | None = None  # light | heavy
+    model: str | None = None
+    confidence: float | None = None
+    degraded: bool = False  # answered with the light image because the heavy model could not make the deadline
+    error_code: str | None = None
+    error_message: str | None = None
+    worker_id: str = ""
+
+    @classmethod
+    def failure(cls, job: "RoutedJob", code: str, message: str, worker_id: str = "") -> "Completion":
+        return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, status="error",
+                   error_code=code, error_message=message, worker_id=worker_id)
+
+    @classmethod
+    def answer(cls, job: "RoutedJob", image: bytes, image_format: str, answered_by: str, model: str,
+               confidence: float | None = None, degraded: bool = False, worker_id: str = "") -> "Completion":
+        return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, image=image,
+                   image_format=image_format, answered_by=answered_by, model=model, confidence=confidence,
+                   degraded=degraded, worker_id=worker_id)
+
+
+@dataclass
+class FinalResult(Message):
+    """What the client receives, exactly once per accepted job."""
+
+    TYPE: ClassVar[str] = "final_result"
+    job_id: str
+    status: str  # ok | error
+    image: bytes | None = None
+    image_format: str | None = None
+    answered_by: str | None = None
+    model: str | None = None
+    confidence: float | None = None
+    degraded: bool = False
+    latency_ms: float | None = None
+    slo_met: bool | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    finished_ms: float = 0.0
+
+
+@dataclass
+class DeadLetter(Message):
+    """An entry that could not be answered because no job id could be read from it."""
+
+    TYPE: ClassVar[str] = "dead_letter"
+    stream: str
+    entry_id: str
+    error_code: str
+    error_message: str
+    raw: bytes = b""
+
+
+@dataclass
+class Plan(Message):
+    """The controller's current plan; stored under one key, read by every service."""
+
+    TYPE: ClassVar[str] = "plan"
+    version: int = 0
+    policy: str = "diffserve"
+    threshold: float = 0.5
+    light_batch: int = 4
+    heavy_batch: int = 1
+    light_workers: int = 0
+    heavy_workers: int = 0
+    heavy_fraction: float = 0.0  # proteus: share of jobs the router sends straight to heavy
+    roles: dict = field(default_factory=dict)  # worker_id -> light | heavy
+    demand_qps: float = 0.0
+    feasible: bool = True
+    objective: str = "quality"
+    estimated_quality: float | None = None
+    created_ms: float = 0.0

@@ -1,0 +1,50 @@
+"""Shared by the pipeline stages (workers, discriminator): turning a pulled batch
+into decoded messages, and anything undecodable or poisonous into an answer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from common import metrics
+from common.config import Keys
+from common.messages import E_INTERNAL, Completion, DeadLetter, MessageError, unpack
+from common.streams import Entry
+
+
+def split_batch(entries: list[Entry], decode: Callable[[bytes], Any], *, keys: Keys, stream: str, service: str,
+                max_deliveries: int, job_of: Callable[[Any], Any]):
+    """Returns (good [(entry, message)], outputs for the bad ones). A bad entry becomes an
+    error completion when its job can be identified, else a dead letter; an entry that was
+    delivered more than ``max_deliveries`` times (it crashed its consumers) is failed too."""
+    good, outputs = [], []
+    for entry in entries:
+        try:
+            message = decode(entry.payload or b"")
+        except MessageError as exc:
+            metrics.ERRORS.labels(service, exc.code).inc()
+            outputs.append(_undecodable(entry, exc, keys, stream))
+            continue
+        if entry.deliveries > max_deliveries:
+            metrics.ERRORS.labels(service, E_INTERNAL).inc()
+            outputs.append((keys.completions, Completion.failure(
+                job_of(message), E_INTERNAL, f"gave up after {entry.deliveries} attempts").encode()))
+            continue
+        good.append((entry, message))
+    return good, outputs
+
+
+def _undecodable(entry: Entry, exc: MessageError, keys: Keys, stream: str) -> tuple[str, bytes]:
+    body = {}
+    try:
+        body = unpack(entry.payload or b"")
+    except MessageError:
+        pass
+    job = body.get("job") if isinstance(body.get("job"), dict) else body
+    job_id, arrival, deadline = job.get("job_id"), job.get("arrival_ms"), job.get("deadline_ms")
+    if isinstance(job_id, str) and isinstance(arrival, (int, float)) and isinstance(deadline, (int, float)):
+        reply_to = job.get("reply_to") if isinstance(job.get("reply_to"), str) else None
+        completion = Completion(job_id, float(arrival), float(deadline), reply_to, status="error",
+                                error_code=exc.code, error_message=str(exc))
+        return keys.completions, completion.encode()
+    return keys.dead_letters, DeadLetter(stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]).encode()

@@ -1,0 +1,262 @@
+"""The one Redis-streams helper every service uses.
+
+The cycle is read -> process -> write outputs and ack in one MULTI -> repeat.
+Entries a dead consumer left pending are taken over with XAUTOCLAIM once they
+have been idle for ``reclaim_idle_ms``; a live consumer working on a long batch
+keeps its entries fresh (XCLAIM to itself) so nobody steals them.  Streams are
+trimmed only below the oldest entry some group still has to process or ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.config import Keys, RedisSettings
+from common.messages import ENTRY_FIELD
+
+log = logging.getLogger(__name__)
+
+# Errors after which the same command may succeed once Redis is back.
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+# Consumer groups of the pipeline: (stream attribute of Keys, group name).
+PIPELINE_GROUPS = (
+    ("jobs", "router"),
+    ("light_queue", "workers"),
+    ("light_results", "discriminator"),
+    ("heavy_queue", "workers"),
+    ("completions", "router"),
+)
+
+
+def connect(settings: RedisSettings, *, client_name: str | None = None) -> aioredis.Redis:
+    """A client for ``settings``; TLS when the URL is ``rediss://``. No socket timeout:
+    blocking reads are bounded by their BLOCK argument instead."""
+    kwargs: dict = {"socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 15}
+    if settings.redis_username:
+        kwargs["username"] = settings.redis_username
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password
+    if settings.redis_url.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        if settings.redis_tls_ca:
+            kwargs["ssl_ca_certs"] = settings.redis_tls_ca
+        if settings.redis_tls_cert:
+            kwargs["ssl_certfile"] = settings.redis_tls_cert
+            kwargs["ssl_keyfile"] = settings.redis_tls_key
+    if client_name:
+        kwargs["client_name"] = client_name
+    return aioredis.from_url(settings.redis_url, **kwargs)
+
+
+class Backoff:
+    """Exponential backoff with jitter for reconnecting; reset after a success."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0):
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    async def wait(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt) * (0.5 + random.random() / 2)
+        self.attempt += 1
+        await asyncio.sleep(delay)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class Entry:
+    id: str
+    payload: bytes | None  # the ``m`` field; None for entries that use plain fields
+    fields: dict[bytes, bytes]
+    deliveries: int = 1  # > 1 when reclaimed from another consumer
+
+
+def _entry(entry_id, fields) -> Entry:
+    fields = fields or {}
+    return Entry(_s(entry_id), fields.get(ENTRY_FIELD), fields)
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def ensure_group(r: aioredis.Redis, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` (and the stream) unless it exists. Idempotent."""
+    try:
+        await r.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def ensure_pipeline_groups(r: aioredis.Redis, keys: Keys) -> None:
+    """Every service creates all groups first, so nothing a producer writes can be
+    trimmed before its consumers have seen it."""
+    for attr, group in PIPELINE_GROUPS:
+        await ensure_group(r, getattr(keys, attr), group)
+
+
+async def add(r: aioredis.Redis, stream: str, payload: bytes, *, maxlen: int | None = None) -> str:
+    kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
+    return _s(await r.xadd(stream, {ENTRY_FIELD: payload}, **kwargs))
+
+
+class StreamConsumer:
+    """One consumer in one group of one stream."""
+
+    def __init__(self, r: aioredis.Redis, stream: str, group: str, consumer: str, *,
+                 reclaim_idle_ms: int = 30_000, max_deliveries: int = 5):
+        self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
+        self.reclaim_idle_ms = reclaim_idle_ms
+        self.max_deliveries = max_deliveries
+        self._reclaim_cursor = "0-0"
+
+    async def ensure_group(self) -> None:
+        await ensure_group(self.r, self.stream, self.group)
+
+    async def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
+        """Up to ``count`` entries: first any reclaimed from dead consumers, then new ones."""
+        try:
+            entries = await self._reclaim(count)
+            if len(entries) < count:
+                reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                                count=count - len(entries), block=None if entries else block_ms)
+                for _stream, items in reply or []:
+                    entries.extend(_entry(i, f) for i, f in items)
+            return entries
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis restarted without persistence: recreate and carry on
+                log.warning("consumer group missing, recreating", extra={"stream": self.stream, "group": self.group})
+                await self.ensure_group()
+                self._reclaim_cursor = "0-0"
+                return []
+            raise
+
+    async def _reclaim(self, count: int) -> list[Entry]:
+        reply = await self.r.xautoclaim(self.stream, self.group, self.consumer, self.reclaim_idle_ms,
+                                        start_id=self._reclaim_cursor, count=count)
+        cursor, claimed = reply[0], reply[1]
+        self._reclaim_cursor = _s(cursor)
+        entries = [_entry(i, f) for i, f in claimed if f is not None]
+        if entries:
+            pending = await self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
+                                                  count=len(entries) * 2, consumername=self.consumer)
+            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+            for e in entries:
+                e.deliveries = counts.get(e.id, 2)
+            log.info("reclaimed entries", extra={"stream": self.stream, "count": len(entries)})
+        return entries
+
+    async def ack(self, ids: Sequence[str]) -> None:
+        if ids:
+            await self.r.xack(self.stream, self.group, *ids)
+
+    async def write_and_ack(self, ids: Sequence[str], outputs: Iterable[tuple[str, bytes]],
+                            extra: Callable[[aioredis.client.Pipeline], None] | None = None) -> None:
+        """XADD every output and XACK the inputs in one transaction: either the outputs
+        exist and the inputs are acked, or neither (the inputs get reclaimed)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            for stream, payload in outputs:
+                pipe.xadd(stream, {ENTRY_FIELD: payload})
+            if extra:
+                extra(pipe)
+            if ids:
+                pipe.xack(self.stream, self.group, *ids)
+            await pipe.execute()
+
+    @contextlib.asynccontextmanager
+    async def keep_claimed(self, ids: Sequence[str]):
+        """While a long batch runs, reset the idle time of its entries so that
+        other consumers do not reclaim them from a live consumer."""
+        interval = max(0.05, self.reclaim_idle_ms / 3000)
+
+        async def refresh():
+            while True:
+                await asyncio.sleep(interval)
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await self.r.xclaim(self.stream, self.group, self.consumer, 0, list(ids), justid=True)
+
+        task = asyncio.create_task(refresh()) if ids else None
+        try:
+            yield
+        finally:
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def backlog(r: aioredis.Redis, stream: str, group: str) -> int:
+    """Entries not yet done by ``group``: undelivered (lag) plus delivered-but-unacked."""
+    try:
+        for g in await r.xinfo_groups(stream):
+            if _s(g["name"]) == group:
+                lag = g.get("lag")
+                return int(lag or 0) + int(g["pending"])
+    except ResponseError:
+        pass
+    return 0
+
+
+async def trim_processed(r: aioredis.Redis, stream: str) -> int:
+    """Drop entries below the oldest one that any group still has to deliver or ack.
+    Returns how many were removed. A stream without groups is left alone."""
+    try:
+        groups = await r.xinfo_groups(stream)
+    except ResponseError:
+        return 0
+    if not groups:
+        return 0
+    keep_from: str | None = None
+    for g in groups:
+        candidate = next_id(_s(g["last-delivered-id"]))
+        if int(g["pending"]):
+            summary = await r.xpending(stream, g["name"])
+            candidate = min(candidate, _s(summary["min"]), key=_id_key)
+        keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
+    return int(await r.xtrim(stream, minid=keep_from, approximate=False))
+
+
+async def run_forever(name: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event,
+                      on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Call ``step`` until ``stop`` is set; ride out Redis outages with backoff."""
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            await step()
+            backoff.reset()
+        except TRANSIENT_ERRORS as exc:
+            delay = await backoff.wait()
+            log.warning("redis unavailable, retrying", extra={"loop": name, "error": str(exc)[:200],
+                                                               "retry_in_s": round(delay, 2)})
+            if on_reconnect:
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await on_reconnect()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in one step must not kill the service; the entries get reclaimed
+            log.exception("loop step failed", extra={"loop": name})
+            await asyncio.sleep(1.0)

@@ -1,0 +1,1 @@
+"""The ``diffserve`` command: a thin dispatcher onto the services and tools."""

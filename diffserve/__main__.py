@@ -1,0 +1,3 @@
+from diffserve.cli import main
+
+main()

@@ -1,0 +1,172 @@
+"""Operator commands that need no service code: ``up``, ``demo``, ``submit``, ``cascades``,
+``make-tiny-models``. The stack itself runs as separate processes (common.localstack)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+
+from common.backends import BACKENDS
+from common.localstack import LocalStack, StackSpec
+
+
+def _stack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default=os.environ.get("DIFFSERVE_BACKEND", "profiled"), choices=BACKENDS)
+    parser.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"))
+    parser.add_argument("--workers", type=int, default=4, help="GPU workers (the controller splits them)")
+    parser.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
+    parser.add_argument("--policy", default="diffserve", help="controller policy")
+    parser.add_argument("--no-controller", action="store_true", help="fixed roles, threshold 0.5")
+    parser.add_argument("--time-scale", type=float, default=float(os.environ.get("DIFFSERVE_TIME_SCALE", 1.0)),
+                        help="profiled backend: multiply every profiled latency by this")
+    parser.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                        help="use this Redis instead of starting a redis-server")
+    parser.add_argument("--log-dir", default=None, help="service logs (default: a temp folder)")
+    parser.add_argument("--metrics-base-port", type=int, default=0, help="give each service a metrics port")
+
+
+def _spec(args: argparse.Namespace) -> StackSpec:
+    light = args.light_workers if args.light_workers is not None else max(1, args.workers // 2)
+    env = {}
+    if args.time_scale != 1.0:
+        # Deadlines scale with the model latencies, so SLO hits mean the same as at full speed.
+        from common.cascades import cascade
+
+        env["DIFFSERVE_SLO_MS"] = str(cascade(args.cascade).slo_ms * args.time_scale)
+    return StackSpec(backend=args.backend, cascade=args.cascade, light_workers=light,
+                     heavy_workers=max(0, args.workers - light), controller=not args.no_controller,
+                     policy=args.policy, time_scale=args.time_scale, redis_url=args.redis_url,
+                     model_dir=args.model_dir, env=env, metrics_base_port=args.metrics_base_port)
+
+
+def up_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffserve up", description="start a local DiffServe stack")
+    _stack_arguments(parser)
+    args = parser.parse_args(argv)
+    stack = LocalStack(_spec(args), args.log_dir)
+    stack.start()
+    print(f"DiffServe is up: REDIS_URL={stack.redis_url}  logs: {stack.log_dir}", flush=True)
+    print("submit with: diffserve submit --redis-url " + stack.redis_url + ' "a prompt" -o out.png', flush=True)
+    stopping = False
+
+    def on_signal(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stopping:
+            dead = [name for name, alive in stack.alive().items() if not alive]
+            if dead:
+                print(f"exited: {dead}; see {stack.log_dir}", file=sys.stderr)
+                break
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+
+
+def demo_main(argv: list[str] | None = None) -> None:
+    """The embedded default: a profiled stack, a burst of real DiffusionDB prompts, a summary."""
+    parser = argparse.ArgumentParser(prog="diffserve demo", description=demo_main.__doc__)
+    _stack_arguments(parser)
+    parser.add_argument("--prompts", type=int, default=200, help="how many DiffusionDB prompts to send")
+    parser.add_argument("--rate", type=float, default=40.0, help="prompts per second in the burst")
+    parser.set_defaults(time_scale=0.1, workers=8)
+    args = parser.parse_args(argv)
+    from common.profiles import load_prompts
+
+    prompts = load_prompts()[: args.prompts]
+    spec = _spec(args)
+    print(f"starting a local stack: backend={spec.backend} (profiled = simulated GPU timing, placeholder images), "
+          f"cascade={spec.cascade}, workers={args.workers}, time_scale={spec.time_scale}", flush=True)
+    with LocalStack(spec, args.log_dir) as stack:
+        started = time.perf_counter()
+        results = asyncio.run(_burst(stack.redis_url, prompts, args.rate))
+        wall = time.perf_counter() - started
+    print(_summary(results, wall, spec))
+
+
+async def _burst(redis_url: str, prompts: list[str], rate: float):
+    from common.client import Client
+
+    async with Client(redis_url=redis_url) as client:
+        async def one(i: int, prompt: str):
+            await asyncio.sleep(i / rate)
+            return await client.submit(prompt, timeout=300)
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def _summary(results, wall_s: float, spec: StackSpec) -> str:
+    ok = [r for r in results if r.status == "ok"]
+    by = Counter(r.answered_by for r in ok)
+    lat = sorted(r.latency_ms / max(spec.time_scale, 1e-9) for r in ok)  # back to full-speed ms
+    slo_hits = sum(bool(r.slo_met) for r in ok)
+    lines = [
+        f"served {len(results)} prompts in {wall_s:.1f} s wall ({spec.backend} backend, time scale {spec.time_scale})",
+        f"  ok {len(ok)}, errors {len(results) - len(ok)}, unique job ids {len({r.job_id for r in results})}",
+        f"  answered by light {by.get('light', 0)}, heavy {by.get('heavy', 0)}",
+        f"  SLO met {slo_hits}/{len(results)} ({100 * slo_hits / max(1, len(results)):.1f} %)",
+    ]
+    if lat:
+        lines.append(f"  latency at full speed (ms): p50 {statistics.median(lat):.0f}, "
+                     f"p95 {lat[int(0.95 * (len(lat) - 1))]:.0f}, max {lat[-1]:.0f}")
+    return "\n".join(lines)
+
+
+def submit_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffserve submit", description="submit one prompt, wait for the image")
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", default=None, help="write the image here")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--slo-ms", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--format", default="png", choices=("png", "webp", "jpeg"))
+    parser.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    from common.client import Client
+
+    async def go():
+        async with Client(redis_url=args.redis_url) as client:
+            return await client.submit(args.prompt, slo_ms=args.slo_ms, seed=args.seed, image_format=args.format,
+                                       timeout=args.timeout)
+
+    result = asyncio.run(go())
+    if result.status != "ok":
+        print(f"error {result.error_code}: {result.error_message}", file=sys.stderr)
+        raise SystemExit(1)
+    if args.output:
+        with open(args.output, "wb") as fh:
+            fh.write(result.image)
+    print(f"{result.job_id}: answered by {result.answered_by} ({result.model}), confidence "
+          f"{result.confidence if result.confidence is None else round(result.confidence, 3)}, "
+          f"{result.latency_ms:.0f} ms, SLO {'met' if result.slo_met else 'missed'}"
+          + (f", saved {args.output}" if args.output else ""))
+
+
+def cascades_main(argv: list[str] | None = None) -> None:
+    from common.cascades import CASCADES, MODELS
+
+    for c in CASCADES.values():
+        light, heavy = MODELS[c.light], MODELS[c.heavy]
+        print(f"{c.name}: SLO {c.slo_ms:.0f} ms")
+        for role, m in (("light", light), ("heavy", heavy)):
+            print(f"  {role}: {m.name} {m.hub_id} steps={m.steps} guidance={m.guidance} {m.resolution}px {m.dtype}")
+
+
+def make_tiny_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffserve make-tiny-models",
+                                     description="tiny random-weight pipelines and discriminator (for tests)")
+    parser.add_argument("dir")
+    args = parser.parse_args(argv)
+    from common.backends.tiny import make_tiny_models
+
+    print(make_tiny_models(args.dir))

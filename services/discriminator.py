@@ -1,0 +1,120 @@
+"""Discriminator: scores light images; confident ones are answers, the rest go to the heavy model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from common import metrics
+from common.backends import BackendSettings, load_profile, make_discriminator
+from common.config import ServiceConfig, option
+from common.imaging import decode, from_thumbnail
+from common.messages import E_MODEL, Completion, LightResult
+from common.plan_store import PlanWatcher
+from common.service import Service, now_ms, run
+from common.stage import split_batch
+from common.streams import StreamConsumer, run_forever
+
+# Policies under which every light image is final: no discriminator routing.
+ACCEPT_ALL_POLICIES = ("clipper-light", "proteus")
+
+
+@dataclass
+class DiscriminatorConfig(ServiceConfig, BackendSettings):
+    """diffserve discriminator: routes each light image to the client or to the heavy model."""
+
+    batch: int = option(32, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
+    threshold: float | None = option(None, "fixed threshold (default: the plan's, 0.5 without a plan)",
+                                     env="DIFFSERVE_THRESHOLD")
+    late_policy: str = option("light", "a job that cannot finish on the heavy model before its deadline: "
+                              "answer with the light image (light) or send it on (heavy)",
+                              env="DIFFSERVE_LATE_POLICY", choices=("light", "heavy"))
+    reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead discriminator",
+                                  env="DIFFSERVE_RECLAIM_IDLE_MS")
+    max_deliveries: int = option(5, "fail a job whose batch crashed this many discriminators",
+                                 env="DIFFSERVE_MAX_DELIVERIES")
+
+
+class Discriminator:
+    def __init__(self, svc: Service):
+        self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
+        self.model = make_discriminator(self.cfg)
+        self.profile = load_profile(self.cfg)
+        self.consumer = StreamConsumer(self.r, self.keys.light_results, "discriminator", self.cfg.instance_id,
+                                       reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+                                       max_deliveries=self.cfg.max_deliveries)
+        self.plans = PlanWatcher(self.r, self.keys)
+        self.needs_images = self.cfg.backend != "profiled"
+
+    def heavy_ms(self, batch: int) -> float:
+        scale = self.cfg.time_scale if self.cfg.backend == "profiled" else 1.0
+        return self.profile.heavy.latency_ms(batch) * scale
+
+    def _images(self, results: list[LightResult]):
+        if not self.needs_images:
+            return [None] * len(results)
+        return [from_thumbnail(r.thumbnail, r.thumbnail_size) if r.thumbnail else decode(r.image) for r in results]
+
+    async def step(self) -> None:
+        entries = await self.consumer.read(self.cfg.batch, block_ms=250)
+        if not entries:
+            return
+        good, outputs = split_batch(entries, LightResult.decode, keys=self.keys, stream=self.consumer.stream,
+                                    service="discriminator", max_deliveries=self.consumer.max_deliveries,
+                                    job_of=lambda r: r.job)
+        results = [r for _entry, r in good]
+        if results:
+            outputs += await self.route(results)
+        await self.consumer.write_and_ack([e.id for e in entries], outputs)
+
+    async def route(self, results: list[LightResult]) -> list[tuple[str, bytes]]:
+        plan = await self.plans.current()
+        threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
+        accept_all = plan.policy in ACCEPT_ALL_POLICIES
+        start = time.perf_counter()
+        try:
+            scores = await asyncio.to_thread(self.model.score, [r.job.prompt for r in results], self._images(results))
+        except Exception as exc:
+            self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
+            metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))
+            return [(self.keys.completions, Completion.failure(r.job, E_MODEL, f"{type(exc).__name__}: {exc}",
+                                                               self.cfg.instance_id).encode()) for r in results]
+        metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
+        metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
+        metrics.THRESHOLD.set(threshold)
+        heavy_finish = now_ms() + self.heavy_ms(plan.heavy_batch)
+        outputs = []
+        for result, confidence in zip(results, scores):
+            job = result.job
+            if accept_all or confidence >= threshold:
+                decision = "light"
+            elif self.cfg.late_policy == "light" and heavy_finish > job.deadline_ms:
+                decision = "late"
+            else:
+                decision = "heavy"
+            metrics.ROUTED.labels(decision).inc()
+            if decision == "heavy":
+                job.confidence = confidence
+                job.light_image, job.light_image_format = result.image, result.image_format
+                outputs.append((self.keys.heavy_queue, job.encode()))
+            else:
+                outputs.append((self.keys.completions, Completion.answer(
+                    job, result.image, result.image_format, "light", result.model, confidence,
+                    degraded=decision == "late", worker_id=self.cfg.instance_id).encode()))
+        return outputs
+
+
+async def serve(svc: Service) -> None:
+    disc = Discriminator(svc)
+    await asyncio.to_thread(disc.model.load)
+    svc.ready()
+    await run_forever("batches", disc.step, svc.stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run("discriminator", DiscriminatorConfig.from_args(argv, prog="diffserve discriminator"), serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Router: admits jobs (validate, stamp arrival and deadline, enqueue for the light model)
+and delivers each job's final result exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from dataclasses import dataclass
+
+from common import metrics
+from common.cascades import cascade
+from common.config import ServiceConfig, option
+from common.messages import (E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG, E_UNKNOWN_MODEL,
+                             IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError, RoutedJob,
+                             unpack)
+from common.plan_store import PlanWatcher
+from common.profiles import uniform_from_text
+from common.service import Service, now_ms, run
+from common.streams import Entry, StreamConsumer, backlog, run_forever, trim_processed
+
+# Atomic "deliver once": the done marker and the result are written together or not at all,
+# so a completion retried after a crash can never produce a second result.
+DELIVER_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  if ARGV[3] == 'stream' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+  else
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+  end
+  return 1
+end
+return 0
+"""
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+PLAIN_FIELDS = {"job_id": str, "prompt": str, "slo_ms": float, "seed": int, "image_format": str,
+                "image_quality": int, "reply_to": str, "cascade": str}
+
+
+@dataclass
+class RouterConfig(ServiceConfig):
+    """diffserve router: admission, validation and exactly-once delivery of results."""
+
+    cascade: str = option("sdturbo-sdv15", "cascade served (its SLO is the default deadline)",
+                          env="DIFFSERVE_CASCADE")
+    slo_ms: float | None = option(None, "default SLO in ms (default: the cascade's)", env="DIFFSERVE_SLO_MS")
+    max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
+    max_entry_bytes: int = option(65536, "largest job entry accepted", env="DIFFSERVE_MAX_ENTRY_BYTES")
+    max_light_backlog: int = option(5000, "light-queue backlog above which new jobs are refused as overloaded",
+                                    env="DIFFSERVE_MAX_LIGHT_BACKLOG")
+    result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
+    reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
+    batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
+    reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead router",
+                                  env="DIFFSERVE_RECLAIM_IDLE_MS")
+    trim_interval_s: float = option(5.0, "how often processed stream entries are trimmed",
+                                    env="DIFFSERVE_TRIM_INTERVAL_S")
+
+
+class Router:
+    def __init__(self, svc: Service):
+        self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
+        self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
+        name = self.cfg.instance_id
+        self.jobs = StreamConsumer(self.r, self.keys.jobs, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms)
+        self.completions = StreamConsumer(self.r, self.keys.completions, "router", name,
+                                          reclaim_idle_ms=self.cfg.reclaim_idle_ms)
+        self.plans = PlanWatcher(self.r, self.keys)
+        self.light_backlog = 0
+        self._rng = random.Random()
+
+    # ---------- admission ----------
+    def parse(self, entry: Entry) -> Job:
+        if entry.payload is not None:
+            if len(entry.payload) > self.cfg.max_entry_bytes:
+                raise MessageError(E_INVALID, f"job entry larger than {self.cfg.max_entry_bytes} bytes")
+            body = unpack(entry.payload)
+        elif entry.fields:  # plain XADD fields, e.g. from redis-cli
+            body = {}
+            for raw_key, raw_value in entry.fields.items():
+                key = raw_key.decode("utf-8", "replace")
+                if key in PLAIN_FIELDS:
+                    try:
+                        body[key] = PLAIN_FIELDS[key](raw_value.decode("utf-8"))
+                    except (UnicodeDecodeError, ValueError):
+                        raise MessageError(E_INVALID, f"field {key!r} is not a valid {PLAIN_FIELDS[key].__name__}",
+                                           body.get("job_id")) from None
+        else:
+            raise MessageError(E_MALFORMED, "empty entry")
+        job = Job.from_dict({**body, "type": Job.TYPE})
+        self.validate(job, body)
+        return job
+
+    def validate(self, job: Job, body: dict) -> None:
+        def bad(code: str, message: str):
+            raise MessageError(code, message, job.job_id if JOB_ID_RE.match(job.job_id) else None)
+
+        if not JOB_ID_RE.match(job.job_id):
+            bad(E_INVALID, "job_id must be 1-128 characters of letters, digits, _ . : -")
+        if not job.prompt.strip():
+            bad(E_INVALID, "prompt is empty")
+        if len(job.prompt) > self.cfg.max_prompt_chars:
+            bad(E_PROMPT_TOO_LONG, f"prompt longer than {self.cfg.max_prompt_chars} characters")
+        if "\x00" in job.prompt:
+            bad(E_INVALID, "prompt contains a NUL character")
+        if job.slo_ms is not None and not (0 < job.slo_ms <= 600_000):
+            bad(E_INVALID, "slo_ms must be in (0, 600000]")
+        if job.seed is not None and not (0 <= job.seed < 2**63):
+            bad(E_INVALID, "seed must be in [0, 2**63)")
+        if job.image_format not in IMAGE_FORMATS:
+            bad(E_INVALID, f"image_format must be one of {', '.join(IMAGE_FORMATS)}")
+        if not (1 <= job.image_quality <= 100):
+            bad(E_INVALID, "image_quality must be in [1, 100]")
+        if job.reply_to is not None and not (job.reply_to.startswith(self.keys.reply_prefix)
+                                             and len(job.reply_to) <= 200):
+            bad(E_INVALID, f"reply_to must be a stream named {self.keys.reply_prefix}<id>")
+        requested = body.get("cascade")
+        if requested is not None and requested != self.cfg.cascade:
+            bad(E_UNKNOWN_MODEL, f"this deployment serves cascade {self.cfg.cascade!r}, not {requested!r}")
+
+    async def admit_batch(self) -> None:
+        entries = await self.jobs.read(self.cfg.batch, block_ms=1000)
+        if not entries:
+            return
+        plan = await self.plans.current()
+        outputs: list[tuple[str, bytes]] = []
+        errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
+        arrival = now_ms()
+        for entry in entries:
+            try:
+                job = self.parse(entry)
+                if self.light_backlog >= self.cfg.max_light_backlog:
+                    raise MessageError(E_OVERLOADED, "overloaded: the light queue is full, retry later", job.job_id)
+            except MessageError as exc:
+                metrics.ERRORS.labels("router", exc.code).inc()
+                if exc.job_id:
+                    reply_to = _reply_to_of(entry, self.keys.reply_prefix)
+                    errors.append((reply_to, FinalResult(exc.job_id, "error", error_code=exc.code,
+                                                         error_message=str(exc), finished_ms=arrival)))
+                else:
+                    errors.append((None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc),
+                                                    (entry.payload or b"")[:4096])))
+                continue
+            routed = RoutedJob(job.job_id, job.prompt, arrival, arrival + (job.slo_ms or self.default_slo_ms),
+                               job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
+                               job.image_format, job.image_quality, job.reply_to)
+            if plan.policy == "clipper-heavy" or (plan.policy == "proteus"
+                                                   and self._rng.random() < plan.heavy_fraction):
+                routed.routed_by = "direct"
+                outputs.append((self.keys.heavy_queue, routed.encode()))
+            else:
+                outputs.append((self.keys.light_queue, routed.encode()))
+            self.light_backlog += 1
+
+        def deliver_errors(pipe):
+            for reply_to, message in errors:
+                if isinstance(message, DeadLetter):
+                    pipe.xadd(self.keys.dead_letters, {"m": message.encode()}, maxlen=10000, approximate=True)
+                else:
+                    self._deliver(pipe, message, reply_to)
+
+        await self.jobs.write_and_ack([e.id for e in entries], outputs, deliver_errors)
+        metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
+
+    # ---------- delivery ----------
+    def _deliver(self, pipe, result: FinalResult, reply_to: str | None) -> None:
+        target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
+        # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
+        pipe.eval(DELIVER_ONCE, 2, self.keys.done(result.job_id), target, result.encode(), self.cfg.result_ttl_s,
+                  mode, self.cfg.reply_maxlen)
+
+    async def deliver_batch(self) -> None:
+        entries = await self.completions.read(self.cfg.batch, block_ms=1000)
+        if not entries:
+            return
+        finished = now_ms()
+        results: list[tuple[Completion, FinalResult]] = []
+        bad_ids = []
+        for entry in entries:
+            try:
+                c = Completion.decode(entry.payload or b"")
+            except MessageError as exc:  # a bug upstream; keep the evidence, don't loop on it
+                metrics.ERRORS.labels("router", exc.code).inc()
+                bad_ids.append(DeadLetter(self.keys.completions, entry.id, exc.code, str(exc),
+                                          (entry.payload or b"")[:4096]))
+                continue
+            latency = finished - c.arrival_ms
+            slo_met = c.status == "ok" and finished <= c.deadline_ms
+            results.append((c, FinalResult(c.job_id, c.status, c.image, c.image_format, c.answered_by, c.model,
+                                           c.confidence, c.degraded, latency, slo_met, c.error_code,
+                                           c.error_message, finished)))
+        async with self.r.pipeline(transaction=True) as pipe:
+            for c, result in results:
+                self._deliver(pipe, result, c.reply_to)
+            for dead in bad_ids:
+                pipe.xadd(self.keys.dead_letters, {"m": dead.encode()}, maxlen=10000, approximate=True)
+            pipe.xack(self.keys.completions, "router", *[e.id for e in entries])
+            replies = await pipe.execute()
+        for (c, result), fresh in zip(results, replies):
+            if not fresh:
+                metrics.DUPLICATES.inc()
+                continue
+            metrics.PROCESSED.labels("router", "delivered").inc()
+            if result.status == "ok":
+                metrics.E2E_LATENCY.labels(result.answered_by or "").observe(result.latency_ms / 1000)
+            metrics.SLO.labels("hit" if result.slo_met else "miss").inc()
+
+    # ---------- housekeeping ----------
+    async def housekeeping(self) -> None:
+        self.light_backlog = await backlog(self.r, self.keys.light_queue, "workers")
+        metrics.QUEUE_DEPTH.labels("light").set(self.light_backlog)
+        for stream in (self.keys.jobs, self.keys.light_queue, self.keys.light_results, self.keys.heavy_queue,
+                       self.keys.completions):
+            await trim_processed(self.r, stream)
+        await self.svc.sleep(self.cfg.trim_interval_s)
+
+
+def _reply_to_of(entry: Entry, prefix: str) -> str | None:
+    """Best-effort reply stream of an entry that failed validation (only a well-formed one)."""
+    try:
+        body = unpack(entry.payload) if entry.payload is not None else {
+            k.decode(): v.decode() for k, v in entry.fields.items()}
+    except (MessageError, UnicodeDecodeError):
+        return None
+    reply_to = body.get("reply_to")
+    return reply_to if isinstance(reply_to, str) and reply_to.startswith(prefix) and len(reply_to) <= 200 else None
+
+
+async def serve(svc: Service) -> None:
+    router = Router(svc)
+    svc.ready()
+    await asyncio.gather(run_forever("admit", router.admit_batch, svc.stop),
+                         run_forever("deliver", router.deliver_batch, svc.stop),
+                         run_forever("housekeeping", router.housekeeping, svc.stop))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run("router", RouterConfig.from_args(argv, prog="diffserve router"), serve)
+
+
+if __name__ == "__main__":
+    main()

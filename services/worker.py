@@ -1,0 +1,206 @@
+"""Worker: one GPU, one model at a time. Pulls batches from its role's queue, runs the
+model, writes the outputs and acks; switches role (light <-> heavy) when the plan says so."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from common import metrics
+from common.backends import BackendSettings, load_profile, make_model
+from common.config import ServiceConfig, option
+from common.imaging import EncoderPool, thumbnail_rgb
+from common.messages import E_MODEL, Completion, LightResult, RoutedJob
+from common.plan_store import PlanWatcher
+from common.profiles import BATCH_GRID
+from common.service import Service, now_ms, run
+from common.stage import split_batch
+from common.streams import StreamConsumer, run_forever
+
+ROLES = ("light", "heavy")
+
+
+@dataclass
+class WorkerConfig(ServiceConfig, BackendSettings):
+    """diffserve worker: runs the light or the heavy model of the cascade."""
+
+    role: str = option("light", "starting role; the controller's plan may change it", env="DIFFSERVE_ROLE",
+                       choices=ROLES)
+    batch: int = option(0, "fixed batch size (0: the plan's)", env="DIFFSERVE_BATCH")
+    late_policy: str = option("light", "heavy jobs that cannot make their deadline: answer with the light "
+                              "image (light) or run them anyway (heavy)", env="DIFFSERVE_LATE_POLICY",
+                              choices=("light", "heavy"))
+    thumbnail_size: int = option(0, "attach an RGB thumbnail of this size to light results (0: none)",
+                                 env="DIFFSERVE_THUMBNAIL_SIZE")
+    encode_threads: int = option(4, "image-encoding threads", env="DIFFSERVE_ENCODE_THREADS")
+    reclaim_idle_ms: int = option(15000, "take over entries idle this long on a dead worker",
+                                  env="DIFFSERVE_RECLAIM_IDLE_MS")
+    max_deliveries: int = option(5, "fail a job whose batch crashed this many workers",
+                                 env="DIFFSERVE_MAX_DELIVERIES")
+    heartbeat_s: float = option(1.0, "heartbeat interval", env="DIFFSERVE_HEARTBEAT_S")
+
+
+class Worker:
+    def __init__(self, svc: Service):
+        self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
+        self.id = self.cfg.instance_id
+        self.role = self.cfg.role
+        self.profile = load_profile(self.cfg)
+        self.models: dict[str, object] = {}  # role -> model; the idle one stays in host memory
+        self.model = None
+        self.last_switch_s = 0.0
+        self.switches = 0
+        self.consumers = {role: StreamConsumer(self.r, self.keys.queue_for(role), "workers", self.id,
+                                               reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+                                               max_deliveries=self.cfg.max_deliveries) for role in ROLES}
+        self.plans = PlanWatcher(self.r, self.keys)
+        self.encoder = EncoderPool(self.cfg.encode_threads)
+        self.batch_ms: dict[int, float] = {}  # measured, smoothed; the profile until measured
+
+    async def start(self) -> None:
+        self.model = make_model(self.cfg, self.role, pad_grid=BATCH_GRID if self.cfg.cuda_graphs else ())
+        seconds = await asyncio.to_thread(self.model.load, "disk")
+        metrics.MODEL_LOAD.labels(self.model.name, "disk").observe(seconds)
+        self.models[self.role] = self.model
+        await self.heartbeat()
+
+    async def switch(self, role: str) -> None:
+        """Free (or park in host memory) the current model, load the other one."""
+        start = time.perf_counter()
+        old = self.model
+        if self.cfg.host_cache:
+            await asyncio.to_thread(old.offload)
+        else:
+            await asyncio.to_thread(old.unload)
+            self.models.pop(self.role, None)
+        cached = role in self.models
+        self.model = self.models.get(role) or make_model(self.cfg, role,
+                                                         pad_grid=BATCH_GRID if self.cfg.cuda_graphs else ())
+        await asyncio.to_thread(self.model.load, "host" if cached else "disk")
+        self.models[role] = self.model
+        self.last_switch_s = time.perf_counter() - start
+        self.switches += 1
+        metrics.MODEL_LOAD.labels(self.model.name, "host" if cached else "disk").observe(self.last_switch_s)
+        self.svc.log.info("role switched", extra={"worker": self.id, "from": self.role, "to": role,
+                                                  "seconds": round(self.last_switch_s, 3), "from_host": cached})
+        self.role = role
+        self.batch_ms.clear()
+        await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        now = now_ms()
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers, {self.id: now})
+            pipe.hset(self.keys.worker_info(self.id), mapping={
+                "role": self.role, "model": self.model.name if self.model else "", "switch_s": self.last_switch_s,
+                "switches": self.switches, "heartbeat_ms": now, "backend": self.cfg.backend})
+            pipe.expire(self.keys.worker_info(self.id), 60)
+            await pipe.execute()
+
+    async def heartbeat_loop(self) -> None:
+        await self.heartbeat()
+        await self.svc.sleep(self.cfg.heartbeat_s)
+
+    def estimate_ms(self, batch: int) -> float:
+        if batch in self.batch_ms:
+            return self.batch_ms[batch]
+        scale = self.cfg.time_scale if self.cfg.backend == "profiled" else 1.0
+        return self.profile.table(self.role).latency_ms(batch) * scale
+
+    async def step(self) -> None:
+        plan = await self.plans.current()
+        wanted = plan.roles.get(self.id, self.role)
+        if wanted != self.role and wanted in ROLES:
+            await self.switch(wanted)
+        batch = self.cfg.batch or (plan.light_batch if self.role == "light" else plan.heavy_batch)
+        consumer = self.consumers[self.role]
+        entries = await consumer.read(max(1, batch), block_ms=250)
+        if not entries:
+            return
+        reclaimed = sum(e.deliveries > 1 for e in entries)
+        if reclaimed:
+            metrics.RECLAIMED.labels("worker").inc(reclaimed)
+        good, outputs = split_batch(entries, RoutedJob.decode, keys=self.keys, stream=consumer.stream,
+                                    service="worker", max_deliveries=consumer.max_deliveries, job_of=lambda j: j)
+        jobs = [job for _entry, job in good]
+        if self.role == "heavy" and self.cfg.late_policy == "light":
+            jobs, late = self._split_late(jobs)
+            outputs += late
+        if jobs:
+            async with consumer.keep_claimed([e.id for e in entries]):
+                outputs += await self._run(jobs)
+        await consumer.write_and_ack([e.id for e in entries], outputs)
+
+    def _split_late(self, jobs: list[RoutedJob]):
+        """Jobs that would finish after their deadline even if started now are answered
+        with their light image, marked degraded, instead of late."""
+        finish = now_ms() + self.estimate_ms(len(jobs))
+        on_time, late = [], []
+        for job in jobs:
+            if job.light_image is not None and finish > job.deadline_ms:
+                late.append((self.keys.completions, Completion.answer(
+                    job, job.light_image, job.light_image_format or "png", "light", self.profile.spec.light,
+                    job.confidence, degraded=True, worker_id=self.id).encode()))
+            else:
+                on_time.append(job)
+        if late:
+            metrics.PROCESSED.labels("worker", "degraded").inc(len(late))
+        return on_time, late
+
+    async def _run(self, jobs: list[RoutedJob]) -> list[tuple[str, bytes]]:
+        model_name = self.model.name
+        start = time.perf_counter()
+        try:
+            images = await asyncio.to_thread(self.model.generate, [j.prompt for j in jobs], [j.seed for j in jobs])
+        except Exception as exc:  # report per job, keep serving
+            self.svc.log.exception("model failed", extra={"model": model_name, "batch": len(jobs)})
+            metrics.ERRORS.labels("worker", E_MODEL).inc(len(jobs))
+            return [(self.keys.completions, Completion.failure(j, E_MODEL, f"{type(exc).__name__}: {exc}",
+                                                               self.id).encode()) for j in jobs]
+        elapsed = time.perf_counter() - start
+        self.batch_ms[len(jobs)] = 0.7 * self.batch_ms.get(len(jobs), elapsed * 1000) + 0.3 * elapsed * 1000
+        metrics.BATCH_SIZE.labels("worker", model_name).observe(len(jobs))
+        metrics.BATCH_LATENCY.labels("worker", model_name).observe(elapsed)
+        futures = self.encoder.submit(images, [(j.image_format, j.image_quality) for j in jobs])
+        thumbs = ([thumbnail_rgb(img, self.cfg.thumbnail_size) for img in images]
+                  if self.role == "light" and self.cfg.thumbnail_size else [None] * len(jobs))
+        outputs = []
+        for job, future, thumb in zip(jobs, futures, thumbs):
+            encoded = await asyncio.wrap_future(future)
+            if encoded.error:
+                outputs.append((self.keys.completions, Completion.failure(job, E_MODEL, encoded.error,
+                                                                          self.id).encode()))
+            elif self.role == "light":
+                outputs.append((self.keys.light_results, LightResult(
+                    job, encoded.data, encoded.format, thumb, self.cfg.thumbnail_size if thumb else 0, self.id,
+                    model_name, len(jobs), elapsed * 1000).encode()))
+            else:
+                outputs.append((self.keys.completions, Completion.answer(
+                    job, encoded.data, encoded.format, "heavy", model_name, job.confidence,
+                    worker_id=self.id).encode()))
+        metrics.PROCESSED.labels("worker", self.role).inc(len(jobs))
+        return outputs
+
+    async def close(self) -> None:
+        await self.r.zrem(self.keys.workers, self.id)
+        self.encoder.close()
+
+
+async def serve(svc: Service) -> None:
+    worker = Worker(svc)
+    await worker.start()
+    svc.ready()
+    try:
+        await asyncio.gather(run_forever("batches", worker.step, svc.stop),
+                             run_forever("heartbeat", worker.heartbeat_loop, svc.stop))
+    finally:
+        await worker.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run("worker", WorkerConfig.from_args(argv, prog="diffserve worker"), serve)
+
+
+if __name__ == "__main__":
+    main()
