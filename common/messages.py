@@ -136,6 +136,7 @@ class Job(Message):
     image_quality: int = 90  # webp/jpeg only
     reply_to: str | None = None  # a stream to XADD the result to; else the result list key
     submitted_ms: float | None = None  # client clock, informational
+    cascade: str | None = None  # optional: refused unless it is the cascade this deployment serves
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from common import metrics
 from common.cascades import cascade
-from common.config import ServiceConfig, option
+from common.config import Keys, ServiceConfig, option
 from common.messages import (E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG, E_UNKNOWN_MODEL,
                              IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError, RoutedJob,
                              unpack)
@@ -60,6 +60,56 @@ class RouterConfig(ServiceConfig):
                                     env="DIFFSERVE_TRIM_INTERVAL_S")
 
 
+def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
+    """Decode and validate one jobs-stream entry; MessageError (with the job id when one
+    could be read) for anything unacceptable."""
+    if entry.payload is not None:
+        if len(entry.payload) > cfg.max_entry_bytes:
+            raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes")
+        body = unpack(entry.payload)
+    elif entry.fields:  # plain XADD fields, e.g. from redis-cli
+        body = {}
+        for raw_key, raw_value in entry.fields.items():
+            key = raw_key.decode("utf-8", "replace")
+            if key in PLAIN_FIELDS:
+                try:
+                    body[key] = PLAIN_FIELDS[key](raw_value.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise MessageError(E_INVALID, f"field {key!r} is not a valid {PLAIN_FIELDS[key].__name__}",
+                                       body.get("job_id")) from None
+    else:
+        raise MessageError(E_MALFORMED, "empty entry")
+    job = Job.from_dict({**body, "type": Job.TYPE})
+    validate_job(job, cfg, keys)
+    return job
+
+def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
+    def bad(code: str, message: str):
+        raise MessageError(code, message, job.job_id if JOB_ID_RE.match(job.job_id) else None)
+
+    if not JOB_ID_RE.match(job.job_id):
+        bad(E_INVALID, "job_id must be 1-128 characters of letters, digits, _ . : -")
+    if not job.prompt.strip():
+        bad(E_INVALID, "prompt is empty")
+    if len(job.prompt) > cfg.max_prompt_chars:
+        bad(E_PROMPT_TOO_LONG, f"prompt longer than {cfg.max_prompt_chars} characters")
+    if "\x00" in job.prompt:
+        bad(E_INVALID, "prompt contains a NUL character")
+    if job.slo_ms is not None and not (0 < job.slo_ms <= 600_000):
+        bad(E_INVALID, "slo_ms must be in (0, 600000]")
+    if job.seed is not None and not (0 <= job.seed < 2**63):
+        bad(E_INVALID, "seed must be in [0, 2**63)")
+    if job.image_format not in IMAGE_FORMATS:
+        bad(E_INVALID, f"image_format must be one of {', '.join(IMAGE_FORMATS)}")
+    if not (1 <= job.image_quality <= 100):
+        bad(E_INVALID, "image_quality must be in [1, 100]")
+    if job.reply_to is not None and not (job.reply_to.startswith(keys.reply_prefix)
+                                         and len(job.reply_to) <= 200):
+        bad(E_INVALID, f"reply_to must be a stream named {keys.reply_prefix}<id>")
+    if job.cascade is not None and job.cascade != cfg.cascade:
+        bad(E_UNKNOWN_MODEL, f"this deployment serves cascade {cfg.cascade!r}, not {job.cascade!r}")
+
+
 class Router:
     def __init__(self, svc: Service):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
@@ -73,54 +123,6 @@ class Router:
         self._rng = random.Random()
 
     # ---------- admission ----------
-    def parse(self, entry: Entry) -> Job:
-        if entry.payload is not None:
-            if len(entry.payload) > self.cfg.max_entry_bytes:
-                raise MessageError(E_INVALID, f"job entry larger than {self.cfg.max_entry_bytes} bytes")
-            body = unpack(entry.payload)
-        elif entry.fields:  # plain XADD fields, e.g. from redis-cli
-            body = {}
-            for raw_key, raw_value in entry.fields.items():
-                key = raw_key.decode("utf-8", "replace")
-                if key in PLAIN_FIELDS:
-                    try:
-                        body[key] = PLAIN_FIELDS[key](raw_value.decode("utf-8"))
-                    except (UnicodeDecodeError, ValueError):
-                        raise MessageError(E_INVALID, f"field {key!r} is not a valid {PLAIN_FIELDS[key].__name__}",
-                                           body.get("job_id")) from None
-        else:
-            raise MessageError(E_MALFORMED, "empty entry")
-        job = Job.from_dict({**body, "type": Job.TYPE})
-        self.validate(job, body)
-        return job
-
-    def validate(self, job: Job, body: dict) -> None:
-        def bad(code: str, message: str):
-            raise MessageError(code, message, job.job_id if JOB_ID_RE.match(job.job_id) else None)
-
-        if not JOB_ID_RE.match(job.job_id):
-            bad(E_INVALID, "job_id must be 1-128 characters of letters, digits, _ . : -")
-        if not job.prompt.strip():
-            bad(E_INVALID, "prompt is empty")
-        if len(job.prompt) > self.cfg.max_prompt_chars:
-            bad(E_PROMPT_TOO_LONG, f"prompt longer than {self.cfg.max_prompt_chars} characters")
-        if "\x00" in job.prompt:
-            bad(E_INVALID, "prompt contains a NUL character")
-        if job.slo_ms is not None and not (0 < job.slo_ms <= 600_000):
-            bad(E_INVALID, "slo_ms must be in (0, 600000]")
-        if job.seed is not None and not (0 <= job.seed < 2**63):
-            bad(E_INVALID, "seed must be in [0, 2**63)")
-        if job.image_format not in IMAGE_FORMATS:
-            bad(E_INVALID, f"image_format must be one of {', '.join(IMAGE_FORMATS)}")
-        if not (1 <= job.image_quality <= 100):
-            bad(E_INVALID, "image_quality must be in [1, 100]")
-        if job.reply_to is not None and not (job.reply_to.startswith(self.keys.reply_prefix)
-                                             and len(job.reply_to) <= 200):
-            bad(E_INVALID, f"reply_to must be a stream named {self.keys.reply_prefix}<id>")
-        requested = body.get("cascade")
-        if requested is not None and requested != self.cfg.cascade:
-            bad(E_UNKNOWN_MODEL, f"this deployment serves cascade {self.cfg.cascade!r}, not {requested!r}")
-
     async def admit_batch(self) -> None:
         entries = await self.jobs.read(self.cfg.batch, block_ms=1000)
         if not entries:
@@ -131,7 +133,7 @@ class Router:
         arrival = now_ms()
         for entry in entries:
             try:
-                job = self.parse(entry)
+                job = parse_job(entry, self.cfg, self.keys)
                 if self.light_backlog >= self.cfg.max_light_backlog:
                     raise MessageError(E_OVERLOADED, "overloaded: the light queue is full, retry later", job.job_id)
             except MessageError as exc:

@@ -1,0 +1,138 @@
+"""The one Redis-streams helper, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from common.config import RedisSettings
+from common.streams import StreamConsumer, add, backlog, connect, ensure_group, trim_processed
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+async def _client(url: str) -> aioredis.Redis:
+    return connect(RedisSettings(redis_url=url))
+
+
+def test_group_creation_is_idempotent_and_reads_in_batches(redis_server):
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "s", "g", "c1")
+        await c.ensure_group()
+        await c.ensure_group()  # BUSYGROUP is not an error
+        for i in range(10):
+            await add(r, "s", f"p{i}".encode())
+        first = await c.read(4, block_ms=100)
+        second = await c.read(100, block_ms=100)
+        assert [e.payload for e in first] == [b"p0", b"p1", b"p2", b"p3"]
+        assert len(second) == 6
+        assert await backlog(r, "s", "g") == 10  # delivered but not acked
+        await c.ack([e.id for e in first + second])
+        assert await backlog(r, "s", "g") == 0
+        await r.aclose()
+
+    _run(go())
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed_after_idle_time(redis_server):
+    async def go():
+        r = await _client(redis_server.url)
+        dead = StreamConsumer(r, "s", "g", "dead", reclaim_idle_ms=200)
+        live = StreamConsumer(r, "s", "g", "live", reclaim_idle_ms=200)
+        await dead.ensure_group()
+        for i in range(3):
+            await add(r, "s", f"p{i}".encode())
+        taken = await dead.read(3, block_ms=100)
+        assert len(taken) == 3
+        assert await live.read(3, block_ms=50) == []  # not idle long enough yet
+        await asyncio.sleep(0.3)
+        reclaimed = await live.read(3, block_ms=50)
+        assert [e.id for e in reclaimed] == [e.id for e in taken]
+        assert all(e.deliveries == 2 for e in reclaimed)
+        await r.aclose()
+
+    _run(go())
+
+
+def test_keep_claimed_protects_a_long_batch_of_a_live_consumer(redis_server):
+    async def go():
+        r = await _client(redis_server.url)
+        busy = StreamConsumer(r, "s", "g", "busy", reclaim_idle_ms=300)
+        other = StreamConsumer(r, "s", "g", "other", reclaim_idle_ms=300)
+        await busy.ensure_group()
+        await add(r, "s", b"long job")
+        entries = await busy.read(1)
+        async with busy.keep_claimed([e.id for e in entries]):
+            await asyncio.sleep(1.0)  # three reclaim periods
+            assert await other.read(1, block_ms=50) == []
+        await r.aclose()
+
+    _run(go())
+
+
+def test_write_and_ack_is_atomic_and_trimming_keeps_unprocessed_entries(redis_server):
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "in", "g", "c")
+        await c.ensure_group()
+        await ensure_group(r, "in", "slow-group")  # a second group that has read nothing
+        ids = [await add(r, "in", f"p{i}".encode()) for i in range(6)]
+        entries = await c.read(6)
+        await c.write_and_ack([e.id for e in entries[:4]], [("out", b"o") for _ in range(4)])
+        assert await r.xlen("out") == 4
+        # slow-group has read nothing: nothing may go.
+        assert await trim_processed(r, "in") == 0
+        slow = StreamConsumer(r, "in", "slow-group", "s")
+        got = await slow.read(6)
+        await slow.ack([e.id for e in got])
+        # g still holds p4, p5 un-acked: only p0..p3 may go.
+        assert await trim_processed(r, "in") == 4
+        remaining = [i.decode() for i, _ in await r.xrange("in")]
+        assert remaining == ids[4:]
+        await c.ack([e.id for e in entries[4:]])
+        assert await trim_processed(r, "in") == 2
+        assert await trim_processed(r, "no-such-stream") == 0
+        await r.aclose()
+
+    _run(go())
+
+
+def test_missing_group_after_a_redis_flush_is_recreated(redis_server):
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "s", "g", "c")
+        await c.ensure_group()
+        await r.flushall()  # what a restart without persistence looks like
+        assert await c.read(1, block_ms=50) == []
+        await add(r, "s", b"after")
+        assert [e.payload for e in await c.read(1, block_ms=100)] == [b"after"]
+        await r.aclose()
+
+    _run(go())
+
+
+def test_password_is_required_and_used(tmp_path):
+    from common.localstack import RedisServer
+
+    server = RedisServer(password="s3cret").start()
+    try:
+        async def go():
+            settings = RedisSettings(redis_url=f"redis://127.0.0.1:{server.port}/0", redis_password="s3cret")
+            r = connect(settings)
+            assert await r.ping()
+            await r.aclose()
+            anonymous = connect(RedisSettings(redis_url=f"redis://127.0.0.1:{server.port}/0"))
+            try:
+                await anonymous.ping()
+                raise AssertionError("unauthenticated ping succeeded")
+            except Exception as exc:  # redis-py raises AuthenticationError
+                assert "auth" in type(exc).__name__.lower() or "NOAUTH" in str(exc)
+            await anonymous.aclose()
+
+        _run(go())
+    finally:
+        server.stop()
