@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -43,7 +45,11 @@ PIPELINE_GROUPS = (
 def connect(settings: RedisSettings, *, client_name: str | None = None) -> aioredis.Redis:
     """A client for ``settings``; TLS when the URL is ``rediss://``. No socket timeout:
     blocking reads are bounded by their BLOCK argument instead."""
-    kwargs: dict = {"socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 15}
+    # A stale pooled connection (after a Redis restart) is retried on a fresh one a few times;
+    # longer outages surface as errors that run_forever rides out with its own backoff.
+    kwargs: dict = {"socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 15,
+                    "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                    "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
     if settings.redis_username:
         kwargs["username"] = settings.redis_username
     if settings.redis_password:
@@ -133,6 +139,7 @@ class StreamConsumer:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.max_deliveries = max_deliveries
         self._reclaim_cursor = "0-0"
+        self._resume_own = True  # after a restart under the same name, first finish our own pending entries
 
     async def ensure_group(self) -> None:
         await ensure_group(self.r, self.stream, self.group)
@@ -140,6 +147,14 @@ class StreamConsumer:
     async def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
         """Up to ``count`` entries: first any reclaimed from dead consumers, then new ones."""
         try:
+            if self._resume_own:
+                reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+                own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
+                if own:
+                    for e in own:
+                        e.deliveries = 2
+                    return own  # acked ones leave the pending list, so reading "0" again moves on
+                self._resume_own = False
             entries = await self._reclaim(count)
             if len(entries) < count:
                 reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"},
