@@ -119,3 +119,12 @@ def test_overload_is_refused_with_a_clear_error_and_the_queue_stays_bounded(redi
     assert served >= 20
     # The router admits at most one read batch past the cap before it re-measures.
     assert peak["light"] <= 20 + 128 + 5, peak
+
+
+def test_chaos_script_loses_and_duplicates_nothing():
+    from loadtest.chaos import main as chaos
+
+    summary = chaos(["--duration", "8", "--rate", "15", "--kill-every", "2", "--drain-s", "60"])
+    assert summary["sent"] > 50 and sum(summary["kills"].values()) >= 2
+    assert summary["lost"] == 0 and summary["duplicated"] == 0
+    assert summary["answered"] == summary["sent"]
