@@ -13,6 +13,7 @@ import redis
 from common.client import Client
 from common.config import Keys
 from common.localstack import LocalStack, RedisServer, StackSpec
+from common.messages import RoutedJob
 from common.profiles import load_prompts
 
 KEYS = Keys()
@@ -128,3 +129,41 @@ def test_chaos_script_loses_and_duplicates_nothing():
     assert summary["sent"] > 50 and sum(summary["kills"].values()) >= 2
     assert summary["lost"] == 0 and summary["duplicated"] == 0
     assert summary["answered"] == summary["sent"]
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_path):
+    """A heavy worker asked to stop mid-batch finishes and acks that batch, then exits 0."""
+    r = redis.Redis.from_url(redis_server.url)
+    env = {"DIFFSERVE_THRESHOLD": "1.01", "DIFFSERVE_BATCH": "2", "DIFFSERVE_LATE_POLICY": "heavy"}
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.5, env=env)
+    prompts = load_prompts()[:4]
+    with LocalStack(spec, str(tmp_path / "logs")) as stack:
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                tasks = [asyncio.create_task(client.submit(p, timeout=120)) for p in prompts]
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    held = [c for c in r.xinfo_consumers(KEYS.heavy_queue, "workers") if c["pending"] > 0]
+                    if held:
+                        break
+                    await asyncio.sleep(0.02)
+                assert held, "the heavy worker never took a batch"
+                victim = held[0]["name"].decode()
+                in_hand = [p["message_id"] for p in
+                           r.xpending_range(KEYS.heavy_queue, "workers", "-", "+", 100, victim)]
+                jobs_in_hand = {RoutedJob.decode(r.xrange(KEYS.heavy_queue, i, i)[0][1][b"m"]).job_id
+                                for i in in_hand}
+                stack.procs[victim].send_signal(15)
+                code = await asyncio.to_thread(stack.procs[victim].wait, 30)
+                left = r.xpending_range(KEYS.heavy_queue, "workers", "-", "+", 100, victim)
+                await asyncio.sleep(1.0)  # the router delivers what the worker wrote
+                finished = {t.result().job_id: t.result() for t in tasks if t.done()}
+                for t in tasks:
+                    t.cancel()
+                return code, left, jobs_in_hand, finished
+
+        code, left, jobs_in_hand, finished = asyncio.run(scenario())
+    assert code == 0
+    assert left == []  # nothing left pending on the stopped worker
+    assert jobs_in_hand and jobs_in_hand <= set(finished)
+    assert all(finished[j].status == "ok" and finished[j].answered_by == "heavy" for j in jobs_in_hand)
