@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from dataclasses import dataclass
 
 from common import metrics
@@ -17,7 +18,7 @@ from common.messages import (E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_
 from common.plan_store import PlanWatcher
 from common.profiles import uniform_from_text
 from common.service import Service, now_ms, run
-from common.streams import Entry, StreamConsumer, backlog, run_forever, trim_processed
+from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
 # so a completion retried after a crash can never produce a second result.
@@ -35,6 +36,7 @@ end
 return 0
 """
 
+QUEUE_POLL_S = 0.5
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 PLAIN_FIELDS = {"job_id": str, "prompt": str, "slo_ms": float, "seed": int, "image_format": str,
                 "image_quality": int, "reply_to": str, "cascade": str}
@@ -120,6 +122,7 @@ class Router:
                                           reclaim_idle_ms=self.cfg.reclaim_idle_ms)
         self.plans = PlanWatcher(self.r, self.keys)
         self.light_backlog = 0
+        self._next_trim = 0.0
         self._rng = random.Random()
 
     # ---------- admission ----------
@@ -212,12 +215,17 @@ class Router:
 
     # ---------- housekeeping ----------
     async def housekeeping(self) -> None:
-        self.light_backlog = await backlog(self.r, self.keys.light_queue, "workers")
-        metrics.QUEUE_DEPTH.labels("light").set(self.light_backlog)
-        for stream in (self.keys.jobs, self.keys.light_queue, self.keys.light_results, self.keys.heavy_queue,
-                       self.keys.completions):
-            await trim_processed(self.r, stream)
-        await self.svc.sleep(self.cfg.trim_interval_s)
+        """Measure every queue often (admission control needs a fresh light backlog); trim less often."""
+        for attr, group in PIPELINE_GROUPS:
+            depth = await backlog(self.r, getattr(self.keys, attr), group)
+            metrics.QUEUE_DEPTH.labels(attr).set(depth)
+            if attr == "light_queue":
+                self.light_backlog = depth
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self.cfg.trim_interval_s
+            for attr, _group in PIPELINE_GROUPS:
+                await trim_processed(self.r, getattr(self.keys, attr))
+        await self.svc.sleep(QUEUE_POLL_S)
 
 
 def _reply_to_of(entry: Entry, prefix: str) -> str | None:

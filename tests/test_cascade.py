@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
+import urllib.request
 
 import msgpack
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 
 from common.client import Client
 from common.config import Keys
-from common.localstack import LocalStack, StackSpec
+from common.localstack import LocalStack, StackSpec, free_port
 from common.messages import DeadLetter, FinalResult
 from common.profiles import load_prompts
 
@@ -71,7 +73,9 @@ def _result(r: redis.Redis, job_id: str, timeout: float = 20) -> FinalResult:
 
 def test_malformed_inputs_get_error_results_and_services_keep_running(redis_server, tmp_path):
     r = redis.Redis.from_url(redis_server.url)
-    with _stack(redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.01) as stack:
+    metrics_port = free_port()
+    with _stack(redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.01,
+                metrics_base_port=metrics_port) as stack:
         pack = lambda body: {"m": msgpack.packb(body)}  # noqa: E731
         cases = {
             "empty": pack({"type": "job", "job_id": "empty", "prompt": "   "}),
@@ -103,8 +107,15 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
         _xadd(r, {"job_id": "plain-ok", "prompt": "a lighthouse at dusk"})
         assert _result(r, "plain-ok").status == "ok"
         assert all(stack.alive().values())
-        metrics_text = (tmp_path / "logs" / "router.log").read_text()
-        assert "Traceback" not in metrics_text
+        assert "Traceback" not in (tmp_path / "logs" / "router.log").read_text()
+        # Counted in the router's metrics (the router is the first service, on the base port),
+        # which never carry prompt text.
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        errors = {code: float(v) for code, v in re.findall(
+            r'diffserve_errors_total\{code="([a-z_]+)",service="router"\} ([0-9.]+)', text)}
+        assert errors["invalid_request"] == 8 and errors["malformed"] == 2
+        assert errors["prompt_too_long"] == 1 and errors["unknown_model"] == 1
+        assert "lighthouse" not in text and 'diffserve_ready{service="router"} 1.0' in text
 
 
 def test_tiny_backend_renders_real_images(redis_server, tmp_path, tiny_models):
