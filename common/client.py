@@ -19,6 +19,9 @@ from common.messages import ENTRY_FIELD, FinalResult, Job, MessageError, new_job
 from common.streams import TRANSIENT_ERRORS, add, connect
 
 
+READ_BLOCK_MS = 200  # also how long close() may wait for the reader
+
+
 class Client:
     def __init__(self, settings: RedisSettings | None = None, *, redis_url: str | None = None):
         settings = settings or RedisSettings()
@@ -31,6 +34,7 @@ class Client:
         self._waiting: dict[str, asyncio.Future] = {}
         self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
+        self._closing = False
 
     async def __aenter__(self) -> "Client":
         return self
@@ -40,8 +44,10 @@ class Client:
 
     async def close(self) -> None:
         if self._reader:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            # Let the reader see the flag rather than cancelling it: a cancel that lands while
+            # redis-py is between commands can leave the task hanging.
+            self._closing = True
+            with contextlib.suppress(Exception):
                 await self._reader
         with contextlib.suppress(Exception):
             await self.redis.delete(self.reply_stream)
@@ -90,9 +96,9 @@ class Client:
 
     async def _read_replies(self) -> None:
         last_id = "0-0"
-        while True:
+        while not self._closing:
             try:
-                reply = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=1000)
+                reply = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=READ_BLOCK_MS)
             except TRANSIENT_ERRORS:
                 await asyncio.sleep(0.5)
                 continue

@@ -204,6 +204,7 @@ class Router:
                 pipe.xadd(self.keys.dead_letters, {"m": dead.encode()}, maxlen=10000, approximate=True)
             pipe.xack(self.keys.completions, "router", *[e.id for e in entries])
             replies = await pipe.execute()
+        outcomes = {"slo_hit": 0, "slo_miss": 0}
         for (c, result), fresh in zip(results, replies):
             if not fresh:
                 metrics.DUPLICATES.inc()
@@ -212,6 +213,13 @@ class Router:
             if result.status == "ok":
                 metrics.E2E_LATENCY.labels(result.answered_by or "").observe(result.latency_ms / 1000)
             metrics.SLO.labels("hit" if result.slo_met else "miss").inc()
+            outcomes["slo_hit" if result.slo_met else "slo_miss"] += 1
+        # Shared counters for the controller (AIMD batching reacts to misses).
+        async with self.r.pipeline(transaction=False) as pipe:
+            for field, n in outcomes.items():
+                if n:
+                    pipe.hincrby(self.keys.stats, field, n)
+            await pipe.execute()
 
     # ---------- housekeeping ----------
     async def housekeeping(self) -> None:
