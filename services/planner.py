@@ -1,0 +1,857 @@
+"""The planner: which threshold, batch sizes and light/heavy worker split serve demand D
+on S workers within the SLO at the best quality. Pure computation, no Redis.
+
+Formulation (the DiffServe paper's MILP, solved with python-mip / CBC), for one choice of
+threshold t (or, for ``proteus``, heavy fraction h) from a grid, one light batch b1 and one
+heavy batch b2 from the batch grid, and integer worker counts x1 (light), x2 (heavy)::
+
+    x1·p1(b1) >= D                     light capacity (p(b) = b / e(b) per worker)
+    x2·p2(b2) >= D·f(t)                heavy capacity for the share the discriminator sends on
+    x1 + x2   <= S
+    e1(b1) + ed(b1) + q1 + e2(b2) + q2 <= SLO
+
+Differences from the original, on purpose:
+
+- the discriminator's batch latency ed(b1) is in the latency budget (it scores each light batch);
+- the queueing terms are a measured wait (Little's law: backlog / arrival rate) plus the wait
+  for a batch to fill at the planned per-worker arrival rate: (b1-1)/(D/x1) for the light
+  stage and (b2-1)/(D·f(t)/x2) for the heavy stage;
+- no worker is reserved for a sink;
+- ties on the objective are broken by fewer role changes against the current assignment,
+  then by lower predicted latency;
+- when even t=0 cannot meet demand the plan is "maximum throughput" (every worker light,
+  the highest-throughput batch that fits, t=0) and ``feasible`` is False;
+- a queue that still holds jobs keeps at least one worker (with two or more workers) even
+  when the chosen option sends it nothing new (t=0, clipper-heavy), so no job is stranded.
+
+Linearisation is exact: one binary per option (t), one binary per batch size per stage and an
+integer worker count per batch size bounded by its binary (x_b <= U_b·y_b).  Products of a
+batch choice and a worker count become sums over x_b; the heavy fill wait, which depends on
+both t and x2, is written once per option and switched off with a big-M when that option is
+not chosen.  The objective is lexicographic (option rank, role changes, latency) folded into
+one weighted sum; :func:`brute_force` enumerates the same grid and is what the tests compare to.
+
+Objectives: ``threshold`` maximises t (the paper).  ``quality`` (the default where the cascade
+has a quality curve) picks the feasible threshold whose light share 1-f(t) has the best
+estimated quality (FID: lower is better), ties to the larger t.  Workers the chosen plan does
+not need are handed, one by one, to the stage with the higher utilisation (load including its
+backlog over capacity), and the batch sizes are then re-fitted to the final counts, so every
+worker gets a role and the predicted latency falls.
+
+Time units: every profiled latency is multiplied by ``latency_scale`` and the SLO is taken as
+given (``slo_ms``).  A controller running the profiled backend with ``time_scale`` < 1 passes
+``latency_scale=time_scale`` and ``slo_ms=SLO*time_scale`` and measures demand in real
+(wall-clock, i.e. "fast") queries/s, so latencies, SLO and demand are all in the same units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+from common.profiles import BATCH_GRID, CascadeProfile
+
+ROLES = ("light", "heavy")
+THRESHOLD_GRID = tuple(round(i * 0.05, 2) for i in range(21))
+POLICIES = ("diffserve", "diffserve-threshold", "static", "clipper-light", "clipper-heavy", "proteus", "aimd")
+OBJECTIVES = ("quality", "threshold")
+_REL_TOL = 1e-6  # capacity and SLO checks tolerate this much (the solver's own tolerances)
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class QueueStats:
+    """Measured backlog (entries) and arrival rate (entries/s) of each queue."""
+
+    light_backlog: int = 0
+    light_qps: float = 0.0
+    discriminator_backlog: int = 0
+    discriminator_qps: float = 0.0
+    heavy_backlog: int = 0
+    heavy_qps: float = 0.0
+
+
+@dataclass
+class AimdState:
+    """Batch sizes in force and whether SLO misses were observed since the last plan."""
+
+    light_batch: int = 1
+    heavy_batch: int = 1
+    slo_miss: bool = False
+
+
+@dataclass
+class Option:
+    """One choice of the routing knob: threshold t (cascade) or heavy fraction h (split)."""
+
+    value: float
+    light_factor: float  # share of D that reaches the light stage
+    heavy_factor: float  # share of D that reaches the heavy stage
+    light_share: float  # share of answers that come from the light model
+    split: bool  # True: light and heavy are separate paths (proteus, clipper-heavy)
+    rank: int = 0  # 0 is best under the objective
+    q1_ms: float = 0.0  # measured queue wait before the light path (light + discriminator queues)
+    q2_ms: float = 0.0  # measured queue wait of the heavy queue
+
+    @property
+    def uses_light(self) -> bool:
+        return self.light_factor > 0
+
+    @property
+    def uses_heavy(self) -> bool:
+        return self.heavy_factor > 0
+
+
+@dataclass
+class Problem:
+    """Everything the solvers need, in ms and queries/s."""
+
+    demand: float
+    workers: int
+    slo_ms: float
+    e1: dict[int, float]  # light batch latency (scaled)
+    e2: dict[int, float]  # heavy batch latency (scaled)
+    ed: dict[int, float]  # discriminator latency for a light batch of that size (scaled)
+    options: list[Option]
+    current_light: int = 0
+    current_heavy: int = 0
+    keep_roles: bool = False  # allocation may not exceed the current counts (no role changes)
+    # a queue that still holds jobs keeps at least one worker (when there are two), even where
+    # the chosen option sends it nothing new, so its jobs are not stranded
+    min_light: int = 0
+    min_heavy: int = 0
+
+    @property
+    def b1s(self) -> list[int]:
+        return sorted(self.e1)
+
+    @property
+    def b2s(self) -> list[int]:
+        return sorted(self.e2)
+
+    def p1(self, b: int) -> float:
+        return b * 1000.0 / self.e1[b]
+
+    def p2(self, b: int) -> float:
+        return b * 1000.0 / self.e2[b]
+
+    @property
+    def demand_eff(self) -> float:  # fill waits divide by the demand
+        return max(self.demand, 1e-6)
+
+
+@dataclass
+class Choice:
+    option: int
+    b1: int
+    b2: int
+    x1: int
+    x2: int
+
+
+@dataclass
+class Evaluation:
+    feasible: bool
+    light_ms: float = 0.0
+    discriminator_ms: float = 0.0
+    heavy_ms: float = 0.0
+    light_queue_ms: float = 0.0  # measured wait + batch fill wait
+    heavy_queue_ms: float = 0.0
+    total_ms: float = 0.0
+    changes: int = 0  # role changes the counts need against the current assignment (lower bound)
+    reason: str = ""
+
+    def key(self, problem: Problem, option: Option) -> tuple:
+        return (option.rank, self.changes, self.total_ms / problem.slo_ms)
+
+
+# ----------------------------------------------------------------------------- outputs
+@dataclass
+class LatencyBreakdown:
+    light_ms: float = 0.0
+    discriminator_ms: float = 0.0
+    heavy_ms: float = 0.0
+    light_queue_ms: float = 0.0
+    heavy_queue_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class PlanResult:
+    policy: str
+    objective: str
+    threshold: float
+    heavy_fraction: float
+    light_batch: int
+    heavy_batch: int
+    light_workers: int
+    heavy_workers: int
+    feasible: bool
+    latency: LatencyBreakdown
+    estimated_quality: float | None
+    objective_value: float  # t (threshold objective) or the quality score (quality objective)
+    light_share: float
+    demand_qps: float
+    workers: int
+    slo_ms: float
+    solve_ms: float
+    min_light_workers: int = 0  # what the chosen option needs, before spare workers are handed out
+    min_heavy_workers: int = 0
+    role_changes: int = 0
+    roles: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    plan_ms: float = 0.0  # solve_ms plus building the problems and placing spare workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_message(self, version: int, roles: dict[str, str] | None = None, created_ms: float | None = None):
+        from common.messages import Plan
+
+        return Plan(version=version, policy=self.policy, threshold=float(self.threshold),
+                    light_batch=int(self.light_batch), heavy_batch=int(self.heavy_batch),
+                    light_workers=int(self.light_workers), heavy_workers=int(self.heavy_workers),
+                    heavy_fraction=float(self.heavy_fraction), roles=dict(self.roles if roles is None else roles),
+                    demand_qps=float(self.demand_qps), feasible=bool(self.feasible), objective=self.objective,
+                    estimated_quality=None if self.estimated_quality is None else float(self.estimated_quality),
+                    created_ms=time.time() * 1000.0 if created_ms is None else created_ms)
+
+
+# ----------------------------------------------------------------------------- roles
+def assign_roles(current: dict[str, str], light_workers: int, heavy_workers: int, *,
+                 switch_s: dict[str, float] | None = None) -> dict[str, str]:
+    """A role for every worker in ``current`` (worker id -> its role now, or anything else
+    for unknown) with ``light_workers`` light and ``heavy_workers`` heavy, changing the fewest
+    known roles.  Workers beyond light+heavy keep their role (light when unknown); when the
+    counts exceed the workers, light is served first.  Among workers that must flip, those
+    with the shortest measured ``switch_s`` flip first; ids break ties so the result is stable."""
+    cost = switch_s or {}
+    ids = sorted(current)
+    want = {"light": max(0, light_workers), "heavy": max(0, heavy_workers)}
+    roles: dict[str, str] = {}
+    for role in ROLES:  # those slowest to switch stay put
+        keepers = sorted((w for w in ids if current[w] == role), key=lambda w: (-cost.get(w, 0.0), w))[: want[role]]
+        for w in keepers:
+            roles[w] = role
+    # unknown roles first (they cost no change), then the cheapest to switch
+    rest = sorted((w for w in ids if w not in roles),
+                  key=lambda w: (current[w] in ROLES, cost.get(w, 0.0), w))
+    for role in ROLES:
+        need = want[role] - sum(1 for r in roles.values() if r == role)
+        while need > 0 and rest:
+            roles[rest.pop(0)] = role
+            need -= 1
+    for w in rest:  # more workers than light + heavy: leave them as they are
+        roles[w] = current[w] if current[w] in ROLES else "light"
+    return roles
+
+
+def count_changes(current: dict[str, str], roles: dict[str, str]) -> int:
+    return sum(1 for w, r in roles.items() if current.get(w) in ROLES and current[w] != r)
+
+
+# ----------------------------------------------------------------------------- problem
+def default_objective(profile: CascadeProfile) -> str:
+    return "quality" if profile.quality is not None else "threshold"
+
+
+def _grid(table, grid) -> dict[int, float]:
+    """Batch sizes of ``grid`` the table has a measurement for (sizes that do not fit are
+    absent from the table)."""
+    have = set(table.batches())
+    sizes = [b for b in grid if b in have] or [min(have)]
+    return {b: table.latency_ms(b) for b in sizes}
+
+
+def _quality_key(profile: CascadeProfile, light_share: float) -> float:
+    q = profile.quality
+    score = q.score(light_share)
+    return round(score if q.lower_is_better else -score, 9)
+
+
+def build_options(profile: CascadeProfile, policy: str, objective: str, threshold_grid=THRESHOLD_GRID,
+                  static_threshold: float = 0.5) -> list[Option]:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    f = profile.curve.f
+    if policy == "static":
+        t = float(static_threshold)
+        opts = [Option(t, 1.0, f(t), 1.0 - f(t), False)]
+    elif policy == "clipper-light":
+        opts = [Option(0.0, 1.0, 0.0, 1.0, False)]
+    elif policy == "clipper-heavy":
+        opts = [Option(1.0, 0.0, 1.0, 0.0, True)]
+    elif policy == "proteus":
+        opts = [Option(float(h), 1.0 - h, float(h), 1.0 - h, True) for h in threshold_grid]
+    else:
+        opts = [Option(float(t), 1.0, f(t), 1.0 - f(t), False) for t in threshold_grid]
+    if objective == "quality" and profile.quality is not None and policy in ("diffserve", "aimd"):
+        order = sorted(range(len(opts)), key=lambda i: (_quality_key(profile, opts[i].light_share), -opts[i].value))
+    else:
+        order = sorted(range(len(opts)), key=lambda i: -opts[i].value)
+    for rank, i in enumerate(order):
+        opts[i].rank = rank
+    return opts
+
+
+def _queue_wait_ms(backlog: int, rate_qps: float, stage_qps: float, fallback_ms_per_job: float) -> float:
+    """Little's law: backlog / arrival rate, the rate floored at the stage's planned load.
+    With no arrivals at all, the time for one worker to drain it one at a time."""
+    if backlog <= 0:
+        return 0.0
+    rate = max(rate_qps, stage_qps)
+    if rate > 1e-9:
+        return backlog * 1000.0 / rate
+    return backlog * fallback_ms_per_job
+
+
+def build_problem(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: str = "diffserve",
+                  objective: str | None = None, slo_ms: float | None = None, latency_scale: float = 1.0,
+                  batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID, static_threshold: float = 0.5,
+                  current: dict[str, str] | None = None, queues: QueueStats | None = None,
+                  keep_roles: bool = False, light_batches=None, heavy_batches=None) -> Problem:
+    objective = objective or default_objective(profile)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    scale = float(latency_scale)
+    e1 = {b: ms * scale for b, ms in _grid(profile.light, light_batches or batch_grid).items()}
+    e2 = {b: ms * scale for b, ms in _grid(profile.heavy, heavy_batches or batch_grid).items()}
+    ed = {b: profile.discriminator.latency_ms(b) * scale for b in e1}
+    current = current or {}
+    l0 = sum(1 for r in current.values() if r == "light")
+    h0 = sum(1 for r in current.values() if r == "heavy")
+    opts = build_options(profile, policy, objective, threshold_grid, static_threshold)
+    q = queues or QueueStats()
+    d = max(0.0, float(demand_qps))
+    for o in opts:
+        o.q1_ms = (_queue_wait_ms(q.light_backlog, q.light_qps, d * o.light_factor, e1[min(e1)] / max(1, l0))
+                   + _queue_wait_ms(q.discriminator_backlog, q.discriminator_qps, d * o.light_factor,
+                                    ed[min(ed)]))
+        o.q2_ms = _queue_wait_ms(q.heavy_backlog, q.heavy_qps, d * o.heavy_factor, e2[min(e2)] / max(1, h0))
+    drain = int(workers) >= 2
+    min_light = int(drain and q.light_backlog > 0)
+    min_heavy = int(drain and q.heavy_backlog > 0)
+    if keep_roles:
+        min_light, min_heavy = min(min_light, l0), min(min_heavy, h0)
+    return Problem(d, int(workers), float(slo_ms or profile.slo_ms), e1, e2, ed, opts, l0, h0, keep_roles,
+                   min_light, min_heavy)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(problem: Problem, choice: Choice) -> Evaluation:
+    """Predicted latency of a concrete plan and whether it satisfies every constraint."""
+    o = problem.options[choice.option]
+    d, de, slo = problem.demand, problem.demand_eff, problem.slo_ms
+    b1, b2, x1, x2 = choice.b1, choice.b2, choice.x1, choice.x2
+    ev = Evaluation(True)
+    ev.changes = max(0, x1 - problem.current_light, x2 - problem.current_heavy)
+
+    def fail(reason: str) -> Evaluation:
+        ev.feasible, ev.reason = False, ev.reason or reason
+        return ev
+
+    if x1 < problem.min_light or x2 < problem.min_heavy or x1 + x2 > problem.workers:
+        fail("workers")
+    if problem.keep_roles and (x1 > problem.current_light or x2 > problem.current_heavy):
+        fail("keep_roles")
+    light_path = heavy_path = 0.0
+    if o.uses_light:
+        if x1 < 1 or x1 * problem.p1(b1) < d * o.light_factor * (1 - _REL_TOL) - 1e-9:
+            fail("light capacity")
+        fill = (b1 - 1) * x1 * 1000.0 / (de * o.light_factor)
+        ev.light_ms, ev.discriminator_ms = problem.e1[b1], problem.ed[b1]
+        ev.light_queue_ms = o.q1_ms + fill
+        light_path = ev.light_ms + ev.discriminator_ms + ev.light_queue_ms
+    if o.uses_heavy:
+        if x2 < 1 or x2 * problem.p2(b2) < d * o.heavy_factor * (1 - _REL_TOL) - 1e-9:
+            fail("heavy capacity")
+        fill = (b2 - 1) * x2 * 1000.0 / (de * o.heavy_factor)
+        ev.heavy_ms = problem.e2[b2]
+        ev.heavy_queue_ms = o.q2_ms + fill
+        heavy_path = ev.heavy_ms + ev.heavy_queue_ms
+    ev.total_ms = max(light_path, heavy_path) if o.split else light_path + heavy_path
+    if ev.total_ms > slo * (1 + _REL_TOL):
+        fail("slo")
+    return ev
+
+
+def _min_workers(problem: Problem, o: Option, b1: int, b2: int) -> tuple[int, int]:
+    d = problem.demand
+    x1 = max(1, math.ceil(d * o.light_factor * (1 - _REL_TOL) / problem.p1(b1) - 1e-9)) if o.uses_light else 0
+    x2 = max(1, math.ceil(d * o.heavy_factor * (1 - _REL_TOL) / problem.p2(b2) - 1e-9)) if o.uses_heavy else 0
+    return max(x1, problem.min_light), max(x2, problem.min_heavy)
+
+
+def brute_force(problem: Problem, *, exhaustive: bool = True) -> tuple[Choice, Evaluation] | None:
+    """The optimum by enumeration over the same grid and the same lexicographic key
+    (option rank, role changes, latency).  ``exhaustive`` tries every (x1, x2) with
+    x1 + x2 <= S; otherwise only the fewest workers that carry the load, which is enough
+    because more workers never lower the changes or the latency."""
+    best: tuple[tuple, Choice, Evaluation] | None = None
+    for k, o in enumerate(problem.options):
+        for b1 in problem.b1s:
+            for b2 in problem.b2s:
+                lo1, lo2 = _min_workers(problem, o, b1, b2)
+                if exhaustive:
+                    pairs = ((x1, x2) for x1 in range(problem.workers + 1)
+                             for x2 in range(problem.workers + 1 - x1) if x1 >= lo1 and x2 >= lo2)
+                else:
+                    pairs = [(lo1, lo2)]
+                for x1, x2 in pairs:
+                    ch = Choice(k, b1, b2, x1, x2)
+                    ev = evaluate(problem, ch)
+                    if not ev.feasible:
+                        continue
+                    key = ev.key(problem, o)
+                    if best is None or key < best[0]:
+                        best = (key, ch, ev)
+    return None if best is None else (best[1], best[2])
+
+
+# ----------------------------------------------------------------------------- MILP
+_WARM = False
+
+
+def warm_up() -> None:
+    """Load CBC once (its first model costs ~0.2 s), so solve times measure solving."""
+    global _WARM
+    if not _WARM:
+        import mip
+
+        mip.Model(solver_name=mip.CBC)
+        _WARM = True
+
+
+def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
+    """The optimum by MILP (python-mip, CBC); None when no plan satisfies the constraints."""
+    import mip
+
+    warm_up()
+    S, D, De, slo = problem.workers, problem.demand, problem.demand_eff, problem.slo_ms
+    if S <= 0:
+        return None
+    # options whose fixed part alone cannot meet the SLO are left out
+    emin1 = min(problem.e1[b] + problem.ed[b] for b in problem.b1s)
+    emin2 = min(problem.e2.values())
+    opts = []
+    for k, o in enumerate(problem.options):
+        light = emin1 + o.q1_ms if o.uses_light else 0.0
+        heavy = emin2 + o.q2_ms if o.uses_heavy else 0.0
+        fixed = max(light, heavy) if o.split else light + heavy
+        if fixed <= slo * (1 + _REL_TOL) and (not problem.keep_roles or (
+                (not o.uses_light or problem.current_light >= 1) and (not o.uses_heavy or problem.current_heavy >= 1))):
+            opts.append(k)
+    if not opts:
+        return None
+    lf_max = max(problem.options[k].light_factor for k in opts)
+    hf_max = max(problem.options[k].heavy_factor for k in opts)
+
+    def bound(b: int, factor: float) -> int:
+        """Most workers at batch b whose fill wait still fits the SLO (implied, not a restriction)."""
+        if b == 1 or factor <= 0:
+            return S
+        return int(min(S, math.floor(slo * De * factor / ((b - 1) * 1000.0) * (1 + _REL_TOL) + 1e-9)))
+
+    U1 = {b: bound(b, lf_max) for b in problem.b1s}
+    U2 = {b: bound(b, hf_max) for b in problem.b2s}
+    if problem.keep_roles:
+        U1 = {b: min(u, problem.current_light) for b, u in U1.items()}
+        U2 = {b: min(u, problem.current_heavy) for b, u in U2.items()}
+
+    m = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
+    m.verbose = 0
+    m.threads = 1
+    m.max_mip_gap = 1e-9
+    m.max_mip_gap_abs = 1e-7
+    m.preprocess = 0  # the model is tiny; CBC's preprocessing costs more than it saves
+    z = {k: m.add_var(var_type=mip.BINARY, name=f"z{k}") for k in opts}
+    y1 = {b: m.add_var(var_type=mip.BINARY, name=f"y1_{b}") for b in problem.b1s}
+    y2 = {b: m.add_var(var_type=mip.BINARY, name=f"y2_{b}") for b in problem.b2s}
+    x1 = {b: m.add_var(var_type=mip.INTEGER, lb=0, ub=U1[b], name=f"x1_{b}") for b in problem.b1s}
+    x2 = {b: m.add_var(var_type=mip.INTEGER, lb=0, ub=U2[b], name=f"x2_{b}") for b in problem.b2s}
+    c = m.add_var(lb=0, ub=S, name="changes")
+    lat = m.add_var(lb=0, ub=1 + _REL_TOL, name="latency")  # in units of the SLO
+
+    m += mip.xsum(z.values()) == 1
+    m += mip.xsum(y1.values()) == 1
+    m += mip.xsum(y2.values()) == 1
+    for b in problem.b1s:
+        m += x1[b] <= U1[b] * y1[b]
+    for b in problem.b2s:
+        m += x2[b] <= U2[b] * y2[b]
+    X1, X2 = mip.xsum(x1.values()), mip.xsum(x2.values())
+    m += X1 + X2 <= S
+    opt = problem.options
+    m += mip.xsum(problem.p1(b) * x1[b] for b in problem.b1s) >= \
+        mip.xsum(D * opt[k].light_factor * (1 - _REL_TOL) * z[k] for k in opts)
+    m += mip.xsum(problem.p2(b) * x2[b] for b in problem.b2s) >= \
+        mip.xsum(D * opt[k].heavy_factor * (1 - _REL_TOL) * z[k] for k in opts)
+    m += X1 >= mip.xsum(z[k] for k in opts if opt[k].uses_light)
+    m += X2 >= mip.xsum(z[k] for k in opts if opt[k].uses_heavy)
+    if problem.min_light:
+        m += X1 >= problem.min_light
+    if problem.min_heavy:
+        m += X2 >= problem.min_heavy
+    m += c >= X1 - problem.current_light
+    m += c >= X2 - problem.current_heavy
+
+    A1 = mip.xsum((problem.e1[b] + problem.ed[b]) / slo * y1[b] for b in problem.b1s)
+    A2 = mip.xsum(problem.e2[b] / slo * y2[b] for b in problem.b2s)
+    a1max = max(problem.e1[b] + problem.ed[b] for b in problem.b1s) / slo
+    a2max = max(problem.e2.values()) / slo
+    for k in opts:
+        o = opt[k]
+        terms1 = terms2 = None
+        m1 = m2 = 0.0
+        if o.uses_light:
+            coef = {b: (b - 1) * 1000.0 / (De * o.light_factor) / slo for b in problem.b1s}
+            terms1 = A1 + o.q1_ms / slo + mip.xsum(coef[b] * x1[b] for b in problem.b1s if coef[b])
+            m1 = a1max + o.q1_ms / slo + max(coef[b] * U1[b] for b in problem.b1s)
+        if o.uses_heavy:
+            coef = {b: (b - 1) * 1000.0 / (De * o.heavy_factor) / slo for b in problem.b2s}
+            terms2 = A2 + o.q2_ms / slo + mip.xsum(coef[b] * x2[b] for b in problem.b2s if coef[b])
+            m2 = a2max + o.q2_ms / slo + max(coef[b] * U2[b] for b in problem.b2s)
+        if o.split:
+            if terms1 is not None:
+                m += lat >= terms1 - m1 * (1 - z[k])
+            if terms2 is not None:
+                m += lat >= terms2 - m2 * (1 - z[k])
+        else:
+            total = terms1 if terms2 is None else terms1 + terms2
+            m += lat >= total - (m1 + m2) * (1 - z[k])
+
+    w2 = 2.0  # lat <= 1 < w2: one role change outweighs any latency
+    w1 = w2 * (S + 1) + 1.0  # one rank step outweighs any number of changes
+    m.objective = mip.minimize(w1 * mip.xsum(opt[k].rank * z[k] for k in opts) + w2 * c + lat)
+    status = m.optimize()
+    if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+        return None
+    k = max(opts, key=lambda i: z[i].x)
+    b1 = max(problem.b1s, key=lambda b: y1[b].x)
+    b2 = max(problem.b2s, key=lambda b: y2[b].x)
+    ch = Choice(k, b1, b2, int(round(sum(v.x for v in x1.values()))), int(round(sum(v.x for v in x2.values()))))
+    if not opt[k].uses_light:
+        ch.x1 = 0
+    if not opt[k].uses_heavy:
+        ch.x2 = 0
+    ev = evaluate(problem, ch)
+    if not ev.feasible:  # numerical trouble: the enumeration is exact and cheap
+        return brute_force(problem, exhaustive=False)
+    return ch, ev
+
+
+# ----------------------------------------------------------------------------- post-processing
+def _utilisation(problem: Problem, o: Option, role: str, x: int, b: int, queues: QueueStats, drain_s: float) -> float:
+    if role == "light":
+        load = problem.demand * o.light_factor + (queues.light_backlog + queues.discriminator_backlog) / drain_s
+        cap = x * problem.p1(b)
+    else:
+        load = problem.demand * o.heavy_factor + queues.heavy_backlog / drain_s
+        cap = x * problem.p2(b)
+    return math.inf if cap <= 0 else load / cap
+
+
+def _refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, queues: QueueStats, drain_s: float,
+                   refit: bool = True) -> tuple[Choice, Evaluation]:
+    """Batch sizes for the counts (x1, x2): the lowest predicted latency within the SLO that
+    loads no stage more than the solver's plan ``ch`` did; ``ch``'s batches when none does
+    (or when ``refit`` is off, as under AIMD batching)."""
+    o = problem.options[ch.option]
+    relaxed = dataclasses.replace(problem, keep_roles=False)
+    if refit:
+        rho1 = _utilisation(problem, o, "light", ch.x1, ch.b1, queues, drain_s) if o.uses_light else 0.0
+        rho2 = _utilisation(problem, o, "heavy", ch.x2, ch.b2, queues, drain_s) if o.uses_heavy else 0.0
+        # a stage the option sends nothing new gets the smallest batch (stable plans)
+        b1s = [b for b in problem.b1s if _utilisation(problem, o, "light", x1, b, queues, drain_s)
+               <= rho1 * (1 + 1e-9)] if o.uses_light else problem.b1s[:1]
+        b2s = [b for b in problem.b2s if _utilisation(problem, o, "heavy", x2, b, queues, drain_s)
+               <= rho2 * (1 + 1e-9)] if o.uses_heavy else problem.b2s[:1]
+        best = None
+        for b1 in b1s:
+            for b2 in b2s:
+                cand = Choice(ch.option, b1, b2, x1, x2)
+                ev = evaluate(relaxed, cand)
+                if ev.feasible:
+                    key = (round(ev.total_ms, 6), (b1, b2) != (ch.b1, ch.b2))
+                    if best is None or key < best[0]:
+                        best = (key, cand, ev)
+        if best is not None:
+            return best[1], best[2]
+    cand = Choice(ch.option, ch.b1, ch.b2, x1, x2)
+    return cand, evaluate(relaxed, cand)
+
+
+def _hand_out_spares(problem: Problem, ch: Choice, queues: QueueStats, drain_s: float, *,
+                     refit: bool = True, target_util: float = 0.5) -> tuple[int, int]:
+    """Final counts: the solver's counts plus every spare worker.
+
+    First, while a stage's utilisation (load incl. backlog drained over ``drain_s``, over
+    capacity) is above ``target_util``, the stage with the highest utilisation gets the next
+    spare, so its queueing falls.  The rest go where they cost no role change (their current
+    role, unknown workers to the busier stage) as long as the plan stays within the SLO, else
+    to the other stage.  Stages the option does not use get none."""
+    o = problem.options[ch.option]
+    allowed = [r for r, used in (("light", o.uses_light), ("heavy", o.uses_heavy)) if used] or ["light"]
+    x = {"light": ch.x1, "heavy": ch.x2}
+    if problem.keep_roles:  # known workers keep their role; only unknown ones are handed out
+        x = {"light": max(ch.x1, problem.current_light), "heavy": max(ch.x2, problem.current_heavy)}
+        surplus = {"light": 0, "heavy": 0}
+        unknown = max(0, problem.workers - problem.current_light - problem.current_heavy)
+    else:
+        # workers of each role beyond what the solver placed there; deficits are covered by
+        # workers without a role first, then by the other role's surplus (role changes)
+        surplus = {"light": max(0, problem.current_light - ch.x1), "heavy": max(0, problem.current_heavy - ch.x2)}
+        unknown = max(0, problem.workers - problem.current_light - problem.current_heavy)
+        for role, need, other in (("light", ch.x1, "heavy"), ("heavy", ch.x2, "light")):
+            deficit = max(0, need - (problem.current_light if role == "light" else problem.current_heavy))
+            from_unknown = min(unknown, deficit)
+            unknown -= from_unknown
+            surplus[other] = max(0, surplus[other] - (deficit - from_unknown))
+    b = {"light": ch.b1, "heavy": ch.b2}
+
+    def rho(r: str) -> float:
+        return _utilisation(problem, o, r, x[r], b[r], queues, drain_s)
+
+    def take(r: str) -> None:
+        nonlocal unknown
+        other = "heavy" if r == "light" else "light"
+        if surplus[r] > 0:
+            surplus[r] -= 1
+        elif unknown > 0:
+            unknown -= 1
+        else:
+            surplus[other] -= 1
+        x[r] += 1
+
+    def fits(r: str) -> bool:
+        x1, x2 = x["light"] + (r == "light"), x["heavy"] + (r == "heavy")
+        cand, ev = _refit_batches(problem, Choice(ch.option, b["light"], b["heavy"], ch.x1, ch.x2), x1, x2,
+                                  queues, drain_s, refit)
+        if ev.feasible:
+            b["light"], b["heavy"] = cand.b1, cand.b2
+        return ev.feasible
+
+    while surplus["light"] + surplus["heavy"] + unknown > 0:
+        if max(rho(r) for r in allowed) > target_util:
+            take(max(allowed, key=rho))
+            continue
+        free = [r for r in allowed if surplus[r] > 0 or unknown > 0]
+        order = sorted(free, key=rho, reverse=True) + sorted((r for r in allowed if r not in free), key=rho,
+                                                             reverse=True)
+        take(next((r for r in order if fits(r)), order[0]))
+    return x["light"], x["heavy"]
+
+
+def _best_batch(problem: Problem, table: dict[int, float], extra: dict[int, float] | None = None) -> int:
+    """Highest-throughput batch whose latency fits the SLO (else the highest-throughput one)."""
+    extra = extra or {}
+    fits = [b for b in table if table[b] + extra.get(b, 0.0) <= problem.slo_ms]
+    return max(fits or list(table), key=lambda b: (b * 1000.0 / table[b], -b))
+
+
+def _fallback(problem: Problem, policy: str) -> tuple[Choice, Evaluation]:
+    """The maximum-throughput plan for a demand no option can meet."""
+    S = problem.workers
+    if policy == "clipper-heavy":
+        k = 0
+        ch = Choice(k, problem.b1s[0], _best_batch(problem, problem.e2), problem.min_light, S - problem.min_light)
+    elif policy == "static":
+        k = 0
+        o = problem.options[0]
+        if not o.uses_heavy:
+            ch = Choice(k, _best_batch(problem, problem.e1, problem.ed), problem.b2s[0], S - problem.min_heavy,
+                        problem.min_heavy)
+        else:  # keep the configured threshold; split to serve the largest share of demand
+            best = None
+            for b1 in problem.b1s:
+                for b2 in problem.b2s:
+                    for x1 in range(1, S):
+                        served = min(problem.demand, x1 * problem.p1(b1),
+                                     (S - x1) * problem.p2(b2) / o.heavy_factor)
+                        lat = problem.e1[b1] + problem.ed[b1] + problem.e2[b2]
+                        key = (-served, lat)
+                        if best is None or key < best[0]:
+                            best = (key, Choice(k, b1, b2, x1, S - x1))
+            ch = best[1] if best else Choice(k, _best_batch(problem, problem.e1, problem.ed), problem.b2s[0], S, 0)
+    else:  # every worker light, t = 0 (or h = 0)
+        k = min(range(len(problem.options)), key=lambda i: (problem.options[i].heavy_factor, problem.options[i].value))
+        ch = Choice(k, _best_batch(problem, problem.e1, problem.ed), problem.b2s[0], S - problem.min_heavy,
+                    problem.min_heavy)
+    return ch, evaluate(dataclasses.replace(problem, keep_roles=False), ch)
+
+
+def _aimd_batches(aimd: AimdState, grid) -> list[tuple[int, int]]:
+    """Candidate (light, heavy) batches in the order AIMD tries them: on SLO misses both halve;
+    otherwise each tries one grid step up, falling back to the batches in force."""
+    grid = sorted(grid)
+
+    def snap(b):
+        return max([g for g in grid if g <= b] or [grid[0]])
+
+    def up(b):
+        return min([g for g in grid if g > b] or [grid[-1]])
+
+    b1, b2 = snap(aimd.light_batch), snap(aimd.heavy_batch)
+    if aimd.slo_miss:
+        return [(snap(max(1, b1 // 2)), snap(max(1, b2 // 2)))]
+    out = []
+    for cand in ((up(b1), up(b2)), (up(b1), b2), (b1, up(b2)), (b1, b2)):
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: str = "diffserve",
+         objective: str | None = None, slo_ms: float | None = None, latency_scale: float = 1.0,
+         batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID, static_threshold: float = 0.5,
+         current: dict[str, str] | None = None, queues: QueueStats | None = None, keep_roles: bool = False,
+         aimd: AimdState | None = None, drain_s: float = 10.0, spare_util: float = 0.5,
+         switch_s: dict[str, float] | None = None, solver: str = "milp") -> PlanResult:
+    """The plan for ``demand_qps`` on ``workers`` workers.
+
+    ``current`` maps worker id -> role now (its length should be ``workers``); the result's
+    ``roles`` then assigns every one of them with the fewest changes.  ``keep_roles`` plans
+    without changing any known role (the controller compares that plan with the free one).
+    ``solver`` is ``milp`` (CBC) or ``enumerate`` (the exact enumeration, for comparison)."""
+    objective = objective or default_objective(profile)
+    if policy == "diffserve-threshold":
+        objective = "threshold"
+    if objective == "quality" and profile.quality is None:
+        objective = "threshold"
+    if policy not in ("diffserve", "aimd"):
+        objective = "threshold" if policy != "static" else objective
+    queues = queues or QueueStats()
+    current = current or {}
+    slo = float(slo_ms or profile.slo_ms)
+    kwargs = dict(policy=policy, objective=objective, slo_ms=slo, latency_scale=latency_scale,
+                  batch_grid=batch_grid, threshold_grid=threshold_grid, static_threshold=static_threshold,
+                  current=current, queues=queues, keep_roles=keep_roles)
+    candidates = [(None, None)]
+    if policy == "aimd":
+        candidates = _aimd_batches(aimd or AimdState(), batch_grid)
+    if solver == "milp":
+        warm_up()
+    refit = policy != "aimd"
+    start = time.perf_counter()
+    best = None  # (key, problem, choice, evaluation, minimum counts)
+    problem = None
+    solve_s = 0.0
+    for i, (lb, hb) in enumerate(candidates):  # one solve; under AIMD one per candidate batch pair
+        cand = build_problem(profile, demand_qps, workers, light_batches=[lb] if lb else None,
+                             heavy_batches=[hb] if hb else None, **kwargs)
+        problem = problem or cand
+        if cand.workers <= 0:
+            break
+        t0 = time.perf_counter()
+        sol = solve_milp(cand) if solver == "milp" else brute_force(cand, exhaustive=False)
+        solve_s += time.perf_counter() - t0
+        if sol is None:
+            continue
+        ch = sol[0]
+        x1, x2 = _hand_out_spares(cand, ch, queues, drain_s, refit=refit, target_util=spare_util)
+        final, ev = _refit_batches(cand, ch, x1, x2, queues, drain_s, refit)
+        # AIMD: within the SLO with every worker placed first, then the objective; among equals
+        # the earliest candidate (the larger batches)
+        key = (not ev.feasible, cand.options[ch.option].rank, sol[1].changes, i)
+        if best is None or key < best[0]:
+            best = (key, cand, final, ev, (ch.x1, ch.x2))
+    solve_ms = solve_s * 1000.0
+    notes: list[str] = []
+    if problem.workers <= 0:
+        lat = LatencyBreakdown()
+        return PlanResult(policy, objective, 0.0, 0.0, problem.b1s[0], problem.b2s[0], 0, 0, False, lat,
+                          None, 0.0, 1.0, problem.demand, 0, slo, solve_ms, notes=["no live workers"])
+    if best is not None:
+        _key, problem, ch, ev, mins = best
+        feasible = True
+    else:
+        feasible = False
+        if policy == "aimd":  # max throughput over the whole grid, not just AIMD's candidates
+            problem = build_problem(profile, demand_qps, workers, **kwargs)
+        ch, ev = _fallback(problem, policy)
+        mins = (ch.x1, ch.x2)
+        notes.append("no plan meets demand within the SLO (even at the lowest threshold): "
+                     "maximum-throughput plan")
+    plan_ms = (time.perf_counter() - start) * 1000.0
+    o = problem.options[ch.option]
+    split = policy in ("proteus", "clipper-heavy")
+    threshold = 0.0 if policy in ("proteus", "clipper-light") else (1.0 if policy == "clipper-heavy" else o.value)
+    heavy_fraction = o.value if split else 0.0
+    quality = profile.quality.score(o.light_share) if profile.quality is not None else None
+    objective_value = quality if (objective == "quality" and quality is not None) else o.value
+    roles = assign_roles(current, ch.x1, ch.x2, switch_s=switch_s) if current else {}
+    lat = LatencyBreakdown(ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms,
+                           ev.total_ms)
+    return PlanResult(policy, objective, round(threshold, 4), round(heavy_fraction, 4), ch.b1, ch.b2, ch.x1, ch.x2,
+                      feasible, lat, quality, objective_value, o.light_share, problem.demand, problem.workers, slo,
+                      solve_ms, mins[0], mins[1], count_changes(current, roles), roles, notes, plan_ms)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _table(result: PlanResult) -> str:
+    lat = result.latency
+    q = "-" if result.estimated_quality is None else f"{result.estimated_quality:.2f}"
+    rows = [
+        ("policy / objective", f"{result.policy} / {result.objective}"),
+        ("feasible", str(result.feasible)),
+        ("threshold", f"{result.threshold:.2f}" + (f"  (heavy fraction {result.heavy_fraction:.2f})"
+                                                  if result.heavy_fraction else "")),
+        ("light share", f"{result.light_share:.3f}   estimated quality {q}"),
+        ("light workers x batch", f"{result.light_workers} x {result.light_batch}"),
+        ("heavy workers x batch", f"{result.heavy_workers} x {result.heavy_batch}"),
+        ("latency light/disc/heavy", f"{lat.light_ms:.0f} / {lat.discriminator_ms:.0f} / {lat.heavy_ms:.0f} ms"),
+        ("queue light/heavy", f"{lat.light_queue_ms:.0f} / {lat.heavy_queue_ms:.0f} ms"),
+        ("total / SLO", f"{lat.total_ms:.0f} / {result.slo_ms:.0f} ms"),
+        ("demand / workers", f"{result.demand_qps:g} qps / {result.workers}"),
+        ("solve", f"{result.solve_ms:.1f} ms"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"{k:<{width}}  {v}" for k, v in rows] + [f"note: {n}" for n in result.notes])
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """``diffserve plan``: print the plan the solver would choose, without Redis."""
+    from common.cascades import CASCADES, DEFAULT_CASCADE
+    from common.profiles import HARDWARE, load_cascade_profile
+
+    p = argparse.ArgumentParser(prog="diffserve plan", description=plan_main.__doc__)
+    p.add_argument("--demand", type=float, required=True, help="queries per second")
+    p.add_argument("--workers", type=int, required=True, help="workers (GPUs)")
+    p.add_argument("--cascade", default=DEFAULT_CASCADE, choices=sorted(CASCADES))
+    p.add_argument("--hardware", default="a100", choices=sorted(HARDWARE))
+    p.add_argument("--objective", default=None, choices=OBJECTIVES,
+                   help="default: quality where the cascade has a quality curve, else threshold")
+    p.add_argument("--policy", default="diffserve", choices=POLICIES)
+    p.add_argument("--slo-ms", type=float, default=None, help="default: the cascade's")
+    p.add_argument("--static-threshold", type=float, default=0.5, help="threshold of the static policy")
+    p.add_argument("--latency-scale", type=float, default=1.0,
+                   help="multiply every profiled latency (time-scaled runs; scale --slo-ms too)")
+    p.add_argument("--latency-file", default=None, help="own batch-latency table")
+    p.add_argument("--curve-file", default=None, help="own f(t) curve")
+    p.add_argument("--solver", default="milp", choices=("milp", "enumerate"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        profile = load_cascade_profile(args.cascade, args.hardware, latency_file=args.latency_file,
+                                       curve_file=args.curve_file, slo_ms=args.slo_ms)
+    except ValueError as exc:
+        raise SystemExit(f"diffserve plan: {exc}") from None
+    result = plan(profile, args.demand, args.workers, policy=args.policy, objective=args.objective,
+                  slo_ms=args.slo_ms, latency_scale=args.latency_scale, static_threshold=args.static_threshold,
+                  solver=args.solver)
+    if args.json:
+        body = result.to_dict()
+        body.pop("roles", None)
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(_table(result))
+
+
+if __name__ == "__main__":
+    plan_main()

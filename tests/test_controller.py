@@ -1,0 +1,212 @@
+"""The controller against a real redis-server: fake worker heartbeats, jobs XADDed at a
+known rate, and the plan it writes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from common.config import Keys
+from common.localstack import RedisServer
+from common.messages import Plan
+from common.plan_store import load_plan
+from common.service import Service, now_ms
+from services.controller import ControllerConfig, RateEstimator, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _namespace() -> str:
+    return "t" + uuid.uuid4().hex[:8]
+
+
+async def _heartbeats(r: aioredis.Redis, keys: Keys, roles: dict[str, str], stop: asyncio.Event,
+                      alive: set[str] | None = None) -> None:
+    """What live workers write: a zset score and an info hash, every 0.2 s."""
+    while not stop.is_set():
+        for w, role in roles.items():
+            if alive is not None and w not in alive:
+                continue
+            await r.zadd(keys.workers, {w: now_ms()})
+            await r.hset(keys.worker_info(w), mapping={"role": role, "switch_s": 0.05, "heartbeat_ms": now_ms()})
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def _produce(r: aioredis.Redis, keys: Keys, rate: float, seconds: float) -> float:
+    """XADD jobs at ``rate`` per second for ``seconds``; returns the rate achieved."""
+    start = time.monotonic()
+    n = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(elapsed * rate) + 1
+        while n < due:
+            await r.xadd(keys.jobs, {"job_id": f"j{n}", "prompt": "a cat"})
+            n += 1
+        await asyncio.sleep(0.01)
+    return n / (time.monotonic() - start)
+
+
+class InProcess:
+    """The controller's serve() in this event loop, stopped like SIGTERM would."""
+
+    def __init__(self, url: str, namespace: str, **overrides):
+        cfg = dict(redis_url=url, namespace=namespace, interval_s=0.5, worker_timeout_s=1.0,
+                   instance_id="controller-test", backend="profiled")
+        cfg.update(overrides)
+        self.svc = Service("controller", ControllerConfig(**cfg))
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self):
+        await self.svc.wait_for_redis()
+        self.task = asyncio.create_task(serve(self.svc))
+        return self
+
+    async def __aexit__(self, *exc):
+        self.svc.stop.set()
+        await asyncio.wait_for(self.task, 10)
+        await self.svc.redis.aclose()
+
+
+def test_rate_estimator_smooths_and_looks_ahead():
+    est = RateEstimator(alpha=0.5)
+    est.update(0, 0.0)
+    assert est.forecast() == 0.0
+    for i in range(1, 11):
+        est.update(10 * i, float(i))  # 10/s
+    assert est.smoothed == pytest.approx(10.0, rel=0.01)
+    assert est.forecast() == pytest.approx(10.0, rel=0.01)
+    est.update(10 * 10 + 30, 11.0)  # a jump to 30/s: the trend is extrapolated one interval
+    assert est.smoothed == pytest.approx(20.0, rel=0.01)
+    assert est.forecast() > est.smoothed
+    est.update(0, 12.0)  # counter restarted: no negative rate
+    assert est.smoothed >= 0
+
+
+def test_controller_plans_for_live_workers_and_tracks_demand(redis_url):
+    ns = _namespace()
+    keys = Keys(ns)
+    roles = {"w0": "light", "w1": "light", "w2": "heavy", "w3": "heavy"}
+
+    async def scenario():
+        r = aioredis.from_url(redis_url)
+        stop = asyncio.Event()
+        alive = set(roles)
+        beats = asyncio.create_task(_heartbeats(r, keys, roles, stop, alive))
+        try:
+            async with InProcess(redis_url, ns):
+                achieved = await _produce(r, keys, 8.0, 5.0)
+                plan = await load_plan(r, keys)
+                assert plan is not None and plan.version >= 5
+                assert set(plan.roles) == set(roles)
+                assert plan.light_workers + plan.heavy_workers == 4
+                assert set(plan.roles.values()) <= {"light", "heavy"}
+                assert plan.demand_qps == pytest.approx(achieved, rel=0.35)
+                assert REGISTRY.get_sample_value("diffserve_demand_qps") == pytest.approx(plan.demand_qps, rel=0.5)
+                assert REGISTRY.get_sample_value("diffserve_plan_infeasible") == 0
+                # steady demand: roles do not flip from tick to tick
+                before = plan
+                await _produce(r, keys, 8.0, 2.0)
+                after = await load_plan(r, keys)
+                assert after.version > before.version
+                assert after.roles == before.roles
+                # a worker stops its heartbeat: it leaves the plan after the timeout
+                alive.discard("w3")
+                await _produce(r, keys, 8.0, 2.5)
+                plan = await load_plan(r, keys)
+                assert set(plan.roles) == {"w0", "w1", "w2"}
+                assert plan.light_workers + plan.heavy_workers == 3
+        finally:
+            stop.set()
+            await beats
+            await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_infeasible_demand_and_time_scale(redis_url):
+    """One worker, 30 jobs/s: more than one SD-Turbo worker can do at profiled speed (about
+    21/s), but fine when the profiled backend runs 10x faster (time_scale 0.1)."""
+
+    async def scenario(time_scale: float) -> Plan:
+        ns = _namespace()
+        keys = Keys(ns)
+        r = aioredis.from_url(redis_url)
+        stop = asyncio.Event()
+        beats = asyncio.create_task(_heartbeats(r, keys, {"w0": "light"}, stop))
+        try:
+            async with InProcess(redis_url, ns, time_scale=time_scale):
+                await _produce(r, keys, 30.0, 3.5)
+                plan = await load_plan(r, keys)
+                infeasible = REGISTRY.get_sample_value("diffserve_plan_infeasible")
+        finally:
+            stop.set()
+            await beats
+            await r.aclose()
+        assert plan.roles == {"w0": "light"}
+        assert plan.demand_qps > 20
+        assert infeasible == (0 if plan.feasible else 1)
+        return plan
+
+    slow = asyncio.run(scenario(1.0))
+    assert not slow.feasible and slow.threshold == 0.0
+    fast = asyncio.run(scenario(0.1))
+    assert fast.feasible
+
+
+def test_controller_process_stops_and_plan_stays(redis_url):
+    ns = _namespace()
+    keys = Keys(ns)
+    r = redis.Redis.from_url(redis_url)
+    for w, role in (("a", "light"), ("b", "heavy")):
+        r.zadd(keys.workers, {w: now_ms() + 3_600_000})  # heartbeats "from the future" keep them live
+        r.hset(keys.worker_info(w), mapping={"role": role, "switch_s": 0.1})
+    env = {**os.environ, "REDIS_URL": redis_url, "DIFFSERVE_NAMESPACE": ns, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.controller", "--interval-s", "0.3",
+                             "--policy", "diffserve", "--instance-id", "ctl"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        plan = None
+        while time.monotonic() < deadline:
+            raw = r.get(keys.plan)
+            plan = Plan.decode(raw) if raw else None
+            if plan is not None and plan.version >= 3:
+                break
+            time.sleep(0.1)
+        assert plan is not None and plan.version >= 3, "no plan written"
+        assert set(plan.roles) == {"a", "b"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    log = out.decode(errors="replace")
+    assert '"msg": "ready"' in log and '"msg": "new plan"' in log
+    stored = r.get(keys.plan)
+    time.sleep(1.0)
+    assert r.get(keys.plan) == stored  # the last plan stays in force without a controller
+    last = Plan.decode(stored)
+    assert last.version >= plan.version and set(last.roles) == {"a", "b"}
+    r.close()
