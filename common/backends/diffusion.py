@@ -124,33 +124,65 @@ def _module_bytes(pipe) -> int:
     return total
 
 
-def _move_modules(pipe, device: str, *, pin: bool) -> None:
-    """Move every weight of the pipeline to ``device`` tensor by tensor: into pinned host
-    memory (GPU -> host) or from it (host -> GPU, non-blocking DMA), then synchronise."""
+def _collect_tensors(pipe) -> tuple[list, list]:
+    """Every parameter (deduplicated, tied weights once) and buffer (with all its owners)."""
+    params: dict[int, object] = {}
+    buffers: dict[int, tuple] = {}
+    for module in _modules(pipe):
+        for sub in module.modules():
+            for p in sub._parameters.values():
+                if p is not None:
+                    params.setdefault(id(p), p)
+            for name, b in sub._buffers.items():
+                if b is not None:
+                    buffers.setdefault(id(b), (b, []))[1].append((sub, name))
+    return list(params.values()), list(buffers.values())
+
+
+def _copy_to_host(tensors: list, pin: bool, buffer=None) -> tuple[list, object]:
+    """Copy tensors into one flat host buffer (pinned: one allocation, DMA-able, not rounded
+    up per tensor; ``buffer`` is reused when it fits) and return views of it shaped like
+    the sources, and the buffer."""
+    import torch
+
+    align = 256
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // align) * align
+    total = max(total, align)
+    if buffer is None or buffer.numel() < total or buffer.is_pinned() != pin:
+        buffer = torch.empty(total, dtype=torch.uint8, device="cpu", pin_memory=pin)
+    out = []
+    for t, offset in zip(tensors, offsets):
+        view = buffer[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t, non_blocking=pin)
+        out.append(view)
+    return out, buffer
+
+
+def _move_modules(pipe, device: str, *, pin: bool, buffer=None):
+    """Move every weight of the pipeline to ``device``: into one flat (pinned) host buffer
+    (device -> host; ``buffer`` from the previous offload is reused) or from it (host ->
+    device, non-blocking DMA when pinned), then synchronise. Returns the host buffer."""
     import torch
 
     target = torch.device(device)
-
-    def move(t):
-        if t.device == target:
-            return t
-        if target.type == "cpu":
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-            host.copy_(t, non_blocking=pin)
-            return host
-        return t.to(target, non_blocking=True)
-
+    params, buffers = _collect_tensors(pipe)
+    sources = [p.data for p in params] + [b for b, _owners in buffers]
     with torch.no_grad():
-        for module in _modules(pipe):
-            for sub in module.modules():
-                for name, p in sub._parameters.items():
-                    if p is not None and p.device != target:
-                        p.data = move(p.data)
-                for name, b in sub._buffers.items():
-                    if b is not None and b.device != target:
-                        sub._buffers[name] = move(b)
+        if target.type == "cpu":
+            moved, buffer = _copy_to_host(sources, pin, buffer)
+        else:
+            moved = [t.to(target, non_blocking=pin) for t in sources]
+        for p, t in zip(params, moved):
+            p.data = t
+        for (_b, owners), t in zip(buffers, moved[len(params):]):
+            for sub, name in owners:
+                sub._buffers[name] = t
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    return buffer
 
 
 class CudaGraphs:
@@ -279,6 +311,7 @@ class DiffusersModel:
         self.graphs: CudaGraphs | None = None
         self._on_host = False
         self._pinned = False
+        self._host_buffer = None  # flat host copy of the weights, kept for the next offload (CUDA)
         self.last_load_s = 0.0
         self.last_capture_s = 0.0
 
@@ -292,8 +325,8 @@ class DiffusersModel:
         graphs in graph mode; returns the seconds taken, capture included."""
         start = time.perf_counter()
         if self.pipe is not None and self._on_host:
-            if self._pinned:
-                _move_modules(self.pipe, self.device, pin=True)
+            if self.device.startswith("cuda"):  # the host buffer stays allocated for the next offload
+                _move_modules(self.pipe, self.device, pin=self._pinned)
             else:
                 self.pipe.to(self.device)
             self._on_host = self._pinned = False
@@ -321,6 +354,8 @@ class DiffusersModel:
         elif self.spec.scheduler == "ddim":
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        # the pipeline warns with the truncated prompt text on every long prompt: keep prompts out of logs
+        logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
         return pipe.to(self.device)
 
     def capture(self) -> float:
@@ -346,7 +381,7 @@ class DiffusersModel:
                         self.graphs.capture_vae(batch, latent, latent)
                     captured.append(batch)
                 except Exception as exc:  # keep serving eager at this size
-                    log.warning("CUDA graph capture failed; that batch size runs eager",
+                    log.warning("CUDA graph capture failed; this batch size runs eager (in part)",
                                 extra={"model": self.name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"})
                     torch.cuda.synchronize()
         self.last_capture_s = time.perf_counter() - start
@@ -363,6 +398,8 @@ class DiffusersModel:
     def _want_pin(self) -> bool:
         if not self.device.startswith("cuda") or self.pin_host_memory is False:
             return False
+        if self._host_buffer is not None and self._host_buffer.is_pinned():
+            return True  # already allocated
         if self.pin_host_memory is None:
             need, free = _module_bytes(self.pipe), _available_host_bytes()
             if free is not None and free < need + HOST_RESERVE_BYTES:
@@ -377,14 +414,17 @@ class DiffusersModel:
         if self.pipe is not None and not self._on_host:
             self._release_graphs()
             pin = self._want_pin()
-            if pin:
+            if self.device.startswith("cuda"):
                 try:
-                    _move_modules(self.pipe, "cpu", pin=True)
+                    self._host_buffer = _move_modules(self.pipe, "cpu", pin=pin, buffer=self._host_buffer)
                 except RuntimeError as exc:  # pinning can fail (locked-memory limits): fall back
+                    if not pin:
+                        raise
                     log.warning("pinned offload failed; using pageable memory",
                                 extra={"model": self.name, "error": str(exc)})
                     pin = False
-            if not pin:
+                    self._host_buffer = _move_modules(self.pipe, "cpu", pin=False)
+            else:
                 self.pipe.to("cpu")
             self._on_host, self._pinned = True, pin
             self._empty_cache()
@@ -393,15 +433,18 @@ class DiffusersModel:
         """Free the pipeline (device and host copies) and return the memory to the device."""
         self._release_graphs()
         self.pipe = None
+        self._host_buffer = None
         self._on_host = self._pinned = False
         gc.collect()
-        self._empty_cache()
+        self._empty_cache(host=True)
 
-    def _empty_cache(self) -> None:
+    def _empty_cache(self, host: bool = False) -> None:
         import torch
 
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+            if host and hasattr(torch, "accelerator") and hasattr(torch.accelerator, "empty_host_cache"):
+                torch.accelerator.empty_host_cache()  # cached pinned host memory too
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per prompt. With a pad grid, the batch is padded up to the next grid size

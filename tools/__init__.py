@@ -1,0 +1,2 @@
+"""Operator tools run through the ``diffserve`` command: ``train-discriminator``,
+``calibrate`` (f(t) of a cascade) and ``profile`` (batch latency on this device)."""
