@@ -23,6 +23,7 @@ H100_DIR = DATA_DIR / "h100"
 PROMPTS_FILE = ARTIFACT_DIR / "text_diffusiondb_2m_first_5k.txt"
 DOES_NOT_FIT_MS = 100000  # the artifact's marker for "this batch size does not fit"
 BATCH_GRID = (1, 2, 4, 8, 16, 32)
+DISCRIMINATOR_ROW = "efficientnetv2_s"
 HARDWARE = {"a100": ("onnxruntime_gpu_ampere", ARTIFACT_DIR), "h100": ("h100_fp16_eager", H100_DIR)}
 
 
@@ -208,8 +209,15 @@ def load_cascade_profile(name: str, hardware: str = "a100", *, latency_file: str
         table = ARTIFACT_DIR / spec.runtimes_file
         light = load_latency_table(table, spec.light_row, accel)
         heavy = load_latency_table(table, spec.heavy_row, accel)
-    # Discriminator: measured on the H100 only; used for the A100 too (a ~15 ms term).
-    disc = load_latency_table(DATA_DIR / "discriminator_runtimes.csv", "efficientnetv2_s")
+    # Discriminator: an operator's table may have its row (diffserve profile writes one); else the
+    # H100 measurement, used for the A100 too (a ~15 ms term the artifact does not have).
+    disc = None
+    if latency_file:
+        try:
+            disc = load_latency_table(latency_file, DISCRIMINATOR_ROW, latency_accel)
+        except ValueError:
+            pass
+    disc = disc or load_latency_table(DATA_DIR / "discriminator_runtimes.csv", DISCRIMINATOR_ROW)
     if curve_file:
         curve = load_confidence_curve(curve_file)
     elif spec.f_curve_file:

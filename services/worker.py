@@ -13,7 +13,6 @@ from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import E_MODEL, Completion, LightResult, RoutedJob
 from common.plan_store import PlanWatcher
-from common.profiles import BATCH_GRID
 from common.service import Service, now_ms, run
 from common.stage import split_batch
 from common.streams import StreamConsumer, run_forever
@@ -59,7 +58,7 @@ class Worker:
         self.batch_ms: dict[int, float] = {}  # measured, smoothed; the profile until measured
 
     async def start(self) -> None:
-        self.model = make_model(self.cfg, self.role, pad_grid=BATCH_GRID if self.cfg.cuda_graphs else ())
+        self.model = make_model(self.cfg, self.role)
         seconds = await asyncio.to_thread(self.model.load, "disk")
         metrics.MODEL_LOAD.labels(self.model.name, "disk").observe(seconds)
         self.models[self.role] = self.model
@@ -75,8 +74,7 @@ class Worker:
             await asyncio.to_thread(old.unload)
             self.models.pop(self.role, None)
         cached = role in self.models
-        self.model = self.models.get(role) or make_model(self.cfg, role,
-                                                         pad_grid=BATCH_GRID if self.cfg.cuda_graphs else ())
+        self.model = self.models.get(role) or make_model(self.cfg, role)
         await asyncio.to_thread(self.model.load, "host" if cached else "disk")
         self.models[role] = self.model
         self.last_switch_s = time.perf_counter() - start

@@ -96,7 +96,7 @@ def run_cascade_light(args, prompts: list[tuple[int, str]]) -> list[tuple[int, f
     settings = BackendSettings(backend=args.backend, cascade=args.cascade, model_dir=args.model_dir,
                                discriminator_checkpoint=args.discriminator_checkpoint, device=args.device,
                                cuda_graphs=args.cuda_graphs)
-    model = make_model(settings, "light", pad_grid=(args.batch_size,) if args.cuda_graphs else ())
+    model = make_model(settings, "light")
     model.load("disk")
     disc = make_discriminator(settings)
     disc.load()

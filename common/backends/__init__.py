@@ -19,8 +19,8 @@ BACKENDS = ("diffusers", "tiny", "profiled")
 class BackendSettings:
     backend: str = option("profiled", "model backend", env="DIFFSERVE_BACKEND", choices=BACKENDS)
     cascade: str = option("sdturbo-sdv15", "cascade (see `diffserve cascades`)", env="DIFFSERVE_CASCADE")
-    hardware: str = option("a100", "profile set for the profiled backend and planner: a100 (paper) or h100",
-                           env="DIFFSERVE_HARDWARE")
+    hardware: str = option("auto", "shipped profile set: a100 (the paper's), h100 (ours), or auto: h100 on an "
+                           "H100, else a100", env="DIFFSERVE_HARDWARE", choices=("auto", "a100", "h100"))
     latency_file: str | None = option(None, "own batch-latency table (diffserve profile output)",
                                       env="DIFFSERVE_LATENCY_FILE")
     curve_file: str | None = option(None, "own f(t) curve (diffserve calibrate output)", env="DIFFSERVE_CURVE_FILE")
@@ -41,23 +41,35 @@ class BackendSettings:
                                       env="DIFFSERVE_PROMPTS_FILE")
 
 
+def resolve_hardware(settings: BackendSettings) -> str:
+    """``auto``: the H100 table on an H100 (real models), else the paper's A100 tables."""
+    if settings.hardware != "auto":
+        return settings.hardware
+    if settings.backend == "profiled":
+        return "a100"
+    from common.backends.diffusion import detect_hardware
+
+    return detect_hardware(settings.device)
+
+
 def load_profile(settings: BackendSettings):
     from common.profiles import load_cascade_profile
 
-    return load_cascade_profile(settings.cascade, settings.hardware, latency_file=settings.latency_file,
+    return load_cascade_profile(settings.cascade, resolve_hardware(settings), latency_file=settings.latency_file,
                                 curve_file=settings.curve_file)
 
 
-def make_model(settings: BackendSettings, role: str, pad_grid: tuple[int, ...] = ()):
+def make_model(settings: BackendSettings, role: str):
     """The light or heavy model of the configured cascade on the configured backend (not loaded yet)."""
     from common.cascades import MODELS, cascade
+    from common.profiles import BATCH_GRID
 
     name = getattr(cascade(settings.cascade), role)
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledModel
 
         return ProfiledModel(name, role, load_profile(settings).table(role), settings.time_scale)
-    from common.backends.diffusion import DiffusersModel, local_spec, tiny_spec
+    from common.backends.diffusion import DiffusersModel, local_spec, resolve_device, tiny_spec
 
     spec = MODELS[name]
     if settings.backend == "tiny":
@@ -66,7 +78,10 @@ def make_model(settings: BackendSettings, role: str, pad_grid: tuple[int, ...] =
         spec = tiny_spec(spec, settings.model_dir)
     else:
         spec = local_spec(spec, settings.model_dir)
-    return DiffusersModel(spec, role, settings.device, pad_grid=pad_grid, cuda_graphs=settings.cuda_graphs)
+    # Graph mode replays one captured graph per grid size: partial batches are padded up to one.
+    graphs = settings.cuda_graphs and resolve_device(settings.device).startswith("cuda")
+    return DiffusersModel(spec, role, settings.device, pad_grid=BATCH_GRID if graphs else (),
+                          cuda_graphs=settings.cuda_graphs)
 
 
 def make_discriminator(settings: BackendSettings):
