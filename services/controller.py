@@ -20,13 +20,13 @@ Hysteresis: the allocation changes when the current one cannot serve the new dem
 threshold (heavy fraction) differs from the keep-roles plan's by more than
 ``--threshold-margin`` or its light/heavy split by more than ``--worker-margin`` workers, and
 then only if the workers to switch reload their model (measured ``switch_s``) well within an
-interval.  Switching workers serve nothing while they load: the work they would have done in
+interval and two consecutive ticks propose the same move (noise damping).  Switching workers serve nothing while they load: the work they would have done in
 that time is added to the backlog of the stage they join and the plan is solved again with it,
 so a slow switch is paid for in the plan.
 
 Units: with the profiled backend every model latency is multiplied by ``--time-scale`` and
 load tests scale the SLO the same way, so the controller plans with latencies x time_scale and
-SLO = ``--slo-ms`` (unscaled, default the cascade's) x time_scale.  Demand and queue rates are
+SLO = ``--slo-ms`` (wall-clock, like the router's deadlines; default the cascade's x time_scale).  Demand and queue rates are
 measured in real (wall-clock) queries/s, which in a time-scaled run are already "fast" units,
 so everything the planner sees is in the same clock.  Other backends plan with the profile as
 is (time_scale 1).  ``Plan.demand_qps`` holds the measured (real-time) demand.
@@ -65,8 +65,8 @@ class ControllerConfig(ServiceConfig, BackendSettings):
                             "quality where the cascade has a quality curve", env="DIFFSERVE_OBJECTIVE",
                             choices=("auto",) + OBJECTIVES)
     static_threshold: float = option(0.5, "threshold of the static policy", env="DIFFSERVE_STATIC_THRESHOLD")
-    slo_ms: float | None = option(None, "SLO in ms, unscaled (default: the cascade's); the profiled backend "
-                                  "plans with it x time_scale", env="DIFFSERVE_SLO_MS")
+    slo_ms: float | None = option(None, "SLO in wall-clock ms, as the router stamps deadlines (default: the "
+                                  "cascade's, x time_scale on the profiled backend)", env="DIFFSERVE_SLO_MS")
     worker_timeout_s: float = option(5.0, "a worker without a heartbeat for this long is not counted",
                                      env="DIFFSERVE_WORKER_TIMEOUT_S")
     ewma_alpha: float = option(0.5, "weight of the newest rate sample in the demand estimate",
@@ -129,7 +129,9 @@ class Controller:
         self.log = svc.log
         self.profile = load_profile(self.cfg)
         self.scale = self.cfg.time_scale if self.cfg.backend == "profiled" else 1.0
-        self.slo_ms = (self.cfg.slo_ms or self.profile.slo_ms) * self.scale
+        # DIFFSERVE_SLO_MS means the same for every service: the wall-clock budget the router
+        # stamps as the deadline. Only the cascade's default is scaled for a time-scaled run.
+        self.slo_ms = self.cfg.slo_ms or self.profile.slo_ms * self.scale
         self.objective = None if self.cfg.objective == "auto" else self.cfg.objective
         alpha = self.cfg.ewma_alpha
         self.demand = RateEstimator(alpha)
@@ -138,6 +140,7 @@ class Controller:
         self.last: Plan | None = None
         self.last_result: PlanResult | None = None
         self.ticks = 0
+        self.proposal: tuple | None = None  # a role change seen once, awaiting confirmation
 
     # ---------- measurements ----------
     async def entries_added(self, stream: str) -> int:
@@ -228,6 +231,7 @@ class Controller:
         current = {w.worker_id: w.role for w in workers}
         switch_s = {w.worker_id: w.switch_s for w in workers}
         new = self.solve(demand, current, queues, aimd=aimd, switch_s=switch_s)
+        proposal, self.proposal = self.proposal, None  # kept only while a change awaits confirmation
         if not current or new.role_changes == 0:
             return new, "no role change"
         if stored is None or stored.policy != self.cfg.policy:
@@ -245,7 +249,15 @@ class Controller:
             slow = [w for w in flipping if switch_s.get(w, 0.0) > self.cfg.interval_s / 2]
             if slow:
                 return keep, "switch slower than half an interval: roles kept"
-            reason = "plan moved beyond margins"
+            # Noise damping: a move the current roles can live with must be proposed by two
+            # consecutive ticks before workers reload models for it.
+            sign = lambda x: (x > 1e-9) - (x < -1e-9)  # noqa: E731
+            move = (sign(new.light_workers - keep.light_workers), sign(new.threshold - keep.threshold),
+                    sign(new.heavy_fraction - keep.heavy_fraction))  # the direction, not the exact plan
+            if move != proposal:
+                self.proposal = move
+                return keep, "change proposed: confirming next interval"
+            reason = "plan moved beyond margins (confirmed)"
         if flipping and any(switch_s.get(w, 0.0) > 0 for w in flipping):
             loaded = self.with_switch_backlog(new, current, switch_s, queues)
             if loaded != queues:
