@@ -40,10 +40,13 @@ def _spec(args: argparse.Namespace) -> StackSpec:
         from common.cascades import cascade
 
         env["DIFFSERVE_SLO_MS"] = str(cascade(args.cascade).slo_ms * args.time_scale)
+    # The controller re-plans every 10 s of full-speed time.
+    controller_args = ["--interval-s", f"{10 * args.time_scale:g}"] if args.backend == "profiled" else []
     return StackSpec(backend=args.backend, cascade=args.cascade, light_workers=light,
                      heavy_workers=max(0, args.workers - light), controller=not args.no_controller,
                      policy=args.policy, time_scale=args.time_scale, redis_url=args.redis_url,
-                     model_dir=args.model_dir, env=env, metrics_base_port=args.metrics_base_port)
+                     model_dir=args.model_dir, env=env, metrics_base_port=args.metrics_base_port,
+                     controller_args=controller_args)
 
 
 def up_main(argv: list[str] | None = None) -> None:
@@ -89,20 +92,26 @@ def demo_main(argv: list[str] | None = None) -> None:
           f"cascade={spec.cascade}, workers={args.workers}, time_scale={spec.time_scale}", flush=True)
     with LocalStack(spec, args.log_dir) as stack:
         started = time.perf_counter()
-        results = asyncio.run(_burst(stack.redis_url, prompts, args.rate))
+        results, plan = asyncio.run(_burst(stack.redis_url, prompts, args.rate))
         wall = time.perf_counter() - started
     print(_summary(results, wall, spec))
+    if plan is not None:
+        print(f"  last plan (v{plan.version}, {plan.policy}): threshold {plan.threshold:.2f}, light {plan.light_workers} "
+              f"workers x batch {plan.light_batch}, heavy {plan.heavy_workers} x {plan.heavy_batch}")
 
 
 async def _burst(redis_url: str, prompts: list[str], rate: float):
     from common.client import Client
+
+    from common.plan_store import load_plan
 
     async with Client(redis_url=redis_url) as client:
         async def one(i: int, prompt: str):
             await asyncio.sleep(i / rate)
             return await client.submit(prompt, timeout=300)
 
-        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        return results, await load_plan(client.redis, client.keys)
 
 
 def _summary(results, wall_s: float, spec: StackSpec) -> str:
@@ -113,7 +122,8 @@ def _summary(results, wall_s: float, spec: StackSpec) -> str:
     lines = [
         f"served {len(results)} prompts in {wall_s:.1f} s wall ({spec.backend} backend, time scale {spec.time_scale})",
         f"  ok {len(ok)}, errors {len(results) - len(ok)}, unique job ids {len({r.job_id for r in results})}",
-        f"  answered by light {by.get('light', 0)}, heavy {by.get('heavy', 0)}",
+        f"  answered by light {by.get('light', 0)} (of which degraded {sum(r.degraded for r in ok)}), "
+        f"heavy {by.get('heavy', 0)}",
         f"  SLO met {slo_hits}/{len(results)} ({100 * slo_hits / max(1, len(results)):.1f} %)",
     ]
     if lat:
