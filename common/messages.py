@@ -155,7 +155,7 @@ class RoutedJob(Message):
     confidence: float | None = None  # set when the discriminator sends the job on to the heavy model
     light_image: bytes | None = None  # kept so a late heavy job can still be answered with it
     light_image_format: str | None = None
-    routed_by: str = "cascade"  # cascade | direct (policy sent it straight to heavy)
+    routed_by: str = "cascade"  # cascade | direct (policy sent it straight to heavy) | fallback (back to light)
 
 
 @dataclass

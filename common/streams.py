@@ -207,21 +207,24 @@ class StreamConsumer:
         """While a long batch runs, reset the idle time of its entries so that
         other consumers do not reclaim them from a live consumer."""
         interval = max(0.05, self.reclaim_idle_ms / 3000)
+        done = asyncio.Event()
 
         async def refresh():
-            while True:
-                await asyncio.sleep(interval)
-                with contextlib.suppress(*TRANSIENT_ERRORS):
-                    await self.r.xclaim(self.stream, self.group, self.consumer, 0, list(ids), justid=True)
+            while not done.is_set():
+                try:
+                    await asyncio.wait_for(done.wait(), interval)
+                except asyncio.TimeoutError:
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        await self.r.xclaim(self.stream, self.group, self.consumer, 0, list(ids), justid=True)
 
+        # Stopped by a flag, not cancel(): redis-py can swallow a cancel that lands mid-command.
         task = asyncio.create_task(refresh()) if ids else None
         try:
             yield
         finally:
+            done.set()
             if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await task
 
 
 async def backlog(r: aioredis.Redis, stream: str, group: str) -> int:

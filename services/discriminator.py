@@ -87,7 +87,9 @@ class Discriminator:
         outputs = []
         for result, confidence in zip(results, scores):
             job = result.job
-            if accept_all or confidence >= threshold:
+            if job.routed_by == "fallback":  # the heavy model could not make its deadline
+                decision = "late"
+            elif accept_all or confidence >= threshold:
                 decision = "light"
             elif self.cfg.late_policy == "light" and heavy_finish > job.deadline_ms:
                 decision = "late"

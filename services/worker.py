@@ -132,16 +132,20 @@ class Worker:
 
     def _split_late(self, jobs: list[RoutedJob]):
         """Jobs that would finish after their deadline even if started now are answered
-        with their light image, marked degraded, instead of late."""
+        with their light image, marked degraded, instead of late; a job a policy sent straight
+        to heavy has no light image yet, so it goes to the light model as a fallback."""
         finish = now_ms() + self.estimate_ms(len(jobs))
         on_time, late = [], []
         for job in jobs:
-            if job.light_image is not None and finish > job.deadline_ms:
+            if finish <= job.deadline_ms:
+                on_time.append(job)
+            elif job.light_image is not None:
                 late.append((self.keys.completions, Completion.answer(
                     job, job.light_image, job.light_image_format or "png", "light", self.profile.spec.light,
                     job.confidence, degraded=True, worker_id=self.id).encode()))
             else:
-                on_time.append(job)
+                job.routed_by = "fallback"
+                late.append((self.keys.light_queue, job.encode()))
         if late:
             metrics.PROCESSED.labels("worker", "degraded").inc(len(late))
         return on_time, late

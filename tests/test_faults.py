@@ -167,3 +167,31 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_
     assert left == []  # nothing left pending on the stopped worker
     assert jobs_in_hand and jobs_in_hand <= set(finished)
     assert all(finished[j].status == "ok" and finished[j].answered_by == "heavy" for j in jobs_in_hand)
+
+
+def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_light_model(redis_server, tmp_path):
+    """Under clipper-heavy jobs skip the light model; one whose deadline the heavy model cannot
+    meet goes back to the light model and is answered with its image, marked degraded."""
+    from common.messages import Plan
+    from common.plan_store import store_plan
+
+    async def put_plan():
+        from common.config import RedisSettings
+        from common.streams import connect
+
+        r = connect(RedisSettings(redis_url=redis_server.url))
+        await store_plan(r, KEYS, Plan(version=1, policy="clipper-heavy", threshold=1.0))
+        await r.aclose()
+
+    asyncio.run(put_plan())
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.1)
+    with LocalStack(spec, str(tmp_path / "logs")):
+        async def go():
+            async with Client(redis_url=redis_server.url) as client:
+                roomy = await client.submit("a quiet lake", slo_ms=5000, timeout=60)   # heavy: 178 ms
+                tight = await client.submit("a busy market", slo_ms=50, timeout=60)    # cannot make 50 ms
+                return roomy, tight
+
+        roomy, tight = asyncio.run(go())
+    assert (roomy.answered_by, roomy.degraded) == ("heavy", False)
+    assert (tight.status, tight.answered_by, tight.degraded, tight.model) == ("ok", "light", True, "sdturbo")

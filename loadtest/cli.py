@@ -1,0 +1,176 @@
+"""``diffserve loadtest`` / ``python -m loadtest``: replay a trace against DiffServe and report.
+
+Without ``--redis-url`` it starts the whole local stack (a fresh redis-server, router,
+discriminator, workers and controller) once per policy in ``--policies`` and replays the
+same trace against each, so one command gives a side-by-side comparison::
+
+    diffserve loadtest --trace bursty --duration 120 --time-scale 0.05 --workers 16 \\
+        --policies diffserve,diffserve-threshold,static,proteus,clipper-light,clipper-heavy \\
+        --backend profiled --out out/compare
+
+With ``--redis-url`` it drives an already-running deployment once (no stack started).
+``--policies none`` runs the stack with fixed roles (half light, half heavy) and no controller.
+``--serving-bench`` runs :mod:`loadtest.serving_bench` instead (its own flags follow).
+
+Outputs in ``--out``: report.json, summary.md, the plots (PNG), trace.csv, jobs/<policy>.csv (one line
+per job) and logs/<policy>/ (service logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from common.backends import BACKENDS
+from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
+
+from loadtest import report as report_mod
+from loadtest.traces import DEFAULT_RATE, TRACES, generate, read_trace, write_trace
+
+ALL_POLICIES = ("diffserve", "diffserve-threshold", "static", "clipper-light", "clipper-heavy", "proteus", "aimd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffserve loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = p.add_argument_group("trace")
+    t.add_argument("--trace", choices=TRACES, default="poisson", help="synthetic trace kind (default poisson)")
+    t.add_argument("--rate", type=float, default=None,
+                   help="q/s at full speed: the constant rate (poisson) or the peak (step, ramp, bursty); "
+                        f"defaults {DEFAULT_RATE}")
+    t.add_argument("--low-rate", type=float, default=None,
+                   help="low rate of step/ramp/bursty (default: rate/4, rate/8, rate/8)")
+    t.add_argument("--duration", type=float, default=60.0, help="trace length in full-speed seconds")
+    t.add_argument("--trace-file", default=None, help="replay this file of `arrival_ms,prompt_index` lines")
+    t.add_argument("--prompts", default=str(PROMPTS_FILE), help="prompt file, one per line (default: "
+                   "5000 DiffusionDB prompts)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and prompt draw")
+    s = p.add_argument_group("stack")
+    s.add_argument("--policies", default="diffserve",
+                   help="comma-separated controller policies, one run each "
+                        f"({', '.join(ALL_POLICIES)}; none: fixed roles, no controller)")
+    s.add_argument("--workers", type=int, default=8, help="workers of each run (the controller splits them)")
+    s.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
+    s.add_argument("--backend", choices=BACKENDS, default=os.environ.get("DIFFSERVE_BACKEND", "profiled"))
+    s.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"))
+    s.add_argument("--hardware", choices=tuple(HARDWARE), default=os.environ.get("DIFFSERVE_HARDWARE", "a100"),
+                   help="profile set for the profiled backend and the planner")
+    s.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"), help="tiny/diffusers models")
+    s.add_argument("--time-scale", type=float, default=1.0,
+                   help="replay X times real time: arrivals, profiled latencies and the SLO are all multiplied "
+                        "by X (0.05 = 20x faster); reported latencies are converted back to full speed")
+    s.add_argument("--slo-ms", type=float, default=None, help="SLO at full speed (default: the cascade's)")
+    s.add_argument("--confidence-file", default=None,
+                   help="`prompt_index,confidence` lines the profiled discriminator replays")
+    s.add_argument("--controller-interval-s", type=float, default=None,
+                   help="controller re-plan interval in wall seconds (passed as --interval-s; default: the "
+                        "controller's 10 s x time scale, at least 0.25 s, when time-scaled)")
+    s.add_argument("--sample-interval-s", type=float, default=None,
+                   help="plan sampling interval in wall seconds (default 0.5 x time scale, 0.1..0.5)")
+    s.add_argument("--redis-url", default=None,
+                   help="drive this running deployment instead (one run, no stack started)")
+    s.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
+    o = p.add_argument_group("run and output")
+    o.add_argument("--out", default="out/loadtest", help="output folder")
+    o.add_argument("--drain-timeout-s", type=float, default=120.0,
+                   help="wall seconds to wait for outstanding results after the last send")
+    o.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def _policies(args) -> list[str]:
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    unknown = [x for x in policies if x not in ALL_POLICIES + ("none",)]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(ALL_POLICIES)}, none")
+    if args.redis_url:
+        return policies[:1] or ["unknown"]
+    if any(x != "none" for x in policies) and importlib.util.find_spec("services.controller") is None:
+        raise SystemExit("services/controller.py is not available: use --policies none (fixed roles)")
+    return policies
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--serving-bench" in argv:
+        argv.remove("--serving-bench")
+        from loadtest import serving_bench
+
+        return serving_bench.main(argv)
+    args = build_parser().parse_args(argv)
+    if args.time_scale <= 0:
+        raise SystemExit("--time-scale must be > 0")
+    policies = _policies(args)
+    from common.cascades import cascade
+
+    slo_ms = args.slo_ms or cascade(args.cascade).slo_ms
+    prompts = load_prompts(args.prompts)
+    if args.trace_file:
+        trace = read_trace(args.trace_file, len(prompts))
+    else:
+        trace = generate(args.trace, rate=args.rate, duration_s=args.duration, low_rate=args.low_rate,
+                         n_prompts=len(prompts), seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_trace(trace, out / "trace.csv")
+    profile = load_cascade_profile(args.cascade, args.hardware)
+    print(f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s) "
+          f"at time scale {args.time_scale:g} -> ~{trace.duration_s * args.time_scale:.1f} s wall per run; "
+          f"SLO {slo_ms:g} ms (wall {slo_ms * args.time_scale:g} ms); policies: {', '.join(policies)}", flush=True)
+
+    from loadtest import runner
+
+    entries = []
+    for policy in policies:
+        started = time.perf_counter()
+        if args.redis_url:
+            run = asyncio.run(runner.replay(args.redis_url, trace, prompts, time_scale=args.time_scale,
+                                            policy=policy, namespace=args.namespace,
+                                            progress=not args.no_progress, drain_timeout_s=args.drain_timeout_s,
+                                            sample_interval_s=args.sample_interval_s
+                                            or runner.default_sample_interval_s(args.time_scale)))
+        else:
+            spec = runner.stack_spec(policy=policy, workers=args.workers, backend=args.backend,
+                                     cascade=args.cascade, hardware=args.hardware, time_scale=args.time_scale,
+                                     slo_ms=slo_ms, prompts_file=os.path.abspath(args.prompts),
+                                     confidence_file=os.path.abspath(args.confidence_file)
+                                     if args.confidence_file else None,
+                                     controller_interval_s=args.controller_interval_s
+                                     or runner.default_controller_interval_s(args.time_scale),
+                                     model_dir=args.model_dir,
+                                     light_workers=args.light_workers)
+            spec.namespace = args.namespace
+            run = runner.run_policy(spec, trace, prompts, log_dir=str(out / "logs" / policy),
+                                    progress=not args.no_progress, drain_timeout_s=args.drain_timeout_s,
+                                    sample_interval_s=args.sample_interval_s)
+        entry = report_mod.summarize(run, slo_ms=slo_ms, backend=args.backend, curve=profile.quality)
+        report_mod.write_jobs_csv(run, out / "jobs" / f"{policy}.csv")
+        entries.append(entry)
+        q = entry["quality"].get("estimate")
+        print(f"  {policy}: SLO miss {100 * entry['slo_violation_ratio']:.1f} %, p99 {entry['latency_ms']['p99']} ms, "
+              f"heavy share {entry['heavy_share']}, quality {q}, lost {entry['lost']}, dup {entry['duplicates']} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    meta = {"trace": trace.name, "trace_params": trace.params, "sent": len(trace), "duration_s": trace.duration_s,
+            "backend": args.backend, "cascade": args.cascade, "hardware": args.hardware, "workers": args.workers,
+            "time_scale": args.time_scale, "slo_ms": slo_ms, "seed": args.seed, "prompts": args.prompts,
+            "confidence_file": args.confidence_file, "redis_url": bool(args.redis_url),
+            "controller_interval_s": args.controller_interval_s
+            or runner.default_controller_interval_s(args.time_scale), "policies": policies,
+            "units": "latencies and times at full speed (wall / time_scale)"}
+    path = report_mod.write_report(out, entries, meta)
+    if not args.no_plots:
+        from loadtest.plots import write_plots
+
+        write_plots({"meta": meta, "policies": {e["policy"]: e for e in entries}}, out)
+    print((out / "summary.md").read_text())
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Turns replays into ``report.json`` and ``summary.md``.
+
+Units: every latency and time in the report is **full-speed** (wall-clock value divided by
+the run's time scale), labelled ``..._ms`` / ``t_s`` with ``"units": "full-speed"``.
+
+Per policy: SLO violation ratio (errors and lost jobs count as violations), latency
+p50/p95/p99 (router-measured arrival -> answer, and client-measured send -> receive),
+throughput, share answered by the heavy model, errors by code, lost jobs (sent, no result
+by the end: must be 0), duplicated results (must be 0), degraded answers and quality.
+
+Quality (profiled backend): an FID estimate computed the paper's way.  The cascade's
+quality curve gives FID against the light share for the discriminator-picked split (the
+easiest ``share`` of prompts answered by the light model, the rest by the heavy one); its
+end points are the all-heavy (share 0) and all-light (share 1) FIDs.  The profiled backend
+renders no real image, so we take the light share of each 5-second window (full-speed
+time, by arrival), map it through the curve and average over the windows; degraded answers (the
+light image, served because the heavy model would have been late) count as light.  This assumes the
+run's split is the discriminator's; for ``proteus`` (a random split) the curve is optimistic.
+With real models (tiny/diffusers) the report gives the heavy share and the mean
+discriminator confidence of the light answers instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+QUALITY_WINDOW_S = 5.0
+LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
+QUALITY_METHOD = ("light share of each {w:g}-s window (full-speed time, by arrival) mapped through the cascade's "
+                  "FID-vs-light-share curve (discriminator-picked split; 0 = all heavy, 1 = all light), "
+                  "averaged over windows")
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2),
+            "p99": round(float(np.percentile(a, 99)), 2), "mean": round(float(a.mean()), 2),
+            "max": round(float(a.max()), 2)}
+
+
+def window_light_shares(answers: list[tuple[float, str]], window_s: float = QUALITY_WINDOW_S) -> list[dict]:
+    """``(t_s, answered_by)`` of every answered job -> light share per window that has answers."""
+    windows: dict[int, Counter] = {}
+    for t, by in answers:
+        windows.setdefault(int(t // window_s), Counter())[by] += 1
+    out = []
+    for w in sorted(windows):
+        c = windows[w]
+        n = c["light"] + c["heavy"]
+        if n:
+            out.append({"start_s": w * window_s, "answers": n, "light_share": c["light"] / n})
+    return out
+
+
+def quality_estimate(answers: list[tuple[float, str]], curve, window_s: float = QUALITY_WINDOW_S) -> dict:
+    """The paper's way: mean over windows of curve(light share of the window)."""
+    windows = window_light_shares(answers, window_s)
+    for w in windows:
+        w["score"] = round(curve.score(w["light_share"]), 4)
+    estimate = float(np.mean([w["score"] for w in windows])) if windows else None
+    return {"metric": curve.metric, "estimate": None if estimate is None else round(estimate, 4),
+            "lower_is_better": curve.lower_is_better, "window_s": window_s, "windows": len(windows),
+            "all_heavy": curve.score(0.0), "all_light": curve.score(1.0), "curve": curve.source,
+            "method": QUALITY_METHOD.format(w=window_s), "per_window": windows}
+
+
+def _bin_counts(times_s: list[float], bin_s: float, n_bins: int) -> list[int]:
+    bins = [0] * n_bins
+    for t in times_s:
+        if t >= 0:
+            bins[min(n_bins - 1, int(t / bin_s))] += 1
+    return bins
+
+
+def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, bin_s: float | None = None) -> dict:
+    """One policy's entry of report.json from a :class:`loadtest.runner.RunRecord`."""
+    x = run.time_scale
+    jobs = run.jobs
+    results = [j for j in jobs if j.result is not None]
+    ok = [j for j in results if j.result.status == "ok"]
+    errors = Counter(j.result.error_code or "unknown" for j in results if j.result.status != "ok")
+    lost = len(jobs) - len(results)
+    met = sum(bool(j.result.slo_met) for j in ok)
+    by = Counter(j.result.answered_by for j in ok)
+    duration_s = max(run.trace.duration_s, (max((j.arrival_ms for j in jobs), default=0) / 1000))
+    latency = [j.result.latency_ms / x for j in ok if j.result.latency_ms is not None]
+    e2e = [(j.received_s - j.sent_s) * 1000 / x for j in ok]
+    entry = {
+        "policy": run.policy,
+        "units": "full-speed (wall-clock / time_scale)",
+        "time_scale": x,
+        "slo_ms": slo_ms,
+        "sent": len(jobs),
+        "answered": len(results),
+        "ok": len(ok),
+        "lost": lost,
+        "duplicates": run.duplicates,
+        "unknown_results": run.unknown_results,
+        "errors": dict(errors),
+        "error_count": sum(errors.values()),
+        "degraded": sum(bool(j.result.degraded) for j in ok),
+        "slo_met": met,
+        "slo_violation_ratio": round(1 - met / len(jobs), 4) if jobs else None,
+        "latency_ms": percentiles(latency),
+        "e2e_latency_ms": percentiles(e2e),
+        "offered_qps": round(len(jobs) / duration_s, 3) if duration_s else None,
+        "throughput_qps": round(len(ok) / duration_s, 3) if duration_s else None,
+        "goodput_qps": round(met / duration_s, 3) if duration_s else None,
+        "answered_light": by.get("light", 0),
+        "answered_heavy": by.get("heavy", 0),
+        "heavy_share": round(by.get("heavy", 0) / len(ok), 4) if ok else None,
+        "drained": run.drained,
+        "wall_s": round(run.wall_s, 2),
+        "max_send_lag_ms": round(run.max_send_lag_s * 1000 / x, 2),
+    }
+    answers = [(j.arrival_ms / 1000, j.result.answered_by) for j in ok]
+    if backend == "profiled" and curve is not None:
+        entry["quality"] = quality_estimate(answers, curve)
+    else:
+        conf = [j.result.confidence for j in ok if j.result.answered_by == "light" and j.result.confidence is not None]
+        entry["quality"] = {"metric": "heavy_share+light_confidence", "estimate": None,
+                            "heavy_share": entry["heavy_share"],
+                            "mean_light_confidence": round(float(np.mean(conf)), 4) if conf else None,
+                            "method": "real models: heavy share and the mean discriminator confidence of the "
+                                      "light answers (no FID without a reference set)"}
+    entry["timeline"] = timeline(run, bin_s or default_bin_s(duration_s))
+    return entry
+
+
+def default_bin_s(duration_s: float) -> float:
+    return max(1.0, round(duration_s / 60))
+
+
+def timeline(run, bin_s: float) -> dict:
+    """Per-bin series (full-speed seconds) for the plots, plus the plan samples."""
+    x = run.time_scale
+    ok = [j for j in run.jobs if j.result is not None and j.result.status == "ok"]
+    end_s = max([run.trace.duration_s] + [j.received_s / x for j in ok])
+    n = max(1, math.ceil(end_s / bin_s))
+    offered = _bin_counts([j.arrival_ms / 1000 for j in run.jobs], bin_s, n)
+    done = _bin_counts([j.received_s / x for j in ok], bin_s, n)
+    arrived_ok = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.slo_met], bin_s, n)
+    heavy = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.answered_by == "heavy"], bin_s, n)
+    answered = _bin_counts([j.arrival_ms / 1000 for j in ok], bin_s, n)
+    samples = []
+    for s in run.plan_samples:
+        s = dict(s)
+        s["t_s"] = round(s["t_s"] / x, 3)
+        samples.append(s)
+    return {
+        "bin_s": bin_s,
+        "t_s": [i * bin_s for i in range(n)],
+        "offered_qps": [c / bin_s for c in offered],
+        "throughput_qps": [c / bin_s for c in done],
+        "slo_miss_ratio": [None if o == 0 else round(1 - m / o, 4) for o, m in zip(offered, arrived_ok)],
+        "heavy_share": [None if a == 0 else round(h / a, 4) for a, h in zip(answered, heavy)],
+        "plan": samples,
+    }
+
+
+JOB_COLUMNS = ("job_id", "prompt_index", "arrival_ms", "sent_ms", "received_ms", "status", "error_code",
+               "answered_by", "confidence", "degraded", "latency_ms", "slo_met")
+
+
+def write_jobs_csv(run, path: str | Path) -> Path:
+    """One line per sent job (full-speed ms; empty result columns for a lost job)."""
+    import csv
+
+    x = run.time_scale
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(JOB_COLUMNS)
+        for j in run.jobs:
+            r = j.result
+            w.writerow([j.job_id, j.prompt_index, round(j.arrival_ms, 3), round(j.sent_s * 1000 / x, 3),
+                        "" if j.received_s is None else round(j.received_s * 1000 / x, 3),
+                        "lost" if r is None else r.status, "" if r is None else (r.error_code or ""),
+                        "" if r is None else (r.answered_by or ""),
+                        "" if r is None or r.confidence is None else round(r.confidence, 6),
+                        "" if r is None else int(bool(r.degraded)),
+                        "" if r is None or r.latency_ms is None else round(r.latency_ms / x, 3),
+                        "" if r is None else int(bool(r.slo_met))])
+    return path
+
+
+def write_report(out_dir: str | Path, entries: list[dict], meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"meta": meta, "policies": {e["policy"]: e for e in entries}}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "summary.md").write_text(summary_markdown(report))
+    return out / "report.json"
+
+
+def _fmt(v, spec: str = ".0f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def summary_markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"# Load test: {meta.get('trace', '')} trace",
+             "",
+             f"{meta.get('sent', '?')} queries over {meta.get('duration_s', '?')} s (full speed), "
+             f"backend {meta.get('backend')}, cascade {meta.get('cascade')}, {meta.get('workers', '?')} workers, "
+             f"SLO {meta.get('slo_ms')} ms, time scale {meta.get('time_scale')} "
+             f"(latencies are full-speed ms = wall / time scale).",
+             ""]
+    profiled = meta.get("backend") == "profiled"
+    qcol = "FID est." if profiled else "light conf."
+    lines.append(f"| policy | SLO miss | p50 ms | p95 ms | p99 ms | goodput q/s | heavy share | {qcol} "
+                 "| degraded | errors | lost | dup |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for e in report["policies"].values():
+        q = e["quality"]
+        qv = _fmt(q.get("estimate"), ".2f") if profiled else _fmt(q.get("mean_light_confidence"), ".3f")
+        errs = ", ".join(f"{k} {v}" for k, v in e["errors"].items()) or "0"
+        lat = e["latency_ms"]
+        miss = None if e["slo_violation_ratio"] is None else 100 * e["slo_violation_ratio"]
+        lines.append(f"| {e['policy']} | {_fmt(miss, '.1f')} % "
+                     f"| {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['p99'])} "
+                     f"| {_fmt(e['goodput_qps'], '.2f')} "
+                     f"| {_fmt(100 * e['heavy_share'] if e['heavy_share'] is not None else None, '.1f')} % "
+                     f"| {qv} | {e['degraded']} | {errs} | {e['lost']} | {e['duplicates']} |")
+    lines.append("")
+    if profiled:
+        first = next(iter(report["policies"].values()), None)
+        if first and first["quality"].get("all_heavy") is not None:
+            q = first["quality"]
+            lines.append(f"FID estimate: {q['method']}; all-heavy {q['all_heavy']:.2f}, "
+                         f"all-light {q['all_light']:.2f} ({q['curve']}). Lower is better.")
+    else:
+        lines.append("Quality with real models: heavy share and mean discriminator confidence of light answers.")
+    lines.append("")
+    lagging = {e["policy"]: e["max_send_lag_ms"] for e in report["policies"].values()
+               if e.get("max_send_lag_ms") and e["max_send_lag_ms"] > LAG_WARN_SHARE * e["slo_ms"]}
+    if lagging:
+        worst = ", ".join(f"{p} {v:.0f} ms" for p, v in lagging.items())
+        lines += [f"**Warning:** the load generator sent some queries late (max lag, full speed: {worst}): the "
+                  "replay was not faithful at this time scale (this machine's CPUs, shared by the tester and "
+                  "the services, could not keep up); use a larger --time-scale or fewer workers.", ""]
+    offered = meta.get("sent", 0) / meta["duration_s"] if meta.get("duration_s") else None
+    lines.append("SLO miss counts errors and lost jobs as misses. p50/p95/p99: router-measured latency "
+                 "(arrival at the router -> answer), full-speed ms. Goodput: answers within the SLO per second "
+                 f"of trace (offered {_fmt(offered, '.2f')} q/s).")
+    return "\n".join(lines) + "\n"

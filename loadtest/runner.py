@@ -1,0 +1,297 @@
+"""Replays a trace against a DiffServe deployment through Redis and the client, and records
+every job, every result and the plan over time.
+
+The load tester never imports the services: it starts them as processes through
+:mod:`common.localstack` (one fresh redis-server and stack per policy) or talks to an
+already-running deployment at ``--redis-url``.
+
+Times: trace arrivals are full-speed ms.  With ``time_scale`` X the job of an arrival at
+``a`` ms is sent ``a·X`` ms after the start, the profiled models sleep X times their profiled
+latency and the SLO is X times the cascade's, so a run at X = 0.05 is a 20x-faster replay of
+the same system.  Everything recorded here is wall-clock; :mod:`loadtest.report` converts it
+back to full-speed units.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from tqdm import tqdm
+
+from common.client import Client
+from common.config import Keys, RedisSettings
+from common.messages import FinalResult, new_job_id
+from common.plan_store import load_plan
+from common.streams import backlog
+
+from loadtest.traces import Trace
+
+
+MAX_CONCURRENT_SENDS = 32
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    prompt_index: int
+    arrival_ms: float  # in the trace, full speed
+    sent_s: float = 0.0  # wall seconds after the start
+    received_s: float | None = None  # wall seconds after the start
+    result: FinalResult | None = None
+
+
+@dataclass
+class RunRecord:
+    """What one replay observed (wall-clock units)."""
+
+    policy: str
+    time_scale: float
+    trace: Trace
+    jobs: list[JobRecord]
+    duplicates: int = 0  # results beyond the first for a job id
+    unknown_results: int = 0  # results for job ids this run never sent
+    reply_entries: int = 0  # entries that reached the reply stream (cross-check of duplicates)
+    plan_samples: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    send_wall_s: float = 0.0
+    max_send_lag_s: float = 0.0
+    drained: bool = True
+
+
+def _strip(result: FinalResult) -> FinalResult:
+    """Keep everything but the image bytes (thousands of results stay small in memory)."""
+    result.image = None
+    return result
+
+
+class _Progress:
+    """tqdm bar: sent (the bar), answered, in flight, SLO-miss ratio so far."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True,
+                        leave=True, mininterval=0.2)
+        self.gap_s = 0.2 if sys.stderr.isatty() else 5.0  # logs get a line every few seconds, not a flood
+        self.shown = 0.0
+
+    def update(self, sent: int, answered: int, misses: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.shown < self.gap_s:
+            return
+        self.shown = now
+        self.bar.n = sent
+        self.bar.set_postfix(answered=answered, in_flight=sent - answered,
+                             slo_miss=f"{misses / answered:.1%}" if answered else "-", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def stop_task(task: asyncio.Task | None, timeout_s: float = 5.0) -> None:
+    """Cancel ``task`` and wait until it is really done.  redis-py (8.1) sometimes swallows a
+    cancellation that lands inside a command, so one ``cancel()`` is not always enough."""
+    if task is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not task.done() and time.monotonic() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it
+
+
+async def close_client(client: Client, timeout_s: float = 10.0) -> None:
+    """Client.close (the reader stops on a flag); bounded, so a stuck reader cannot hang a run."""
+    task = asyncio.ensure_future(client.close())
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        await stop_task(task)
+
+
+async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
+    """One look at the plan and the workers' actual roles."""
+    sample: dict = {"t_s": round(t, 4)}
+    plan = await load_plan(r, keys)
+    if plan is not None:
+        sample.update(plan_version=plan.version, policy=plan.policy, threshold=plan.threshold,
+                      light_workers=plan.light_workers, heavy_workers=plan.heavy_workers,
+                      light_batch=plan.light_batch, heavy_batch=plan.heavy_batch,
+                      heavy_fraction=plan.heavy_fraction, demand_qps=plan.demand_qps, feasible=plan.feasible)
+    workers = [w.decode() if isinstance(w, bytes) else w for w in await r.zrange(keys.workers, 0, -1)]
+    if workers:
+        async with r.pipeline(transaction=False) as pipe:
+            for w in workers:
+                pipe.hget(keys.worker_info(w), "role")
+            roles = await pipe.execute()
+        roles = [x.decode() if isinstance(x, bytes) else x for x in roles]
+        sample["roles"] = {"light": roles.count("light"), "heavy": roles.count("heavy")}
+    sample["backlog"] = {"light": await backlog(r, keys.light_queue, "workers"),
+                         "heavy": await backlog(r, keys.heavy_queue, "workers")}
+    return sample
+
+
+async def wait_for_plan(redis_url: str, namespace: str = "diffserve", timeout_s: float = 15.0) -> bool:
+    """True once a controller has stored a plan (so the replay starts under a real plan)."""
+    r = aioredis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await load_plan(r, Keys(namespace)) is not None:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+    finally:
+        await r.aclose()
+
+
+async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale: float, policy: str = "",
+                 namespace: str = "diffserve", progress: bool = True, drain_timeout_s: float = 120.0,
+                 sample_interval_s: float = 0.5) -> RunRecord:
+    """Send every query of ``trace`` at its (scaled) time, collect every result, sample the plan."""
+    if time_scale <= 0:
+        raise ValueError("time_scale must be > 0 for a trace replay")
+    keys = Keys(namespace)
+    jobs: list[JobRecord] = []
+    by_id: dict[str, JobRecord] = {}
+    run = RunRecord(policy, time_scale, trace, jobs)
+    counts = {"answered": 0, "misses": 0}
+    all_answered = asyncio.Event()
+    sending_done = False
+    bar = _Progress(len(trace), policy or "replay", progress)
+    settings = RedisSettings(redis_url=redis_url, namespace=namespace)
+    sampler_redis = aioredis.from_url(redis_url)
+    loop = asyncio.get_running_loop()
+    client = Client(settings)
+    t0 = loop.time()
+
+    async def collect() -> None:
+        async for result in client.results():
+            now = loop.time() - t0
+            rec = by_id.get(result.job_id)
+            if rec is None:
+                run.unknown_results += 1
+            elif rec.result is not None:
+                run.duplicates += 1
+            else:
+                rec.result, rec.received_s = _strip(result), now
+                counts["answered"] += 1
+                counts["misses"] += not (result.status == "ok" and result.slo_met)
+                if sending_done and counts["answered"] >= len(jobs):
+                    all_answered.set()
+
+    stopping = asyncio.Event()
+
+    async def sample() -> None:
+        while not stopping.is_set():
+            with contextlib.suppress(Exception):
+                run.plan_samples.append(await _sample(sampler_redis, keys, loop.time() - t0))
+            bar.update(len(jobs), counts["answered"], counts["misses"])
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), sample_interval_s)
+
+    collector = asyncio.create_task(collect())
+    sampler = asyncio.create_task(sample())
+    try:
+        t0 = loop.time()
+        pending = list(trace)
+        i = 0
+        while i < len(pending):
+            delay = t0 + pending[i][0] * time_scale / 1000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Everything due by now goes out together (concurrent XADDs), so a busy machine
+            # falls behind the trace as little as possible.
+            now = loop.time() - t0
+            due = []
+            while i < len(pending) and len(due) < MAX_CONCURRENT_SENDS and \
+                    pending[i][0] * time_scale / 1000 <= now + 0.0005:
+                due.append(pending[i])
+                i += 1
+            recs = []
+            for arrival_ms, index in due:
+                rec = JobRecord(new_job_id(), index, arrival_ms, sent_s=now)
+                by_id[rec.job_id] = rec
+                jobs.append(rec)
+                recs.append(rec)
+                run.max_send_lag_s = max(run.max_send_lag_s, now - arrival_ms * time_scale / 1000)
+            await asyncio.gather(*(client.enqueue(prompts[r.prompt_index % len(prompts)], job_id=r.job_id)
+                                   for r in recs))
+        run.send_wall_s = loop.time() - t0
+        sending_done = True
+        if counts["answered"] >= len(jobs):
+            all_answered.set()
+        try:
+            await asyncio.wait_for(all_answered.wait(), drain_timeout_s)
+        except asyncio.TimeoutError:
+            run.drained = False
+        await asyncio.sleep(0.5)  # a duplicate would arrive by now
+        run.wall_s = loop.time() - t0
+        with contextlib.suppress(Exception):
+            run.reply_entries = await client.redis.xlen(client.reply_stream)
+    finally:
+        stopping.set()
+        await stop_task(sampler)
+        await stop_task(collector)
+        bar.update(len(jobs), counts["answered"], counts["misses"], force=True)
+        bar.close()
+        await close_client(client)
+        await sampler_redis.aclose()
+    # A duplicate the reader missed (e.g. delivered after we stopped reading) still shows in the stream.
+    answered = sum(j.result is not None for j in jobs)
+    run.duplicates = max(run.duplicates, run.reply_entries - answered - run.unknown_results)
+    return run
+
+
+def stack_spec(*, policy: str, workers: int, backend: str, cascade: str, hardware: str, time_scale: float,
+               slo_ms: float, prompts_file: str | None = None, confidence_file: str | None = None,
+               controller_interval_s: float | None = None, model_dir: str | None = None,
+               light_workers: int | None = None, extra_env: dict[str, str] | None = None):
+    """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles)."""
+    from common.localstack import StackSpec
+
+    light = light_workers if light_workers is not None else max(1, workers // 2)
+    env = {"DIFFSERVE_SLO_MS": f"{slo_ms * time_scale:.6g}", "DIFFSERVE_HARDWARE": hardware}
+    if prompts_file:
+        env["DIFFSERVE_PROMPTS_FILE"] = str(prompts_file)
+    if confidence_file:
+        env["DIFFSERVE_CONFIDENCE_FILE"] = str(confidence_file)
+    env.update(extra_env or {})
+    # DIFFSERVE_SLO_MS is wall-clock for every service (router deadlines, controller plans).
+    controller_args = ["--interval-s", f"{controller_interval_s:g}"] if controller_interval_s else []
+    return StackSpec(backend=backend, cascade=cascade, light_workers=light, heavy_workers=max(0, workers - light),
+                     controller=policy != "none", policy=policy, time_scale=time_scale, model_dir=model_dir,
+                     env=env, controller_args=controller_args)
+
+
+def default_sample_interval_s(time_scale: float) -> float:
+    """Plan samples every 0.5 s wall, denser in time-scaled runs (but not under 0.1 s)."""
+    return max(0.1, 0.5 * min(1.0, time_scale))
+
+
+def default_controller_interval_s(time_scale: float) -> float | None:
+    """The controller's 10 s interval is full-speed time: scaled with the replay (not under 0.25 s)."""
+    return None if time_scale == 1.0 else max(0.25, 10.0 * time_scale)
+
+
+def run_policy(spec, trace: Trace, prompts: list[str], *, log_dir: str, progress: bool = True,
+               drain_timeout_s: float = 120.0, plan_wait_s: float = 15.0,
+               sample_interval_s: float | None = None) -> RunRecord:
+    """Start a fresh local stack (own redis-server) for ``spec``, replay, stop it."""
+    from common.localstack import LocalStack
+
+    with LocalStack(spec, log_dir) as stack:
+        if spec.controller:
+            asyncio.run(wait_for_plan(stack.redis_url, spec.namespace, plan_wait_s))
+        run = asyncio.run(replay(stack.redis_url, trace, prompts, time_scale=spec.time_scale,
+                                 policy=spec.policy if spec.controller else "none", namespace=spec.namespace,
+                                 progress=progress, drain_timeout_s=drain_timeout_s,
+                                 sample_interval_s=sample_interval_s or default_sample_interval_s(spec.time_scale)))
+        dead = [name for name, alive in stack.alive().items() if not alive]
+        if dead:
+            print(f"warning: {dead} exited during the {run.policy} run; logs in {log_dir}", flush=True)
+    return run

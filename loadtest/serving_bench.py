@@ -1,0 +1,251 @@
+"""Serving-path benchmark: what the router -> light -> discriminator -> heavy -> router path costs
+on this machine when the models take no time at all.
+
+``python -m loadtest.serving_bench`` or ``diffserve loadtest --serving-bench``.
+
+It starts a fresh redis-server and a local stack with profiled models at time_scale 0 (no
+model sleep), one light and one heavy worker, and a discriminator threshold above every
+confidence so that every job takes the whole path (router, light worker, discriminator,
+heavy worker, router, client: six stream hops).  Then:
+
+1. the floor: a bare Redis round trip, XADD on one connection -> XREADGROUP on another ->
+   XACK, one message at a time, measured in the same run on the same server;
+2. the per-query overhead of the path at a low rate (p50/p99 of send -> result, ms);
+3. steps up the offered rate (uniform arrivals) until p99 latency passes ``--p99-limit-ms``,
+   the backlog does not drain within ``--drain-s``, or the sender cannot keep the rate; the
+   highest rate that passed is the sustained rate.  The whole run stays under ``--budget-s``.
+
+Prints a table and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from common.client import Client
+from common.localstack import LocalStack, StackSpec
+from common.messages import new_job_id
+from common.profiles import load_prompts
+
+from loadtest.runner import close_client, stop_task
+
+DEFAULT_RATES = (25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2400)
+
+
+def _pct(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None, "mean": None, "n": 0}
+    a = np.asarray(values)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
+            "mean": round(float(a.mean()), 3), "n": len(values)}
+
+
+async def redis_round_trip(url: str, samples: int = 1000) -> dict:
+    """XADD (producer connection) -> XREADGROUP (consumer connection) -> XACK, one at a time."""
+    producer, consumer = aioredis.from_url(url), aioredis.from_url(url)
+    stream, group = "bench:rtt", "g"
+    try:
+        await producer.xgroup_create(stream, group, id="$", mkstream=True)
+        one_way, full = [], []
+        for i in range(samples + 50):
+            start = time.perf_counter()
+            await producer.xadd(stream, {"m": b"x" * 64})
+            reply = await consumer.xreadgroup(group, "c", {stream: ">"}, count=1, block=1000)
+            got = time.perf_counter()
+            await consumer.xack(stream, group, reply[0][1][0][0])
+            done = time.perf_counter()
+            if i >= 50:  # warm-up
+                one_way.append((got - start) * 1000)
+                full.append((done - start) * 1000)
+        return {"xadd_to_read_ms": _pct(one_way), "xadd_read_ack_ms": _pct(full)}
+    finally:
+        await producer.delete(stream)
+        await producer.aclose()
+        await consumer.aclose()
+
+
+async def _queue_backlog(r: aioredis.Redis) -> int:
+    from common.config import Keys
+    from common.streams import backlog
+
+    keys = Keys()
+    total = 0
+    for stream, group in ((keys.jobs, "router"), (keys.light_queue, "workers"),
+                          (keys.light_results, "discriminator"), (keys.heavy_queue, "workers"),
+                          (keys.completions, "router")):
+        total += await backlog(r, stream, group)
+    return total
+
+
+async def offered_step(client: Client, prompts: list[str], rate: float, seconds: float, drain_s: float) -> dict:
+    """Send ``rate`` q/s for ``seconds`` (uniform spacing), wait up to ``drain_s`` for the rest."""
+    loop = asyncio.get_running_loop()
+    n = max(1, int(rate * seconds))
+    sent_at: dict[str, float] = {}
+    latency: list[float] = []
+    router_ms: list[float] = []
+    errors = 0
+    done = asyncio.Event()
+
+    async def collect():
+        nonlocal errors
+        async for res in client.results():
+            start = sent_at.pop(res.job_id, None)
+            if start is None:
+                continue
+            latency.append((loop.time() - start) * 1000)
+            if res.latency_ms is not None:
+                router_ms.append(res.latency_ms)
+            errors += res.status != "ok"
+            if len(latency) >= n:
+                done.set()
+
+    collector = asyncio.create_task(collect())
+    t0 = loop.time()
+    for i in range(n):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        job_id = new_job_id()
+        sent_at[job_id] = loop.time()
+        await client.enqueue(prompts[i % len(prompts)], job_id=job_id)
+    send_s = loop.time() - t0
+    try:
+        await asyncio.wait_for(done.wait(), drain_s)
+    except asyncio.TimeoutError:
+        pass
+    await stop_task(collector)
+    return {"rate": rate, "sent": n, "answered": len(latency), "unanswered": n - len(latency), "errors": errors,
+            "achieved_send_qps": round(n / send_s, 1) if send_s else None, "e2e_ms": _pct(latency),
+            "router_ms": _pct(router_ms), "wall_s": round(loop.time() - t0, 2)}
+
+
+async def bench(url: str, args) -> dict:
+    prompts = load_prompts()[:2000]
+    started = time.monotonic()
+    rtt = await redis_round_trip(url, args.rtt_samples)
+    steps = []
+    client = Client(redis_url=url)
+    try:
+        await offered_step(client, prompts, 50, 0.4, 5.0)  # warm-up
+        for rate in args.rates:
+            remaining = args.budget_s - (time.monotonic() - started)
+            if remaining < args.step_s + args.drain_s:
+                break
+            step = await offered_step(client, prompts, rate, args.step_s, args.drain_s)
+            r = aioredis.from_url(url)
+            step["backlog_after"] = await _queue_backlog(r)
+            await r.aclose()
+            reasons = []
+            if step["unanswered"]:
+                reasons.append(f"{step['unanswered']} unanswered after {args.drain_s:g} s drain")
+            if step["e2e_ms"]["p99"] is not None and step["e2e_ms"]["p99"] > args.p99_limit_ms:
+                reasons.append(f"p99 {step['e2e_ms']['p99']:.0f} ms > {args.p99_limit_ms:g} ms")
+            if step["achieved_send_qps"] is not None and step["achieved_send_qps"] < 0.9 * rate:
+                reasons.append(f"sender reached only {step['achieved_send_qps']} q/s")
+            step["sustained"] = not reasons
+            step["why_not"] = "; ".join(reasons)
+            steps.append(step)
+            print(f"  {rate:>6g} q/s: p50 {step['e2e_ms']['p50']} ms, p99 {step['e2e_ms']['p99']} ms, "
+                  f"answered {step['answered']}/{step['sent']}" + (f"  -> stop: {step['why_not']}" if reasons else ""),
+                  flush=True)
+            if reasons:
+                break
+            # let any leftover drain before the next step
+            await asyncio.sleep(0.2)
+    finally:
+        await close_client(client)
+    passed = [s for s in steps if s["sustained"]]
+    return {"redis_round_trip": rtt, "steps": steps,
+            "max_sustained_qps": max((s["rate"] for s in passed), default=0),
+            "overhead_ms": steps[0]["e2e_ms"] if steps else None,
+            "overhead_router_ms": steps[0]["router_ms"] if steps else None,
+            "at_max_sustained_ms": (max(passed, key=lambda s: s["rate"])["e2e_ms"] if passed else None),
+            "bench_s": round(time.monotonic() - started, 1)}
+
+
+def table(result: dict, meta: dict) -> str:
+    rtt = result["redis_round_trip"]
+    nan = float("nan")
+    ov = result["overhead_ms"] or {}
+    ov_router = result["overhead_router_ms"] or {}
+    low = f"{result['steps'][0]['rate']:g}" if result["steps"] else "?"
+    lines = [f"Serving-path benchmark ({meta['machine']}): profiled models at time_scale 0, "
+             f"{meta['light_workers']} light + {meta['heavy_workers']} heavy worker(s), batch {meta['batch']}, "
+             "every job through router -> light -> discriminator -> heavy -> router -> client",
+             "",
+             "| path | p50 ms | p99 ms |",
+             "|---|---:|---:|",
+             f"| bare Redis: XADD -> XREADGROUP (other connection) | {rtt['xadd_to_read_ms']['p50']:.3f} "
+             f"| {rtt['xadd_to_read_ms']['p99']:.3f} |",
+             f"| bare Redis: XADD -> XREADGROUP -> XACK | {rtt['xadd_read_ack_ms']['p50']:.3f} "
+             f"| {rtt['xadd_read_ack_ms']['p99']:.3f} |",
+             f"| DiffServe full path at {low} q/s (client send -> result) "
+             f"| {ov.get('p50', nan):.2f} | {ov.get('p99', nan):.2f} |",
+             f"| DiffServe full path at {low} q/s (router arrival -> answer) "
+             f"| {ov_router.get('p50', nan):.2f} | {ov_router.get('p99', nan):.2f} |",
+             "",
+             "| offered q/s | sent | answered | p50 ms | p99 ms | sustained |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for s in result["steps"]:
+        lines.append(f"| {s['rate']:g} | {s['sent']} | {s['answered']} | {s['e2e_ms']['p50']} | {s['e2e_ms']['p99']} "
+                     f"| {'yes' if s['sustained'] else 'no: ' + s['why_not']} |")
+    lines += ["", f"Highest sustained rate: **{result['max_sustained_qps']:g} q/s** "
+              f"(p99 <= {meta['p99_limit_ms']:g} ms, drained within {meta['drain_s']:g} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffserve loadtest --serving-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates to step through (q/s)")
+    p.add_argument("--step-s", type=float, default=3.0, help="seconds per rate step")
+    p.add_argument("--drain-s", type=float, default=2.0, help="max wait for a step's results after its last send")
+    p.add_argument("--p99-limit-ms", type=float, default=250.0, help="a step with a higher p99 is not sustained")
+    p.add_argument("--budget-s", type=float, default=55.0, help="stop stepping up after this long")
+    p.add_argument("--batch", type=int, default=8, help="worker batch size (DIFFSERVE_BATCH)")
+    p.add_argument("--light-workers", type=int, default=1)
+    p.add_argument("--heavy-workers", type=int, default=1)
+    p.add_argument("--rtt-samples", type=int, default=1000)
+    p.add_argument("--out", default="out/serving_bench.json", help="JSON output")
+    p.add_argument("--log-dir", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    import os
+    import platform
+
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "batch": args.batch,
+            "light_workers": args.light_workers, "heavy_workers": args.heavy_workers,
+            "p99_limit_ms": args.p99_limit_ms, "drain_s": args.drain_s, "step_s": args.step_s}
+    spec = StackSpec(backend="profiled", time_scale=0.0, light_workers=args.light_workers,
+                     heavy_workers=args.heavy_workers,
+                     env={"DIFFSERVE_THRESHOLD": "1.01", "DIFFSERVE_BATCH": str(args.batch),
+                          "DIFFSERVE_SLO_MS": "60000", "DIFFSERVE_LATE_POLICY": "heavy"})
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="diffserve-bench-")
+    print(f"serving bench: starting a stack (logs {log_dir})", flush=True)
+    with LocalStack(spec, log_dir) as stack:
+        result = asyncio.run(bench(stack.redis_url, args))
+    text = table(result, meta)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+    out.with_suffix(".md").write_text(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
