@@ -26,22 +26,27 @@ class RedisServer:
     """A throwaway redis-server on a free loopback port."""
 
     def __init__(self, *, port: int | None = None, password: str | None = None, appendonly: bool = False,
-                 workdir: str | None = None):
+                 workdir: str | None = None, tls: tuple[str, str, str] | None = None):
+        """``tls``: (certificate, key, CA) files; the server then speaks TLS only."""
         if not shutil.which("redis-server"):
             raise RuntimeError("redis-server not found: install it (Debian: apt-get install -y redis-server)")
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self.tls = tls
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="diffserve-redis-"))
         self.pidfile = self.dir / "redis.pid"
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0], "--tls-key-file",
+                  self.tls[1], "--tls-ca-cert-file", self.tls[2], "--tls-auth-clients", "no"] if self.tls \
+            else ["--port", str(self.port)]
+        args = ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.dir),
                 "--daemonize", "yes", "--pidfile", str(self.pidfile), "--logfile", str(self.dir / "redis.log")]
         if self.password:
@@ -56,7 +61,12 @@ class RedisServer:
 
     def _cli(self, *cmd: str) -> subprocess.CompletedProcess:
         auth = ["--no-auth-warning", "-a", self.password] if self.password else []
-        return subprocess.run(["redis-cli", "-p", str(self.port), *auth, *cmd], capture_output=True, text=True)
+        tls = ["--tls", "--cacert", self.tls[2]] if self.tls else []
+        return subprocess.run(["redis-cli", "-p", str(self.port), *tls, *auth, *cmd], capture_output=True, text=True)
+
+    def cli(self, *cmd: str) -> str:
+        """Run a redis-cli command against this server (as the default user); its output."""
+        return self._cli(*cmd).stdout.strip()
 
     def stop(self) -> None:
         self._cli("shutdown", "nosave")

@@ -4,8 +4,9 @@ plan (services/planner.py) and writes it where every service reads it (common/pl
 Each tick:
 
 1. demand D: the jobs stream's ``entries-added`` counter (XINFO STREAM; trimming does not
-   change it) differenced between ticks, smoothed with an EWMA; when the smoothed rate is
-   rising, the trend is extrapolated over one more interval (look-ahead);
+   change it) differenced between ticks, smoothed with an EWMA that follows a rise quickly and
+   a fall slowly; when the smoothed rate is rising, the trend is extrapolated over one more
+   interval (look-ahead);
 2. live workers S: members of the ``workers`` zset whose heartbeat (score, ms) is younger
    than ``--worker-timeout-s``; each worker's info hash gives its role and measured switch time;
 3. queues: backlog of the light, discriminator and heavy queues (undelivered + pending) and
@@ -69,8 +70,10 @@ class ControllerConfig(ServiceConfig, BackendSettings):
                                   "cascade's, x time_scale on the profiled backend)", env="DIFFSERVE_SLO_MS")
     worker_timeout_s: float = option(5.0, "a worker without a heartbeat for this long is not counted",
                                      env="DIFFSERVE_WORKER_TIMEOUT_S")
-    ewma_alpha: float = option(0.5, "weight of the newest rate sample in the demand estimate",
+    ewma_alpha: float = option(0.5, "weight of the newest rate sample in the demand estimate while it rises",
                                env="DIFFSERVE_EWMA_ALPHA")
+    ewma_alpha_down: float = option(0.2, "... and while it falls: slow decay, so a bursty load is not "
+                                    "planned for its lulls", env="DIFFSERVE_EWMA_ALPHA_DOWN")
     threshold_margin: float = option(0.05, "keep the current roles unless the new plan's threshold differs "
                                      "by more than this", env="DIFFSERVE_THRESHOLD_MARGIN")
     worker_margin: int = option(1, "... or its light/heavy split by more than this many workers",
@@ -85,8 +88,9 @@ class RateEstimator:
     """Rate of a monotonic counter: EWMA of per-tick deltas, plus a look-ahead of one
     interval's trend while it rises."""
 
-    def __init__(self, alpha: float = 0.5, initial: float | None = None):
+    def __init__(self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None):
         self.alpha = alpha
+        self.alpha_down = alpha if alpha_down is None else alpha_down
         self.count: int | None = None
         self.at: float | None = None
         self.rate: float | None = initial  # smoothed
@@ -100,7 +104,11 @@ class RateEstimator:
                 delta = count
             self.raw = delta / (at - self.at)
             self.previous = self.rate
-            self.rate = self.raw if self.rate is None else self.alpha * self.raw + (1 - self.alpha) * self.rate
+            if self.rate is None:
+                self.rate = self.raw
+            else:  # quick to follow a rise, slow to believe a fall
+                alpha = self.alpha if self.raw >= self.rate else self.alpha_down
+                self.rate = alpha * self.raw + (1 - alpha) * self.rate
         self.count, self.at = count, at
 
     @property
@@ -134,7 +142,7 @@ class Controller:
         self.slo_ms = self.cfg.slo_ms or self.profile.slo_ms * self.scale
         self.objective = None if self.cfg.objective == "auto" else self.cfg.objective
         alpha = self.cfg.ewma_alpha
-        self.demand = RateEstimator(alpha)
+        self.demand = RateEstimator(alpha, alpha_down=self.cfg.ewma_alpha_down)
         self.arrivals = {name: RateEstimator(alpha) for name in ("light", "discriminator", "heavy")}
         self.slo_counts: tuple[int, int] | None = None
         self.last: Plan | None = None
@@ -307,6 +315,9 @@ class Controller:
         if not result.feasible and (stored is None or stored.feasible or changed):
             self.log.warning("demand exceeds capacity: maximum-throughput plan", extra={
                 "demand_qps": round(message.demand_qps, 3), "workers": len(workers), "slo_ms": result.slo_ms})
+        if not changed and reason.endswith("roles kept") or reason.startswith("change proposed"):
+            self.log.info("role change deferred", extra={"version": message.version, "reason": reason,
+                                                         "demand_qps": round(message.demand_qps, 3)})
         if changed:
             current = {w.worker_id: w.role for w in workers}
             self.log.info("new plan", extra={

@@ -122,7 +122,8 @@ class Worker:
         good, outputs = split_batch(entries, RoutedJob.decode, keys=self.keys, stream=consumer.stream,
                                     service="worker", max_deliveries=consumer.max_deliveries, job_of=lambda j: j)
         jobs = [job for _entry, job in good]
-        if self.role == "heavy" and self.cfg.late_policy == "light":
+        # clipper-heavy is the heavy-only baseline: nothing falls back to the light model there.
+        if self.role == "heavy" and self.cfg.late_policy == "light" and plan.policy != "clipper-heavy":
             jobs, late = self._split_late(jobs)
             outputs += late
         if jobs:

@@ -170,7 +170,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_
 
 
 def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_light_model(redis_server, tmp_path):
-    """Under clipper-heavy jobs skip the light model; one whose deadline the heavy model cannot
+    """Under proteus jobs may skip the light model; one whose deadline the heavy model cannot
     meet goes back to the light model and is answered with its image, marked degraded."""
     from common.messages import Plan
     from common.plan_store import store_plan
@@ -180,7 +180,7 @@ def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_ligh
         from common.streams import connect
 
         r = connect(RedisSettings(redis_url=redis_server.url))
-        await store_plan(r, KEYS, Plan(version=1, policy="clipper-heavy", threshold=1.0))
+        await store_plan(r, KEYS, Plan(version=1, policy="proteus", heavy_fraction=1.0))
         await r.aclose()
 
     asyncio.run(put_plan())

@@ -1,0 +1,71 @@
+"""Redis security settings end to end: TLS (rediss://) with a CA, and an ACL user limited to
+the diffserve keys. Real redis-server, real services."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import pytest
+import redis
+
+from common.client import Client
+from common.config import RedisSettings
+from common.localstack import LocalStack, RedisServer, StackSpec
+
+ACL_RULES = ["on", ">svc-secret", "~diffserve:*", "&diffserve:*", "+@all", "-@dangerous"]
+
+
+def _make_certs(folder) -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+        "-subj", "/CN=diffserve-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.crt", "-days", "1", "-extfile", "ext.cnf")
+    return str(folder / "server.crt"), str(folder / "server.key"), str(folder / "ca.crt")
+
+
+async def _one_job(settings: RedisSettings):
+    async with Client(settings) as client:
+        return await client.submit("a harbour at dawn", timeout=60)
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make certificates")
+def test_tls_with_password_end_to_end(tmp_path):
+    cert, key, ca = _make_certs(tmp_path)
+    server = RedisServer(password="tls-secret", tls=(cert, key, ca)).start()
+    try:
+        assert server.url.startswith("rediss://")
+        spec = StackSpec(redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.01,
+                         env={"REDIS_TLS_CA": ca})
+        with LocalStack(spec, str(tmp_path / "logs")):
+            result = asyncio.run(_one_job(RedisSettings(redis_url=server.url, redis_tls_ca=ca)))
+        assert result.status == "ok"
+        with pytest.raises(redis.exceptions.ConnectionError):  # plain TCP is not served
+            redis.Redis(host="127.0.0.1", port=server.port, password="tls-secret", socket_timeout=2).ping()
+    finally:
+        server.stop()
+
+
+def test_services_run_as_an_acl_user_limited_to_their_keys(tmp_path):
+    server = RedisServer(password="admin-secret").start()
+    try:
+        assert server.cli("ACL", "SETUSER", "diffserve", *ACL_RULES) == "OK"
+        url = f"redis://127.0.0.1:{server.port}/0"
+        spec = StackSpec(redis_url=url, light_workers=1, heavy_workers=1, time_scale=0.01,
+                         env={"REDIS_USERNAME": "diffserve", "REDIS_PASSWORD": "svc-secret"})
+        with LocalStack(spec, str(tmp_path / "logs")):
+            result = asyncio.run(_one_job(RedisSettings(redis_url=url, redis_username="diffserve",
+                                                        redis_password="svc-secret")))
+        assert result.status == "ok"
+        limited = redis.Redis(host="127.0.0.1", port=server.port, username="diffserve", password="svc-secret")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.get("someone-else:key")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.flushall()
+    finally:
+        server.stop()
