@@ -15,6 +15,10 @@ from common.config import RedisSettings
 from common.localstack import LocalStack, RedisServer, StackSpec
 
 ACL_RULES = ["on", ">svc-secret", "~diffserve:*", "&diffserve:*", "+@all", "-@dangerous"]
+# What a client needs: put jobs on the jobs stream, read its own replies / result lists.
+CLIENT_ACL_RULES = ["on", ">client-secret", "resetkeys", "~diffserve:jobs", "~diffserve:reply:*",
+                    "~diffserve:result:*", "+xadd", "+xread", "+xlen", "+del", "+blpop", "+ping",
+                    "+client|setname"]
 
 
 def _make_certs(folder) -> tuple[str, str, str]:
@@ -55,13 +59,19 @@ def test_services_run_as_an_acl_user_limited_to_their_keys(tmp_path):
     server = RedisServer(password="admin-secret").start()
     try:
         assert server.cli("ACL", "SETUSER", "diffserve", *ACL_RULES) == "OK"
+        assert server.cli("ACL", "SETUSER", "app", *CLIENT_ACL_RULES) == "OK"
         url = f"redis://127.0.0.1:{server.port}/0"
         spec = StackSpec(redis_url=url, light_workers=1, heavy_workers=1, time_scale=0.01,
                          env={"REDIS_USERNAME": "diffserve", "REDIS_PASSWORD": "svc-secret"})
         with LocalStack(spec, str(tmp_path / "logs")):
-            result = asyncio.run(_one_job(RedisSettings(redis_url=url, redis_username="diffserve",
-                                                        redis_password="svc-secret")))
+            result = asyncio.run(_one_job(RedisSettings(redis_url=url, redis_username="app",
+                                                        redis_password="client-secret")))
         assert result.status == "ok"
+        app = redis.Redis(host="127.0.0.1", port=server.port, username="app", password="client-secret")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            app.get("diffserve:plan")  # a client cannot read or change the plan
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            app.xadd("diffserve:queue:heavy", {"m": b"x"})  # nor skip the router
         limited = redis.Redis(host="127.0.0.1", port=server.port, username="diffserve", password="svc-secret")
         with pytest.raises(redis.exceptions.NoPermissionError):
             limited.get("someone-else:key")
