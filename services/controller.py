@@ -40,6 +40,7 @@ only ever increases batch sizes while the predicted latency fits the SLO.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -220,18 +221,18 @@ class Controller:
                     drain_s=max(self.cfg.interval_s, 1e-3), spare_util=self.cfg.spare_util, switch_s=switch_s)
 
     def with_switch_backlog(self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float],
-                            queues: QueueStats) -> QueueStats:
-        """Queues plus the work the switching workers would have done while they load."""
+                            demand: float) -> QueueStats | None:
+        """Queues plus the jobs the switching workers' new stage receives for them while they
+        load (their share of that stage's planned arrivals); None when nobody switches."""
+        stage_qps = {"light": demand, "heavy": demand * (1.0 - result.light_share)}
+        size = {"light": max(1, result.light_workers), "heavy": max(1, result.heavy_workers)}
         extra = {"light": 0.0, "heavy": 0.0}
         for w, role in result.roles.items():
             if current.get(w) in ROLES and current[w] != role:
-                table = self.profile.table(role)
-                batch = result.light_batch if role == "light" else result.heavy_batch
-                per_s = batch * 1000.0 / (table.latency_ms(batch) * self.scale)
-                extra[role] += switch_s.get(w, 0.0) * per_s
-        return QueueStats(queues.light_backlog + int(round(extra["light"])), queues.light_qps,
-                          queues.discriminator_backlog, queues.discriminator_qps,
-                          queues.heavy_backlog + int(round(extra["heavy"])), queues.heavy_qps)
+                extra[role] += switch_s.get(w, 0.0) * stage_qps[role] / size[role]
+        if not any(extra.values()):
+            return None
+        return extra
 
     def choose(self, stored: Plan | None, demand: float, workers: list[WorkerView], queues: QueueStats,
                aimd: AimdState | None) -> tuple[PlanResult, str]:
@@ -266,15 +267,17 @@ class Controller:
                 self.proposal = move
                 return keep, "change proposed: confirming next interval"
             reason = "plan moved beyond margins (confirmed)"
-        if flipping and any(switch_s.get(w, 0.0) > 0 for w in flipping):
-            loaded = self.with_switch_backlog(new, current, switch_s, queues)
-            if loaded != queues:
-                again = self.solve(demand, current, loaded, aimd=aimd, switch_s=switch_s)
-                if again.feasible or not new.feasible:
-                    again.solve_ms += new.solve_ms
-                    new = again
-        if keep.feasible and not new.feasible:
-            return keep, "switch cost makes the change infeasible: roles kept"
+        extra = self.with_switch_backlog(new, current, switch_s, demand)
+        if extra:
+            # The plan must also absorb the jobs that queue up while the switching workers load.
+            loaded = dataclasses.replace(queues, light_backlog=queues.light_backlog + round(extra["light"]),
+                                         heavy_backlog=queues.heavy_backlog + round(extra["heavy"]))
+            again = self.solve(demand, current, loaded, aimd=aimd, switch_s=switch_s)
+            if again.feasible and again.role_changes:
+                again.solve_ms += new.solve_ms
+                new = again
+            elif keep.feasible and not again.feasible:
+                return keep, "switch cost makes the change infeasible: roles kept"
         return new, reason
 
     async def tick(self) -> Plan:
