@@ -4,7 +4,7 @@ Without ``--redis-url`` it starts the whole local stack (a fresh redis-server, r
 discriminator, workers and controller) once per policy in ``--policies`` and replays the
 same trace against each, so one command gives a side-by-side comparison::
 
-    diffserve loadtest --trace bursty --duration 120 --time-scale 0.05 --workers 16 \\
+    diffserve loadtest --trace bursty --duration 120 --time-scale 0.25 --workers 16 \\
         --policies diffserve,diffserve-threshold,static,proteus,clipper-light,clipper-heavy \\
         --backend profiled --out out/compare
 

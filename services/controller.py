@@ -21,7 +21,9 @@ Hysteresis: the allocation changes when the current one cannot serve the new dem
 threshold (heavy fraction) differs from the keep-roles plan's by more than
 ``--threshold-margin`` or its light/heavy split by more than ``--worker-margin`` workers, and
 then only if the workers to switch reload their model (measured ``switch_s``) well within an
-interval and two consecutive ticks propose the same move (noise damping).  Switching workers serve nothing while they load: the work they would have done in
+interval and two consecutive ticks propose the same move (noise damping); such a move is
+then taken in steps of at most ``--max-switch-fraction`` of the workers per tick, so a burst
+does not swing the whole cluster from one model to the other and back.  Switching workers serve nothing while they load: the work they would have done in
 that time is added to the backlog of the stage they join and the plan is solved again with it,
 so a slow switch is paid for in the plan.
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -81,6 +84,8 @@ class ControllerConfig(ServiceConfig, BackendSettings):
                                 env="DIFFSERVE_WORKER_MARGIN")
     default_switch_s: float = option(5.0, "role-switch time assumed for a worker that has not switched yet "
                                      "(unscaled)", env="DIFFSERVE_DEFAULT_SWITCH_S")
+    max_switch_fraction: float = option(0.25, "at most this share of the workers change role per tick unless "
+                                        "the current allocation cannot serve demand", env="DIFFSERVE_MAX_SWITCH_FRACTION")
     spare_util: float = option(0.5, "spare workers go to the busiest stage while its utilisation is above this",
                                env="DIFFSERVE_SPARE_UTIL")
 
@@ -266,7 +271,21 @@ class Controller:
             if move != proposal:
                 self.proposal = move
                 return keep, "change proposed: confirming next interval"
+            self.proposal = move  # the next tick may continue the same move without waiting
             reason = "plan moved beyond margins (confirmed)"
+            # A move the current roles can live with is taken in steps (fastest switchers
+            # first), so a burst does not swing the whole cluster between models.
+            step = max(1, math.ceil(self.cfg.max_switch_fraction * len(current)))
+            if len(flipping) > step:
+                partial = dict(current)
+                for w in sorted(flipping, key=lambda w: switch_s.get(w, 0.0))[:step]:
+                    partial[w] = new.roles[w]
+                stepped = self.solve(demand, partial, queues, keep_roles=True, aimd=aimd, switch_s=switch_s)
+                if not stepped.feasible:
+                    return keep, "partial move infeasible: roles kept"
+                stepped.solve_ms += new.solve_ms
+                new = stepped
+                reason += f", {step} of {len(flipping)} role changes this tick"
         extra = self.with_switch_backlog(new, current, switch_s, demand)
         if extra:
             # The plan must also absorb the jobs that queue up while the switching workers load.
