@@ -121,7 +121,7 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
 def test_tiny_backend_renders_real_images(redis_server, tmp_path, tiny_models):
     prompts = ["a red cube on a table", "a watercolor fox", "an old map of a harbour", "neon city at night"]
     with _stack(redis_server, tmp_path, backend="tiny", model_dir=tiny_models, light_workers=1, heavy_workers=1,
-                env={"DIFFSERVE_THUMBNAIL_SIZE": "32"}):
+                env={}):  # default thumbnails (224 px) on a real backend
         results, delivered = asyncio.run(_submit_and_count(redis_server.url, prompts, rate=50))
     assert delivered == len(prompts)
     for result in results:
