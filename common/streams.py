@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -140,6 +141,7 @@ class StreamConsumer:
         self.max_deliveries = max_deliveries
         self._reclaim_cursor = "0-0"
         self._resume_own = True  # after a restart under the same name, first finish our own pending entries
+        self._next_reclaim = 0.0
 
     async def ensure_group(self) -> None:
         await ensure_group(self.r, self.stream, self.group)
@@ -155,7 +157,11 @@ class StreamConsumer:
                         e.deliveries = 2
                     return own  # acked ones leave the pending list, so reading "0" again moves on
                 self._resume_own = False
-            entries = await self._reclaim(count)
+            entries = []
+            if time.monotonic() >= self._next_reclaim:
+                entries = await self._reclaim(count)
+                if not entries:  # nothing stuck: look again a little later, not on every pull
+                    self._next_reclaim = time.monotonic() + min(1.0, self.reclaim_idle_ms / 4000)
             if len(entries) < count:
                 reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"},
                                                 count=count - len(entries), block=None if entries else block_ms)
