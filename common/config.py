@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import socket
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ def _env_name(f: dataclasses.Field) -> str:
 
 
 def _parse_value(raw: str, hint: Any) -> Any:
-    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    base = [t for t in typing.get_args(hint) if t is not type(None)] if optional else [hint]
     t = typing.get_origin(base[0]) or base[0]
     if t is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
@@ -39,7 +41,7 @@ def _parse_value(raw: str, hint: Any) -> Any:
     if t is list:
         item = typing.get_args(base[0])[0]
         return [item(x) for x in raw.split(",") if x.strip()]
-    if raw == "" and type(None) in typing.get_args(hint):
+    if raw == "" and optional:
         return None
     return t(raw)
 

@@ -221,6 +221,7 @@ class Controller:
     def solve(self, demand: float, current: dict[str, str], queues: QueueStats, *, keep_roles: bool = False,
               aimd: AimdState | None = None, switch_s: dict[str, float] | None = None) -> PlanResult:
         return plan(self.profile, demand, len(current), policy=self.cfg.policy, objective=self.objective,
+                    batch_grid=tuple(sorted(self.cfg.batch_grid)),
                     slo_ms=self.slo_ms, latency_scale=self.scale, static_threshold=self.cfg.static_threshold,
                     current=current, queues=queues, keep_roles=keep_roles, aimd=aimd,
                     drain_s=max(self.cfg.interval_s, 1e-3), spare_util=self.cfg.spare_util, switch_s=switch_s)

@@ -33,6 +33,8 @@ class BackendSettings:
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N", env="DIFFSERVE_DEVICE")
     host_cache: bool = option(True, "keep the idle pipeline in host memory for fast role switches",
                               env="DIFFSERVE_HOST_CACHE")
+    batch_grid: list[int] = option([1, 2, 4, 8, 16, 32], "batch sizes the planner chooses from and graph mode "
+                                   "captures", env="DIFFSERVE_BATCH_GRID")
     cuda_graphs: bool = option(True, "capture a CUDA graph of the UNet step per batch size (CUDA only)",
                                env="DIFFSERVE_CUDA_GRAPHS")
     confidence_file: str | None = option(None, "profiled discriminator: recorded `prompt_index,confidence` lines",
@@ -62,7 +64,6 @@ def load_profile(settings: BackendSettings):
 def make_model(settings: BackendSettings, role: str):
     """The light or heavy model of the configured cascade on the configured backend (not loaded yet)."""
     from common.cascades import MODELS, cascade
-    from common.profiles import BATCH_GRID
 
     name = getattr(cascade(settings.cascade), role)
     if settings.backend == "profiled":
@@ -80,7 +81,7 @@ def make_model(settings: BackendSettings, role: str):
         spec = local_spec(spec, settings.model_dir)
     # Graph mode replays one captured graph per grid size: partial batches are padded up to one.
     graphs = settings.cuda_graphs and resolve_device(settings.device).startswith("cuda")
-    return DiffusersModel(spec, role, settings.device, pad_grid=BATCH_GRID if graphs else (),
+    return DiffusersModel(spec, role, settings.device, pad_grid=tuple(settings.batch_grid) if graphs else (),
                           cuda_graphs=settings.cuda_graphs)
 
 
