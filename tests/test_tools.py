@@ -185,3 +185,39 @@ def test_gpu_benchmark_says_no_cuda_on_cpu():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py")], capture_output=True,
                             text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0 and "no CUDA device" in result.stdout
+
+
+def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(image_dir, tiny_dir, redis_server,
+                                                                             tmp_path):
+    """Train a tiny discriminator, then serve with it: every light image is scored by that checkpoint
+    (the confidences equal scoring the same light images locally through the same path)."""
+    import asyncio
+
+    from common.backends.diffusion import DiffusersModel, TimmDiscriminator, tiny_spec
+    from common.cascades import MODELS
+    from common.imaging import from_thumbnail, thumbnail_rgb
+    from common.localstack import LocalStack, StackSpec
+    from tools import train_discriminator
+
+    ckpt = tmp_path / "ckpt"
+    train_discriminator.main(_train_args(image_dir, ckpt, "--max-steps", "2"))
+    prompts, seeds = ["a red kite", "a stone bridge", "an orchard in fog"], [11, 12, 13]
+    spec = StackSpec(redis_url=redis_server.url, backend="tiny", model_dir=str(tiny_dir), light_workers=1,
+                     heavy_workers=1, env={"DIFFSERVE_DISCRIMINATOR_CHECKPOINT": str(ckpt)})
+    with LocalStack(spec, str(tmp_path / "logs")):
+        results = asyncio.run(_submit_seeded(redis_server.url, prompts, seeds))
+    light = DiffusersModel(tiny_spec(MODELS["sdturbo"], str(tiny_dir)), "light", "cpu")
+    light.load()
+    disc = TimmDiscriminator(str(ckpt), "cpu")
+    disc.load()
+    images = [from_thumbnail(thumbnail_rgb(img, 224), 224) for img in light.generate(prompts, seeds)]
+    expected = disc.score(prompts, images)
+    assert [r.status for r in results] == ["ok"] * 3
+    assert [round(r.confidence, 4) for r in results] == [round(c, 4) for c in expected]
+
+
+async def _submit_seeded(redis_url, prompts, seeds):
+    from common.client import Client
+
+    async with Client(redis_url=redis_url) as client:
+        return [await client.submit(p, seed=s, timeout=120) for p, s in zip(prompts, seeds)]
