@@ -111,6 +111,7 @@ class LocalStack:
         self.redis_url = spec.redis_url
         self.procs: dict[str, subprocess.Popen] = {}
         self._commands: dict[str, list[str]] = {}
+        self._log_offsets: dict[str, int] = {}
         self._next_metrics_port = spec.metrics_base_port
 
     def __enter__(self) -> "LocalStack":
@@ -133,10 +134,14 @@ class LocalStack:
         return env
 
     def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", f"services.{module}", *args]
-        self._commands[name] = cmd
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, env=self._env(name), stdout=log, stderr=subprocess.STDOUT,
+        self._commands[name] = [sys.executable, "-m", f"services.{module}", *args]
+        return self._launch(name)
+
+    def _launch(self, name: str) -> subprocess.Popen:
+        path = self.log_dir / f"{name}.log"
+        self._log_offsets[name] = path.stat().st_size if path.exists() else 0  # readiness: in the new output
+        log = open(path, "ab")
+        proc = subprocess.Popen(self._commands[name], env=self._env(name), stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parent.parent)
         self.procs[name] = proc
         return proc
@@ -163,7 +168,7 @@ class LocalStack:
             for name in list(pending):
                 if self.procs[name].poll() is not None:
                     raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
-                if '"msg": "ready"' in (self.log_dir / f"{name}.log").read_text(errors="replace"):
+                if b'"msg": "ready"' in (self.log_dir / f"{name}.log").read_bytes()[self._log_offsets[name]:]:
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout}s: {sorted(pending)}")
@@ -179,22 +184,11 @@ class LocalStack:
         proc.wait(timeout=30)
 
     def restart(self, name: str, ready_timeout: float = 120.0) -> None:
-        """Start a process again under its name (after kill)."""
+        """Start a process again under its name (after kill) and wait until it is ready."""
         if self.procs[name].poll() is None:
             self.kill(name)
-        with open(self.log_dir / f"{name}.log", "ab") as log:
-            log.write(b"\n--- restarted ---\n")
-        offset = (self.log_dir / f"{name}.log").stat().st_size
-        log = open(self.log_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(self._commands[name], env=self._env(name), stdout=log,
-                                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
-        deadline = time.monotonic() + ready_timeout
-        while '"msg": "ready"' not in (self.log_dir / f"{name}.log").read_text(errors="replace")[offset:]:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready after restart")
-            time.sleep(0.05)
+        self._launch(name)
+        self.wait_ready([name], ready_timeout)
 
     def alive(self) -> dict[str, bool]:
         return {name: proc.poll() is None for name, proc in self.procs.items()}

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from redis.exceptions import ResponseError
 
 from common import metrics
-from common.backends import BackendSettings, load_profile
+from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import ServiceConfig, option
 from common.messages import Plan
 from common.plan_store import load_plan, store_plan
@@ -142,7 +142,7 @@ class Controller:
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.log = svc.log
         self.profile = load_profile(self.cfg)
-        self.scale = self.cfg.time_scale if self.cfg.backend == "profiled" else 1.0
+        self.scale = latency_scale(self.cfg)
         # DIFFSERVE_SLO_MS means the same for every service: the wall-clock budget the router
         # stamps as the deadline. Only the cascade's default is scaled for a time-scaled run.
         self.slo_ms = self.cfg.slo_ms or self.profile.slo_ms * self.scale

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from common import metrics
-from common.backends import BackendSettings, load_profile, make_discriminator
+from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
 from common.messages import E_MODEL, Completion, LightResult
@@ -48,8 +48,7 @@ class Discriminator:
         self.needs_images = self.cfg.backend != "profiled"
 
     def heavy_ms(self, batch: int) -> float:
-        scale = self.cfg.time_scale if self.cfg.backend == "profiled" else 1.0
-        return self.profile.heavy.latency_ms(batch) * scale
+        return self.profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
 
     def _images(self, results: list[LightResult]):
         if not self.needs_images:

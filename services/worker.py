@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from common import metrics
-from common.backends import BackendSettings, load_profile, make_model
+from common.backends import BackendSettings, latency_scale, load_profile, make_model
 from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import E_MODEL, Completion, LightResult, RoutedJob
@@ -110,8 +110,7 @@ class Worker:
     def estimate_ms(self, batch: int) -> float:
         if batch in self.batch_ms:
             return self.batch_ms[batch]
-        scale = self.cfg.time_scale if self.cfg.backend == "profiled" else 1.0
-        return self.profile.table(self.role).latency_ms(batch) * scale
+        return self.profile.table(self.role).latency_ms(batch) * latency_scale(self.cfg)
 
     async def step(self) -> None:
         plan = await self.plans.current()

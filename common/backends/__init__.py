@@ -43,6 +43,12 @@ class BackendSettings:
                                       env="DIFFSERVE_PROMPTS_FILE")
 
 
+def latency_scale(settings: BackendSettings) -> float:
+    """Factor from profiled latencies to this deployment's clock: the profiled backend runs at
+    ``time_scale``; real models run at the profile's own speed."""
+    return settings.time_scale if settings.backend == "profiled" else 1.0
+
+
 def resolve_hardware(settings: BackendSettings) -> str:
     """``auto``: the H100 table on an H100 (real models), else the paper's A100 tables."""
     if settings.hardware != "auto":
