@@ -170,3 +170,55 @@ def test_worker_killed_mid_batch_loses_nothing(redis_server, tmp_path, victim_ro
     assert victim not in {r_.job_id for r_ in results}
     survivors = [name for name in stack.procs if name.startswith("worker") and name != victim]
     assert any("reclaimed entries" in (tmp_path / "logs" / f"{n}.log").read_text() for n in survivors)
+
+
+def _hostile_entries(rng) -> list[tuple[str | None, dict]]:
+    """(job id if one is readable, XADD fields): garbage, wrong types, unicode edge cases, huge and
+    negative params, invalid UTF-8 inside msgpack strings, oversized entries."""
+    out: list[tuple[str | None, dict]] = []
+    for i in range(25):  # random bytes: nothing readable
+        out.append((None, {"m": bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))}))
+    odd_values = [None, True, -1, 2**64 - 1, -(2**63), 1e308, float("nan"), float("-inf"), "", "x" * 3000,
+                  [1, [2, [3]]], {"a": {"b": None}}, b"\x00\xff"]
+    for i in range(40):  # a readable id with hostile fields
+        body = {"job_id": f"hostile-{i}", "prompt": rng.choice(["a cat", "", 7, None, ["p"], "\x00"])}
+        for key in rng.sample(["slo_ms", "seed", "image_format", "image_quality", "reply_to", "cascade", "v"], 3):
+            body[key] = rng.choice(odd_values)
+        out.append((f"hostile-{i}", {"m": msgpack.packb(body, use_bin_type=True)}))
+    unicode_prompts = ["🦊🌲" * 50, "مرحبا بالعالم", "e\u0301" * 300, "zero\u200bwidth\u2060joiner", "\U0010ffff",
+                       "ſtraße ﬁ", "\u202eRTL override", "a" * 2000]
+    for i, prompt in enumerate(unicode_prompts):  # valid: must be served
+        out.append((f"unicode-{i}", {"m": msgpack.packb({"job_id": f"unicode-{i}", "prompt": prompt})}))
+    for i in range(5):  # invalid UTF-8 in a msgpack str: the payload is malformed as a whole
+        out.append((None, {"m": b"\x82\xa6job_id\xa4bad" + bytes([i]) + b"\xa6prompt\xa3\xff\xfe\xfd"}))
+    for i in range(5):  # oversized entries (over the 64 KiB limit)
+        out.append((None, {"m": msgpack.packb({"job_id": f"huge-{i}", "prompt": "p" * 70000})}))
+    return out
+
+
+def test_hostile_entries_are_all_answered_or_dead_lettered_and_counted(redis_server, tmp_path):
+    import random
+
+    r = redis.Redis.from_url(redis_server.url)
+    entries = _hostile_entries(random.Random(0))
+    metrics_port = free_port()
+    with _stack(redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.001,
+                metrics_base_port=metrics_port) as stack:
+        for _job_id, fields in entries:
+            _xadd(r, fields)
+        results = {job_id: _result(r, job_id) for job_id, _f in entries if job_id}
+        expected_dead = sum(job_id is None for job_id, _f in entries)
+        deadline = time.monotonic() + 20
+        while r.xlen(KEYS.dead_letters) < expected_dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.xlen(KEYS.dead_letters) == expected_dead
+        assert all(stack.alive().values())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    errors = sum(float(v) for v in re.findall(r'diffserve_errors_total\{code="[a-z_]+",service="router"\} ([0-9.]+)',
+                                              text))
+    failed = [j for j, res in results.items() if res.status == "error"]
+    assert errors == len(failed) + expected_dead  # every refusal is counted
+    assert all(results[f"unicode-{i}"].status == "ok" for i in range(8))
+    assert all(res.error_code for res in results.values() if res.status == "error")
+    # every readable job got exactly one result list entry
+    assert all(r.llen(KEYS.result(j)) == 0 for j in results)
