@@ -431,7 +431,7 @@ def test_dockerfile_pins_torch_like_pyproject_and_runs_as_non_root():
     assert f"ARG TORCHVISION_VERSION={pins['torchvision']}" in text
     assert re.search(r"^USER (?!root\b)\S+", text, re.M), "the image must not run as root"
     assert 'ENTRYPOINT ["diffserve"]' in text
-    ignore = (COMPOSE / "Dockerfile.dockerignore").read_text().split()
+    ignore = (ROOT / ".dockerignore").read_text().split()
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     for pattern in packages["include"]:
         assert f"!{pattern.rstrip('*')}/" in ignore, f"the build context leaves out {pattern}"
