@@ -128,6 +128,11 @@ class LocalStack:
                **self.spec.env}
         if self.spec.model_dir:
             env["DIFFSERVE_MODEL_DIR"] = self.spec.model_dir
+        if self.spec.backend == "profiled" and self.spec.time_scale != 1.0 and "DIFFSERVE_SLO_MS" not in env:
+            # Deadlines scale with the simulated latencies, so an SLO hit means what it means at full speed.
+            from common.cascades import cascade
+
+            env["DIFFSERVE_SLO_MS"] = f"{cascade(self.spec.cascade).slo_ms * self.spec.time_scale:g}"
         if self._next_metrics_port:
             env["METRICS_PORT"] = str(self._next_metrics_port)
             self._next_metrics_port += 1

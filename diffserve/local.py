@@ -34,19 +34,10 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _spec(args: argparse.Namespace) -> StackSpec:
     light = args.light_workers if args.light_workers is not None else max(1, args.workers // 2)
-    env = {}
-    if args.time_scale != 1.0:
-        # Deadlines scale with the model latencies, so SLO hits mean the same as at full speed.
-        from common.cascades import cascade
-
-        env["DIFFSERVE_SLO_MS"] = str(cascade(args.cascade).slo_ms * args.time_scale)
-    # The controller re-plans every 10 s of full-speed time.
-    controller_args = ["--interval-s", f"{10 * args.time_scale:g}"] if args.backend == "profiled" else []
     return StackSpec(backend=args.backend, cascade=args.cascade, light_workers=light,
                      heavy_workers=max(0, args.workers - light), controller=not args.no_controller,
                      policy=args.policy, time_scale=args.time_scale, redis_url=args.redis_url,
-                     model_dir=args.model_dir, env=env, metrics_base_port=args.metrics_base_port,
-                     controller_args=controller_args)
+                     model_dir=args.model_dir, metrics_base_port=args.metrics_base_port)
 
 
 def up_main(argv: list[str] | None = None) -> None:

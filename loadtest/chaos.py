@@ -61,12 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--controller", action="store_true", help="also run (and kill) the controller")
     args = parser.parse_args(argv)
-    from common.cascades import cascade
-
     spec = StackSpec(light_workers=args.workers // 2, heavy_workers=args.workers - args.workers // 2,
                      time_scale=args.time_scale, controller=args.controller,
-                     env={"DIFFSERVE_RECLAIM_IDLE_MS": "2000",
-                          "DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * args.time_scale)})
+                     env={"DIFFSERVE_RECLAIM_IDLE_MS": "2000"})
     with LocalStack(spec) as stack:
         summary = asyncio.run(_load(stack, load_prompts(), args.rate, args.duration, args.kill_every,
                                     random.Random(args.seed), args.drain_s))

@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                                      slo_ms=slo_ms, prompts_file=os.path.abspath(args.prompts),
                                      confidence_file=os.path.abspath(args.confidence_file)
                                      if args.confidence_file else None,
-                                     controller_interval_s=args.controller_interval_s
-                                     or runner.default_controller_interval_s(args.time_scale),
+                                     controller_interval_s=args.controller_interval_s,
                                      model_dir=args.model_dir,
                                      light_workers=args.light_workers)
             spec.namespace = args.namespace
@@ -160,8 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             "backend": args.backend, "cascade": args.cascade, "hardware": args.hardware, "workers": args.workers,
             "time_scale": args.time_scale, "slo_ms": slo_ms, "seed": args.seed, "prompts": args.prompts,
             "confidence_file": args.confidence_file, "redis_url": bool(args.redis_url),
-            "controller_interval_s": args.controller_interval_s
-            or runner.default_controller_interval_s(args.time_scale), "policies": policies,
+            "controller_interval_s": args.controller_interval_s, "policies": policies,
             "units": "latencies and times at full speed (wall / time_scale)"}
     path = report_mod.write_report(out, entries, meta)
     if not args.no_plots:

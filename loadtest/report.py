@@ -36,13 +36,13 @@ QUALITY_METHOD = ("light share of each {w:g}-s window (full-speed time, by arriv
                   "averaged over windows")
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]:
     if not values:
-        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None, "n": 0}
     a = np.asarray(values, dtype=float)
-    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2),
-            "p99": round(float(np.percentile(a, 99)), 2), "mean": round(float(a.mean()), 2),
-            "max": round(float(a.max()), 2)}
+    return {"p50": round(float(np.percentile(a, 50)), digits), "p95": round(float(np.percentile(a, 95)), digits),
+            "p99": round(float(np.percentile(a, 99)), digits), "mean": round(float(a.mean()), digits),
+            "max": round(float(a.max()), digits), "n": len(values)}
 
 
 def window_light_shares(answers: list[tuple[float, str]], window_s: float = QUALITY_WINDOW_S) -> list[dict]:

@@ -273,11 +273,6 @@ def default_sample_interval_s(time_scale: float) -> float:
     return max(0.1, 0.5 * min(1.0, time_scale))
 
 
-def default_controller_interval_s(time_scale: float) -> float | None:
-    """The controller's 10 s interval is full-speed time: scaled with the replay (not under 0.25 s)."""
-    return None if time_scale == 1.0 else max(0.25, 10.0 * time_scale)
-
-
 def run_policy(spec, trace: Trace, prompts: list[str], *, log_dir: str, progress: bool = True,
                drain_timeout_s: float = 120.0, plan_wait_s: float = 15.0,
                sample_interval_s: float | None = None) -> RunRecord:

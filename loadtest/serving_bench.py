@@ -28,25 +28,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import redis.asyncio as aioredis
 
 from common.client import Client
+from common.config import Keys
 from common.localstack import LocalStack, StackSpec
 from common.messages import new_job_id
 from common.profiles import load_prompts
+from common.streams import PIPELINE_GROUPS, backlog
 
+from loadtest.report import percentiles
 from loadtest.runner import close_client, stop_task
 
 DEFAULT_RATES = (25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2400)
-
-
-def _pct(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None, "mean": None, "n": 0}
-    a = np.asarray(values)
-    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-            "mean": round(float(a.mean()), 3), "n": len(values)}
 
 
 async def redis_round_trip(url: str, samples: int = 1000) -> dict:
@@ -66,7 +60,7 @@ async def redis_round_trip(url: str, samples: int = 1000) -> dict:
             if i >= 50:  # warm-up
                 one_way.append((got - start) * 1000)
                 full.append((done - start) * 1000)
-        return {"xadd_to_read_ms": _pct(one_way), "xadd_read_ack_ms": _pct(full)}
+        return {"xadd_to_read_ms": percentiles(one_way, 3), "xadd_read_ack_ms": percentiles(full, 3)}
     finally:
         await producer.delete(stream)
         await producer.aclose()
@@ -74,16 +68,8 @@ async def redis_round_trip(url: str, samples: int = 1000) -> dict:
 
 
 async def _queue_backlog(r: aioredis.Redis) -> int:
-    from common.config import Keys
-    from common.streams import backlog
-
     keys = Keys()
-    total = 0
-    for stream, group in ((keys.jobs, "router"), (keys.light_queue, "workers"),
-                          (keys.light_results, "discriminator"), (keys.heavy_queue, "workers"),
-                          (keys.completions, "router")):
-        total += await backlog(r, stream, group)
-    return total
+    return sum([await backlog(r, getattr(keys, attr), group) for attr, group in PIPELINE_GROUPS])
 
 
 async def offered_step(client: Client, prompts: list[str], rate: float, seconds: float, drain_s: float) -> dict:
@@ -125,8 +111,8 @@ async def offered_step(client: Client, prompts: list[str], rate: float, seconds:
         pass
     await stop_task(collector)
     return {"rate": rate, "sent": n, "answered": len(latency), "unanswered": n - len(latency), "errors": errors,
-            "achieved_send_qps": round(n / send_s, 1) if send_s else None, "e2e_ms": _pct(latency),
-            "router_ms": _pct(router_ms), "wall_s": round(loop.time() - t0, 2)}
+            "achieved_send_qps": round(n / send_s, 1) if send_s else None, "e2e_ms": percentiles(latency, 3),
+            "router_ms": percentiles(router_ms, 3), "wall_s": round(loop.time() - t0, 2)}
 
 
 async def bench(url: str, args) -> dict:

@@ -57,14 +57,21 @@ from common.messages import Plan
 from common.plan_store import load_plan, store_plan
 from common.service import Service, now_ms, run
 from common.streams import backlog, run_forever
-from services.planner import OBJECTIVES, POLICIES, ROLES, AimdState, PlanResult, QueueStats, count_changes, plan
+from services.planner import (OBJECTIVES, POLICIES, ROLES, AimdState, PlanResult, QueueStats, count_changes, plan,
+                              warm_up)
+
+
+DEFAULT_INTERVAL_S = 10.0  # full-speed seconds between plans
+MIN_INTERVAL_S = 0.25
 
 
 @dataclass
 class ControllerConfig(ServiceConfig, BackendSettings):
     """diffserve controller: re-plans threshold, batch sizes and worker roles."""
 
-    interval_s: float = option(10.0, "seconds between plans", env="DIFFSERVE_INTERVAL_S")
+    interval_s: float | None = option(None, "seconds between plans (default: 10 s of full-speed time, so "
+                                      "10 x time_scale on the profiled backend, at least 0.25 s)",
+                                      env="DIFFSERVE_INTERVAL_S")
     policy: str = option("diffserve", "serving policy", env="DIFFSERVE_POLICY", choices=POLICIES)
     objective: str = option("auto", "quality (best estimated FID) or threshold (max t, the paper); auto: "
                             "quality where the cascade has a quality curve", env="DIFFSERVE_OBJECTIVE",
@@ -146,6 +153,7 @@ class Controller:
         # DIFFSERVE_SLO_MS means the same for every service: the wall-clock budget the router
         # stamps as the deadline. Only the cascade's default is scaled for a time-scaled run.
         self.slo_ms = self.cfg.slo_ms or self.profile.slo_ms * self.scale
+        self.interval_s = self.cfg.interval_s or max(MIN_INTERVAL_S, DEFAULT_INTERVAL_S * self.scale)
         self.objective = None if self.cfg.objective == "auto" else self.cfg.objective
         alpha = self.cfg.ewma_alpha
         self.demand = RateEstimator(alpha, alpha_down=self.cfg.ewma_alpha_down)
@@ -224,7 +232,7 @@ class Controller:
                     batch_grid=tuple(sorted(self.cfg.batch_grid)),
                     slo_ms=self.slo_ms, latency_scale=self.scale, static_threshold=self.cfg.static_threshold,
                     current=current, queues=queues, keep_roles=keep_roles, aimd=aimd,
-                    drain_s=max(self.cfg.interval_s, 1e-3), spare_util=self.cfg.spare_util, switch_s=switch_s)
+                    drain_s=self.interval_s, spare_util=self.cfg.spare_util, switch_s=switch_s)
 
     def with_switch_backlog(self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float],
                             demand: float) -> QueueStats | None:
@@ -261,7 +269,7 @@ class Controller:
                        or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin)
             if not differs:
                 return keep, "within margins: roles kept"
-            slow = [w for w in flipping if switch_s.get(w, 0.0) > self.cfg.interval_s / 2]
+            slow = [w for w in flipping if switch_s.get(w, 0.0) > self.interval_s / 2]
             if slow:
                 return keep, "switch slower than half an interval: roles kept"
             # Noise damping: a move the current roles can live with must be proposed by two
@@ -356,21 +364,15 @@ class Controller:
     async def step(self) -> None:
         started = time.monotonic()
         await self.tick()
-        await self.svc.sleep(max(0.0, self.cfg.interval_s - (time.monotonic() - started)))
+        await self.svc.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
 
 async def serve(svc: Service) -> None:
     logging.getLogger("mip").setLevel(logging.WARNING)  # its import announces itself at INFO
     controller = Controller(svc)
-    await asyncio.to_thread(_warm_up)
+    await asyncio.to_thread(warm_up)  # CBC's first solve is slow; keep it out of the first tick
     svc.ready()
     await run_forever("plan", controller.step, svc.stop)
-
-
-def _warm_up() -> None:
-    from services.planner import warm_up
-
-    warm_up()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,7 +158,7 @@ class Router:
                 outputs.append((self.keys.heavy_queue, routed.encode()))
             else:
                 outputs.append((self.keys.light_queue, routed.encode()))
-            self.light_backlog += 1
+                self.light_backlog += 1
 
         def deliver_errors(pipe):
             for reply_to, message in errors:
