@@ -56,10 +56,11 @@ class Client:
 
     async def enqueue(self, prompt: str, *, job_id: str | None = None, slo_ms: float | None = None,
                       seed: int | None = None, image_format: str = "png", image_quality: int = 90,
-                      reply: bool = True) -> str:
-        """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``."""
+                      reply: bool = True, prompt_index: int | None = None) -> str:
+        """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``.
+        ``prompt_index``: the prompt's line in the prompt file (trace replays)."""
         job = Job(job_id or new_job_id(), prompt, slo_ms, seed, image_format, image_quality,
-                  self.reply_stream if reply else None, time.time() * 1000)
+                  self.reply_stream if reply else None, time.time() * 1000, prompt_index=prompt_index)
         if reply:
             self._start_reader()
         await add(self.redis, self.keys.jobs, job.encode())

@@ -137,6 +137,7 @@ class Job(Message):
     reply_to: str | None = None  # a stream to XADD the result to; else the result list key
     submitted_ms: float | None = None  # client clock, informational
     cascade: str | None = None  # optional: refused unless it is the cascade this deployment serves
+    prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class RoutedJob(Message):
     light_image: bytes | None = None  # kept so a late heavy job can still be answered with it
     light_image_format: str | None = None
     routed_by: str = "cascade"  # cascade | direct (policy sent it straight to heavy) | fallback (back to light)
+    prompt_index: int | None = None
 
 
 @dataclass
@@ -258,10 +260,13 @@ class Plan(Message):
     heavy_batch: int = 1
     light_workers: int = 0
     heavy_workers: int = 0
-    heavy_fraction: float = 0.0  # proteus: share of jobs the router sends straight to heavy
+    heavy_fraction: float = 0.0  # share of jobs the router sends straight to heavy (split policies)
     roles: dict = field(default_factory=dict)  # worker_id -> light | heavy
     demand_qps: float = 0.0
     feasible: bool = True
     objective: str = "quality"
     estimated_quality: float | None = None
     created_ms: float = 0.0
+    # What the data plane does with it (common/planner.py POLICY_TABLE says per policy):
+    discriminator_routes: bool = True  # False: every light image is the answer
+    degrade_late: bool = True  # the deadline rule (common/routing.py) answers late heavy jobs with the light image

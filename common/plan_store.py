@@ -11,6 +11,8 @@ import redis.asyncio as aioredis
 
 from common.config import Keys
 from common.messages import MessageError, Plan
+from common.routing import HeavyStage
+from common.streams import backlog
 
 
 async def load_plan(r: aioredis.Redis, keys: Keys) -> Plan | None:
@@ -47,3 +49,35 @@ class PlanWatcher:
             if plan is not None:  # the stored plan wins, even after a controller restart reset versions
                 self.plan = plan
         return self.plan
+
+
+async def live_roles(r: aioredis.Redis, keys: Keys, timeout_s: float = 5.0) -> dict[str, str]:
+    """worker id -> the role it reports, for every worker whose heartbeat is younger than ``timeout_s``."""
+    cutoff = time.time() * 1000.0 - timeout_s * 1000.0
+    ids = [m.decode() if isinstance(m, bytes) else str(m) for m in await r.zrangebyscore(keys.workers, cutoff, "+inf")]
+    if not ids:
+        return {}
+    async with r.pipeline(transaction=False) as pipe:
+        for w in ids:
+            pipe.hget(keys.worker_info(w), "role")
+        roles = await pipe.execute()
+    return {w: (role.decode() if isinstance(role, bytes) else role or "") for w, role in zip(ids, roles)}
+
+
+class HeavyStageWatcher:
+    """The heavy stage as the deadline rule sees it (common/routing.HeavyStage): live heavy
+    workers (re-counted at most every ``refresh_s``) and the heavy queue's backlog (read on
+    every call, since it is what changes between batches)."""
+
+    def __init__(self, r: aioredis.Redis, keys: Keys, refresh_s: float = 1.0):
+        self.r, self.keys, self.refresh_s = r, keys, refresh_s
+        self.workers = 0
+        self._counted_at = -1e9
+
+    async def stage(self, plan: Plan, batch_ms: float) -> HeavyStage:
+        now = time.monotonic()
+        if now - self._counted_at >= self.refresh_s:
+            self._counted_at = now
+            self.workers = sum(role == "heavy" for role in (await live_roles(self.r, self.keys)).values())
+        return HeavyStage(workers=self.workers, batch=max(1, plan.heavy_batch), batch_ms=batch_ms,
+                          backlog=await backlog(self.r, self.keys.heavy_queue, "workers"))

@@ -240,5 +240,7 @@ def load_slo_ms(cascade_json: str | Path) -> float:
 
 
 def load_prompts(path: str | Path | None = None) -> list[str]:
+    """Every line of a prompt file, stripped: item i is line i (0-based), the number traces and
+    confidence files use as ``prompt_index``.  A blank line stays, as an empty prompt."""
     with open(path or PROMPTS_FILE, encoding="utf-8") as fh:
-        return [line.strip() for line in fh if line.strip()]
+        return [line.strip() for line in fh.read().splitlines()]

@@ -64,7 +64,10 @@ def connect(settings: RedisSettings, *, client_name: str | None = None) -> aiore
             kwargs["ssl_keyfile"] = settings.redis_tls_key
     if client_name:
         kwargs["client_name"] = client_name
-    return aioredis.from_url(settings.redis_url, **kwargs)
+    # A caller with more commands in flight than the pool has connections waits for one (up to
+    # 20 s) instead of failing at once: redis-py caps a pool at 100 connections.
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=100, timeout=20, **kwargs)
+    return aioredis.Redis.from_pool(pool)
 
 
 class Backoff:

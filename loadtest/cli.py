@@ -30,14 +30,13 @@ from common.backends import BACKENDS
 from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
 
 from loadtest import report as report_mod
-from loadtest.traces import DEFAULT_RATE, TRACES, generate, read_trace, write_trace
+from loadtest.traces import DEFAULT_RATE, TRACES, Trace, generate, read_trace, write_trace
 
 ALL_POLICIES = ("diffserve", "diffserve-threshold", "static", "clipper-light", "clipper-heavy", "proteus", "aimd")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffserve loadtest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_trace_arguments(p: argparse.ArgumentParser) -> None:
+    """The trace flags ``diffserve loadtest`` and ``diffserve simulate`` share."""
     t = p.add_argument_group("trace")
     t.add_argument("--trace", choices=TRACES, default="poisson", help="synthetic trace kind (default poisson)")
     t.add_argument("--rate", type=float, default=None,
@@ -50,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", default=str(PROMPTS_FILE), help="prompt file, one per line (default: "
                    "5000 DiffusionDB prompts)")
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and prompt draw")
+
+
+def load_trace(args, n_prompts: int) -> Trace:
+    if args.trace_file:
+        return read_trace(args.trace_file, n_prompts)
+    return generate(args.trace, rate=args.rate, duration_s=args.duration, low_rate=args.low_rate,
+                    n_prompts=n_prompts, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffserve loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_trace_arguments(p)
     s = p.add_argument_group("stack")
     s.add_argument("--policies", default="diffserve",
                    help="comma-separated controller policies, one run each "
@@ -65,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay X times real time: arrivals, profiled latencies and the SLO are all multiplied "
                         "by X (0.05 = 20x faster); reported latencies are converted back to full speed")
     s.add_argument("--slo-ms", type=float, default=None, help="SLO at full speed (default: the cascade's)")
+    s.add_argument("--static-plan", default=None, metavar="t=0.02,light=4x16,heavy=12x4",
+                   help="the static policy's fixed plan (workers x batch); default: the solver's plan for the "
+                        "trace's mean demand")
     s.add_argument("--confidence-file", default=None,
                    help="`prompt_index,confidence` lines the profiled discriminator replays")
     s.add_argument("--controller-interval-s", type=float, default=None,
@@ -111,11 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     slo_ms = args.slo_ms or cascade(args.cascade).slo_ms
     prompts = load_prompts(args.prompts)
-    if args.trace_file:
-        trace = read_trace(args.trace_file, len(prompts))
-    else:
-        trace = generate(args.trace, rate=args.rate, duration_s=args.duration, low_rate=args.low_rate,
-                         n_prompts=len(prompts), seed=args.seed)
+    trace = load_trace(args, len(prompts))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_trace(trace, out / "trace.csv")
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             spec = runner.stack_spec(policy=policy, workers=args.workers, backend=args.backend,
                                      cascade=args.cascade, hardware=args.hardware, time_scale=args.time_scale,
-                                     slo_ms=slo_ms, prompts_file=os.path.abspath(args.prompts),
+                                     slo_ms=slo_ms, static_plan=args.static_plan, static_demand=trace.mean_rate,
                                      confidence_file=os.path.abspath(args.confidence_file)
                                      if args.confidence_file else None,
                                      controller_interval_s=args.controller_interval_s,
@@ -148,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             run = runner.run_policy(spec, trace, prompts, log_dir=str(out / "logs" / policy),
                                     progress=not args.no_progress, drain_timeout_s=args.drain_timeout_s,
                                     sample_interval_s=args.sample_interval_s)
-        entry = report_mod.summarize(run, slo_ms=slo_ms, backend=args.backend, curve=profile.quality)
+        entry = report_mod.summarize(run, slo_ms=slo_ms, backend=args.backend, curve=profile.quality,
+                                     confidence_curve=profile.curve)
         report_mod.write_jobs_csv(run, out / "jobs" / f"{policy}.csv")
         entries.append(entry)
         q = entry["quality"].get("estimate")

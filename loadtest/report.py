@@ -8,14 +8,18 @@ p50/p95/p99 (router-measured arrival -> answer, and client-measured send -> rece
 throughput, share answered by the heavy model, errors by code, lost jobs (sent, no result
 by the end: must be 0), duplicated results (must be 0), degraded answers and quality.
 
-Quality (profiled backend): an FID estimate computed the paper's way.  The cascade's
-quality curve gives FID against the light share for the discriminator-picked split (the
-easiest ``share`` of prompts answered by the light model, the rest by the heavy one); its
-end points are the all-heavy (share 0) and all-light (share 1) FIDs.  The profiled backend
-renders no real image, so we take the light share of each 5-second window (full-speed
-time, by arrival), map it through the curve and average over the windows; degraded answers (the
-light image, served because the heavy model would have been late) count as light.  This assumes the
-run's split is the discriminator's; for ``proteus`` (a random split) the curve is optimistic.
+Quality (profiled backend): an FID estimate per 5-second window (full-speed time, by arrival),
+averaged over windows, as the DiffServe paper does, with one correction.  The cascade's quality
+curve gives FID against the light share for the discriminator-picked split (the easiest
+``share`` of prompts answered by the light model, the rest by the heavy one).  The paper maps
+each window's light share through it, counting every light answer alike (``paper_estimate``).
+But a degraded answer (the light image of a job the heavy model could not finish in time) is
+not one of the easiest prompts: it was escalated because it is hard, and a random split
+(``proteus``) answers hard prompts light too.  So each window is also charged what its light
+answers cost over the window's most confident prompts, in an additive model where a light answer
+costs the curve's slope at the light share where the discriminator would just have answered it
+light (from its confidence and f(t)).  Without degraded answers or random splits both estimates
+agree.
 With real models (tiny/diffusers) the report gives the heavy share and the mean
 discriminator confidence of the light answers instead.
 """
@@ -31,9 +35,11 @@ import numpy as np
 
 QUALITY_WINDOW_S = 5.0
 LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
-QUALITY_METHOD = ("light share of each {w:g}-s window (full-speed time, by arrival) mapped through the cascade's "
-                  "FID-vs-light-share curve (discriminator-picked split; 0 = all heavy, 1 = all light), "
-                  "averaged over windows")
+QUALITY_METHOD = ("per {w:g}-s window (full-speed time, by arrival): the cascade's quality-vs-light-share curve at the "
+                  "window's light share (the DiffServe paper's method), plus what answering these prompts light costs "
+                  "over answering the window's most confident ones light (each light answer costs the curve's "
+                  "slope at its confidence's place in f(t)), so degraded answers and random splits pay for being "
+                  "hard prompts; averaged over windows. paper_estimate: the paper's method alone")
 
 
 def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]:
@@ -45,27 +51,56 @@ def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]
             "max": round(float(a.max()), digits), "n": len(values)}
 
 
-def window_light_shares(answers: list[tuple[float, str]], window_s: float = QUALITY_WINDOW_S) -> list[dict]:
-    """``(t_s, answered_by)`` of every answered job -> light share per window that has answers."""
-    windows: dict[int, Counter] = {}
-    for t, by in answers:
-        windows.setdefault(int(t // window_s), Counter())[by] += 1
+
+def _slope(curve, share: float, h: float = 0.005) -> float:
+    lo, hi = max(0.0, share - h), min(1.0, share + h)
+    return (curve.score(hi) - curve.score(lo)) / (hi - lo)
+
+
+def window_scores(answers: list[tuple[float, str, float | None]], curve, confidence_share,
+                  window_s: float = QUALITY_WINDOW_S) -> list[dict]:
+    """``(t_s, answered_by, confidence)`` of every answered job -> per window with answers: the
+    light share, the paper's score (the curve at that share) and the corrected score.
+
+    The curve was measured with the discriminator answering the most confident prompts light.  A
+    window whose light answers are other prompts (degraded ones: hard prompts whose heavy answer
+    would have been late; a random split) is charged the difference, in an additive model: a prompt
+    answered light costs the curve's slope at ``confidence_share(confidence)``, the light share at
+    which the discriminator's split would just include it.  In a window with prompts that were never
+    scored (sent straight to heavy) the comparison is with the curve itself."""
+    windows: dict[int, list] = {}
+    for t, by, confidence in answers:
+        windows.setdefault(int(t // window_s), []).append((by, confidence))
+    mean_cost = curve.score(1.0) - curve.score(0.0)  # a light answer of unknown confidence
+
+    def cost(c: float | None) -> float:
+        return mean_cost if c is None else _slope(curve, confidence_share(c))
+
     out = []
     for w in sorted(windows):
-        c = windows[w]
-        n = c["light"] + c["heavy"]
-        if n:
-            out.append({"start_s": w * window_s, "answers": n, "light_share": c["light"] / n})
+        rows = windows[w]
+        light = [c for by, c in rows if by == "light"]
+        share = len(light) / len(rows)
+        paper = curve.score(share)
+        known = [c for _by, c in rows if c is not None]
+        if len(known) == len(rows):  # the window's own most confident prompts
+            best = sum(map(cost, sorted(known, reverse=True)[:len(light)]))
+        else:  # some were never scored (sent straight to heavy): a population's most confident ones
+            best = (paper - curve.score(0.0)) * len(rows)
+        extra = sum(map(cost, light)) - best
+        out.append({"start_s": w * window_s, "answers": len(rows), "light_share": share,
+                    "score": round(paper + max(0.0, extra) / len(rows), 4), "paper_score": round(paper, 4)})
     return out
 
 
-def quality_estimate(answers: list[tuple[float, str]], curve, window_s: float = QUALITY_WINDOW_S) -> dict:
-    """The paper's way: mean over windows of curve(light share of the window)."""
-    windows = window_light_shares(answers, window_s)
-    for w in windows:
-        w["score"] = round(curve.score(w["light_share"]), 4)
+def quality_estimate(answers: list[tuple[float, str, float | None]], curve, confidence_share,
+                     window_s: float = QUALITY_WINDOW_S) -> dict:
+    """Mean over windows of the corrected score, and of the paper's score beside it."""
+    windows = window_scores(answers, curve, confidence_share, window_s)
     estimate = float(np.mean([w["score"] for w in windows])) if windows else None
+    paper = float(np.mean([w["paper_score"] for w in windows])) if windows else None
     return {"metric": curve.metric, "estimate": None if estimate is None else round(estimate, 4),
+            "paper_estimate": None if paper is None else round(paper, 4),
             "lower_is_better": curve.lower_is_better, "window_s": window_s, "windows": len(windows),
             "all_heavy": curve.score(0.0), "all_light": curve.score(1.0), "curve": curve.source,
             "method": QUALITY_METHOD.format(w=window_s), "per_window": windows}
@@ -79,8 +114,10 @@ def _bin_counts(times_s: list[float], bin_s: float, n_bins: int) -> list[int]:
     return bins
 
 
-def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, bin_s: float | None = None) -> dict:
-    """One policy's entry of report.json from a :class:`loadtest.runner.RunRecord`."""
+def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, confidence_curve=None,
+              bin_s: float | None = None) -> dict:
+    """One policy's entry of report.json from a :class:`loadtest.runner.RunRecord`; ``curve`` is the
+    cascade's quality curve, ``confidence_curve`` its f(t) (the profiled backend's confidences)."""
     x = run.time_scale
     jobs = run.jobs
     results = [j for j in jobs if j.result is not None]
@@ -106,6 +143,7 @@ def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, bin_
         "errors": dict(errors),
         "error_count": sum(errors.values()),
         "degraded": sum(bool(j.result.degraded) for j in ok),
+        "blank_prompts": sum(j.blank_prompt for j in jobs),
         "slo_met": met,
         "slo_violation_ratio": round(1 - met / len(jobs), 4) if jobs else None,
         "latency_ms": percentiles(latency),
@@ -120,9 +158,9 @@ def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, bin_
         "wall_s": round(run.wall_s, 2),
         "max_send_lag_ms": round(run.max_send_lag_s * 1000 / x, 2),
     }
-    answers = [(j.arrival_ms / 1000, j.result.answered_by) for j in ok]
-    if backend == "profiled" and curve is not None:
-        entry["quality"] = quality_estimate(answers, curve)
+    answers = [(j.arrival_ms / 1000, j.result.answered_by, j.result.confidence) for j in ok]
+    if backend == "profiled" and curve is not None and confidence_curve is not None:
+        entry["quality"] = quality_estimate(answers, curve, lambda c: 1.0 - confidence_curve.f(c))
     else:
         conf = [j.result.confidence for j in ok if j.result.answered_by == "light" and j.result.confidence is not None]
         entry["quality"] = {"metric": "heavy_share+light_confidence", "estimate": None,

@@ -43,6 +43,7 @@ class JobRecord:
     sent_s: float = 0.0  # wall seconds after the start
     received_s: float | None = None  # wall seconds after the start
     result: FinalResult | None = None
+    blank_prompt: bool = False  # its line of the prompt file is empty (answered invalid_request)
 
 
 @dataclass
@@ -214,13 +215,14 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
                 i += 1
             recs = []
             for arrival_ms, index in due:
-                rec = JobRecord(new_job_id(), index, arrival_ms, sent_s=now)
+                rec = JobRecord(new_job_id(), index, arrival_ms, sent_s=now, blank_prompt=not prompts[index])
                 by_id[rec.job_id] = rec
                 jobs.append(rec)
                 recs.append(rec)
                 run.max_send_lag_s = max(run.max_send_lag_s, now - arrival_ms * time_scale / 1000)
-            await asyncio.gather(*(client.enqueue(prompts[r.prompt_index % len(prompts)], job_id=r.job_id)
-                                   for r in recs))
+            # The prompt of the trace's line, and the line itself, so recorded confidences replay per line.
+            await asyncio.gather(*(client.enqueue(prompts[r.prompt_index], job_id=r.job_id,
+                                                  prompt_index=r.prompt_index) for r in recs))
         run.send_wall_s = loop.time() - t0
         sending_done = True
         if counts["answered"] >= len(jobs):
@@ -248,16 +250,20 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
 
 
 def stack_spec(*, policy: str, workers: int, backend: str, cascade: str, hardware: str, time_scale: float,
-               slo_ms: float, prompts_file: str | None = None, confidence_file: str | None = None,
+               slo_ms: float, confidence_file: str | None = None,
                controller_interval_s: float | None = None, model_dir: str | None = None,
-               light_workers: int | None = None, extra_env: dict[str, str] | None = None):
-    """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles)."""
+               light_workers: int | None = None, static_plan: str | None = None, static_demand: float | None = None,
+               extra_env: dict[str, str] | None = None):
+    """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles).
+    ``static_demand`` is in full-speed q/s (the controller gets it in wall-clock q/s)."""
     from common.localstack import StackSpec
 
     light = light_workers if light_workers is not None else max(1, workers // 2)
     env = {"DIFFSERVE_SLO_MS": f"{slo_ms * time_scale:.6g}", "DIFFSERVE_HARDWARE": hardware}
-    if prompts_file:
-        env["DIFFSERVE_PROMPTS_FILE"] = str(prompts_file)
+    if static_plan:
+        env["DIFFSERVE_STATIC_PLAN"] = static_plan
+    if static_demand:
+        env["DIFFSERVE_STATIC_DEMAND"] = f"{static_demand / time_scale:.6g}"
     if confidence_file:
         env["DIFFSERVE_CONFIDENCE_FILE"] = str(confidence_file)
     env.update(extra_env or {})

@@ -1,50 +1,32 @@
-"""Controller: every ``--interval-s`` it measures demand, live workers and queues, solves the
-plan (services/planner.py) and writes it where every service reads it (common/plan_store.py).
+"""Controller: every ``--interval-s`` it measures demand, live workers and queues, lets the
+control law (common/control.py, over the planner in common/planner.py) decide the plan and
+writes it where every service reads it (common/plan_store.py).
 
-Each tick:
+Measurements, each tick:
 
-1. demand D: the jobs stream's ``entries-added`` counter (XINFO STREAM; trimming does not
-   change it) differenced between ticks, smoothed with an EWMA that follows a rise quickly and
-   a fall slowly; when the smoothed rate is rising, the trend is extrapolated over one more
-   interval (look-ahead);
-2. live workers S: members of the ``workers`` zset whose heartbeat (score, ms) is younger
-   than ``--worker-timeout-s``; each worker's info hash gives its role and measured switch time;
-3. queues: backlog of the light, discriminator and heavy queues (undelivered + pending) and
-   their arrival rates (``entries-added`` deltas), which the planner turns into queue waits;
-4. solve twice: freely, and keeping every worker's current role; the free plan's role
-   changes are applied only when they matter (hysteresis, below);
-5. store the plan with the stored version + 1 (so a restarted controller continues the
-   sequence), export metrics and log a line when the plan changed.
+1. demand: the jobs stream's ``entries-added`` counter (XINFO STREAM; trimming does not change it);
+2. live workers: members of the ``workers`` zset whose heartbeat (score, ms) is younger than
+   ``--worker-timeout-s``; each worker's info hash gives its role and measured switch time;
+3. queues: the backlog of the light, discriminator and heavy queues (undelivered + pending).
 
-Hysteresis: the allocation changes when the current one cannot serve the new demand
-(the keep-roles plan is infeasible but the free one is not), or when the free plan's
-threshold (heavy fraction) differs from the keep-roles plan's by more than
-``--threshold-margin`` or its light/heavy split by more than ``--worker-margin`` workers, and
-then only if the workers to switch reload their model (measured ``switch_s``) well within an
-interval and two consecutive ticks propose the same move (noise damping); such a move is
-then taken in steps of at most ``--max-switch-fraction`` of the workers per tick, so a burst
-does not swing the whole cluster from one model to the other and back.  Switching workers serve nothing while they load: the work they would have done in
-that time is added to the backlog of the stage they join and the plan is solved again with it,
-so a slow switch is paid for in the plan.
+The plan is stored with the stored version + 1 (so a restarted controller continues the
+sequence); metrics are exported and a line is logged when the plan changed.
 
 Units: with the profiled backend every model latency is multiplied by ``--time-scale`` and
 load tests scale the SLO the same way, so the controller plans with latencies x time_scale and
-SLO = ``--slo-ms`` (wall-clock, like the router's deadlines; default the cascade's x time_scale).  Demand and queue rates are
-measured in real (wall-clock) queries/s, which in a time-scaled run are already "fast" units,
-so everything the planner sees is in the same clock.  Other backends plan with the profile as
-is (time_scale 1).  ``Plan.demand_qps`` holds the measured (real-time) demand.
+SLO = ``--slo-ms`` (wall-clock, like the router's deadlines; default the cascade's x time_scale).
+Demand is measured in real (wall-clock) queries/s, which in a time-scaled run are already "fast"
+units, so everything the planner sees is in the same clock.  Other backends plan with the profile
+as is (time_scale 1).  ``Plan.demand_qps`` holds the measured (real-time) demand.
 
 AIMD batching (``--policy aimd``) reads SLO outcomes from the ``stats`` hash (fields
-``slo_miss`` and ``slo_hit``, counters) when some service maintains them; without them it
-only ever increases batch sizes while the predicted latency fits the SLO.
+``slo_miss`` and ``slo_hit``, counters) that the router maintains.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -53,13 +35,13 @@ from redis.exceptions import ResponseError
 from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import ServiceConfig, option
+from common.control import ControlLoop, ControlSettings, WorkerView
 from common.messages import Plan
 from common.plan_store import load_plan, store_plan
+from common.planner import (DEFAULT_HEADROOM, OBJECTIVES, POLICIES, ROLES, AimdState, FixedPlan, PlanResult,
+                            QueueStats, count_changes, warm_up)
 from common.service import Service, now_ms, run
 from common.streams import backlog, run_forever
-from services.planner import (OBJECTIVES, POLICIES, ROLES, AimdState, PlanResult, QueueStats, count_changes, plan,
-                              warm_up)
-
 
 DEFAULT_INTERVAL_S = 10.0  # full-speed seconds between plans
 MIN_INTERVAL_S = 0.25
@@ -76,7 +58,11 @@ class ControllerConfig(ServiceConfig, BackendSettings):
     objective: str = option("auto", "quality (best estimated FID) or threshold (max t, the paper); auto: "
                             "quality where the cascade has a quality curve", env="DIFFSERVE_OBJECTIVE",
                             choices=("auto",) + OBJECTIVES)
-    static_threshold: float = option(0.5, "threshold of the static policy", env="DIFFSERVE_STATIC_THRESHOLD")
+    static_plan: str | None = option(None, "the static policy's fixed plan, e.g. t=0.02,light=4x16,heavy=12x4 "
+                                     "(workers x batch); default: the solver's plan for --static-demand",
+                                     env="DIFFSERVE_STATIC_PLAN")
+    static_demand: float | None = option(None, "demand (q/s, wall clock) the static plan is solved for "
+                                         "(default: the first demand measured)", env="DIFFSERVE_STATIC_DEMAND")
     slo_ms: float | None = option(None, "SLO in wall-clock ms, as the router stamps deadlines (default: the "
                                   "cascade's, x time_scale on the profiled backend)", env="DIFFSERVE_SLO_MS")
     worker_timeout_s: float = option(5.0, "a worker without a heartbeat for this long is not counted",
@@ -85,6 +71,12 @@ class ControllerConfig(ServiceConfig, BackendSettings):
                                env="DIFFSERVE_EWMA_ALPHA")
     ewma_alpha_down: float = option(0.2, "... and while it falls: slow decay, so a bursty load is not "
                                     "planned for its lulls", env="DIFFSERVE_EWMA_ALPHA_DOWN")
+    peak_halflife_s: float = option(300.0, "the light stage is provisioned for the recent peak demand, which "
+                                    "decays by half in this many full-speed seconds", env="DIFFSERVE_PEAK_HALFLIFE_S")
+    max_threshold_step: float = option(0.05, "largest change of the threshold from one plan to the next, unless "
+                                       "nothing that close is feasible", env="DIFFSERVE_MAX_THRESHOLD_STEP")
+    headroom: float = option(DEFAULT_HEADROOM, "plan every stage at most this busy (the profiled latencies are "
+                             "means)", env="DIFFSERVE_HEADROOM")
     threshold_margin: float = option(0.05, "keep the current roles unless the new plan's threshold differs "
                                      "by more than this", env="DIFFSERVE_THRESHOLD_MARGIN")
     worker_margin: int = option(1, "... or its light/heavy split by more than this many workers",
@@ -97,51 +89,15 @@ class ControllerConfig(ServiceConfig, BackendSettings):
                                env="DIFFSERVE_SPARE_UTIL")
 
 
-class RateEstimator:
-    """Rate of a monotonic counter: EWMA of per-tick deltas, plus a look-ahead of one
-    interval's trend while it rises."""
-
-    def __init__(self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None):
-        self.alpha = alpha
-        self.alpha_down = alpha if alpha_down is None else alpha_down
-        self.count: int | None = None
-        self.at: float | None = None
-        self.rate: float | None = initial  # smoothed
-        self.previous: float | None = None  # smoothed rate one tick ago
-        self.raw: float | None = None
-
-    def update(self, count: int, at: float) -> None:
-        if self.count is not None and self.at is not None and at > self.at:
-            delta = count - self.count
-            if delta < 0:  # the stream was deleted and recreated: its counter restarted
-                delta = count
-            self.raw = delta / (at - self.at)
-            self.previous = self.rate
-            if self.rate is None:
-                self.rate = self.raw
-            else:  # quick to follow a rise, slow to believe a fall
-                alpha = self.alpha if self.raw >= self.rate else self.alpha_down
-                self.rate = alpha * self.raw + (1 - alpha) * self.rate
-        self.count, self.at = count, at
-
-    @property
-    def smoothed(self) -> float:
-        return max(0.0, self.rate or 0.0)
-
-    def forecast(self) -> float:
-        """The smoothed rate, extrapolated one interval ahead while it is rising."""
-        rate = self.smoothed
-        if self.previous is not None and rate > self.previous:
-            rate += rate - self.previous
-        return rate
-
-
-@dataclass
-class WorkerView:
-    worker_id: str
-    role: str  # current role: the planned one if it is in the stored plan, else the reported one
-    reported_role: str
-    switch_s: float
+def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interval_s: float) -> ControlSettings:
+    return ControlSettings(
+        policy=cfg.policy, objective=None if cfg.objective == "auto" else cfg.objective, slo_ms=slo_ms,
+        latency_scale=scale, interval_s=interval_s, batch_grid=tuple(sorted(cfg.batch_grid)),
+        ewma_alpha=cfg.ewma_alpha, ewma_alpha_down=cfg.ewma_alpha_down, peak_halflife_s=cfg.peak_halflife_s * scale,
+        max_threshold_step=cfg.max_threshold_step, threshold_margin=cfg.threshold_margin,
+        worker_margin=cfg.worker_margin, max_switch_fraction=cfg.max_switch_fraction, spare_util=cfg.spare_util,
+        headroom=cfg.headroom, fixed_plan=FixedPlan.parse(cfg.static_plan) if cfg.static_plan else None,
+        static_demand=cfg.static_demand)
 
 
 class Controller:
@@ -154,15 +110,11 @@ class Controller:
         # stamps as the deadline. Only the cascade's default is scaled for a time-scaled run.
         self.slo_ms = self.cfg.slo_ms or self.profile.slo_ms * self.scale
         self.interval_s = self.cfg.interval_s or max(MIN_INTERVAL_S, DEFAULT_INTERVAL_S * self.scale)
-        self.objective = None if self.cfg.objective == "auto" else self.cfg.objective
-        alpha = self.cfg.ewma_alpha
-        self.demand = RateEstimator(alpha, alpha_down=self.cfg.ewma_alpha_down)
-        self.arrivals = {name: RateEstimator(alpha) for name in ("light", "discriminator", "heavy")}
+        self.loop = ControlLoop(self.profile, control_settings(self.cfg, self.slo_ms, self.scale, self.interval_s))
         self.slo_counts: tuple[int, int] | None = None
         self.last: Plan | None = None
         self.last_result: PlanResult | None = None
         self.ticks = 0
-        self.proposal: tuple | None = None  # a role change seen once, awaiting confirmation
 
     # ---------- measurements ----------
     async def entries_added(self, stream: str) -> int:
@@ -172,14 +124,6 @@ class Controller:
             return 0
         added = info.get("entries-added")
         return int(added if added is not None else info.get("length", 0))
-
-    async def measure_rates(self) -> None:
-        at = time.monotonic()
-        streams = {"light": self.keys.light_queue, "discriminator": self.keys.light_results,
-                   "heavy": self.keys.heavy_queue}
-        self.demand.update(await self.entries_added(self.keys.jobs), at)
-        for name, stream in streams.items():
-            self.arrivals[name].update(await self.entries_added(stream), at)
 
     async def live_workers(self, stored: Plan | None) -> list[WorkerView]:
         cutoff = now_ms() - self.cfg.worker_timeout_s * 1000.0
@@ -202,18 +146,14 @@ class Controller:
             except ValueError:
                 switch_s = 0.0
             role = planned.get(w) if planned.get(w) in ROLES else reported
-            out.append(WorkerView(w, role if role in ROLES else "", reported,
+            out.append(WorkerView(w, role if role in ROLES else "",
                                   switch_s if switch_s > 0 else self.cfg.default_switch_s * self.scale))
         return out
 
     async def queue_stats(self) -> QueueStats:
-        return QueueStats(
-            light_backlog=await backlog(self.r, self.keys.light_queue, "workers"),
-            light_qps=self.arrivals["light"].smoothed,
-            discriminator_backlog=await backlog(self.r, self.keys.light_results, "discriminator"),
-            discriminator_qps=self.arrivals["discriminator"].smoothed,
-            heavy_backlog=await backlog(self.r, self.keys.heavy_queue, "workers"),
-            heavy_qps=self.arrivals["heavy"].smoothed)
+        return QueueStats(light_backlog=await backlog(self.r, self.keys.light_queue, "workers"),
+                          discriminator_backlog=await backlog(self.r, self.keys.light_results, "discriminator"),
+                          heavy_backlog=await backlog(self.r, self.keys.heavy_queue, "workers"))
 
     async def slo_missed(self) -> bool:
         """Whether SLO misses were counted since the last tick (``stats`` hash, when maintained)."""
@@ -225,103 +165,19 @@ class Controller:
         before, self.slo_counts = self.slo_counts, counts
         return before is not None and counts[0] > before[0]
 
-    # ---------- planning ----------
-    def solve(self, demand: float, current: dict[str, str], queues: QueueStats, *, keep_roles: bool = False,
-              aimd: AimdState | None = None, switch_s: dict[str, float] | None = None) -> PlanResult:
-        return plan(self.profile, demand, len(current), policy=self.cfg.policy, objective=self.objective,
-                    batch_grid=tuple(sorted(self.cfg.batch_grid)),
-                    slo_ms=self.slo_ms, latency_scale=self.scale, static_threshold=self.cfg.static_threshold,
-                    current=current, queues=queues, keep_roles=keep_roles, aimd=aimd,
-                    drain_s=self.interval_s, spare_util=self.cfg.spare_util, switch_s=switch_s)
-
-    def with_switch_backlog(self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float],
-                            demand: float) -> QueueStats | None:
-        """Queues plus the jobs the switching workers' new stage receives for them while they
-        load (their share of that stage's planned arrivals); None when nobody switches."""
-        stage_qps = {"light": demand, "heavy": demand * (1.0 - result.light_share)}
-        size = {"light": max(1, result.light_workers), "heavy": max(1, result.heavy_workers)}
-        extra = {"light": 0.0, "heavy": 0.0}
-        for w, role in result.roles.items():
-            if current.get(w) in ROLES and current[w] != role:
-                extra[role] += switch_s.get(w, 0.0) * stage_qps[role] / size[role]
-        if not any(extra.values()):
-            return None
-        return extra
-
-    def choose(self, stored: Plan | None, demand: float, workers: list[WorkerView], queues: QueueStats,
-               aimd: AimdState | None) -> tuple[PlanResult, str]:
-        """The plan to write and why (logged)."""
-        current = {w.worker_id: w.role for w in workers}
-        switch_s = {w.worker_id: w.switch_s for w in workers}
-        new = self.solve(demand, current, queues, aimd=aimd, switch_s=switch_s)
-        proposal, self.proposal = self.proposal, None  # kept only while a change awaits confirmation
-        if not current or new.role_changes == 0:
-            return new, "no role change"
-        if stored is None or stored.policy != self.cfg.policy:
-            return new, "first plan" if stored is None else "policy changed"
-        keep = self.solve(demand, current, queues, keep_roles=True, aimd=aimd, switch_s=switch_s)
-        flipping = [w for w, r in new.roles.items() if current.get(w) in ROLES and current[w] != r]
-        if not keep.feasible:
-            reason = "current allocation cannot serve demand"
-        else:
-            differs = (abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
-                       or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
-                       or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin)
-            if not differs:
-                return keep, "within margins: roles kept"
-            slow = [w for w in flipping if switch_s.get(w, 0.0) > self.interval_s / 2]
-            if slow:
-                return keep, "switch slower than half an interval: roles kept"
-            # Noise damping: a move the current roles can live with must be proposed by two
-            # consecutive ticks before workers reload models for it.
-            sign = lambda x: (x > 1e-9) - (x < -1e-9)  # noqa: E731
-            move = (sign(new.light_workers - keep.light_workers), sign(new.threshold - keep.threshold),
-                    sign(new.heavy_fraction - keep.heavy_fraction))  # the direction, not the exact plan
-            if move != proposal:
-                self.proposal = move
-                return keep, "change proposed: confirming next interval"
-            self.proposal = move  # the next tick may continue the same move without waiting
-            reason = "plan moved beyond margins (confirmed)"
-            # A move the current roles can live with is taken in steps (fastest switchers
-            # first), so a burst does not swing the whole cluster between models.
-            step = max(1, math.ceil(self.cfg.max_switch_fraction * len(current)))
-            if len(flipping) > step:
-                partial = dict(current)
-                for w in sorted(flipping, key=lambda w: switch_s.get(w, 0.0))[:step]:
-                    partial[w] = new.roles[w]
-                stepped = self.solve(demand, partial, queues, keep_roles=True, aimd=aimd, switch_s=switch_s)
-                if not stepped.feasible:
-                    return keep, "partial move infeasible: roles kept"
-                stepped.solve_ms += new.solve_ms
-                new = stepped
-                reason += f", {step} of {len(flipping)} role changes this tick"
-        extra = self.with_switch_backlog(new, current, switch_s, demand)
-        if extra:
-            # The plan must also absorb the jobs that queue up while the switching workers load.
-            loaded = dataclasses.replace(queues, light_backlog=queues.light_backlog + round(extra["light"]),
-                                         heavy_backlog=queues.heavy_backlog + round(extra["heavy"]))
-            again = self.solve(demand, current, loaded, aimd=aimd, switch_s=switch_s)
-            if again.feasible and again.role_changes:
-                again.solve_ms += new.solve_ms
-                new = again
-            elif keep.feasible and not again.feasible:
-                return keep, "switch cost makes the change infeasible: roles kept"
-        return new, reason
-
     async def tick(self) -> Plan:
         stored = await load_plan(self.r, self.keys)
         if self.ticks == 0 and stored is not None and stored.demand_qps > 0:
-            self.demand.rate = stored.demand_qps  # a restarted controller starts from the last estimate
-        await self.measure_rates()
+            self.loop.demand.rate = stored.demand_qps  # a restarted controller starts from the last estimate
+        demand = self.loop.observe(await self.entries_added(self.keys.jobs), time.monotonic())
         self.ticks += 1
-        demand = self.demand.forecast()
         workers = await self.live_workers(stored)
         queues = await self.queue_stats()
         aimd = None
-        if self.cfg.policy == "aimd":
+        if self.loop.spec.aimd:
             miss = await self.slo_missed()
             aimd = AimdState(stored.light_batch, stored.heavy_batch, miss) if stored else AimdState(1, 1, miss)
-        result, reason = self.choose(stored, demand, workers, queues, aimd)
+        result, reason = self.loop.decide(stored, demand, workers, queues, aimd)
         version = (stored.version if stored is not None else 0) + 1
         message = result.to_message(version, result.roles, now_ms())
         message.demand_qps = demand
@@ -357,6 +213,7 @@ class Controller:
                 "light_batch": message.light_batch, "heavy_batch": message.heavy_batch,
                 "light_workers": message.light_workers, "heavy_workers": message.heavy_workers,
                 "role_changes": count_changes(current, message.roles), "demand_qps": round(message.demand_qps, 3),
+                "light_demand_qps": round(result.light_demand_qps, 3),
                 "feasible": message.feasible, "estimated_quality": message.estimated_quality,
                 "predicted_ms": round(result.latency.total_ms, 1), "slo_ms": result.slo_ms,
                 "solve_ms": round(result.solve_ms, 2), "reason": reason})

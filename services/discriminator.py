@@ -11,13 +11,11 @@ from common.backends import BackendSettings, latency_scale, load_profile, make_d
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
 from common.messages import E_MODEL, Completion, LightResult
-from common.plan_store import PlanWatcher
+from common.plan_store import HeavyStageWatcher, PlanWatcher
+from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
 from common.service import Service, now_ms, run
 from common.stage import split_batch
 from common.streams import StreamConsumer, run_forever
-
-# Policies under which every light image is final: no discriminator routing.
-ACCEPT_ALL_POLICIES = ("clipper-light", "proteus")
 
 
 @dataclass
@@ -27,9 +25,9 @@ class DiscriminatorConfig(ServiceConfig, BackendSettings):
     batch: int = option(32, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
     threshold: float | None = option(None, "fixed threshold (default: the plan's, 0.5 without a plan)",
                                      env="DIFFSERVE_THRESHOLD")
-    late_policy: str = option("light", "a job that cannot finish on the heavy model before its deadline: "
-                              "answer with the light image (light) or send it on (heavy)",
-                              env="DIFFSERVE_LATE_POLICY", choices=("light", "heavy"))
+    late_policy: str = option("plan", "a job the heavy model cannot finish before its deadline: as the plan "
+                              "says (plan), answered with its light image (light) or sent on anyway (heavy)",
+                              env="DIFFSERVE_LATE_POLICY", choices=LATE_POLICIES)
     reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead discriminator",
                                   env="DIFFSERVE_RECLAIM_IDLE_MS")
     max_deliveries: int = option(5, "fail a job whose batch crashed this many discriminators",
@@ -45,6 +43,7 @@ class Discriminator:
                                        reclaim_idle_ms=self.cfg.reclaim_idle_ms,
                                        max_deliveries=self.cfg.max_deliveries)
         self.plans = PlanWatcher(self.r, self.keys)
+        self.heavy = HeavyStageWatcher(self.r, self.keys)
         self.needs_images = self.cfg.backend != "profiled"
 
     def heavy_ms(self, batch: int) -> float:
@@ -70,10 +69,10 @@ class Discriminator:
     async def route(self, results: list[LightResult]) -> list[tuple[str, bytes]]:
         plan = await self.plans.current()
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
-        accept_all = plan.policy in ACCEPT_ALL_POLICIES
         start = time.perf_counter()
         try:
-            scores = await asyncio.to_thread(self.model.score, [r.job.prompt for r in results], self._images(results))
+            scores = await asyncio.to_thread(self.model.score, [r.job.prompt for r in results], self._images(results),
+                                             [r.job.prompt_index for r in results])
         except Exception as exc:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
             metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))
@@ -82,27 +81,27 @@ class Discriminator:
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
         metrics.THRESHOLD.set(threshold)
-        heavy_finish = now_ms() + self.heavy_ms(plan.heavy_batch)
+        degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
+        heavy = await self.heavy.stage(plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
+        now = now_ms()
         outputs = []
-        for result, confidence in zip(results, scores):
+        for i in decision_order(scores):
+            result, confidence = results[i], scores[i]
             job = result.job
-            if job.routed_by == "fallback":  # the heavy model could not make its deadline
-                decision = "late"
-            elif accept_all or confidence >= threshold:
-                decision = "light"
-            elif self.cfg.late_policy == "light" and heavy_finish > job.deadline_ms:
-                decision = "late"
-            else:
-                decision = "heavy"
+            decision = cascade_decision(confidence, threshold, discriminator_routes=plan.discriminator_routes,
+                                        degrade_late=degrade_late, fallback=job.routed_by == "fallback",
+                                        on_time=heavy is None or heavy.on_time(now, job.deadline_ms))
             metrics.ROUTED.labels(decision).inc()
-            if decision == "heavy":
+            if decision == Decision.HEAVY:
+                if heavy is not None:
+                    heavy.admit()
                 job.confidence = confidence
                 job.light_image, job.light_image_format = result.image, result.image_format
                 outputs.append((self.keys.heavy_queue, job.encode()))
             else:
                 outputs.append((self.keys.completions, Completion.answer(
                     job, result.image, result.image_format, "light", result.model, confidence,
-                    degraded=decision == "late", worker_id=self.cfg.instance_id).encode()))
+                    degraded=decision == Decision.LATE, worker_id=self.cfg.instance_id).encode()))
         return outputs
 
 

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 from common import metrics
 from common.cascades import cascade
+from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import Keys, ServiceConfig, option
 from common.messages import (E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG, E_UNKNOWN_MODEL,
                              IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError, RoutedJob,
                              unpack)
-from common.plan_store import PlanWatcher
+from common.plan_store import HeavyStageWatcher, PlanWatcher
+from common.routing import Decision, direct_decision
 from common.profiles import uniform_from_text
 from common.service import Service, now_ms, run
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
@@ -43,11 +45,9 @@ PLAIN_FIELDS = {"job_id": str, "prompt": str, "slo_ms": float, "seed": int, "ima
 
 
 @dataclass
-class RouterConfig(ServiceConfig):
+class RouterConfig(ServiceConfig, BackendSettings):
     """diffserve router: admission, validation and exactly-once delivery of results."""
 
-    cascade: str = option("sdturbo-sdv15", "cascade served (its SLO is the default deadline)",
-                          env="DIFFSERVE_CASCADE")
     slo_ms: float | None = option(None, "default SLO in ms (default: the cascade's)", env="DIFFSERVE_SLO_MS")
     max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
     max_entry_bytes: int = option(65536, "largest job entry accepted", env="DIFFSERVE_MAX_ENTRY_BYTES")
@@ -121,9 +121,18 @@ class Router:
         self.completions = StreamConsumer(self.r, self.keys.completions, "router", name,
                                           reclaim_idle_ms=self.cfg.reclaim_idle_ms)
         self.plans = PlanWatcher(self.r, self.keys)
+        self.heavy = HeavyStageWatcher(self.r, self.keys)
+        self._profile = None
         self.light_backlog = 0
         self._next_trim = 0.0
         self._rng = random.Random()
+
+    def heavy_batch_ms(self, batch: int) -> float:
+        """The heavy model's profiled batch time in this deployment's clock (loaded when a plan first
+        sends jobs straight to heavy)."""
+        if self._profile is None:
+            self._profile = load_profile(self.cfg)
+        return self._profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
 
     # ---------- admission ----------
     async def admit_batch(self) -> None:
@@ -131,6 +140,9 @@ class Router:
         if not entries:
             return
         plan = await self.plans.current()
+        heavy = None  # the deadline rule's view of the heavy stage, for jobs sent straight there
+        if plan.heavy_fraction > 0 and plan.degrade_late:
+            heavy = await self.heavy.stage(plan, self.heavy_batch_ms(plan.heavy_batch))
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
         arrival = now_ms()
@@ -151,12 +163,18 @@ class Router:
                 continue
             routed = RoutedJob(job.job_id, job.prompt, arrival, arrival + (job.slo_ms or self.default_slo_ms),
                                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
-                               job.image_format, job.image_quality, job.reply_to)
-            if plan.policy == "clipper-heavy" or (plan.policy == "proteus"
-                                                   and self._rng.random() < plan.heavy_fraction):
+                               job.image_format, job.image_quality, job.reply_to, prompt_index=job.prompt_index)
+            decision = Decision.LIGHT
+            if plan.heavy_fraction > 0:
+                decision = direct_decision(self._rng.random(), plan.heavy_fraction, degrade_late=plan.degrade_late,
+                                           on_time=heavy is None or heavy.on_time(arrival, routed.deadline_ms))
+            if decision == Decision.HEAVY:
                 routed.routed_by = "direct"
                 outputs.append((self.keys.heavy_queue, routed.encode()))
+                if heavy is not None:
+                    heavy.admit()
             else:
+                routed.routed_by = "fallback" if decision == Decision.LATE else "cascade"
                 outputs.append((self.keys.light_queue, routed.encode()))
                 self.light_backlog += 1
 

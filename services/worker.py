@@ -13,6 +13,7 @@ from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import E_MODEL, Completion, LightResult, RoutedJob
 from common.plan_store import PlanWatcher
+from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
 from common.service import Service, now_ms, run
 from common.stage import split_batch
 from common.streams import StreamConsumer, run_forever
@@ -28,9 +29,9 @@ class WorkerConfig(ServiceConfig, BackendSettings):
     role: str = option("light", "starting role; the controller's plan may change it", env="DIFFSERVE_ROLE",
                        choices=ROLES)
     batch: int = option(0, "fixed batch size (0: the plan's)", env="DIFFSERVE_BATCH")
-    late_policy: str = option("light", "heavy jobs that cannot make their deadline: answer with the light "
-                              "image (light) or run them anyway (heavy)", env="DIFFSERVE_LATE_POLICY",
-                              choices=("light", "heavy"))
+    late_policy: str = option("plan", "heavy jobs that cannot make their deadline: as the plan says (plan), "
+                              "answered with the light image (light) or run anyway (heavy)",
+                              env="DIFFSERVE_LATE_POLICY", choices=LATE_POLICIES)
     thumbnail_size: int = option(-1, "attach an RGB thumbnail of this size to light results, so the "
                                  "discriminator skips the PNG decode (0: none; -1: 224 with real models, none "
                                  "with the profiled backend)", env="DIFFSERVE_THUMBNAIL_SIZE")
@@ -128,8 +129,7 @@ class Worker:
         good, outputs = split_batch(entries, RoutedJob.decode, keys=self.keys, stream=consumer.stream,
                                     service="worker", max_deliveries=consumer.max_deliveries, job_of=lambda j: j)
         jobs = [job for _entry, job in good]
-        # clipper-heavy is the heavy-only baseline: nothing falls back to the light model there.
-        if self.role == "heavy" and self.cfg.late_policy == "light" and plan.policy != "clipper-heavy":
+        if self.role == "heavy" and degrades_late(self.cfg.late_policy, plan.degrade_late):
             jobs, late = self._split_late(jobs)
             outputs += late
         if jobs:
@@ -138,13 +138,14 @@ class Worker:
         await consumer.write_and_ack([e.id for e in entries], outputs)
 
     def _split_late(self, jobs: list[RoutedJob]):
-        """Jobs that would finish after their deadline even if started now are answered
-        with their light image, marked degraded, instead of late; a job a policy sent straight
-        to heavy has no light image yet, so it goes to the light model as a fallback."""
-        finish = now_ms() + self.estimate_ms(len(jobs))
+        """Jobs that would finish after their deadline even if started now (the deadline rule
+        with nothing queued ahead) are answered with their light image, marked degraded, instead
+        of late; a job a policy sent straight to heavy has no light image yet, so it goes to the
+        light model as a fallback."""
+        now, batch_ms = now_ms(), self.estimate_ms(len(jobs))
         on_time, late = [], []
         for job in jobs:
-            if finish <= job.deadline_ms:
+            if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms):
                 on_time.append(job)
             elif job.light_image is not None:
                 late.append((self.keys.completions, Completion.answer(

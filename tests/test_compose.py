@@ -313,7 +313,7 @@ def test_env_file_values_parse_and_every_line_is_documented():
     float(env["DIFFSERVE_TIME_SCALE"])
     assert env["DIFFSERVE_SLO_MS"] == "" or float(env["DIFFSERVE_SLO_MS"]) > 0
     if "DIFFSERVE_POLICY" in env:
-        from services.planner import POLICIES
+        from common.planner import POLICIES
 
         assert env["DIFFSERVE_POLICY"] in POLICIES
     lines = ENV_FILE.read_text().splitlines()

@@ -22,7 +22,8 @@ from common.localstack import RedisServer
 from common.messages import Plan
 from common.plan_store import load_plan
 from common.service import Service, now_ms
-from services.controller import ControllerConfig, RateEstimator, serve
+from common.control import RateEstimator
+from services.controller import ControllerConfig, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)

@@ -72,19 +72,29 @@ def test_trace_file_round_trip(tmp_path):
 
 def test_quality_estimate_matches_hand_computation():
     curve = load_cascade_profile("sdturbo-sdv15").quality
-    answers = ([(0.5, "light")] * 5 + [(1.0, "heavy")] * 5  # window 0: share 0.5
-               + [(6.0, "light")] * 4  # window 1: share 1.0
-               + [(12.0, "heavy")] * 5  # window 2: share 0.0
-               + [(21.0, "light")] * 3 + [(24.9, "heavy")])  # window 4: 0.75; window 3 has no answers
-    q = report.quality_estimate(answers, curve)
+    share = lambda c: 1.0 - c  # noqa: E731  (a confidence c: the share of prompts at least as confident)
+    # the discriminator's own split: light answers are the window's most confident prompts
+    answers = ([(0.5, "light", 0.9)] * 5 + [(1.0, "heavy", 0.1)] * 5  # window 0: share 0.5
+               + [(6.0, "light", 0.8)] * 4  # window 1: share 1.0
+               + [(12.0, "heavy", 0.2)] * 5  # window 2: share 0.0
+               + [(21.0, "light", 0.7)] * 3 + [(24.9, "heavy", 0.3)])  # window 4: 0.75; window 3 has no answers
+    q = report.quality_estimate(answers, curve, share)
     expected = (16.95 + 22.77 + 18.55 + (17.95 + 18.86) / 2) / 4  # the CSV's values, 0.75 interpolated
     assert q["windows"] == 4
-    assert q["estimate"] == pytest.approx(expected, abs=1e-3)
+    assert q["estimate"] == pytest.approx(expected, abs=1e-3) and q["paper_estimate"] == pytest.approx(expected, abs=1e-3)
     assert [w["light_share"] for w in q["per_window"]] == [0.5, 1.0, 0.0, 0.75]
     assert q["all_heavy"] == 18.55 and q["all_light"] == 22.77
     # A made-up linear curve: the estimate is the mean of the per-window shares mapped through it.
     linear = QualityCurve([0.0, 1.0], [10.0, 20.0])
-    assert report.quality_estimate(answers, linear)["estimate"] == pytest.approx(10 + 10 * (0.5 + 1 + 0 + 0.75) / 4)
+    assert report.quality_estimate(answers, linear, share)["estimate"] == pytest.approx(10 + 10 * (0.5 + 1 + 0 + 0.75) / 4)
+    # Degraded: the light answers are hard prompts (a heavy answer was more confident). The paper's
+    # method does not see it; the estimate charges the difference in the curve's slopes.
+    swapped = [(0.5, "light", 0.1)] * 5 + [(1.0, "heavy", 0.9)] * 5
+    q = report.quality_estimate(swapped, curve, share)
+    assert q["paper_estimate"] == pytest.approx(16.95)
+    slope = lambda s: (curve.score(min(1, s + 0.005)) - curve.score(max(0, s - 0.005))) / 0.01  # noqa: E731
+    assert q["estimate"] == pytest.approx(16.95 + (slope(0.9) - slope(0.1)) * 5 / 10, abs=1e-3)
+    assert q["estimate"] > q["paper_estimate"]
 
 
 def _result(job_id, by="light", ok=True, latency=100.0, slo=True, degraded=False, code=None, conf=0.8):
@@ -104,7 +114,7 @@ def test_summarize_counts_every_job():
             j.result, j.received_s = r, j.sent_s + r.latency_ms / 1000
     run = RunRecord("p", x, trace, jobs, duplicates=0)
     curve = QualityCurve([0.0, 1.0], [10.0, 20.0])
-    e = report.summarize(run, slo_ms=2500, curve=curve)
+    e = report.summarize(run, slo_ms=2500, curve=curve, confidence_curve=load_cascade_profile("sdturbo-sdv15").curve)
     assert (e["sent"], e["answered"], e["ok"], e["lost"], e["duplicates"]) == (6, 5, 4, 1, 0)
     assert e["errors"] == {"overloaded": 1} and e["degraded"] == 1
     assert e["slo_met"] == 3 and e["slo_violation_ratio"] == pytest.approx(0.5)
@@ -210,3 +220,53 @@ def test_serving_bench_smoke(tmp_path):
     assert all(s["answered"] == s["sent"] and s["errors"] == 0 for s in result["steps"])
     assert result["max_sustained_qps"] in (0, 40, 80)
     assert "| bare Redis" in out.with_suffix(".md").read_text()
+
+
+def test_prompt_lines_keep_their_numbers():
+    prompts = load_prompts()
+    assert len(prompts) == 5000  # the shipped file's every line, its one blank line included
+    assert prompts[3971] == "" and prompts[3972] and prompts[4999]
+    assert len(set(prompts)) < len(prompts)  # texts repeat: lines, not texts, identify a query
+
+
+@pytest.mark.slow
+def test_replay_is_faithful_per_line(redis_server, tmp_path):
+    """A prompt file with a blank line and repeated texts: every query gets the confidence recorded
+    for its own line, and the blank line is sent, answered as an empty prompt and counted."""
+    from common.localstack import LocalStack, StackSpec
+    from loadtest.runner import replay
+    from loadtest.simulate import SimConfig, simulate
+
+    lines = ["a cat", "", "a dog", "a cat", "a bird", "a dog"]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(lines) + "\n")
+    recorded = {0: 0.9, 2: 0.1, 3: 0.2, 4: 0.7, 5: 0.8}  # the same text, other confidences, by line
+    conf_file = tmp_path / "conf.csv"
+    conf_file.write_text("prompt_index,confidence\n" + "".join(f"{i},{c}\n" for i, c in recorded.items()))
+    prompts = load_prompts(prompts_file)
+    assert prompts == lines
+    trace_file = tmp_path / "trace.csv"
+    trace_file.write_text("arrival_ms,prompt_index\n" + "".join(f"{i * 300},{i}\n" for i in range(6)))
+    trace = read_trace(trace_file, n_prompts=len(prompts))  # the last line's index is in range
+    env = {"DIFFSERVE_CONFIDENCE_FILE": str(conf_file), "DIFFSERVE_THRESHOLD": "0.5", "DIFFSERVE_SLO_MS": "500"}
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.1, env=env)
+    with LocalStack(spec, str(tmp_path / "logs")):
+        run = asyncio.run(replay(redis_server.url, trace, prompts, time_scale=0.1, policy="none", progress=False,
+                                 drain_timeout_s=30, sample_interval_s=0.1))
+    by_line = {j.prompt_index: j.result for j in run.jobs}
+    assert by_line[1].status == "error" and by_line[1].error_code == "invalid_request"
+    for i, confidence in recorded.items():
+        assert by_line[i].status == "ok" and by_line[i].confidence == pytest.approx(confidence)
+        assert by_line[i].answered_by == ("light" if confidence >= 0.5 else "heavy")
+    e = report.summarize(run, slo_ms=5000)
+    assert e["blank_prompts"] == 1 and e["errors"] == {"invalid_request": 1} and e["lost"] == 0
+    # the simulator reads the same file the same way
+    from common.backends.profiled import load_confidence_overrides
+    from common.planner import FixedPlan
+
+    sim = simulate(load_cascade_profile("sdturbo-sdv15"), trace, prompts,
+                   SimConfig(policy="static", workers=2, slo_ms=5000,
+                             fixed_plan=FixedPlan.parse("t=0.5,light=1x4,heavy=1x2")),
+                   overrides=load_confidence_overrides(str(conf_file)))
+    assert {j.prompt_index: j.result.confidence for j in sim.jobs if j.result.status == "ok"} == \
+        pytest.approx(recorded)

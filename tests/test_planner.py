@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.profiles import load_cascade_profile
-from services import planner as P
+from common import planner as P
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def _key(problem, found):
     if found is None:
         return None
     choice, ev = found
-    return ev.key(problem, problem.options[choice.option])
+    return ev.key(problem, problem.options[choice.option], choice.x1)
 
 
 def _same_optimum(problem):
@@ -36,9 +36,9 @@ def _same_optimum(problem):
     assert (km is None) == (kb is None), (km, kb)
     if km is None:
         return None
-    # same option (threshold) rank and role changes; latency equal up to the solver's tolerance
-    assert km[:2] == kb[:2], (km, kb)
-    assert km[2] == pytest.approx(kb[2], abs=1e-3)
+    # same option (threshold) rank, role changes and light workers; latency equal up to the solver's tolerance
+    assert km[:3] == kb[:3], (km, kb)
+    assert km[3] == pytest.approx(kb[3], abs=1e-3)
     assert problem.options[milp[0].option].value == problem.options[brute[0].option].value
     assert P.evaluate(problem, milp[0]).feasible
     return milp
@@ -53,12 +53,13 @@ def test_milp_matches_brute_force(sdturbo, objective, workers):
 
 def test_milp_matches_brute_force_with_roles_queues_and_policies(sdturbo):
     current = {"a": "light", "b": "heavy", "c": "heavy", "d": "light", "e": ""}
-    queues = P.QueueStats(light_backlog=4, light_qps=2.0, heavy_backlog=3, heavy_qps=0.5)
+    queues = P.QueueStats(light_backlog=4, heavy_backlog=3)
     for policy in P.POLICIES:
         for demand in (0.5, 3.0, 8.0, 40.0):
             for keep in (False, True):
                 problem = P.build_problem(sdturbo, demand, 5, policy=policy, current=current, queues=queues,
-                                          keep_roles=keep, static_threshold=0.3)
+                                          keep_roles=keep, light_demand_qps=demand * 2,
+                                          threshold_window=(0.1, 0.3))
                 _same_optimum(problem)
 
 
@@ -76,26 +77,27 @@ def test_infeasible_demand_gives_max_throughput_plan(sdturbo):
     result = P.plan(sdturbo, 1000.0, 8)
     assert not result.feasible
     assert result.threshold == 0.0 and result.light_workers == 8 and result.heavy_workers == 0
-    # the highest-throughput light batch whose latency fits the SLO
-    fits = [b for b in (1, 2, 4, 8, 16, 32) if sdturbo.light.latency_ms(b) + sdturbo.discriminator.latency_ms(b)
-            <= sdturbo.slo_ms]
+    # the highest-throughput light batch whose light path (batch, discriminator, half a batch's wait) fits
+    fits = [b for b in (1, 2, 4, 8, 16, 32) if (1 + P.WAIT_BATCHES) * sdturbo.light.latency_ms(b)
+            + sdturbo.discriminator.latency_ms(b) <= sdturbo.slo_ms]
     assert result.light_batch == max(fits, key=sdturbo.light.throughput_qps)
     assert result.notes
 
 
-def _check_feasible_against_tables(profile, result, demand):
+def _check_feasible_against_tables(profile, result, demand, light_demand=None, headroom=P.DEFAULT_HEADROOM):
     """Recompute capacity and latency from the profile tables, independently of the planner."""
     f = profile.curve.f(result.threshold)
     light_cap = result.light_workers * profile.light.throughput_qps(result.light_batch)
-    assert light_cap >= demand * (1 - 1e-6)
+    assert light_cap * headroom >= max(demand, light_demand or 0) * (1 - 1e-6)
     heavy_load = demand * f
     if heavy_load > 0:
-        assert result.heavy_workers * profile.heavy.throughput_qps(result.heavy_batch) >= heavy_load * (1 - 1e-6)
-    latency = profile.light.latency_ms(result.light_batch) + profile.discriminator.latency_ms(result.light_batch)
-    latency += (result.light_batch - 1) * result.light_workers * 1000.0 / max(demand, 1e-6)
+        heavy_cap = result.heavy_workers * profile.heavy.throughput_qps(result.heavy_batch)
+        assert heavy_cap * headroom >= heavy_load * (1 - 1e-6)
+    k = P.WAIT_BATCHES
+    latency = (1 + k) * profile.light.latency_ms(result.light_batch) + profile.discriminator.latency_ms(
+        result.light_batch)
     if heavy_load > 0:
-        latency += profile.heavy.latency_ms(result.heavy_batch)
-        latency += (result.heavy_batch - 1) * result.heavy_workers * 1000.0 / heavy_load
+        latency += (1 + k) * profile.heavy.latency_ms(result.heavy_batch)
     assert latency <= profile.slo_ms * (1 + 1e-6)
     assert result.latency.total_ms == pytest.approx(latency, rel=1e-6)
     assert result.light_workers + result.heavy_workers == result.workers
@@ -107,13 +109,15 @@ def test_plan_feasible_against_tables(sdturbo, demand, workers):
         result = P.plan(sdturbo, demand, workers, objective=objective)
         assert result.feasible
         _check_feasible_against_tables(sdturbo, result, demand)
+        peak = P.plan(sdturbo, demand, workers, objective=objective, light_demand_qps=demand * 3)
+        _check_feasible_against_tables(sdturbo, peak, demand, light_demand=demand * 3)
 
 
 def test_quality_objective_prefers_best_fid_when_capacity_is_plentiful(sdturbo):
     result = P.plan(sdturbo, 2.0, 16, objective="quality")
-    # the best FID of sdturbo-sdv15 is at 40% light: f(0.2) = 0.582 gives 41.8% light
-    assert result.threshold == pytest.approx(0.2)
-    assert abs(result.light_share - 0.4) < 0.05
+    # the best FID of sdturbo-sdv15 is at 40% light: f(0.21) = 0.60 gives 39.6% light
+    assert result.threshold == pytest.approx(0.21)
+    assert abs(result.light_share - 0.4) < 0.01
     assert result.estimated_quality == pytest.approx(min(
         sdturbo.quality.score(1 - sdturbo.curve.f(t)) for t in P.THRESHOLD_GRID))
     assert result.objective == "quality" and result.objective_value == result.estimated_quality
@@ -125,7 +129,7 @@ def test_quality_objective_falls_back_to_largest_feasible_threshold_under_load(s
     workers = 16
     demand = 40.0
     feasible = [o.value for o in P.build_problem(sdturbo, demand, workers).options
-                if P.brute_force(P.build_problem(sdturbo, demand, workers, policy="static", static_threshold=o.value),
+                if P.brute_force(P.build_problem(sdturbo, demand, workers, threshold_grid=[o.value]),
                                  exhaustive=False) is not None]
     assert feasible and max(feasible) < 0.2  # the quality optimum is out of reach
     result = P.plan(sdturbo, demand, workers, objective="quality")
@@ -137,7 +141,7 @@ def test_threshold_objective_is_max_t(sdturbo):
     for demand, workers in ((3.0, 8), (10.0, 16), (25.0, 32)):
         result = P.plan(sdturbo, demand, workers, objective="threshold")
         best = max(t for t in P.THRESHOLD_GRID if P.brute_force(
-            P.build_problem(sdturbo, demand, workers, policy="static", static_threshold=t), exhaustive=False))
+            P.build_problem(sdturbo, demand, workers, threshold_grid=[t]), exhaustive=False))
         assert result.threshold == pytest.approx(best)
 
 
@@ -147,14 +151,27 @@ def test_all_workers_get_a_role_and_spares_go_to_the_busier_stage(sdturbo):
     assert result.heavy_workers - result.min_heavy_workers > result.light_workers - result.min_light_workers
 
 
-def test_queue_wait_lowers_the_threshold(sdturbo):
+def test_a_backlog_is_capacity_to_drain_not_latency(sdturbo):
+    """A heavy backlog asks for the capacity to drain it within drain_s; it adds no queue wait to the
+    latency budget (the old Little's-law term made every t > 0 infeasible after a busy interval)."""
     calm = P.plan(sdturbo, 10.0, 16, objective="threshold")
-    busy = P.plan(sdturbo, 10.0, 16, objective="threshold",
-                  queues=P.QueueStats(heavy_backlog=20, heavy_qps=8.0))
-    assert busy.threshold < calm.threshold
-    # Little's law with the arrival rate floored at the planned heavy load D*f(t)
-    rate = max(8.0, 10.0 * sdturbo.curve.f(busy.threshold))
-    assert busy.latency.heavy_queue_ms >= 20 / rate * 1000 - 1e-6
+    busy = P.plan(sdturbo, 10.0, 16, objective="threshold", queues=P.QueueStats(heavy_backlog=60), drain_s=20.0)
+    assert busy.latency.total_ms == pytest.approx(calm.latency.total_ms) or busy.heavy_batch != calm.heavy_batch
+    assert busy.latency.heavy_queue_ms == pytest.approx(P.WAIT_BATCHES * busy.latency.heavy_ms)
+    f = sdturbo.curve.f(busy.threshold)
+    cap = busy.heavy_workers * sdturbo.heavy.throughput_qps(busy.heavy_batch)
+    assert cap * P.DEFAULT_HEADROOM >= 10.0 * f + 60 / 20.0 - 1e-6
+    assert 0 < busy.threshold <= calm.threshold
+
+
+def test_threshold_window_bounds_the_move(sdturbo):
+    free = P.plan(sdturbo, 30.0, 16)
+    held = P.plan(sdturbo, 30.0, 16, threshold_window=(0.16, 0.26))
+    assert free.threshold < 0.16  # the free plan wants a lower t at this demand
+    assert held.threshold == pytest.approx(0.16)  # smoothing: only to the window's edge
+    assert held.notes and "window" in held.notes[0]
+    inside = P.plan(sdturbo, 4.0, 16, threshold_window=(0.0, 0.1))
+    assert inside.threshold == pytest.approx(0.1) and not inside.notes
 
 
 def test_latency_scale_and_slo_scale_together(sdturbo):
@@ -170,13 +187,18 @@ def test_policies(sdturbo):
     assert light.threshold == 0.0 and light.light_workers == 8 and light.heavy_workers == 0
     heavy = P.plan(sdturbo, 2.0, 8, policy="clipper-heavy")
     assert heavy.heavy_workers == 8 and heavy.light_workers == 0 and heavy.heavy_fraction == 1.0
-    static = P.plan(sdturbo, 2.0, 8, policy="static", static_threshold=0.35)
-    assert static.threshold == 0.35 and static.feasible
+    fixed = P.FixedPlan.parse("t=0.02,light=4x16,heavy=12x4")
+    static = P.plan(sdturbo, 30.0, 16, policy="static", fixed=fixed)
+    assert (static.threshold, static.light_workers, static.light_batch, static.heavy_workers,
+            static.heavy_batch) == (0.02, 4, 16, 12, 4)
+    assert str(fixed) == "t=0.02,light=4x16,heavy=12x4"
+    with pytest.raises(ValueError):
+        P.FixedPlan.parse("t=0.02,light=4,heavy=12x4")
     proteus = P.plan(sdturbo, 12.0, 8, policy="proteus")
     assert proteus.threshold == 0.0 and 0 < proteus.heavy_fraction < 1
     # the largest fraction capacity allows: one grid step more is not feasible
     more = P.build_problem(sdturbo, 12.0, 8, policy="proteus",
-                           threshold_grid=[round(proteus.heavy_fraction + 0.05, 2)])
+                           threshold_grid=[round(proteus.heavy_fraction + 0.01, 2)])
     assert P.brute_force(more, exhaustive=False) is None
     assert P.plan(sdturbo, 6.0, 8, policy="diffserve-threshold").objective == "threshold"
 
@@ -254,7 +276,7 @@ def test_plan_command_prints_json():
 def test_a_queue_with_jobs_keeps_a_worker(sdturbo):
     """A plan that sends the heavy stage nothing new (t=0) still leaves one heavy worker while
     the heavy queue holds jobs, so they are not stranded; the same for the fallback."""
-    queues = P.QueueStats(heavy_backlog=5, heavy_qps=0.0)
+    queues = P.QueueStats(heavy_backlog=5)
     busy = P.plan(sdturbo, 120.0, 8, queues=queues)
     assert busy.threshold == 0.0 and busy.heavy_workers == 1 and busy.light_workers == 7
     overload = P.plan(sdturbo, 1000.0, 8, queues=queues)

@@ -37,10 +37,9 @@ class BackendSettings:
                                    "captures", env="DIFFSERVE_BATCH_GRID")
     cuda_graphs: bool = option(True, "capture a CUDA graph of the UNet step per batch size (CUDA only)",
                                env="DIFFSERVE_CUDA_GRAPHS")
-    confidence_file: str | None = option(None, "profiled discriminator: recorded `prompt_index,confidence` lines",
+    confidence_file: str | None = option(None, "profiled discriminator: recorded `prompt_index,confidence` lines "
+                                         "(a job carrying a prompt_index gets its line's confidence)",
                                          env="DIFFSERVE_CONFIDENCE_FILE")
-    prompts_file: str | None = option(None, "prompt file the confidence file indexes (default: DiffusionDB 5k)",
-                                      env="DIFFSERVE_PROMPTS_FILE")
 
 
 def latency_scale(settings: BackendSettings) -> float:
@@ -95,8 +94,7 @@ def make_discriminator(settings: BackendSettings):
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledDiscriminator, load_confidence_overrides
 
-        overrides = (load_confidence_overrides(settings.confidence_file, settings.prompts_file)
-                     if settings.confidence_file else None)
+        overrides = load_confidence_overrides(settings.confidence_file) if settings.confidence_file else None
         profile = load_profile(settings)
         return ProfiledDiscriminator(profile.discriminator, profile.curve, settings.time_scale, overrides)
     from pathlib import Path

@@ -499,7 +499,9 @@ class TimmDiscriminator:
         self._place(load_discriminator_model(self.checkpoint_dir, self.meta))
         return time.perf_counter() - start
 
-    def score(self, prompts: list[str], images: list[Image.Image]) -> list[float]:
+    def score(self, prompts: list[str], images: list[Image.Image],
+              prompt_indices: list[int | None] | None = None) -> list[float]:
+        """Confidence per image (``prompt_indices`` matter only to the profiled backend's replay)."""
         import torch
 
         batch = preprocess(images, self.meta).to(self.device)

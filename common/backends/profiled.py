@@ -10,7 +10,7 @@ import time
 
 from PIL import Image
 
-from common.profiles import ConfidenceCurve, LatencyTable, load_prompts, uniform_from_text
+from common.profiles import ConfidenceCurve, LatencyTable, uniform_from_text
 
 # Disk -> GPU and host -> GPU load times measured on the H100 (common/data/h100/README.md).
 LOAD_SECONDS = {"disk": {"sdturbo": 2.78, "sdv15": 1.90}, "host": {"sdturbo": 0.42, "sdv15": 0.38}}
@@ -46,17 +46,20 @@ class ProfiledModel:
         return [self._image] * len(prompts)
 
 
-def load_confidence_overrides(confidence_file: str, prompts_file: str | None) -> dict[str, float]:
-    """``prompt_index,confidence`` lines -> {prompt text: confidence}."""
-    prompts = load_prompts(prompts_file)
+def load_confidence_overrides(confidence_file: str) -> dict[int, float]:
+    """``prompt_index,confidence`` lines -> {prompt index (line of the prompt file): confidence}."""
     overrides = {}
     with open(confidence_file, encoding="utf-8") as fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line or line.startswith("#") or line.startswith("prompt_index"):
                 continue
-            index, confidence = line.split(",")[:2]
-            overrides[prompts[int(index)]] = float(confidence)
+            try:
+                index, confidence = line.split(",")[:2]
+                overrides[int(index)] = float(confidence)
+            except ValueError:
+                raise ValueError(f"{confidence_file}:{lineno}: expected `prompt_index,confidence`, "
+                                 f"got {line!r}") from None
     return overrides
 
 
@@ -65,14 +68,22 @@ class ProfiledDiscriminator:
     input_size = 0  # takes no thumbnail
 
     def __init__(self, table: LatencyTable, curve: ConfidenceCurve, time_scale: float,
-                 overrides: dict[str, float] | None = None):
+                 overrides: dict[int, float] | None = None):
         self.table, self.curve, self.time_scale = table, curve, time_scale
         self.overrides = overrides or {}
 
     def load(self) -> float:
         return 0.0
 
-    def score(self, prompts: list[str], images: list[Image.Image | None]) -> list[float]:
+    def confidence(self, prompt: str, prompt_index: int | None = None) -> float:
+        """The recorded confidence of the query's own line when there is one, else a draw from
+        f(t) that is the same for the same text (the simulator calls this too)."""
+        if prompt_index is not None and prompt_index in self.overrides:
+            return self.overrides[prompt_index]
+        return self.curve.confidence_for(uniform_from_text(prompt))
+
+    def score(self, prompts: list[str], images: list[Image.Image | None],
+              prompt_indices: list[int | None] | None = None) -> list[float]:
         _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
-        return [self.overrides[p] if p in self.overrides else self.curve.confidence_for(uniform_from_text(p))
-                for p in prompts]
+        indices = prompt_indices or [None] * len(prompts)
+        return [self.confidence(p, i) for p, i in zip(prompts, indices)]

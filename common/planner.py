@@ -1,35 +1,50 @@
 """The planner: which threshold, batch sizes and light/heavy worker split serve demand D
-on S workers within the SLO at the best quality. Pure computation, no Redis.
+on S workers within the SLO at the best quality. Pure computation, no Redis; the controller,
+``diffserve plan`` and the simulator (``diffserve simulate``) all call it.
 
 Formulation (the DiffServe paper's MILP, solved with python-mip / CBC), for one choice of
 threshold t (or, for ``proteus``, heavy fraction h) from a grid, one light batch b1 and one
 heavy batch b2 from the batch grid, and integer worker counts x1 (light), x2 (heavy)::
 
-    x1·p1(b1) >= D                     light capacity (p(b) = b / e(b) per worker)
-    x2·p2(b2) >= D·f(t)                heavy capacity for the share the discriminator sends on
-    x1 + x2   <= S
-    e1(b1) + ed(b1) + q1 + e2(b2) + q2 <= SLO
+    rho·x1·p1(b1) >= DL + B1/H          light capacity (p(b) = b / e(b) per worker)
+    rho·x2·p2(b2) >= D·f(t) + B2/H      heavy capacity for the share the discriminator sends on
+    x1 + x2       <= S
+    (1+k)·(e1(b1) + ed(b1)) + (1+k)·e2(b2) <= SLO
 
 Differences from the original, on purpose:
 
+- a backlog B is work to drain within ``drain_s`` (H), so it adds capacity, not latency: the
+  measured queue wait used to make every t > 0 infeasible after a busy interval, the plan flipped
+  to t = 0, the queue drained and t came back (bang-bang).  Jobs already queued are protected by
+  the data plane's deadline rule (common/routing.py), which answers a job with its light image
+  when the heavy stage cannot finish it in time;
+- capacity is planned at utilisation ``headroom`` (rho, 0.85 by default), because the profiled
+  latencies are means and queues grow without bound as utilisation nears 1; with that cap a job
+  waits about k = half a batch for a worker (``WAIT_BATCHES``), which the latency budget includes;
+- the light stage may be planned for a higher demand DL than the heavy stage (the controller
+  passes its recent peak): every query passes through the light model, so an under-provisioned
+  light stage misses the SLO for everyone, while a short heavy overload only degrades some answers;
 - the discriminator's batch latency ed(b1) is in the latency budget (it scores each light batch);
-- the queueing terms are a measured wait (Little's law: backlog / arrival rate) plus the wait
-  for a batch to fill at the planned per-worker arrival rate: (b1-1)/(D/x1) for the light
-  stage and (b2-1)/(D·f(t)/x2) for the heavy stage;
 - no worker is reserved for a sink;
-- ties on the objective are broken by fewer role changes against the current assignment,
-  then by lower predicted latency;
+- ties on the objective are broken by fewer role changes against the current assignment, then
+  by fewer light workers (larger light batches: the heavy stage is the scarce one when a burst
+  comes), then by lower predicted latency;
+- the threshold grid is 0.01 wide (f(t) is interpolated between the calibrated points), so the
+  heavy share can be matched to capacity instead of jumping from 0 to f(0.05) = 36 %;
+- ``threshold_window`` bounds how far t may move from the plan in force (the controller's
+  smoothing); when nothing inside the window is feasible the whole grid is searched for the
+  allocation, and t moves to the window's edge nearest the feasible plan's: a burst is carried
+  by the data plane's deadline rule while t steps down tick by tick only if the load persists;
 - when even t=0 cannot meet demand the plan is "maximum throughput" (every worker light,
   the highest-throughput batch that fits, t=0) and ``feasible`` is False;
 - a queue that still holds jobs keeps at least one worker (with two or more workers) even
   when the chosen option sends it nothing new (t=0, clipper-heavy), so no job is stranded.
 
 Linearisation is exact: one binary per option (t), one binary per batch size per stage and an
-integer worker count per batch size bounded by its binary (x_b <= U_b·y_b).  Products of a
-batch choice and a worker count become sums over x_b; the heavy fill wait, which depends on
-both t and x2, is written once per option and switched off with a big-M when that option is
-not chosen.  The objective is lexicographic (option rank, role changes, latency) folded into
-one weighted sum; :func:`brute_force` enumerates the same grid and is what the tests compare to.
+integer worker count per batch size bounded by its binary (x_b <= S·y_b).  Products of a
+batch choice and a worker count become sums over x_b.  The objective is lexicographic (option
+rank, role changes, latency) folded into one weighted sum; :func:`brute_force` enumerates the
+same grid and is what the tests compare to (key: rank, changes, light workers, latency).
 
 Objectives: ``threshold`` maximises t (the paper).  ``quality`` (the default where the cascade
 has a quality curve) picks the feasible threshold whose light share 1-f(t) has the best
@@ -37,6 +52,10 @@ estimated quality (FID: lower is better), ties to the larger t.  Workers the cho
 not need are handed, one by one, to the stage with the higher utilisation (load including its
 backlog over capacity), and the batch sizes are then re-fitted to the final counts, so every
 worker gets a role and the predicted latency falls.
+
+What each policy means (its options, objective and what the data plane does with its plans)
+is one table, :data:`POLICY_TABLE`; the services read the plan's explicit fields, never the
+policy's name.
 
 Time units: every profiled latency is multiplied by ``latency_scale`` and the SLO is taken as
 given (``slo_ms``).  A controller running the profiled backend with ``time_scale`` < 1 passes
@@ -50,6 +69,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,23 +77,94 @@ from dataclasses import dataclass, field
 from common.profiles import BATCH_GRID, CascadeProfile
 
 ROLES = ("light", "heavy")
-THRESHOLD_GRID = tuple(round(i * 0.05, 2) for i in range(21))
-POLICIES = ("diffserve", "diffserve-threshold", "static", "clipper-light", "clipper-heavy", "proteus", "aimd")
+THRESHOLD_GRID = tuple(round(i * 0.01, 2) for i in range(101))
 OBJECTIVES = ("quality", "threshold")
+WAIT_BATCHES = 0.5  # expected wait for a worker, in batch times, at the planned utilisation
+DEFAULT_HEADROOM = 0.85
+DEFAULT_DRAIN_S = 20.0
+REDUNDANT_LIGHT_FROM = 4  # clusters this large keep two light workers: every query passes the light stage
 _REL_TOL = 1e-6  # capacity and SLO checks tolerate this much (the solver's own tolerances)
+
+
+# ----------------------------------------------------------------------------- policies
+@dataclass(frozen=True, kw_only=True)
+class PolicySpec:
+    """What a policy means, for the planner and for the data plane (via the plan's fields)."""
+
+    options: str  # threshold: cascade on t; split: a fraction h straight to heavy; light / heavy: one model
+    objective: str | None  # None: the configured objective (quality where the cascade has a curve)
+    discriminator_routes: bool  # False: every light image is the answer
+    degrade_late: bool  # the deadline rule: a job the heavy model cannot finish in time gets its light image
+    fixed: bool = False  # planned once, never changed
+    aimd: bool = False  # batch sizes by additive increase / multiplicative decrease on SLO misses
+    summary: str = ""
+
+
+POLICY_TABLE: dict[str, PolicySpec] = {
+    "diffserve": PolicySpec(options="threshold", objective=None, discriminator_routes=True, degrade_late=True,
+                            summary="MILP every interval, best estimated quality within the SLO"),
+    "diffserve-threshold": PolicySpec(options="threshold", objective="threshold", discriminator_routes=True,
+                                      degrade_late=True, summary="MILP every interval, largest t (the paper)"),
+    "static": PolicySpec(options="threshold", objective=None, discriminator_routes=True, degrade_late=True,
+                         fixed=True, summary="one plan (threshold, batches, roles) set once and never changed"),
+    "clipper-light": PolicySpec(options="light", objective="threshold", discriminator_routes=False,
+                                degrade_late=True, summary="light model only"),
+    "clipper-heavy": PolicySpec(options="heavy", objective="threshold", discriminator_routes=False,
+                                degrade_late=False, summary="heavy model only, late answers stay heavy"),
+    "proteus": PolicySpec(options="split", objective="threshold", discriminator_routes=False, degrade_late=True,
+                          summary="a random fraction straight to heavy, as large as capacity allows"),
+    "aimd": PolicySpec(options="threshold", objective=None, discriminator_routes=True, degrade_late=True,
+                       aimd=True, summary="batch sizes by AIMD on SLO misses, MILP for the rest"),
+}
+POLICIES = tuple(POLICY_TABLE)
+
+
+def spec_uses_light(policy: str) -> bool:
+    return policy_spec(policy).options != "heavy"
+
+
+def policy_spec(policy: str) -> PolicySpec:
+    try:
+        return POLICY_TABLE[policy]
+    except KeyError:
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixedPlan:
+    """A plan given explicitly: ``t=0.02,light=4x16,heavy=12x4`` (workers x batch)."""
+
+    threshold: float
+    light_workers: int
+    light_batch: int
+    heavy_workers: int
+    heavy_batch: int
+
+    _SPEC = re.compile(r"^\s*t=([0-9.]+)\s*,\s*light=(\d+)x(\d+)\s*,\s*heavy=(\d+)x(\d+)\s*$")
+
+    @classmethod
+    def parse(cls, text: str) -> "FixedPlan":
+        m = cls._SPEC.match(text or "")
+        if not m:
+            raise ValueError(f"plan {text!r} is not of the form t=0.02,light=4x16,heavy=12x4 (workers x batch)")
+        t, lw, lb, hw, hb = float(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5])
+        if not 0.0 <= t <= 1.0 or min(lb, hb) < 1:
+            raise ValueError(f"plan {text!r}: t must be in [0, 1] and batches at least 1")
+        return cls(threshold=t, light_workers=lw, light_batch=lb, heavy_workers=hw, heavy_batch=hb)
+
+    def __str__(self) -> str:
+        return (f"t={self.threshold:g},light={self.light_workers}x{self.light_batch},"
+                f"heavy={self.heavy_workers}x{self.heavy_batch}")
 
 
 # ----------------------------------------------------------------------------- inputs
 @dataclass
 class QueueStats:
-    """Measured backlog (entries) and arrival rate (entries/s) of each queue."""
+    """Measured backlog (entries not yet done) of each queue."""
 
     light_backlog: int = 0
-    light_qps: float = 0.0
     discriminator_backlog: int = 0
-    discriminator_qps: float = 0.0
     heavy_backlog: int = 0
-    heavy_qps: float = 0.0
 
 
 @dataclass
@@ -95,8 +186,6 @@ class Option:
     light_share: float  # share of answers that come from the light model
     split: bool  # True: light and heavy are separate paths (proteus, clipper-heavy)
     rank: int = 0  # 0 is best under the objective
-    q1_ms: float = 0.0  # measured queue wait before the light path (light + discriminator queues)
-    q2_ms: float = 0.0  # measured queue wait of the heavy queue
 
     @property
     def uses_light(self) -> bool:
@@ -107,17 +196,21 @@ class Option:
         return self.heavy_factor > 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Problem:
     """Everything the solvers need, in ms and queries/s."""
 
-    demand: float
+    demand: float  # D: what the threshold and the heavy stage are planned for
+    light_demand: float  # DL >= D: what the light stage is planned for
     workers: int
     slo_ms: float
     e1: dict[int, float]  # light batch latency (scaled)
     e2: dict[int, float]  # heavy batch latency (scaled)
     ed: dict[int, float]  # discriminator latency for a light batch of that size (scaled)
     options: list[Option]
+    extra_light_qps: float = 0.0  # backlog to drain: (light + discriminator backlog) / drain_s
+    extra_heavy_qps: float = 0.0
+    headroom: float = DEFAULT_HEADROOM
     current_light: int = 0
     current_heavy: int = 0
     keep_roles: bool = False  # allocation may not exceed the current counts (no role changes)
@@ -140,9 +233,18 @@ class Problem:
     def p2(self, b: int) -> float:
         return b * 1000.0 / self.e2[b]
 
-    @property
-    def demand_eff(self) -> float:  # fill waits divide by the demand
-        return max(self.demand, 1e-6)
+    def light_load(self, o: Option) -> float:
+        """queries/s the light stage must carry (at utilisation ``headroom``) under option ``o``."""
+        return (self.light_demand * o.light_factor + self.extra_light_qps) / self.headroom if o.uses_light else 0.0
+
+    def heavy_load(self, o: Option) -> float:
+        return (self.demand * o.heavy_factor + self.extra_heavy_qps) / self.headroom if o.uses_heavy else 0.0
+
+    def light_path_ms(self, b1: int) -> float:
+        return (1 + WAIT_BATCHES) * self.e1[b1] + self.ed[b1]
+
+    def heavy_path_ms(self, b2: int) -> float:
+        return (1 + WAIT_BATCHES) * self.e2[b2]
 
 
 @dataclass
@@ -160,14 +262,14 @@ class Evaluation:
     light_ms: float = 0.0
     discriminator_ms: float = 0.0
     heavy_ms: float = 0.0
-    light_queue_ms: float = 0.0  # measured wait + batch fill wait
+    light_queue_ms: float = 0.0  # expected wait for a light worker
     heavy_queue_ms: float = 0.0
     total_ms: float = 0.0
     changes: int = 0  # role changes the counts need against the current assignment (lower bound)
     reason: str = ""
 
-    def key(self, problem: Problem, option: Option) -> tuple:
-        return (option.rank, self.changes, self.total_ms / problem.slo_ms)
+    def key(self, problem: Problem, option: Option, light_workers: int) -> tuple:
+        return (option.rank, self.changes, light_workers, self.total_ms / problem.slo_ms)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -181,7 +283,7 @@ class LatencyBreakdown:
     total_ms: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PlanResult:
     policy: str
     objective: str
@@ -200,6 +302,7 @@ class PlanResult:
     workers: int
     slo_ms: float
     solve_ms: float
+    light_demand_qps: float = 0.0
     min_light_workers: int = 0  # what the chosen option needs, before spare workers are handed out
     min_heavy_workers: int = 0
     role_changes: int = 0
@@ -213,13 +316,15 @@ class PlanResult:
     def to_message(self, version: int, roles: dict[str, str] | None = None, created_ms: float | None = None):
         from common.messages import Plan
 
+        spec = policy_spec(self.policy)
         return Plan(version=version, policy=self.policy, threshold=float(self.threshold),
                     light_batch=int(self.light_batch), heavy_batch=int(self.heavy_batch),
                     light_workers=int(self.light_workers), heavy_workers=int(self.heavy_workers),
                     heavy_fraction=float(self.heavy_fraction), roles=dict(self.roles if roles is None else roles),
                     demand_qps=float(self.demand_qps), feasible=bool(self.feasible), objective=self.objective,
                     estimated_quality=None if self.estimated_quality is None else float(self.estimated_quality),
-                    created_ms=time.time() * 1000.0 if created_ms is None else created_ms)
+                    created_ms=time.time() * 1000.0 if created_ms is None else created_ms,
+                    discriminator_routes=spec.discriminator_routes, degrade_late=spec.degrade_late)
 
 
 # ----------------------------------------------------------------------------- roles
@@ -275,22 +380,21 @@ def _quality_key(profile: CascadeProfile, light_share: float) -> float:
 
 
 def build_options(profile: CascadeProfile, policy: str, objective: str, threshold_grid=THRESHOLD_GRID,
-                  static_threshold: float = 0.5) -> list[Option]:
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+                  threshold_window: tuple[float, float] | None = None) -> list[Option]:
+    spec = policy_spec(policy)
     f = profile.curve.f
-    if policy == "static":
-        t = float(static_threshold)
-        opts = [Option(t, 1.0, f(t), 1.0 - f(t), False)]
-    elif policy == "clipper-light":
+    if spec.options == "light":
         opts = [Option(0.0, 1.0, 0.0, 1.0, False)]
-    elif policy == "clipper-heavy":
+    elif spec.options == "heavy":
         opts = [Option(1.0, 0.0, 1.0, 0.0, True)]
-    elif policy == "proteus":
+    elif spec.options == "split":
         opts = [Option(float(h), 1.0 - h, float(h), 1.0 - h, True) for h in threshold_grid]
     else:
         opts = [Option(float(t), 1.0, f(t), 1.0 - f(t), False) for t in threshold_grid]
-    if objective == "quality" and profile.quality is not None and policy in ("diffserve", "aimd"):
+    if threshold_window is not None and len(opts) > 1:
+        lo, hi = threshold_window
+        opts = [o for o in opts if lo - 1e-9 <= o.value <= hi + 1e-9] or opts
+    if objective == "quality" and profile.quality is not None:
         order = sorted(range(len(opts)), key=lambda i: (_quality_key(profile, opts[i].light_share), -opts[i].value))
     else:
         order = sorted(range(len(opts)), key=lambda i: -opts[i].value)
@@ -299,22 +403,13 @@ def build_options(profile: CascadeProfile, policy: str, objective: str, threshol
     return opts
 
 
-def _queue_wait_ms(backlog: int, rate_qps: float, stage_qps: float, fallback_ms_per_job: float) -> float:
-    """Little's law: backlog / arrival rate, the rate floored at the stage's planned load.
-    With no arrivals at all, the time for one worker to drain it one at a time."""
-    if backlog <= 0:
-        return 0.0
-    rate = max(rate_qps, stage_qps)
-    if rate > 1e-9:
-        return backlog * 1000.0 / rate
-    return backlog * fallback_ms_per_job
-
-
 def build_problem(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: str = "diffserve",
                   objective: str | None = None, slo_ms: float | None = None, latency_scale: float = 1.0,
-                  batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID, static_threshold: float = 0.5,
+                  batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID,
+                  threshold_window: tuple[float, float] | None = None, light_demand_qps: float | None = None,
                   current: dict[str, str] | None = None, queues: QueueStats | None = None,
-                  keep_roles: bool = False, light_batches=None, heavy_batches=None) -> Problem:
+                  keep_roles: bool = False, light_batches=None, heavy_batches=None, drain_s: float = DEFAULT_DRAIN_S,
+                  headroom: float = DEFAULT_HEADROOM) -> Problem:
     objective = objective or default_objective(profile)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
@@ -325,28 +420,29 @@ def build_problem(profile: CascadeProfile, demand_qps: float, workers: int, *, p
     current = current or {}
     l0 = sum(1 for r in current.values() if r == "light")
     h0 = sum(1 for r in current.values() if r == "heavy")
-    opts = build_options(profile, policy, objective, threshold_grid, static_threshold)
+    opts = build_options(profile, policy, objective, threshold_grid, threshold_window)
     q = queues or QueueStats()
     d = max(0.0, float(demand_qps))
-    for o in opts:
-        o.q1_ms = (_queue_wait_ms(q.light_backlog, q.light_qps, d * o.light_factor, e1[min(e1)] / max(1, l0))
-                   + _queue_wait_ms(q.discriminator_backlog, q.discriminator_qps, d * o.light_factor,
-                                    ed[min(ed)]))
-        o.q2_ms = _queue_wait_ms(q.heavy_backlog, q.heavy_qps, d * o.heavy_factor, e2[min(e2)] / max(1, h0))
+    dl = max(d, float(light_demand_qps or 0.0))
     drain = int(workers) >= 2
     min_light = int(drain and q.light_backlog > 0)
+    if spec_uses_light(policy) and int(workers) >= REDUNDANT_LIGHT_FROM:
+        min_light = max(min_light, 2)
     min_heavy = int(drain and q.heavy_backlog > 0)
     if keep_roles:
         min_light, min_heavy = min(min_light, l0), min(min_heavy, h0)
-    return Problem(d, int(workers), float(slo_ms or profile.slo_ms), e1, e2, ed, opts, l0, h0, keep_roles,
-                   min_light, min_heavy)
+    return Problem(demand=d, light_demand=dl, workers=int(workers), slo_ms=float(slo_ms or profile.slo_ms),
+                   e1=e1, e2=e2, ed=ed, options=opts,
+                   extra_light_qps=(q.light_backlog + q.discriminator_backlog) / drain_s,
+                   extra_heavy_qps=q.heavy_backlog / drain_s, headroom=headroom, current_light=l0, current_heavy=h0,
+                   keep_roles=keep_roles, min_light=min_light, min_heavy=min_heavy)
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(problem: Problem, choice: Choice) -> Evaluation:
     """Predicted latency of a concrete plan and whether it satisfies every constraint."""
     o = problem.options[choice.option]
-    d, de, slo = problem.demand, problem.demand_eff, problem.slo_ms
+    slo = problem.slo_ms
     b1, b2, x1, x2 = choice.b1, choice.b2, choice.x1, choice.x2
     ev = Evaluation(True)
     ev.changes = max(0, x1 - problem.current_light, x2 - problem.current_heavy)
@@ -361,19 +457,17 @@ def evaluate(problem: Problem, choice: Choice) -> Evaluation:
         fail("keep_roles")
     light_path = heavy_path = 0.0
     if o.uses_light:
-        if x1 < 1 or x1 * problem.p1(b1) < d * o.light_factor * (1 - _REL_TOL) - 1e-9:
+        if x1 < 1 or x1 * problem.p1(b1) < problem.light_load(o) * (1 - _REL_TOL) - 1e-9:
             fail("light capacity")
-        fill = (b1 - 1) * x1 * 1000.0 / (de * o.light_factor)
         ev.light_ms, ev.discriminator_ms = problem.e1[b1], problem.ed[b1]
-        ev.light_queue_ms = o.q1_ms + fill
-        light_path = ev.light_ms + ev.discriminator_ms + ev.light_queue_ms
+        ev.light_queue_ms = WAIT_BATCHES * problem.e1[b1]
+        light_path = problem.light_path_ms(b1)
     if o.uses_heavy:
-        if x2 < 1 or x2 * problem.p2(b2) < d * o.heavy_factor * (1 - _REL_TOL) - 1e-9:
+        if x2 < 1 or x2 * problem.p2(b2) < problem.heavy_load(o) * (1 - _REL_TOL) - 1e-9:
             fail("heavy capacity")
-        fill = (b2 - 1) * x2 * 1000.0 / (de * o.heavy_factor)
         ev.heavy_ms = problem.e2[b2]
-        ev.heavy_queue_ms = o.q2_ms + fill
-        heavy_path = ev.heavy_ms + ev.heavy_queue_ms
+        ev.heavy_queue_ms = WAIT_BATCHES * problem.e2[b2]
+        heavy_path = problem.heavy_path_ms(b2)
     ev.total_ms = max(light_path, heavy_path) if o.split else light_path + heavy_path
     if ev.total_ms > slo * (1 + _REL_TOL):
         fail("slo")
@@ -381,9 +475,8 @@ def evaluate(problem: Problem, choice: Choice) -> Evaluation:
 
 
 def _min_workers(problem: Problem, o: Option, b1: int, b2: int) -> tuple[int, int]:
-    d = problem.demand
-    x1 = max(1, math.ceil(d * o.light_factor * (1 - _REL_TOL) / problem.p1(b1) - 1e-9)) if o.uses_light else 0
-    x2 = max(1, math.ceil(d * o.heavy_factor * (1 - _REL_TOL) / problem.p2(b2) - 1e-9)) if o.uses_heavy else 0
+    x1 = max(1, math.ceil(problem.light_load(o) * (1 - _REL_TOL) / problem.p1(b1) - 1e-9)) if o.uses_light else 0
+    x2 = max(1, math.ceil(problem.heavy_load(o) * (1 - _REL_TOL) / problem.p2(b2) - 1e-9)) if o.uses_heavy else 0
     return max(x1, problem.min_light), max(x2, problem.min_heavy)
 
 
@@ -407,7 +500,7 @@ def brute_force(problem: Problem, *, exhaustive: bool = True) -> tuple[Choice, E
                     ev = evaluate(problem, ch)
                     if not ev.feasible:
                         continue
-                    key = ev.key(problem, o)
+                    key = ev.key(problem, o, x1)
                     if best is None or key < best[0]:
                         best = (key, ch, ev)
     return None if best is None else (best[1], best[2])
@@ -432,36 +525,25 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
     import mip
 
     warm_up()
-    S, D, De, slo = problem.workers, problem.demand, problem.demand_eff, problem.slo_ms
+    S, slo = problem.workers, problem.slo_ms
     if S <= 0:
         return None
-    # options whose fixed part alone cannot meet the SLO are left out
-    emin1 = min(problem.e1[b] + problem.ed[b] for b in problem.b1s)
-    emin2 = min(problem.e2.values())
+    opt = problem.options
+    # options whose fixed part alone cannot meet the SLO, or that need a role nobody may take, are left out
+    lmin = min(problem.light_path_ms(b) for b in problem.b1s)
+    hmin = min(problem.heavy_path_ms(b) for b in problem.b2s)
     opts = []
-    for k, o in enumerate(problem.options):
-        light = emin1 + o.q1_ms if o.uses_light else 0.0
-        heavy = emin2 + o.q2_ms if o.uses_heavy else 0.0
+    for k, o in enumerate(opt):
+        light = lmin if o.uses_light else 0.0
+        heavy = hmin if o.uses_heavy else 0.0
         fixed = max(light, heavy) if o.split else light + heavy
         if fixed <= slo * (1 + _REL_TOL) and (not problem.keep_roles or (
                 (not o.uses_light or problem.current_light >= 1) and (not o.uses_heavy or problem.current_heavy >= 1))):
             opts.append(k)
     if not opts:
         return None
-    lf_max = max(problem.options[k].light_factor for k in opts)
-    hf_max = max(problem.options[k].heavy_factor for k in opts)
-
-    def bound(b: int, factor: float) -> int:
-        """Most workers at batch b whose fill wait still fits the SLO (implied, not a restriction)."""
-        if b == 1 or factor <= 0:
-            return S
-        return int(min(S, math.floor(slo * De * factor / ((b - 1) * 1000.0) * (1 + _REL_TOL) + 1e-9)))
-
-    U1 = {b: bound(b, lf_max) for b in problem.b1s}
-    U2 = {b: bound(b, hf_max) for b in problem.b2s}
-    if problem.keep_roles:
-        U1 = {b: min(u, problem.current_light) for b, u in U1.items()}
-        U2 = {b: min(u, problem.current_heavy) for b, u in U2.items()}
+    U1 = {b: problem.current_light if problem.keep_roles else S for b in problem.b1s}
+    U2 = {b: problem.current_heavy if problem.keep_roles else S for b in problem.b2s}
 
     m = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
     m.verbose = 0
@@ -486,11 +568,10 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
         m += x2[b] <= U2[b] * y2[b]
     X1, X2 = mip.xsum(x1.values()), mip.xsum(x2.values())
     m += X1 + X2 <= S
-    opt = problem.options
     m += mip.xsum(problem.p1(b) * x1[b] for b in problem.b1s) >= \
-        mip.xsum(D * opt[k].light_factor * (1 - _REL_TOL) * z[k] for k in opts)
+        mip.xsum(problem.light_load(opt[k]) * (1 - _REL_TOL) * z[k] for k in opts)
     m += mip.xsum(problem.p2(b) * x2[b] for b in problem.b2s) >= \
-        mip.xsum(D * opt[k].heavy_factor * (1 - _REL_TOL) * z[k] for k in opts)
+        mip.xsum(problem.heavy_load(opt[k]) * (1 - _REL_TOL) * z[k] for k in opts)
     m += X1 >= mip.xsum(z[k] for k in opts if opt[k].uses_light)
     m += X2 >= mip.xsum(z[k] for k in opts if opt[k].uses_heavy)
     if problem.min_light:
@@ -500,34 +581,23 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
     m += c >= X1 - problem.current_light
     m += c >= X2 - problem.current_heavy
 
-    A1 = mip.xsum((problem.e1[b] + problem.ed[b]) / slo * y1[b] for b in problem.b1s)
-    A2 = mip.xsum(problem.e2[b] / slo * y2[b] for b in problem.b2s)
-    a1max = max(problem.e1[b] + problem.ed[b] for b in problem.b1s) / slo
-    a2max = max(problem.e2.values()) / slo
+    A1 = mip.xsum(problem.light_path_ms(b) / slo * y1[b] for b in problem.b1s)
+    A2 = mip.xsum(problem.heavy_path_ms(b) / slo * y2[b] for b in problem.b2s)
+    M = (max(problem.light_path_ms(b) for b in problem.b1s) + max(problem.heavy_path_ms(b) for b in problem.b2s)) / slo
+    # the latency of the chosen option: each kind of option (by which paths it uses) has one row
+    kinds: dict[tuple[bool, bool, bool], list[int]] = {}
     for k in opts:
-        o = opt[k]
-        terms1 = terms2 = None
-        m1 = m2 = 0.0
-        if o.uses_light:
-            coef = {b: (b - 1) * 1000.0 / (De * o.light_factor) / slo for b in problem.b1s}
-            terms1 = A1 + o.q1_ms / slo + mip.xsum(coef[b] * x1[b] for b in problem.b1s if coef[b])
-            m1 = a1max + o.q1_ms / slo + max(coef[b] * U1[b] for b in problem.b1s)
-        if o.uses_heavy:
-            coef = {b: (b - 1) * 1000.0 / (De * o.heavy_factor) / slo for b in problem.b2s}
-            terms2 = A2 + o.q2_ms / slo + mip.xsum(coef[b] * x2[b] for b in problem.b2s if coef[b])
-            m2 = a2max + o.q2_ms / slo + max(coef[b] * U2[b] for b in problem.b2s)
-        if o.split:
-            if terms1 is not None:
-                m += lat >= terms1 - m1 * (1 - z[k])
-            if terms2 is not None:
-                m += lat >= terms2 - m2 * (1 - z[k])
-        else:
-            total = terms1 if terms2 is None else terms1 + terms2
-            m += lat >= total - (m1 + m2) * (1 - z[k])
+        kinds.setdefault((opt[k].uses_light, opt[k].uses_heavy, opt[k].split), []).append(k)
+    for (light, heavy, split), ks in kinds.items():
+        chosen = mip.xsum(z[k] for k in ks)
+        rows = ([A1] if light else []) + ([A2] if heavy else [])
+        for row in (rows if split else [mip.xsum(rows)]):
+            m += lat >= row - M * (1 - chosen)
 
-    w2 = 2.0  # lat <= 1 < w2: one role change outweighs any latency
+    w3 = 2.0  # lat <= 1 < w3: one light worker fewer outweighs any latency
+    w2 = w3 * (S + 1) + 1.0  # one role change outweighs any number of light workers
     w1 = w2 * (S + 1) + 1.0  # one rank step outweighs any number of changes
-    m.objective = mip.minimize(w1 * mip.xsum(opt[k].rank * z[k] for k in opts) + w2 * c + lat)
+    m.objective = mip.minimize(w1 * mip.xsum(opt[k].rank * z[k] for k in opts) + w2 * c + w3 * X1 + lat)
     status = m.optimize()
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
         return None
@@ -546,38 +616,40 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
 
 
 # ----------------------------------------------------------------------------- post-processing
-def _utilisation(problem: Problem, o: Option, role: str, x: int, b: int, queues: QueueStats, drain_s: float) -> float:
+def _utilisation(problem: Problem, o: Option, role: str, x: int, b: int) -> float:
+    """Planned load over capacity of one stage (the load includes the backlog to drain)."""
     if role == "light":
-        load = problem.demand * o.light_factor + (queues.light_backlog + queues.discriminator_backlog) / drain_s
-        cap = x * problem.p1(b)
+        load, cap = problem.light_load(o), x * problem.p1(b)
     else:
-        load = problem.demand * o.heavy_factor + queues.heavy_backlog / drain_s
-        cap = x * problem.p2(b)
-    return math.inf if cap <= 0 else load / cap
+        load, cap = problem.heavy_load(o), x * problem.p2(b)
+    return math.inf if cap <= 0 else load * problem.headroom / cap
 
 
-def _refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, queues: QueueStats, drain_s: float,
-                   refit: bool = True) -> tuple[Choice, Evaluation]:
-    """Batch sizes for the counts (x1, x2): the lowest predicted latency within the SLO that
-    loads no stage more than the solver's plan ``ch`` did; ``ch``'s batches when none does
-    (or when ``refit`` is off, as under AIMD batching)."""
+def _refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, refit: bool = True) -> tuple[Choice, Evaluation]:
+    """Batch sizes for the counts (x1, x2): within the SLO and loading no stage more than the
+    solver's plan ``ch`` did, the largest capacity (lowest utilisation of the busier stage, then of
+    the other), then the lowest predicted latency; ``ch``'s batches when none fits (or when ``refit`` is off, as under
+    AIMD batching).  A batch size is the most a worker takes: at low load it takes what is there,
+    so a larger one costs little latency and is capacity in hand when a burst comes."""
     o = problem.options[ch.option]
     relaxed = dataclasses.replace(problem, keep_roles=False)
     if refit:
-        rho1 = _utilisation(problem, o, "light", ch.x1, ch.b1, queues, drain_s) if o.uses_light else 0.0
-        rho2 = _utilisation(problem, o, "heavy", ch.x2, ch.b2, queues, drain_s) if o.uses_heavy else 0.0
+        rho1 = _utilisation(problem, o, "light", ch.x1, ch.b1) if o.uses_light else 0.0
+        rho2 = _utilisation(problem, o, "heavy", ch.x2, ch.b2) if o.uses_heavy else 0.0
         # a stage the option sends nothing new gets the smallest batch (stable plans)
-        b1s = [b for b in problem.b1s if _utilisation(problem, o, "light", x1, b, queues, drain_s)
-               <= rho1 * (1 + 1e-9)] if o.uses_light else problem.b1s[:1]
-        b2s = [b for b in problem.b2s if _utilisation(problem, o, "heavy", x2, b, queues, drain_s)
-               <= rho2 * (1 + 1e-9)] if o.uses_heavy else problem.b2s[:1]
+        b1s = [b for b in problem.b1s if _utilisation(problem, o, "light", x1, b) <= rho1 * (1 + 1e-9)] \
+            if o.uses_light else problem.b1s[:1]
+        b2s = [b for b in problem.b2s if _utilisation(problem, o, "heavy", x2, b) <= rho2 * (1 + 1e-9)] \
+            if o.uses_heavy else problem.b2s[:1]
         best = None
         for b1 in b1s:
             for b2 in b2s:
                 cand = Choice(ch.option, b1, b2, x1, x2)
                 ev = evaluate(relaxed, cand)
                 if ev.feasible:
-                    key = (round(ev.total_ms, 6), (b1, b2) != (ch.b1, ch.b2))
+                    rho = sorted((_utilisation(problem, o, "light", x1, b1) if o.uses_light else 0.0,
+                                  _utilisation(problem, o, "heavy", x2, b2) if o.uses_heavy else 0.0), reverse=True)
+                    key = (round(rho[0], 6), round(rho[1], 6), round(ev.total_ms, 6), (b1, b2) != (ch.b1, ch.b2))
                     if best is None or key < best[0]:
                         best = (key, cand, ev)
         if best is not None:
@@ -586,15 +658,15 @@ def _refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, queues: Queue
     return cand, evaluate(relaxed, cand)
 
 
-def _hand_out_spares(problem: Problem, ch: Choice, queues: QueueStats, drain_s: float, *,
-                     refit: bool = True, target_util: float = 0.5) -> tuple[int, int]:
+def _hand_out_spares(problem: Problem, ch: Choice, *, refit: bool = True, target_util: float = 0.5) -> tuple[int, int]:
     """Final counts: the solver's counts plus every spare worker.
 
-    First, while a stage's utilisation (load incl. backlog drained over ``drain_s``, over
-    capacity) is above ``target_util``, the stage with the highest utilisation gets the next
-    spare, so its queueing falls.  The rest go where they cost no role change (their current
-    role, unknown workers to the busier stage) as long as the plan stays within the SLO, else
-    to the other stage.  Stages the option does not use get none."""
+    First, while a stage's utilisation (load incl. backlog to drain, over capacity) is above
+    ``target_util``, the stage with the highest utilisation gets the next spare, so its queueing
+    falls.  The rest go to the heavy stage when the option uses it: the light stage is already
+    provisioned for the recent peak, and heavy capacity is what a burst runs out of (the
+    controller's hysteresis decides whether such a move is worth its role changes).  Stages the
+    option does not use get none."""
     o = problem.options[ch.option]
     allowed = [r for r, used in (("light", o.uses_light), ("heavy", o.uses_heavy)) if used] or ["light"]
     x = {"light": ch.x1, "heavy": ch.x2}
@@ -615,7 +687,7 @@ def _hand_out_spares(problem: Problem, ch: Choice, queues: QueueStats, drain_s: 
     b = {"light": ch.b1, "heavy": ch.b2}
 
     def rho(r: str) -> float:
-        return _utilisation(problem, o, r, x[r], b[r], queues, drain_s)
+        return _utilisation(problem, o, r, x[r], b[r])
 
     def take(r: str) -> None:
         nonlocal unknown
@@ -628,59 +700,30 @@ def _hand_out_spares(problem: Problem, ch: Choice, queues: QueueStats, drain_s: 
             surplus[other] -= 1
         x[r] += 1
 
-    def fits(r: str) -> bool:
-        x1, x2 = x["light"] + (r == "light"), x["heavy"] + (r == "heavy")
-        cand, ev = _refit_batches(problem, Choice(ch.option, b["light"], b["heavy"], ch.x1, ch.x2), x1, x2,
-                                  queues, drain_s, refit)
-        if ev.feasible:
-            b["light"], b["heavy"] = cand.b1, cand.b2
-        return ev.feasible
-
     while surplus["light"] + surplus["heavy"] + unknown > 0:
         if max(rho(r) for r in allowed) > target_util:
             take(max(allowed, key=rho))
-            continue
-        free = [r for r in allowed if surplus[r] > 0 or unknown > 0]
-        order = sorted(free, key=rho, reverse=True) + sorted((r for r in allowed if r not in free), key=rho,
-                                                             reverse=True)
-        take(next((r for r in order if fits(r)), order[0]))
+        else:
+            take("heavy" if "heavy" in allowed else allowed[0])
     return x["light"], x["heavy"]
 
 
-def _best_batch(problem: Problem, table: dict[int, float], extra: dict[int, float] | None = None) -> int:
-    """Highest-throughput batch whose latency fits the SLO (else the highest-throughput one)."""
-    extra = extra or {}
-    fits = [b for b in table if table[b] + extra.get(b, 0.0) <= problem.slo_ms]
-    return max(fits or list(table), key=lambda b: (b * 1000.0 / table[b], -b))
+def _best_batch(problem: Problem, paths: dict[int, float], rate) -> int:
+    """Highest-throughput batch whose path latency fits the SLO (else the highest-throughput one)."""
+    fits = [b for b in paths if paths[b] <= problem.slo_ms]
+    return max(fits or list(paths), key=lambda b: (rate(b), -b))
 
 
 def _fallback(problem: Problem, policy: str) -> tuple[Choice, Evaluation]:
     """The maximum-throughput plan for a demand no option can meet."""
     S = problem.workers
-    if policy == "clipper-heavy":
-        k = 0
-        ch = Choice(k, problem.b1s[0], _best_batch(problem, problem.e2), problem.min_light, S - problem.min_light)
-    elif policy == "static":
-        k = 0
-        o = problem.options[0]
-        if not o.uses_heavy:
-            ch = Choice(k, _best_batch(problem, problem.e1, problem.ed), problem.b2s[0], S - problem.min_heavy,
-                        problem.min_heavy)
-        else:  # keep the configured threshold; split to serve the largest share of demand
-            best = None
-            for b1 in problem.b1s:
-                for b2 in problem.b2s:
-                    for x1 in range(1, S):
-                        served = min(problem.demand, x1 * problem.p1(b1),
-                                     (S - x1) * problem.p2(b2) / o.heavy_factor)
-                        lat = problem.e1[b1] + problem.ed[b1] + problem.e2[b2]
-                        key = (-served, lat)
-                        if best is None or key < best[0]:
-                            best = (key, Choice(k, b1, b2, x1, S - x1))
-            ch = best[1] if best else Choice(k, _best_batch(problem, problem.e1, problem.ed), problem.b2s[0], S, 0)
+    light_paths = {b: problem.light_path_ms(b) for b in problem.b1s}
+    if policy_spec(policy).options == "heavy":
+        b2 = _best_batch(problem, {b: problem.heavy_path_ms(b) for b in problem.b2s}, problem.p2)
+        ch = Choice(0, problem.b1s[0], b2, problem.min_light, S - problem.min_light)
     else:  # every worker light, t = 0 (or h = 0)
         k = min(range(len(problem.options)), key=lambda i: (problem.options[i].heavy_factor, problem.options[i].value))
-        ch = Choice(k, _best_batch(problem, problem.e1, problem.ed), problem.b2s[0], S - problem.min_heavy,
+        ch = Choice(k, _best_batch(problem, light_paths, problem.p1), problem.b2s[0], S - problem.min_heavy,
                     problem.min_heavy)
     return ch, evaluate(dataclasses.replace(problem, keep_roles=False), ch)
 
@@ -706,90 +749,147 @@ def _aimd_batches(aimd: AimdState, grid) -> list[tuple[int, int]]:
     return out
 
 
+def _fixed_result(profile: CascadeProfile, fixed: FixedPlan, workers: int, current: dict[str, str], *,
+                  policy: str, objective: str, slo_ms: float, latency_scale: float, demand_qps: float,
+                  switch_s: dict[str, float] | None) -> PlanResult:
+    """A plan given explicitly, as it is: roles assigned with the fewest changes."""
+    f = profile.curve.f(fixed.threshold)
+    problem = build_problem(profile, demand_qps, workers, policy=policy, objective=objective, slo_ms=slo_ms,
+                            latency_scale=latency_scale, threshold_grid=[fixed.threshold],
+                            light_batches=[fixed.light_batch], heavy_batches=[fixed.heavy_batch])
+    ev = evaluate(problem, Choice(0, problem.b1s[0], problem.b2s[0], fixed.light_workers, fixed.heavy_workers))
+    lat = LatencyBreakdown(ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms,
+                           ev.total_ms)
+    quality = profile.quality.score(1.0 - f) if profile.quality is not None else None
+    roles = assign_roles(current, fixed.light_workers, fixed.heavy_workers, switch_s=switch_s) if current else {}
+    return PlanResult(policy=policy, objective=objective, threshold=fixed.threshold, heavy_fraction=0.0,
+                      light_batch=fixed.light_batch, heavy_batch=fixed.heavy_batch,
+                      light_workers=fixed.light_workers, heavy_workers=fixed.heavy_workers, feasible=ev.feasible,
+                      latency=lat, estimated_quality=quality,
+                      objective_value=quality if objective == "quality" and quality is not None else fixed.threshold,
+                      light_share=1.0 - f, demand_qps=demand_qps, workers=workers, slo_ms=slo_ms, solve_ms=0.0,
+                      min_light_workers=fixed.light_workers, min_heavy_workers=fixed.heavy_workers,
+                      role_changes=count_changes(current, roles), roles=roles, notes=[f"fixed plan {fixed}"])
+
+
 def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: str = "diffserve",
          objective: str | None = None, slo_ms: float | None = None, latency_scale: float = 1.0,
-         batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID, static_threshold: float = 0.5,
-         current: dict[str, str] | None = None, queues: QueueStats | None = None, keep_roles: bool = False,
-         aimd: AimdState | None = None, drain_s: float = 10.0, spare_util: float = 0.5,
-         switch_s: dict[str, float] | None = None, solver: str = "milp") -> PlanResult:
+         batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID, threshold_window: tuple[float, float] | None = None,
+         light_demand_qps: float | None = None, current: dict[str, str] | None = None,
+         queues: QueueStats | None = None, keep_roles: bool = False, aimd: AimdState | None = None,
+         drain_s: float = DEFAULT_DRAIN_S, headroom: float = DEFAULT_HEADROOM, spare_util: float = 0.5,
+         switch_s: dict[str, float] | None = None, fixed: FixedPlan | None = None,
+         solver: str = "milp") -> PlanResult:
     """The plan for ``demand_qps`` on ``workers`` workers.
 
     ``current`` maps worker id -> role now (its length should be ``workers``); the result's
     ``roles`` then assigns every one of them with the fewest changes.  ``keep_roles`` plans
     without changing any known role (the controller compares that plan with the free one).
-    ``solver`` is ``milp`` (CBC) or ``enumerate`` (the exact enumeration, for comparison)."""
-    objective = objective or default_objective(profile)
-    if policy == "diffserve-threshold":
-        objective = "threshold"
+    ``light_demand_qps`` (>= demand) is what the light stage is provisioned for; when no plan
+    serves it, the light stage is planned for ``demand_qps`` instead.  ``threshold_window``
+    limits t (h) to a range while any option in it is feasible.  ``fixed`` returns that plan
+    as given.  ``solver`` is ``milp`` (CBC) or ``enumerate`` (the exact enumeration)."""
+    spec = policy_spec(policy)
+    objective = spec.objective or objective or default_objective(profile)
     if objective == "quality" and profile.quality is None:
         objective = "threshold"
-    if policy not in ("diffserve", "aimd"):
-        objective = "threshold" if policy != "static" else objective
     queues = queues or QueueStats()
     current = current or {}
     slo = float(slo_ms or profile.slo_ms)
+    if fixed is not None:
+        return _fixed_result(profile, fixed, workers, current, policy=policy, objective=objective, slo_ms=slo,
+                             latency_scale=latency_scale, demand_qps=demand_qps, switch_s=switch_s)
     kwargs = dict(policy=policy, objective=objective, slo_ms=slo, latency_scale=latency_scale,
-                  batch_grid=batch_grid, threshold_grid=threshold_grid, static_threshold=static_threshold,
-                  current=current, queues=queues, keep_roles=keep_roles)
+                  batch_grid=batch_grid, threshold_grid=threshold_grid, current=current, queues=queues,
+                  keep_roles=keep_roles, drain_s=drain_s, headroom=headroom)
     candidates = [(None, None)]
-    if policy == "aimd":
+    if spec.aimd:
         candidates = _aimd_batches(aimd or AimdState(), batch_grid)
     if solver == "milp":
         warm_up()
-    refit = policy != "aimd"
+    refit = not spec.aimd
     start = time.perf_counter()
-    best = None  # (key, problem, choice, evaluation, minimum counts)
-    problem = None
-    solve_s = 0.0
-    for i, (lb, hb) in enumerate(candidates):  # one solve; under AIMD one per candidate batch pair
-        cand = build_problem(profile, demand_qps, workers, light_batches=[lb] if lb else None,
-                             heavy_batches=[hb] if hb else None, **kwargs)
-        problem = problem or cand
-        if cand.workers <= 0:
-            break
-        t0 = time.perf_counter()
-        sol = solve_milp(cand) if solver == "milp" else brute_force(cand, exhaustive=False)
-        solve_s += time.perf_counter() - t0
-        if sol is None:
-            continue
-        ch = sol[0]
-        x1, x2 = _hand_out_spares(cand, ch, queues, drain_s, refit=refit, target_util=spare_util)
-        final, ev = _refit_batches(cand, ch, x1, x2, queues, drain_s, refit)
-        # AIMD: within the SLO with every worker placed first, then the objective; among equals
-        # the earliest candidate (the larger batches)
-        key = (not ev.feasible, cand.options[ch.option].rank, sol[1].changes, i)
-        if best is None or key < best[0]:
-            best = (key, cand, final, ev, (ch.x1, ch.x2))
-    solve_ms = solve_s * 1000.0
     notes: list[str] = []
+    solve_s = 0.0
+    problem = None
+
+    def search(window, light_demand):
+        """Best (key, problem, choice, evaluation, minimum counts) over the candidate batches."""
+        nonlocal solve_s, problem
+        best = None
+        for i, (lb, hb) in enumerate(candidates):  # one solve; under AIMD one per candidate batch pair
+            cand = build_problem(profile, demand_qps, workers, light_batches=[lb] if lb else None,
+                                 heavy_batches=[hb] if hb else None, threshold_window=window,
+                                 light_demand_qps=light_demand, **kwargs)
+            problem = problem or cand
+            if cand.workers <= 0:
+                break
+            t0 = time.perf_counter()
+            sol = solve_milp(cand) if solver == "milp" else brute_force(cand, exhaustive=False)
+            solve_s += time.perf_counter() - t0
+            if sol is None:
+                continue
+            ch = sol[0]
+            x1, x2 = _hand_out_spares(cand, ch, refit=refit, target_util=spare_util)
+            final, ev = _refit_batches(cand, ch, x1, x2, refit)
+            # AIMD: within the SLO with every worker placed first, then the objective; among equals
+            # the earliest candidate (the larger batches)
+            key = (not ev.feasible, cand.options[ch.option].rank, sol[1].changes, i)
+            if best is None or key < best[0]:
+                best = (key, cand, final, ev, (ch.x1, ch.x2))
+        return best
+
+    best = search(threshold_window, light_demand_qps)
+    clamp = None
+    if best is None and threshold_window is not None and workers > 0:
+        best = search(None, light_demand_qps)
+        if best is not None:
+            clamp = threshold_window
+            notes.append("nothing feasible within the threshold window: the whole grid's plan, with the "
+                         "threshold moved at most to the window's edge (the deadline rule covers the rest)")
+    if best is None and light_demand_qps and light_demand_qps > demand_qps and workers > 0:
+        best = search(None, None)
+        if best is not None:
+            notes.append("the light stage is planned for the current demand, not its recent peak")
+    solve_ms = solve_s * 1000.0
     if problem.workers <= 0:
-        lat = LatencyBreakdown()
-        return PlanResult(policy, objective, 0.0, 0.0, problem.b1s[0], problem.b2s[0], 0, 0, False, lat,
-                          None, 0.0, 1.0, problem.demand, 0, slo, solve_ms, notes=["no live workers"])
+        return PlanResult(policy=policy, objective=objective, threshold=0.0, heavy_fraction=0.0,
+                          light_batch=problem.b1s[0], heavy_batch=problem.b2s[0], light_workers=0, heavy_workers=0,
+                          feasible=False, latency=LatencyBreakdown(), estimated_quality=None, objective_value=0.0,
+                          light_share=1.0, demand_qps=problem.demand, workers=0, slo_ms=slo, solve_ms=solve_ms,
+                          notes=["no live workers"])
     if best is not None:
         _key, problem, ch, ev, mins = best
         feasible = True
     else:
         feasible = False
-        if policy == "aimd":  # max throughput over the whole grid, not just AIMD's candidates
-            problem = build_problem(profile, demand_qps, workers, **kwargs)
+        problem = build_problem(profile, demand_qps, workers, **kwargs)  # the whole grid of batches and options
         ch, ev = _fallback(problem, policy)
         mins = (ch.x1, ch.x2)
         notes.append("no plan meets demand within the SLO (even at the lowest threshold): "
                      "maximum-throughput plan")
     plan_ms = (time.perf_counter() - start) * 1000.0
     o = problem.options[ch.option]
-    split = policy in ("proteus", "clipper-heavy")
-    threshold = 0.0 if policy in ("proteus", "clipper-light") else (1.0 if policy == "clipper-heavy" else o.value)
-    heavy_fraction = o.value if split else 0.0
-    quality = profile.quality.score(o.light_share) if profile.quality is not None else None
-    objective_value = quality if (objective == "quality" and quality is not None) else o.value
+    value, light_share = o.value, o.light_share
+    if clamp is not None and spec.options in ("threshold", "split"):
+        # Smoothing holds even then: the threshold steps toward the feasible plan's, one window a tick.
+        value = min(max(value, clamp[0]), clamp[1])
+        light_share = 1.0 - (profile.curve.f(value) if spec.options == "threshold" else value)
+    split = spec.options in ("split", "heavy")
+    threshold = 0.0 if spec.options in ("split", "light") else (1.0 if spec.options == "heavy" else value)
+    heavy_fraction = value if split else 0.0
+    quality = profile.quality.score(light_share) if profile.quality is not None else None
+    objective_value = quality if (objective == "quality" and quality is not None) else value
     roles = assign_roles(current, ch.x1, ch.x2, switch_s=switch_s) if current else {}
     lat = LatencyBreakdown(ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms,
                            ev.total_ms)
-    return PlanResult(policy, objective, round(threshold, 4), round(heavy_fraction, 4), ch.b1, ch.b2, ch.x1, ch.x2,
-                      feasible, lat, quality, objective_value, o.light_share, problem.demand, problem.workers, slo,
-                      solve_ms, mins[0], mins[1], count_changes(current, roles), roles, notes, plan_ms)
+    return PlanResult(policy=policy, objective=objective, threshold=round(threshold, 4),
+                      heavy_fraction=round(heavy_fraction, 4), light_batch=ch.b1, heavy_batch=ch.b2,
+                      light_workers=ch.x1, heavy_workers=ch.x2, feasible=feasible, latency=lat,
+                      estimated_quality=quality, objective_value=objective_value, light_share=light_share,
+                      demand_qps=problem.demand, light_demand_qps=problem.light_demand, workers=problem.workers,
+                      slo_ms=slo, solve_ms=solve_ms, min_light_workers=mins[0], min_heavy_workers=mins[1],
+                      role_changes=count_changes(current, roles), roles=roles, notes=notes, plan_ms=plan_ms)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -828,7 +928,10 @@ def plan_main(argv: list[str] | None = None) -> None:
                    help="default: quality where the cascade has a quality curve, else threshold")
     p.add_argument("--policy", default="diffserve", choices=POLICIES)
     p.add_argument("--slo-ms", type=float, default=None, help="default: the cascade's")
-    p.add_argument("--static-threshold", type=float, default=0.5, help="threshold of the static policy")
+    p.add_argument("--light-demand", type=float, default=None,
+                   help="demand the light stage is provisioned for (default: --demand)")
+    p.add_argument("--fixed-plan", default=None, metavar="t=0.02,light=4x16,heavy=12x4",
+                   help="evaluate this plan as given (workers x batch) instead of solving")
     p.add_argument("--latency-scale", type=float, default=1.0,
                    help="multiply every profiled latency (time-scaled runs; scale --slo-ms too)")
     p.add_argument("--latency-file", default=None, help="own batch-latency table")
@@ -841,9 +944,13 @@ def plan_main(argv: list[str] | None = None) -> None:
                                        curve_file=args.curve_file, slo_ms=args.slo_ms)
     except ValueError as exc:
         raise SystemExit(f"diffserve plan: {exc}") from None
+    try:
+        fixed = FixedPlan.parse(args.fixed_plan) if args.fixed_plan else None
+    except ValueError as exc:
+        raise SystemExit(f"diffserve plan: {exc}") from None
     result = plan(profile, args.demand, args.workers, policy=args.policy, objective=args.objective,
-                  slo_ms=args.slo_ms, latency_scale=args.latency_scale, static_threshold=args.static_threshold,
-                  solver=args.solver)
+                  slo_ms=args.slo_ms, latency_scale=args.latency_scale, light_demand_qps=args.light_demand,
+                  fixed=fixed, solver=args.solver)
     if args.json:
         body = result.to_dict()
         body.pop("roles", None)

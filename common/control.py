@@ -1,0 +1,241 @@
+"""The controller's decisions, without Redis: demand estimation, threshold smoothing and the
+hysteresis on role changes.  ``services/controller.py`` feeds it measurements from Redis and
+stores what it decides; ``diffserve simulate`` feeds it the simulated cluster's state, so both
+run the very same control law.
+
+Each tick (:meth:`ControlLoop.decide`):
+
+1. demand D: an EWMA of the jobs counter's per-tick rate that follows a rise quickly and a fall
+   slowly, extrapolated one interval ahead while it rises (the plan is ready for the next
+   interval, not the last one); the light stage is provisioned for the larger of D and the recent
+   peak rate (a maximum that decays with ``peak_halflife_s``), since bursts rise 4x within seconds
+   and every query passes through the light model;
+2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force (smoothing);
+   only when nothing inside that window is feasible may it jump;
+3. solve twice: freely, and keeping every worker's current role; the free plan's role changes are
+   applied only when they matter (hysteresis): when the current allocation cannot serve the demand,
+   or when the free plan's threshold differs from the keep-roles plan's by more than
+   ``threshold_margin`` or its light/heavy split by more than ``worker_margin`` workers, and then
+   only if the workers to switch reload their model well within an interval and two consecutive
+   ticks propose the same move; such a move is taken in steps of at most ``max_switch_fraction``
+   of the workers per tick.  Switching workers serve nothing while they load: the work they would
+   have done is added to the backlog of the stage they join and the plan is solved again with it.
+
+``static`` plans once (the ``fixed_plan`` given, else the solver's plan for ``static_demand`` or,
+without one, for the first demand measured) and keeps that plan; only workers that appear or
+disappear are (re)assigned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from common.messages import Plan
+from common.planner import (DEFAULT_HEADROOM, ROLES, AimdState, FixedPlan, PlanResult, QueueStats, count_changes,
+                            plan, policy_spec)
+from common.profiles import BATCH_GRID, CascadeProfile
+
+
+class RateEstimator:
+    """Rate of a monotonic counter: EWMA of per-tick deltas, plus a look-ahead of one
+    interval's trend while it rises."""
+
+    def __init__(self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None):
+        self.alpha = alpha
+        self.alpha_down = alpha if alpha_down is None else alpha_down
+        self.count: int | None = None
+        self.at: float | None = None
+        self.rate: float | None = initial  # smoothed
+        self.previous: float | None = None  # smoothed rate one tick ago
+        self.raw: float | None = None
+
+    def update(self, count: int, at: float) -> None:
+        if self.count is not None and self.at is not None and at > self.at:
+            delta = count - self.count
+            if delta < 0:  # the stream was deleted and recreated: its counter restarted
+                delta = count
+            self.raw = delta / (at - self.at)
+            self.previous = self.rate
+            if self.rate is None:
+                self.rate = self.raw
+            else:  # quick to follow a rise, slow to believe a fall
+                alpha = self.alpha if self.raw >= self.rate else self.alpha_down
+                self.rate = alpha * self.raw + (1 - alpha) * self.rate
+        self.count, self.at = count, at
+
+    @property
+    def smoothed(self) -> float:
+        return max(0.0, self.rate or 0.0)
+
+    def forecast(self) -> float:
+        """The smoothed rate, extrapolated one interval ahead while it is rising."""
+        rate = self.smoothed
+        if self.previous is not None and rate > self.previous:
+            rate += rate - self.previous
+        return rate
+
+
+class PeakTracker:
+    """The largest recent value: jumps up at once, decays by half every ``halflife_s``."""
+
+    def __init__(self, halflife_s: float):
+        self.halflife_s = halflife_s
+        self.value = 0.0
+        self.at: float | None = None
+
+    def update(self, value: float, at: float) -> float:
+        if self.at is not None and self.halflife_s > 0:
+            self.value *= 0.5 ** (max(0.0, at - self.at) / self.halflife_s)
+        self.value, self.at = max(self.value, value), at
+        return self.value
+
+
+@dataclass
+class WorkerView:
+    worker_id: str
+    role: str  # current role: the planned one if it is in the stored plan, else the reported one
+    switch_s: float
+
+
+@dataclass(kw_only=True)
+class ControlSettings:
+    """The control law's knobs; every time is in the controller's (wall-clock) seconds."""
+
+    policy: str = "diffserve"
+    objective: str | None = None  # None: quality where the cascade has a quality curve
+    slo_ms: float
+    latency_scale: float = 1.0
+    interval_s: float = 10.0
+    batch_grid: tuple[int, ...] = BATCH_GRID
+    ewma_alpha: float = 0.5
+    ewma_alpha_down: float = 0.2
+    peak_halflife_s: float = 300.0
+    max_threshold_step: float = 0.05
+    threshold_margin: float = 0.05
+    worker_margin: int = 1
+    max_switch_fraction: float = 0.25
+    spare_util: float = 0.5
+    headroom: float = DEFAULT_HEADROOM
+    look_ahead: bool = True
+    drain_intervals: float = 2.0  # a backlog is planned to drain within this many intervals
+    fixed_plan: FixedPlan | None = None
+    static_demand: float | None = None
+
+
+class ControlLoop:
+    def __init__(self, profile: CascadeProfile, settings: ControlSettings):
+        self.profile, self.cfg = profile, settings
+        self.spec = policy_spec(settings.policy)
+        self.demand = RateEstimator(settings.ewma_alpha, alpha_down=settings.ewma_alpha_down)
+        self.peak = PeakTracker(settings.peak_halflife_s)
+        self.proposal: tuple | None = None  # a role change seen once, awaiting confirmation
+        self.fixed = settings.fixed_plan if self.spec.fixed else None
+
+    def observe(self, jobs_added: int, at_s: float) -> float:
+        """Feed the jobs counter; returns the demand to plan for."""
+        self.demand.update(jobs_added, at_s)
+        if self.demand.raw is not None:
+            self.peak.update(self.demand.raw, at_s)
+        return self.demand.forecast() if self.cfg.look_ahead else self.demand.smoothed
+
+    def solve(self, demand: float, current: dict[str, str], queues: QueueStats, stored: Plan | None, *,
+              keep_roles: bool = False, aimd: AimdState | None = None,
+              switch_s: dict[str, float] | None = None) -> PlanResult:
+        window = None
+        if stored is not None and stored.policy == self.cfg.policy and self.cfg.max_threshold_step < 1:
+            center = stored.heavy_fraction if self.spec.options == "split" else stored.threshold
+            window = (center - self.cfg.max_threshold_step, center + self.cfg.max_threshold_step)
+        return plan(self.profile, demand, len(current), policy=self.cfg.policy, objective=self.cfg.objective,
+                    batch_grid=tuple(sorted(self.cfg.batch_grid)), slo_ms=self.cfg.slo_ms,
+                    latency_scale=self.cfg.latency_scale, threshold_window=window,
+                    light_demand_qps=max(demand, self.peak.value), current=current, queues=queues,
+                    keep_roles=keep_roles, aimd=aimd, drain_s=self.cfg.drain_intervals * self.cfg.interval_s,
+                    headroom=self.cfg.headroom, spare_util=self.cfg.spare_util, switch_s=switch_s, fixed=self.fixed)
+
+    def with_switch_backlog(self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float],
+                            demand: float) -> dict[str, float] | None:
+        """The jobs the switching workers' new stage receives for them while they load (their
+        share of that stage's planned arrivals); None when nobody switches."""
+        stage_qps = {"light": demand, "heavy": demand * (1.0 - result.light_share)}
+        size = {"light": max(1, result.light_workers), "heavy": max(1, result.heavy_workers)}
+        extra = {"light": 0.0, "heavy": 0.0}
+        for w, role in result.roles.items():
+            if current.get(w) in ROLES and current[w] != role:
+                extra[role] += switch_s.get(w, 0.0) * stage_qps[role] / size[role]
+        if not any(extra.values()):
+            return None
+        return extra
+
+    def decide(self, stored: Plan | None, demand: float, workers: list[WorkerView], queues: QueueStats,
+               aimd: AimdState | None = None) -> tuple[PlanResult, str]:
+        """The plan to write and why (logged)."""
+        if self.spec.fixed and self.fixed is None and (self.cfg.static_demand or demand > 0):
+            first = self.solve(self.cfg.static_demand or demand, {f"w{i}": "" for i in range(len(workers))},
+                               QueueStats(), None)
+            self.fixed = FixedPlan(threshold=first.threshold, light_workers=first.light_workers,
+                                   light_batch=first.light_batch, heavy_workers=first.heavy_workers,
+                                   heavy_batch=first.heavy_batch)
+        current = {w.worker_id: w.role for w in workers}
+        switch_s = {w.worker_id: w.switch_s for w in workers}
+        new = self.solve(demand, current, queues, stored, aimd=aimd, switch_s=switch_s)
+        proposal, self.proposal = self.proposal, None  # kept only while a change awaits confirmation
+        if not current or new.role_changes == 0:
+            return new, "no role change"
+        if stored is None or stored.policy != self.cfg.policy:
+            return new, "first plan" if stored is None else "policy changed"
+        if self.fixed is not None:
+            return new, "fixed plan: workers (re)assigned"
+        keep = self.solve(demand, current, queues, stored, keep_roles=True, aimd=aimd, switch_s=switch_s)
+        target, stepped = current, False  # the roles the final plan is solved from (a partial move: those)
+        flipping = [w for w, r in new.roles.items() if current.get(w) in ROLES and current[w] != r]
+        if not keep.feasible:
+            reason = "current allocation cannot serve demand"
+        else:
+            differs = (abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
+                       or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
+                       or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin)
+            if not differs:
+                return keep, "within margins: roles kept"
+            slow = [w for w in flipping if switch_s.get(w, 0.0) > self.cfg.interval_s / 2]
+            if slow:
+                return keep, "switch slower than half an interval: roles kept"
+            # Noise damping: a move the current roles can live with must be proposed by two
+            # consecutive ticks before workers reload models for it.
+            sign = lambda x: (x > 1e-9) - (x < -1e-9)  # noqa: E731
+            move = (sign(new.light_workers - keep.light_workers), sign(new.threshold - keep.threshold),
+                    sign(new.heavy_fraction - keep.heavy_fraction))  # the direction, not the exact plan
+            if move != proposal:
+                self.proposal = move
+                return keep, "change proposed: confirming next interval"
+            self.proposal = move  # the next tick may continue the same move without waiting
+            reason = "plan moved beyond margins (confirmed)"
+            # A move the current roles can live with is taken in steps (fastest switchers
+            # first), so a burst does not swing the whole cluster between models.
+            step = max(1, math.ceil(self.cfg.max_switch_fraction * len(current)))
+            if len(flipping) > step:
+                partial = dict(current)
+                for w in sorted(flipping, key=lambda w: switch_s.get(w, 0.0))[:step]:
+                    partial[w] = new.roles[w]
+                partial_plan = self.solve(demand, partial, queues, stored, keep_roles=True, aimd=aimd,
+                                          switch_s=switch_s)
+                if not partial_plan.feasible:
+                    return keep, "partial move infeasible: roles kept"
+                partial_plan.solve_ms += new.solve_ms
+                partial_plan.role_changes = count_changes(current, partial_plan.roles)
+                new, target, stepped = partial_plan, partial, True
+                reason += f", {step} of {len(flipping)} role changes this tick"
+        extra = self.with_switch_backlog(new, current, switch_s, demand)
+        if extra:
+            # The plan must also absorb the jobs that queue up while the switching workers load.
+            loaded = dataclasses.replace(queues, light_backlog=queues.light_backlog + round(extra["light"]),
+                                         heavy_backlog=queues.heavy_backlog + round(extra["heavy"]))
+            again = self.solve(demand, target, loaded, stored, keep_roles=stepped, aimd=aimd, switch_s=switch_s)
+            again.role_changes = count_changes(current, again.roles)
+            if again.feasible and again.role_changes:
+                again.solve_ms += new.solve_ms
+                new = again
+            elif keep.feasible and not again.feasible:
+                return keep, "switch cost makes the change infeasible: roles kept"
+        return new, reason

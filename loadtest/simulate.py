@@ -1,0 +1,497 @@
+"""``diffserve simulate``: the whole cascade in virtual time, so a 6-minute trace on 16 workers
+replays in seconds, with the very decision code of the live services.
+
+What is simulated (discrete events, full-speed milliseconds): arrivals from any trace the load
+tester accepts; the router (admission, and the direct routing of split policies); shared light,
+discriminator and heavy queues pulled in batches of up to the plan's size by whichever worker is
+free; the profiled batch latencies; the discriminator's confidences (the profiled backend's own
+draw, or a recorded confidence file by line); role switches with the profiled model load times
+(from disk the first time, from host memory after); and the controller every interval.
+
+What is imported, not copied: the control law (common/control.py) over the planner
+(common/planner.py), the routing and deadline rules (common/routing.py), the profiled
+discriminator's confidence function and load times (common/backends/profiled.py) and the load
+tester's report and plots (loadtest/report.py, loadtest/plots.py).
+
+``--time-scale X`` models a live stack run at time scale X (what ``diffserve loadtest
+--time-scale X`` measures): that stack's wall-clock constants (the 0.5 s plan refresh of every
+service, each service's ~1.5 ms of CPU per batch) are 1/X times longer in full-speed time.
+
+Two uses beyond comparing policies:
+
+- ``--search-static``: the best fixed plan in hindsight (grid over threshold x light workers x
+  batch sizes, the rest of the workers heavy): best estimated quality with < 1 % SLO misses;
+- capacity planning: ``--workers 8,12,16,24`` gives one row per cluster size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.backends.profiled import DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator, load_confidence_overrides
+from common.cascades import CASCADES, DEFAULT_CASCADE
+from common.control import ControlLoop, ControlSettings, WorkerView
+from common.messages import FinalResult, Plan
+from common.planner import POLICIES, FixedPlan, QueueStats, policy_spec, warm_up
+from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
+from common.routing import Decision, HeavyStage, cascade_decision, decision_order, direct_decision, finishes_in_time
+
+from loadtest.report import summarize
+from loadtest.runner import JobRecord, RunRecord
+from loadtest.traces import Trace
+
+DISCRIMINATOR_BATCH = 32  # the discriminator service's default batch
+PLAN_REFRESH_S = 0.5  # every service re-reads the plan at most this often (wall clock)
+HOP_MS = 1.5  # CPU per batch in each live service on this machine kind (wall clock, measured by the serving bench)
+DEFAULT_SWITCH_S = 5.0  # the controller's assumption for a worker that has not switched yet
+
+
+@dataclass
+class SimJob:
+    record: JobRecord
+    prompt: str
+    deadline_ms: float
+    confidence: float | None = None  # set once the discriminator scored it
+    routed_by: str = "cascade"
+    light_done: bool = False
+
+
+@dataclass
+class SimWorker:
+    worker_id: str
+    role: str
+    loaded: set[str] = field(default_factory=set)  # models that were loaded once (later loads come from host)
+    busy: bool = False
+    batch: list[SimJob] = field(default_factory=list)
+    switch_s: float = 0.0
+
+
+@dataclass(kw_only=True)
+class SimConfig:
+    policy: str
+    workers: int
+    slo_ms: float  # full speed
+    light_workers: int | None = None  # at the start; default half
+    interval_s: float = 10.0  # controller interval, full speed
+    time_scale: float = 1.0  # of the live stack modelled (its wall-clock constants)
+    controller: bool = True
+    sample_interval_s: float = 1.0
+    fixed_plan: FixedPlan | None = None
+    static_demand: float | None = None
+    control: dict = field(default_factory=dict)  # other ControlSettings fields
+
+
+class Simulation:
+    def __init__(self, profile: CascadeProfile, trace: Trace, prompts: list[str], cfg: SimConfig, *,
+                 overrides: dict[int, float] | None = None, seed: int = 0):
+        self.profile, self.trace, self.prompts, self.cfg = profile, trace, prompts, cfg
+        self.spec = policy_spec(cfg.policy)
+        self.scorer = ProfiledDiscriminator(profile.discriminator, profile.curve, 0.0, overrides)
+        self.hop_ms = HOP_MS / cfg.time_scale
+        self.plan_delay_ms = PLAN_REFRESH_S * 1000.0 / 2 / cfg.time_scale  # on average half a refresh
+        self.events: list = []
+        self._seq = itertools.count()
+        self.now = 0.0
+        self.queues = {"light": deque(), "discriminator": deque(), "heavy": deque()}
+        light = cfg.light_workers if cfg.light_workers is not None else max(1, cfg.workers // 2)
+        self.workers = [SimWorker(f"worker-{i}", "light" if i < light else "heavy") for i in range(cfg.workers)]
+        for w in self.workers:
+            w.loaded.add(w.role)
+        self.disc_busy = False
+        self.disc_batch: list[SimJob] = []
+        self.plan = Plan()  # in force at the data plane
+        self.stored: Plan | None = None  # the controller's latest
+        self.version = 0
+        self.arrived = 0
+        self.outstanding = 0
+        self.rng = random.Random(seed)
+        self.jobs: list[JobRecord] = []
+        self.samples: list[dict] = []
+        settings = ControlSettings(policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s,
+                                   fixed_plan=cfg.fixed_plan, static_demand=cfg.static_demand, **cfg.control)
+        self.loop = ControlLoop(profile, settings)
+        self.plans_solved = 0
+        self._latency: dict[tuple[str, int], float] = {}
+
+    # ---------- event machinery ----------
+    def at(self, t_ms: float, fn, *args) -> None:
+        heapq.heappush(self.events, (t_ms, next(self._seq), fn, args))
+
+    def run(self) -> RunRecord:
+        for i, (arrival_ms, index) in enumerate(self.trace):
+            rec = JobRecord(f"sim-{i}", index, arrival_ms, sent_s=arrival_ms / 1000.0,
+                            blank_prompt=not self.prompts[index])
+            self.jobs.append(rec)
+            self.at(arrival_ms + self.hop_ms, self.admit, rec)
+        self.outstanding = len(self.jobs)
+        if self.cfg.controller:  # the load tester waits for the first plan before it sends anything
+            self.tick()
+            self.publish(self.stored)
+        self.at(0.0, self.sample)
+        end_ms = self.trace.duration_s * 1000.0
+        while self.events:
+            t, _seq, fn, args = heapq.heappop(self.events)
+            if self.outstanding == 0 and t > end_ms:
+                break
+            self.now = t
+            fn(*args)
+        return RunRecord(self.cfg.policy, 1.0, self.trace, self.jobs, plan_samples=self.samples,
+                         wall_s=self.now / 1000.0, drained=self.outstanding == 0)
+
+    # ---------- control plane ----------
+    def backlogs(self) -> dict[str, int]:
+        busy = {"light": 0, "heavy": 0}
+        for w in self.workers:
+            if w.busy and w.batch:
+                busy[w.role] += len(w.batch)
+        return {"light": len(self.queues["light"]) + busy["light"],
+                "discriminator": len(self.queues["discriminator"]) + len(self.disc_batch),
+                "heavy": len(self.queues["heavy"]) + busy["heavy"]}
+
+    def tick(self) -> None:
+        demand = self.loop.observe(self.arrived, self.now / 1000.0)
+        planned = self.stored.roles if self.stored is not None else {}
+        views = [WorkerView(w.worker_id, planned.get(w.worker_id, w.role), w.switch_s or DEFAULT_SWITCH_S)
+                 for w in self.workers]
+        b = self.backlogs()
+        queues = QueueStats(light_backlog=b["light"], discriminator_backlog=b["discriminator"],
+                            heavy_backlog=b["heavy"])
+        result, _reason = self.loop.decide(self.stored, demand, views, queues)
+        self.plans_solved += 1
+        self.version += 1
+        message = result.to_message(self.version, result.roles, self.now)
+        message.demand_qps = demand
+        self.stored = message
+        self.at(self.now + self.plan_delay_ms, self.publish, message)
+        if self.outstanding or self.now < self.trace.duration_s * 1000.0:
+            self.at(self.now + self.cfg.interval_s * 1000.0, self.tick)
+
+    def publish(self, message: Plan) -> None:
+        self.plan = message
+        for w in self.workers:
+            self.try_worker(w)
+
+    def sample(self) -> None:
+        p = self.plan
+        roles = [w.role for w in self.workers]
+        b = self.backlogs()
+        self.samples.append({"t_s": round(self.now / 1000.0, 3), "plan_version": p.version, "policy": p.policy,
+                             "threshold": p.threshold, "light_workers": p.light_workers,
+                             "heavy_workers": p.heavy_workers, "light_batch": p.light_batch,
+                             "heavy_batch": p.heavy_batch, "heavy_fraction": p.heavy_fraction,
+                             "demand_qps": p.demand_qps, "feasible": p.feasible,
+                             "roles": {"light": roles.count("light"), "heavy": roles.count("heavy")},
+                             "backlog": {"light": b["light"], "heavy": b["heavy"]}})
+        if self.outstanding or self.now < self.trace.duration_s * 1000.0:
+            self.at(self.now + self.cfg.sample_interval_s * 1000.0, self.sample)
+
+    # ---------- data plane ----------
+    def latency_ms(self, role: str, batch: int) -> float:
+        key = (role, batch)
+        if key not in self._latency:
+            self._latency[key] = self.profile.table(role).latency_ms(batch)
+        return self._latency[key]
+
+    def heavy_stage(self) -> HeavyStage:
+        workers = sum(w.role == "heavy" for w in self.workers)
+        batch = max(1, self.plan.heavy_batch)
+        return HeavyStage(workers=workers, batch=batch, batch_ms=self.latency_ms("heavy", batch),
+                          backlog=self.backlogs()["heavy"])
+
+    def admit(self, rec: JobRecord) -> None:
+        self.arrived += 1
+        if rec.blank_prompt:  # the router refuses an empty prompt
+            self.finish_error(rec, "invalid_request", "prompt is empty")
+            return
+        job = SimJob(rec, self.prompts[rec.prompt_index], rec.arrival_ms + self.cfg.slo_ms)
+        if self.plan.heavy_fraction > 0:
+            decision = direct_decision(self.rng.random(), self.plan.heavy_fraction,
+                                       degrade_late=self.plan.degrade_late,
+                                       on_time=self.heavy_stage().on_time(self.now, job.deadline_ms))
+            if decision == Decision.HEAVY:
+                job.routed_by = "direct"
+                self.enqueue("heavy", job)
+                return
+            job.routed_by = "fallback" if decision == Decision.LATE else "cascade"
+        self.enqueue("light", job)
+
+    def enqueue(self, queue: str, job: SimJob) -> None:
+        self.queues[queue].append(job)
+        if queue == "discriminator":
+            self.try_discriminator()
+        else:
+            for w in self.workers:
+                if not w.busy and w.role == queue:
+                    self.try_worker(w)
+                    break
+
+    def try_worker(self, w: SimWorker) -> None:
+        if w.busy:
+            return
+        wanted = self.plan.roles.get(w.worker_id, w.role)
+        if wanted != w.role:
+            model = getattr(self.profile.spec, wanted)
+            source = "host" if wanted in w.loaded else "disk"
+            seconds = LOAD_SECONDS[source].get(model, DEFAULT_LOAD_SECONDS[source])
+            w.busy, w.batch = True, []
+            self.at(self.now + seconds * 1000.0, self.switched, w, wanted, seconds)
+            return
+        queue = self.queues[w.role]
+        if not queue:
+            return
+        size = max(1, self.plan.light_batch if w.role == "light" else self.plan.heavy_batch)
+        jobs = [queue.popleft() for _ in range(min(size, len(queue)))]
+        if w.role == "heavy" and self.plan.degrade_late:
+            batch_ms = self.latency_ms("heavy", len(jobs))
+            on_time = []
+            for job in jobs:
+                if finishes_in_time(self.now, job.deadline_ms, 0.0, batch_ms):
+                    on_time.append(job)
+                elif job.light_done:
+                    self.finish(job, "light", degraded=True)
+                else:
+                    job.routed_by = "fallback"
+                    self.enqueue("light", job)
+            jobs = on_time
+            if not jobs:  # all answered or sent back: the worker pulls again after its pass
+                w.busy = True
+                self.at(self.now + self.hop_ms, self._free, w)
+                return
+        w.busy, w.batch = True, jobs
+        self.at(self.now + self.latency_ms(w.role, len(jobs)) + self.hop_ms, self.batch_done, w)
+
+    def _free(self, w: SimWorker) -> None:
+        w.busy = False
+        self.try_worker(w)
+
+    def switched(self, w: SimWorker, role: str, seconds: float) -> None:
+        w.role, w.busy, w.switch_s = role, False, seconds
+        w.loaded.add(role)
+        self.try_worker(w)
+
+    def batch_done(self, w: SimWorker) -> None:
+        jobs, w.batch, w.busy = w.batch, [], False
+        for job in jobs:
+            if w.role == "light":
+                job.light_done = True
+                self.enqueue("discriminator", job)
+            else:
+                self.finish(job, "heavy")
+        self.try_worker(w)
+
+    def try_discriminator(self) -> None:
+        queue = self.queues["discriminator"]
+        if self.disc_busy or not queue:
+            return
+        self.disc_batch = [queue.popleft() for _ in range(min(DISCRIMINATOR_BATCH, len(queue)))]
+        self.disc_busy = True
+        self.at(self.now + self.latency_ms("discriminator", len(self.disc_batch)) + self.hop_ms, self.discriminated)
+
+    def discriminated(self) -> None:
+        jobs, self.disc_batch, self.disc_busy = self.disc_batch, [], False
+        plan = self.plan
+        heavy = self.heavy_stage() if plan.degrade_late else None
+        for job in jobs:
+            job.confidence = self.scorer.confidence(job.prompt, job.record.prompt_index)
+        for i in decision_order([job.confidence for job in jobs]):
+            job = jobs[i]
+            decision = cascade_decision(job.confidence, plan.threshold, discriminator_routes=plan.discriminator_routes,
+                                        degrade_late=plan.degrade_late, fallback=job.routed_by == "fallback",
+                                        on_time=heavy is None or heavy.on_time(self.now, job.deadline_ms))
+            if decision == Decision.HEAVY:
+                if heavy is not None:
+                    heavy.admit()
+                self.enqueue("heavy", job)
+            else:
+                self.finish(job, "light", degraded=decision == Decision.LATE)
+        self.try_discriminator()
+
+    def finish(self, job: SimJob, answered_by: str, degraded: bool = False) -> None:
+        done = self.now + self.hop_ms  # the router's delivery pass
+        rec = job.record
+        rec.received_s = done / 1000.0
+        rec.result = FinalResult(job_id=rec.job_id, status="ok", answered_by=answered_by,
+                                 model=getattr(self.profile.spec, answered_by), confidence=job.confidence,
+                                 degraded=degraded, latency_ms=done - rec.arrival_ms,
+                                 slo_met=done <= job.deadline_ms, finished_ms=done)
+        self.outstanding -= 1
+
+    def finish_error(self, rec: JobRecord, code: str, message: str) -> None:
+        rec.received_s = self.now / 1000.0
+        rec.result = FinalResult(job_id=rec.job_id, status="error", error_code=code, error_message=message,
+                                 finished_ms=self.now)
+        self.outstanding -= 1
+
+
+def simulate(profile: CascadeProfile, trace: Trace, prompts: list[str], cfg: SimConfig, *,
+             overrides: dict[int, float] | None = None, seed: int = 0) -> RunRecord:
+    return Simulation(profile, trace, prompts, cfg, overrides=overrides, seed=seed).run()
+
+
+def _entry(run: RunRecord, profile: CascadeProfile, slo_ms: float, name: str) -> dict:
+    entry = summarize(run, slo_ms=slo_ms, backend="profiled", curve=profile.quality, confidence_curve=profile.curve)
+    entry["policy"] = name
+    return entry
+
+
+# ----------------------------------------------------------------------------- static search
+def search_static(profile: CascadeProfile, trace: Trace, prompts: list[str], *, workers: int, slo_ms: float,
+                  time_scale: float = 1.0, overrides=None, max_miss: float = 0.01, light_batches=(4, 8, 16),
+                  heavy_batches=(1, 2, 4), coarse_step: float = 0.05, fine_step: float = 0.01,
+                  max_threshold: float = 0.4, refine: int = 3) -> list[dict]:
+    """Fixed plans simulated on the trace, best first: within ``max_miss`` SLO misses, by estimated
+    quality.  Two passes: thresholds on a ``coarse_step`` grid for every light-worker count up to a
+    quarter of the cluster (the rest heavy) and batch pair, then the ``refine`` best configurations
+    again at every ``fine_step`` threshold around their best."""
+    sign = 1 if profile.quality is None or profile.quality.lower_is_better else -1
+    seen: dict[str, dict] = {}
+
+    def run(t: float, lw: int, lb: int, hb: int) -> None:
+        fixed = FixedPlan(threshold=round(t, 4), light_workers=lw, light_batch=lb, heavy_workers=workers - lw,
+                          heavy_batch=hb)
+        if str(fixed) in seen:
+            return
+        cfg = SimConfig(policy="static", workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed,
+                        light_workers=lw, controller=True)
+        e = summarize(simulate(profile, trace, prompts, cfg, overrides=overrides), slo_ms=slo_ms, backend="profiled",
+                      curve=profile.quality, confidence_curve=profile.curve)
+        seen[str(fixed)] = {"plan": str(fixed), "config": (lw, lb, hb), "threshold": fixed.threshold,
+                            "slo_violation_ratio": e["slo_violation_ratio"], "fid": e["quality"]["estimate"],
+                            "heavy_share": e["heavy_share"], "degraded": e["degraded"]}
+
+    def ranked() -> list[dict]:
+        return sorted(seen.values(), key=lambda r: (r["slo_violation_ratio"] >= max_miss, sign * (r["fid"] or 0),
+                                                    r["slo_violation_ratio"]))
+
+    coarse = [round(i * coarse_step, 4) for i in range(int(round(max_threshold / coarse_step)) + 1)]
+    for t, lw, lb, hb in itertools.product(coarse, range(1, max(2, workers // 4) + 1), light_batches, heavy_batches):
+        if workers - lw >= 1:
+            run(t, lw, lb, hb)
+    configs = []
+    for r in ranked():
+        if r["config"] not in [c for c, _t in configs]:
+            configs.append((r["config"], r["threshold"]))
+        if len(configs) == refine:
+            break
+    for (lw, lb, hb), center in configs:
+        k = int(round(coarse_step / fine_step))
+        for i in range(-k + 1, k):
+            t = round(center + i * fine_step, 4)
+            if 0.0 <= t <= 1.0:
+                run(t, lw, lb, hb)
+    return ranked()
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    from loadtest.cli import add_trace_arguments
+
+    p = argparse.ArgumentParser(prog="diffserve simulate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_trace_arguments(p)
+    c = p.add_argument_group("cluster")
+    c.add_argument("--policies", default="diffserve",
+                   help=f"comma-separated policies, one run each ({', '.join(POLICIES)})")
+    c.add_argument("--workers", default="16", help="workers; a comma-separated list gives one row per cluster size")
+    c.add_argument("--light-workers", type=int, default=None, help="light workers at the start (default: half)")
+    c.add_argument("--cascade", default=DEFAULT_CASCADE, choices=sorted(CASCADES))
+    c.add_argument("--hardware", default="a100", choices=sorted(HARDWARE))
+    c.add_argument("--slo-ms", type=float, default=None, help="SLO (default: the cascade's)")
+    c.add_argument("--confidence-file", default=None,
+                   help="`prompt_index,confidence` lines: the discriminator's confidence per prompt line")
+    c.add_argument("--static-plan", default=None, metavar="t=0.02,light=4x16,heavy=12x4",
+                   help="the static policy's fixed plan; default: the solver's plan for the trace's mean demand")
+    c.add_argument("--controller-interval-s", type=float, default=10.0, help="re-plan interval (full-speed s)")
+    c.add_argument("--time-scale", type=float, default=1.0,
+                   help="model a live stack run at this time scale (its wall-clock constants, e.g. the 0.5 s "
+                        "plan refresh, are 1/X longer at full speed); 1 = a real deployment")
+    c.add_argument("--search-static", action="store_true",
+                   help="also find the best fixed plan in hindsight (grid over threshold x light workers x batch "
+                        "sizes; best estimated quality with < 1 %% SLO misses) and add it as 'static-hindsight'")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="out/simulate", help="output folder (report.json, summary.md, plots)")
+    o.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from loadtest import report as report_mod
+    from loadtest.cli import load_trace
+    from loadtest.traces import write_trace
+
+    args = build_parser().parse_args(argv)
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    unknown = [x for x in policies if x not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
+    try:
+        sizes = [int(x) for x in args.workers.split(",") if x.strip()]
+        fixed = FixedPlan.parse(args.static_plan) if args.static_plan else None
+    except ValueError as exc:
+        raise SystemExit(f"diffserve simulate: {exc}") from None
+    profile = load_cascade_profile(args.cascade, args.hardware)
+    slo_ms = args.slo_ms or profile.slo_ms
+    prompts = load_prompts(args.prompts)
+    trace = load_trace(args, len(prompts))
+    overrides = load_confidence_overrides(args.confidence_file) if args.confidence_file else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_trace(trace, out / "trace.csv")
+    warm_up()
+    print(f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s); "
+          f"SLO {slo_ms:g} ms; workers {args.workers}; policies {', '.join(policies)}", flush=True)
+    entries = []
+    for size in sizes:
+        for policy in policies:
+            started = time.perf_counter()
+            cfg = SimConfig(policy=policy, workers=size, slo_ms=slo_ms, light_workers=args.light_workers,
+                            interval_s=args.controller_interval_s, time_scale=args.time_scale, fixed_plan=fixed,
+                            static_demand=trace.mean_rate)
+            run = simulate(profile, trace, prompts, cfg, overrides=overrides, seed=args.seed)
+            name = policy if len(sizes) == 1 else f"{policy} ({size} workers)"
+            entries.append(_entry(run, profile, slo_ms, name))
+            e = entries[-1]
+            print(f"  {name}: SLO miss {100 * e['slo_violation_ratio']:.2f} %, p99 {e['latency_ms']['p99']} ms, "
+                  f"heavy share {e['heavy_share']}, FID est. {e['quality'].get('estimate')}, degraded "
+                  f"{e['degraded']} ({time.perf_counter() - started:.1f} s)", flush=True)
+        if args.search_static:
+            started = time.perf_counter()
+            rows = search_static(profile, trace, prompts, workers=size, slo_ms=slo_ms, time_scale=args.time_scale,
+                                 overrides=overrides)
+            best = FixedPlan.parse(rows[0]["plan"])
+            (out / f"static_search_{size}.json").write_text(json.dumps(rows, indent=1))
+            cfg = SimConfig(policy="static", workers=size, slo_ms=slo_ms, time_scale=args.time_scale, fixed_plan=best,
+                            light_workers=best.light_workers)
+            run = simulate(profile, trace, prompts, cfg, overrides=overrides, seed=args.seed)
+            name = "static-hindsight" if len(sizes) == 1 else f"static-hindsight ({size} workers)"
+            entries.append(_entry(run, profile, slo_ms, name))
+            entries[-1]["static_plan"] = rows[0]["plan"]
+            print(f"  {name}: best of {len(rows)} fixed plans {rows[0]['plan']}: SLO miss "
+                  f"{100 * rows[0]['slo_violation_ratio']:.2f} %, FID est. {rows[0]['fid']} "
+                  f"({time.perf_counter() - started:.1f} s)", flush=True)
+    meta = {"trace": trace.name, "trace_params": trace.params, "sent": len(trace), "duration_s": trace.duration_s,
+            "backend": "profiled", "simulated": True, "cascade": args.cascade, "hardware": args.hardware,
+            "workers": args.workers, "time_scale": args.time_scale, "slo_ms": slo_ms, "seed": args.seed,
+            "prompts": args.prompts, "confidence_file": args.confidence_file, "policies": policies,
+            "controller_interval_s": args.controller_interval_s,
+            "units": "virtual full-speed time (simulation)"}
+    path = report_mod.write_report(out, entries, meta)
+    if not args.no_plots:
+        from loadtest.plots import write_plots
+
+        write_plots({"meta": meta, "policies": {e["policy"]: e for e in entries}}, out)
+    print((out / "summary.md").read_text())
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

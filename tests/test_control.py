@@ -1,0 +1,148 @@
+"""The control law (common/control.py) as a table: situation -> what the controller decides
+and why.  The live-stack tests only check the wiring."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.control import ControlLoop, ControlSettings, PeakTracker, RateEstimator, WorkerView
+from common.planner import FixedPlan, QueueStats
+from common.profiles import load_cascade_profile
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_cascade_profile("sdturbo-sdv15", "a100")
+
+
+def _workers(light: int, heavy: int, switch_s: float = 0.4) -> list[WorkerView]:
+    roles = ["light"] * light + ["heavy"] * heavy
+    return [WorkerView(f"w{i:02d}", role, switch_s) for i, role in enumerate(roles)]
+
+
+def _loop(profile, **kw) -> ControlLoop:
+    return ControlLoop(profile, ControlSettings(slo_ms=5000.0, **kw))
+
+
+def _stored(loop, workers, demand, queues=QueueStats()):
+    """The plan a controller in this situation would have stored (its first plan)."""
+    result, _ = loop.decide(None, demand, workers, queues)
+    return result.to_message(1, result.roles)
+
+
+def test_first_plan_is_applied_at_once(profile):
+    loop = _loop(profile)
+    result, reason = loop.decide(None, 8.0, _workers(8, 8), QueueStats())
+    assert reason == "first plan"
+    assert result.light_workers == 2 and result.heavy_workers == 14  # light is cheap: two carry 8 q/s and more
+    assert list(result.roles.values()).count("heavy") == 14
+
+
+def test_hysteresis_table(profile):
+    """Each row: roles now, demand -> the reason the controller gives and whether roles move."""
+    rows = [
+        # roles already what the plan wants: nothing moves
+        ((2, 14), 8.0, "no role change", False),
+        # one worker off the plan's split: within the margin, kept
+        ((3, 13), 8.0, "within margins: roles kept", False),
+        # far off the plan (8 light for 8 q/s): proposed once, confirmed only by a second tick
+        ((8, 8), 8.0, "change proposed: confirming next interval", False),
+        # the current roles cannot carry the demand (all heavy, no light worker): moves at once
+        ((0, 16), 8.0, "current allocation cannot serve demand", True),
+    ]
+    for (light, heavy), demand, reason, moves in rows:
+        loop = _loop(profile)
+        workers = _workers(light, heavy)
+        stored = _stored(_loop(profile), workers, demand)
+        stored.roles = {w.worker_id: w.role for w in workers}  # the roles in force are the current ones
+        result, why = loop.decide(stored, demand, workers, QueueStats())
+        assert why == reason, (light, heavy, demand, why)
+        assert (result.role_changes > 0) is moves, (light, heavy, result.role_changes)
+
+
+def test_a_move_is_confirmed_by_a_second_tick_and_taken_in_steps(profile):
+    loop = _loop(profile, max_switch_fraction=0.25)
+    workers = _workers(8, 8)
+    stored = _stored(_loop(profile), workers, 8.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    first, why = loop.decide(stored, 8.0, workers, QueueStats())
+    assert why.startswith("change proposed") and first.role_changes == 0
+    second, why = loop.decide(stored, 8.0, workers, QueueStats())
+    assert why.startswith("plan moved beyond margins (confirmed)")
+    assert 0 < second.role_changes <= 4  # a quarter of 16 per tick
+
+
+def test_slow_switchers_keep_their_roles(profile):
+    loop = _loop(profile, interval_s=10.0)
+    workers = _workers(8, 8, switch_s=30.0)
+    stored = _stored(_loop(profile), workers, 8.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    _result, why = loop.decide(stored, 8.0, workers, QueueStats())
+    assert why == "switch slower than half an interval: roles kept"
+
+
+@pytest.mark.parametrize("demand", [4.0, 12.0, 20.0, 32.0, 60.0])
+def test_threshold_moves_at_most_one_step_per_tick(profile, demand):
+    loop = _loop(profile, max_threshold_step=0.05)
+    workers = _workers(2, 14)
+    stored = _stored(_loop(profile), workers, 6.0)
+    result, _ = loop.decide(stored, demand, workers, QueueStats())
+    assert abs(result.threshold - stored.threshold) <= 0.05 + 1e-9
+
+
+def test_threshold_converges_under_a_sustained_rise(profile):
+    """Demand rises and stays: the threshold steps down tick by tick and then holds."""
+    loop = _loop(profile, max_threshold_step=0.05)
+    workers = _workers(2, 14)
+    stored = _stored(_loop(profile), workers, 6.0)
+    seen = [stored.threshold]
+    for version in range(2, 12):
+        result, _ = loop.decide(stored, 28.0, workers, QueueStats())
+        stored = result.to_message(version, result.roles)
+        seen.append(stored.threshold)
+    steps = [b - a for a, b in zip(seen, seen[1:])]
+    assert all(abs(s) <= 0.05 + 1e-9 for s in steps)
+    assert seen[-1] < seen[0] and seen[-1] == seen[-2] == seen[-3]  # moved, then settled
+    assert seen[-1] > 0.0  # never all-light while the heavy stage can take some
+
+
+def test_backlog_is_work_to_drain_not_a_reason_for_all_light(profile):
+    """A heavy backlog after a busy interval keeps t > 0 (the old bang-bang flipped it to 0)."""
+    loop = _loop(profile)
+    workers = _workers(2, 14)
+    stored = _stored(_loop(profile), workers, 8.0)
+    result, _ = loop.decide(stored, 8.0, workers, QueueStats(heavy_backlog=30))
+    assert result.threshold >= stored.threshold - 0.05 and result.threshold > 0
+
+
+def test_fixed_plan_never_changes(profile):
+    fixed = FixedPlan.parse("t=0.02,light=4x16,heavy=12x4")
+    loop = _loop(profile, policy="static", fixed_plan=fixed)
+    workers = _workers(8, 8)
+    stored = None
+    for version, demand in enumerate((2.0, 30.0, 8.0), 1):
+        result, _ = loop.decide(stored, demand, workers, QueueStats(heavy_backlog=50))
+        assert (result.threshold, result.light_workers, result.light_batch, result.heavy_workers,
+                result.heavy_batch) == (0.02, 4, 16, 12, 4)
+        stored = result.to_message(version, result.roles)
+
+
+def test_static_without_a_plan_freezes_the_first_one(profile):
+    loop = _loop(profile, policy="static", static_demand=8.0)
+    workers = _workers(8, 8)
+    first, _ = loop.decide(None, 0.0, workers, QueueStats())
+    later, _ = loop.decide(first.to_message(1, first.roles), 30.0, workers, QueueStats())
+    assert (later.threshold, later.light_workers, later.heavy_workers) == \
+        (first.threshold, first.light_workers, first.heavy_workers)
+    assert loop.fixed is not None and str(loop.fixed).startswith(f"t={first.threshold:g}")
+
+
+def test_demand_falls_slowly_and_the_peak_decays():
+    rate = RateEstimator(alpha=0.5, alpha_down=0.2)
+    for t, count in ((0, 0), (10, 100), (20, 300), (30, 300)):  # 10 q/s, 20 q/s, then nothing
+        rate.update(count, t)
+    assert rate.smoothed == pytest.approx(12.0)  # 15 q/s believed to fall by a fifth only
+    peak = PeakTracker(halflife_s=100.0)
+    assert peak.update(32.0, 0.0) == 32.0
+    assert peak.update(4.0, 100.0) == pytest.approx(16.0)  # half the peak after one half-life
+    assert peak.update(20.0, 100.0) == 20.0

@@ -1,0 +1,126 @@
+"""The virtual-time simulator (``diffserve simulate``): it replays traces with the services' own
+decision code, finds the best fixed plan in hindsight, gives one row per cluster size, and routes
+each query as the live profiled stack does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.planner import FixedPlan
+from common.profiles import load_cascade_profile, load_prompts
+from loadtest.report import summarize
+from loadtest.simulate import SimConfig, search_static, simulate
+from loadtest.traces import Trace, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_cascade_profile("sdturbo-sdv15", "a100")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_prompts()
+
+
+def _entry(run, profile):
+    return summarize(run, slo_ms=5000, curve=profile.quality, confidence_curve=profile.curve)
+
+
+def test_every_query_answered_once_and_policies_differ(profile, prompts):
+    trace = generate("bursty", duration_s=120, n_prompts=len(prompts), seed=3)
+    entries = {}
+    for policy in ("diffserve", "clipper-light", "clipper-heavy", "proteus"):
+        run = simulate(profile, trace, prompts, SimConfig(policy=policy, workers=16, slo_ms=5000))
+        assert run.drained and all(j.result is not None for j in run.jobs)
+        entries[policy] = e = _entry(run, profile)
+        assert e["lost"] == 0 and e["sent"] == len(trace)
+        assert e["timeline"]["plan"] and "roles" in e["timeline"]["plan"][-1]
+    assert entries["clipper-light"]["heavy_share"] == 0 and entries["clipper-heavy"]["heavy_share"] == 1
+    assert entries["clipper-light"]["quality"]["estimate"] == pytest.approx(22.77)
+    # the cascade keeps its SLO under bursts; heavy-only cannot
+    assert entries["diffserve"]["slo_violation_ratio"] < 0.01 < entries["clipper-heavy"]["slo_violation_ratio"]
+    assert entries["diffserve"]["quality"]["estimate"] < entries["clipper-light"]["quality"]["estimate"]
+    # proteus answers a random split: its estimate pays for the hard prompts it leaves light
+    proteus = entries["proteus"]["quality"]
+    assert proteus["estimate"] > proteus["paper_estimate"]
+
+
+def test_a_fixed_plan_is_kept_and_roles_follow_it(profile, prompts):
+    trace = generate("poisson", rate=6, duration_s=60, n_prompts=len(prompts), seed=1)
+    fixed = FixedPlan.parse("t=0.1,light=3x8,heavy=5x2")
+    run = simulate(profile, trace, prompts, SimConfig(policy="static", workers=8, slo_ms=5000, fixed_plan=fixed))
+    samples = run.plan_samples[5:]
+    assert {(s["threshold"], s["light_workers"], s["heavy_workers"]) for s in samples} == {(0.1, 3, 5)}
+    assert samples[-1]["roles"] == {"light": 3, "heavy": 5}
+
+
+def test_search_static_ranks_plans(profile, prompts):
+    trace = generate("poisson", rate=4, duration_s=40, n_prompts=len(prompts), seed=2)
+    rows = search_static(profile, trace, prompts, workers=6, slo_ms=5000, light_batches=(4,), heavy_batches=(2,),
+                         max_threshold=0.3, refine=1)
+    assert rows and all(r["slo_violation_ratio"] is not None for r in rows)
+    best = rows[0]
+    assert best["slo_violation_ratio"] < 0.01
+    ok = [r for r in rows if r["slo_violation_ratio"] < 0.01]
+    assert best["fid"] == min(r["fid"] for r in ok)
+    assert any(round(r["threshold"] * 100) % 5 for r in rows)  # the refine pass tried thresholds between
+
+
+def test_cli_one_row_per_cluster_size(tmp_path):
+    out = tmp_path / "sim"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "diffserve", "simulate", "--trace", "bursty", "--duration", "60",
+                           "--workers", "4,8,16", "--policies", "diffserve", "--out", str(out), "--no-plots"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    names = list(report["policies"])
+    assert names == ["diffserve (4 workers)", "diffserve (8 workers)", "diffserve (16 workers)"]
+    misses = [report["policies"][n]["slo_violation_ratio"] for n in names]
+    assert misses[0] >= misses[1] >= misses[2]
+    for e in report["policies"].values():
+        assert {"slo_violation_ratio", "latency_ms", "heavy_share", "quality", "degraded", "timeline"} <= set(e)
+    help_text = subprocess.run([sys.executable, "-m", "diffserve", "simulate", "--help"], capture_output=True,
+                               text=True, env=env, cwd=ROOT, timeout=60).stdout
+    for flag in ("--search-static", "--workers", "--policies", "--trace-file", "--static-plan", "--time-scale"):
+        assert flag in help_text
+
+
+@pytest.mark.slow
+def test_simulator_routes_each_query_as_the_live_stack(profile, prompts, tmp_path):
+    """A small fixed trace with recorded confidences, a fixed plan, light load: the simulator and a
+    live profiled stack answer every query with the same model."""
+    from loadtest.runner import run_policy, stack_spec
+
+    indices = list(range(0, 60, 2))
+    # one query every 1.5 s: the heavy worker (2.16 s per batch of 2) is never the bottleneck, so no
+    # query's route depends on timing
+    trace = Trace([i * 1500.0 for i in range(len(indices))], indices, "fixed", len(indices) * 1.5 + 1)
+    confidences = {i: (0.05 if i % 3 else 0.8) + i / 1000 for i in indices}  # a third confident
+    conf_file = tmp_path / "conf.csv"
+    conf_file.write_text("prompt_index,confidence\n" + "".join(f"{i},{c}\n" for i, c in confidences.items()))
+    plan = "t=0.3,light=1x4,heavy=1x2"
+    from common.backends.profiled import load_confidence_overrides
+
+    sim = simulate(profile, trace, prompts, SimConfig(policy="static", workers=2, slo_ms=5000,
+                                                      fixed_plan=FixedPlan.parse(plan), time_scale=0.1),
+                   overrides=load_confidence_overrides(str(conf_file)))
+    spec = stack_spec(policy="static", workers=2, backend="profiled", cascade="sdturbo-sdv15", hardware="a100",
+                      time_scale=0.1, slo_ms=5000, confidence_file=str(conf_file), static_plan=plan)
+    live = run_policy(spec, trace, prompts, log_dir=str(tmp_path / "logs"), progress=False, drain_timeout_s=60)
+    by_sim = {j.prompt_index: j.result.answered_by for j in sim.jobs}
+    by_live = {j.prompt_index: j.result.answered_by for j in live.jobs}
+    assert by_live == by_sim
+    assert set(by_sim.values()) == {"light", "heavy"}
+    assert all(not j.result.degraded for j in live.jobs)
+    expected = {i: "light" if c >= 0.3 else "heavy" for i, c in confidences.items()}
+    assert by_sim == expected
