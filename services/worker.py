@@ -14,7 +14,7 @@ from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import E_MODEL, Completion, LightResult, RoutedJob
 from common.plan_store import PlanWatcher
 from common.service import Service, now_ms, run
-from common.stage import split_batch
+from common.stage import cancelled_ids, split_batch
 from common.streams import StreamConsumer, run_forever
 
 ROLES = ("light", "heavy")
@@ -128,6 +128,12 @@ class Worker:
         good, outputs = split_batch(entries, RoutedJob.decode, keys=self.keys, stream=consumer.stream,
                                     service="worker", max_deliveries=consumer.max_deliveries, job_of=lambda j: j)
         jobs = [job for _entry, job in good]
+        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
+        if cancelled:  # cancelled by their clients before this batch started: answered, never run
+            outputs += [(self.keys.completions, Completion.cancelled(job, self.id).encode())
+                        for job in jobs if job.job_id in cancelled]
+            jobs = [job for job in jobs if job.job_id not in cancelled]
+            metrics.PROCESSED.labels("worker", "cancelled").inc(len(cancelled))
         # clipper-heavy is the heavy-only baseline: nothing falls back to the light model there.
         if self.role == "heavy" and self.cfg.late_policy == "light" and plan.policy != "clipper-heavy":
             jobs, late = self._split_late(jobs)
