@@ -245,9 +245,9 @@ def result_error(result: FinalResult) -> ApiError:
     return ApiError(status, result.error_message or code, code=code, retry_after=1 if status == 429 else None)
 
 
-def extra(result: FinalResult) -> dict:
+def extra(result: FinalResult, seed: int | None = None) -> dict:
     """Our own fields beside each OpenAI image object."""
-    return {"job_id": result.job_id, "answered_by": result.answered_by, "model": result.model,
+    return {"job_id": result.job_id, "seed": seed, "answered_by": result.answered_by, "model": result.model,
             "confidence": result.confidence, "degraded": result.degraded, "latency_ms": result.latency_ms,
             "slo_met": result.slo_met}
 
@@ -354,7 +354,7 @@ class Gateway:
             for result in results:
                 if result.status != "ok":
                     raise result_error(result)
-            data = [await self._image_object(request, req, r) for r in results]
+            data = [await self._image_object(request, req, r, s) for r, s in zip(results, seeds)]
             return JSONResponse({"created": int(time.time()), "data": data, "output_format": req.output_format,
                                  "size": self.size, "background": "opaque", "quality": "auto"})
         finally:
@@ -367,14 +367,14 @@ class Gateway:
                                         image_quality=req.quality, timeout=self.cfg.timeout_s, on_light=on_light,
                                         cascade=self.cfg.cascade)
 
-    async def _image_object(self, request: Request, req: ImageRequest, result: FinalResult) -> dict:
+    async def _image_object(self, request: Request, req: ImageRequest, result: FinalResult, seed: int) -> dict:
         if req.response_format == "url":
             token = secrets.token_urlsafe(18)
             await self.r.set(f"{self.keys.gateway_prefix}image:{token}", result.encode(), ex=self.cfg.result_ttl_s)
             image = {"url": str(request.url_for("image_file", token=f"{token}.{result.image_format}"))}
         else:
             image = {"b64_json": base64.b64encode(result.image).decode()}
-        return {**image, "revised_prompt": None, "diffserve": extra(result)}
+        return {**image, "revised_prompt": None, "diffserve": extra(result, seed)}
 
     async def _stream(self, key: ApiKey, req: ImageRequest, job_ids: list[str], seeds: list[int]):
         """SSE: per job, its light image as image_generation.partial_image when it goes on to the heavy
@@ -413,7 +413,7 @@ class Gateway:
                     "b64_json": base64.b64encode(message.image).decode(),
                     "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                               "output_tokens": 0, "total_tokens": 0},
-                    "diffserve": {**extra(message), "index": index[message.job_id]}})
+                    "diffserve": {**extra(message, seeds[index[message.job_id]]), "index": index[message.job_id]}})
         finally:  # done, or the caller hung up (Starlette cancels us): cancel what is still pending
             pending = [j for j in job_ids if j not in finished]
             for task in tasks:
