@@ -10,10 +10,11 @@ each way in (direct ``Client.submit``; ``POST /v1/images/generations``; the same
 ``stream: true, partial_images: 1`` read to its ``completed`` event):
 
 1. latency one request at a time (p50/p99 ms), and the gateway's added p50/p99 over direct;
-2. throughput with ``--concurrency`` requests in flight for ``--seconds`` (requests/s).
+2. throughput with ``--concurrency`` requests in flight for ``--seconds`` (requests/s), with the
+   CPU time the gateway process and this load generator spent per request (from /proc).
 
-The load generator shares the machine with the stack, so on a small box the figures are a
-floor for the gateway's cost, not a capacity figure.  Prints a table and writes JSON to ``--out``.
+The load generator (httpx) shares the machine with the stack, so on a small box requests/s is a
+floor, not a capacity figure; the gateway's CPU ms per request is what it costs wherever it runs.  Prints a table and writes JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -68,8 +69,15 @@ async def _sequential(call, prompts: list[str], n: int) -> dict:
     return percentiles(lat, 3)
 
 
-async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: float) -> dict:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: float, gateway_pid: int) -> dict:
     done, lat = 0, []
+    gateway_cpu, own_cpu = _cpu_s(gateway_pid), time.process_time()
     stop_at = time.perf_counter() + seconds
 
     async def loop(k: int) -> None:
@@ -85,10 +93,13 @@ async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: floa
     started = time.perf_counter()
     await asyncio.gather(*(loop(k) for k in range(concurrency)))
     wall = time.perf_counter() - started
-    return {"requests": done, "rps": round(done / wall, 1), "latency_ms": percentiles(lat, 3)}
+    per_request = lambda cpu_s: round(cpu_s * 1000 / max(1, done), 3)  # noqa: E731
+    return {"requests": done, "rps": round(done / wall, 1), "latency_ms": percentiles(lat, 3),
+            "gateway_cpu_ms_per_request": per_request(_cpu_s(gateway_pid) - gateway_cpu),
+            "bench_cpu_ms_per_request": per_request(time.process_time() - own_cpu)}
 
 
-async def bench(redis_url: str, gateway_url: str, args) -> dict:
+async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dict:
     prompts = load_prompts()[:500]
     client = Client(redis_url=redis_url)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -101,10 +112,11 @@ async def bench(redis_url: str, gateway_url: str, args) -> dict:
         result = {}
         for name, call in ways.items():
             seq = await _sequential(call, prompts, args.requests)
-            loop = await _closed_loop(call, prompts, args.concurrency, args.seconds)
+            loop = await _closed_loop(call, prompts, args.concurrency, args.seconds, gateway_pid)
             result[name] = {"sequential_ms": seq, **loop}
             print(f"  {name}: one at a time p50 {seq['p50']} ms, p99 {seq['p99']} ms; "
-                  f"{args.concurrency} in flight: {loop['rps']} requests/s", flush=True)
+                  f"{args.concurrency} in flight: {loop['rps']} requests/s, gateway CPU "
+                  f"{loop['gateway_cpu_ms_per_request']} ms/request", flush=True)
     finally:
         await http.aclose()
         await close_client(client)
@@ -119,12 +131,15 @@ def table(result: dict, meta: dict) -> str:
     lines = [f"Gateway benchmark ({meta['machine']}): profiled models at time_scale 0, every job through "
              f"light -> discriminator -> heavy; {meta['requests']} requests one at a time, then "
              f"{meta['concurrency']} in flight for {meta['seconds']:g} s", "",
-             "| way in | p50 ms | p99 ms | added p50 ms | added p99 ms | requests/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| way in | p50 ms | p99 ms | added p50 ms | added p99 ms | requests/s | gateway CPU ms/req "
+             "| load generator CPU ms/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in result.items():
         added = r.get("added_ms", {"p50": 0.0, "p99": 0.0})
+        gateway_cpu = f"{r['gateway_cpu_ms_per_request']:.2f}" if name != "direct client" else "-"
         lines.append(f"| {name} | {r['sequential_ms']['p50']:.2f} | {r['sequential_ms']['p99']:.2f} "
-                     f"| {added['p50']:+.2f} | {added['p99']:+.2f} | {r['rps']:g} |")
+                     f"| {added['p50']:+.2f} | {added['p99']:+.2f} | {r['rps']:g} | {gateway_cpu} "
+                     f"| {r['bench_cpu_ms_per_request']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="diffserve-gateway-bench-")
     print(f"gateway bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:
-        result = asyncio.run(bench(stack.redis_url, f"http://127.0.0.1:{port}", args))
+        result = asyncio.run(bench(stack.redis_url, f"http://127.0.0.1:{port}", stack.procs["gateway"].pid, args))
     text = table(result, meta)
     print(text)
     out = Path(args.out)
