@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -418,7 +419,8 @@ class Gateway:
             pending = [j for j in job_ids if j not in finished]
             for task in tasks:
                 task.cancel()
-            with contextlib.suppress(*TRANSIENT_ERRORS):
+            # Shielded: Starlette cancels through an anyio scope, which would cancel these awaits too.
+            with anyio.CancelScope(shield=True), contextlib.suppress(*TRANSIENT_ERRORS):
                 if pending:
                     await self.client.cancel(*pending, ttl_s=self.cfg.result_ttl_s)
                 await self.release(key, job_ids)

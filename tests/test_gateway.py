@@ -324,6 +324,23 @@ def test_client_disconnecting_from_a_sync_request_cancels_its_jobs(stack):
     assert stack.processed("worker-0", "light") == before  # neither job ran
 
 
+def test_client_disconnecting_from_a_stream_cancels_its_jobs(stack):
+    before = stack.processed("worker-0", "light")
+    cancels = len(stack.redis.keys(KEYS.cancel_prefix + "*"))
+    with stack.pause("worker-0"):
+        with stack.http() as http:
+            with http.stream("POST", "/v1/images/generations",
+                             json={"prompt": LIGHT_PROMPT, "n": 3, "stream": True, "partial_images": 1}) as r:
+                assert r.status_code == 200
+        # the connection is closed without reading a single event
+        deadline = time.monotonic() + 5
+        while len(stack.redis.keys(KEYS.cancel_prefix + "*")) < cancels + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stack.redis.keys(KEYS.cancel_prefix + "*")) == cancels + 3
+    time.sleep(1.0)
+    assert stack.processed("worker-0", "light") == before
+
+
 # ---------------------------------------------------------------- health and status
 
 def _store_plan(stack: Stack) -> None:
