@@ -341,6 +341,28 @@ def test_client_disconnecting_from_a_stream_cancels_its_jobs(stack):
     assert stack.processed("worker-0", "light") == before
 
 
+def test_sigterm_drains_a_request_in_flight(stack):
+    port = free_port()
+    stack.stack.spawn("gateway-drain", "gateway", "--port", str(port))
+    stack.stack.wait_ready(["gateway-drain"])
+    proc = stack.stack.procs["gateway-drain"]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            with stack.pause("worker-0"):
+                request = asyncio.ensure_future(http.post("/v1/images/generations", json={"prompt": LIGHT_PROMPT}))
+                await asyncio.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert proc.poll() is None  # still draining
+            return await request
+
+    response = asyncio.run(go())
+    assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
+    assert proc.wait(timeout=30) == 0
+    assert b'"msg": "stopped"' in (stack.stack.log_dir / "gateway-drain.log").read_bytes()
+
+
 # ---------------------------------------------------------------- health and status
 
 def _store_plan(stack: Stack) -> None:
