@@ -14,7 +14,8 @@ each way in (direct ``Client.submit``; ``POST /v1/images/generations``; the same
    CPU time the gateway process and this load generator spent per request (from /proc).
 
 The load generator (httpx) shares the machine with the stack, so on a small box requests/s is a
-floor, not a capacity figure; the gateway's CPU ms per request is what it costs wherever it runs.  Prints a table and writes JSON to ``--out``.
+floor, not a capacity figure; the gateway's CPU ms per request is what it costs wherever it runs.
+Prints a table and writes JSON to ``--out``.
 """
 
 from __future__ import annotations

@@ -27,8 +27,7 @@ import redis.asyncio as aioredis
 from PIL import Image
 
 from common.config import Keys
-from common.localstack import LocalStack, RedisServer, free_port
-from common.localstack import StackSpec
+from common.localstack import LocalStack, RedisServer, StackSpec, free_port
 from common.messages import FinalResult, Plan
 from common.plan_store import store_plan
 from common.profiles import load_prompts
