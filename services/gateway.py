@@ -27,6 +27,7 @@ from pathlib import Path
 import anyio
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import MaxConnectionsError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -277,6 +278,7 @@ class Gateway:
             ApiError: _api_error, HTTPException: _http_error,
             # Redis gone: tell the caller to come back; the service itself keeps running.
             **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
+            MaxConnectionsError: self._pool_full,
         }))
 
     async def _no_redis(self, _request, exc) -> JSONResponse:
@@ -284,6 +286,12 @@ class Gateway:
         metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
         return ApiError(503, "the queue (Redis) is unreachable; retry later", code="unavailable",
                         retry_after=1).response()
+
+    async def _pool_full(self, _request, _exc) -> JSONResponse:
+        """redis-py's pool cap (100 connections a client) reached, e.g. by many open event streams."""
+        metrics.ERRORS.labels("gateway", E_OVERLOADED).inc()
+        return ApiError(429, "overloaded: too many requests in flight on this gateway, retry later",
+                        code=E_OVERLOADED, retry_after=1).response()
 
     # ---------- auth and limits ----------
     def authenticate(self, request: Request) -> ApiKey:
