@@ -41,13 +41,14 @@ LIGHT_PROMPT, HEAVY_PROMPT = PROMPTS[0], PROMPTS[1]
 
 
 class Stack:
-    def __init__(self, stack: LocalStack, port: int, open_port: int, metrics_base: int):
+    def __init__(self, stack: LocalStack, port: int, open_port: int, replica_port: int, metrics_base: int):
         self.stack, self.port, self.open_port, self.metrics_base = stack, port, open_port, metrics_base
         self.url, self.open_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{open_port}"
+        self.replica_url = f"http://127.0.0.1:{replica_port}"
         self.redis = redis.Redis.from_url(stack.redis_url)
 
-    def sdk(self, key: str = ALICE) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+    def sdk(self, key: str = ALICE, url: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
 
     def http(self, key: str | None = ALICE) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {},
@@ -85,17 +86,20 @@ def stack(tmp_path_factory):
     keys_file.write_text('{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
                          ' {"name": "bob", "sha256": "%s", "rpm": 2}]}' % (hash_key(ALICE), hash_key(BOB)))
     server = RedisServer().start()
-    port, open_port, metrics_base = free_port(), free_port(), free_port()
+    port, open_port, replica_port, metrics_base = free_port(), free_port(), free_port(), free_port()
+    key_args = ["--api-keys-file", str(keys_file), "--api-keys", f"carol:{hash_key(CAROL)}:0:1"]
     spec = StackSpec(redis_url=server.url, time_scale=0.25, gateway_port=port, metrics_base_port=metrics_base,
                      env={"DIFFSERVE_CONFIDENCE_FILE": str(confidence), "DIFFSERVE_BATCH": "1"},
-                     gateway_args=["--api-keys-file", str(keys_file), "--api-keys", f"carol:{hash_key(CAROL)}:0:1"])
+                     gateway_args=key_args)
     local = LocalStack(spec, str(tmp / "logs"))
     try:
         local.start()
-        # A second replica without keys (as `diffserve up` runs it): the playground's and the bench's.
+        # A second replica with the same keys (limits are shared through Redis), and one without
+        # keys (as `diffserve up` runs it) for the playground.
+        local.spawn("gateway-replica", "gateway", "--port", str(replica_port), *key_args)
         local.spawn("gateway-open", "gateway", "--port", str(open_port))
-        local.wait_ready(["gateway-open"])
-        yield Stack(local, port, open_port, metrics_base)
+        local.wait_ready(["gateway-replica", "gateway-open"])
+        yield Stack(local, port, open_port, replica_port, metrics_base)
     finally:
         local.stop()
         server.stop()
@@ -209,17 +213,19 @@ def test_missing_or_wrong_key_is_401(stack):
         assert http.get("/healthz").status_code == 200  # health needs no key
 
 
-def test_key_over_its_rate_limit_gets_429_with_retry_after(stack):
-    sdk = stack.sdk(BOB)
-    for _ in range(2):
-        sdk.images.generate(prompt=LIGHT_PROMPT)
-    with pytest.raises(openai.RateLimitError) as caught:
-        sdk.images.generate(prompt=LIGHT_PROMPT)
-    retry_after = int(caught.value.response.headers["retry-after"])
-    assert 1 <= retry_after <= 60
-    assert caught.value.body["code"] == "rate_limit_exceeded"
-    # the limit lives in Redis: the other replica... has no keys, so ask the same one for another key
-    stack.sdk(ALICE).images.generate(prompt=LIGHT_PROMPT)
+def test_key_over_its_rate_limit_gets_429_with_retry_after_on_every_replica(stack):
+    one, other = stack.sdk(BOB), stack.sdk(BOB, stack.replica_url)
+    if time.time() % 60 > 50:  # the limit counts per clock minute: start well inside one
+        time.sleep(61 - time.time() % 60)
+    one.images.generate(prompt=LIGHT_PROMPT)
+    other.images.generate(prompt=LIGHT_PROMPT)  # bob's 2 requests a minute, spent across two replicas
+    for sdk in (one, other):
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.images.generate(prompt=LIGHT_PROMPT)
+        retry_after = int(caught.value.response.headers["retry-after"])
+        assert 1 <= retry_after <= 60
+        assert caught.value.body["code"] == "rate_limit_exceeded"
+    stack.sdk(ALICE).images.generate(prompt=LIGHT_PROMPT)  # the limit is bob's, not the gateway's
 
 
 def test_key_over_its_jobs_in_flight_cap_gets_429_until_one_finishes(stack):
