@@ -4,6 +4,10 @@ Each client owns a reply stream (``<ns>:reply:<id>``); the router XADDs every re
 there exactly once, and one background reader hands results to the waiting callers.
 Jobs pushed without ``reply_to`` get their result in the list ``<ns>:result:<job_id>``
 instead (``wait_result``), which is what a plain ``XADD`` user reads with BLPOP.
+
+``submit(..., on_light=f)`` asks for the light image of a job that goes on to the heavy
+model: the discriminator puts a ``LightReady`` on the reply stream and ``f`` gets it
+before the final result arrives.  ``cancel(job_id)`` stops a job that has not started.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from common.config import Keys, RedisSettings
-from common.messages import ENTRY_FIELD, FinalResult, Job, MessageError, new_job_id
+from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
 from common.streams import TRANSIENT_ERRORS, add, connect
 
 
@@ -32,6 +36,7 @@ class Client:
         self.reader_redis = connect(settings, client_name="client-reader")
         self.reply_stream = f"{self.keys.reply_prefix}{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future] = {}
+        self._on_light: dict[str, Callable[[LightReady], None]] = {}
         self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
         self._closing = False
@@ -56,26 +61,43 @@ class Client:
 
     async def enqueue(self, prompt: str, *, job_id: str | None = None, slo_ms: float | None = None,
                       seed: int | None = None, image_format: str = "png", image_quality: int = 90,
-                      reply: bool = True, prompt_index: int | None = None) -> str:
-        """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``.
-        ``prompt_index``: the prompt's line in the prompt file (trace replays)."""
-        job = Job(job_id or new_job_id(), prompt, slo_ms, seed, image_format, image_quality,
-                  self.reply_stream if reply else None, time.time() * 1000, prompt_index=prompt_index)
-        if reply:
+                      reply: bool = True, reply_to: str | None = None, partials: bool = False,
+                      cascade: str | None = None, prompt_index: int | None = None) -> str:
+        """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``,
+        or on ``reply_to`` (a stream named ``<ns>:reply:...``) when given.  ``prompt_index``: the
+        prompt's line in the prompt file (trace replays)."""
+        reply_to = reply_to or (self.reply_stream if reply else None)
+        job = Job(job_id or new_job_id(), prompt, slo_ms, seed, image_format, image_quality, reply_to,
+                  time.time() * 1000, cascade, partials=partials, prompt_index=prompt_index)
+        if reply_to == self.reply_stream:
             self._start_reader()
         await add(self.redis, self.keys.jobs, job.encode())
         return job.job_id
 
-    async def submit(self, prompt: str, *, timeout: float = 120.0, **kwargs) -> FinalResult:
+    async def submit(self, prompt: str, *, timeout: float = 120.0,
+                     on_light: Callable[[LightReady], None] | None = None, **kwargs) -> FinalResult:
+        """Enqueue and wait for the result; ``on_light`` is called with the light image first
+        when the job goes on to the heavy model."""
         self._start_reader()
         job_id = kwargs.pop("job_id", None) or new_job_id()
         future = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = future
+        if on_light:
+            self._on_light[job_id] = on_light
         try:
-            await self.enqueue(prompt, job_id=job_id, **kwargs)
+            await self.enqueue(prompt, job_id=job_id, partials=on_light is not None, **kwargs)
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(job_id, None)
+            self._on_light.pop(job_id, None)
+
+    async def cancel(self, *job_ids: str, ttl_s: int = 3600) -> None:
+        """Cancel jobs: one that has not started on a GPU is never run and ends with a
+        ``cancelled`` result; one already running finishes as usual."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.set(self.keys.cancel(job_id), 1, ex=ttl_s)
+            await pipe.execute()
 
     async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs) -> list[FinalResult]:
         return list(await asyncio.gather(*(self.submit(p, timeout=timeout, **kwargs) for p in prompts)))
@@ -107,7 +129,14 @@ class Client:
                 for entry_id, fields in items:
                     last_id = entry_id
                     try:
-                        result = FinalResult.decode(fields[ENTRY_FIELD])
+                        body = unpack(fields[ENTRY_FIELD])
+                        if body.get("type") == LightReady.TYPE:
+                            light = LightReady.from_dict(body)
+                            callback = self._on_light.get(light.job_id)
+                            if callback:
+                                callback(light)
+                            continue
+                        result = FinalResult.from_dict(body)
                     except (MessageError, KeyError):
                         continue
                     future = self._waiting.get(result.job_id)

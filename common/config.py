@@ -133,6 +133,8 @@ class Keys:
         self.done_prefix = f"{ns}:done:"
         self.result_prefix = f"{ns}:result:"
         self.reply_prefix = f"{ns}:reply:"  # clients' own reply streams
+        self.cancel_prefix = f"{ns}:cancel:"  # set by a client to cancel a job that has not started
+        self.gateway_prefix = f"{ns}:gateway:"  # the HTTP gateway's keys (limits, async jobs, image links)
 
     def queue_for(self, role: str) -> str:
         return {"light": self.light_queue, "heavy": self.heavy_queue}[role]
@@ -145,3 +147,6 @@ class Keys:
 
     def result(self, job_id: str) -> str:
         return self.result_prefix + job_id
+
+    def cancel(self, job_id: str) -> str:
+        return self.cancel_prefix + job_id

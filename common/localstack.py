@@ -1,5 +1,5 @@
 """A local stack of real processes: its own redis-server (unless given a URL), a router,
-a discriminator, workers and optionally the controller, each started as
+a discriminator, workers and optionally the controller and the HTTP gateway, each started as
 ``python -m services.<name>``.  ``diffserve up``, the load tester and the tests use it."""
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ class StackSpec:
     env: dict[str, str] = field(default_factory=dict)  # extra DIFFSERVE_* settings for every service
     controller_args: list[str] = field(default_factory=list)
     metrics_base_port: int = 0  # >0: each service gets its own port from here up
+    gateway_port: int = 0  # >0: also run the HTTP gateway on this port
+    gateway_args: list[str] = field(default_factory=list)
 
 
 class LocalStack:
@@ -163,6 +165,8 @@ class LocalStack:
             self.spawn(f"worker-{self.spec.light_workers + i}", "worker", "--role", "heavy")
         if self.spec.controller:
             self.spawn("controller", "controller", "--policy", self.spec.policy, *self.spec.controller_args)
+        if self.spec.gateway_port:
+            self.spawn("gateway", "gateway", "--port", str(self.spec.gateway_port), *self.spec.gateway_args)
         self.wait_ready(list(self.procs), ready_timeout)
         return self
 

@@ -40,6 +40,7 @@ E_DEADLINE = "deadline_exceeded"
 E_MODEL = "model_error"
 E_UNKNOWN_MODEL = "unknown_model"
 E_INTERNAL = "internal_error"
+E_CANCELLED = "cancelled"  # status and code of a job its client cancelled before it ran
 
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 
@@ -137,6 +138,7 @@ class Job(Message):
     reply_to: str | None = None  # a stream to XADD the result to; else the result list key
     submitted_ms: float | None = None  # client clock, informational
     cascade: str | None = None  # optional: refused unless it is the cascade this deployment serves
+    partials: bool = False  # send a LightReady to reply_to when the light image goes on to the heavy model
     prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
 
 
@@ -157,6 +159,7 @@ class RoutedJob(Message):
     light_image: bytes | None = None  # kept so a late heavy job can still be answered with it
     light_image_format: str | None = None
     routed_by: str = "cascade"  # cascade | direct (policy sent it straight to heavy) | fallback (back to light)
+    partials: bool = False  # copied from Job
     prompt_index: int | None = None
 
 
@@ -192,7 +195,7 @@ class Completion(Message):
     arrival_ms: float
     deadline_ms: float
     reply_to: str | None = None
-    status: str = "ok"  # ok | error
+    status: str = "ok"  # ok | error | cancelled
     image: bytes | None = None
     image_format: str | None = None
     answered_by: str | None = None  # light | heavy
@@ -209,6 +212,11 @@ class Completion(Message):
                    error_code=code, error_message=message, worker_id=worker_id)
 
     @classmethod
+    def cancelled(cls, job: "RoutedJob", worker_id: str = "") -> "Completion":
+        return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, status=E_CANCELLED,
+                   error_code=E_CANCELLED, error_message="cancelled by the client before it ran", worker_id=worker_id)
+
+    @classmethod
     def answer(cls, job: "RoutedJob", image: bytes, image_format: str, answered_by: str, model: str,
                confidence: float | None = None, degraded: bool = False, worker_id: str = "") -> "Completion":
         return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, image=image,
@@ -222,7 +230,7 @@ class FinalResult(Message):
 
     TYPE: ClassVar[str] = "final_result"
     job_id: str
-    status: str  # ok | error
+    status: str  # ok | error | cancelled
     image: bytes | None = None
     image_format: str | None = None
     answered_by: str | None = None
@@ -234,6 +242,21 @@ class FinalResult(Message):
     error_code: str | None = None
     error_message: str | None = None
     finished_ms: float = 0.0
+
+
+@dataclass
+class LightReady(Message):
+    """Discriminator -> a job's reply stream, only for jobs that asked (``partials``): the light
+    image exists and the job went on to the heavy model.  Not a result; the FinalResult follows.
+    Consumers that predate it skip it (its ``type`` is not ``final_result``)."""
+
+    TYPE: ClassVar[str] = "light_ready"
+    job_id: str
+    image: bytes
+    image_format: str
+    model: str = ""
+    confidence: float | None = None
+    ready_ms: float = 0.0
 
 
 @dataclass

@@ -30,6 +30,13 @@ MODEL_LOAD = Histogram("diffserve_model_load_seconds", "model load / role switch
                        buckets=_LATENCY_BUCKETS)
 ENCODE_TIME = Histogram("diffserve_image_encode_seconds", "per-image encode time", ["format"],
                         buckets=_LATENCY_BUCKETS)
+GATEWAY_REQUESTS = Counter("diffserve_gateway_requests_total", "HTTP requests by endpoint and status",
+                           ["endpoint", "status"])
+GATEWAY_LATENCY = Histogram("diffserve_gateway_request_seconds", "HTTP request time (streams: until closed)",
+                            ["endpoint"], buckets=_LATENCY_BUCKETS)
+KEY_REQUESTS = Counter("diffserve_gateway_key_requests_total", "requests per API key (its name) by outcome",
+                       ["key", "outcome"])
+KEY_JOBS = Counter("diffserve_gateway_key_jobs_total", "jobs admitted per API key (its name)", ["key"])
 
 
 def serve(port: int) -> None:

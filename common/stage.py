@@ -1,5 +1,6 @@
-"""Shared by the pipeline stages (workers, discriminator): turning a pulled batch
-into decoded messages, and anything undecodable or poisonous into an answer."""
+"""Shared by the pipeline stages (router, workers, discriminator): turning a pulled batch
+into decoded messages, anything undecodable or poisonous into an answer, and finding
+the jobs their clients cancelled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from common import metrics
 from common.config import Keys
 from common.messages import E_INTERNAL, Completion, DeadLetter, MessageError, unpack
 from common.streams import Entry
+
+
+async def cancelled_ids(r, keys: Keys, job_ids: list[str]) -> set[str]:
+    """The ids among ``job_ids`` whose client cancelled them: one MGET per batch."""
+    if not job_ids:
+        return set()
+    flags = await r.mget([keys.cancel(job_id) for job_id in job_ids])
+    return {job_id for job_id, flag in zip(job_ids, flags) if flag is not None}
 
 
 def split_batch(entries: list[Entry], decode: Callable[[bytes], Any], *, keys: Keys, stream: str, service: str,

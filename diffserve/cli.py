@@ -13,6 +13,7 @@ COMMANDS = {
     "worker": ("services.worker:main", "run the light or heavy model"),
     "discriminator": ("services.discriminator:main", "score light images and route them"),
     "controller": ("services.controller:main", "re-plan threshold, batch sizes and roles"),
+    "gateway": ("services.gateway:main", "HTTP front door: OpenAI images API, jobs API, playground"),
     # operators
     "up": ("diffserve.local:up_main", "start a local stack (own redis-server unless REDIS_URL)"),
     "demo": ("diffserve.local:demo_main", "local profiled stack + a burst of DiffusionDB prompts + summary"),

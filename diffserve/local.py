@@ -30,6 +30,8 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use this Redis instead of starting a redis-server")
     parser.add_argument("--log-dir", default=None, help="service logs (default: a temp folder)")
     parser.add_argument("--metrics-base-port", type=int, default=0, help="give each service a metrics port")
+    parser.add_argument("--gateway-port", type=int, default=8000,
+                        help="HTTP gateway and playground on 127.0.0.1:PORT, no API keys (0: no gateway)")
 
 
 def _spec(args: argparse.Namespace) -> StackSpec:
@@ -37,7 +39,8 @@ def _spec(args: argparse.Namespace) -> StackSpec:
     return StackSpec(backend=args.backend, cascade=args.cascade, light_workers=light,
                      heavy_workers=max(0, args.workers - light), controller=not args.no_controller,
                      policy=args.policy, time_scale=args.time_scale, redis_url=args.redis_url,
-                     model_dir=args.model_dir, metrics_base_port=args.metrics_base_port)
+                     model_dir=args.model_dir, metrics_base_port=args.metrics_base_port,
+                     gateway_port=args.gateway_port)
 
 
 def up_main(argv: list[str] | None = None) -> None:
@@ -48,6 +51,8 @@ def up_main(argv: list[str] | None = None) -> None:
     stack.start()
     print(f"DiffServe is up: REDIS_URL={stack.redis_url}  logs: {stack.log_dir}", flush=True)
     print("submit with: diffserve submit --redis-url " + stack.redis_url + ' "a prompt" -o out.png', flush=True)
+    if stack.spec.gateway_port:
+        print(f"playground and OpenAI images API: http://127.0.0.1:{stack.spec.gateway_port}/", flush=True)
     stopping = False
 
     def on_signal(*_):
@@ -73,7 +78,7 @@ def demo_main(argv: list[str] | None = None) -> None:
     _stack_arguments(parser)
     parser.add_argument("--prompts", type=int, default=200, help="how many DiffusionDB prompts to send")
     parser.add_argument("--rate", type=float, default=40.0, help="prompts per second in the burst")
-    parser.set_defaults(time_scale=0.1, workers=8)
+    parser.set_defaults(time_scale=0.1, workers=8, gateway_port=0)
     args = parser.parse_args(argv)
     from common.profiles import load_prompts
 

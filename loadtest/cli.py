@@ -10,7 +10,8 @@ same trace against each, so one command gives a side-by-side comparison::
 
 With ``--redis-url`` it drives an already-running deployment once (no stack started).
 ``--policies none`` runs the stack with fixed roles (half light, half heavy) and no controller.
-``--serving-bench`` runs :mod:`loadtest.serving_bench` instead (its own flags follow).
+``--serving-bench`` runs :mod:`loadtest.serving_bench` instead (its own flags follow);
+``--gateway-bench`` runs :mod:`loadtest.gateway_bench` (the HTTP gateway over the direct client).
 
 Outputs in ``--out``: report.json, summary.md, the plots (PNG), trace.csv, jobs/<policy>.csv (one line
 per job) and logs/<policy>/ (service logs).
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         from loadtest import serving_bench
 
         return serving_bench.main(argv)
+    if "--gateway-bench" in argv:
+        argv.remove("--gateway-bench")
+        from loadtest import gateway_bench
+
+        return gateway_bench.main(argv)
     args = build_parser().parse_args(argv)
     if args.time_scale <= 0:
         raise SystemExit("--time-scale must be > 0")

@@ -10,7 +10,7 @@ from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
-from common.messages import E_MODEL, Completion, LightResult
+from common.messages import E_MODEL, Completion, LightReady, LightResult
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
 from common.service import Service, now_ms, run
@@ -98,6 +98,9 @@ class Discriminator:
                 job.confidence = confidence
                 job.light_image, job.light_image_format = result.image, result.image_format
                 outputs.append((self.keys.heavy_queue, job.encode()))
+                if job.partials and job.reply_to:  # the client shows the light image while heavy runs
+                    outputs.append((job.reply_to, LightReady(job.job_id, result.image, result.image_format,
+                                                             result.model, confidence, now_ms()).encode()))
             else:
                 outputs.append((self.keys.completions, Completion.answer(
                     job, result.image, result.image_format, "light", result.model, confidence,

@@ -13,13 +13,14 @@ from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import Keys, ServiceConfig, option
-from common.messages import (E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG, E_UNKNOWN_MODEL,
-                             IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError, RoutedJob,
-                             unpack)
+from common.messages import (E_CANCELLED, E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG,
+                             E_UNKNOWN_MODEL, IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError,
+                             RoutedJob, unpack)
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import Decision, direct_decision
 from common.profiles import uniform_from_text
 from common.service import Service, now_ms, run
+from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
@@ -146,6 +147,7 @@ class Router:
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
         arrival = now_ms()
+        jobs: list[Job] = []
         for entry in entries:
             try:
                 job = parse_job(entry, self.cfg, self.keys)
@@ -161,9 +163,18 @@ class Router:
                     errors.append((None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc),
                                                     (entry.payload or b"")[:4096])))
                 continue
+            jobs.append(job)
+        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
+        for job in jobs:
+            if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
+                errors.append((job.reply_to, FinalResult(job.job_id, E_CANCELLED, error_code=E_CANCELLED,
+                                                         error_message="cancelled by the client before it ran",
+                                                         finished_ms=arrival)))
+                continue
             routed = RoutedJob(job.job_id, job.prompt, arrival, arrival + (job.slo_ms or self.default_slo_ms),
                                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
-                               job.image_format, job.image_quality, job.reply_to, prompt_index=job.prompt_index)
+                               job.image_format, job.image_quality, job.reply_to, partials=job.partials,
+                               prompt_index=job.prompt_index)
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
                 decision = direct_decision(self._rng.random(), plan.heavy_fraction, degrade_late=plan.degrade_late,
@@ -226,6 +237,9 @@ class Router:
         for (c, result), fresh in zip(results, replies):
             if not fresh:
                 metrics.DUPLICATES.inc()
+                continue
+            if result.status == E_CANCELLED:  # not served, so neither an SLO hit nor a miss
+                metrics.PROCESSED.labels("router", "cancelled").inc()
                 continue
             metrics.PROCESSED.labels("router", "delivered").inc()
             if result.status == "ok":

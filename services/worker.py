@@ -15,7 +15,7 @@ from common.messages import E_MODEL, Completion, LightResult, RoutedJob
 from common.plan_store import PlanWatcher
 from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
 from common.service import Service, now_ms, run
-from common.stage import split_batch
+from common.stage import cancelled_ids, split_batch
 from common.streams import StreamConsumer, run_forever
 
 ROLES = ("light", "heavy")
@@ -129,6 +129,12 @@ class Worker:
         good, outputs = split_batch(entries, RoutedJob.decode, keys=self.keys, stream=consumer.stream,
                                     service="worker", max_deliveries=consumer.max_deliveries, job_of=lambda j: j)
         jobs = [job for _entry, job in good]
+        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
+        if cancelled:  # cancelled by their clients before this batch started: answered, never run
+            outputs += [(self.keys.completions, Completion.cancelled(job, self.id).encode())
+                        for job in jobs if job.job_id in cancelled]
+            jobs = [job for job in jobs if job.job_id not in cancelled]
+            metrics.PROCESSED.labels("worker", "cancelled").inc(len(cancelled))
         if self.role == "heavy" and degrades_late(self.cfg.late_policy, plan.degrade_late):
             jobs, late = self._split_late(jobs)
             outputs += late

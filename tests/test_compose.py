@@ -31,7 +31,7 @@ ENV_EXAMPLE = COMPOSE / ".env.example"
 DASHBOARD = COMPOSE / "grafana" / "dashboards" / "diffserve.json"
 PROMETHEUS = COMPOSE / "prometheus.yml"
 
-SERVICE_COMMANDS = {"router", "worker", "discriminator", "controller"}
+SERVICE_COMMANDS = {"router", "worker", "discriminator", "controller", "gateway"}
 # Controller options the env file sets; while services/controller.py cannot be imported they are
 # taken on trust, once it can they must be real options of its config like every other key.
 PENDING_CONTROLLER_KEYS = {"DIFFSERVE_INTERVAL_S", "DIFFSERVE_POLICY"}
@@ -151,7 +151,8 @@ def test_every_command_is_a_diffserve_command(base, cpu):
             assert command[0] in COMMANDS, f"{name}: `diffserve {command[0]}` is not a command"
             assert health_port(svc) > 0
             assert "healthcheck" in COMMANDS
-    assert set(diffserve_services(base)) >= {"router", "discriminator", "controller", "worker-0", "worker-1"}
+    assert set(diffserve_services(base)) >= {"router", "discriminator", "controller", "gateway", "worker-0",
+                                             "worker-1"}
     assert {svc["command"][0] for svc in diffserve_services(base).values()} == SERVICE_COMMANDS
 
 
@@ -274,10 +275,11 @@ def test_download_models_lists_the_cascade_hub_ids(capsys, monkeypatch):
 
 def known_env_vars() -> tuple[set[str], bool]:
     from services.discriminator import DiscriminatorConfig
+    from services.gateway import GatewayConfig
     from services.router import RouterConfig
     from services.worker import WorkerConfig
 
-    classes = [RouterConfig, WorkerConfig, DiscriminatorConfig]
+    classes = [RouterConfig, WorkerConfig, DiscriminatorConfig, GatewayConfig]
     controller = False
     try:
         import services.controller as ctl
@@ -326,10 +328,12 @@ def test_env_file_values_parse_and_every_line_is_documented():
 def test_env_values_reach_the_configs_as_valid_options():
     """What compose hands each service parses with the service's own config class."""
     from services.discriminator import DiscriminatorConfig
+    from services.gateway import GatewayConfig
     from services.router import RouterConfig
     from services.worker import WorkerConfig
 
-    classes = {"router": RouterConfig, "worker": WorkerConfig, "discriminator": DiscriminatorConfig}
+    classes = {"router": RouterConfig, "worker": WorkerConfig, "discriminator": DiscriminatorConfig,
+               "gateway": GatewayConfig}
     try:
         from services.controller import ControllerConfig
     except ImportError:
@@ -587,7 +591,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
-    """Start router, controller, discriminator and the workers with exactly the environment the CPU override
+    """Start router, controller, gateway, discriminator and the workers with exactly the environment the CPU override
     gives them (Redis host and metrics ports remapped to this machine), wait for the compose
     healthcheck command to pass, then push a job the way the README does and read its result."""
     import importlib.util
@@ -611,8 +615,12 @@ def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
             env = {**os.environ, **environment(svc)}
             env["REDIS_URL"] = f"redis://:pw@127.0.0.1:{port}/0"
             env["METRICS_PORT"] = str(_free_port())
+            command = list(svc["command"])
+            if command[0] == "gateway":  # its HTTP port remapped too; a key where compose interpolates one
+                command[command.index("--port") + 1] = str(_free_port())
+                env["DIFFSERVE_API_KEYS"] = "test:" + "0" * 64
             log = open(tmp_path / f"{name}.log", "w")
-            procs[name] = (subprocess.Popen([sys.executable, "-m", "diffserve", *svc["command"]], env=env, cwd=ROOT,
+            procs[name] = (subprocess.Popen([sys.executable, "-m", "diffserve", *command], env=env, cwd=ROOT,
                                             stdout=log, stderr=subprocess.STDOUT), int(env["METRICS_PORT"]))
         deadline = time.monotonic() + 120
         for name, (proc, metrics_port) in procs.items():

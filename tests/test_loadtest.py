@@ -270,3 +270,18 @@ def test_replay_is_faithful_per_line(redis_server, tmp_path):
                    overrides=load_confidence_overrides(str(conf_file)))
     assert {j.prompt_index: j.result.confidence for j in sim.jobs if j.result.status == "ok"} == \
         pytest.approx(recorded)
+
+
+@pytest.mark.slow
+def test_gateway_bench_smoke(tmp_path):
+    from loadtest import gateway_bench
+
+    out = tmp_path / "gateway.json"
+    gateway_bench.main(["--requests", "20", "--seconds", "1", "--concurrency", "4", "--out", str(out),
+                        "--log-dir", str(tmp_path / "logs")])
+    result = json.loads(out.read_text())
+    for name in ("direct client", "gateway sync", "gateway stream"):
+        assert result[name]["sequential_ms"]["n"] == 20 and result[name]["requests"] > 0
+    assert set(result["gateway sync"]["added_ms"]) == {"p50", "p99"}
+    assert result["gateway sync"]["gateway_cpu_ms_per_request"] > 0
+    assert "| gateway stream |" in out.with_suffix(".md").read_text()

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import Keys
-from common.messages import (SCHEMA_VERSION, Completion, FinalResult, Job, LightResult, MessageError, Plan,
-                             RoutedJob, unpack)
+from common.messages import (SCHEMA_VERSION, Completion, FinalResult, Job, LightReady, LightResult, MessageError,
+                             Plan, RoutedJob, unpack)
 from common.streams import Entry
 from services.router import RouterConfig, parse_job
 
@@ -30,6 +30,9 @@ def test_round_trip_of_every_message_type():
         Completion.answer(job, b"img", "png", "heavy", "sdv15", 0.2),
         FinalResult("j1", "ok", b"img", "png", "light", "sdturbo", 0.9, latency_ms=12.5, slo_met=True),
         Plan(version=3, roles={"w1": "light"}, threshold=0.35),
+        Job("j2", "a dog", reply_to="diffserve:reply:x", partials=True),
+        LightReady("j1", b"\x89PNG", "png", "sdturbo", 0.2, 5.0),
+        Completion.cancelled(job, "w1"),
     ]
     for message in messages:
         decoded = type(message).decode(message.encode())
@@ -44,6 +47,18 @@ def test_unknown_fields_are_ignored_and_newer_versions_refused():
         Job.from_dict({**body, "v": SCHEMA_VERSION + 1})
     with pytest.raises(MessageError):
         Job.from_dict({**body, "type": "plan"})
+
+
+def test_partials_and_light_ready_are_backward_compatible():
+    """An older producer's job (no partials) still decodes; a reader that only knows FinalResult
+    refuses a LightReady by its type (the client skips such entries), never mistakes it for a result."""
+    old = Job("j1", "a cat").to_dict()
+    del old["partials"]
+    assert Job.from_dict(old).partials is False
+    with pytest.raises(MessageError):
+        FinalResult.decode(LightReady("j1", b"img", "png").encode())
+    cancelled = Completion.cancelled(RoutedJob("j1", "a cat", 1.0, 2.0, 7), "w1")
+    assert (cancelled.status, cancelled.error_code, cancelled.image) == ("cancelled", "cancelled", None)
 
 
 def test_wrong_types_are_refused_with_the_job_id():

@@ -1,0 +1,468 @@
+"""The HTTP gateway against a live profiled stack (real processes, its own redis-server):
+the official openai SDK for the images API, httpx for the jobs API, a real Chromium for
+the playground.
+
+Which job goes on to the heavy model is fixed by a confidence file: prompt 0 of the prompt
+set scores 0.99 (answered by the light model), prompt 1 scores 0.01 (escalated)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+import redis
+import redis.asyncio as aioredis
+from PIL import Image
+
+from common.config import Keys
+from common.localstack import LocalStack, RedisServer, StackSpec, free_port
+from common.messages import FinalResult, Plan
+from common.plan_store import store_plan
+from common.profiles import load_prompts
+from services.gateway import hash_key
+
+pytestmark = pytest.mark.slow
+KEYS = Keys()
+ALICE, BOB, CAROL = "sk-alice-0123456789", "sk-bob-0123456789", "sk-carol-0123456789"
+PROMPTS = load_prompts()
+LIGHT_PROMPT, HEAVY_PROMPT = PROMPTS[0], PROMPTS[1]
+
+
+class Stack:
+    def __init__(self, stack: LocalStack, port: int, open_port: int, replica_port: int, metrics_base: int):
+        self.stack, self.port, self.open_port, self.metrics_base = stack, port, open_port, metrics_base
+        self.url, self.open_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{open_port}"
+        self.replica_url = f"http://127.0.0.1:{replica_port}"
+        self.redis = redis.Redis.from_url(stack.redis_url)
+
+    def sdk(self, key: str = ALICE, url: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def http(self, key: str | None = ALICE) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {},
+                            timeout=60)
+
+    def processed(self, worker: str, outcome: str) -> float:
+        """A worker's diffserve_processed_total{service="worker", outcome=...} (worker-0 is light)."""
+        port = self.metrics_base + 2 + int(worker.split("-")[1])
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        match = re.search(rf'diffserve_processed_total{{outcome="{outcome}",service="worker"}} (\S+)', text)
+        return float(match.group(1)) if match else 0.0
+
+    def pause(self, name: str):
+        """SIGSTOP a service until the block ends: what it has not started, it starts only after."""
+        return _Paused(self.stack.procs[name])
+
+
+class _Paused:
+    def __init__(self, proc):
+        self.proc = proc
+
+    def __enter__(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gateway")
+    confidence = tmp / "confidence.csv"
+    confidence.write_text("prompt_index,confidence\n0,0.99\n1,0.01\n")
+    keys_file = tmp / "keys.json"
+    keys_file.write_text('{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
+                         ' {"name": "bob", "sha256": "%s", "rpm": 2}]}' % (hash_key(ALICE), hash_key(BOB)))
+    server = RedisServer().start()
+    port, open_port, replica_port, metrics_base = free_port(), free_port(), free_port(), free_port()
+    key_args = ["--api-keys-file", str(keys_file), "--api-keys", f"carol:{hash_key(CAROL)}:0:1"]
+    spec = StackSpec(redis_url=server.url, time_scale=0.25, gateway_port=port, metrics_base_port=metrics_base,
+                     env={"DIFFSERVE_CONFIDENCE_FILE": str(confidence), "DIFFSERVE_BATCH": "1"},
+                     gateway_args=key_args)
+    local = LocalStack(spec, str(tmp / "logs"))
+    try:
+        local.start()
+        # A second replica with the same keys (limits are shared through Redis), and one without
+        # keys (as `diffserve up` runs it) for the playground.
+        local.spawn("gateway-replica", "gateway", "--port", str(replica_port), *key_args)
+        local.spawn("gateway-open", "gateway", "--port", str(open_port))
+        local.wait_ready(["gateway-replica", "gateway-open"])
+        yield Stack(local, port, open_port, replica_port, metrics_base)
+    finally:
+        local.stop()
+        server.stop()
+
+
+def _decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+# ---------------------------------------------------------------- images API (openai SDK)
+
+@pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")])
+def test_sdk_generate_decodes_in_each_format(stack, fmt, pil):
+    resp = stack.sdk().images.generate(model="sdturbo-sdv15", prompt=LIGHT_PROMPT, output_format=fmt,
+                                       output_compression=80, size="auto", user="test")
+    assert resp.output_format == fmt and resp.size == "512x512" and resp.created > 0
+    assert len(resp.data) == 1 and resp.data[0].revised_prompt is None
+    assert _decode(resp.data[0].b64_json).format == pil
+    ours = resp.data[0].model_extra["diffserve"]
+    assert ours["answered_by"] == "light" and ours["model"] == "sdturbo" and ours["confidence"] == 0.99
+    assert ours["degraded"] is False and ours["slo_met"] is True and ours["latency_ms"] > 0
+
+
+def test_n3_gives_three_images_from_three_jobs_with_distinct_seeds(stack):
+    resp = stack.sdk().images.generate(prompt=HEAVY_PROMPT, n=3, extra_body={"unknown_field": [1, 2]})
+    assert len(resp.data) == 3
+    ours = [d.model_extra["diffserve"] for d in resp.data]
+    assert len({x["job_id"] for x in ours}) == 3 and len({x["seed"] for x in ours}) == 3
+    # escalated; a job the one heavy worker cannot finish by its deadline gets its light image, degraded
+    assert all(x["confidence"] == 0.01 and (x["answered_by"] == "heavy" or x["degraded"]) for x in ours)
+    assert all(_decode(d.b64_json).format == "PNG" for d in resp.data)
+    for x in ours:  # three jobs, each with its own exactly-once result
+        assert stack.redis.exists(KEYS.done(x["job_id"]))
+
+
+def test_url_response_format_serves_the_image_from_the_gateway(stack):
+    resp = stack.sdk().images.generate(prompt=LIGHT_PROMPT, response_format="url", output_format="webp")
+    url = resp.data[0].url
+    assert url.startswith(stack.url) and resp.data[0].b64_json is None
+    got = httpx.get(url)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(got.content)).format == "WEBP"
+    assert httpx.get(stack.url + "/v1/images/files/nope.png").status_code == 404
+
+
+def test_stream_escalated_job_yields_partial_then_completed(stack):
+    events = list(stack.sdk().images.generate(prompt=HEAVY_PROMPT, stream=True, partial_images=1))
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    partial, completed = events
+    assert partial.partial_image_index == 0 and partial.model_extra["diffserve"]["model"] == "sdturbo"
+    assert completed.model_extra["diffserve"]["answered_by"] == "heavy"
+    assert completed.size == "512x512" and completed.output_format == "png" and completed.usage.total_tokens == 0
+    light, heavy = _decode(partial.b64_json), _decode(completed.b64_json)
+    assert light.getpixel((0, 0)) != heavy.getpixel((0, 0))  # the profiled models paint different colours
+
+
+def test_stream_light_answered_job_yields_only_completed(stack):
+    events = list(stack.sdk().images.generate(prompt=LIGHT_PROMPT, stream=True, partial_images=1))
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert events[0].model_extra["diffserve"]["answered_by"] == "light"
+
+
+def test_stream_without_partials_asked_sends_no_partial(stack):
+    events = list(stack.sdk().images.generate(prompt=HEAVY_PROMPT, stream=True, partial_images=0))
+    assert [e.type for e in events] == ["image_generation.completed"]
+
+
+# ---------------------------------------------------------------- errors, keys, limits
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": 3}, "prompt"),
+    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 11}, "n"), ({"prompt": "x", "n": "2"}, "n"),
+    ({"prompt": "x", "n": True}, "n"), ({"prompt": "x", "size": "1024x1024"}, "size"),
+    ({"prompt": "x", "output_format": "gif"}, "output_format"),
+    ({"prompt": "x", "output_compression": 101}, "output_compression"),
+    ({"prompt": "x", "response_format": "svg"}, "response_format"),
+    ({"prompt": "x", "partial_images": 4}, "partial_images"), ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "model": "dall-e-3"}, "model"), ({"prompt": "x" * 2001}, "prompt"),
+])
+def test_bad_input_is_a_400_in_the_openai_shape(stack, body, param):
+    with stack.http() as http:
+        r = http.post("/v1/images/generations", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_bad_json_and_size_message_and_counted(stack):
+    with stack.http() as http:
+        r = http.post("/v1/images/generations", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        r = http.post("/v1/images/generations", json={"prompt": "x", "size": "256x256"})
+        assert "512x512" in r.json()["error"]["message"]
+        metrics = http.get("/metrics").text
+    assert re.search(r'diffserve_errors_total{code="invalid_request",service="gateway"} [1-9]', metrics)
+    assert "diffserve_gateway_key_requests_total" in metrics
+    assert LIGHT_PROMPT not in metrics  # never prompt text in metrics
+
+
+def test_missing_or_wrong_key_is_401(stack):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        stack.sdk("sk-wrong").images.generate(prompt=LIGHT_PROMPT)
+    assert caught.value.status_code == 401 and caught.value.body["code"] == "invalid_api_key"
+    with stack.http(None) as http:
+        r = http.post("/v1/images/generations", json={"prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert http.get("/v1/jobs/abc").status_code == 401
+        assert http.get("/healthz").status_code == 200  # health needs no key
+
+
+def test_key_over_its_rate_limit_gets_429_with_retry_after_on_every_replica(stack):
+    one, other = stack.sdk(BOB), stack.sdk(BOB, stack.replica_url)
+    if time.time() % 60 > 50:  # the limit counts per clock minute: start well inside one
+        time.sleep(61 - time.time() % 60)
+    one.images.generate(prompt=LIGHT_PROMPT)
+    other.images.generate(prompt=LIGHT_PROMPT)  # bob's 2 requests a minute, spent across two replicas
+    for sdk in (one, other):
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.images.generate(prompt=LIGHT_PROMPT)
+        retry_after = int(caught.value.response.headers["retry-after"])
+        assert 1 <= retry_after <= 60
+        assert caught.value.body["code"] == "rate_limit_exceeded"
+    stack.sdk(ALICE).images.generate(prompt=LIGHT_PROMPT)  # the limit is bob's, not the gateway's
+
+
+def test_key_over_its_jobs_in_flight_cap_gets_429_until_one_finishes(stack):
+    with stack.http(CAROL) as http:
+        with stack.pause("worker-0"):
+            first = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT})
+            assert first.status_code == 202
+            second = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT})
+            assert second.status_code == 429 and second.headers["retry-after"] == "1"
+            assert second.json()["error"]["code"] == "too_many_in_flight"
+        job_id = first.json()["id"]
+        _wait_status(http, job_id, {"done"})
+        assert http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT}).status_code == 202
+
+
+# ---------------------------------------------------------------- jobs API (httpx)
+
+def _wait_status(http: httpx.Client, job_id: str, wanted: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = http.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] in wanted:
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {view['status']}")
+
+
+def test_jobs_api_events_light_ready_then_done(stack):
+    with stack.http() as http:
+        r = http.post("/v1/jobs", json={"prompt": HEAVY_PROMPT, "output_format": "webp"})
+        assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+        job_id = r.json()["id"]
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as s:
+            events = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
+        assert events == ["queued", "light_ready", "done"]
+        view = http.get(f"/v1/jobs/{job_id}").json()
+    assert view["status"] == "done" and view["light_image"]["model"] == "sdturbo"
+    assert _decode(view["data"][0]["b64_json"]).format == "WEBP"
+    assert view["data"][0]["diffserve"]["answered_by"] == "heavy"
+
+
+def test_jobs_api_light_answered_and_unknown_job(stack):
+    with stack.http() as http:
+        job_id = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT}).json()["id"]
+        view = _wait_status(http, job_id, {"done"})
+        assert "light_image" not in view and view["data"][0]["diffserve"]["answered_by"] == "light"
+        missing = http.get("/v1/jobs/0123456789abcdef")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert http.delete("/v1/jobs/0123456789abcdef").status_code == 404
+        assert http.post("/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 400
+    with stack.http(BOB) as other:  # someone else's job is not found either
+        assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def _one_final(stack: Stack, job_id: str) -> None:
+    entries = stack.redis.xrange(f"{KEYS.reply_prefix}job-{job_id}")
+    finals = [e for _id, e in entries if b"final_result" in e[b"m"]]
+    assert len(finals) == 1, f"{len(finals)} final results"
+    assert FinalResult.decode(finals[0][b"m"]).status == "cancelled"
+
+
+def test_cancel_before_the_worker_starts_never_runs_and_ends_cancelled_once(stack):
+    with stack.http() as http:
+        before = stack.processed("worker-0", "light")
+        with stack.pause("worker-0"):  # admitted and queued, but no GPU has started it
+            job_id = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT}).json()["id"]
+            time.sleep(0.3)
+            r = http.delete(f"/v1/jobs/{job_id}")
+            assert r.status_code == 202 and r.json()["cancel_requested"] is True
+        view = _wait_status(http, job_id, {"cancelled", "done", "error"})
+        assert view["status"] == "cancelled" and "data" not in view
+        time.sleep(0.5)
+        assert stack.processed("worker-0", "light") == before
+        assert stack.processed("worker-0", "cancelled") >= 1
+        _one_final(stack, job_id)
+        assert http.delete(f"/v1/jobs/{job_id}").status_code == 200  # already over: nothing to cancel
+
+
+def test_cancel_before_admission_is_answered_by_the_router(stack):
+    with stack.http() as http:
+        before = stack.processed("worker-0", "light") + stack.processed("worker-0", "cancelled")
+        with stack.pause("router"):
+            job_id = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT}).json()["id"]
+            assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
+        assert _wait_status(http, job_id, {"cancelled", "done", "error"})["status"] == "cancelled"
+        assert stack.processed("worker-0", "light") + stack.processed("worker-0", "cancelled") == before
+        _one_final(stack, job_id)
+
+
+def test_client_disconnecting_from_a_sync_request_cancels_its_jobs(stack):
+    before = stack.processed("worker-0", "light")
+    cancels = len(stack.redis.keys(KEYS.cancel_prefix + "*"))
+    with stack.pause("worker-0"):
+        with pytest.raises(httpx.ReadTimeout):
+            stack.http().post("/v1/images/generations", json={"prompt": LIGHT_PROMPT, "n": 2}, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while len(stack.redis.keys(KEYS.cancel_prefix + "*")) < cancels + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stack.redis.keys(KEYS.cancel_prefix + "*")) == cancels + 2
+    time.sleep(1.0)
+    assert stack.processed("worker-0", "light") == before  # neither job ran
+
+
+def test_client_disconnecting_from_a_stream_cancels_its_jobs(stack):
+    before = stack.processed("worker-0", "light")
+    cancels = len(stack.redis.keys(KEYS.cancel_prefix + "*"))
+    with stack.pause("worker-0"):
+        with stack.http() as http:
+            with http.stream("POST", "/v1/images/generations",
+                             json={"prompt": LIGHT_PROMPT, "n": 3, "stream": True, "partial_images": 1}) as r:
+                assert r.status_code == 200
+        # the connection is closed without reading a single event
+        deadline = time.monotonic() + 5
+        while len(stack.redis.keys(KEYS.cancel_prefix + "*")) < cancels + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stack.redis.keys(KEYS.cancel_prefix + "*")) == cancels + 3
+    time.sleep(1.0)
+    assert stack.processed("worker-0", "light") == before
+
+
+def test_sigterm_drains_a_request_in_flight(stack):
+    port = free_port()
+    stack.stack.spawn("gateway-drain", "gateway", "--port", str(port))
+    stack.stack.wait_ready(["gateway-drain"])
+    proc = stack.stack.procs["gateway-drain"]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            with stack.pause("worker-0"):
+                request = asyncio.ensure_future(http.post("/v1/images/generations", json={"prompt": LIGHT_PROMPT}))
+                await asyncio.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert proc.poll() is None  # still draining
+            return await request
+
+    response = asyncio.run(go())
+    assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
+    assert proc.wait(timeout=30) == 0
+    assert b'"msg": "stopped"' in (stack.stack.log_dir / "gateway-drain.log").read_bytes()
+
+
+# ---------------------------------------------------------------- health and status
+
+def _store_plan(stack: Stack) -> None:
+    """What the controller would store (these stacks run without one)."""
+    async def put():
+        r = aioredis.Redis.from_url(stack.stack.redis_url)
+        await store_plan(r, KEYS, Plan(version=7, threshold=0.5, light_workers=1, heavy_workers=1))
+        await r.aclose()
+
+    asyncio.run(put())
+
+
+def test_healthz_readyz_status(stack):
+    with stack.http() as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        stack.redis.delete(KEYS.plan)
+        r = http.get("/readyz")
+        assert r.status_code == 503 and r.json()["plan"] is False and r.json()["workers"] == 2  # no controller
+        _store_plan(stack)
+        assert http.get("/readyz").status_code == 200
+        status = http.get("/v1/status").json()
+    assert status["plan"]["version"] == 7 and status["workers"] == {"light": 1, "heavy": 1}
+    assert set(status["queues"]) == {"jobs", "light_queue", "light_results", "heavy_queue", "completions"}
+
+
+# ---------------------------------------------------------------- the playground in a real browser
+
+def _chromium() -> tuple[str, str]:
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("chromium/chromium-driver missing and apt-get is not usable here (not root)")
+        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=False,
+                       capture_output=True, timeout=600)
+        if not (shutil.which("chromium") and shutil.which("chromedriver")):
+            pytest.skip("apt-get install chromium chromium-driver failed (no package source?)")
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def test_playground_shows_the_light_image_then_the_final_one(stack, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    binary, driver_path = _chromium()
+    _store_plan(stack)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,800"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=DriverService(driver_path), options=options)
+    try:
+        driver.get(stack.open_url + "/")
+        # Record every stage the image shows (the light preview may be on screen for ~0.5 s only).
+        driver.execute_script("""window.seen = [];
+            new MutationObserver(() => window.seen.push(document.getElementById('image').dataset.stage))
+              .observe(document.getElementById('image'), {attributes: true, attributeFilter: ['data-stage']});""")
+        driver.find_element(By.ID, "prompt").send_keys(HEAVY_PROMPT)
+        driver.find_element(By.ID, "go").click()
+        wait = WebDriverWait(driver, 30, poll_frequency=0.05)
+        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("data-stage") == "final")
+        seen = driver.execute_script("return window.seen")
+        assert seen[0] == "light" and seen[-1] == "final", seen
+        label = driver.find_element(By.ID, "label").text
+        assert "answered by heavy (sdv15)" in label and " ms" in label and "not degraded" in label
+        wait.until(lambda d: "threshold" in d.find_element(By.ID, "plan").text)
+        assert "heavy_queue" in driver.find_element(By.ID, "queues").text
+        driver.save_screenshot(str(tmp_path / "playground.png"))
+        assert Image.open(tmp_path / "playground.png").size[0] > 0
+        if os.environ.get("DIFFSERVE_SCREENSHOT"):  # how docs/playground.png is made
+            shutil.copy(tmp_path / "playground.png", os.environ["DIFFSERVE_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+# ---------------------------------------------------------------- no Redis
+
+def test_redis_gone_is_a_503_and_the_gateway_keeps_running(tmp_path):
+    server = RedisServer().start()
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": server.url, "DIFFSERVE_INSTANCE_ID": "gw"}
+    log = open(tmp_path / "gateway.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.gateway", "--port", str(port)], env=env, stdout=log,
+                            stderr=log,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        deadline = time.monotonic() + 30
+        while b'"ready"' not in (tmp_path / "gateway.log").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json={"prompt": "x"}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "unavailable"
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()["redis"] is False
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
