@@ -112,10 +112,10 @@ def test_simulator_routes_each_query_as_the_live_stack(profile, prompts, tmp_pat
     from common.backends.profiled import load_confidence_overrides
 
     sim = simulate(profile, trace, prompts, SimConfig(policy="static", workers=2, slo_ms=5000,
-                                                      fixed_plan=FixedPlan.parse(plan), time_scale=0.1),
+                                                      fixed_plan=FixedPlan.parse(plan), time_scale=0.5),
                    overrides=load_confidence_overrides(str(conf_file)))
     spec = stack_spec(policy="static", workers=2, backend="profiled", cascade="sdturbo-sdv15", hardware="a100",
-                      time_scale=0.1, slo_ms=5000, confidence_file=str(conf_file), static_plan=plan)
+                      time_scale=0.5, slo_ms=5000, confidence_file=str(conf_file), static_plan=plan)
     live = run_policy(spec, trace, prompts, log_dir=str(tmp_path / "logs"), progress=False, drain_timeout_s=60)
     by_sim = {j.prompt_index: j.result.answered_by for j in sim.jobs}
     by_live = {j.prompt_index: j.result.answered_by for j in live.jobs}

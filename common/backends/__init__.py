@@ -40,6 +40,8 @@ class BackendSettings:
     confidence_file: str | None = option(None, "profiled discriminator: recorded `prompt_index,confidence` lines "
                                          "(a job carrying a prompt_index gets its line's confidence)",
                                          env="DIFFSERVE_CONFIDENCE_FILE")
+    prompts_file: str | None = option(None, "prompt file the confidence file's lines are of, for jobs that carry no "
+                                      "prompt_index (default: DiffusionDB 5k)", env="DIFFSERVE_PROMPTS_FILE")
 
 
 def latency_scale(settings: BackendSettings) -> float:
@@ -92,11 +94,14 @@ def make_model(settings: BackendSettings, role: str):
 
 def make_discriminator(settings: BackendSettings):
     if settings.backend == "profiled":
-        from common.backends.profiled import ProfiledDiscriminator, load_confidence_overrides
+        from common.backends.profiled import ProfiledDiscriminator, confidences_by_text, load_confidence_overrides
 
-        overrides = load_confidence_overrides(settings.confidence_file) if settings.confidence_file else None
+        from common.profiles import load_prompts
+
+        overrides = load_confidence_overrides(settings.confidence_file) if settings.confidence_file else {}
+        by_text = confidences_by_text(overrides, load_prompts(settings.prompts_file)) if overrides else {}
         profile = load_profile(settings)
-        return ProfiledDiscriminator(profile.discriminator, profile.curve, settings.time_scale, overrides)
+        return ProfiledDiscriminator(profile.discriminator, profile.curve, settings.time_scale, overrides, by_text)
     from pathlib import Path
 
     from common.backends.diffusion import TimmDiscriminator

@@ -46,6 +46,15 @@ class ProfiledModel:
         return [self._image] * len(prompts)
 
 
+def confidences_by_text(overrides: dict[int, float], prompts: list[str]) -> dict[str, float]:
+    """{prompt text: the confidence recorded for its first line}, for jobs that carry no line."""
+    by_text: dict[str, float] = {}
+    for index in sorted(overrides):
+        if index < len(prompts) and prompts[index]:
+            by_text.setdefault(prompts[index], overrides[index])
+    return by_text
+
+
 def load_confidence_overrides(confidence_file: str) -> dict[int, float]:
     """``prompt_index,confidence`` lines -> {prompt index (line of the prompt file): confidence}."""
     overrides = {}
@@ -68,18 +77,23 @@ class ProfiledDiscriminator:
     input_size = 0  # takes no thumbnail
 
     def __init__(self, table: LatencyTable, curve: ConfidenceCurve, time_scale: float,
-                 overrides: dict[int, float] | None = None):
+                 overrides: dict[int, float] | None = None, by_text: dict[str, float] | None = None):
         self.table, self.curve, self.time_scale = table, curve, time_scale
         self.overrides = overrides or {}
+        self.by_text = by_text or {}
 
     def load(self) -> float:
         return 0.0
 
     def confidence(self, prompt: str, prompt_index: int | None = None) -> float:
-        """The recorded confidence of the query's own line when there is one, else a draw from
-        f(t) that is the same for the same text (the simulator calls this too)."""
-        if prompt_index is not None and prompt_index in self.overrides:
-            return self.overrides[prompt_index]
+        """The recorded confidence of the query's own line when it carries one; for a job without a
+        line (live traffic), the one recorded for its text's first line; else a draw from f(t) that is
+        the same for the same text.  The simulator calls this too."""
+        if prompt_index is not None:
+            if prompt_index in self.overrides:
+                return self.overrides[prompt_index]
+        elif prompt in self.by_text:
+            return self.by_text[prompt]
         return self.curve.confidence_for(uniform_from_text(prompt))
 
     def score(self, prompts: list[str], images: list[Image.Image | None],
