@@ -32,7 +32,7 @@ ENCODE_TIME = Histogram("diffserve_image_encode_seconds", "per-image encode time
                         buckets=_LATENCY_BUCKETS)
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on ``port`` (0 disables it)."""
+def serve(port: int, addr: str) -> None:
+    """Expose /metrics on ``addr:port`` (port 0 disables it)."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=addr)
