@@ -212,6 +212,7 @@ def test_hostnet_override_is_loopback_only(cpu):
     redis = hostnet["services"]["redis"]
     command = [str(c) for c in redis["command"]]
     assert redis["network_mode"] == "host" and command[command.index("--bind") + 1] == "127.0.0.1"
+    assert "ports" not in redis, "published ports and host networking do not mix"
     assert command[command.index("--port") + 1] == "${REDIS_PORT:-6379}"
     assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD")
     assert "${REDIS_PORT:-6379}" in " ".join(redis["healthcheck"]["test"])
