@@ -3,18 +3,20 @@
 #   1. a Debian bookworm base image made with debootstrap from the Debian mirror apt already uses
 #      (python3, python3-venv and redis-server in it: it is also the Redis image of the offline stack);
 #   2. a wheelhouse collected with pip from this machine's package indexes (pip's own configuration);
-#   3. both targets of compose/Dockerfile against that base, pip reading only the wheelhouse.
+#   3. both targets of compose/Dockerfile against that base, pip reading only the wheelhouse;
+#   4. a Prometheus image from Debian's package (compose/prometheus.Dockerfile).
 # Usage (as root, with a Docker engine running):
 #   compose/build-offline.sh              # control image only (what the CPU stack runs)
 #   compose/build-offline.sh --models     # also the model image (torch & co., several GB)
 # Needs Debian's python3-pip (apt-get install -y python3-pip) for the wheelhouse.
-# Environment: BASE_IMAGE, CONTROL_IMAGE, MODEL_IMAGE (tags), WHEELHOUSE (folder), SUITE.
+# Environment: BASE_IMAGE, CONTROL_IMAGE, MODEL_IMAGE, PROMETHEUS_IMAGE (tags), WHEELHOUSE (folder), SUITE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_IMAGE=${BASE_IMAGE:-diffserve-base:bookworm}
 CONTROL_IMAGE=${CONTROL_IMAGE:-diffserve-control:latest}
 MODEL_IMAGE=${MODEL_IMAGE:-diffserve:gpu}
+PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-diffserve-prometheus:bookworm}
 WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
 SUITE=${SUITE:-bookworm}
 MODELS=0
@@ -65,6 +67,8 @@ offline_args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg PI
 
 docker build "${offline_args[@]}" --target control -t "$CONTROL_IMAGE" .
 built=("$CONTROL_IMAGE")
+docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$PROMETHEUS_IMAGE" - < compose/prometheus.Dockerfile
+built+=("$PROMETHEUS_IMAGE")
 if [ "$MODELS" = 1 ]; then
     docker build "${offline_args[@]}" --target models -t "$MODEL_IMAGE" .
     built+=("$MODEL_IMAGE")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -35,9 +37,8 @@ COMPOSE = Path(__file__).resolve().parent
 ROOT = COMPOSE.parent
 PROJECT = "diffserve-e2e"
 BASE_IMAGE = "diffserve-base:bookworm"  # also the Redis image: it has redis-server
-# Only these would be fetched from a registry; the profiled stack does not need them to serve.
-REGISTRY_ONLY = {"prometheus": "Debian's `prometheus` package exists, but no image is built from it here",
-                 "grafana": "not packaged by Debian, and no registry answers"}
+PROMETHEUS_IMAGE = "diffserve-prometheus:bookworm"  # build-offline.sh, from Debian's package
+GRAFANA_WHY = "grafana/grafana is not packaged by Debian and no registry answers"
 LIGHT_QUEUE = "diffserve:queue:light"
 TIME_SCALE = "0.2"  # profiled latencies 5x faster: heavy batches still take a second or more
 RECLAIM_IDLE_MS = "3000"
@@ -118,15 +119,16 @@ def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
     tree = merge(merge(load(COMPOSE / "docker-compose.yml"), load(COMPOSE / "docker-compose.cpu.yml")),
                  load(COMPOSE / "docker-compose.hostnet.yml"))
     notes = []
-    for name, why in REGISTRY_ONLY.items():
-        image = tree["services"][name]["image"]
-        if image not in images:
-            del tree["services"][name]
-            notes.append(f"{name} not run: image {image} is not on this machine ({why}); "
-                         f"the compose file keeps it for hosts that can pull it")
+    if PROMETHEUS_IMAGE not in images:
+        del tree["services"]["prometheus"]
+        notes.append(f"prometheus not run: no {PROMETHEUS_IMAGE} image")
+    # The dashboard needs Grafana's image; the compose file keeps it for hosts that can pull it.
+    if tree["services"]["grafana"]["image"] not in images:
+        del tree["services"]["grafana"]
+        notes.append(f"grafana not run: {GRAFANA_WHY}")
     del tree["services"]["models"]  # profile `setup`, one-shot model download: nothing to download here
     for name, svc in tree["services"].items():
-        if name == "redis":
+        if svc.get("build", {}).get("target") != "control":
             continue
         svc["environment"].update(DIFFSERVE_TIME_SCALE=TIME_SCALE, DIFFSERVE_RECLAIM_IDLE_MS=RECLAIM_IDLE_MS)
         svc["healthcheck"].update(interval="2s", start_period="60s")  # healthy soon after ready, not 10 s later
@@ -203,6 +205,24 @@ def pending_of(r: redis.Redis, stream: str, consumer: str) -> int:
                for c in r.xinfo_consumers(stream, group["name"]) if c["name"].decode() == consumer)
 
 
+def scraped(problems: list[str], timeout: float = 30) -> str:
+    """Prometheus (5 s scrape interval) sees every service's metrics endpoint up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:9090/api/v1/targets", timeout=5) as resp:
+                targets = json.load(resp)["data"]["activeTargets"]
+        except OSError:
+            targets = []
+        up = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
+        if targets and len(up) == len(targets):
+            return f"{len(up)}/{len(targets)} targets up ({', '.join(up)})"
+        if time.monotonic() > deadline:
+            problems.append(f"prometheus: only {len(up)} of {len(targets)} targets up")
+            return f"{len(up)}/{len(targets)} targets up"
+        time.sleep(1)
+
+
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("compose-test: run as root (it installs packages and starts dockerd)")
@@ -215,7 +235,7 @@ def main() -> int:
     stack = None
     try:
         dockerd.up()
-        busy = [p for p in (9101, 9102, 9103, 9110, 9111) if port_busy(p)]
+        busy = [p for p in (9090, 9101, 9102, 9103, 9110, 9111) if port_busy(p)]
         if busy:
             raise SystemExit(f"compose-test: metrics ports {busy} are in use on 127.0.0.1")
         t = time.monotonic()
@@ -231,7 +251,8 @@ def main() -> int:
         password, redis_port = secrets.token_hex(16), free_port()
         env_file = workdir / ".env"
         env_file.write_text(f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
-                            f"REDIS_PORT={redis_port}\nREDIS_IMAGE={BASE_IMAGE}\n")
+                            f"REDIS_PORT={redis_port}\nREDIS_IMAGE={BASE_IMAGE}\n"
+                            f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}\n")
         stack = Stack(workdir, file, env_file)
         services = set(yaml.safe_load(file.read_text())["services"])
         t = time.monotonic()
@@ -276,20 +297,24 @@ def main() -> int:
         sh("docker", "kill", victim)
         log(f"killed worker-0 holding {held} light entries")
         time.sleep(2)
+        restarted = "by its restart policy"
         if sh("docker", "inspect", "--format", "{{.State.Running}}", victim).stdout.strip() != "true":
             stack.compose("start", "worker-0")  # what a supervisor does after a crash
+            restarted = "with docker-compose start"
         answered += list_answers(r, burst, 180, problems)
         if held == 0:
             problems.append("worker-0 held no entries when killed: the reclaim path was not exercised")
         left = pending_of(r, LIGHT_QUEUE, "worker-0")
         if left:
             problems.append(f"worker-0 still has {left} pending light entries")
-        summary["kill"] = f"worker-0 killed holding {held} entries, all reclaimed" if held and not left else \
-            f"worker-0 killed holding {held} entries, {left} left pending"
+        summary["kill"] = (f"worker-0 killed holding {held} light entries, restarted {restarted}, "
+                           + ("all reclaimed" if held and not left else f"{left} left pending"))
         lost = sent - answered
         summary["jobs"] = f"sent {sent}, answered {answered}, lost {lost}"
         r.close()
-        summary["monitoring"] = "; ".join(notes) if notes else "prometheus and grafana ran"
+        if "prometheus" in services:
+            summary["prometheus"] = scraped(problems)
+        summary["not run"] = "; ".join(notes) or "nothing"
     finally:
         if stack is not None:
             down = stack.compose("down", "-v", check=False, timeout=300)

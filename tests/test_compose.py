@@ -216,6 +216,17 @@ def test_hostnet_override_is_loopback_only(cpu):
     assert command[command.index("--port") + 1] == "${REDIS_PORT:-6379}"
     assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD")
     assert "${REDIS_PORT:-6379}" in " ".join(redis["healthcheck"]["test"])
+    prometheus = hostnet["services"]["prometheus"]
+    assert prometheus["network_mode"] == "host" and "ports" not in prometheus
+    assert "--web.listen-address=127.0.0.1:9090" in prometheus["command"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./prometheus.hostnet.yml"
+    bridge = yaml.safe_load(PROMETHEUS.read_text())
+    host = yaml.safe_load((COMPOSE / "prometheus.hostnet.yml").read_text())
+    for job in bridge["scrape_configs"]:
+        for static in job["static_configs"]:
+            static["targets"] = ["127.0.0.1:" + t.rpartition(":")[2] for t in static["targets"]]
+    assert host == bridge, "prometheus.hostnet.yml must scrape what prometheus.yml does, on 127.0.0.1"
 
 
 def test_redis_is_persistent_password_protected_and_healthchecked(base):

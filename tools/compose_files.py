@@ -17,7 +17,20 @@ class ComposeLoader(yaml.SafeLoader):
     pass
 
 
+class Override:
+    """Compose's ``!override`` tag (v2.24.4+): this value replaces the files' before, unmerged."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _override(loader, node):
+    return Override(loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode)
+                    else loader.construct_mapping(node, deep=True))
+
+
 ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
+ComposeLoader.add_constructor("!override", _override)
 
 
 def load(path: Path) -> dict:
@@ -33,6 +46,8 @@ def merge(base, override, path: tuple = ()):
     """Merge two compose trees as ``docker compose -f base -f override`` does (the parts we use)."""
     if isinstance(override, Reset):
         return None
+    if isinstance(override, Override):
+        return copy.deepcopy(override.value)
     if isinstance(base, dict) and isinstance(override, dict):
         out = copy.deepcopy(base)
         for key, value in override.items():
@@ -41,7 +56,7 @@ def merge(base, override, path: tuple = ()):
             elif key in out:
                 out[key] = merge(out[key], value, path + (key,))
             else:
-                out[key] = copy.deepcopy(value)
+                out[key] = copy.deepcopy(value.value if isinstance(value, Override) else value)
         return out
     if isinstance(base, list) and isinstance(override, list) and path[-2:] not in _REPLACED \
             and path[-1:] not in _REPLACED:
