@@ -121,11 +121,11 @@ def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
     notes = []
     if PROMETHEUS_IMAGE not in images:
         del tree["services"]["prometheus"]
-        notes.append(f"prometheus not run: no {PROMETHEUS_IMAGE} image")
+        notes.append(f"prometheus (no {PROMETHEUS_IMAGE} image)")
     # The dashboard needs Grafana's image; the compose file keeps it for hosts that can pull it.
     if tree["services"]["grafana"]["image"] not in images:
         del tree["services"]["grafana"]
-        notes.append(f"grafana not run: {GRAFANA_WHY}")
+        notes.append(f"grafana ({GRAFANA_WHY})")
     del tree["services"]["models"]  # profile `setup`, one-shot model download: nothing to download here
     for name, svc in tree["services"].items():
         if svc.get("build", {}).get("target") != "control":
@@ -138,7 +138,7 @@ def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
 
 
 class Stack:
-    def __init__(self, workdir: Path, file: Path, env_file: Path):
+    def __init__(self, file: Path, env_file: Path):
         self.base = ["docker-compose", "-p", PROJECT, "--env-file", str(env_file), "--project-directory",
                      str(COMPOSE), "-f", str(file)]
 
@@ -247,13 +247,13 @@ def main() -> int:
         images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
         file, notes = stack_file(workdir, images)
         for note in notes:
-            log(note)
+            log(f"not run: {note}")
         password, redis_port = secrets.token_hex(16), free_port()
         env_file = workdir / ".env"
         env_file.write_text(f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
                             f"REDIS_PORT={redis_port}\nREDIS_IMAGE={BASE_IMAGE}\n"
                             f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}\n")
-        stack = Stack(workdir, file, env_file)
+        stack = Stack(file, env_file)
         services = set(yaml.safe_load(file.read_text())["services"])
         t = time.monotonic()
         stack.compose("up", "-d", "--no-build")
