@@ -1,22 +1,32 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+MODELS := $(VENV)/.installed-models
 
-.PHONY: demo test up
+.PHONY: demo test up compose-test
 
 # Installs what a fresh machine lacks: redis-server (Debian), a venv with the pinned dependencies.
-$(STAMP): pyproject.toml constraints.txt
+# The demo needs only the core (profiled backend, no torch); the tests also run the tiny real models.
+$(CORE): pyproject.toml constraints.txt
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
-	touch $(STAMP)
+	touch $(CORE)
+
+$(MODELS): $(CORE)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,models]"
+	touch $(MODELS)
 
 # The main job on the embedded default: a local profiled stack serving a burst of DiffusionDB prompts.
-demo: $(STAMP)
+demo: $(CORE)
 	$(VENV)/bin/diffserve demo
 
-test: $(STAMP)
+test: $(MODELS)
 	$(PY) -m pytest -q
 
-up: $(STAMP)
+up: $(CORE)
 	$(VENV)/bin/diffserve up
+
+# Opt-in (not in CI): builds the images offline and runs the CPU compose stack in Docker (needs root).
+compose-test: $(CORE)
+	$(PY) compose/compose_test.py

@@ -65,6 +65,8 @@ class ServiceConfig(RedisSettings):
     """Fields every service has."""
 
     metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
+    metrics_addr: str = option("0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)",
+                               env="METRICS_ADDR")
     log_level: str = option("INFO", "log level", env="LOG_LEVEL")
     instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
 

@@ -39,7 +39,7 @@ KEY_REQUESTS = Counter("diffserve_gateway_key_requests_total", "requests per API
 KEY_JOBS = Counter("diffserve_gateway_key_jobs_total", "jobs admitted per API key (its name)", ["key"])
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on ``port`` (0 disables it)."""
+def serve(port: int, addr: str) -> None:
+    """Expose /metrics on ``addr:port`` (port 0 disables it)."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=addr)

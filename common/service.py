@@ -56,7 +56,7 @@ class Service:
 
 def run(name: str, config: ServiceConfig, serve: Callable[[Service], Awaitable[None]]) -> None:
     logs.setup(name, config.log_level)
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, config.metrics_addr)
 
     async def main() -> None:
         service = Service(name, config)

@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 
-from common.backends import BACKENDS
+from common.backends import BACKENDS, require_backend, require_models_extra
 from common.localstack import LocalStack, StackSpec
 
 
@@ -35,6 +35,7 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec(args: argparse.Namespace) -> StackSpec:
+    require_backend(args.backend)  # before any process starts
     light = args.light_workers if args.light_workers is not None else max(1, args.workers // 2)
     return StackSpec(backend=args.backend, cascade=args.cascade, light_workers=light,
                      heavy_workers=max(0, args.workers - light), controller=not args.no_controller,
@@ -173,6 +174,7 @@ def make_tiny_main(argv: list[str] | None = None) -> None:
                                      description="tiny random-weight pipelines and discriminator (for tests)")
     parser.add_argument("dir")
     args = parser.parse_args(argv)
+    require_models_extra("make-tiny-models")
     from common.backends.tiny import make_tiny_models
 
     print(make_tiny_models(args.dir))

@@ -360,8 +360,8 @@ def search_static(profile: CascadeProfile, trace: Trace, prompts: list[str], *, 
                           heavy_batch=hb)
         if str(fixed) in seen:
             return
-        cfg = SimConfig(policy="static", workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed,
-                        light_workers=lw, controller=True)
+        # every plan starts from the same roles as the other policies (half light), as a live stack does
+        cfg = SimConfig(policy="static", workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed)
         e = summarize(simulate(profile, trace, prompts, cfg, overrides=overrides), slo_ms=slo_ms, backend="profiled",
                       curve=profile.quality, confidence_curve=profile.curve)
         seen[str(fixed)] = {"plan": str(fixed), "config": (lw, lb, hb), "threshold": fixed.threshold,
@@ -469,8 +469,8 @@ def main(argv: list[str] | None = None) -> None:
                                  overrides=overrides)
             best = FixedPlan.parse(rows[0]["plan"])
             (out / f"static_search_{size}.json").write_text(json.dumps(rows, indent=1))
-            cfg = SimConfig(policy="static", workers=size, slo_ms=slo_ms, time_scale=args.time_scale, fixed_plan=best,
-                            light_workers=best.light_workers)
+            cfg = SimConfig(policy="static", workers=size, slo_ms=slo_ms, light_workers=args.light_workers,
+                            time_scale=args.time_scale, fixed_plan=best)
             run = simulate(profile, trace, prompts, cfg, overrides=overrides, seed=args.seed)
             name = "static-hindsight" if len(sizes) == 1 else f"static-hindsight ({size} workers)"
             entries.append(_entry(run, profile, slo_ms, name))

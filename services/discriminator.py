@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from common import metrics
-from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator
+from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator, require_backend
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
 from common.messages import E_MODEL, Completion, LightReady, LightResult
@@ -116,7 +116,9 @@ async def serve(svc: Service) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run("discriminator", DiscriminatorConfig.from_args(argv, prog="diffserve discriminator"), serve)
+    config = DiscriminatorConfig.from_args(argv, prog="diffserve discriminator")
+    require_backend(config.backend)  # before waiting for Redis
+    run("discriminator", config, serve)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from common import metrics
-from common.backends import BackendSettings, latency_scale, load_profile, make_model
+from common.backends import BackendSettings, latency_scale, load_profile, make_model, require_backend
 from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import E_MODEL, Completion, LightResult, RoutedJob
@@ -216,7 +216,9 @@ async def serve(svc: Service) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run("worker", WorkerConfig.from_args(argv, prog="diffserve worker"), serve)
+    config = WorkerConfig.from_args(argv, prog="diffserve worker")
+    require_backend(config.backend)  # before waiting for Redis
+    run("worker", config, serve)
 
 
 if __name__ == "__main__":

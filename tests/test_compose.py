@@ -7,7 +7,6 @@ config`` / ``docker compose config`` validates them where such a binary exists."
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import re
@@ -21,11 +20,13 @@ import yaml
 
 from common.config import ServiceConfig, _env_name
 from diffserve.cli import COMMANDS
+from tools.compose_files import absolute_paths, load, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
 BASE_FILE = COMPOSE / "docker-compose.yml"
 CPU_FILE = COMPOSE / "docker-compose.cpu.yml"
+HOSTNET_FILE = COMPOSE / "docker-compose.hostnet.yml"
 ENV_FILE = COMPOSE / "diffserve.env"
 ENV_EXAMPLE = COMPOSE / ".env.example"
 DASHBOARD = COMPOSE / "grafana" / "dashboards" / "diffserve.json"
@@ -38,46 +39,6 @@ PENDING_CONTROLLER_KEYS = {"DIFFSERVE_INTERVAL_S", "DIFFSERVE_POLICY"}
 
 
 # ---------------------------------------------------------------- loading and merging
-
-class Reset:
-    """Compose's ``!reset`` tag (v2.24+): drop the value of the files before."""
-
-
-class ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
-
-
-def load(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.load(f, Loader=ComposeLoader)
-
-
-# Compose replaces these sequences instead of appending (compose-spec "merge" rules).
-_REPLACED = {("command",), ("entrypoint",), ("healthcheck", "test")}
-
-
-def merge(base, override, path: tuple = ()):
-    """Merge two compose trees as ``docker compose -f base -f override`` does (the parts we use)."""
-    if isinstance(override, Reset):
-        return None
-    if isinstance(base, dict) and isinstance(override, dict):
-        out = copy.deepcopy(base)
-        for key, value in override.items():
-            if isinstance(value, Reset):
-                out.pop(key, None)
-            elif key in out:
-                out[key] = merge(out[key], value, path + (key,))
-            else:
-                out[key] = copy.deepcopy(value)
-        return out
-    if isinstance(base, list) and isinstance(override, list) and path[-2:] not in _REPLACED \
-            and path[-1:] not in _REPLACED:
-        return base + [v for v in override if v not in base]
-    return copy.deepcopy(override)
-
 
 @pytest.fixture(scope="module")
 def base() -> dict:
@@ -220,14 +181,58 @@ def test_cpu_override_has_no_gpu_and_runs_profiled(cpu):
         env = environment(svc)
         assert env["DIFFSERVE_BACKEND"] == "profiled", name
         assert env.get("DIFFSERVE_DEVICE", "cpu") == "cpu", name
-        assert svc["build"]["args"]["TORCH_INDEX_URL"].endswith("/cpu"), name
+        assert svc["build"]["target"] == "control", f"{name}: the profiled backend runs on the slim image"
         assert "cuda" not in svc["build"]["args"]["BASE_IMAGE"], name
-    assert cpu["services"]["models"]["image"] == cpu["services"]["router"]["image"]
+        assert svc["image"] == cpu["services"]["router"]["image"], name
+        assert "volumes" not in svc, f"{name}: no models to mount"
+
+
+def test_control_plane_and_models_run_their_own_images(base):
+    for name, svc in diffserve_services(base).items():
+        target = svc["build"]["target"]
+        if svc["command"][0] in ("router", "controller", "gateway"):
+            assert target == "control" and "args" not in svc["build"], name
+            assert svc["image"].startswith("${DIFFSERVE_CONTROL_IMAGE"), name
+        else:
+            assert target == "models" and "cuda" in svc["build"]["args"]["BASE_IMAGE"], name
+            assert svc["image"].startswith("${DIFFSERVE_IMAGE"), name
+    assert base["services"]["models"]["build"]["target"] == "models"
+    text = (COMPOSE / "Dockerfile").read_text()
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS control$", text, re.M)
+    assert re.search(r"^FROM control AS models$", text, re.M)
+
+
+def test_hostnet_override_is_loopback_only(cpu):
+    hostnet = merge(cpu, load(HOSTNET_FILE))
+    for name, svc in diffserve_services(hostnet).items():
+        env = environment(svc)
+        assert svc["network_mode"] == "host", name
+        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@127\.0\.0\.1:\$\{REDIS_PORT:-6379\}/0",
+                            env["REDIS_URL"]), name
+        assert env["METRICS_ADDR"] == "127.0.0.1", name
+    redis = hostnet["services"]["redis"]
+    command = [str(c) for c in redis["command"]]
+    assert redis["network_mode"] == "host" and command[command.index("--bind") + 1] == "127.0.0.1"
+    assert "ports" not in redis, "published ports and host networking do not mix"
+    assert command[command.index("--port") + 1] == "${REDIS_PORT:-6379}"
+    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD")
+    assert "${REDIS_PORT:-6379}" in " ".join(redis["healthcheck"]["test"])
+    prometheus = hostnet["services"]["prometheus"]
+    assert prometheus["network_mode"] == "host" and "ports" not in prometheus
+    assert "--web.listen-address=127.0.0.1:9090" in prometheus["command"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./prometheus.hostnet.yml"
+    bridge = yaml.safe_load(PROMETHEUS.read_text())
+    host = yaml.safe_load((COMPOSE / "prometheus.hostnet.yml").read_text())
+    for job in bridge["scrape_configs"]:
+        for static in job["static_configs"]:
+            static["targets"] = ["127.0.0.1:" + t.rpartition(":")[2] for t in static["targets"]]
+    assert host == bridge, "prometheus.hostnet.yml must scrape what prometheus.yml does, on 127.0.0.1"
 
 
 def test_redis_is_persistent_password_protected_and_healthchecked(base):
     redis = base["services"]["redis"]
-    assert re.match(r"redis:7(\.|-|$)", redis["image"]), redis["image"]
+    assert re.fullmatch(r"\$\{REDIS_IMAGE:-redis:7(\.|-)\S*\}", redis["image"]), redis["image"]
     command = [str(c) for c in redis["command"]]
     assert command[0] == "redis-server"
     assert command[command.index("--appendonly") + 1] == "yes"
@@ -245,7 +250,8 @@ def test_models_service_downloads_into_the_shared_volume(base):
     assert (COMPOSE / "download_models.py").is_file()
     assert "models:/models" in models["volumes"]
     for name, svc in diffserve_services(base).items():
-        assert "models:/models" in svc["volumes"], name
+        if svc["build"]["target"] == "models":
+            assert "models:/models" in svc["volumes"], name
     assert "HF_HOME=/models/hf" in (COMPOSE / "Dockerfile").read_text()
 
 
@@ -357,7 +363,7 @@ def test_env_example_covers_every_variable_the_compose_files_use():
     example = ENV_EXAMPLE.read_text()
     active = read_env_file(ENV_EXAMPLE)
     assert {"REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"} <= set(active)
-    for path in (BASE_FILE, CPU_FILE):
+    for path in (BASE_FILE, CPU_FILE, HOSTNET_FILE):
         for var, op in re.findall(r"\$\{([A-Z0-9_]+)(:\?|:-|-|\?)?", path.read_text()):
             assert re.search(rf"^#?{var}=", example, re.M), f"{var} ({path.name}) is not in .env.example"
             if op == ":?":
@@ -430,7 +436,10 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource(base):
 def test_dockerfile_pins_torch_like_pyproject_and_runs_as_non_root():
     text = (COMPOSE / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = dict(dep.split("==") for dep in project["dependencies"] if dep.startswith(("torch==", "torchvision==")))
+    pins = dict(dep.split("==") for dep in project["optional-dependencies"]["models"]
+                if dep.startswith(("torch==", "torchvision==")))
+    assert not [dep for dep in project["dependencies"] if dep.startswith(("torch", "diffusers", "transformers",
+                                                                          "timm"))]
     assert f"ARG TORCH_VERSION={pins['torch']}" in text
     assert f"ARG TORCHVISION_VERSION={pins['torchvision']}" in text
     assert re.search(r"^USER (?!root\b)\S+", text, re.M), "the image must not run as root"
@@ -439,7 +448,7 @@ def test_dockerfile_pins_torch_like_pyproject_and_runs_as_non_root():
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     for pattern in packages["include"]:
         assert f"!{pattern.rstrip('*')}/" in ignore, f"the build context leaves out {pattern}"
-    assert "!compose/download_models.py" in ignore and "!pyproject.toml" in ignore
+    assert "!compose/download_models.py" in ignore and "!pyproject.toml" in ignore and "!constraints.txt" in ignore
 
 
 # ---------------------------------------------------------------- a real compose binary, where there is one
@@ -461,23 +470,6 @@ def compose_binary() -> tuple[list[str], tuple[int, ...]] | None:
     return None
 
 
-def _absolute_paths(tree: dict) -> dict:
-    """A merged tree written elsewhere must keep pointing at compose/'s files."""
-    tree = copy.deepcopy(tree)
-    for svc in tree["services"].values():
-        if "build" in svc:
-            svc["build"]["context"] = str((COMPOSE / svc["build"]["context"]).resolve())
-        vols = []
-        for vol in svc.get("volumes", []):
-            source, _, rest = vol.partition(":")
-            vols.append(f"{(COMPOSE / source).resolve()}:{rest}" if source.startswith(".") else vol)
-        if "volumes" in svc:
-            svc["volumes"] = vols
-        if "env_file" in svc:
-            svc["env_file"] = [str(COMPOSE / f) for f in svc["env_file"]]
-    return tree
-
-
 def run_config(cmd: list[str], files: list[Path]) -> subprocess.CompletedProcess:
     args = cmd + ["--env-file", str(ENV_EXAMPLE), "--project-directory", str(COMPOSE)]
     for f in files:
@@ -494,15 +486,17 @@ def test_compose_config_validates(tmp_path):
     result = run_config(cmd, [BASE_FILE])
     assert result.returncode == 0, result.stderr
     if version >= (2, 24, 0):
-        result = run_config(cmd, [BASE_FILE, CPU_FILE])
-        assert result.returncode == 0, result.stderr
+        for files in ([BASE_FILE, CPU_FILE], [BASE_FILE, CPU_FILE, HOSTNET_FILE]):
+            result = run_config(cmd, files)
+            assert result.returncode == 0, result.stderr
     else:
-        # Older compose has no `!reset`: validate the CPU stack as merged here instead.
-        merged = tmp_path / "docker-compose.cpu-merged.yml"
-        merged.write_text(yaml.safe_dump(_absolute_paths(merge(load(BASE_FILE), load(CPU_FILE))),
-                                         sort_keys=False))
-        result = run_config(cmd, [merged])
-        assert result.returncode == 0, result.stderr
+        # Older compose has no `!reset`: validate the CPU stacks as merged here instead.
+        cpu = merge(load(BASE_FILE), load(CPU_FILE))
+        for name, tree in (("cpu", cpu), ("hostnet", merge(cpu, load(HOSTNET_FILE)))):
+            merged = tmp_path / f"docker-compose.{name}-merged.yml"
+            merged.write_text(yaml.safe_dump(absolute_paths(tree, COMPOSE), sort_keys=False))
+            result = run_config(cmd, [merged])
+            assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------- diffserve healthcheck

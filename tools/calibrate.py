@@ -115,7 +115,10 @@ def run_cascade_light(args, prompts: list[tuple[int, str]]) -> list[tuple[int, f
 
 
 def main(argv: list[str] | None = None) -> None:
+    from common.backends import require_backend
+
     args = parse_args(argv)
+    require_backend(args.backend)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

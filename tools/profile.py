@@ -317,9 +317,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from common.backends import require_backend
     from common.backends.diffusion import resolve_device
 
     args = parse_args(argv)
+    require_backend(args.backend)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -34,6 +34,7 @@ import random
 import time
 from pathlib import Path
 
+from common.backends import require_models_extra
 from common.backends.diffusion import (DISCRIMINATOR_WEIGHTS, build_discriminator_model, discriminator_meta,
                                        resolve_device, save_discriminator)
 
@@ -302,6 +303,7 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    require_models_extra("train-discriminator")
     state = train(args)
     print(f"step {state['step']} of {state['total_steps']}; checkpoint in {args.out}")
 

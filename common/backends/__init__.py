@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from common.config import option
 
 BACKENDS = ("diffusers", "tiny", "profiled")
+# What the `models` extra installs; the control plane and the profiled backend run without it.
+MODEL_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm")
 
 
 @dataclass
@@ -44,6 +47,20 @@ class BackendSettings:
                                       "prompt_index (default: DiffusionDB 5k)", env="DIFFSERVE_PROMPTS_FILE")
 
 
+def require_models_extra(what: str) -> None:
+    """Real-model code runs torch: without the `models` extra, stop with one line that says what to
+    install instead of an ImportError deep in a model load."""
+    missing = [name for name in MODEL_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"diffserve: {what} needs {', '.join(missing)}: "
+                         f"pip install -c constraints.txt 'diffserve[models]'")
+
+
+def require_backend(backend: str) -> None:
+    if backend != "profiled":
+        require_models_extra(f"--backend {backend}")
+
+
 def latency_scale(settings: BackendSettings) -> float:
     """Factor from profiled latencies to this deployment's clock: the profiled backend runs at
     ``time_scale``; real models run at the profile's own speed."""
@@ -56,6 +73,7 @@ def resolve_hardware(settings: BackendSettings) -> str:
         return settings.hardware
     if settings.backend == "profiled":
         return "a100"
+    require_backend(settings.backend)
     from common.backends.diffusion import detect_hardware
 
     return detect_hardware(settings.device)
@@ -77,6 +95,7 @@ def make_model(settings: BackendSettings, role: str):
         from common.backends.profiled import ProfiledModel
 
         return ProfiledModel(name, role, load_profile(settings).table(role), settings.time_scale)
+    require_backend(settings.backend)
     from common.backends.diffusion import DiffusersModel, local_spec, resolve_device, tiny_spec
 
     spec = MODELS[name]
@@ -102,6 +121,7 @@ def make_discriminator(settings: BackendSettings):
         by_text = confidences_by_text(overrides, load_prompts(settings.prompts_file)) if overrides else {}
         profile = load_profile(settings)
         return ProfiledDiscriminator(profile.discriminator, profile.curve, settings.time_scale, overrides, by_text)
+    require_backend(settings.backend)
     from pathlib import Path
 
     from common.backends.diffusion import TimmDiscriminator

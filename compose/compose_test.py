@@ -1,0 +1,338 @@
+"""``make compose-test``: the CPU compose stack in real containers, end to end, on one machine with no
+registry and loopback-only networking (opt-in, as root; not part of CI).
+
+It installs docker.io, docker-compose and debootstrap if missing, starts a dockerd if none answers
+(and stops only that one), builds the images with compose/build-offline.sh, starts
+docker-compose.yml + docker-compose.cpu.yml + docker-compose.hostnet.yml (merged here: Compose v1
+has no ``!reset``), waits for every health check, pushes jobs with ``redis-cli XADD`` from the host
+and through the Python client, kills a worker container in the middle of a burst, checks that every
+job is answered exactly once with a decodable image, and tears the stack down with ``down -v``.
+Prints a summary and exits non-zero on any failure."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+import yaml
+from PIL import Image
+
+from common.client import Client
+from common.messages import FinalResult
+from tools.compose_files import absolute_paths, load, merge
+
+COMPOSE = Path(__file__).resolve().parent
+ROOT = COMPOSE.parent
+PROJECT = "diffserve-e2e"
+BASE_IMAGE = "diffserve-base:bookworm"  # also the Redis image: it has redis-server
+PROMETHEUS_IMAGE = "diffserve-prometheus:bookworm"  # build-offline.sh, from Debian's package
+GRAFANA_WHY = "grafana/grafana is not packaged by Debian and no registry answers"
+LIGHT_QUEUE = "diffserve:queue:light"
+TIME_SCALE = "0.2"  # profiled latencies 5x faster: heavy batches still take a second or more
+RECLAIM_IDLE_MS = "3000"
+
+
+def log(msg: str) -> None:
+    print(f"compose-test: {msg}", flush=True)
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and result.returncode != 0:
+        raise SystemExit(f"compose-test: {' '.join(cmd[:4])} failed ({result.returncode}):\n"
+                         f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_busy(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def install_missing() -> None:
+    needed = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap",
+              "redis-cli": "redis-tools"}
+    packages = [pkg for tool, pkg in needed.items() if not shutil.which(tool)]
+    if sh("/usr/bin/python3", "-m", "pip", "--version", check=False).returncode != 0:
+        packages.append("python3-pip")  # build-offline.sh resolves the wheelhouse with Debian's Python
+    if packages:
+        log(f"apt-get install {' '.join(packages)}")
+        sh("apt-get", "update")
+        sh("apt-get", "install", "-y", *packages, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+class Dockerd:
+    """The engine: the one already running, or one started here (and stopped here, by its pid)."""
+
+    def __init__(self, workdir: Path):
+        self.proc: subprocess.Popen | None = None
+        self.had_docker0 = Path("/sys/class/net/docker0").exists()
+        self.workdir = workdir
+
+    def up(self) -> None:
+        if sh("docker", "info", check=False).returncode == 0:
+            log("using the Docker engine that is already running")
+            return
+        log("starting dockerd --bridge=none --iptables=false")
+        self.proc = subprocess.Popen(["dockerd", "--bridge=none", "--iptables=false"],
+                                     stdout=open(self.workdir / "dockerd.log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while sh("docker", "info", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("compose-test: dockerd did not start:\n"
+                                 + (self.workdir / "dockerd.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+    def down(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if not self.had_docker0 and Path("/sys/class/net/docker0").exists():
+            sh("ip", "link", "delete", "docker0", check=False)
+
+
+def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
+    """The CPU stack with host networking, merged as Compose v2 would, plus the test's timings."""
+    tree = merge(merge(load(COMPOSE / "docker-compose.yml"), load(COMPOSE / "docker-compose.cpu.yml")),
+                 load(COMPOSE / "docker-compose.hostnet.yml"))
+    notes = []
+    if PROMETHEUS_IMAGE not in images:
+        del tree["services"]["prometheus"]
+        notes.append(f"prometheus (no {PROMETHEUS_IMAGE} image)")
+    # The dashboard needs Grafana's image; the compose file keeps it for hosts that can pull it.
+    if tree["services"]["grafana"]["image"] not in images:
+        del tree["services"]["grafana"]
+        notes.append(f"grafana ({GRAFANA_WHY})")
+    del tree["services"]["models"]  # profile `setup`, one-shot model download: nothing to download here
+    for name, svc in tree["services"].items():
+        if svc.get("build", {}).get("target") != "control":
+            continue
+        svc["environment"].update(DIFFSERVE_TIME_SCALE=TIME_SCALE, DIFFSERVE_RECLAIM_IDLE_MS=RECLAIM_IDLE_MS)
+        svc["healthcheck"].update(interval="2s", start_period="60s")  # healthy soon after ready, not 10 s later
+    path = workdir / "docker-compose.e2e.yml"
+    path.write_text(yaml.safe_dump(absolute_paths(tree, COMPOSE), sort_keys=False))
+    return path, notes
+
+
+class Stack:
+    def __init__(self, file: Path, env_file: Path):
+        self.base = ["docker-compose", "-p", PROJECT, "--env-file", str(env_file), "--project-directory",
+                     str(COMPOSE), "-f", str(file)]
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        return sh(*self.base, *args, check=check, timeout=timeout, cwd=COMPOSE)
+
+    def containers(self) -> dict[str, str]:
+        """service -> container id."""
+        out = {}
+        for cid in self.compose("ps", "-q").stdout.split():
+            name = sh("docker", "inspect", "--format", '{{index .Config.Labels "com.docker.compose.service"}}',
+                      cid).stdout.strip()
+            out[name] = cid
+        return out
+
+    def wait_healthy(self, services: set[str], timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {}
+            for name, cid in self.containers().items():
+                states[name] = sh("docker", "inspect", "--format",
+                                  "{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                                  cid).stdout.strip()
+            if set(states) >= services and all(s == "running/healthy" for s in states.values()):
+                return
+            if time.monotonic() > deadline:
+                logs = self.compose("logs", "--tail", "30", check=False).stdout
+                raise SystemExit(f"compose-test: not healthy after {timeout:.0f} s: {states}\n{logs[-4000:]}")
+            time.sleep(1)
+
+
+def check_result(raw: FinalResult | None, job_id: str, problems: list[str]) -> bool:
+    if raw is None:
+        problems.append(f"{job_id}: no answer")
+        return False
+    if raw.status != "ok":
+        problems.append(f"{job_id}: {raw.error_code} {raw.error_message}")
+        return False
+    try:
+        Image.open(io.BytesIO(raw.image)).load()
+    except Exception as exc:  # any decoding failure is a test failure, reported with the job
+        problems.append(f"{job_id}: image does not decode ({exc})")
+        return False
+    return True
+
+
+def list_answers(r: redis.Redis, job_ids: list[str], timeout: float, problems: list[str]) -> int:
+    """Answers pushed to diffserve:result:<id>: each must be there exactly once."""
+    answered = 0
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        key = f"diffserve:result:{job_id}"
+        while r.llen(key) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        entries = r.lrange(key, 0, -1)
+        if len(entries) > 1:
+            problems.append(f"{job_id}: answered {len(entries)} times")
+        answered += check_result(FinalResult.decode(entries[0]) if entries else None, job_id, problems)
+    return answered
+
+
+def pending_of(r: redis.Redis, stream: str, consumer: str) -> int:
+    return sum(c["pending"] for group in r.xinfo_groups(stream)
+               for c in r.xinfo_consumers(stream, group["name"]) if c["name"].decode() == consumer)
+
+
+def scraped(problems: list[str], timeout: float = 30) -> str:
+    """Prometheus (5 s scrape interval) sees every service's metrics endpoint up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:9090/api/v1/targets", timeout=5) as resp:
+                targets = json.load(resp)["data"]["activeTargets"]
+        except OSError:
+            targets = []
+        up = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
+        if targets and len(up) == len(targets):
+            return f"{len(up)}/{len(targets)} targets up ({', '.join(up)})"
+        if time.monotonic() > deadline:
+            problems.append(f"prometheus: only {len(up)} of {len(targets)} targets up")
+            return f"{len(up)}/{len(targets)} targets up"
+        time.sleep(1)
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        raise SystemExit("compose-test: run as root (it installs packages and starts dockerd)")
+    started = time.monotonic()
+    summary: dict[str, str] = {}
+    problems: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="diffserve-compose-test."))
+    install_missing()
+    dockerd = Dockerd(workdir)
+    stack = None
+    try:
+        dockerd.up()
+        busy = [p for p in (8000, 9090, 9101, 9102, 9103, 9104, 9110, 9111) if port_busy(p)]
+        if busy:
+            raise SystemExit(f"compose-test: metrics ports {busy} are in use on 127.0.0.1")
+        t = time.monotonic()
+        build = sh(str(COMPOSE / "build-offline.sh"), cwd=ROOT, timeout=1800)
+        (workdir / "build.log").write_text(build.stdout + build.stderr)
+        built = [line.split(": ", 1)[1] for line in build.stdout.splitlines() if line.startswith("build-offline: ")
+                 and line.endswith(" MB")]
+        summary["images"] = ", ".join(built) + f" (build {time.monotonic() - t:.0f} s)"
+        images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
+        file, notes = stack_file(workdir, images)
+        for note in notes:
+            log(f"not run: {note}")
+        password, redis_port = secrets.token_hex(16), free_port()
+        env_file = workdir / ".env"
+        env_file.write_text(f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
+                            f"GATEWAY_API_KEYS=compose-test:{hashlib.sha256(secrets.token_bytes(16)).hexdigest()}\n"
+                            f"REDIS_PORT={redis_port}\nREDIS_IMAGE={BASE_IMAGE}\n"
+                            f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}\n")
+        stack = Stack(file, env_file)
+        services = set(yaml.safe_load(file.read_text())["services"])
+        t = time.monotonic()
+        stack.compose("up", "-d", "--no-build")
+        stack.wait_healthy(services)
+        summary["healthy"] = f"{len(services)} services healthy {time.monotonic() - t:.1f} s after up"
+        log(summary["healthy"])
+
+        url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
+        r = redis.Redis.from_url(url)
+        sent = answered = 0
+        # 1. redis-cli XADD from the host, plain fields, answers on the result lists.
+        cli_ids = [f"e2e-cli-{i}" for i in range(20)]
+        for job_id in cli_ids:
+            sh("redis-cli", "-p", str(redis_port), "--no-auth-warning", "-a", password, "XADD", "diffserve:jobs",
+               "*", "job_id", job_id, "prompt", f"a lighthouse at dusk, number {job_id}")
+        sent += len(cli_ids)
+        answered += list_answers(r, cli_ids, 120, problems)
+
+        # 2. The Python client: reply streams.
+        async def through_client() -> list[FinalResult]:
+            async with Client(redis_url=url) as client:
+                return await client.submit_many([f"a watercolor fox {i}" for i in range(20)], timeout=120)
+
+        results = asyncio.run(through_client())
+        sent += 20
+        answered += sum(check_result(res, res.job_id, problems) for res in results)
+        if len({res.job_id for res in results}) != 20:
+            problems.append("the client got duplicate or missing job ids")
+
+        # 3. A burst, and the light worker's container killed while it holds entries.
+        async def enqueue(n: int) -> list[str]:
+            async with Client(redis_url=url) as client:
+                return [await client.enqueue(f"a city in the rain {i}", reply=False) for i in range(n)]
+
+        burst = asyncio.run(enqueue(60))
+        sent += len(burst)
+        deadline = time.monotonic() + 30
+        while (held := pending_of(r, LIGHT_QUEUE, "worker-0")) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victim = stack.containers()["worker-0"]
+        sh("docker", "kill", victim)
+        log(f"killed worker-0 holding {held} light entries")
+        time.sleep(2)
+        restarted = "by its restart policy"
+        if sh("docker", "inspect", "--format", "{{.State.Running}}", victim).stdout.strip() != "true":
+            stack.compose("start", "worker-0")  # what a supervisor does after a crash
+            restarted = "with docker-compose start"
+        answered += list_answers(r, burst, 180, problems)
+        if held == 0:
+            problems.append("worker-0 held no entries when killed: the reclaim path was not exercised")
+        left = pending_of(r, LIGHT_QUEUE, "worker-0")
+        if left:
+            problems.append(f"worker-0 still has {left} pending light entries")
+        summary["kill"] = (f"worker-0 killed holding {held} light entries, restarted {restarted}, "
+                           + ("all reclaimed" if held and not left else f"{left} left pending"))
+        lost = sent - answered
+        summary["jobs"] = f"sent {sent}, answered {answered}, lost {lost}"
+        r.close()
+        if "prometheus" in services:
+            summary["prometheus"] = scraped(problems)
+        summary["not run"] = "; ".join(notes) or "nothing"
+    finally:
+        if stack is not None:
+            down = stack.compose("down", "-v", check=False, timeout=300)
+            if down.returncode != 0:
+                problems.append(f"docker-compose down -v failed: {down.stderr[-500:]}")
+        dockerd.down()
+    ok = not problems
+    log("summary")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+    for problem in problems[:20]:
+        print(f"  FAIL {problem}")
+    print(f"compose-test: {'PASS' if ok else 'FAIL'} in {time.monotonic() - started:.0f} s "
+          f"({summary.get('jobs', 'no jobs run')}; logs in {workdir})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
