@@ -124,6 +124,17 @@ class ControlSettings:
     static_demand: float | None = None
 
 
+def static_plan(profile: CascadeProfile, demand: float, workers: int, settings: ControlSettings) -> FixedPlan:
+    """The fixed plan ``static`` keeps: the solver's plan for ``demand`` on ``workers`` workers (the
+    load tester and the simulator pass a trace's mean demand)."""
+    result = plan(profile, demand, workers, policy="static", objective=settings.objective,
+                  batch_grid=tuple(sorted(settings.batch_grid)), slo_ms=settings.slo_ms,
+                  latency_scale=settings.latency_scale, headroom=settings.headroom, spare_util=settings.spare_util,
+                  current={f"w{i}": "" for i in range(workers)})
+    return FixedPlan(threshold=result.threshold, light_workers=result.light_workers, light_batch=result.light_batch,
+                     heavy_workers=result.heavy_workers, heavy_batch=result.heavy_batch)
+
+
 class ControlLoop:
     def __init__(self, profile: CascadeProfile, settings: ControlSettings):
         self.profile, self.cfg = profile, settings
@@ -171,12 +182,10 @@ class ControlLoop:
     def decide(self, stored: Plan | None, demand: float, workers: list[WorkerView], queues: QueueStats,
                aimd: AimdState | None = None) -> tuple[PlanResult, str]:
         """The plan to write and why (logged)."""
-        if self.spec.fixed and self.fixed is None and (self.cfg.static_demand or demand > 0):
-            first = self.solve(self.cfg.static_demand or demand, {f"w{i}": "" for i in range(len(workers))},
-                               QueueStats(), None)
-            self.fixed = FixedPlan(threshold=first.threshold, light_workers=first.light_workers,
-                                   light_batch=first.light_batch, heavy_workers=first.heavy_workers,
-                                   heavy_batch=first.heavy_batch)
+        if self.spec.fixed and self.cfg.fixed_plan is None and workers and (self.cfg.static_demand or demand > 0) \
+                and (self.fixed is None or self.fixed.light_workers + self.fixed.heavy_workers != len(workers)):
+            # Solved once for the cluster as it is; again only if workers join or leave.
+            self.fixed = static_plan(self.profile, self.cfg.static_demand or demand, len(workers), self.cfg)
         current = {w.worker_id: w.role for w in workers}
         switch_s = {w.worker_id: w.switch_s for w in workers}
         new = self.solve(demand, current, queues, stored, aimd=aimd, switch_s=switch_s)

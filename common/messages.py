@@ -31,7 +31,7 @@ class MessageError(ValueError):
         self.job_id = job_id
 
 
-# Error codes delivered to callers; stable strings, documented in README.
+# Error codes delivered to callers; stable strings, documented in README ("Wire format").
 E_MALFORMED = "malformed"
 E_INVALID = "invalid_request"
 E_PROMPT_TOO_LONG = "prompt_too_long"

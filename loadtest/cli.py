@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from common.backends import BACKENDS
+from common.control import ControlSettings, static_plan
 from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
 
 from loadtest import report as report_mod
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from loadtest import runner
 
+    # static's fixed plan: the one given, else the solver's for the trace's mean demand (the simulator's too)
+    static = args.static_plan or str(static_plan(profile, trace.mean_rate, args.workers,
+                                                 ControlSettings(slo_ms=slo_ms)))
     entries = []
     for policy in policies:
         started = time.perf_counter()
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             spec = runner.stack_spec(policy=policy, workers=args.workers, backend=args.backend,
                                      cascade=args.cascade, hardware=args.hardware, time_scale=args.time_scale,
-                                     slo_ms=slo_ms, static_plan=args.static_plan, static_demand=trace.mean_rate,
+                                     slo_ms=slo_ms, static_plan=static,
                                      confidence_file=os.path.abspath(args.confidence_file)
                                      if args.confidence_file else None,
                                      controller_interval_s=args.controller_interval_s,

@@ -252,18 +252,15 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
 def stack_spec(*, policy: str, workers: int, backend: str, cascade: str, hardware: str, time_scale: float,
                slo_ms: float, confidence_file: str | None = None,
                controller_interval_s: float | None = None, model_dir: str | None = None,
-               light_workers: int | None = None, static_plan: str | None = None, static_demand: float | None = None,
+               light_workers: int | None = None, static_plan: str | None = None,
                extra_env: dict[str, str] | None = None):
-    """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles).
-    ``static_demand`` is in full-speed q/s (the controller gets it in wall-clock q/s)."""
+    """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles)."""
     from common.localstack import StackSpec
 
     light = light_workers if light_workers is not None else max(1, workers // 2)
     env = {"DIFFSERVE_SLO_MS": f"{slo_ms * time_scale:.6g}", "DIFFSERVE_HARDWARE": hardware}
     if static_plan:
         env["DIFFSERVE_STATIC_PLAN"] = static_plan
-    if static_demand:
-        env["DIFFSERVE_STATIC_DEMAND"] = f"{static_demand / time_scale:.6g}"
     if confidence_file:
         env["DIFFSERVE_CONFIDENCE_FILE"] = str(confidence_file)
     env.update(extra_env or {})

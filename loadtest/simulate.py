@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common.backends.profiled import DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator, load_confidence_overrides
 from common.cascades import CASCADES, DEFAULT_CASCADE
-from common.control import ControlLoop, ControlSettings, WorkerView
+from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
 from common.messages import FinalResult, Plan
 from common.planner import POLICIES, FixedPlan, QueueStats, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
@@ -86,7 +86,6 @@ class SimConfig:
     controller: bool = True
     sample_interval_s: float = 1.0
     fixed_plan: FixedPlan | None = None
-    static_demand: float | None = None
     control: dict = field(default_factory=dict)  # other ControlSettings fields
 
 
@@ -117,7 +116,7 @@ class Simulation:
         self.jobs: list[JobRecord] = []
         self.samples: list[dict] = []
         settings = ControlSettings(policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s,
-                                   fixed_plan=cfg.fixed_plan, static_demand=cfg.static_demand, **cfg.control)
+                                   fixed_plan=cfg.fixed_plan, **cfg.control)
         self.loop = ControlLoop(profile, settings)
         self.plans_solved = 0
         self._latency: dict[tuple[str, int], float] = {}
@@ -453,9 +452,10 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         for policy in policies:
             started = time.perf_counter()
+            # static's fixed plan: the one given, else the solver's for the trace's mean demand
+            static = fixed or static_plan(profile, trace.mean_rate, size, ControlSettings(slo_ms=slo_ms))
             cfg = SimConfig(policy=policy, workers=size, slo_ms=slo_ms, light_workers=args.light_workers,
-                            interval_s=args.controller_interval_s, time_scale=args.time_scale, fixed_plan=fixed,
-                            static_demand=trace.mean_rate)
+                            interval_s=args.controller_interval_s, time_scale=args.time_scale, fixed_plan=static)
             run = simulate(profile, trace, prompts, cfg, overrides=overrides, seed=args.seed)
             name = policy if len(sizes) == 1 else f"{policy} ({size} workers)"
             entries.append(_entry(run, profile, slo_ms, name))

@@ -146,3 +146,14 @@ def test_demand_falls_slowly_and_the_peak_decays():
     assert peak.update(32.0, 0.0) == 32.0
     assert peak.update(4.0, 100.0) == pytest.approx(16.0)  # half the peak after one half-life
     assert peak.update(20.0, 100.0) == 20.0
+
+
+def test_static_plan_is_solved_for_the_cluster_it_runs_on(profile):
+    """Workers still registering at the first tick: the frozen plan follows the cluster once it is there."""
+    loop = _loop(profile, policy="static", static_demand=8.0)
+    early, _ = loop.decide(None, 0.0, _workers(1, 1), QueueStats())
+    assert early.light_workers + early.heavy_workers == 2
+    full, _ = loop.decide(early.to_message(1, early.roles), 0.0, _workers(8, 8), QueueStats())
+    assert full.light_workers + full.heavy_workers == 16 and full.heavy_workers >= 12
+    again, _ = loop.decide(full.to_message(2, full.roles), 30.0, _workers(8, 8), QueueStats())
+    assert (again.threshold, again.light_workers) == (full.threshold, full.light_workers)
