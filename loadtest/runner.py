@@ -137,12 +137,13 @@ async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
 
 
 async def wait_for_plan(redis_url: str, namespace: str = "diffserve", timeout_s: float = 15.0) -> bool:
-    """True once a controller has stored a plan (so the replay starts under a real plan)."""
+    """True once a controller has stored a plan for live workers (so the replay starts under a real plan)."""
     r = aioredis.from_url(redis_url)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if await load_plan(r, Keys(namespace)) is not None:
+            plan = await load_plan(r, Keys(namespace))
+            if plan is not None and plan.roles:
                 return True
             await asyncio.sleep(0.1)
         return False
