@@ -57,3 +57,13 @@ def _undecodable(entry: Entry, exc: MessageError, keys: Keys, stream: str) -> tu
                                 error_code=exc.code, error_message=str(exc))
         return keys.completions, completion.encode()
     return keys.dead_letters, DeadLetter(stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]).encode()
+
+
+def one_per_input(outputs, inputs: list, what: str) -> list:
+    """The batch invariant: a model returns exactly one output per input.  Anything else fails the
+    whole batch (each job answered ``model_error``) rather than silently dropping the unmatched jobs
+    while their entries are acked."""
+    outputs = list(outputs)
+    if len(outputs) != len(inputs):
+        raise RuntimeError(f"{what} returned {len(outputs)} outputs for a batch of {len(inputs)}")
+    return outputs

@@ -14,7 +14,7 @@ from common.messages import E_MODEL, Completion, LightReady, LightResult
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
 from common.service import Service, now_ms, run
-from common.stage import split_batch
+from common.stage import one_per_input, split_batch
 from common.streams import StreamConsumer, run_forever
 
 
@@ -71,8 +71,9 @@ class Discriminator:
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
         try:
-            scores = await asyncio.to_thread(self.model.score, [r.job.prompt for r in results], self._images(results),
-                                             [r.job.prompt_index for r in results])
+            scores = one_per_input(await asyncio.to_thread(self.model.score, [r.job.prompt for r in results],
+                                                           self._images(results), [r.job.prompt_index for r in results]),
+                                   results, "the discriminator")
         except Exception as exc:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
             metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))

@@ -15,7 +15,7 @@ from common.messages import E_MODEL, Completion, LightResult, RoutedJob
 from common.plan_store import PlanWatcher
 from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
 from common.service import Service, now_ms, run
-from common.stage import cancelled_ids, split_batch
+from common.stage import cancelled_ids, one_per_input, split_batch
 from common.streams import StreamConsumer, run_forever
 
 ROLES = ("light", "heavy")
@@ -168,7 +168,8 @@ class Worker:
         model_name = self.model.name
         start = time.perf_counter()
         try:
-            images = await asyncio.to_thread(self.model.generate, [j.prompt for j in jobs], [j.seed for j in jobs])
+            images = one_per_input(await asyncio.to_thread(self.model.generate, [j.prompt for j in jobs],
+                                                           [j.seed for j in jobs]), jobs, "the model")
         except Exception as exc:  # report per job, keep serving
             self.svc.log.exception("model failed", extra={"model": model_name, "batch": len(jobs)})
             metrics.ERRORS.labels("worker", E_MODEL).inc(len(jobs))
