@@ -183,13 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             "confidence_file": args.confidence_file, "redis_url": bool(args.redis_url),
             "controller_interval_s": args.controller_interval_s, "policies": policies,
             "units": "latencies and times at full speed (wall / time_scale)"}
-    path = report_mod.write_report(out, entries, meta)
-    if not args.no_plots:
-        from loadtest.plots import write_plots
-
-        write_plots({"meta": meta, "policies": {e["policy"]: e for e in entries}}, out)
-    print((out / "summary.md").read_text())
-    print(f"report: {path}")
+    report_mod.publish(out, entries, meta, plots=not args.no_plots)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ from common.profiles import load_prompts
 
 from loadtest.report import percentiles
 from loadtest.runner import close_client
+from loadtest.serving_bench import write_bench
 
 
 async def _direct(client: Client, prompt: str) -> None:
@@ -168,13 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"gateway bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:
         result = asyncio.run(bench(stack.redis_url, f"http://127.0.0.1:{port}", stack.procs["gateway"].pid, args))
-    text = table(result, meta)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, **result}, indent=1))
-    out.with_suffix(".md").write_text(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_bench(args.out, result, meta, table(result, meta))
 
 
 if __name__ == "__main__":

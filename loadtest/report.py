@@ -239,6 +239,19 @@ def write_report(out_dir: str | Path, entries: list[dict], meta: dict) -> Path:
     return out / "report.json"
 
 
+def publish(out_dir: str | Path, entries: list[dict], meta: dict, *, plots: bool = True) -> Path:
+    """report.json, summary.md and (optionally) the plots; prints the summary.  What ``diffserve
+    loadtest`` and ``diffserve simulate`` both end with."""
+    path = write_report(out_dir, entries, meta)
+    if plots:
+        from loadtest.plots import write_plots
+
+        write_plots({"meta": meta, "policies": {e["policy"]: e for e in entries}}, out_dir)
+    print((Path(out_dir) / "summary.md").read_text())
+    print(f"report: {path}")
+    return path
+
+
 def _fmt(v, spec: str = ".0f") -> str:
     return "–" if v is None else format(v, spec)
 

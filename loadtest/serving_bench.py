@@ -207,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_bench(path: str, result: dict, meta: dict, text: str) -> None:
+    """A benchmark's JSON (meta + result) and its Markdown table beside it; prints the table."""
+    print(text)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+    out.with_suffix(".md").write_text(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     args.rates = [float(x) for x in args.rates.split(",") if x.strip()]
@@ -224,13 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"serving bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:
         result = asyncio.run(bench(stack.redis_url, args))
-    text = table(result, meta)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, **result}, indent=1))
-    out.with_suffix(".md").write_text(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_bench(args.out, result, meta, table(result, meta))
 
 
 if __name__ == "__main__":

@@ -118,7 +118,6 @@ class Simulation:
         settings = ControlSettings(policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s,
                                    fixed_plan=cfg.fixed_plan, **cfg.control)
         self.loop = ControlLoop(profile, settings)
-        self.plans_solved = 0
         self._latency: dict[tuple[str, int], float] = {}
 
     # ---------- event machinery ----------
@@ -165,7 +164,6 @@ class Simulation:
         queues = QueueStats(light_backlog=b["light"], discriminator_backlog=b["discriminator"],
                             heavy_backlog=b["heavy"])
         result, _reason = self.loop.decide(self.stored, demand, views, queues)
-        self.plans_solved += 1
         self.version += 1
         message = result.to_message(self.version, result.roles, self.now)
         message.demand_qps = demand
@@ -484,13 +482,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompts": args.prompts, "confidence_file": args.confidence_file, "policies": policies,
             "controller_interval_s": args.controller_interval_s,
             "units": "virtual full-speed time (simulation)"}
-    path = report_mod.write_report(out, entries, meta)
-    if not args.no_plots:
-        from loadtest.plots import write_plots
-
-        write_plots({"meta": meta, "policies": {e["policy"]: e for e in entries}}, out)
-    print((out / "summary.md").read_text())
-    print(f"report: {path}")
+    report_mod.publish(out, entries, meta, plots=not args.no_plots)
 
 
 if __name__ == "__main__":
