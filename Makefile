@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 MODELS := $(VENV)/.installed-models
 
-.PHONY: demo test up compose-test
+.PHONY: demo test test-fast lint up compose-test
 
 # Installs what a fresh machine lacks: redis-server (Debian), a venv with the pinned dependencies.
 # The demo needs only the core (profiled backend, no torch); the tests also run the tiny real models.
@@ -23,6 +23,15 @@ demo: $(CORE)
 
 test: $(MODELS)
 	$(PY) -m pytest -q
+
+# The tests not marked slow (no long stack runs).
+test-fast: $(MODELS)
+	$(PY) -m pytest -q -m "not slow"
+
+# What CI runs before the tests: ruff (config in pyproject.toml) and mypy, strict on the decision code.
+lint: $(CORE)
+	$(VENV)/bin/ruff check common services loadtest tests diffserve tools benchmarks compose
+	$(VENV)/bin/mypy
 
 up: $(CORE)
 	$(VENV)/bin/diffserve up

@@ -124,6 +124,10 @@ class ControlSettings:
     static_demand: float | None = None
 
 
+def _sign(x: float) -> int:
+    return int(x > 1e-9) - int(x < -1e-9)
+
+
 def static_plan(profile: CascadeProfile, demand: float, workers: int, settings: ControlSettings) -> FixedPlan:
     """The fixed plan ``static`` keeps: the solver's plan for ``demand`` on ``workers`` workers (the
     load tester and the simulator pass a trace's mean demand)."""
@@ -141,7 +145,7 @@ class ControlLoop:
         self.spec = policy_spec(settings.policy)
         self.demand = RateEstimator(settings.ewma_alpha, alpha_down=settings.ewma_alpha_down)
         self.peak = PeakTracker(settings.peak_halflife_s)
-        self.proposal: tuple | None = None  # a role change seen once, awaiting confirmation
+        self.proposal: tuple[int, int, int] | None = None  # a role change seen once, awaiting confirmation
         self.fixed = settings.fixed_plan if self.spec.fixed else None
 
     def observe(self, jobs_added: int, at_s: float) -> float:
@@ -212,9 +216,8 @@ class ControlLoop:
                 return keep, "switch slower than half an interval: roles kept"
             # Noise damping: a move the current roles can live with must be proposed by two
             # consecutive ticks before workers reload models for it.
-            sign = lambda x: (x > 1e-9) - (x < -1e-9)  # noqa: E731
-            move = (sign(new.light_workers - keep.light_workers), sign(new.threshold - keep.threshold),
-                    sign(new.heavy_fraction - keep.heavy_fraction))  # the direction, not the exact plan
+            move = (_sign(new.light_workers - keep.light_workers), _sign(new.threshold - keep.threshold),
+                    _sign(new.heavy_fraction - keep.heavy_fraction))  # the direction, not the exact plan
             if move != proposal:
                 self.proposal = move
                 return keep, "change proposed: confirming next interval"

@@ -93,8 +93,9 @@ def demo_main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - started
     print(_summary(results, wall, spec))
     if plan is not None:
-        print(f"  last plan (v{plan.version}, {plan.policy}): threshold {plan.threshold:.2f}, light {plan.light_workers} "
-              f"workers x batch {plan.light_batch}, heavy {plan.heavy_workers} x {plan.heavy_batch}")
+        print(f"  last plan (v{plan.version}, {plan.policy}): threshold {plan.threshold:.2f}, "
+              f"light {plan.light_workers} workers x batch {plan.light_batch}, "
+              f"heavy {plan.heavy_workers} x {plan.heavy_batch}")
 
 
 async def _burst(redis_url: str, prompts: list[str], rate: float):

@@ -37,7 +37,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.backends.profiled import DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator, load_confidence_overrides
+from common.backends.profiled import (DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator,
+                                      load_confidence_overrides)
 from common.cascades import CASCADES, DEFAULT_CASCADE
 from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
 from common.messages import FinalResult, Plan

@@ -84,7 +84,8 @@ class ControllerConfig(ServiceConfig, BackendSettings):
     default_switch_s: float = option(5.0, "role-switch time assumed for a worker that has not switched yet "
                                      "(unscaled)", env="DIFFSERVE_DEFAULT_SWITCH_S")
     max_switch_fraction: float = option(0.25, "at most this share of the workers change role per tick unless "
-                                        "the current allocation cannot serve demand", env="DIFFSERVE_MAX_SWITCH_FRACTION")
+                                        "the current allocation cannot serve demand",
+                                        env="DIFFSERVE_MAX_SWITCH_FRACTION")
     spare_util: float = option(0.5, "spare workers go to the busiest stage while its utilisation is above this",
                                env="DIFFSERVE_SPARE_UTIL")
 

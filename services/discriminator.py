@@ -72,7 +72,8 @@ class Discriminator:
         start = time.perf_counter()
         try:
             scores = one_per_input(await asyncio.to_thread(self.model.score, [r.job.prompt for r in results],
-                                                           self._images(results), [r.job.prompt_index for r in results]),
+                                                           self._images(results),
+                                                           [r.job.prompt_index for r in results]),
                                    results, "the discriminator")
         except Exception as exc:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})

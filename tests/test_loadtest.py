@@ -81,12 +81,14 @@ def test_quality_estimate_matches_hand_computation():
     q = report.quality_estimate(answers, curve, share)
     expected = (16.95 + 22.77 + 18.55 + (17.95 + 18.86) / 2) / 4  # the CSV's values, 0.75 interpolated
     assert q["windows"] == 4
-    assert q["estimate"] == pytest.approx(expected, abs=1e-3) and q["paper_estimate"] == pytest.approx(expected, abs=1e-3)
+    assert q["estimate"] == pytest.approx(expected, abs=1e-3)
+    assert q["paper_estimate"] == pytest.approx(expected, abs=1e-3)
     assert [w["light_share"] for w in q["per_window"]] == [0.5, 1.0, 0.0, 0.75]
     assert q["all_heavy"] == 18.55 and q["all_light"] == 22.77
     # A made-up linear curve: the estimate is the mean of the per-window shares mapped through it.
     linear = QualityCurve([0.0, 1.0], [10.0, 20.0])
-    assert report.quality_estimate(answers, linear, share)["estimate"] == pytest.approx(10 + 10 * (0.5 + 1 + 0 + 0.75) / 4)
+    linear_estimate = report.quality_estimate(answers, linear, share)["estimate"]
+    assert linear_estimate == pytest.approx(10 + 10 * (0.5 + 1 + 0 + 0.75) / 4)
     # Degraded: the light answers are hard prompts (a heavy answer was more confident). The paper's
     # method does not see it; the estimate charges the difference in the curve's slopes.
     swapped = [(0.5, "light", 0.1)] * 5 + [(1.0, "heavy", 0.9)] * 5
