@@ -156,8 +156,8 @@ class StreamConsumer:
                 reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
                 own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
                 if own:
-                    for e in own:
-                        e.deliveries = 2
+                    # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
+                    await self._set_deliveries(own)
                     return own  # acked ones leave the pending list, so reading "0" again moves on
                 self._resume_own = False
             entries = []
@@ -186,13 +186,17 @@ class StreamConsumer:
         self._reclaim_cursor = _s(cursor)
         entries = [_entry(i, f) for i, f in claimed if f is not None]
         if entries:
-            pending = await self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
-                                                  count=len(entries) * 2, consumername=self.consumer)
-            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-            for e in entries:
-                e.deliveries = counts.get(e.id, 2)
+            await self._set_deliveries(entries)
             log.info("reclaimed entries", extra={"stream": self.stream, "count": len(entries)})
         return entries
+
+    async def _set_deliveries(self, entries: list[Entry]) -> None:
+        """Redis's own times-delivered counter (XPENDING) for entries now pending on this consumer."""
+        pending = await self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
+                                              count=len(entries) * 2, consumername=self.consumer)
+        counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        for e in entries:
+            e.deliveries = counts.get(e.id, 2)
 
     async def ack(self, ids: Sequence[str]) -> None:
         if ids:

@@ -195,3 +195,31 @@ def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_ligh
         roomy, tight = asyncio.run(go())
     assert (roomy.answered_by, roomy.degraded) == ("heavy", False)
     assert (tight.status, tight.answered_by, tight.degraded, tight.model) == ("ok", "light", True, "sdturbo")
+
+
+def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_under_the_same_name(
+        redis_server, tmp_path):
+    """Compose restarts a crashed worker under its fixed instance id: the job that crashed it
+    three times (max_deliveries 3) is answered with internal_error and acked, not run again."""
+    r = redis.Redis.from_url(redis_server.url)
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.01,
+                     env={"DIFFSERVE_MAX_DELIVERIES": "3"})
+    with LocalStack(spec, str(tmp_path / "logs")) as stack:
+        stack.kill("worker-0")
+
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                task = asyncio.create_task(client.submit("a poison prompt", timeout=60))
+                taken = []
+                while not taken:  # play the crashed worker-0: take the job, never ack it
+                    await asyncio.sleep(0.05)
+                    taken = r.xreadgroup("workers", "worker-0", {KEYS.light_queue: ">"}, count=1)
+                for _crash in range(2):
+                    r.xreadgroup("workers", "worker-0", {KEYS.light_queue: "0"}, count=1)
+                await asyncio.to_thread(stack.restart, "worker-0")
+                return await task
+
+        result = asyncio.run(scenario())
+    assert result.status == "error" and result.error_code == "internal_error", result
+    assert "4 attempts" in result.error_message
+    assert r.xpending(KEYS.light_queue, "workers")["pending"] == 0

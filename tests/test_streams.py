@@ -136,3 +136,22 @@ def test_password_is_required_and_used(tmp_path):
         _run(go())
     finally:
         server.stop()
+
+
+def test_a_poison_entry_is_counted_across_restarts_under_the_same_name(redis_server):
+    """A consumer that crashes on an entry and comes back under the same name (compose's fixed
+    instance ids) sees Redis's own delivery counter, so max_deliveries fires."""
+    async def go():
+        r = await _client(redis_server.url)
+        await ensure_group(r, "s", "g")
+        await add(r, "s", b"poison")
+        seen = []
+        for _restart in range(5):
+            c = StreamConsumer(r, "s", "g", "worker-1", max_deliveries=3)  # a fresh process, same name
+            (entry,) = await c.read(1, block_ms=100)
+            seen.append(entry.deliveries)
+            # ...and it crashes before acking
+        assert seen == [1, 2, 3, 4, 5]
+        await r.aclose()
+
+    _run(go())
