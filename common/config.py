@@ -133,6 +133,7 @@ class Keys:
         self.worker_info_prefix = f"{ns}:worker:"  # hash per worker
         self.stats = f"{ns}:stats"  # hash of counters the controller reads
         self.done_prefix = f"{ns}:done:"
+        self.admitted_prefix = f"{ns}:admitted:"  # job id -> the jobs-stream entry that was admitted under it
         self.result_prefix = f"{ns}:result:"
         self.reply_prefix = f"{ns}:reply:"  # clients' own reply streams
         self.cancel_prefix = f"{ns}:cancel:"  # set by a client to cancel a job that has not started
@@ -146,6 +147,9 @@ class Keys:
 
     def done(self, job_id: str) -> str:
         return self.done_prefix + job_id
+
+    def admitted(self, job_id: str) -> str:
+        return self.admitted_prefix + job_id
 
     def result(self, job_id: str) -> str:
         return self.result_prefix + job_id

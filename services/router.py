@@ -13,7 +13,7 @@ from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import Keys, ServiceConfig, option
-from common.messages import (E_CANCELLED, E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG,
+from common.messages import (E_CANCELLED, E_DUPLICATE, E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG,
                              E_UNKNOWN_MODEL, IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError,
                              RoutedJob, unpack)
 from common.plan_store import HeavyStageWatcher, PlanWatcher
@@ -24,9 +24,10 @@ from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
-# so a completion retried after a crash can never produce a second result.
+# so a completion retried after a crash can never produce a second result. ARGV[5] '0': an answer
+# to a job that was never admitted (refused); it sets no marker, so the client may retry the id.
 DELIVER_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+if ARGV[5] == '0' or redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
   if ARGV[3] == 'stream' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
     redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -147,7 +148,7 @@ class Router:
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
         arrival = now_ms()
-        jobs: list[Job] = []
+        jobs: list[tuple[str, Job]] = []  # (jobs-stream entry id, job)
         for entry in entries:
             try:
                 job = parse_job(entry, self.cfg, self.keys)
@@ -163,13 +164,22 @@ class Router:
                     errors.append((None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc),
                                                     (entry.payload or b"")[:4096])))
                 continue
-            jobs.append(job)
-        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
-        for job in jobs:
+            jobs.append((entry.id, job))
+        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
+        for _id, job in jobs:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
                 errors.append((job.reply_to, FinalResult(job.job_id, E_CANCELLED, error_code=E_CANCELLED,
                                                          error_message="cancelled by the client before it ran",
                                                          finished_ms=arrival)))
+        jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
+        duplicates = await self._claim_ids(jobs)
+        for entry_id, job in jobs:
+            if entry_id in duplicates:
+                metrics.ERRORS.labels("router", E_DUPLICATE).inc()
+                errors.append((job.reply_to, FinalResult(
+                    job.job_id, "error", error_code=E_DUPLICATE, finished_ms=arrival,
+                    error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
+                                  "(in flight or answered); use a new id")))
                 continue
             routed = RoutedJob(job.job_id, job.prompt, arrival, arrival + (job.slo_ms or self.default_slo_ms),
                                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
@@ -193,18 +203,31 @@ class Router:
             for reply_to, message in errors:
                 if isinstance(message, DeadLetter):
                     pipe.xadd(self.keys.dead_letters, {"m": message.encode()}, maxlen=10000, approximate=True)
-                else:
-                    self._deliver(pipe, message, reply_to)
+                else:  # refused before admission: the id stays free for a retry
+                    self._deliver(pipe, message, reply_to, admitted=False)
 
         await self.jobs.write_and_ack([e.id for e in entries], outputs, deliver_errors)
         metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
 
+    async def _claim_ids(self, jobs: list[tuple[str, Job]]) -> set[str]:
+        """Entry ids whose job id another entry was admitted under (within the result TTL).
+        The marker holds the admitted entry's id, so the same entry read again after a router
+        crash (before its ack) is admitted again, not refused as its own duplicate."""
+        if not jobs:
+            return set()
+        async with self.r.pipeline(transaction=False) as pipe:
+            for entry_id, job in jobs:
+                pipe.set(self.keys.admitted(job.job_id), entry_id, nx=True, get=True, ex=self.cfg.result_ttl_s)
+            owners = await pipe.execute()
+        return {entry_id for (entry_id, _job), owner in zip(jobs, owners)
+                if owner is not None and owner.decode() != entry_id}
+
     # ---------- delivery ----------
-    def _deliver(self, pipe, result: FinalResult, reply_to: str | None) -> None:
+    def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         pipe.eval(DELIVER_ONCE, 2, self.keys.done(result.job_id), target, result.encode(), self.cfg.result_ttl_s,
-                  mode, self.cfg.reply_maxlen)
+                  mode, self.cfg.reply_maxlen, "1" if admitted else "0")
 
     async def deliver_batch(self) -> None:
         entries = await self.completions.read(self.cfg.batch, block_ms=1000)

@@ -223,3 +223,27 @@ def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_un
     assert result.status == "error" and result.error_code == "internal_error", result
     assert "4 attempts" in result.error_message
     assert r.xpending(KEYS.light_queue, "workers")["pending"] == 0
+
+
+def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_flight_is_refused(
+        redis_server, tmp_path):
+    """An error before admission (invalid request, overloaded) does not use up the job id: the
+    client's retry with the same id is served. The same id sent again while the first is in flight
+    (or answered) gets an explicit duplicate_job_id error, never silence."""
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05)
+    with LocalStack(spec, str(tmp_path / "logs")):
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                bad = await client.submit("a lighthouse", job_id="retry-1", image_quality=0, timeout=30)
+                good = await client.submit("a lighthouse", job_id="retry-1", timeout=30)
+                first = asyncio.create_task(client.submit("a harbour", job_id="dup-1", timeout=30))
+                await asyncio.sleep(0.3)  # admitted, still on the GPU (time scale 0.05: ~0.4 s of work)
+                await client.enqueue("a harbour again", job_id="dup-1")
+                answers = [await first]
+                answers.append(await anext(client.results()))
+                return bad, good, answers
+
+        bad, good, answers = asyncio.run(scenario())
+    assert bad.error_code == "invalid_request"
+    assert good.status == "ok"
+    assert sorted(a.status if a.status == "ok" else a.error_code for a in answers) == ["duplicate_job_id", "ok"]
