@@ -30,6 +30,10 @@ from common.messages import ENTRY_FIELD
 
 log = logging.getLogger(__name__)
 
+# Every command, blocking ones included, must answer within this; longer waits (a client's BLPOP) are
+# split into pieces shorter than it. Without it redis-py's default (5 s) applies.
+SOCKET_TIMEOUT_S = 10.0
+
 # Errors after which the same command may succeed once Redis is back.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
@@ -44,11 +48,11 @@ PIPELINE_GROUPS = (
 
 
 def connect(settings: RedisSettings, *, client_name: str | None = None) -> aioredis.Redis:
-    """A client for ``settings``; TLS when the URL is ``rediss://``. No socket timeout:
-    blocking reads are bounded by their BLOCK argument instead."""
+    """A client for ``settings``; TLS when the URL is ``rediss://``. Blocking reads use a BLOCK
+    well under ``SOCKET_TIMEOUT_S``, so a hung Redis still surfaces as an error."""
     # A stale pooled connection (after a Redis restart) is retried on a fresh one a few times;
     # longer outages surface as errors that run_forever rides out with its own backoff.
-    kwargs: dict = {"socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 15,
+    kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S, "socket_keepalive": True, "health_check_interval": 15,
                     "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
                     "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
     if settings.redis_username:
