@@ -148,6 +148,7 @@ class StreamConsumer:
         self.max_deliveries = max_deliveries
         self._reclaim_cursor = "0-0"
         self._resume_own = True  # after a restart under the same name, first finish our own pending entries
+        self._unacked = False  # the last batch read has not been acked yet
         self._next_reclaim = 0.0
 
     async def ensure_group(self) -> None:
@@ -155,6 +156,10 @@ class StreamConsumer:
 
     async def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
         """Up to ``count`` entries: first any reclaimed from dead consumers, then new ones."""
+        if self._unacked:
+            # The last batch was never acked (a Redis outage or a failed step): it is still pending on
+            # us, so take it up again now instead of waiting reclaim_idle_ms for XAUTOCLAIM.
+            self._resume_own = True
         try:
             if self._resume_own:
                 reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
@@ -162,6 +167,7 @@ class StreamConsumer:
                 if own:
                     # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
                     await self._set_deliveries(own)
+                    self._unacked = True
                     return own  # acked ones leave the pending list, so reading "0" again moves on
                 self._resume_own = False
             entries = []
@@ -174,6 +180,7 @@ class StreamConsumer:
                                                 count=count - len(entries), block=None if entries else block_ms)
                 for _stream, items in reply or []:
                     entries.extend(_entry(i, f) for i, f in items)
+            self._unacked = bool(entries)
             return entries
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis restarted without persistence: recreate and carry on
@@ -205,11 +212,13 @@ class StreamConsumer:
     async def ack(self, ids: Sequence[str]) -> None:
         if ids:
             await self.r.xack(self.stream, self.group, *ids)
+        self._unacked = False
 
     async def write_and_ack(self, ids: Sequence[str], outputs: Iterable[tuple[str, bytes]],
-                            extra: Callable[[aioredis.client.Pipeline], None] | None = None) -> None:
+                            extra: Callable[[aioredis.client.Pipeline], None] | None = None) -> list:
         """XADD every output and XACK the inputs in one transaction: either the outputs
-        exist and the inputs are acked, or neither (the inputs get reclaimed)."""
+        exist and the inputs are acked, or neither (the inputs get reclaimed). Returns the
+        replies: the XADDs', then ``extra``'s commands', then the XACK's."""
         async with self.r.pipeline(transaction=True) as pipe:
             for stream, payload in outputs:
                 pipe.xadd(stream, {ENTRY_FIELD: payload})
@@ -217,7 +226,9 @@ class StreamConsumer:
                 extra(pipe)
             if ids:
                 pipe.xack(self.stream, self.group, *ids)
-            await pipe.execute()
+            replies = await pipe.execute()
+        self._unacked = False
+        return replies
 
     @contextlib.asynccontextmanager
     async def keep_claimed(self, ids: Sequence[str]):

@@ -249,13 +249,13 @@ class Router:
             results.append((c, FinalResult(c.job_id, c.status, c.image, c.image_format, c.answered_by, c.model,
                                            c.confidence, c.degraded, latency, slo_met, c.error_code,
                                            c.error_message, finished)))
-        async with self.r.pipeline(transaction=True) as pipe:
+        def deliver(pipe):
             for c, result in results:
                 self._deliver(pipe, result, c.reply_to)
             for dead in bad_ids:
                 pipe.xadd(self.keys.dead_letters, {"m": dead.encode()}, maxlen=10000, approximate=True)
-            pipe.xack(self.keys.completions, "router", *[e.id for e in entries])
-            replies = await pipe.execute()
+
+        replies = await self.completions.write_and_ack([e.id for e in entries], [], deliver)
         outcomes = {"slo_hit": 0, "slo_miss": 0}
         for (c, result), fresh in zip(results, replies):
             if not fresh:

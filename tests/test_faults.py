@@ -247,3 +247,27 @@ def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_fli
     assert bad.error_code == "invalid_request"
     assert good.status == "ok"
     assert sorted(a.status if a.status == "ok" else a.error_code for a in answers) == ["duplicate_job_id", "ok"]
+
+
+def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for_the_reclaim_time(tmp_path):
+    """Default reclaim times (workers 15 s, router 10 s): a batch whose write failed during the
+    outage is taken up again by its own consumer as soon as Redis is back."""
+    server = RedisServer(appendonly=True).start()
+    prompts = load_prompts()[:40]
+    try:
+        spec = StackSpec(redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.1)
+        with LocalStack(spec, str(tmp_path / "logs")):
+            async def scenario():
+                async with Client(redis_url=server.url) as client:
+                    tasks = [asyncio.create_task(client.submit(p, timeout=180)) for p in prompts]
+                    await asyncio.sleep(0.3)  # batches on the GPUs now
+                    await asyncio.to_thread(server.restart, 1.0)
+                    back = time.monotonic()
+                    results = await asyncio.gather(*tasks)
+                    return results, time.monotonic() - back
+
+            results, after_restart_s = asyncio.run(scenario())
+        assert [r.status for r in results] == ["ok"] * len(prompts)
+        assert after_restart_s < 8, after_restart_s
+    finally:
+        server.stop()
