@@ -281,7 +281,8 @@ async def trim_processed(r: aioredis.Redis, stream: str) -> int:
         candidate = next_id(_s(g["last-delivered-id"]))
         if int(g["pending"]):
             summary = await r.xpending(stream, g["name"])
-            candidate = min(candidate, _s(summary["min"]), key=_id_key)
+            if summary["min"] is not None:  # None: acked since XINFO GROUPS looked
+                candidate = min(candidate, _s(summary["min"]), key=_id_key)
         keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
     return int(await r.xtrim(stream, minid=keep_from, approximate=False))
 

@@ -158,3 +158,25 @@ def test_a_poison_entry_is_counted_across_restarts_under_the_same_name(redis_ser
         await r.aclose()
 
     _run(go())
+
+
+def test_trim_survives_a_pending_list_that_empties_between_its_two_reads(redis_server):
+    """XINFO GROUPS says 'pending: 1', the entry is acked, then XPENDING finds nothing."""
+    async def go():
+        taken: list[str] = []
+
+        class AckBetween(aioredis.Redis):
+            async def xpending(self, name, groupname):
+                await self.xack(name, groupname, *taken)
+                return await super().xpending(name, groupname)
+
+        r = AckBetween.from_pool(connect(RedisSettings(redis_url=redis_server.url)).connection_pool)
+        c = StreamConsumer(r, "s", "g", "c1")
+        await c.ensure_group()
+        await add(r, "s", b"p0")
+        taken += [e.id for e in await c.read(1, block_ms=100)]
+        removed = await trim_processed(r, "s")
+        await r.aclose()
+        return removed
+
+    assert _run(go()) == 1
