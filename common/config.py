@@ -59,6 +59,17 @@ class RedisSettings:
     redis_tls_key: str | None = option(None, "client key for mutual TLS", env="REDIS_TLS_KEY")
     namespace: str = option("diffserve", "prefix of every Redis key and stream", env="DIFFSERVE_NAMESPACE")
 
+    def __post_init__(self):
+        self.check_tls()
+
+    def check_tls(self) -> None:
+        """TLS files with a redis:// URL would be ignored and the connection left in clear text."""
+        given = [name for name, value in (("REDIS_TLS_CA", self.redis_tls_ca), ("REDIS_TLS_CERT", self.redis_tls_cert),
+                                          ("REDIS_TLS_KEY", self.redis_tls_key)) if value]
+        if given and not self.redis_url.startswith("rediss://"):
+            raise ValueError(f"{', '.join(given)} set but REDIS_URL is not rediss://: use rediss:// for TLS "
+                             "or drop the TLS settings")
+
 
 @dataclass
 class ServiceConfig(RedisSettings):
@@ -71,6 +82,7 @@ class ServiceConfig(RedisSettings):
     instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.instance_id:
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
 
@@ -107,7 +119,10 @@ class ServiceConfig(RedisSettings):
                 if choices and value not in choices:
                     raise SystemExit(f"{_env_name(f)}={value!r}: choose one of {', '.join(choices)}")
                 kwargs[f.name] = value
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:  # a setting that contradicts another: one line, not a traceback
+            raise SystemExit(f"{cls.__name__}: {exc}") from None
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, prog: str | None = None):

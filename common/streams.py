@@ -55,6 +55,7 @@ def connect(settings: RedisSettings, *, client_name: str | None = None) -> aiore
     kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S, "socket_keepalive": True, "health_check_interval": 15,
                     "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
                     "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+    settings.check_tls()  # a Client may have changed the URL after its settings were made
     if settings.redis_username:
         kwargs["username"] = settings.redis_username
     if settings.redis_password:
