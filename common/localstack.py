@@ -136,6 +136,7 @@ class LocalStack:
 
             env["DIFFSERVE_SLO_MS"] = f"{cascade(self.spec.cascade).slo_ms * self.spec.time_scale:g}"
         if self._next_metrics_port:
+            env.setdefault("METRICS_ADDR", "127.0.0.1")  # a local stack: nothing to serve to other hosts
             env["METRICS_PORT"] = str(self._next_metrics_port)
             self._next_metrics_port += 1
         return env

@@ -4,6 +4,7 @@ Every test asserts that no accepted job is lost or answered twice."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 
@@ -271,3 +272,16 @@ def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for
         assert after_restart_s < 8, after_restart_s
     finally:
         server.stop()
+
+
+def test_a_local_stack_serves_metrics_on_loopback_only(redis_server, tmp_path):
+    """diffserve up / demo / loadtest stacks are local: their metrics ports must not listen on every interface."""
+    from common.localstack import free_port
+
+    base = free_port()
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=0, metrics_base_port=base)
+    with LocalStack(spec, str(tmp_path / "logs")):
+        listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+    local = {line.split()[3] for line in listening.splitlines()}
+    ours = {addr for addr in local if addr.rsplit(":", 1)[1] in {str(base + i) for i in range(3)}}
+    assert ours == {f"127.0.0.1:{base + i}" for i in range(3)}, ours
