@@ -78,6 +78,9 @@ class ServiceConfig(RedisSettings):
     metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
     metrics_addr: str = option("0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)",
                                env="METRICS_ADDR")
+    clock_skew_ms: float = option(0.0, "how far clocks of different hosts may differ (NTP keeps it small); a "
+                                  "stage checking a deadline another host set treats it as this much earlier",
+                                  env="DIFFSERVE_CLOCK_SKEW_MS")
     log_level: str = option("INFO", "log level", env="LOG_LEVEL")
     instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
 

@@ -151,7 +151,7 @@ class Worker:
         now, batch_ms = now_ms(), self.estimate_ms(len(jobs))
         on_time, late = [], []
         for job in jobs:
-            if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms):
+            if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
             elif job.light_image is not None:
                 late.append((self.keys.completions, Completion.answer(

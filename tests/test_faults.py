@@ -285,3 +285,26 @@ def test_a_local_stack_serves_metrics_on_loopback_only(redis_server, tmp_path):
     local = {line.split()[3] for line in listening.splitlines()}
     ours = {addr for addr in local if addr.rsplit(":", 1)[1] in {str(base + i) for i in range(3)}}
     assert ours == {f"127.0.0.1:{base + i}" for i in range(3)}, ours
+
+
+@pytest.mark.parametrize("skew_ms, answered_by", [(0, "heavy"), (60_000, "light")])
+def test_a_heavy_worker_allows_for_the_configured_clock_skew(redis_server, tmp_path, skew_ms, answered_by):
+    """A deadline stamped by the router's clock, 20 s ahead: the heavy worker runs the job; told that
+    clocks may differ by 60 s (DIFFSERVE_CLOCK_SKEW_MS), it answers with the light image instead."""
+    from common.service import now_ms
+    from common.streams import add
+
+    spec = StackSpec(redis_url=redis_server.url, light_workers=0, heavy_workers=1, time_scale=0.01,
+                     env={"DIFFSERVE_LATE_POLICY": "light", "DIFFSERVE_CLOCK_SKEW_MS": str(skew_ms)})
+    with LocalStack(spec, str(tmp_path / "logs")):
+        now = now_ms()
+        job = RoutedJob("skew-1", "a lighthouse", now, now + 20_000, 1, light_image=b"light-png",
+                        light_image_format="png", confidence=0.1)
+
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                await add(client.redis, KEYS.heavy_queue, job.encode())
+                return await client.wait_result("skew-1", timeout=30)
+
+        result = asyncio.run(scenario())
+    assert result.status == "ok" and result.answered_by == answered_by and result.degraded == (skew_ms > 0)
