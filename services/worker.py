@@ -4,6 +4,7 @@ model, writes the outputs and acks; switches role (light <-> heavy) when the pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -16,10 +17,11 @@ from common.plan_store import PlanWatcher
 from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids, split_batch
-from common.streams import StreamConsumer, run_forever
+from common.streams import TRANSIENT_ERRORS, StreamConsumer, run_forever
 
 ROLES = ("light", "heavy")
 DEFAULT_THUMBNAIL_SIZE = 224  # EfficientNet-V2-S input size
+CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -200,7 +202,10 @@ class Worker:
         return outputs
 
     async def close(self) -> None:
-        await self.r.zrem(self.keys.workers, self.id)
+        # Deregistering is a courtesy (the controller stops counting a worker whose heartbeat stops):
+        # a hung Redis must not keep a SIGTERMed worker alive.
+        with contextlib.suppress(asyncio.TimeoutError, *TRANSIENT_ERRORS):
+            await asyncio.wait_for(self.r.zrem(self.keys.workers, self.id), CLOSE_TIMEOUT_S)
         self.encoder.close()
 
 

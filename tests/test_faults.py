@@ -308,3 +308,27 @@ def test_a_heavy_worker_allows_for_the_configured_clock_skew(redis_server, tmp_p
 
         result = asyncio.run(scenario())
     assert result.status == "ok" and result.answered_by == answered_by and result.degraded == (skew_ms > 0)
+
+
+def test_worker_shutdown_does_not_hang_on_a_hung_redis(redis_server):
+    """Redis stops answering (SIGSTOP) while a worker shuts down: deregistering is bounded."""
+    import os
+    import signal
+
+    from common.service import Service
+    from services.worker import Worker, WorkerConfig
+
+    async def go():
+        svc = Service("worker", WorkerConfig(redis_url=redis_server.url, instance_id="w-hang"))
+        worker = Worker(svc)
+        await svc.redis.ping()
+        pid = int(redis_server.pidfile.read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            await asyncio.wait_for(worker.close(), 8)
+            return time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    assert asyncio.run(go()) < 4
