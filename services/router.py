@@ -30,7 +30,9 @@ DELIVER_ONCE = """
 if ARGV[5] == '0' or redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
   if ARGV[3] == 'stream' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    -- A client's reply stream: a short-lived answer must not shorten the life of the others.
+    redis.call('EXPIRE', KEYS[2], ARGV[2], 'NX')
+    redis.call('EXPIRE', KEYS[2], ARGV[2], 'GT')
   else
     redis.call('RPUSH', KEYS[2], ARGV[1])
     redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -56,6 +58,8 @@ class RouterConfig(ServiceConfig, BackendSettings):
     max_light_backlog: int = option(5000, "light-queue backlog above which new jobs are refused as overloaded",
                                     env="DIFFSERVE_MAX_LIGHT_BACKLOG")
     result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
+    refused_ttl_s: int = option(300, "how long the answer to a job refused before admission is kept",
+                                env="DIFFSERVE_REFUSED_TTL_S")
     reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
     batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
     reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead router",
@@ -72,6 +76,9 @@ def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
             raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes")
         body = unpack(entry.payload)
     elif entry.fields:  # plain XADD fields, e.g. from redis-cli
+        if sum(len(k) + len(v) for k, v in entry.fields.items()) > cfg.max_entry_bytes:
+            job_id = entry.fields.get(b"job_id", b"").decode("utf-8", "replace")
+            raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes", job_id)
         body = {}
         for raw_key, raw_value in entry.fields.items():
             key = raw_key.decode("utf-8", "replace")
@@ -156,7 +163,8 @@ class Router:
                     raise MessageError(E_OVERLOADED, "overloaded: the light queue is full, retry later", job.job_id)
             except MessageError as exc:
                 metrics.ERRORS.labels("router", exc.code).inc()
-                if exc.job_id:
+                # Only a valid id may name a key (result list, reply): anything else is a dead letter.
+                if exc.job_id and JOB_ID_RE.match(exc.job_id):
                     reply_to = _reply_to_of(entry, self.keys.reply_prefix)
                     errors.append((reply_to, FinalResult(exc.job_id, "error", error_code=exc.code,
                                                          error_message=str(exc), finished_ms=arrival)))
@@ -226,7 +234,8 @@ class Router:
     def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
-        pipe.eval(DELIVER_ONCE, 2, self.keys.done(result.job_id), target, result.encode(), self.cfg.result_ttl_s,
+        ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
+        pipe.eval(DELIVER_ONCE, 2, self.keys.done(result.job_id), target, result.encode(), ttl,
                   mode, self.cfg.reply_maxlen, "1" if admitted else "0")
 
     async def deliver_batch(self) -> None:

@@ -332,3 +332,30 @@ def test_worker_shutdown_does_not_hang_on_a_hung_redis(redis_server):
             os.kill(pid, signal.SIGCONT)
 
     assert asyncio.run(go()) < 4
+
+
+def test_refused_entries_leave_no_big_keys_and_little_short_lived_bookkeeping(redis_server, tmp_path):
+    """A 1 MB job id in plain fields (prompt missing) must not become a key name; an oversized plain
+    entry is refused by size; a refused job's answer lives for the short refused TTL, with no marker."""
+    r = redis.Redis.from_url(redis_server.url)
+    spec = StackSpec(redis_url=redis_server.url, light_workers=0, heavy_workers=0,
+                     env={"DIFFSERVE_REFUSED_TTL_S": "60"})
+    with LocalStack(spec, str(tmp_path / "logs")):
+        r.xadd(KEYS.jobs, {"job_id": "x" * 1_000_000})
+        r.xadd(KEYS.jobs, {"job_id": "big-1", "prompt": "p", "padding": "y" * 1_000_000})
+        r.xadd(KEYS.jobs, {"job_id": "bad-1", "prompt": "p", "image_format": "tiff"})
+        big = r.blpop([KEYS.result("big-1")], timeout=10)
+        deadline = time.monotonic() + 10
+        while not r.exists(KEYS.result("bad-1")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < r.ttl(KEYS.result("bad-1")) <= 60
+        bad = r.blpop([KEYS.result("bad-1")], timeout=1)
+        names = [k for k in r.scan_iter(count=1000)]
+    from common.messages import FinalResult
+
+    assert FinalResult.decode(big[1]).error_code == "invalid_request"
+    assert "larger than" in FinalResult.decode(big[1]).error_message
+    assert FinalResult.decode(bad[1]).error_code == "invalid_request"
+    assert max(len(k) for k in names) < 200, max(len(k) for k in names)
+    assert not [k for k in names if k.startswith(KEYS.done_prefix.encode())]
+    assert r.xlen(KEYS.dead_letters) == 1
