@@ -24,22 +24,27 @@ from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
-# so a completion retried after a crash can never produce a second result. ARGV[5] '0': an answer
-# to a job that was never admitted (refused); it sets no marker, so the client may retry the id.
+# so a completion retried after a crash can never produce a second result. ARGV[5] '0': the answer
+# to a job refused before admission. It is always delivered, and leaves a short-lived marker (which
+# the gateway reads as "out of flight") only when no job with this id is in flight (KEYS[3]); an
+# admitted retry under the same id deletes that marker in its admission transaction.
 DELIVER_ONCE = """
-if ARGV[5] == '0' or redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
-  if ARGV[3] == 'stream' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
-    -- A client's reply stream: a short-lived answer must not shorten the life of the others.
-    redis.call('EXPIRE', KEYS[2], ARGV[2], 'NX')
-    redis.call('EXPIRE', KEYS[2], ARGV[2], 'GT')
-  else
-    redis.call('RPUSH', KEYS[2], ARGV[1])
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
-  end
-  return 1
+local admitted = ARGV[5] == '1'
+if admitted then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+elseif redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SET', KEYS[1], '0', 'EX', ARGV[2])
 end
-return 0
+if ARGV[3] == 'stream' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
+  -- A client's reply stream: a short-lived answer must not shorten the life of the others.
+  redis.call('EXPIRE', KEYS[2], ARGV[2], 'NX')
+  redis.call('EXPIRE', KEYS[2], ARGV[2], 'GT')
+else
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
 """
 
 QUEUE_POLL_S = 0.5
@@ -207,12 +212,16 @@ class Router:
                 outputs.append((self.keys.light_queue, routed.encode()))
                 self.light_backlog += 1
 
+        admitted_ids = [job.job_id for entry_id, job in jobs if entry_id not in duplicates]
+
         def deliver_errors(pipe):
             for reply_to, message in errors:
                 if isinstance(message, DeadLetter):
                     pipe.xadd(self.keys.dead_letters, {"m": message.encode()}, maxlen=10000, approximate=True)
                 else:  # refused before admission: the id stays free for a retry
                     self._deliver(pipe, message, reply_to, admitted=False)
+            for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
+                pipe.delete(self.keys.done(job_id))
 
         await self.jobs.write_and_ack([e.id for e in entries], outputs, deliver_errors)
         metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
@@ -235,8 +244,8 @@ class Router:
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
-        pipe.eval(DELIVER_ONCE, 2, self.keys.done(result.job_id), target, result.encode(), ttl,
-                  mode, self.cfg.reply_maxlen, "1" if admitted else "0")
+        pipe.eval(DELIVER_ONCE, 3, self.keys.done(result.job_id), target, self.keys.admitted(result.job_id),
+                  result.encode(), ttl, mode, self.cfg.reply_maxlen, "1" if admitted else "0")
 
     async def deliver_batch(self) -> None:
         entries = await self.completions.read(self.cfg.batch, block_ms=1000)
