@@ -52,8 +52,8 @@ def connect(settings: RedisSettings, *, client_name: str | None = None) -> aiore
     well under ``SOCKET_TIMEOUT_S``, so a hung Redis still surfaces as an error."""
     # A stale pooled connection (after a Redis restart) is retried on a fresh one a few times;
     # longer outages surface as errors that run_forever rides out with its own backoff.
-    kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S, "socket_keepalive": True, "health_check_interval": 15,
-                    "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+    kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S, "socket_keepalive": True,
+                    "health_check_interval": 15, "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
                     "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
     settings.check_tls()  # a Client may have changed the URL after its settings were made
     if settings.redis_username:
