@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from common.config import Keys, RedisSettings
 from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
-from common.streams import TRANSIENT_ERRORS, add, connect
+from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, add, connect
 
+log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 200  # also how long close() may wait for the reader
+BLPOP_PIECE_S = SOCKET_TIMEOUT_S / 2  # one BLPOP must return before the socket timeout fires
 
 
 class Client:
-    def __init__(self, settings: RedisSettings | None = None, *, redis_url: str | None = None):
+    def __init__(self, settings: RedisSettings | None = None, *, redis_url: str | None = None,
+                 max_unclaimed: int = 10_000):
+        """``max_unclaimed``: results nobody awaits that are kept for ``results()``; past it the
+        oldest are dropped (counted in ``dropped``)."""
         settings = settings or RedisSettings()
         if redis_url:
             settings.redis_url = redis_url
@@ -37,7 +44,12 @@ class Client:
         self.reply_stream = f"{self.keys.reply_prefix}{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
-        self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue()
+        self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
+        # Answers still owed per job id put on our reply stream: anything else there was forged
+        # (or a duplicate) by someone who can write the stream, and is dropped.
+        self._owed: Counter[str] = Counter()
+        self.dropped = 0  # unclaimed results dropped because nobody read them
+        self.rejected = 0  # results for job ids this client did not submit
         self._reader: asyncio.Task | None = None
         self._closing = False
 
@@ -70,6 +82,7 @@ class Client:
         job = Job(job_id or new_job_id(), prompt, slo_ms, seed, image_format, image_quality, reply_to,
                   time.time() * 1000, cascade, partials=partials, prompt_index=prompt_index)
         if reply_to == self.reply_stream:
+            self._owed[job.job_id] += 1
             self._start_reader()
         await add(self.redis, self.keys.jobs, job.encode())
         return job.job_id
@@ -109,9 +122,13 @@ class Client:
             yield await self._unclaimed.get()
 
     async def wait_result(self, job_id: str, timeout: float = 120.0) -> FinalResult | None:
-        """For jobs pushed without reply_to: BLPOP the job's result list."""
-        reply = await self.redis.blpop([self.keys.result(job_id)], timeout=timeout)
-        return FinalResult.decode(reply[1]) if reply else None
+        """For jobs pushed without reply_to: BLPOP the job's result list; None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await self.redis.blpop([self.keys.result(job_id)], timeout=min(left, BLPOP_PIECE_S))
+            if reply:
+                return FinalResult.decode(reply[1])
+        return None
 
     def _start_reader(self) -> None:
         if self._reader is None:
@@ -139,8 +156,24 @@ class Client:
                         result = FinalResult.from_dict(body)
                     except (MessageError, KeyError):
                         continue
-                    future = self._waiting.get(result.job_id)
-                    if future is not None and not future.done():
-                        future.set_result(result)
-                    else:
-                        self._unclaimed.put_nowait(result)
+                    self._accept(result)
+
+    def _accept(self, result: FinalResult) -> None:
+        if self._owed[result.job_id] <= 0:
+            del self._owed[result.job_id]
+            self.rejected += 1
+            log.warning("dropped a result for a job this client did not submit", extra={"job_id": result.job_id[:128]})
+            return
+        self._owed[result.job_id] -= 1
+        if not self._owed[result.job_id]:
+            del self._owed[result.job_id]
+        future = self._waiting.get(result.job_id)
+        if future is not None and not future.done():
+            future.set_result(result)
+            return
+        if self._unclaimed.full():
+            self._unclaimed.get_nowait()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("unclaimed results dropped: nobody reads results()", extra={"dropped": self.dropped})
+        self._unclaimed.put_nowait(result)

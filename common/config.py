@@ -59,6 +59,17 @@ class RedisSettings:
     redis_tls_key: str | None = option(None, "client key for mutual TLS", env="REDIS_TLS_KEY")
     namespace: str = option("diffserve", "prefix of every Redis key and stream", env="DIFFSERVE_NAMESPACE")
 
+    def __post_init__(self):
+        self.check_tls()
+
+    def check_tls(self) -> None:
+        """TLS files with a redis:// URL would be ignored and the connection left in clear text."""
+        given = [name for name, value in (("REDIS_TLS_CA", self.redis_tls_ca), ("REDIS_TLS_CERT", self.redis_tls_cert),
+                                          ("REDIS_TLS_KEY", self.redis_tls_key)) if value]
+        if given and not self.redis_url.startswith("rediss://"):
+            raise ValueError(f"{', '.join(given)} set but REDIS_URL is not rediss://: use rediss:// for TLS "
+                             "or drop the TLS settings")
+
 
 @dataclass
 class ServiceConfig(RedisSettings):
@@ -67,10 +78,14 @@ class ServiceConfig(RedisSettings):
     metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
     metrics_addr: str = option("0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)",
                                env="METRICS_ADDR")
+    clock_skew_ms: float = option(0.0, "how far clocks of different hosts may differ (NTP keeps it small); a "
+                                  "stage checking a deadline another host set treats it as this much earlier",
+                                  env="DIFFSERVE_CLOCK_SKEW_MS")
     log_level: str = option("INFO", "log level", env="LOG_LEVEL")
     instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.instance_id:
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
 
@@ -107,7 +122,10 @@ class ServiceConfig(RedisSettings):
                 if choices and value not in choices:
                     raise SystemExit(f"{_env_name(f)}={value!r}: choose one of {', '.join(choices)}")
                 kwargs[f.name] = value
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:  # a setting that contradicts another: one line, not a traceback
+            raise SystemExit(f"{cls.__name__}: {exc}") from None
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, prog: str | None = None):
@@ -133,6 +151,7 @@ class Keys:
         self.worker_info_prefix = f"{ns}:worker:"  # hash per worker
         self.stats = f"{ns}:stats"  # hash of counters the controller reads
         self.done_prefix = f"{ns}:done:"
+        self.admitted_prefix = f"{ns}:admitted:"  # job id -> the jobs-stream entry that was admitted under it
         self.result_prefix = f"{ns}:result:"
         self.reply_prefix = f"{ns}:reply:"  # clients' own reply streams
         self.cancel_prefix = f"{ns}:cancel:"  # set by a client to cancel a job that has not started
@@ -146,6 +165,9 @@ class Keys:
 
     def done(self, job_id: str) -> str:
         return self.done_prefix + job_id
+
+    def admitted(self, job_id: str) -> str:
+        return self.admitted_prefix + job_id
 
     def result(self, job_id: str) -> str:
         return self.result_prefix + job_id

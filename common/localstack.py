@@ -104,6 +104,26 @@ class StackSpec:
     gateway_args: list[str] = field(default_factory=list)
 
 
+# Run as ``python -c WATCHDOG PIDFILE`` with a pipe from the stack's process on stdin. The pipe
+# closes when that process exits in any way (SIGKILL included; the stack never closes it itself),
+# and the watchdog then stops every pid the stack listed. A parent-death signal (PR_SET_PDEATHSIG)
+# would fire when the starting *thread* ends, and redis-server daemonizes; this covers both.
+WATCHDOG = """
+import os, signal, sys, time
+sys.stdin.buffer.read()
+pids = [int(p) for p in open(sys.argv[1]).read().split()]
+for sig, pause in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + pause
+    while time.monotonic() < end and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.1)
+"""
+
+
 class LocalStack:
     def __init__(self, spec: StackSpec, log_dir: str | None = None):
         self.spec = spec
@@ -115,6 +135,7 @@ class LocalStack:
         self._commands: dict[str, list[str]] = {}
         self._log_offsets: dict[str, int] = {}
         self._next_metrics_port = spec.metrics_base_port
+        self._watchdog: subprocess.Popen | None = None
 
     def __enter__(self) -> "LocalStack":
         return self.start()
@@ -136,6 +157,7 @@ class LocalStack:
 
             env["DIFFSERVE_SLO_MS"] = f"{cascade(self.spec.cascade).slo_ms * self.spec.time_scale:g}"
         if self._next_metrics_port:
+            env.setdefault("METRICS_ADDR", "127.0.0.1")  # a local stack: nothing to serve to other hosts
             env["METRICS_PORT"] = str(self._next_metrics_port)
             self._next_metrics_port += 1
         return env
@@ -151,12 +173,22 @@ class LocalStack:
         proc = subprocess.Popen(self._commands[name], env=self._env(name), stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parent.parent)
         self.procs[name] = proc
+        self._watch(proc.pid)
         return proc
+
+    def _watch(self, pid: int) -> None:
+        """Have the watchdog stop ``pid`` should this process die without stopping the stack."""
+        if self._watchdog is None:
+            self._watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(self.log_dir / "stack.pids")],
+                                              stdin=subprocess.PIPE, start_new_session=True)
+        with open(self.log_dir / "stack.pids", "a") as fh:
+            fh.write(f"{pid}\n")
 
     def start(self, ready_timeout: float = 120.0) -> "LocalStack":
         if not self.redis_url:
             self.redis = RedisServer().start()
             self.redis_url = self.redis.url
+            self._watch(int(self.redis.pidfile.read_text()))
         self.spawn("router", "router")
         self.spawn("discriminator", "discriminator")
         for i in range(self.spec.light_workers):
@@ -215,3 +247,8 @@ class LocalStack:
                 proc.wait()
         if self.redis:
             self.redis.stop()
+        if self._watchdog:  # everything is stopped: let it exit with nothing left to do
+            (self.log_dir / "stack.pids").write_text("")
+            self._watchdog.stdin.close()
+            self._watchdog.wait()
+            self._watchdog = None

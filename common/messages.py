@@ -40,6 +40,7 @@ E_DEADLINE = "deadline_exceeded"
 E_MODEL = "model_error"
 E_UNKNOWN_MODEL = "unknown_model"
 E_INTERNAL = "internal_error"
+E_DUPLICATE = "duplicate_job_id"  # a job with this id was admitted within the result TTL (in flight or answered)
 E_CANCELLED = "cancelled"  # status and code of a job its client cancelled before it ran
 
 IMAGE_FORMATS = ("png", "webp", "jpeg")

@@ -34,9 +34,11 @@ def heavy_queue_wait_ms(backlog: int, workers: int, batch: int, batch_ms: float)
     return max(0, backlog) * batch_ms / (workers * max(1, batch))
 
 
-def finishes_in_time(now_ms: float, deadline_ms: float, queue_wait_ms: float, batch_ms: float) -> bool:
-    """The deadline rule: starting after ``queue_wait_ms`` and taking ``batch_ms``, is it done by the deadline?"""
-    return now_ms + queue_wait_ms + batch_ms <= deadline_ms
+def finishes_in_time(now_ms: float, deadline_ms: float, queue_wait_ms: float, batch_ms: float,
+                     skew_ms: float = 0.0) -> bool:
+    """The deadline rule: starting after ``queue_wait_ms`` and taking ``batch_ms``, is it done by the deadline?
+    ``skew_ms``: how far this host's clock may lag the one that set the deadline (DIFFSERVE_CLOCK_SKEW_MS)."""
+    return now_ms + skew_ms + queue_wait_ms + batch_ms <= deadline_ms
 
 
 @dataclass
@@ -53,8 +55,8 @@ class HeavyStage:
     def wait_ms(self) -> float:
         return heavy_queue_wait_ms(self.backlog, self.workers, self.batch, self.batch_ms)
 
-    def on_time(self, now_ms: float, deadline_ms: float) -> bool:
-        return finishes_in_time(now_ms, deadline_ms, self.wait_ms(), self.batch_ms)
+    def on_time(self, now_ms: float, deadline_ms: float, skew_ms: float = 0.0) -> bool:
+        return finishes_in_time(now_ms, deadline_ms, self.wait_ms(), self.batch_ms, skew_ms)
 
     def admit(self) -> None:
         self.backlog += 1

@@ -30,6 +30,10 @@ from common.messages import ENTRY_FIELD
 
 log = logging.getLogger(__name__)
 
+# Every command, blocking ones included, must answer within this; longer waits (a client's BLPOP) are
+# split into pieces shorter than it. Without it redis-py's default (5 s) applies.
+SOCKET_TIMEOUT_S = 10.0
+
 # Errors after which the same command may succeed once Redis is back.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
@@ -44,13 +48,14 @@ PIPELINE_GROUPS = (
 
 
 def connect(settings: RedisSettings, *, client_name: str | None = None) -> aioredis.Redis:
-    """A client for ``settings``; TLS when the URL is ``rediss://``. No socket timeout:
-    blocking reads are bounded by their BLOCK argument instead."""
+    """A client for ``settings``; TLS when the URL is ``rediss://``. Blocking reads use a BLOCK
+    well under ``SOCKET_TIMEOUT_S``, so a hung Redis still surfaces as an error."""
     # A stale pooled connection (after a Redis restart) is retried on a fresh one a few times;
     # longer outages surface as errors that run_forever rides out with its own backoff.
-    kwargs: dict = {"socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 15,
-                    "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+    kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S, "socket_keepalive": True,
+                    "health_check_interval": 15, "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
                     "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+    settings.check_tls()  # a Client may have changed the URL after its settings were made
     if settings.redis_username:
         kwargs["username"] = settings.redis_username
     if settings.redis_password:
@@ -144,6 +149,7 @@ class StreamConsumer:
         self.max_deliveries = max_deliveries
         self._reclaim_cursor = "0-0"
         self._resume_own = True  # after a restart under the same name, first finish our own pending entries
+        self._unacked = False  # the last batch read has not been acked yet
         self._next_reclaim = 0.0
 
     async def ensure_group(self) -> None:
@@ -151,13 +157,18 @@ class StreamConsumer:
 
     async def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
         """Up to ``count`` entries: first any reclaimed from dead consumers, then new ones."""
+        if self._unacked:
+            # The last batch was never acked (a Redis outage or a failed step): it is still pending on
+            # us, so take it up again now instead of waiting reclaim_idle_ms for XAUTOCLAIM.
+            self._resume_own = True
         try:
             if self._resume_own:
                 reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
                 own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
                 if own:
-                    for e in own:
-                        e.deliveries = 2
+                    # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
+                    await self._set_deliveries(own)
+                    self._unacked = True
                     return own  # acked ones leave the pending list, so reading "0" again moves on
                 self._resume_own = False
             entries = []
@@ -170,6 +181,7 @@ class StreamConsumer:
                                                 count=count - len(entries), block=None if entries else block_ms)
                 for _stream, items in reply or []:
                     entries.extend(_entry(i, f) for i, f in items)
+            self._unacked = bool(entries)
             return entries
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis restarted without persistence: recreate and carry on
@@ -186,22 +198,28 @@ class StreamConsumer:
         self._reclaim_cursor = _s(cursor)
         entries = [_entry(i, f) for i, f in claimed if f is not None]
         if entries:
-            pending = await self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
-                                                  count=len(entries) * 2, consumername=self.consumer)
-            counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-            for e in entries:
-                e.deliveries = counts.get(e.id, 2)
+            await self._set_deliveries(entries)
             log.info("reclaimed entries", extra={"stream": self.stream, "count": len(entries)})
         return entries
+
+    async def _set_deliveries(self, entries: list[Entry]) -> None:
+        """Redis's own times-delivered counter (XPENDING) for entries now pending on this consumer."""
+        pending = await self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
+                                              count=len(entries) * 2, consumername=self.consumer)
+        counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        for e in entries:
+            e.deliveries = counts.get(e.id, 2)
 
     async def ack(self, ids: Sequence[str]) -> None:
         if ids:
             await self.r.xack(self.stream, self.group, *ids)
+        self._unacked = False
 
     async def write_and_ack(self, ids: Sequence[str], outputs: Iterable[tuple[str, bytes]],
-                            extra: Callable[[aioredis.client.Pipeline], None] | None = None) -> None:
+                            extra: Callable[[aioredis.client.Pipeline], None] | None = None) -> list:
         """XADD every output and XACK the inputs in one transaction: either the outputs
-        exist and the inputs are acked, or neither (the inputs get reclaimed)."""
+        exist and the inputs are acked, or neither (the inputs get reclaimed). Returns the
+        replies: the XADDs', then ``extra``'s commands', then the XACK's."""
         async with self.r.pipeline(transaction=True) as pipe:
             for stream, payload in outputs:
                 pipe.xadd(stream, {ENTRY_FIELD: payload})
@@ -209,7 +227,9 @@ class StreamConsumer:
                 extra(pipe)
             if ids:
                 pipe.xack(self.stream, self.group, *ids)
-            await pipe.execute()
+            replies = await pipe.execute()
+        self._unacked = False
+        return replies
 
     @contextlib.asynccontextmanager
     async def keep_claimed(self, ids: Sequence[str]):
@@ -262,7 +282,8 @@ async def trim_processed(r: aioredis.Redis, stream: str) -> int:
         candidate = next_id(_s(g["last-delivered-id"]))
         if int(g["pending"]):
             summary = await r.xpending(stream, g["name"])
-            candidate = min(candidate, _s(summary["min"]), key=_id_key)
+            if summary["min"] is not None:  # None: acked since XINFO GROUPS looked
+                candidate = min(candidate, _s(summary["min"]), key=_id_key)
         keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
     return int(await r.xtrim(stream, minid=keep_from, approximate=False))
 

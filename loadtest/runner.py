@@ -234,6 +234,7 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
             run.drained = False
         await asyncio.sleep(0.5)  # a duplicate would arrive by now
         run.wall_s = loop.time() - t0
+        run.duplicates += client.rejected  # a second answer for an id: the client drops it, but counts it
         with contextlib.suppress(Exception):
             run.reply_entries = await client.redis.xlen(client.reply_stream)
     finally:

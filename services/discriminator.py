@@ -90,9 +90,10 @@ class Discriminator:
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
             job = result.job
+            on_time = heavy is None or heavy.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms)
             decision = cascade_decision(confidence, threshold, discriminator_routes=plan.discriminator_routes,
                                         degrade_late=degrade_late, fallback=job.routed_by == "fallback",
-                                        on_time=heavy is None or heavy.on_time(now, job.deadline_ms))
+                                        on_time=on_time)
             metrics.ROUTED.labels(decision).inc()
             if decision == Decision.HEAVY:
                 if heavy is not None:

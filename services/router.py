@@ -13,7 +13,7 @@ from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import Keys, ServiceConfig, option
-from common.messages import (E_CANCELLED, E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG,
+from common.messages import (E_CANCELLED, E_DUPLICATE, E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG,
                              E_UNKNOWN_MODEL, IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError,
                              RoutedJob, unpack)
 from common.plan_store import HeavyStageWatcher, PlanWatcher
@@ -24,19 +24,27 @@ from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
-# so a completion retried after a crash can never produce a second result.
+# so a completion retried after a crash can never produce a second result. ARGV[5] '0': the answer
+# to a job refused before admission. It is always delivered, and leaves a short-lived marker (which
+# the gateway reads as "out of flight") only when no job with this id is in flight (KEYS[3]); an
+# admitted retry under the same id deletes that marker in its admission transaction.
 DELIVER_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
-  if ARGV[3] == 'stream' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
-  else
-    redis.call('RPUSH', KEYS[2], ARGV[1])
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
-  end
-  return 1
+local admitted = ARGV[5] == '1'
+if admitted then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+elseif redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SET', KEYS[1], '0', 'EX', ARGV[2])
 end
-return 0
+if ARGV[3] == 'stream' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
+  -- A client's reply stream: a short-lived answer must not shorten the life of the others.
+  redis.call('EXPIRE', KEYS[2], ARGV[2], 'NX')
+  redis.call('EXPIRE', KEYS[2], ARGV[2], 'GT')
+else
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
 """
 
 QUEUE_POLL_S = 0.5
@@ -55,6 +63,8 @@ class RouterConfig(ServiceConfig, BackendSettings):
     max_light_backlog: int = option(5000, "light-queue backlog above which new jobs are refused as overloaded",
                                     env="DIFFSERVE_MAX_LIGHT_BACKLOG")
     result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
+    refused_ttl_s: int = option(300, "how long the answer to a job refused before admission is kept",
+                                env="DIFFSERVE_REFUSED_TTL_S")
     reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
     batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
     reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead router",
@@ -71,6 +81,9 @@ def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
             raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes")
         body = unpack(entry.payload)
     elif entry.fields:  # plain XADD fields, e.g. from redis-cli
+        if sum(len(k) + len(v) for k, v in entry.fields.items()) > cfg.max_entry_bytes:
+            job_id = entry.fields.get(b"job_id", b"").decode("utf-8", "replace")
+            raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes", job_id)
         body = {}
         for raw_key, raw_value in entry.fields.items():
             key = raw_key.decode("utf-8", "replace")
@@ -147,7 +160,7 @@ class Router:
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
         arrival = now_ms()
-        jobs: list[Job] = []
+        jobs: list[tuple[str, Job]] = []  # (jobs-stream entry id, job)
         for entry in entries:
             try:
                 job = parse_job(entry, self.cfg, self.keys)
@@ -155,7 +168,8 @@ class Router:
                     raise MessageError(E_OVERLOADED, "overloaded: the light queue is full, retry later", job.job_id)
             except MessageError as exc:
                 metrics.ERRORS.labels("router", exc.code).inc()
-                if exc.job_id:
+                # Only a valid id may name a key (result list, reply): anything else is a dead letter.
+                if exc.job_id and JOB_ID_RE.match(exc.job_id):
                     reply_to = _reply_to_of(entry, self.keys.reply_prefix)
                     errors.append((reply_to, FinalResult(exc.job_id, "error", error_code=exc.code,
                                                          error_message=str(exc), finished_ms=arrival)))
@@ -163,13 +177,22 @@ class Router:
                     errors.append((None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc),
                                                     (entry.payload or b"")[:4096])))
                 continue
-            jobs.append(job)
-        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
-        for job in jobs:
+            jobs.append((entry.id, job))
+        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
+        for _id, job in jobs:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
                 errors.append((job.reply_to, FinalResult(job.job_id, E_CANCELLED, error_code=E_CANCELLED,
                                                          error_message="cancelled by the client before it ran",
                                                          finished_ms=arrival)))
+        jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
+        duplicates = await self._claim_ids(jobs)
+        for entry_id, job in jobs:
+            if entry_id in duplicates:
+                metrics.ERRORS.labels("router", E_DUPLICATE).inc()
+                errors.append((job.reply_to, FinalResult(
+                    job.job_id, "error", error_code=E_DUPLICATE, finished_ms=arrival,
+                    error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
+                                  "(in flight or answered); use a new id")))
                 continue
             routed = RoutedJob(job.job_id, job.prompt, arrival, arrival + (job.slo_ms or self.default_slo_ms),
                                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
@@ -189,22 +212,40 @@ class Router:
                 outputs.append((self.keys.light_queue, routed.encode()))
                 self.light_backlog += 1
 
+        admitted_ids = [job.job_id for entry_id, job in jobs if entry_id not in duplicates]
+
         def deliver_errors(pipe):
             for reply_to, message in errors:
                 if isinstance(message, DeadLetter):
                     pipe.xadd(self.keys.dead_letters, {"m": message.encode()}, maxlen=10000, approximate=True)
-                else:
-                    self._deliver(pipe, message, reply_to)
+                else:  # refused before admission: the id stays free for a retry
+                    self._deliver(pipe, message, reply_to, admitted=False)
+            for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
+                pipe.delete(self.keys.done(job_id))
 
         await self.jobs.write_and_ack([e.id for e in entries], outputs, deliver_errors)
         metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
 
+    async def _claim_ids(self, jobs: list[tuple[str, Job]]) -> set[str]:
+        """Entry ids whose job id another entry was admitted under (within the result TTL).
+        The marker holds the admitted entry's id, so the same entry read again after a router
+        crash (before its ack) is admitted again, not refused as its own duplicate."""
+        if not jobs:
+            return set()
+        async with self.r.pipeline(transaction=False) as pipe:
+            for entry_id, job in jobs:
+                pipe.set(self.keys.admitted(job.job_id), entry_id, nx=True, get=True, ex=self.cfg.result_ttl_s)
+            owners = await pipe.execute()
+        return {entry_id for (entry_id, _job), owner in zip(jobs, owners)
+                if owner is not None and owner.decode() != entry_id}
+
     # ---------- delivery ----------
-    def _deliver(self, pipe, result: FinalResult, reply_to: str | None) -> None:
+    def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
-        pipe.eval(DELIVER_ONCE, 2, self.keys.done(result.job_id), target, result.encode(), self.cfg.result_ttl_s,
-                  mode, self.cfg.reply_maxlen)
+        ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
+        pipe.eval(DELIVER_ONCE, 3, self.keys.done(result.job_id), target, self.keys.admitted(result.job_id),
+                  result.encode(), ttl, mode, self.cfg.reply_maxlen, "1" if admitted else "0")
 
     async def deliver_batch(self) -> None:
         entries = await self.completions.read(self.cfg.batch, block_ms=1000)
@@ -226,13 +267,13 @@ class Router:
             results.append((c, FinalResult(c.job_id, c.status, c.image, c.image_format, c.answered_by, c.model,
                                            c.confidence, c.degraded, latency, slo_met, c.error_code,
                                            c.error_message, finished)))
-        async with self.r.pipeline(transaction=True) as pipe:
+        def deliver(pipe):
             for c, result in results:
                 self._deliver(pipe, result, c.reply_to)
             for dead in bad_ids:
                 pipe.xadd(self.keys.dead_letters, {"m": dead.encode()}, maxlen=10000, approximate=True)
-            pipe.xack(self.keys.completions, "router", *[e.id for e in entries])
-            replies = await pipe.execute()
+
+        replies = await self.completions.write_and_ack([e.id for e in entries], [], deliver)
         outcomes = {"slo_hit": 0, "slo_miss": 0}
         for (c, result), fresh in zip(results, replies):
             if not fresh:

@@ -4,6 +4,7 @@ model, writes the outputs and acks; switches role (light <-> heavy) when the pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -16,10 +17,11 @@ from common.plan_store import PlanWatcher
 from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids, one_per_input, split_batch
-from common.streams import StreamConsumer, run_forever
+from common.streams import TRANSIENT_ERRORS, StreamConsumer, run_forever
 
 ROLES = ("light", "heavy")
 DEFAULT_THUMBNAIL_SIZE = 224  # EfficientNet-V2-S input size
+CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -151,7 +153,7 @@ class Worker:
         now, batch_ms = now_ms(), self.estimate_ms(len(jobs))
         on_time, late = [], []
         for job in jobs:
-            if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms):
+            if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
             elif job.light_image is not None:
                 late.append((self.keys.completions, Completion.answer(
@@ -201,7 +203,10 @@ class Worker:
         return outputs
 
     async def close(self) -> None:
-        await self.r.zrem(self.keys.workers, self.id)
+        # Deregistering is a courtesy (the controller stops counting a worker whose heartbeat stops):
+        # a hung Redis must not keep a SIGTERMed worker alive.
+        with contextlib.suppress(asyncio.TimeoutError, *TRANSIENT_ERRORS):
+            await asyncio.wait_for(self.r.zrem(self.keys.workers, self.id), CLOSE_TIMEOUT_S)
         self.encoder.close()
 
 

@@ -4,6 +4,7 @@ Every test asserts that no accepted job is lost or answered twice."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 
@@ -195,3 +196,167 @@ def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_ligh
         roomy, tight = asyncio.run(go())
     assert (roomy.answered_by, roomy.degraded) == ("heavy", False)
     assert (tight.status, tight.answered_by, tight.degraded, tight.model) == ("ok", "light", True, "sdturbo")
+
+
+def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_under_the_same_name(
+        redis_server, tmp_path):
+    """Compose restarts a crashed worker under its fixed instance id: the job that crashed it
+    three times (max_deliveries 3) is answered with internal_error and acked, not run again."""
+    r = redis.Redis.from_url(redis_server.url)
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.01,
+                     env={"DIFFSERVE_MAX_DELIVERIES": "3"})
+    with LocalStack(spec, str(tmp_path / "logs")) as stack:
+        stack.kill("worker-0")
+
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                task = asyncio.create_task(client.submit("a poison prompt", timeout=60))
+                taken = []
+                while not taken:  # play the crashed worker-0: take the job, never ack it
+                    await asyncio.sleep(0.05)
+                    taken = r.xreadgroup("workers", "worker-0", {KEYS.light_queue: ">"}, count=1)
+                for _crash in range(2):
+                    r.xreadgroup("workers", "worker-0", {KEYS.light_queue: "0"}, count=1)
+                await asyncio.to_thread(stack.restart, "worker-0")
+                return await task
+
+        result = asyncio.run(scenario())
+    assert result.status == "error" and result.error_code == "internal_error", result
+    assert "4 attempts" in result.error_message
+    assert r.xpending(KEYS.light_queue, "workers")["pending"] == 0
+
+
+def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_flight_is_refused(
+        redis_server, tmp_path):
+    """An error before admission (invalid request, overloaded) does not use up the job id: the
+    client's retry with the same id is served. The same id sent again while the first is in flight
+    (or answered) gets an explicit duplicate_job_id error, never silence."""
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05)
+    with LocalStack(spec, str(tmp_path / "logs")):
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                bad = await client.submit("a lighthouse", job_id="retry-1", image_quality=0, timeout=30)
+                good = await client.submit("a lighthouse", job_id="retry-1", timeout=30)
+                first = asyncio.create_task(client.submit("a harbour", job_id="dup-1", timeout=30))
+                await asyncio.sleep(0.3)  # admitted, still on the GPU (time scale 0.05: ~0.4 s of work)
+                await client.enqueue("a harbour again", job_id="dup-1")
+                answers = [await first]
+                answers.append(await anext(client.results()))
+                return bad, good, answers
+
+        bad, good, answers = asyncio.run(scenario())
+    assert bad.error_code == "invalid_request"
+    assert good.status == "ok"
+    assert sorted(a.status if a.status == "ok" else a.error_code for a in answers) == ["duplicate_job_id", "ok"]
+
+
+def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for_the_reclaim_time(tmp_path):
+    """Default reclaim times (workers 15 s, router 10 s): a batch whose write failed during the
+    outage is taken up again by its own consumer as soon as Redis is back."""
+    server = RedisServer(appendonly=True).start()
+    prompts = load_prompts()[:40]
+    try:
+        spec = StackSpec(redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.1)
+        with LocalStack(spec, str(tmp_path / "logs")):
+            async def scenario():
+                async with Client(redis_url=server.url) as client:
+                    tasks = [asyncio.create_task(client.submit(p, timeout=180)) for p in prompts]
+                    await asyncio.sleep(0.3)  # batches on the GPUs now
+                    await asyncio.to_thread(server.restart, 1.0)
+                    back = time.monotonic()
+                    results = await asyncio.gather(*tasks)
+                    return results, time.monotonic() - back
+
+            results, after_restart_s = asyncio.run(scenario())
+        assert [r.status for r in results] == ["ok"] * len(prompts)
+        assert after_restart_s < 8, after_restart_s
+    finally:
+        server.stop()
+
+
+def test_a_local_stack_serves_metrics_on_loopback_only(redis_server, tmp_path):
+    """diffserve up / demo / loadtest stacks are local: their metrics ports must not listen on every interface."""
+    from common.localstack import free_port
+
+    base = free_port()
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=0, metrics_base_port=base)
+    with LocalStack(spec, str(tmp_path / "logs")):
+        listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+    local = {line.split()[3] for line in listening.splitlines()}
+    ours = {addr for addr in local if addr.rsplit(":", 1)[1] in {str(base + i) for i in range(3)}}
+    assert ours == {f"127.0.0.1:{base + i}" for i in range(3)}, ours
+
+
+@pytest.mark.parametrize("skew_ms, answered_by", [(0, "heavy"), (60_000, "light")])
+def test_a_heavy_worker_allows_for_the_configured_clock_skew(redis_server, tmp_path, skew_ms, answered_by):
+    """A deadline stamped by the router's clock, 20 s ahead: the heavy worker runs the job; told that
+    clocks may differ by 60 s (DIFFSERVE_CLOCK_SKEW_MS), it answers with the light image instead."""
+    from common.service import now_ms
+    from common.streams import add
+
+    spec = StackSpec(redis_url=redis_server.url, light_workers=0, heavy_workers=1, time_scale=0.01,
+                     env={"DIFFSERVE_LATE_POLICY": "light", "DIFFSERVE_CLOCK_SKEW_MS": str(skew_ms)})
+    with LocalStack(spec, str(tmp_path / "logs")):
+        now = now_ms()
+        job = RoutedJob("skew-1", "a lighthouse", now, now + 20_000, 1, light_image=b"light-png",
+                        light_image_format="png", confidence=0.1)
+
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                await add(client.redis, KEYS.heavy_queue, job.encode())
+                return await client.wait_result("skew-1", timeout=30)
+
+        result = asyncio.run(scenario())
+    assert result.status == "ok" and result.answered_by == answered_by and result.degraded == (skew_ms > 0)
+
+
+def test_worker_shutdown_does_not_hang_on_a_hung_redis(redis_server):
+    """Redis stops answering (SIGSTOP) while a worker shuts down: deregistering is bounded."""
+    import os
+    import signal
+
+    from common.service import Service
+    from services.worker import Worker, WorkerConfig
+
+    async def go():
+        svc = Service("worker", WorkerConfig(redis_url=redis_server.url, instance_id="w-hang"))
+        worker = Worker(svc)
+        await svc.redis.ping()
+        pid = int(redis_server.pidfile.read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            await asyncio.wait_for(worker.close(), 8)
+            return time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    assert asyncio.run(go()) < 4
+
+
+def test_refused_entries_leave_no_big_keys_and_little_short_lived_bookkeeping(redis_server, tmp_path):
+    """A 1 MB job id in plain fields (prompt missing) must not become a key name; an oversized plain
+    entry is refused by size; a refused job's answer and marker live for the short refused TTL."""
+    r = redis.Redis.from_url(redis_server.url)
+    spec = StackSpec(redis_url=redis_server.url, light_workers=0, heavy_workers=0,
+                     env={"DIFFSERVE_REFUSED_TTL_S": "60"})
+    with LocalStack(spec, str(tmp_path / "logs")):
+        r.xadd(KEYS.jobs, {"job_id": "x" * 1_000_000})
+        r.xadd(KEYS.jobs, {"job_id": "big-1", "prompt": "p", "padding": "y" * 1_000_000})
+        r.xadd(KEYS.jobs, {"job_id": "bad-1", "prompt": "p", "image_format": "tiff"})
+        big = r.blpop([KEYS.result("big-1")], timeout=10)
+        deadline = time.monotonic() + 10
+        while not r.exists(KEYS.result("bad-1")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < r.ttl(KEYS.result("bad-1")) <= 60
+        done_ttl = r.ttl(KEYS.done("bad-1"))
+        bad = r.blpop([KEYS.result("bad-1")], timeout=1)
+        names = [k for k in r.scan_iter(count=1000)]
+    from common.messages import FinalResult
+
+    assert FinalResult.decode(big[1]).error_code == "invalid_request"
+    assert "larger than" in FinalResult.decode(big[1]).error_message
+    assert FinalResult.decode(bad[1]).error_code == "invalid_request"
+    assert max(len(k) for k in names) < 200, max(len(k) for k in names)
+    assert 0 < done_ttl <= 60  # the gateway's "out of flight" marker, short-lived
+    assert r.xlen(KEYS.dead_letters) == 1

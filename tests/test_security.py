@@ -4,8 +4,10 @@ the diffserve keys. Real redis-server, real services."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import redis
@@ -79,3 +81,14 @@ def test_services_run_as_an_acl_user_limited_to_their_keys(tmp_path):
             limited.flushall()
     finally:
         server.stop()
+
+
+def test_tls_settings_with_a_plain_redis_url_are_refused_at_start(redis_server):
+    """REDIS_TLS_CA with redis:// would silently connect in clear text: refused with one line."""
+    env = {**os.environ, "REDIS_URL": redis_server.url, "REDIS_TLS_CA": "/etc/ssl/certs/ca-certificates.crt"}
+    proc = subprocess.run([sys.executable, "-m", "services.router"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0
+    assert "rediss://" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    with pytest.raises(ValueError, match="rediss://"):
+        Client(RedisSettings(redis_url=redis_server.url, redis_tls_ca="/etc/ssl/certs/ca-certificates.crt"))

@@ -27,11 +27,14 @@ def test_group_creation_is_idempotent_and_reads_in_batches(redis_server):
         for i in range(10):
             await add(r, "s", f"p{i}".encode())
         first = await c.read(4, block_ms=100)
-        second = await c.read(100, block_ms=100)
         assert [e.payload for e in first] == [b"p0", b"p1", b"p2", b"p3"]
+        assert await backlog(r, "s", "g") == 10  # 4 delivered but not acked, 6 undelivered
+        # A batch read again before it was acked (its step failed) is handed out again, first.
+        assert [e.id for e in await c.read(100, block_ms=100)] == [e.id for e in first]
+        await c.ack([e.id for e in first])
+        second = await c.read(100, block_ms=100)
         assert len(second) == 6
-        assert await backlog(r, "s", "g") == 10  # delivered but not acked
-        await c.ack([e.id for e in first + second])
+        await c.ack([e.id for e in second])
         assert await backlog(r, "s", "g") == 0
         await r.aclose()
 
@@ -136,3 +139,44 @@ def test_password_is_required_and_used(tmp_path):
         _run(go())
     finally:
         server.stop()
+
+
+def test_a_poison_entry_is_counted_across_restarts_under_the_same_name(redis_server):
+    """A consumer that crashes on an entry and comes back under the same name (compose's fixed
+    instance ids) sees Redis's own delivery counter, so max_deliveries fires."""
+    async def go():
+        r = await _client(redis_server.url)
+        await ensure_group(r, "s", "g")
+        await add(r, "s", b"poison")
+        seen = []
+        for _restart in range(5):
+            c = StreamConsumer(r, "s", "g", "worker-1", max_deliveries=3)  # a fresh process, same name
+            (entry,) = await c.read(1, block_ms=100)
+            seen.append(entry.deliveries)
+            # ...and it crashes before acking
+        assert seen == [1, 2, 3, 4, 5]
+        await r.aclose()
+
+    _run(go())
+
+
+def test_trim_survives_a_pending_list_that_empties_between_its_two_reads(redis_server):
+    """XINFO GROUPS says 'pending: 1', the entry is acked, then XPENDING finds nothing."""
+    async def go():
+        taken: list[str] = []
+
+        class AckBetween(aioredis.Redis):
+            async def xpending(self, name, groupname):
+                await self.xack(name, groupname, *taken)
+                return await super().xpending(name, groupname)
+
+        r = AckBetween.from_pool(connect(RedisSettings(redis_url=redis_server.url)).connection_pool)
+        c = StreamConsumer(r, "s", "g", "c1")
+        await c.ensure_group()
+        await add(r, "s", b"p0")
+        taken += [e.id for e in await c.read(1, block_ms=100)]
+        removed = await trim_processed(r, "s")
+        await r.aclose()
+        return removed
+
+    assert _run(go()) == 1

@@ -1,0 +1,41 @@
+"""The Python client against a real redis-server: long waits, bounded memory, forged replies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from common.client import Client
+from common.messages import FinalResult
+from common.streams import add
+
+
+def test_wait_result_waits_longer_than_the_socket_timeout(redis_server):
+    """No result within the timeout: None after the timeout, not redis-py's socket TimeoutError."""
+    async def go():
+        async with Client(redis_url=redis_server.url) as client:
+            start = time.monotonic()
+            result = await client.wait_result("never-1", timeout=7)
+            return result, time.monotonic() - start
+
+    result, waited = asyncio.run(go())
+    assert result is None and 6.5 < waited < 9
+
+
+def test_unclaimed_results_are_bounded_and_forged_ones_are_dropped(redis_server):
+    async def go():
+        async with Client(redis_url=redis_server.url, max_unclaimed=100) as client:
+            ids = [await client.enqueue("a prompt", job_id=f"j{i}") for i in range(300)]
+            for job_id in ids:
+                await add(client.redis, client.reply_stream, FinalResult(job_id, "ok").encode())
+            await add(client.redis, client.reply_stream, FinalResult("forged-1", "ok").encode())
+            await add(client.redis, client.reply_stream, FinalResult("j0", "ok").encode())  # a second, forged answer
+            deadline = time.monotonic() + 10
+            while client.rejected < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            kept = [client._unclaimed.get_nowait().job_id for _ in range(client._unclaimed.qsize())]
+            return kept, client.dropped, client.rejected
+
+    kept, dropped, rejected = asyncio.run(go())
+    assert kept == [f"j{i}" for i in range(200, 300)]  # the oldest were dropped
+    assert dropped == 200 and rejected == 2
