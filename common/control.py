@@ -158,8 +158,9 @@ class ControlLoop:
     def solve(self, demand: float, current: dict[str, str], queues: QueueStats, stored: Plan | None, *,
               keep_roles: bool = False, aimd: AimdState | None = None,
               switch_s: dict[str, float] | None = None) -> PlanResult:
-        window = None  # smoothing, from a plan that was made for live workers
-        if stored is not None and stored.policy == self.cfg.policy and stored.roles and self.cfg.max_threshold_step < 1:
+        window = None  # smoothing, from a plan made for these same workers (a changed cluster re-plans freely)
+        same_cluster = stored is not None and bool(stored.roles) and set(stored.roles) == set(current)
+        if stored is not None and same_cluster and stored.policy == self.cfg.policy and self.cfg.max_threshold_step < 1:
             center = stored.heavy_fraction if self.spec.options == "split" else stored.threshold
             window = (center - self.cfg.max_threshold_step, center + self.cfg.max_threshold_step)
         return plan(self.profile, demand, len(current), policy=self.cfg.policy, objective=self.cfg.objective,
