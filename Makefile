@@ -2,6 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 MODELS := $(VENV)/.installed-models
+LINTED := common services loadtest tests diffserve tools benchmarks compose
 
 .PHONY: demo test test-fast lint up compose-test
 
@@ -28,9 +29,10 @@ test: $(MODELS)
 test-fast: $(MODELS)
 	$(PY) -m pytest -q -m "not slow"
 
-# What CI runs before the tests: ruff (config in pyproject.toml) and mypy, strict on the decision code.
+# What CI runs before the tests: ruff lint and format check (config in pyproject.toml) and mypy, strict on the decision code.
 lint: $(CORE)
-	$(VENV)/bin/ruff check common services loadtest tests diffserve tools benchmarks compose
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
 up: $(CORE)

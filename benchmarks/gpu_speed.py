@@ -74,8 +74,11 @@ def bench_model(name: str, batches: list[int], repeats: int, disk: bool, prompts
         pinned = model._pinned
         load_s = model.load("host")
         result[f"host_{'pinned' if pin else 'pageable'}"] = {
-            "to_host_s": round(offload_s, 3), "back_s": round(load_s, 3),
-            "recapture_s": round(model.last_capture_s, 3), "pinned": pinned}
+            "to_host_s": round(offload_s, 3),
+            "back_s": round(load_s, 3),
+            "recapture_s": round(model.last_capture_s, 3),
+            "pinned": pinned,
+        }
     switched = _pixels(model.generate(prompts[:check_batch], list(range(check_batch))))
     result["max_pixel_diff_after_host_switch"] = int(abs(graph_images - switched).max())
     result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -87,11 +90,13 @@ def bench_model(name: str, batches: list[int], repeats: int, disk: bool, prompts
             model.unload()
             from dataclasses import replace
 
-            fresh = DiffusersModel(replace(spec, hub_id=tmp), role, "cuda", cuda_graphs=True,
-                                   pad_grid=tuple(batches))
+            fresh = DiffusersModel(replace(spec, hub_id=tmp), role, "cuda", cuda_graphs=True, pad_grid=tuple(batches))
             load_s = fresh.load("disk")
-            result["disk"] = {"load_s": round(load_s, 3), "capture_s": round(fresh.last_capture_s, 3),
-                              "page_cache": "warm"}
+            result["disk"] = {
+                "load_s": round(load_s, 3),
+                "capture_s": round(fresh.last_capture_s, 3),
+                "page_cache": "warm",
+            }
             fresh.unload()
     else:
         model.unload()
@@ -111,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("no CUDA device: gpu_speed.py measures the CUDA path (eager vs CUDA graphs, host/disk switch); "
-              "nothing to run here")
+        print(
+            "no CUDA device: gpu_speed.py measures the CUDA path (eager vs CUDA graphs, host/disk switch); "
+            "nothing to run here"
+        )
         return 0
     import logging
 
@@ -134,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             e, g = r["eager_ms"][b], r["graph_ms"][b]
             print(f"{b:>6} {e:>10.1f} {g:>10.1f} {e / g:>8.2f}x")
-        print(f"capture {r['capture_s']} s for UNet rows {r['graph_batches']}; "
-              f"max pixel diff eager vs graph {r['max_pixel_diff_eager_vs_graph']}, "
-              f"after host switch {r['max_pixel_diff_after_host_switch']}")
+        print(
+            f"capture {r['capture_s']} s for UNet rows {r['graph_batches']}; "
+            f"max pixel diff eager vs graph {r['max_pixel_diff_eager_vs_graph']}, "
+            f"after host switch {r['max_pixel_diff_after_host_switch']}"
+        )
         for key in ("host_pinned", "host_pageable"):
             h = r[key]
             print(f"switch {key}: to host {h['to_host_s']} s, back {h['back_s']} s (recapture {h['recapture_s']} s)")

@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     profile = load_cascade_profile(args.cascade, args.hardware)
     warm_up()
     print(f"{args.cascade} on {args.hardware}, objective {args.objective}, {args.repeats} repeats per point")
-    print(f"{'workers':>8} {'demand':>8} {'t':>5} {'light':>6} {'heavy':>6} {'feasible':>8} "
-          f"{'solve ms':>9} {'plan ms':>8}")
+    print(
+        f"{'workers':>8} {'demand':>8} {'t':>5} {'light':>6} {'heavy':>6} {'feasible':>8} "
+        f"{'solve ms':>9} {'plan ms':>8}"
+    )
     for workers in SIZES:
         all_solves = []
         for load in LOAD_PER_WORKER:
@@ -40,9 +42,11 @@ def main(argv: list[str] | None = None) -> None:
             solves = [r.solve_ms for r in results]
             all_solves += solves
             r = results[-1]
-            print(f"{workers:>8} {demand:>8g} {r.threshold:>5.2f} {r.light_workers:>6} {r.heavy_workers:>6} "
-                  f"{str(r.feasible):>8} {statistics.median(solves):>9.1f} "
-                  f"{statistics.median(x.plan_ms for x in results):>8.1f}")
+            print(
+                f"{workers:>8} {demand:>8g} {r.threshold:>5.2f} {r.light_workers:>6} {r.heavy_workers:>6} "
+                f"{str(r.feasible):>8} {statistics.median(solves):>9.1f} "
+                f"{statistics.median(x.plan_ms for x in results):>8.1f}"
+            )
         print(f"S={workers}: median solve {statistics.median(all_solves):.1f} ms")
 
 

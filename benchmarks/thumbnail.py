@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         "smooth": Image.fromarray(np.linspace(0, 255, 512 * 512 * 3).reshape(512, 512, 3).astype(np.uint8)),
     }
     print(f"per image, 512x512, thumbnail {args.size}x{args.size}, median of {args.repeats} (ms / KiB)")
-    print(f"{'image':8} {'png encode':>11} {'png KiB':>8} {'disc: decode+resize':>20} "
-          f"{'worker: thumbnail':>18} {'disc: unpack':>13} {'thumb KiB':>10}")
+    print(
+        f"{'image':8} {'png encode':>11} {'png KiB':>8} {'disc: decode+resize':>20} "
+        f"{'worker: thumbnail':>18} {'disc: unpack':>13} {'thumb KiB':>10}"
+    )
     for name, image in images.items():
         png = encode(image, "png")
         thumb = thumbnail_rgb(image, args.size)
@@ -49,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         dec = _median_ms(lambda: decode(png).resize((args.size, args.size), Image.BILINEAR), args.repeats)
         make = _median_ms(lambda: thumbnail_rgb(image, args.size), args.repeats)
         unpack = _median_ms(lambda: from_thumbnail(thumb, args.size), args.repeats)
-        print(f"{name:8} {enc:11.2f} {len(png) / 1024:8.0f} {dec:20.2f} {make:18.2f} {unpack:13.3f} "
-              f"{len(thumb) / 1024:10.0f}")
+        print(
+            f"{name:8} {enc:11.2f} {len(png) / 1024:8.0f} {dec:20.2f} {make:18.2f} {unpack:13.3f} "
+            f"{len(thumb) / 1024:10.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,15 +42,27 @@ class CascadeSpec:
 MODELS = {
     m.name: m
     for m in (
-        ModelSpec("sdturbo", "stabilityai/sd-turbo", steps=1, guidance=0.0, resolution=512,
-                  scheduler="euler_trailing"),
+        ModelSpec("sdturbo", "stabilityai/sd-turbo", steps=1, guidance=0.0, resolution=512, scheduler="euler_trailing"),
         ModelSpec("sdxs", "IDKiro/sdxs-512-0.9", steps=1, guidance=0.0, resolution=512),
-        ModelSpec("sdv15", "stable-diffusion-v1-5/stable-diffusion-v1-5", steps=50, guidance=7.5, resolution=512,
-                  scheduler="ddim"),
+        ModelSpec(
+            "sdv15",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            steps=50,
+            guidance=7.5,
+            resolution=512,
+            scheduler="ddim",
+        ),
         ModelSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", steps=50, guidance=7.5, resolution=1024),
-        ModelSpec("sdxlltn", "stabilityai/stable-diffusion-xl-base-1.0", steps=2, guidance=0.0, resolution=1024,
-                  scheduler="euler_trailing", unet_repo="ByteDance/SDXL-Lightning",
-                  unet_file="sdxl_lightning_2step_unet.safetensors"),
+        ModelSpec(
+            "sdxlltn",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            steps=2,
+            guidance=0.0,
+            resolution=1024,
+            scheduler="euler_trailing",
+            unet_repo="ByteDance/SDXL-Lightning",
+            unet_file="sdxl_lightning_2step_unet.safetensors",
+        ),
     )
 }
 
@@ -59,12 +71,45 @@ MODELS = {
 CASCADES = {
     c.name: c
     for c in (
-        CascadeSpec("sdturbo-sdv15", "sdturbo", "sdv15", 5000, "stable_diffusion_runtimes_sdturbo.csv",
-                    "sdturbo", "sdv15", "sdturbo", "sdv15", "f_t_sdturbo_sdv15.csv", "sdturbo_sdv15"),
-        CascadeSpec("sdxs-sdv15", "sdxs", "sdv15", 5000, "stable_diffusion_runtimes_sdxs.csv",
-                    "sdturbo", "sdv15", None, "sdv15", None, "sdxs_sdv15"),
-        CascadeSpec("sdxlltn-sdxl", "sdxlltn", "sdxl", 15000, "stable_diffusion_runtimes_sdxlltn.csv",
-                    "sdturbo", "sdv15", "sdxlltn", "sdxl", None, "sdxlltn_sdxl"),
+        CascadeSpec(
+            "sdturbo-sdv15",
+            "sdturbo",
+            "sdv15",
+            5000,
+            "stable_diffusion_runtimes_sdturbo.csv",
+            "sdturbo",
+            "sdv15",
+            "sdturbo",
+            "sdv15",
+            "f_t_sdturbo_sdv15.csv",
+            "sdturbo_sdv15",
+        ),
+        CascadeSpec(
+            "sdxs-sdv15",
+            "sdxs",
+            "sdv15",
+            5000,
+            "stable_diffusion_runtimes_sdxs.csv",
+            "sdturbo",
+            "sdv15",
+            None,
+            "sdv15",
+            None,
+            "sdxs_sdv15",
+        ),
+        CascadeSpec(
+            "sdxlltn-sdxl",
+            "sdxlltn",
+            "sdxl",
+            15000,
+            "stable_diffusion_runtimes_sdxlltn.csv",
+            "sdturbo",
+            "sdv15",
+            "sdxlltn",
+            "sdxl",
+            None,
+            "sdxlltn_sdxl",
+        ),
     )
 }
 

@@ -31,8 +31,9 @@ BLPOP_PIECE_S = SOCKET_TIMEOUT_S / 2  # one BLPOP must return before the socket 
 
 
 class Client:
-    def __init__(self, settings: RedisSettings | None = None, *, redis_url: str | None = None,
-                 max_unclaimed: int = 10_000):
+    def __init__(
+        self, settings: RedisSettings | None = None, *, redis_url: str | None = None, max_unclaimed: int = 10_000
+    ):
         """``max_unclaimed``: results nobody awaits that are kept for ``results()``; past it the
         oldest are dropped (counted in ``dropped``)."""
         settings = settings or RedisSettings()
@@ -71,24 +72,47 @@ class Client:
         await self.redis.aclose()
         await self.reader_redis.aclose()
 
-    async def enqueue(self, prompt: str, *, job_id: str | None = None, slo_ms: float | None = None,
-                      seed: int | None = None, image_format: str = "png", image_quality: int = 90,
-                      reply: bool = True, reply_to: str | None = None, partials: bool = False,
-                      cascade: str | None = None, prompt_index: int | None = None) -> str:
+    async def enqueue(
+        self,
+        prompt: str,
+        *,
+        job_id: str | None = None,
+        slo_ms: float | None = None,
+        seed: int | None = None,
+        image_format: str = "png",
+        image_quality: int = 90,
+        reply: bool = True,
+        reply_to: str | None = None,
+        partials: bool = False,
+        cascade: str | None = None,
+        prompt_index: int | None = None,
+    ) -> str:
         """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``,
         or on ``reply_to`` (a stream named ``<ns>:reply:...``) when given.  ``prompt_index``: the
         prompt's line in the prompt file (trace replays)."""
         reply_to = reply_to or (self.reply_stream if reply else None)
-        job = Job(job_id or new_job_id(), prompt, slo_ms, seed, image_format, image_quality, reply_to,
-                  time.time() * 1000, cascade, partials=partials, prompt_index=prompt_index)
+        job = Job(
+            job_id or new_job_id(),
+            prompt,
+            slo_ms,
+            seed,
+            image_format,
+            image_quality,
+            reply_to,
+            time.time() * 1000,
+            cascade,
+            partials=partials,
+            prompt_index=prompt_index,
+        )
         if reply_to == self.reply_stream:
             self._owed[job.job_id] += 1
             self._start_reader()
         await add(self.redis, self.keys.jobs, job.encode())
         return job.job_id
 
-    async def submit(self, prompt: str, *, timeout: float = 120.0,
-                     on_light: Callable[[LightReady], None] | None = None, **kwargs) -> FinalResult:
+    async def submit(
+        self, prompt: str, *, timeout: float = 120.0, on_light: Callable[[LightReady], None] | None = None, **kwargs
+    ) -> FinalResult:
         """Enqueue and wait for the result; ``on_light`` is called with the light image first
         when the job goes on to the heavy model."""
         self._start_reader()

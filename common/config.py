@@ -50,8 +50,9 @@ def _parse_value(raw: str, hint: Any) -> Any:
 class RedisSettings:
     """How every service reaches Redis. Password/ACL user and TLS (``rediss://``) are supported."""
 
-    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL; rediss:// for TLS; may hold user:password@",
-                            env="REDIS_URL")
+    redis_url: str = option(
+        "redis://127.0.0.1:6379/0", "Redis URL; rediss:// for TLS; may hold user:password@", env="REDIS_URL"
+    )
     redis_username: str | None = option(None, "ACL user name (overrides the URL's)", env="REDIS_USERNAME")
     redis_password: str | None = option(None, "password (overrides the URL's)", env="REDIS_PASSWORD")
     redis_tls_ca: str | None = option(None, "CA bundle that signs the Redis server certificate", env="REDIS_TLS_CA")
@@ -64,11 +65,19 @@ class RedisSettings:
 
     def check_tls(self) -> None:
         """TLS files with a redis:// URL would be ignored and the connection left in clear text."""
-        given = [name for name, value in (("REDIS_TLS_CA", self.redis_tls_ca), ("REDIS_TLS_CERT", self.redis_tls_cert),
-                                          ("REDIS_TLS_KEY", self.redis_tls_key)) if value]
+        given = [
+            name
+            for name, value in (
+                ("REDIS_TLS_CA", self.redis_tls_ca),
+                ("REDIS_TLS_CERT", self.redis_tls_cert),
+                ("REDIS_TLS_KEY", self.redis_tls_key),
+            )
+            if value
+        ]
         if given and not self.redis_url.startswith("rediss://"):
-            raise ValueError(f"{', '.join(given)} set but REDIS_URL is not rediss://: use rediss:// for TLS "
-                             "or drop the TLS settings")
+            raise ValueError(
+                f"{', '.join(given)} set but REDIS_URL is not rediss://: use rediss:// for TLS or drop the TLS settings"
+            )
 
 
 @dataclass
@@ -76,11 +85,15 @@ class ServiceConfig(RedisSettings):
     """Fields every service has."""
 
     metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
-    metrics_addr: str = option("0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)",
-                               env="METRICS_ADDR")
-    clock_skew_ms: float = option(0.0, "how far clocks of different hosts may differ (NTP keeps it small); a "
-                                  "stage checking a deadline another host set treats it as this much earlier",
-                                  env="DIFFSERVE_CLOCK_SKEW_MS")
+    metrics_addr: str = option(
+        "0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)", env="METRICS_ADDR"
+    )
+    clock_skew_ms: float = option(
+        0.0,
+        "how far clocks of different hosts may differ (NTP keeps it small); a "
+        "stage checking a deadline another host set treats it as this much earlier",
+        env="DIFFSERVE_CLOCK_SKEW_MS",
+    )
     log_level: str = option("INFO", "log level", env="LOG_LEVEL")
     instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
 
@@ -100,12 +113,18 @@ class ServiceConfig(RedisSettings):
             flag = "--" + f.name.replace("_", "-")
             helptext = f"{f.metadata['help']} [env {_env_name(f)}; default {default!r}]"
             if hint is bool:
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                    help=helptext)
+                parser.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext
+                )
             else:
-                parser.add_argument(flag, dest=f.name, default=None, help=helptext,
-                                    choices=f.metadata.get("choices"),
-                                    type=lambda raw, hint=hint: _parse_value(raw, hint))
+                parser.add_argument(
+                    flag,
+                    dest=f.name,
+                    default=None,
+                    help=helptext,
+                    choices=f.metadata.get("choices"),
+                    type=lambda raw, hint=hint: _parse_value(raw, hint),
+                )
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace | None = None, env: dict[str, str] | None = None):

@@ -33,8 +33,17 @@ import math
 from dataclasses import dataclass
 
 from common.messages import Plan
-from common.planner import (DEFAULT_HEADROOM, ROLES, AimdState, FixedPlan, PlanResult, QueueStats, count_changes,
-                            plan, policy_spec)
+from common.planner import (
+    DEFAULT_HEADROOM,
+    ROLES,
+    AimdState,
+    FixedPlan,
+    PlanResult,
+    QueueStats,
+    count_changes,
+    plan,
+    policy_spec,
+)
 from common.profiles import BATCH_GRID, CascadeProfile
 
 
@@ -131,12 +140,26 @@ def _sign(x: float) -> int:
 def static_plan(profile: CascadeProfile, demand: float, workers: int, settings: ControlSettings) -> FixedPlan:
     """The fixed plan ``static`` keeps: the solver's plan for ``demand`` on ``workers`` workers (the
     load tester and the simulator pass a trace's mean demand)."""
-    result = plan(profile, demand, workers, policy="static", objective=settings.objective,
-                  batch_grid=tuple(sorted(settings.batch_grid)), slo_ms=settings.slo_ms,
-                  latency_scale=settings.latency_scale, headroom=settings.headroom, spare_util=settings.spare_util,
-                  current={f"w{i}": "" for i in range(workers)})
-    return FixedPlan(threshold=result.threshold, light_workers=result.light_workers, light_batch=result.light_batch,
-                     heavy_workers=result.heavy_workers, heavy_batch=result.heavy_batch)
+    result = plan(
+        profile,
+        demand,
+        workers,
+        policy="static",
+        objective=settings.objective,
+        batch_grid=tuple(sorted(settings.batch_grid)),
+        slo_ms=settings.slo_ms,
+        latency_scale=settings.latency_scale,
+        headroom=settings.headroom,
+        spare_util=settings.spare_util,
+        current={f"w{i}": "" for i in range(workers)},
+    )
+    return FixedPlan(
+        threshold=result.threshold,
+        light_workers=result.light_workers,
+        light_batch=result.light_batch,
+        heavy_workers=result.heavy_workers,
+        heavy_batch=result.heavy_batch,
+    )
 
 
 class ControlLoop:
@@ -155,23 +178,47 @@ class ControlLoop:
             self.peak.update(self.demand.raw, at_s)
         return self.demand.forecast() if self.cfg.look_ahead else self.demand.smoothed
 
-    def solve(self, demand: float, current: dict[str, str], queues: QueueStats, stored: Plan | None, *,
-              keep_roles: bool = False, aimd: AimdState | None = None,
-              switch_s: dict[str, float] | None = None) -> PlanResult:
+    def solve(
+        self,
+        demand: float,
+        current: dict[str, str],
+        queues: QueueStats,
+        stored: Plan | None,
+        *,
+        keep_roles: bool = False,
+        aimd: AimdState | None = None,
+        switch_s: dict[str, float] | None = None,
+    ) -> PlanResult:
         window = None  # smoothing, from a plan made for these same workers (a changed cluster re-plans freely)
         same_cluster = stored is not None and bool(stored.roles) and set(stored.roles) == set(current)
         if stored is not None and same_cluster and stored.policy == self.cfg.policy and self.cfg.max_threshold_step < 1:
             center = stored.heavy_fraction if self.spec.options == "split" else stored.threshold
             window = (center - self.cfg.max_threshold_step, center + self.cfg.max_threshold_step)
-        return plan(self.profile, demand, len(current), policy=self.cfg.policy, objective=self.cfg.objective,
-                    batch_grid=tuple(sorted(self.cfg.batch_grid)), slo_ms=self.cfg.slo_ms,
-                    latency_scale=self.cfg.latency_scale, threshold_window=window,
-                    light_demand_qps=max(demand, self.peak.value), current=current, queues=queues,
-                    keep_roles=keep_roles, aimd=aimd, drain_s=self.cfg.drain_intervals * self.cfg.interval_s,
-                    headroom=self.cfg.headroom, spare_util=self.cfg.spare_util, switch_s=switch_s, fixed=self.fixed)
+        return plan(
+            self.profile,
+            demand,
+            len(current),
+            policy=self.cfg.policy,
+            objective=self.cfg.objective,
+            batch_grid=tuple(sorted(self.cfg.batch_grid)),
+            slo_ms=self.cfg.slo_ms,
+            latency_scale=self.cfg.latency_scale,
+            threshold_window=window,
+            light_demand_qps=max(demand, self.peak.value),
+            current=current,
+            queues=queues,
+            keep_roles=keep_roles,
+            aimd=aimd,
+            drain_s=self.cfg.drain_intervals * self.cfg.interval_s,
+            headroom=self.cfg.headroom,
+            spare_util=self.cfg.spare_util,
+            switch_s=switch_s,
+            fixed=self.fixed,
+        )
 
-    def with_switch_backlog(self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float],
-                            demand: float) -> dict[str, float] | None:
+    def with_switch_backlog(
+        self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float], demand: float
+    ) -> dict[str, float] | None:
         """The jobs the switching workers' new stage receives for them while they load (their
         share of that stage's planned arrivals); None when nobody switches."""
         stage_qps = {"light": demand, "heavy": demand * (1.0 - result.light_share)}
@@ -184,11 +231,22 @@ class ControlLoop:
             return None
         return extra
 
-    def decide(self, stored: Plan | None, demand: float, workers: list[WorkerView], queues: QueueStats,
-               aimd: AimdState | None = None) -> tuple[PlanResult, str]:
+    def decide(
+        self,
+        stored: Plan | None,
+        demand: float,
+        workers: list[WorkerView],
+        queues: QueueStats,
+        aimd: AimdState | None = None,
+    ) -> tuple[PlanResult, str]:
         """The plan to write and why (logged)."""
-        if self.spec.fixed and self.cfg.fixed_plan is None and workers and (self.cfg.static_demand or demand > 0) \
-                and (self.fixed is None or self.fixed.light_workers + self.fixed.heavy_workers != len(workers)):
+        if (
+            self.spec.fixed
+            and self.cfg.fixed_plan is None
+            and workers
+            and (self.cfg.static_demand or demand > 0)
+            and (self.fixed is None or self.fixed.light_workers + self.fixed.heavy_workers != len(workers))
+        ):
             # Solved once for the cluster as it is; again only if workers join or leave.
             self.fixed = static_plan(self.profile, self.cfg.static_demand or demand, len(workers), self.cfg)
         current = {w.worker_id: w.role for w in workers}
@@ -207,9 +265,11 @@ class ControlLoop:
         if not keep.feasible:
             reason = "current allocation cannot serve demand"
         else:
-            differs = (abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
-                       or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
-                       or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin)
+            differs = (
+                abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
+                or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
+                or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin
+            )
             if not differs:
                 return keep, "within margins: roles kept"
             slow = [w for w in flipping if switch_s.get(w, 0.0) > self.cfg.interval_s / 2]
@@ -217,8 +277,11 @@ class ControlLoop:
                 return keep, "switch slower than half an interval: roles kept"
             # Noise damping: a move the current roles can live with must be proposed by two
             # consecutive ticks before workers reload models for it.
-            move = (_sign(new.light_workers - keep.light_workers), _sign(new.threshold - keep.threshold),
-                    _sign(new.heavy_fraction - keep.heavy_fraction))  # the direction, not the exact plan
+            move = (
+                _sign(new.light_workers - keep.light_workers),
+                _sign(new.threshold - keep.threshold),
+                _sign(new.heavy_fraction - keep.heavy_fraction),
+            )  # the direction, not the exact plan
             if move != proposal:
                 self.proposal = move
                 return keep, "change proposed: confirming next interval"
@@ -231,8 +294,9 @@ class ControlLoop:
                 partial = dict(current)
                 for w in sorted(flipping, key=lambda w: switch_s.get(w, 0.0))[:step]:
                     partial[w] = new.roles[w]
-                partial_plan = self.solve(demand, partial, queues, stored, keep_roles=True, aimd=aimd,
-                                          switch_s=switch_s)
+                partial_plan = self.solve(
+                    demand, partial, queues, stored, keep_roles=True, aimd=aimd, switch_s=switch_s
+                )
                 if not partial_plan.feasible:
                     return keep, "partial move infeasible: roles kept"
                 partial_plan.solve_ms += new.solve_ms
@@ -242,8 +306,11 @@ class ControlLoop:
         extra = self.with_switch_backlog(new, current, switch_s, demand)
         if extra:
             # The plan must also absorb the jobs that queue up while the switching workers load.
-            loaded = dataclasses.replace(queues, light_backlog=queues.light_backlog + round(extra["light"]),
-                                         heavy_backlog=queues.heavy_backlog + round(extra["heavy"]))
+            loaded = dataclasses.replace(
+                queues,
+                light_backlog=queues.light_backlog + round(extra["light"]),
+                heavy_backlog=queues.heavy_backlog + round(extra["heavy"]),
+            )
             again = self.solve(demand, target, loaded, stored, keep_roles=stepped, aimd=aimd, switch_s=switch_s)
             again.role_changes = count_changes(current, again.roles)
             if again.feasible and again.role_changes:

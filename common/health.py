@@ -60,12 +60,14 @@ def check(host: str, port: int, timeout: float, service: str | None = None) -> t
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="diffserve healthcheck",
-        description="Exit 0 when http://HOST:PORT/metrics has diffserve_ready{service=...} 1, else exit 1.")
+        description="Exit 0 when http://HOST:PORT/metrics has diffserve_ready{service=...} 1, else exit 1.",
+    )
     parser.add_argument("--port", type=int, required=True, help="the service's metrics port (METRICS_PORT)")
     parser.add_argument("--host", default="127.0.0.1", help="host of the metrics endpoint [default 127.0.0.1]")
     parser.add_argument("--timeout", type=float, default=3.0, help="HTTP timeout in seconds [default 3]")
-    parser.add_argument("--service", default=None,
-                        help="require this service label (default: any diffserve_ready sample equal to 1)")
+    parser.add_argument(
+        "--service", default=None, help="require this service label (default: any diffserve_ready sample equal to 1)"
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing when ready")
     args = parser.parse_args(argv)
     ok, message = check(args.host, args.port, args.timeout, args.service)

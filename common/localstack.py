@@ -25,8 +25,15 @@ def free_port() -> int:
 class RedisServer:
     """A throwaway redis-server on a free loopback port."""
 
-    def __init__(self, *, port: int | None = None, password: str | None = None, appendonly: bool = False,
-                 workdir: str | None = None, tls: tuple[str, str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        appendonly: bool = False,
+        workdir: str | None = None,
+        tls: tuple[str, str, str] | None = None,
+    ):
         """``tls``: (certificate, key, CA) files; the server then speaks TLS only."""
         if not shutil.which("redis-server"):
             raise RuntimeError("redis-server not found: install it (Debian: apt-get install -y redis-server)")
@@ -43,12 +50,42 @@ class RedisServer:
         return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0], "--tls-key-file",
-                  self.tls[1], "--tls-ca-cert-file", self.tls[2], "--tls-auth-clients", "no"] if self.tls \
+        listen = (
+            [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.tls[0],
+                "--tls-key-file",
+                self.tls[1],
+                "--tls-ca-cert-file",
+                self.tls[2],
+                "--tls-auth-clients",
+                "no",
+            ]
+            if self.tls
             else ["--port", str(self.port)]
-        args = ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.dir),
-                "--daemonize", "yes", "--pidfile", str(self.pidfile), "--logfile", str(self.dir / "redis.log")]
+        )
+        args = [
+            "redis-server",
+            *listen,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--dir",
+            str(self.dir),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(self.pidfile),
+            "--logfile",
+            str(self.dir / "redis.log"),
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         subprocess.run(args, check=True)
@@ -71,8 +108,11 @@ class RedisServer:
     def stop(self) -> None:
         self._cli("shutdown", "nosave")
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and self._cli("ping").returncode == 0 and \
-                self._cli("ping").stdout.strip() == "PONG":
+        while (
+            time.monotonic() < deadline
+            and self._cli("ping").returncode == 0
+            and self._cli("ping").stdout.strip() == "PONG"
+        ):
             time.sleep(0.05)
 
     def restart(self, down_s: float = 0.5) -> None:
@@ -144,11 +184,18 @@ class LocalStack:
         self.stop()
 
     def _env(self, name: str) -> dict[str, str]:
-        env = {**os.environ, "REDIS_URL": self.redis_url, "DIFFSERVE_NAMESPACE": self.spec.namespace,
-               "DIFFSERVE_BACKEND": self.spec.backend, "DIFFSERVE_CASCADE": self.spec.cascade,
-               "DIFFSERVE_TIME_SCALE": str(self.spec.time_scale), "DIFFSERVE_INSTANCE_ID": name,
-               "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-               **self.spec.env}
+        env = {
+            **os.environ,
+            "REDIS_URL": self.redis_url,
+            "DIFFSERVE_NAMESPACE": self.spec.namespace,
+            "DIFFSERVE_BACKEND": self.spec.backend,
+            "DIFFSERVE_CASCADE": self.spec.cascade,
+            "DIFFSERVE_TIME_SCALE": str(self.spec.time_scale),
+            "DIFFSERVE_INSTANCE_ID": name,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            **self.spec.env,
+        }
         if self.spec.model_dir:
             env["DIFFSERVE_MODEL_DIR"] = self.spec.model_dir
         if self.spec.backend == "profiled" and self.spec.time_scale != 1.0 and "DIFFSERVE_SLO_MS" not in env:
@@ -170,8 +217,13 @@ class LocalStack:
         path = self.log_dir / f"{name}.log"
         self._log_offsets[name] = path.stat().st_size if path.exists() else 0  # readiness: in the new output
         log = open(path, "ab")
-        proc = subprocess.Popen(self._commands[name], env=self._env(name), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.Popen(
+            self._commands[name],
+            env=self._env(name),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         self.procs[name] = proc
         self._watch(proc.pid)
         return proc
@@ -179,8 +231,11 @@ class LocalStack:
     def _watch(self, pid: int) -> None:
         """Have the watchdog stop ``pid`` should this process die without stopping the stack."""
         if self._watchdog is None:
-            self._watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(self.log_dir / "stack.pids")],
-                                              stdin=subprocess.PIPE, start_new_session=True)
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-c", WATCHDOG, str(self.log_dir / "stack.pids")],
+                stdin=subprocess.PIPE,
+                start_new_session=True,
+            )
         with open(self.log_dir / "stack.pids", "a") as fh:
             fh.write(f"{pid}\n")
 
@@ -209,7 +264,7 @@ class LocalStack:
             for name in list(pending):
                 if self.procs[name].poll() is not None:
                     raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
-                if b'"msg": "ready"' in (self.log_dir / f"{name}.log").read_bytes()[self._log_offsets[name]:]:
+                if b'"msg": "ready"' in (self.log_dir / f"{name}.log").read_bytes()[self._log_offsets[name] :]:
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout}s: {sorted(pending)}")

@@ -209,20 +209,55 @@ class Completion(Message):
 
     @classmethod
     def failure(cls, job: "RoutedJob", code: str, message: str, worker_id: str = "") -> "Completion":
-        return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, status="error",
-                   error_code=code, error_message=message, worker_id=worker_id)
+        return cls(
+            job.job_id,
+            job.arrival_ms,
+            job.deadline_ms,
+            job.reply_to,
+            status="error",
+            error_code=code,
+            error_message=message,
+            worker_id=worker_id,
+        )
 
     @classmethod
     def cancelled(cls, job: "RoutedJob", worker_id: str = "") -> "Completion":
-        return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, status=E_CANCELLED,
-                   error_code=E_CANCELLED, error_message="cancelled by the client before it ran", worker_id=worker_id)
+        return cls(
+            job.job_id,
+            job.arrival_ms,
+            job.deadline_ms,
+            job.reply_to,
+            status=E_CANCELLED,
+            error_code=E_CANCELLED,
+            error_message="cancelled by the client before it ran",
+            worker_id=worker_id,
+        )
 
     @classmethod
-    def answer(cls, job: "RoutedJob", image: bytes, image_format: str, answered_by: str, model: str,
-               confidence: float | None = None, degraded: bool = False, worker_id: str = "") -> "Completion":
-        return cls(job.job_id, job.arrival_ms, job.deadline_ms, job.reply_to, image=image,
-                   image_format=image_format, answered_by=answered_by, model=model, confidence=confidence,
-                   degraded=degraded, worker_id=worker_id)
+    def answer(
+        cls,
+        job: "RoutedJob",
+        image: bytes,
+        image_format: str,
+        answered_by: str,
+        model: str,
+        confidence: float | None = None,
+        degraded: bool = False,
+        worker_id: str = "",
+    ) -> "Completion":
+        return cls(
+            job.job_id,
+            job.arrival_ms,
+            job.deadline_ms,
+            job.reply_to,
+            image=image,
+            image_format=image_format,
+            answered_by=answered_by,
+            model=model,
+            confidence=confidence,
+            degraded=degraded,
+            worker_id=worker_id,
+        )
 
 
 @dataclass

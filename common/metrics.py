@@ -9,15 +9,18 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 READY = Gauge("diffserve_ready", "1 once the service has connected and loaded what it needs", ["service"])
 QUEUE_DEPTH = Gauge("diffserve_queue_depth", "entries waiting or in flight per queue", ["queue"])
-BATCH_SIZE = Histogram("diffserve_batch_size", "entries per processed batch", ["service", "model"],
-                       buckets=_BATCH_BUCKETS)
-BATCH_LATENCY = Histogram("diffserve_batch_latency_seconds", "model time per batch", ["service", "model"],
-                          buckets=_LATENCY_BUCKETS)
+BATCH_SIZE = Histogram(
+    "diffserve_batch_size", "entries per processed batch", ["service", "model"], buckets=_BATCH_BUCKETS
+)
+BATCH_LATENCY = Histogram(
+    "diffserve_batch_latency_seconds", "model time per batch", ["service", "model"], buckets=_LATENCY_BUCKETS
+)
 PROCESSED = Counter("diffserve_processed_total", "entries processed", ["service", "outcome"])
 ERRORS = Counter("diffserve_errors_total", "errors by code", ["service", "code"])
 RECLAIMED = Counter("diffserve_reclaimed_total", "entries taken over from a dead consumer", ["service"])
-E2E_LATENCY = Histogram("diffserve_end_to_end_latency_seconds", "arrival to final result",
-                        ["answered_by"], buckets=_LATENCY_BUCKETS)
+E2E_LATENCY = Histogram(
+    "diffserve_end_to_end_latency_seconds", "arrival to final result", ["answered_by"], buckets=_LATENCY_BUCKETS
+)
 SLO = Counter("diffserve_slo_total", "final results by SLO outcome", ["outcome"])
 DUPLICATES = Counter("diffserve_duplicate_completions_total", "completions ignored because the job was answered")
 ROUTED = Counter("diffserve_discriminator_routed_total", "light results by routing decision", ["decision"])
@@ -26,16 +29,22 @@ WORKERS = Gauge("diffserve_workers", "workers per role in the plan", ["role"])
 DEMAND = Gauge("diffserve_demand_qps", "estimated demand (queries/s)")
 PLAN_INFEASIBLE = Gauge("diffserve_plan_infeasible", "1 when even the all-light plan cannot meet demand")
 SOLVE_TIME = Histogram("diffserve_plan_solve_seconds", "MILP solve time", buckets=_LATENCY_BUCKETS)
-MODEL_LOAD = Histogram("diffserve_model_load_seconds", "model load / role switch time", ["model", "source"],
-                       buckets=_LATENCY_BUCKETS)
-ENCODE_TIME = Histogram("diffserve_image_encode_seconds", "per-image encode time", ["format"],
-                        buckets=_LATENCY_BUCKETS)
-GATEWAY_REQUESTS = Counter("diffserve_gateway_requests_total", "HTTP requests by endpoint and status",
-                           ["endpoint", "status"])
-GATEWAY_LATENCY = Histogram("diffserve_gateway_request_seconds", "HTTP request time (streams: until closed)",
-                            ["endpoint"], buckets=_LATENCY_BUCKETS)
-KEY_REQUESTS = Counter("diffserve_gateway_key_requests_total", "requests per API key (its name) by outcome",
-                       ["key", "outcome"])
+MODEL_LOAD = Histogram(
+    "diffserve_model_load_seconds", "model load / role switch time", ["model", "source"], buckets=_LATENCY_BUCKETS
+)
+ENCODE_TIME = Histogram("diffserve_image_encode_seconds", "per-image encode time", ["format"], buckets=_LATENCY_BUCKETS)
+GATEWAY_REQUESTS = Counter(
+    "diffserve_gateway_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"]
+)
+GATEWAY_LATENCY = Histogram(
+    "diffserve_gateway_request_seconds",
+    "HTTP request time (streams: until closed)",
+    ["endpoint"],
+    buckets=_LATENCY_BUCKETS,
+)
+KEY_REQUESTS = Counter(
+    "diffserve_gateway_key_requests_total", "requests per API key (its name) by outcome", ["key", "outcome"]
+)
 KEY_JOBS = Counter("diffserve_gateway_key_jobs_total", "jobs admitted per API key (its name)", ["key"])
 
 

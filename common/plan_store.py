@@ -79,5 +79,9 @@ class HeavyStageWatcher:
         if now - self._counted_at >= self.refresh_s:
             self._counted_at = now
             self.workers = sum(role == "heavy" for role in (await live_roles(self.r, self.keys)).values())
-        return HeavyStage(workers=self.workers, batch=max(1, plan.heavy_batch), batch_ms=batch_ms,
-                          backlog=await backlog(self.r, self.keys.heavy_queue, "workers"))
+        return HeavyStage(
+            workers=self.workers,
+            batch=max(1, plan.heavy_batch),
+            batch_ms=batch_ms,
+            backlog=await backlog(self.r, self.keys.heavy_queue, "workers"),
+        )

@@ -101,20 +101,57 @@ class PolicySpec:
 
 
 POLICY_TABLE: dict[str, PolicySpec] = {
-    "diffserve": PolicySpec(options="threshold", objective=None, discriminator_routes=True, degrade_late=True,
-                            summary="MILP every interval, best estimated quality within the SLO"),
-    "diffserve-threshold": PolicySpec(options="threshold", objective="threshold", discriminator_routes=True,
-                                      degrade_late=True, summary="MILP every interval, largest t (the paper)"),
-    "static": PolicySpec(options="threshold", objective=None, discriminator_routes=True, degrade_late=True,
-                         fixed=True, summary="one plan (threshold, batches, roles) set once and never changed"),
-    "clipper-light": PolicySpec(options="light", objective="threshold", discriminator_routes=False,
-                                degrade_late=True, summary="light model only"),
-    "clipper-heavy": PolicySpec(options="heavy", objective="threshold", discriminator_routes=False,
-                                degrade_late=False, summary="heavy model only, late answers stay heavy"),
-    "proteus": PolicySpec(options="split", objective="threshold", discriminator_routes=False, degrade_late=True,
-                          summary="a random fraction straight to heavy, as large as capacity allows"),
-    "aimd": PolicySpec(options="threshold", objective=None, discriminator_routes=True, degrade_late=True,
-                       aimd=True, summary="batch sizes by AIMD on SLO misses, MILP for the rest"),
+    "diffserve": PolicySpec(
+        options="threshold",
+        objective=None,
+        discriminator_routes=True,
+        degrade_late=True,
+        summary="MILP every interval, best estimated quality within the SLO",
+    ),
+    "diffserve-threshold": PolicySpec(
+        options="threshold",
+        objective="threshold",
+        discriminator_routes=True,
+        degrade_late=True,
+        summary="MILP every interval, largest t (the paper)",
+    ),
+    "static": PolicySpec(
+        options="threshold",
+        objective=None,
+        discriminator_routes=True,
+        degrade_late=True,
+        fixed=True,
+        summary="one plan (threshold, batches, roles) set once and never changed",
+    ),
+    "clipper-light": PolicySpec(
+        options="light",
+        objective="threshold",
+        discriminator_routes=False,
+        degrade_late=True,
+        summary="light model only",
+    ),
+    "clipper-heavy": PolicySpec(
+        options="heavy",
+        objective="threshold",
+        discriminator_routes=False,
+        degrade_late=False,
+        summary="heavy model only, late answers stay heavy",
+    ),
+    "proteus": PolicySpec(
+        options="split",
+        objective="threshold",
+        discriminator_routes=False,
+        degrade_late=True,
+        summary="a random fraction straight to heavy, as large as capacity allows",
+    ),
+    "aimd": PolicySpec(
+        options="threshold",
+        objective=None,
+        discriminator_routes=True,
+        degrade_late=True,
+        aimd=True,
+        summary="batch sizes by AIMD on SLO misses, MILP for the rest",
+    ),
 }
 POLICIES = tuple(POLICY_TABLE)
 
@@ -153,8 +190,10 @@ class FixedPlan:
         return cls(threshold=t, light_workers=lw, light_batch=lb, heavy_workers=hw, heavy_batch=hb)
 
     def __str__(self) -> str:
-        return (f"t={self.threshold:g},light={self.light_workers}x{self.light_batch},"
-                f"heavy={self.heavy_workers}x{self.heavy_batch}")
+        return (
+            f"t={self.threshold:g},light={self.light_workers}x{self.light_batch},"
+            f"heavy={self.heavy_workers}x{self.heavy_batch}"
+        )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -317,19 +356,30 @@ class PlanResult:
         from common.messages import Plan
 
         spec = policy_spec(self.policy)
-        return Plan(version=version, policy=self.policy, threshold=float(self.threshold),
-                    light_batch=int(self.light_batch), heavy_batch=int(self.heavy_batch),
-                    light_workers=int(self.light_workers), heavy_workers=int(self.heavy_workers),
-                    heavy_fraction=float(self.heavy_fraction), roles=dict(self.roles if roles is None else roles),
-                    demand_qps=float(self.demand_qps), feasible=bool(self.feasible), objective=self.objective,
-                    estimated_quality=None if self.estimated_quality is None else float(self.estimated_quality),
-                    created_ms=time.time() * 1000.0 if created_ms is None else created_ms,
-                    discriminator_routes=spec.discriminator_routes, degrade_late=spec.degrade_late)
+        return Plan(
+            version=version,
+            policy=self.policy,
+            threshold=float(self.threshold),
+            light_batch=int(self.light_batch),
+            heavy_batch=int(self.heavy_batch),
+            light_workers=int(self.light_workers),
+            heavy_workers=int(self.heavy_workers),
+            heavy_fraction=float(self.heavy_fraction),
+            roles=dict(self.roles if roles is None else roles),
+            demand_qps=float(self.demand_qps),
+            feasible=bool(self.feasible),
+            objective=self.objective,
+            estimated_quality=None if self.estimated_quality is None else float(self.estimated_quality),
+            created_ms=time.time() * 1000.0 if created_ms is None else created_ms,
+            discriminator_routes=spec.discriminator_routes,
+            degrade_late=spec.degrade_late,
+        )
 
 
 # ----------------------------------------------------------------------------- roles
-def assign_roles(current: dict[str, str], light_workers: int, heavy_workers: int, *,
-                 switch_s: dict[str, float] | None = None) -> dict[str, str]:
+def assign_roles(
+    current: dict[str, str], light_workers: int, heavy_workers: int, *, switch_s: dict[str, float] | None = None
+) -> dict[str, str]:
     """A role for every worker in ``current`` (worker id -> its role now, or anything else
     for unknown) with ``light_workers`` light and ``heavy_workers`` heavy, changing the fewest
     known roles.  Workers beyond light+heavy keep their role (light when unknown); when the
@@ -344,8 +394,7 @@ def assign_roles(current: dict[str, str], light_workers: int, heavy_workers: int
         for w in keepers:
             roles[w] = role
     # unknown roles first (they cost no change), then the cheapest to switch
-    rest = sorted((w for w in ids if w not in roles),
-                  key=lambda w: (current[w] in ROLES, cost.get(w, 0.0), w))
+    rest = sorted((w for w in ids if w not in roles), key=lambda w: (current[w] in ROLES, cost.get(w, 0.0), w))
     for role in ROLES:
         need = want[role] - sum(1 for r in roles.values() if r == role)
         while need > 0 and rest:
@@ -379,8 +428,13 @@ def _quality_key(profile: CascadeProfile, light_share: float) -> float:
     return round(score if q.lower_is_better else -score, 9)
 
 
-def build_options(profile: CascadeProfile, policy: str, objective: str, threshold_grid=THRESHOLD_GRID,
-                  threshold_window: tuple[float, float] | None = None) -> list[Option]:
+def build_options(
+    profile: CascadeProfile,
+    policy: str,
+    objective: str,
+    threshold_grid=THRESHOLD_GRID,
+    threshold_window: tuple[float, float] | None = None,
+) -> list[Option]:
     spec = policy_spec(policy)
     f = profile.curve.f
     if spec.options == "light":
@@ -403,13 +457,27 @@ def build_options(profile: CascadeProfile, policy: str, objective: str, threshol
     return opts
 
 
-def build_problem(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: str = "diffserve",
-                  objective: str | None = None, slo_ms: float | None = None, latency_scale: float = 1.0,
-                  batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID,
-                  threshold_window: tuple[float, float] | None = None, light_demand_qps: float | None = None,
-                  current: dict[str, str] | None = None, queues: QueueStats | None = None,
-                  keep_roles: bool = False, light_batches=None, heavy_batches=None, drain_s: float = DEFAULT_DRAIN_S,
-                  headroom: float = DEFAULT_HEADROOM) -> Problem:
+def build_problem(
+    profile: CascadeProfile,
+    demand_qps: float,
+    workers: int,
+    *,
+    policy: str = "diffserve",
+    objective: str | None = None,
+    slo_ms: float | None = None,
+    latency_scale: float = 1.0,
+    batch_grid=BATCH_GRID,
+    threshold_grid=THRESHOLD_GRID,
+    threshold_window: tuple[float, float] | None = None,
+    light_demand_qps: float | None = None,
+    current: dict[str, str] | None = None,
+    queues: QueueStats | None = None,
+    keep_roles: bool = False,
+    light_batches=None,
+    heavy_batches=None,
+    drain_s: float = DEFAULT_DRAIN_S,
+    headroom: float = DEFAULT_HEADROOM,
+) -> Problem:
     objective = objective or default_objective(profile)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
@@ -431,11 +499,24 @@ def build_problem(profile: CascadeProfile, demand_qps: float, workers: int, *, p
     min_heavy = int(drain and q.heavy_backlog > 0)
     if keep_roles:
         min_light, min_heavy = min(min_light, l0), min(min_heavy, h0)
-    return Problem(demand=d, light_demand=dl, workers=int(workers), slo_ms=float(slo_ms or profile.slo_ms),
-                   e1=e1, e2=e2, ed=ed, options=opts,
-                   extra_light_qps=(q.light_backlog + q.discriminator_backlog) / drain_s,
-                   extra_heavy_qps=q.heavy_backlog / drain_s, headroom=headroom, current_light=l0, current_heavy=h0,
-                   keep_roles=keep_roles, min_light=min_light, min_heavy=min_heavy)
+    return Problem(
+        demand=d,
+        light_demand=dl,
+        workers=int(workers),
+        slo_ms=float(slo_ms or profile.slo_ms),
+        e1=e1,
+        e2=e2,
+        ed=ed,
+        options=opts,
+        extra_light_qps=(q.light_backlog + q.discriminator_backlog) / drain_s,
+        extra_heavy_qps=q.heavy_backlog / drain_s,
+        headroom=headroom,
+        current_light=l0,
+        current_heavy=h0,
+        keep_roles=keep_roles,
+        min_light=min_light,
+        min_heavy=min_heavy,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -491,8 +572,12 @@ def brute_force(problem: Problem, *, exhaustive: bool = True) -> tuple[Choice, E
             for b2 in problem.b2s:
                 lo1, lo2 = _min_workers(problem, o, b1, b2)
                 if exhaustive:
-                    pairs = ((x1, x2) for x1 in range(problem.workers + 1)
-                             for x2 in range(problem.workers + 1 - x1) if x1 >= lo1 and x2 >= lo2)
+                    pairs = (
+                        (x1, x2)
+                        for x1 in range(problem.workers + 1)
+                        for x2 in range(problem.workers + 1 - x1)
+                        if x1 >= lo1 and x2 >= lo2
+                    )
                 else:
                     pairs = [(lo1, lo2)]
                 for x1, x2 in pairs:
@@ -537,8 +622,10 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
         light = lmin if o.uses_light else 0.0
         heavy = hmin if o.uses_heavy else 0.0
         fixed = max(light, heavy) if o.split else light + heavy
-        if fixed <= slo * (1 + _REL_TOL) and (not problem.keep_roles or (
-                (not o.uses_light or problem.current_light >= 1) and (not o.uses_heavy or problem.current_heavy >= 1))):
+        if fixed <= slo * (1 + _REL_TOL) and (
+            not problem.keep_roles
+            or ((not o.uses_light or problem.current_light >= 1) and (not o.uses_heavy or problem.current_heavy >= 1))
+        ):
             opts.append(k)
     if not opts:
         return None
@@ -568,10 +655,12 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
         m += x2[b] <= U2[b] * y2[b]
     X1, X2 = mip.xsum(x1.values()), mip.xsum(x2.values())
     m += X1 + X2 <= S
-    m += mip.xsum(problem.p1(b) * x1[b] for b in problem.b1s) >= \
-        mip.xsum(problem.light_load(opt[k]) * (1 - _REL_TOL) * z[k] for k in opts)
-    m += mip.xsum(problem.p2(b) * x2[b] for b in problem.b2s) >= \
-        mip.xsum(problem.heavy_load(opt[k]) * (1 - _REL_TOL) * z[k] for k in opts)
+    m += mip.xsum(problem.p1(b) * x1[b] for b in problem.b1s) >= mip.xsum(
+        problem.light_load(opt[k]) * (1 - _REL_TOL) * z[k] for k in opts
+    )
+    m += mip.xsum(problem.p2(b) * x2[b] for b in problem.b2s) >= mip.xsum(
+        problem.heavy_load(opt[k]) * (1 - _REL_TOL) * z[k] for k in opts
+    )
     m += X1 >= mip.xsum(z[k] for k in opts if opt[k].uses_light)
     m += X2 >= mip.xsum(z[k] for k in opts if opt[k].uses_heavy)
     if problem.min_light:
@@ -591,7 +680,7 @@ def solve_milp(problem: Problem) -> tuple[Choice, Evaluation] | None:
     for (light, heavy, split), ks in kinds.items():
         chosen = mip.xsum(z[k] for k in ks)
         rows = ([A1] if light else []) + ([A2] if heavy else [])
-        for row in (rows if split else [mip.xsum(rows)]):
+        for row in rows if split else [mip.xsum(rows)]:
             m += lat >= row - M * (1 - chosen)
 
     w3 = 2.0  # lat <= 1 < w3: one light worker fewer outweighs any latency
@@ -637,18 +726,29 @@ def _refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, refit: bool =
         rho1 = _utilisation(problem, o, "light", ch.x1, ch.b1) if o.uses_light else 0.0
         rho2 = _utilisation(problem, o, "heavy", ch.x2, ch.b2) if o.uses_heavy else 0.0
         # a stage the option sends nothing new gets the smallest batch (stable plans)
-        b1s = [b for b in problem.b1s if _utilisation(problem, o, "light", x1, b) <= rho1 * (1 + 1e-9)] \
-            if o.uses_light else problem.b1s[:1]
-        b2s = [b for b in problem.b2s if _utilisation(problem, o, "heavy", x2, b) <= rho2 * (1 + 1e-9)] \
-            if o.uses_heavy else problem.b2s[:1]
+        b1s = (
+            [b for b in problem.b1s if _utilisation(problem, o, "light", x1, b) <= rho1 * (1 + 1e-9)]
+            if o.uses_light
+            else problem.b1s[:1]
+        )
+        b2s = (
+            [b for b in problem.b2s if _utilisation(problem, o, "heavy", x2, b) <= rho2 * (1 + 1e-9)]
+            if o.uses_heavy
+            else problem.b2s[:1]
+        )
         best = None
         for b1 in b1s:
             for b2 in b2s:
                 cand = Choice(ch.option, b1, b2, x1, x2)
                 ev = evaluate(relaxed, cand)
                 if ev.feasible:
-                    rho = sorted((_utilisation(problem, o, "light", x1, b1) if o.uses_light else 0.0,
-                                  _utilisation(problem, o, "heavy", x2, b2) if o.uses_heavy else 0.0), reverse=True)
+                    rho = sorted(
+                        (
+                            _utilisation(problem, o, "light", x1, b1) if o.uses_light else 0.0,
+                            _utilisation(problem, o, "heavy", x2, b2) if o.uses_heavy else 0.0,
+                        ),
+                        reverse=True,
+                    )
                     key = (round(rho[0], 6), round(rho[1], 6), round(ev.total_ms, 6), (b1, b2) != (ch.b1, ch.b2))
                     if best is None or key < best[0]:
                         best = (key, cand, ev)
@@ -723,8 +823,9 @@ def _fallback(problem: Problem, policy: str) -> tuple[Choice, Evaluation]:
         ch = Choice(0, problem.b1s[0], b2, problem.min_light, S - problem.min_light)
     else:  # every worker light, t = 0 (or h = 0)
         k = min(range(len(problem.options)), key=lambda i: (problem.options[i].heavy_factor, problem.options[i].value))
-        ch = Choice(k, _best_batch(problem, light_paths, problem.p1), problem.b2s[0], S - problem.min_heavy,
-                    problem.min_heavy)
+        ch = Choice(
+            k, _best_batch(problem, light_paths, problem.p1), problem.b2s[0], S - problem.min_heavy, problem.min_heavy
+        )
     return ch, evaluate(dataclasses.replace(problem, keep_roles=False), ch)
 
 
@@ -749,37 +850,89 @@ def _aimd_batches(aimd: AimdState, grid) -> list[tuple[int, int]]:
     return out
 
 
-def _fixed_result(profile: CascadeProfile, fixed: FixedPlan, workers: int, current: dict[str, str], *,
-                  policy: str, objective: str, slo_ms: float, latency_scale: float, demand_qps: float,
-                  switch_s: dict[str, float] | None) -> PlanResult:
+def _fixed_result(
+    profile: CascadeProfile,
+    fixed: FixedPlan,
+    workers: int,
+    current: dict[str, str],
+    *,
+    policy: str,
+    objective: str,
+    slo_ms: float,
+    latency_scale: float,
+    demand_qps: float,
+    switch_s: dict[str, float] | None,
+) -> PlanResult:
     """A plan given explicitly, as it is: roles assigned with the fewest changes."""
     f = profile.curve.f(fixed.threshold)
-    problem = build_problem(profile, demand_qps, workers, policy=policy, objective=objective, slo_ms=slo_ms,
-                            latency_scale=latency_scale, threshold_grid=[fixed.threshold],
-                            light_batches=[fixed.light_batch], heavy_batches=[fixed.heavy_batch])
+    problem = build_problem(
+        profile,
+        demand_qps,
+        workers,
+        policy=policy,
+        objective=objective,
+        slo_ms=slo_ms,
+        latency_scale=latency_scale,
+        threshold_grid=[fixed.threshold],
+        light_batches=[fixed.light_batch],
+        heavy_batches=[fixed.heavy_batch],
+    )
     ev = evaluate(problem, Choice(0, problem.b1s[0], problem.b2s[0], fixed.light_workers, fixed.heavy_workers))
-    lat = LatencyBreakdown(ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms,
-                           ev.total_ms)
+    lat = LatencyBreakdown(
+        ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms, ev.total_ms
+    )
     quality = profile.quality.score(1.0 - f) if profile.quality is not None else None
     roles = assign_roles(current, fixed.light_workers, fixed.heavy_workers, switch_s=switch_s) if current else {}
-    return PlanResult(policy=policy, objective=objective, threshold=fixed.threshold, heavy_fraction=0.0,
-                      light_batch=fixed.light_batch, heavy_batch=fixed.heavy_batch,
-                      light_workers=fixed.light_workers, heavy_workers=fixed.heavy_workers, feasible=ev.feasible,
-                      latency=lat, estimated_quality=quality,
-                      objective_value=quality if objective == "quality" and quality is not None else fixed.threshold,
-                      light_share=1.0 - f, demand_qps=demand_qps, workers=workers, slo_ms=slo_ms, solve_ms=0.0,
-                      min_light_workers=fixed.light_workers, min_heavy_workers=fixed.heavy_workers,
-                      role_changes=count_changes(current, roles), roles=roles, notes=[f"fixed plan {fixed}"])
+    return PlanResult(
+        policy=policy,
+        objective=objective,
+        threshold=fixed.threshold,
+        heavy_fraction=0.0,
+        light_batch=fixed.light_batch,
+        heavy_batch=fixed.heavy_batch,
+        light_workers=fixed.light_workers,
+        heavy_workers=fixed.heavy_workers,
+        feasible=ev.feasible,
+        latency=lat,
+        estimated_quality=quality,
+        objective_value=quality if objective == "quality" and quality is not None else fixed.threshold,
+        light_share=1.0 - f,
+        demand_qps=demand_qps,
+        workers=workers,
+        slo_ms=slo_ms,
+        solve_ms=0.0,
+        min_light_workers=fixed.light_workers,
+        min_heavy_workers=fixed.heavy_workers,
+        role_changes=count_changes(current, roles),
+        roles=roles,
+        notes=[f"fixed plan {fixed}"],
+    )
 
 
-def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: str = "diffserve",
-         objective: str | None = None, slo_ms: float | None = None, latency_scale: float = 1.0,
-         batch_grid=BATCH_GRID, threshold_grid=THRESHOLD_GRID, threshold_window: tuple[float, float] | None = None,
-         light_demand_qps: float | None = None, current: dict[str, str] | None = None,
-         queues: QueueStats | None = None, keep_roles: bool = False, aimd: AimdState | None = None,
-         drain_s: float = DEFAULT_DRAIN_S, headroom: float = DEFAULT_HEADROOM, spare_util: float = 0.5,
-         switch_s: dict[str, float] | None = None, fixed: FixedPlan | None = None,
-         solver: str = "milp") -> PlanResult:
+def plan(
+    profile: CascadeProfile,
+    demand_qps: float,
+    workers: int,
+    *,
+    policy: str = "diffserve",
+    objective: str | None = None,
+    slo_ms: float | None = None,
+    latency_scale: float = 1.0,
+    batch_grid=BATCH_GRID,
+    threshold_grid=THRESHOLD_GRID,
+    threshold_window: tuple[float, float] | None = None,
+    light_demand_qps: float | None = None,
+    current: dict[str, str] | None = None,
+    queues: QueueStats | None = None,
+    keep_roles: bool = False,
+    aimd: AimdState | None = None,
+    drain_s: float = DEFAULT_DRAIN_S,
+    headroom: float = DEFAULT_HEADROOM,
+    spare_util: float = 0.5,
+    switch_s: dict[str, float] | None = None,
+    fixed: FixedPlan | None = None,
+    solver: str = "milp",
+) -> PlanResult:
     """The plan for ``demand_qps`` on ``workers`` workers.
 
     ``current`` maps worker id -> role now (its length should be ``workers``); the result's
@@ -797,11 +950,31 @@ def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: st
     current = current or {}
     slo = float(slo_ms or profile.slo_ms)
     if fixed is not None:
-        return _fixed_result(profile, fixed, workers, current, policy=policy, objective=objective, slo_ms=slo,
-                             latency_scale=latency_scale, demand_qps=demand_qps, switch_s=switch_s)
-    kwargs = dict(policy=policy, objective=objective, slo_ms=slo, latency_scale=latency_scale,
-                  batch_grid=batch_grid, threshold_grid=threshold_grid, current=current, queues=queues,
-                  keep_roles=keep_roles, drain_s=drain_s, headroom=headroom)
+        return _fixed_result(
+            profile,
+            fixed,
+            workers,
+            current,
+            policy=policy,
+            objective=objective,
+            slo_ms=slo,
+            latency_scale=latency_scale,
+            demand_qps=demand_qps,
+            switch_s=switch_s,
+        )
+    kwargs = dict(
+        policy=policy,
+        objective=objective,
+        slo_ms=slo,
+        latency_scale=latency_scale,
+        batch_grid=batch_grid,
+        threshold_grid=threshold_grid,
+        current=current,
+        queues=queues,
+        keep_roles=keep_roles,
+        drain_s=drain_s,
+        headroom=headroom,
+    )
     candidates = [(None, None)]
     if spec.aimd:
         candidates = _aimd_batches(aimd or AimdState(), batch_grid)
@@ -818,9 +991,16 @@ def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: st
         nonlocal solve_s, problem
         best = None
         for i, (lb, hb) in enumerate(candidates):  # one solve; under AIMD one per candidate batch pair
-            cand = build_problem(profile, demand_qps, workers, light_batches=[lb] if lb else None,
-                                 heavy_batches=[hb] if hb else None, threshold_window=window,
-                                 light_demand_qps=light_demand, **kwargs)
+            cand = build_problem(
+                profile,
+                demand_qps,
+                workers,
+                light_batches=[lb] if lb else None,
+                heavy_batches=[hb] if hb else None,
+                threshold_window=window,
+                light_demand_qps=light_demand,
+                **kwargs,
+            )
             problem = problem or cand
             if cand.workers <= 0:
                 break
@@ -845,19 +1025,36 @@ def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: st
         best = search(None, light_demand_qps)
         if best is not None:
             clamp = threshold_window
-            notes.append("nothing feasible within the threshold window: the whole grid's plan, with the "
-                         "threshold moved at most to the window's edge (the deadline rule covers the rest)")
+            notes.append(
+                "nothing feasible within the threshold window: the whole grid's plan, with the "
+                "threshold moved at most to the window's edge (the deadline rule covers the rest)"
+            )
     if best is None and light_demand_qps and light_demand_qps > demand_qps and workers > 0:
         best = search(None, None)
         if best is not None:
             notes.append("the light stage is planned for the current demand, not its recent peak")
     solve_ms = solve_s * 1000.0
     if problem.workers <= 0:
-        return PlanResult(policy=policy, objective=objective, threshold=0.0, heavy_fraction=0.0,
-                          light_batch=problem.b1s[0], heavy_batch=problem.b2s[0], light_workers=0, heavy_workers=0,
-                          feasible=False, latency=LatencyBreakdown(), estimated_quality=None, objective_value=0.0,
-                          light_share=1.0, demand_qps=problem.demand, workers=0, slo_ms=slo, solve_ms=solve_ms,
-                          notes=["no live workers"])
+        return PlanResult(
+            policy=policy,
+            objective=objective,
+            threshold=0.0,
+            heavy_fraction=0.0,
+            light_batch=problem.b1s[0],
+            heavy_batch=problem.b2s[0],
+            light_workers=0,
+            heavy_workers=0,
+            feasible=False,
+            latency=LatencyBreakdown(),
+            estimated_quality=None,
+            objective_value=0.0,
+            light_share=1.0,
+            demand_qps=problem.demand,
+            workers=0,
+            slo_ms=slo,
+            solve_ms=solve_ms,
+            notes=["no live workers"],
+        )
     if best is not None:
         _key, problem, ch, ev, mins = best
         feasible = True
@@ -866,8 +1063,7 @@ def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: st
         problem = build_problem(profile, demand_qps, workers, **kwargs)  # the whole grid of batches and options
         ch, ev = _fallback(problem, policy)
         mins = (ch.x1, ch.x2)
-        notes.append("no plan meets demand within the SLO (even at the lowest threshold): "
-                     "maximum-throughput plan")
+        notes.append("no plan meets demand within the SLO (even at the lowest threshold): maximum-throughput plan")
     plan_ms = (time.perf_counter() - start) * 1000.0
     o = problem.options[ch.option]
     value, light_share = o.value, o.light_share
@@ -881,15 +1077,35 @@ def plan(profile: CascadeProfile, demand_qps: float, workers: int, *, policy: st
     quality = profile.quality.score(light_share) if profile.quality is not None else None
     objective_value = quality if (objective == "quality" and quality is not None) else value
     roles = assign_roles(current, ch.x1, ch.x2, switch_s=switch_s) if current else {}
-    lat = LatencyBreakdown(ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms,
-                           ev.total_ms)
-    return PlanResult(policy=policy, objective=objective, threshold=round(threshold, 4),
-                      heavy_fraction=round(heavy_fraction, 4), light_batch=ch.b1, heavy_batch=ch.b2,
-                      light_workers=ch.x1, heavy_workers=ch.x2, feasible=feasible, latency=lat,
-                      estimated_quality=quality, objective_value=objective_value, light_share=light_share,
-                      demand_qps=problem.demand, light_demand_qps=problem.light_demand, workers=problem.workers,
-                      slo_ms=slo, solve_ms=solve_ms, min_light_workers=mins[0], min_heavy_workers=mins[1],
-                      role_changes=count_changes(current, roles), roles=roles, notes=notes, plan_ms=plan_ms)
+    lat = LatencyBreakdown(
+        ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms, ev.total_ms
+    )
+    return PlanResult(
+        policy=policy,
+        objective=objective,
+        threshold=round(threshold, 4),
+        heavy_fraction=round(heavy_fraction, 4),
+        light_batch=ch.b1,
+        heavy_batch=ch.b2,
+        light_workers=ch.x1,
+        heavy_workers=ch.x2,
+        feasible=feasible,
+        latency=lat,
+        estimated_quality=quality,
+        objective_value=objective_value,
+        light_share=light_share,
+        demand_qps=problem.demand,
+        light_demand_qps=problem.light_demand,
+        workers=problem.workers,
+        slo_ms=slo,
+        solve_ms=solve_ms,
+        min_light_workers=mins[0],
+        min_heavy_workers=mins[1],
+        role_changes=count_changes(current, roles),
+        roles=roles,
+        notes=notes,
+        plan_ms=plan_ms,
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -899,8 +1115,11 @@ def _table(result: PlanResult) -> str:
     rows = [
         ("policy / objective", f"{result.policy} / {result.objective}"),
         ("feasible", str(result.feasible)),
-        ("threshold", f"{result.threshold:.2f}" + (f"  (heavy fraction {result.heavy_fraction:.2f})"
-                                                  if result.heavy_fraction else "")),
+        (
+            "threshold",
+            f"{result.threshold:.2f}"
+            + (f"  (heavy fraction {result.heavy_fraction:.2f})" if result.heavy_fraction else ""),
+        ),
         ("light share", f"{result.light_share:.3f}   estimated quality {q}"),
         ("light workers x batch", f"{result.light_workers} x {result.light_batch}"),
         ("heavy workers x batch", f"{result.heavy_workers} x {result.heavy_batch}"),
@@ -924,33 +1143,56 @@ def plan_main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, required=True, help="workers (GPUs)")
     p.add_argument("--cascade", default=DEFAULT_CASCADE, choices=sorted(CASCADES))
     p.add_argument("--hardware", default="a100", choices=sorted(HARDWARE))
-    p.add_argument("--objective", default=None, choices=OBJECTIVES,
-                   help="default: quality where the cascade has a quality curve, else threshold")
+    p.add_argument(
+        "--objective",
+        default=None,
+        choices=OBJECTIVES,
+        help="default: quality where the cascade has a quality curve, else threshold",
+    )
     p.add_argument("--policy", default="diffserve", choices=POLICIES)
     p.add_argument("--slo-ms", type=float, default=None, help="default: the cascade's")
-    p.add_argument("--light-demand", type=float, default=None,
-                   help="demand the light stage is provisioned for (default: --demand)")
-    p.add_argument("--fixed-plan", default=None, metavar="t=0.02,light=4x16,heavy=12x4",
-                   help="evaluate this plan as given (workers x batch) instead of solving")
-    p.add_argument("--latency-scale", type=float, default=1.0,
-                   help="multiply every profiled latency (time-scaled runs; scale --slo-ms too)")
+    p.add_argument(
+        "--light-demand", type=float, default=None, help="demand the light stage is provisioned for (default: --demand)"
+    )
+    p.add_argument(
+        "--fixed-plan",
+        default=None,
+        metavar="t=0.02,light=4x16,heavy=12x4",
+        help="evaluate this plan as given (workers x batch) instead of solving",
+    )
+    p.add_argument(
+        "--latency-scale",
+        type=float,
+        default=1.0,
+        help="multiply every profiled latency (time-scaled runs; scale --slo-ms too)",
+    )
     p.add_argument("--latency-file", default=None, help="own batch-latency table")
     p.add_argument("--curve-file", default=None, help="own f(t) curve")
     p.add_argument("--solver", default="milp", choices=("milp", "enumerate"))
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
     try:
-        profile = load_cascade_profile(args.cascade, args.hardware, latency_file=args.latency_file,
-                                       curve_file=args.curve_file, slo_ms=args.slo_ms)
+        profile = load_cascade_profile(
+            args.cascade, args.hardware, latency_file=args.latency_file, curve_file=args.curve_file, slo_ms=args.slo_ms
+        )
     except ValueError as exc:
         raise SystemExit(f"diffserve plan: {exc}") from None
     try:
         fixed = FixedPlan.parse(args.fixed_plan) if args.fixed_plan else None
     except ValueError as exc:
         raise SystemExit(f"diffserve plan: {exc}") from None
-    result = plan(profile, args.demand, args.workers, policy=args.policy, objective=args.objective,
-                  slo_ms=args.slo_ms, latency_scale=args.latency_scale, light_demand_qps=args.light_demand,
-                  fixed=fixed, solver=args.solver)
+    result = plan(
+        profile,
+        args.demand,
+        args.workers,
+        policy=args.policy,
+        objective=args.objective,
+        slo_ms=args.slo_ms,
+        latency_scale=args.latency_scale,
+        light_demand_qps=args.light_demand,
+        fixed=fixed,
+        solver=args.solver,
+    )
     if args.json:
         body = result.to_dict()
         body.pop("roles", None)

@@ -152,8 +152,9 @@ class QualityCurve:
         return a < b if self.lower_is_better else a > b
 
 
-def load_quality_curve(path: str | Path, column: str, *, metric: str = "fid",
-                       lower_is_better: bool = True) -> QualityCurve:
+def load_quality_curve(
+    path: str | Path, column: str, *, metric: str = "fid", lower_is_better: bool = True
+) -> QualityCurve:
     """A CSV with a ``light_share`` column and one score column per cascade."""
     shares, scores = [], []
     with open(path, newline="") as fh:
@@ -186,9 +187,16 @@ class CascadeProfile:
         return {"light": self.light, "heavy": self.heavy, "discriminator": self.discriminator}[role]
 
 
-def load_cascade_profile(name: str, hardware: str = "a100", *, latency_file: str | None = None,
-                         latency_accel: str | None = None, curve_file: str | None = None,
-                         quality_file: str | None = None, slo_ms: float | None = None) -> CascadeProfile:
+def load_cascade_profile(
+    name: str,
+    hardware: str = "a100",
+    *,
+    latency_file: str | None = None,
+    latency_accel: str | None = None,
+    curve_file: str | None = None,
+    quality_file: str | None = None,
+    slo_ms: float | None = None,
+) -> CascadeProfile:
     """The profile of cascade ``name`` on ``hardware`` (a100: the paper's tables, h100: ours),
     with any of its parts replaced by an operator's own file."""
     spec = cascade(name)

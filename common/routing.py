@@ -34,8 +34,9 @@ def heavy_queue_wait_ms(backlog: int, workers: int, batch: int, batch_ms: float)
     return max(0, backlog) * batch_ms / (workers * max(1, batch))
 
 
-def finishes_in_time(now_ms: float, deadline_ms: float, queue_wait_ms: float, batch_ms: float,
-                     skew_ms: float = 0.0) -> bool:
+def finishes_in_time(
+    now_ms: float, deadline_ms: float, queue_wait_ms: float, batch_ms: float, skew_ms: float = 0.0
+) -> bool:
     """The deadline rule: starting after ``queue_wait_ms`` and taking ``batch_ms``, is it done by the deadline?
     ``skew_ms``: how far this host's clock may lag the one that set the deadline (DIFFSERVE_CLOCK_SKEW_MS)."""
     return now_ms + skew_ms + queue_wait_ms + batch_ms <= deadline_ms
@@ -62,8 +63,15 @@ class HeavyStage:
         self.backlog += 1
 
 
-def cascade_decision(confidence: float, threshold: float, *, discriminator_routes: bool, degrade_late: bool,
-                     fallback: bool, on_time: bool) -> Decision:
+def cascade_decision(
+    confidence: float,
+    threshold: float,
+    *,
+    discriminator_routes: bool,
+    degrade_late: bool,
+    fallback: bool,
+    on_time: bool,
+) -> Decision:
     """The discriminator's decision for one scored light image.
 
     ``fallback``: the job had been sent straight to heavy and came back because it could not

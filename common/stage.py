@@ -21,8 +21,16 @@ async def cancelled_ids(r, keys: Keys, job_ids: list[str]) -> set[str]:
     return {job_id for job_id, flag in zip(job_ids, flags) if flag is not None}
 
 
-def split_batch(entries: list[Entry], decode: Callable[[bytes], Any], *, keys: Keys, stream: str, service: str,
-                max_deliveries: int, job_of: Callable[[Any], Any]):
+def split_batch(
+    entries: list[Entry],
+    decode: Callable[[bytes], Any],
+    *,
+    keys: Keys,
+    stream: str,
+    service: str,
+    max_deliveries: int,
+    job_of: Callable[[Any], Any],
+):
     """Returns (good [(entry, message)], outputs for the bad ones). A bad entry becomes an
     error completion when its job can be identified, else a dead letter; an entry that was
     delivered more than ``max_deliveries`` times (it crashed its consumers) is failed too."""
@@ -36,8 +44,14 @@ def split_batch(entries: list[Entry], decode: Callable[[bytes], Any], *, keys: K
             continue
         if entry.deliveries > max_deliveries:
             metrics.ERRORS.labels(service, E_INTERNAL).inc()
-            outputs.append((keys.completions, Completion.failure(
-                job_of(message), E_INTERNAL, f"gave up after {entry.deliveries} attempts").encode()))
+            outputs.append(
+                (
+                    keys.completions,
+                    Completion.failure(
+                        job_of(message), E_INTERNAL, f"gave up after {entry.deliveries} attempts"
+                    ).encode(),
+                )
+            )
             continue
         good.append((entry, message))
     return good, outputs
@@ -53,8 +67,15 @@ def _undecodable(entry: Entry, exc: MessageError, keys: Keys, stream: str) -> tu
     job_id, arrival, deadline = job.get("job_id"), job.get("arrival_ms"), job.get("deadline_ms")
     if isinstance(job_id, str) and isinstance(arrival, (int, float)) and isinstance(deadline, (int, float)):
         reply_to = job.get("reply_to") if isinstance(job.get("reply_to"), str) else None
-        completion = Completion(job_id, float(arrival), float(deadline), reply_to, status="error",
-                                error_code=exc.code, error_message=str(exc))
+        completion = Completion(
+            job_id,
+            float(arrival),
+            float(deadline),
+            reply_to,
+            status="error",
+            error_code=exc.code,
+            error_message=str(exc),
+        )
         return keys.completions, completion.encode()
     return keys.dead_letters, DeadLetter(stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]).encode()
 

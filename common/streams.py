@@ -52,9 +52,14 @@ def connect(settings: RedisSettings, *, client_name: str | None = None) -> aiore
     well under ``SOCKET_TIMEOUT_S``, so a hung Redis still surfaces as an error."""
     # A stale pooled connection (after a Redis restart) is retried on a fresh one a few times;
     # longer outages surface as errors that run_forever rides out with its own backoff.
-    kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S, "socket_keepalive": True,
-                    "health_check_interval": 15, "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-                    "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+    kwargs: dict = {
+        "socket_connect_timeout": 5,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
     settings.check_tls()  # a Client may have changed the URL after its settings were made
     if settings.redis_username:
         kwargs["username"] = settings.redis_username
@@ -142,8 +147,16 @@ async def add(r: aioredis.Redis, stream: str, payload: bytes, *, maxlen: int | N
 class StreamConsumer:
     """One consumer in one group of one stream."""
 
-    def __init__(self, r: aioredis.Redis, stream: str, group: str, consumer: str, *,
-                 reclaim_idle_ms: int = 30_000, max_deliveries: int = 5):
+    def __init__(
+        self,
+        r: aioredis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        reclaim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
+    ):
         self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
         self.reclaim_idle_ms = reclaim_idle_ms
         self.max_deliveries = max_deliveries
@@ -177,8 +190,13 @@ class StreamConsumer:
                 if not entries:  # nothing stuck: look again a little later, not on every pull
                     self._next_reclaim = time.monotonic() + min(1.0, self.reclaim_idle_ms / 4000)
             if len(entries) < count:
-                reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                                count=count - len(entries), block=None if entries else block_ms)
+                reply = await self.r.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    {self.stream: ">"},
+                    count=count - len(entries),
+                    block=None if entries else block_ms,
+                )
                 for _stream, items in reply or []:
                     entries.extend(_entry(i, f) for i, f in items)
             self._unacked = bool(entries)
@@ -192,8 +210,9 @@ class StreamConsumer:
             raise
 
     async def _reclaim(self, count: int) -> list[Entry]:
-        reply = await self.r.xautoclaim(self.stream, self.group, self.consumer, self.reclaim_idle_ms,
-                                        start_id=self._reclaim_cursor, count=count)
+        reply = await self.r.xautoclaim(
+            self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count
+        )
         cursor, claimed = reply[0], reply[1]
         self._reclaim_cursor = _s(cursor)
         entries = [_entry(i, f) for i, f in claimed if f is not None]
@@ -204,8 +223,14 @@ class StreamConsumer:
 
     async def _set_deliveries(self, entries: list[Entry]) -> None:
         """Redis's own times-delivered counter (XPENDING) for entries now pending on this consumer."""
-        pending = await self.r.xpending_range(self.stream, self.group, min=entries[0].id, max=entries[-1].id,
-                                              count=len(entries) * 2, consumername=self.consumer)
+        pending = await self.r.xpending_range(
+            self.stream,
+            self.group,
+            min=entries[0].id,
+            max=entries[-1].id,
+            count=len(entries) * 2,
+            consumername=self.consumer,
+        )
         counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
         for e in entries:
             e.deliveries = counts.get(e.id, 2)
@@ -215,8 +240,12 @@ class StreamConsumer:
             await self.r.xack(self.stream, self.group, *ids)
         self._unacked = False
 
-    async def write_and_ack(self, ids: Sequence[str], outputs: Iterable[tuple[str, bytes]],
-                            extra: Callable[[aioredis.client.Pipeline], None] | None = None) -> list:
+    async def write_and_ack(
+        self,
+        ids: Sequence[str],
+        outputs: Iterable[tuple[str, bytes]],
+        extra: Callable[[aioredis.client.Pipeline], None] | None = None,
+    ) -> list:
         """XADD every output and XACK the inputs in one transaction: either the outputs
         exist and the inputs are acked, or neither (the inputs get reclaimed). Returns the
         replies: the XADDs', then ``extra``'s commands', then the XACK's."""
@@ -288,8 +317,12 @@ async def trim_processed(r: aioredis.Redis, stream: str) -> int:
     return int(await r.xtrim(stream, minid=keep_from, approximate=False))
 
 
-async def run_forever(name: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event,
-                      on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+async def run_forever(
+    name: str,
+    step: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Call ``step`` until ``stop`` is set; ride out Redis outages with backoff."""
     backoff = Backoff()
     while not stop.is_set():
@@ -298,8 +331,10 @@ async def run_forever(name: str, step: Callable[[], Awaitable[None]], stop: asyn
             backoff.reset()
         except TRANSIENT_ERRORS as exc:
             delay = await backoff.wait()
-            log.warning("redis unavailable, retrying", extra={"loop": name, "error": str(exc)[:200],
-                                                               "retry_in_s": round(delay, 2)})
+            log.warning(
+                "redis unavailable, retrying",
+                extra={"loop": name, "error": str(exc)[:200], "retry_in_s": round(delay, 2)},
+            )
             if on_reconnect:
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await on_reconnect()

@@ -52,8 +52,10 @@ def log(msg: str) -> None:
 def sh(*cmd: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and result.returncode != 0:
-        raise SystemExit(f"compose-test: {' '.join(cmd[:4])} failed ({result.returncode}):\n"
-                         f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        raise SystemExit(
+            f"compose-test: {' '.join(cmd[:4])} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -69,8 +71,12 @@ def port_busy(port: int) -> bool:
 
 
 def install_missing() -> None:
-    needed = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap",
-              "redis-cli": "redis-tools"}
+    needed = {
+        "dockerd": "docker.io",
+        "docker-compose": "docker-compose",
+        "debootstrap": "debootstrap",
+        "redis-cli": "redis-tools",
+    }
     packages = [pkg for tool, pkg in needed.items() if not shutil.which(tool)]
     if sh("/usr/bin/python3", "-m", "pip", "--version", check=False).returncode != 0:
         packages.append("python3-pip")  # build-offline.sh resolves the wheelhouse with Debian's Python
@@ -93,13 +99,17 @@ class Dockerd:
             log("using the Docker engine that is already running")
             return
         log("starting dockerd --bridge=none --iptables=false")
-        self.proc = subprocess.Popen(["dockerd", "--bridge=none", "--iptables=false"],
-                                     stdout=open(self.workdir / "dockerd.log", "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            ["dockerd", "--bridge=none", "--iptables=false"],
+            stdout=open(self.workdir / "dockerd.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while sh("docker", "info", check=False).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("compose-test: dockerd did not start:\n"
-                                 + (self.workdir / "dockerd.log").read_text()[-2000:])
+                raise SystemExit(
+                    "compose-test: dockerd did not start:\n" + (self.workdir / "dockerd.log").read_text()[-2000:]
+                )
             time.sleep(0.5)
 
     def down(self) -> None:
@@ -117,8 +127,10 @@ class Dockerd:
 
 def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
     """The CPU stack with host networking, merged as Compose v2 would, plus the test's timings."""
-    tree = merge(merge(load(COMPOSE / "docker-compose.yml"), load(COMPOSE / "docker-compose.cpu.yml")),
-                 load(COMPOSE / "docker-compose.hostnet.yml"))
+    tree = merge(
+        merge(load(COMPOSE / "docker-compose.yml"), load(COMPOSE / "docker-compose.cpu.yml")),
+        load(COMPOSE / "docker-compose.hostnet.yml"),
+    )
     notes = []
     if PROMETHEUS_IMAGE not in images:
         del tree["services"]["prometheus"]
@@ -140,8 +152,17 @@ def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
 
 class Stack:
     def __init__(self, file: Path, env_file: Path):
-        self.base = ["docker-compose", "-p", PROJECT, "--env-file", str(env_file), "--project-directory",
-                     str(COMPOSE), "-f", str(file)]
+        self.base = [
+            "docker-compose",
+            "-p",
+            PROJECT,
+            "--env-file",
+            str(env_file),
+            "--project-directory",
+            str(COMPOSE),
+            "-f",
+            str(file),
+        ]
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         return sh(*self.base, *args, check=check, timeout=timeout, cwd=COMPOSE)
@@ -150,8 +171,9 @@ class Stack:
         """service -> container id."""
         out = {}
         for cid in self.compose("ps", "-q").stdout.split():
-            name = sh("docker", "inspect", "--format", '{{index .Config.Labels "com.docker.compose.service"}}',
-                      cid).stdout.strip()
+            name = sh(
+                "docker", "inspect", "--format", '{{index .Config.Labels "com.docker.compose.service"}}', cid
+            ).stdout.strip()
             out[name] = cid
         return out
 
@@ -160,9 +182,13 @@ class Stack:
         while True:
             states = {}
             for name, cid in self.containers().items():
-                states[name] = sh("docker", "inspect", "--format",
-                                  "{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}",
-                                  cid).stdout.strip()
+                states[name] = sh(
+                    "docker",
+                    "inspect",
+                    "--format",
+                    "{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                    cid,
+                ).stdout.strip()
             if set(states) >= services and all(s == "running/healthy" for s in states.values()):
                 return
             if time.monotonic() > deadline:
@@ -202,8 +228,12 @@ def list_answers(r: redis.Redis, job_ids: list[str], timeout: float, problems: l
 
 
 def pending_of(r: redis.Redis, stream: str, consumer: str) -> int:
-    return sum(c["pending"] for group in r.xinfo_groups(stream)
-               for c in r.xinfo_consumers(stream, group["name"]) if c["name"].decode() == consumer)
+    return sum(
+        c["pending"]
+        for group in r.xinfo_groups(stream)
+        for c in r.xinfo_consumers(stream, group["name"])
+        if c["name"].decode() == consumer
+    )
 
 
 def scraped(problems: list[str], timeout: float = 30) -> str:
@@ -242,8 +272,11 @@ def main() -> int:
         t = time.monotonic()
         build = sh(str(COMPOSE / "build-offline.sh"), cwd=ROOT, timeout=1800)
         (workdir / "build.log").write_text(build.stdout + build.stderr)
-        built = [line.split(": ", 1)[1] for line in build.stdout.splitlines() if line.startswith("build-offline: ")
-                 and line.endswith(" MB")]
+        built = [
+            line.split(": ", 1)[1]
+            for line in build.stdout.splitlines()
+            if line.startswith("build-offline: ") and line.endswith(" MB")
+        ]
         summary["images"] = ", ".join(built) + f" (build {time.monotonic() - t:.0f} s)"
         images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
         file, notes = stack_file(workdir, images)
@@ -251,10 +284,12 @@ def main() -> int:
             log(f"not run: {note}")
         password, redis_port = secrets.token_hex(16), free_port()
         env_file = workdir / ".env"
-        env_file.write_text(f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
-                            f"GATEWAY_API_KEYS=compose-test:{hashlib.sha256(secrets.token_bytes(16)).hexdigest()}\n"
-                            f"REDIS_PORT={redis_port}\nREDIS_IMAGE={BASE_IMAGE}\n"
-                            f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}\n")
+        env_file.write_text(
+            f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
+            f"GATEWAY_API_KEYS=compose-test:{hashlib.sha256(secrets.token_bytes(16)).hexdigest()}\n"
+            f"REDIS_PORT={redis_port}\nREDIS_IMAGE={BASE_IMAGE}\n"
+            f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}\n"
+        )
         stack = Stack(file, env_file)
         services = set(yaml.safe_load(file.read_text())["services"])
         t = time.monotonic()
@@ -269,8 +304,21 @@ def main() -> int:
         # 1. redis-cli XADD from the host, plain fields, answers on the result lists.
         cli_ids = [f"e2e-cli-{i}" for i in range(20)]
         for job_id in cli_ids:
-            sh("redis-cli", "-p", str(redis_port), "--no-auth-warning", "-a", password, "XADD", "diffserve:jobs",
-               "*", "job_id", job_id, "prompt", f"a lighthouse at dusk, number {job_id}")
+            sh(
+                "redis-cli",
+                "-p",
+                str(redis_port),
+                "--no-auth-warning",
+                "-a",
+                password,
+                "XADD",
+                "diffserve:jobs",
+                "*",
+                "job_id",
+                job_id,
+                "prompt",
+                f"a lighthouse at dusk, number {job_id}",
+            )
         sent += len(cli_ids)
         answered += list_answers(r, cli_ids, 120, problems)
 
@@ -309,8 +357,9 @@ def main() -> int:
         left = pending_of(r, LIGHT_QUEUE, "worker-0")
         if left:
             problems.append(f"worker-0 still has {left} pending light entries")
-        summary["kill"] = (f"worker-0 killed holding {held} light entries, restarted {restarted}, "
-                           + ("all reclaimed" if held and not left else f"{left} left pending"))
+        summary["kill"] = f"worker-0 killed holding {held} light entries, restarted {restarted}, " + (
+            "all reclaimed" if held and not left else f"{left} left pending"
+        )
         lost = sent - answered
         summary["jobs"] = f"sent {sent}, answered {answered}, lost {lost}"
         r.close()
@@ -329,8 +378,10 @@ def main() -> int:
         print(f"  {key}: {value}")
     for problem in problems[:20]:
         print(f"  FAIL {problem}")
-    print(f"compose-test: {'PASS' if ok else 'FAIL'} in {time.monotonic() - started:.0f} s "
-          f"({summary.get('jobs', 'no jobs run')}; logs in {workdir})")
+    print(
+        f"compose-test: {'PASS' if ok else 'FAIL'} in {time.monotonic() - started:.0f} s "
+        f"({summary.get('jobs', 'no jobs run')}; logs in {workdir})"
+    )
     return 0 if ok else 1
 
 

@@ -80,12 +80,17 @@ def fetch(item: Download, cache_dir: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cascade", action="append", default=None,
-                        help=f"cascade to fetch (repeatable; default $DIFFSERVE_CASCADE or {DEFAULT_CASCADE}); "
-                             f"known: {', '.join(CASCADES)}")
+    parser.add_argument(
+        "--cascade",
+        action="append",
+        default=None,
+        help=f"cascade to fetch (repeatable; default $DIFFSERVE_CASCADE or {DEFAULT_CASCADE}); "
+        f"known: {', '.join(CASCADES)}",
+    )
     parser.add_argument("--all", action="store_true", help="fetch every known cascade")
-    parser.add_argument("--cache-dir", default=None,
-                        help="hub cache folder (default: $HF_HOME/hub, as the services read it)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="hub cache folder (default: $HF_HOME/hub, as the services read it)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would be fetched and stop")
     args = parser.parse_args(argv)
 

@@ -23,25 +23,42 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
     parser.add_argument("--policy", default="diffserve", help="controller policy")
     parser.add_argument("--no-controller", action="store_true", help="fixed roles, threshold 0.5")
-    parser.add_argument("--time-scale", type=float, default=float(os.environ.get("DIFFSERVE_TIME_SCALE", 1.0)),
-                        help="profiled backend: multiply every profiled latency by this")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=float(os.environ.get("DIFFSERVE_TIME_SCALE", 1.0)),
+        help="profiled backend: multiply every profiled latency by this",
+    )
     parser.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"))
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                        help="use this Redis instead of starting a redis-server")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis instead of starting a redis-server"
+    )
     parser.add_argument("--log-dir", default=None, help="service logs (default: a temp folder)")
     parser.add_argument("--metrics-base-port", type=int, default=0, help="give each service a metrics port")
-    parser.add_argument("--gateway-port", type=int, default=8000,
-                        help="HTTP gateway and playground on 127.0.0.1:PORT, no API keys (0: no gateway)")
+    parser.add_argument(
+        "--gateway-port",
+        type=int,
+        default=8000,
+        help="HTTP gateway and playground on 127.0.0.1:PORT, no API keys (0: no gateway)",
+    )
 
 
 def _spec(args: argparse.Namespace) -> StackSpec:
     require_backend(args.backend)  # before any process starts
     light = args.light_workers if args.light_workers is not None else max(1, args.workers // 2)
-    return StackSpec(backend=args.backend, cascade=args.cascade, light_workers=light,
-                     heavy_workers=max(0, args.workers - light), controller=not args.no_controller,
-                     policy=args.policy, time_scale=args.time_scale, redis_url=args.redis_url,
-                     model_dir=args.model_dir, metrics_base_port=args.metrics_base_port,
-                     gateway_port=args.gateway_port)
+    return StackSpec(
+        backend=args.backend,
+        cascade=args.cascade,
+        light_workers=light,
+        heavy_workers=max(0, args.workers - light),
+        controller=not args.no_controller,
+        policy=args.policy,
+        time_scale=args.time_scale,
+        redis_url=args.redis_url,
+        model_dir=args.model_dir,
+        metrics_base_port=args.metrics_base_port,
+        gateway_port=args.gateway_port,
+    )
 
 
 def up_main(argv: list[str] | None = None) -> None:
@@ -85,17 +102,22 @@ def demo_main(argv: list[str] | None = None) -> None:
 
     prompts = load_prompts()[: args.prompts]
     spec = _spec(args)
-    print(f"starting a local stack: backend={spec.backend} (profiled = simulated GPU timing, placeholder images), "
-          f"cascade={spec.cascade}, workers={args.workers}, time_scale={spec.time_scale}", flush=True)
+    print(
+        f"starting a local stack: backend={spec.backend} (profiled = simulated GPU timing, placeholder images), "
+        f"cascade={spec.cascade}, workers={args.workers}, time_scale={spec.time_scale}",
+        flush=True,
+    )
     with LocalStack(spec, args.log_dir) as stack:
         started = time.perf_counter()
         results, plan = asyncio.run(_burst(stack.redis_url, prompts, args.rate))
         wall = time.perf_counter() - started
     print(_summary(results, wall, spec))
     if plan is not None:
-        print(f"  last plan (v{plan.version}, {plan.policy}): threshold {plan.threshold:.2f}, "
-              f"light {plan.light_workers} workers x batch {plan.light_batch}, "
-              f"heavy {plan.heavy_workers} x {plan.heavy_batch}")
+        print(
+            f"  last plan (v{plan.version}, {plan.policy}): threshold {plan.threshold:.2f}, "
+            f"light {plan.light_workers} workers x batch {plan.light_batch}, "
+            f"heavy {plan.heavy_workers} x {plan.heavy_batch}"
+        )
 
 
 async def _burst(redis_url: str, prompts: list[str], rate: float):
@@ -104,6 +126,7 @@ async def _burst(redis_url: str, prompts: list[str], rate: float):
     from common.plan_store import load_plan
 
     async with Client(redis_url=redis_url) as client:
+
         async def one(i: int, prompt: str):
             await asyncio.sleep(i / rate)
             return await client.submit(prompt, timeout=300)
@@ -125,8 +148,10 @@ def _summary(results, wall_s: float, spec: StackSpec) -> str:
         f"  SLO met {slo_hits}/{len(results)} ({100 * slo_hits / max(1, len(results)):.1f} %)",
     ]
     if lat:
-        lines.append(f"  latency at full speed (ms): p50 {statistics.median(lat):.0f}, "
-                     f"p95 {lat[int(0.95 * (len(lat) - 1))]:.0f}, max {lat[-1]:.0f}")
+        lines.append(
+            f"  latency at full speed (ms): p50 {statistics.median(lat):.0f}, "
+            f"p95 {lat[int(0.95 * (len(lat) - 1))]:.0f}, max {lat[-1]:.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -144,8 +169,9 @@ def submit_main(argv: list[str] | None = None) -> None:
 
     async def go():
         async with Client(redis_url=args.redis_url) as client:
-            return await client.submit(args.prompt, slo_ms=args.slo_ms, seed=args.seed, image_format=args.format,
-                                       timeout=args.timeout)
+            return await client.submit(
+                args.prompt, slo_ms=args.slo_ms, seed=args.seed, image_format=args.format, timeout=args.timeout
+            )
 
     result = asyncio.run(go())
     if result.status != "ok":
@@ -154,10 +180,12 @@ def submit_main(argv: list[str] | None = None) -> None:
     if args.output:
         with open(args.output, "wb") as fh:
             fh.write(result.image)
-    print(f"{result.job_id}: answered by {result.answered_by} ({result.model}), confidence "
-          f"{result.confidence if result.confidence is None else round(result.confidence, 3)}, "
-          f"{result.latency_ms:.0f} ms, SLO {'met' if result.slo_met else 'missed'}"
-          + (f", saved {args.output}" if args.output else ""))
+    print(
+        f"{result.job_id}: answered by {result.answered_by} ({result.model}), confidence "
+        f"{result.confidence if result.confidence is None else round(result.confidence, 3)}, "
+        f"{result.latency_ms:.0f} ms, SLO {'met' if result.slo_met else 'missed'}"
+        + (f", saved {args.output}" if args.output else "")
+    )
 
 
 def cascades_main(argv: list[str] | None = None) -> None:
@@ -171,8 +199,9 @@ def cascades_main(argv: list[str] | None = None) -> None:
 
 
 def make_tiny_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="diffserve make-tiny-models",
-                                     description="tiny random-weight pipelines and discriminator (for tests)")
+    parser = argparse.ArgumentParser(
+        prog="diffserve make-tiny-models", description="tiny random-weight pipelines and discriminator (for tests)"
+    )
     parser.add_argument("dir")
     args = parser.parse_args(argv)
     require_models_extra("make-tiny-models")

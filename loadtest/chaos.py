@@ -19,8 +19,15 @@ from common.messages import ENTRY_FIELD, FinalResult
 from common.profiles import load_prompts
 
 
-async def _load(stack: LocalStack, prompts: list[str], rate: float, duration: float, kill_every: float,
-                rng: random.Random, drain_s: float) -> dict:
+async def _load(
+    stack: LocalStack,
+    prompts: list[str],
+    rate: float,
+    duration: float,
+    kill_every: float,
+    rng: random.Random,
+    drain_s: float,
+) -> dict:
     victims = [name for name in stack.procs]
     kills: list[str] = []
     async with Client(redis_url=stack.redis_url) as client:
@@ -44,10 +51,15 @@ async def _load(stack: LocalStack, prompts: list[str], rate: float, duration: fl
     results = [FinalResult.decode(fields[ENTRY_FIELD]) for _id, fields in entries]
     per_job = Counter(r.job_id for r in results)
     answered = set(per_job) & set(sent)
-    return {"sent": len(sent), "answered": len(answered), "lost": len(set(sent) - answered),
-            "duplicated": sum(n - 1 for n in per_job.values() if n > 1),
-            "errors": dict(Counter(r.error_code for r in results if r.status != "ok")),
-            "degraded": sum(r.degraded for r in results), "kills": dict(Counter(kills))}
+    return {
+        "sent": len(sent),
+        "answered": len(answered),
+        "lost": len(set(sent) - answered),
+        "duplicated": sum(n - 1 for n in per_job.values() if n > 1),
+        "errors": dict(Counter(r.error_code for r in results if r.status != "ok")),
+        "degraded": sum(r.degraded for r in results),
+        "kills": dict(Counter(kills)),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,15 +73,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--controller", action="store_true", help="also run (and kill) the controller")
     args = parser.parse_args(argv)
-    spec = StackSpec(light_workers=args.workers // 2, heavy_workers=args.workers - args.workers // 2,
-                     time_scale=args.time_scale, controller=args.controller,
-                     env={"DIFFSERVE_RECLAIM_IDLE_MS": "2000"})
+    spec = StackSpec(
+        light_workers=args.workers // 2,
+        heavy_workers=args.workers - args.workers // 2,
+        time_scale=args.time_scale,
+        controller=args.controller,
+        env={"DIFFSERVE_RECLAIM_IDLE_MS": "2000"},
+    )
     with LocalStack(spec) as stack:
-        summary = asyncio.run(_load(stack, load_prompts(), args.rate, args.duration, args.kill_every,
-                                    random.Random(args.seed), args.drain_s))
+        summary = asyncio.run(
+            _load(
+                stack, load_prompts(), args.rate, args.duration, args.kill_every, random.Random(args.seed), args.drain_s
+            )
+        )
     print(json.dumps(summary, indent=2))
-    print(f"sent {summary['sent']}  answered {summary['answered']}  lost {summary['lost']}  "
-          f"duplicated {summary['duplicated']}  kills {sum(summary['kills'].values())}")
+    print(
+        f"sent {summary['sent']}  answered {summary['answered']}  lost {summary['lost']}  "
+        f"duplicated {summary['duplicated']}  kills {sum(summary['kills'].values())}"
+    )
     return summary
 
 

@@ -41,61 +41,102 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     """The trace flags ``diffserve loadtest`` and ``diffserve simulate`` share."""
     t = p.add_argument_group("trace")
     t.add_argument("--trace", choices=TRACES, default="poisson", help="synthetic trace kind (default poisson)")
-    t.add_argument("--rate", type=float, default=None,
-                   help="q/s at full speed: the constant rate (poisson) or the peak (step, ramp, bursty); "
-                        f"defaults {DEFAULT_RATE}")
-    t.add_argument("--low-rate", type=float, default=None,
-                   help="low rate of step/ramp/bursty (default: rate/4, rate/8, rate/8)")
+    t.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="q/s at full speed: the constant rate (poisson) or the peak (step, ramp, bursty); "
+        f"defaults {DEFAULT_RATE}",
+    )
+    t.add_argument(
+        "--low-rate", type=float, default=None, help="low rate of step/ramp/bursty (default: rate/4, rate/8, rate/8)"
+    )
     t.add_argument("--duration", type=float, default=60.0, help="trace length in full-speed seconds")
     t.add_argument("--trace-file", default=None, help="replay this file of `arrival_ms,prompt_index` lines")
-    t.add_argument("--prompts", default=str(PROMPTS_FILE), help="prompt file, one per line (default: "
-                   "5000 DiffusionDB prompts)")
+    t.add_argument(
+        "--prompts", default=str(PROMPTS_FILE), help="prompt file, one per line (default: 5000 DiffusionDB prompts)"
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and prompt draw")
 
 
 def load_trace(args, n_prompts: int) -> Trace:
     if args.trace_file:
         return read_trace(args.trace_file, n_prompts)
-    return generate(args.trace, rate=args.rate, duration_s=args.duration, low_rate=args.low_rate,
-                    n_prompts=n_prompts, seed=args.seed)
+    return generate(
+        args.trace,
+        rate=args.rate,
+        duration_s=args.duration,
+        low_rate=args.low_rate,
+        n_prompts=n_prompts,
+        seed=args.seed,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffserve loadtest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_trace_arguments(p)
     s = p.add_argument_group("stack")
-    s.add_argument("--policies", default="diffserve",
-                   help="comma-separated controller policies, one run each "
-                        f"({', '.join(ALL_POLICIES)}; none: fixed roles, no controller)")
+    s.add_argument(
+        "--policies",
+        default="diffserve",
+        help="comma-separated controller policies, one run each "
+        f"({', '.join(ALL_POLICIES)}; none: fixed roles, no controller)",
+    )
     s.add_argument("--workers", type=int, default=8, help="workers of each run (the controller splits them)")
     s.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
     s.add_argument("--backend", choices=BACKENDS, default=os.environ.get("DIFFSERVE_BACKEND", "profiled"))
     s.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"))
-    s.add_argument("--hardware", choices=tuple(HARDWARE), default=os.environ.get("DIFFSERVE_HARDWARE", "a100"),
-                   help="profile set for the profiled backend and the planner")
+    s.add_argument(
+        "--hardware",
+        choices=tuple(HARDWARE),
+        default=os.environ.get("DIFFSERVE_HARDWARE", "a100"),
+        help="profile set for the profiled backend and the planner",
+    )
     s.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"), help="tiny/diffusers models")
-    s.add_argument("--time-scale", type=float, default=1.0,
-                   help="replay X times real time: arrivals, profiled latencies and the SLO are all multiplied "
-                        "by X (0.05 = 20x faster); reported latencies are converted back to full speed")
+    s.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="replay X times real time: arrivals, profiled latencies and the SLO are all multiplied "
+        "by X (0.05 = 20x faster); reported latencies are converted back to full speed",
+    )
     s.add_argument("--slo-ms", type=float, default=None, help="SLO at full speed (default: the cascade's)")
-    s.add_argument("--static-plan", default=None, metavar="t=0.02,light=4x16,heavy=12x4",
-                   help="the static policy's fixed plan (workers x batch); default: the solver's plan for the "
-                        "trace's mean demand")
-    s.add_argument("--confidence-file", default=None,
-                   help="`prompt_index,confidence` lines the profiled discriminator replays")
-    s.add_argument("--controller-interval-s", type=float, default=None,
-                   help="controller re-plan interval in wall seconds (passed as --interval-s; default: the "
-                        "controller's 10 s x time scale, at least 0.25 s, when time-scaled)")
-    s.add_argument("--sample-interval-s", type=float, default=None,
-                   help="plan sampling interval in wall seconds (default 0.5 x time scale, 0.1..0.5)")
-    s.add_argument("--redis-url", default=None,
-                   help="drive this running deployment instead (one run, no stack started)")
+    s.add_argument(
+        "--static-plan",
+        default=None,
+        metavar="t=0.02,light=4x16,heavy=12x4",
+        help="the static policy's fixed plan (workers x batch); default: the solver's plan for the trace's mean demand",
+    )
+    s.add_argument(
+        "--confidence-file", default=None, help="`prompt_index,confidence` lines the profiled discriminator replays"
+    )
+    s.add_argument(
+        "--controller-interval-s",
+        type=float,
+        default=None,
+        help="controller re-plan interval in wall seconds (passed as --interval-s; default: the "
+        "controller's 10 s x time scale, at least 0.25 s, when time-scaled)",
+    )
+    s.add_argument(
+        "--sample-interval-s",
+        type=float,
+        default=None,
+        help="plan sampling interval in wall seconds (default 0.5 x time scale, 0.1..0.5)",
+    )
+    s.add_argument(
+        "--redis-url", default=None, help="drive this running deployment instead (one run, no stack started)"
+    )
     s.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
     o = p.add_argument_group("run and output")
     o.add_argument("--out", default="out/loadtest", help="output folder")
-    o.add_argument("--drain-timeout-s", type=float, default=120.0,
-                   help="wall seconds to wait for outstanding results after the last send")
+    o.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=120.0,
+        help="wall seconds to wait for outstanding results after the last send",
+    )
     o.add_argument("--no-progress", action="store_true", help="no live progress bar")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
@@ -138,51 +179,92 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_trace(trace, out / "trace.csv")
     profile = load_cascade_profile(args.cascade, args.hardware)
-    print(f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s) "
-          f"at time scale {args.time_scale:g} -> ~{trace.duration_s * args.time_scale:.1f} s wall per run; "
-          f"SLO {slo_ms:g} ms (wall {slo_ms * args.time_scale:g} ms); policies: {', '.join(policies)}", flush=True)
+    print(
+        f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s) "
+        f"at time scale {args.time_scale:g} -> ~{trace.duration_s * args.time_scale:.1f} s wall per run; "
+        f"SLO {slo_ms:g} ms (wall {slo_ms * args.time_scale:g} ms); policies: {', '.join(policies)}",
+        flush=True,
+    )
 
     from loadtest import runner
 
     # static's fixed plan: the one given, else the solver's for the trace's mean demand (the simulator's too)
-    static = args.static_plan or str(static_plan(profile, trace.mean_rate, args.workers,
-                                                 ControlSettings(slo_ms=slo_ms)))
+    static = args.static_plan or str(
+        static_plan(profile, trace.mean_rate, args.workers, ControlSettings(slo_ms=slo_ms))
+    )
     entries = []
     for policy in policies:
         started = time.perf_counter()
         if args.redis_url:
-            run = asyncio.run(runner.replay(args.redis_url, trace, prompts, time_scale=args.time_scale,
-                                            policy=policy, namespace=args.namespace,
-                                            progress=not args.no_progress, drain_timeout_s=args.drain_timeout_s,
-                                            sample_interval_s=args.sample_interval_s
-                                            or runner.default_sample_interval_s(args.time_scale)))
+            run = asyncio.run(
+                runner.replay(
+                    args.redis_url,
+                    trace,
+                    prompts,
+                    time_scale=args.time_scale,
+                    policy=policy,
+                    namespace=args.namespace,
+                    progress=not args.no_progress,
+                    drain_timeout_s=args.drain_timeout_s,
+                    sample_interval_s=args.sample_interval_s or runner.default_sample_interval_s(args.time_scale),
+                )
+            )
         else:
-            spec = runner.stack_spec(policy=policy, workers=args.workers, backend=args.backend,
-                                     cascade=args.cascade, hardware=args.hardware, time_scale=args.time_scale,
-                                     slo_ms=slo_ms, static_plan=static,
-                                     confidence_file=os.path.abspath(args.confidence_file)
-                                     if args.confidence_file else None,
-                                     controller_interval_s=args.controller_interval_s,
-                                     model_dir=args.model_dir,
-                                     light_workers=args.light_workers)
+            spec = runner.stack_spec(
+                policy=policy,
+                workers=args.workers,
+                backend=args.backend,
+                cascade=args.cascade,
+                hardware=args.hardware,
+                time_scale=args.time_scale,
+                slo_ms=slo_ms,
+                static_plan=static,
+                confidence_file=os.path.abspath(args.confidence_file) if args.confidence_file else None,
+                controller_interval_s=args.controller_interval_s,
+                model_dir=args.model_dir,
+                light_workers=args.light_workers,
+            )
             spec.namespace = args.namespace
-            run = runner.run_policy(spec, trace, prompts, log_dir=str(out / "logs" / policy),
-                                    progress=not args.no_progress, drain_timeout_s=args.drain_timeout_s,
-                                    sample_interval_s=args.sample_interval_s)
-        entry = report_mod.summarize(run, slo_ms=slo_ms, backend=args.backend, curve=profile.quality,
-                                     confidence_curve=profile.curve)
+            run = runner.run_policy(
+                spec,
+                trace,
+                prompts,
+                log_dir=str(out / "logs" / policy),
+                progress=not args.no_progress,
+                drain_timeout_s=args.drain_timeout_s,
+                sample_interval_s=args.sample_interval_s,
+            )
+        entry = report_mod.summarize(
+            run, slo_ms=slo_ms, backend=args.backend, curve=profile.quality, confidence_curve=profile.curve
+        )
         report_mod.write_jobs_csv(run, out / "jobs" / f"{policy}.csv")
         entries.append(entry)
         q = entry["quality"].get("estimate")
-        print(f"  {policy}: SLO miss {100 * entry['slo_violation_ratio']:.1f} %, p99 {entry['latency_ms']['p99']} ms, "
-              f"heavy share {entry['heavy_share']}, quality {q}, lost {entry['lost']}, dup {entry['duplicates']} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-    meta = {"trace": trace.name, "trace_params": trace.params, "sent": len(trace), "duration_s": trace.duration_s,
-            "backend": args.backend, "cascade": args.cascade, "hardware": args.hardware, "workers": args.workers,
-            "time_scale": args.time_scale, "slo_ms": slo_ms, "seed": args.seed, "prompts": args.prompts,
-            "confidence_file": args.confidence_file, "redis_url": bool(args.redis_url),
-            "controller_interval_s": args.controller_interval_s, "policies": policies,
-            "units": "latencies and times at full speed (wall / time_scale)"}
+        print(
+            f"  {policy}: SLO miss {100 * entry['slo_violation_ratio']:.1f} %, p99 {entry['latency_ms']['p99']} ms, "
+            f"heavy share {entry['heavy_share']}, quality {q}, lost {entry['lost']}, dup {entry['duplicates']} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    meta = {
+        "trace": trace.name,
+        "trace_params": trace.params,
+        "sent": len(trace),
+        "duration_s": trace.duration_s,
+        "backend": args.backend,
+        "cascade": args.cascade,
+        "hardware": args.hardware,
+        "workers": args.workers,
+        "time_scale": args.time_scale,
+        "slo_ms": slo_ms,
+        "seed": args.seed,
+        "prompts": args.prompts,
+        "confidence_file": args.confidence_file,
+        "redis_url": bool(args.redis_url),
+        "controller_interval_s": args.controller_interval_s,
+        "policies": policies,
+        "units": "latencies and times at full speed (wall / time_scale)",
+    }
     report_mod.publish(out, entries, meta, plots=not args.no_plots)
 
 

@@ -52,8 +52,9 @@ async def _sync(http: httpx.AsyncClient, prompt: str) -> None:
 
 async def _stream(http: httpx.AsyncClient, prompt: str) -> None:
     events = []
-    async with http.stream("POST", "/v1/images/generations",
-                           json={"prompt": prompt, "stream": True, "partial_images": 1}) as r:
+    async with http.stream(
+        "POST", "/v1/images/generations", json={"prompt": prompt, "stream": True, "partial_images": 1}
+    ) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("event: "):
@@ -95,9 +96,13 @@ async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: floa
     await asyncio.gather(*(loop(k) for k in range(concurrency)))
     wall = time.perf_counter() - started
     per_request = lambda cpu_s: round(cpu_s * 1000 / max(1, done), 3)  # noqa: E731
-    return {"requests": done, "rps": round(done / wall, 1), "latency_ms": percentiles(lat, 3),
-            "gateway_cpu_ms_per_request": per_request(_cpu_s(gateway_pid) - gateway_cpu),
-            "bench_cpu_ms_per_request": per_request(time.process_time() - own_cpu)}
+    return {
+        "requests": done,
+        "rps": round(done / wall, 1),
+        "latency_ms": percentiles(lat, 3),
+        "gateway_cpu_ms_per_request": per_request(_cpu_s(gateway_pid) - gateway_cpu),
+        "bench_cpu_ms_per_request": per_request(time.process_time() - own_cpu),
+    }
 
 
 async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dict:
@@ -105,8 +110,11 @@ async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dic
     client = Client(redis_url=redis_url)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     http = httpx.AsyncClient(base_url=gateway_url, timeout=60, limits=limits)
-    ways = {"direct client": lambda p: _direct(client, p), "gateway sync": lambda p: _sync(http, p),
-            "gateway stream": lambda p: _stream(http, p)}
+    ways = {
+        "direct client": lambda p: _direct(client, p),
+        "gateway sync": lambda p: _sync(http, p),
+        "gateway stream": lambda p: _stream(http, p),
+    }
     try:
         for call in ways.values():  # warm-up: connections, code paths
             await _sequential(call, prompts, 20)
@@ -115,9 +123,12 @@ async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dic
             seq = await _sequential(call, prompts, args.requests)
             loop = await _closed_loop(call, prompts, args.concurrency, args.seconds, gateway_pid)
             result[name] = {"sequential_ms": seq, **loop}
-            print(f"  {name}: one at a time p50 {seq['p50']} ms, p99 {seq['p99']} ms; "
-                  f"{args.concurrency} in flight: {loop['rps']} requests/s, gateway CPU "
-                  f"{loop['gateway_cpu_ms_per_request']} ms/request", flush=True)
+            print(
+                f"  {name}: one at a time p50 {seq['p50']} ms, p99 {seq['p99']} ms; "
+                f"{args.concurrency} in flight: {loop['rps']} requests/s, gateway CPU "
+                f"{loop['gateway_cpu_ms_per_request']} ms/request",
+                flush=True,
+            )
     finally:
         await http.aclose()
         await close_client(client)
@@ -129,24 +140,32 @@ async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dic
 
 
 def table(result: dict, meta: dict) -> str:
-    lines = [f"Gateway benchmark ({meta['machine']}): profiled models at time_scale 0, every job through "
-             f"light -> discriminator -> heavy; {meta['requests']} requests one at a time, then "
-             f"{meta['concurrency']} in flight for {meta['seconds']:g} s", "",
-             "| way in | p50 ms | p99 ms | added p50 ms | added p99 ms | requests/s | gateway CPU ms/req "
-             "| load generator CPU ms/req |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Gateway benchmark ({meta['machine']}): profiled models at time_scale 0, every job through "
+        f"light -> discriminator -> heavy; {meta['requests']} requests one at a time, then "
+        f"{meta['concurrency']} in flight for {meta['seconds']:g} s",
+        "",
+        "| way in | p50 ms | p99 ms | added p50 ms | added p99 ms | requests/s | gateway CPU ms/req "
+        "| load generator CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in result.items():
         added = r.get("added_ms", {"p50": 0.0, "p99": 0.0})
         gateway_cpu = f"{r['gateway_cpu_ms_per_request']:.2f}" if name != "direct client" else "-"
-        lines.append(f"| {name} | {r['sequential_ms']['p50']:.2f} | {r['sequential_ms']['p99']:.2f} "
-                     f"| {added['p50']:+.2f} | {added['p99']:+.2f} | {r['rps']:g} | {gateway_cpu} "
-                     f"| {r['bench_cpu_ms_per_request']:.2f} |")
+        lines.append(
+            f"| {name} | {r['sequential_ms']['p50']:.2f} | {r['sequential_ms']['p99']:.2f} "
+            f"| {added['p50']:+.2f} | {added['p99']:+.2f} | {r['rps']:g} | {gateway_cpu} "
+            f"| {r['bench_cpu_ms_per_request']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffserve loadtest --gateway-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve loadtest --gateway-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--requests", type=int, default=200, help="requests sent one at a time per way in")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight for the throughput step")
     p.add_argument("--seconds", type=float, default=5.0, help="length of the throughput step per way in")
@@ -158,12 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": args.requests,
-            "concurrency": args.concurrency, "seconds": args.seconds, "batch": args.batch}
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+        "batch": args.batch,
+    }
     port = free_port()
-    spec = StackSpec(backend="profiled", time_scale=0.0, gateway_port=port,
-                     env={"DIFFSERVE_THRESHOLD": "1.01", "DIFFSERVE_BATCH": str(args.batch),
-                          "DIFFSERVE_SLO_MS": "60000", "DIFFSERVE_LATE_POLICY": "heavy"})
+    spec = StackSpec(
+        backend="profiled",
+        time_scale=0.0,
+        gateway_port=port,
+        env={
+            "DIFFSERVE_THRESHOLD": "1.01",
+            "DIFFSERVE_BATCH": str(args.batch),
+            "DIFFSERVE_SLO_MS": "60000",
+            "DIFFSERVE_LATE_POLICY": "heavy",
+        },
+    )
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="diffserve-gateway-bench-")
     print(f"gateway bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:

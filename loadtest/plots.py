@@ -31,8 +31,7 @@ def _save(fig, path: Path) -> Path:
 def _grid(n: int, width: float = 4.2, height: float = 3.0):
     cols = min(3, max(1, n))
     rows = (max(1, n) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharex=True,
-                             sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharex=True, sharey=True)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     return fig, axes
@@ -79,16 +78,23 @@ def threshold_over_time(report: dict, path: Path) -> Path:
         samples = e["timeline"]["plan"]
         pts = [(s["t_s"], s["threshold"]) for s in samples if s.get("threshold") is not None]
         if pts:
-            line, = ax.step(*zip(*pts), where="post", lw=1.2, label=e["policy"])
+            (line,) = ax.step(*zip(*pts), where="post", lw=1.2, label=e["policy"])
             drawn = True
             # proteus splits by a heavy fraction instead of a threshold: draw it dashed
             frac = [(s["t_s"], s.get("heavy_fraction") or 0.0) for s in samples if s.get("threshold") is not None]
             if any(f for _t, f in frac):
-                ax.step(*zip(*frac), where="post", lw=1.2, ls="--", color=line.get_color(),
-                        label=f"{e['policy']} heavy fraction")
+                ax.step(
+                    *zip(*frac),
+                    where="post",
+                    lw=1.2,
+                    ls="--",
+                    color=line.get_color(),
+                    label=f"{e['policy']} heavy fraction",
+                )
     if not drawn:
-        ax.text(0.5, 0.5, "no plan stored (no controller): threshold 0.5 throughout", ha="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no plan stored (no controller): threshold 0.5 throughout", ha="center", transform=ax.transAxes
+        )
     ax.set_xlabel("time (s, full speed)")
     ax.set_ylabel("confidence threshold (dashed: heavy fraction)")
     ax.set_ylim(-0.05, 1.05)
@@ -124,8 +130,10 @@ def compare_policies(report: dict, path: Path) -> Path:
     entries = _policies(report)
     names = [e["policy"] for e in entries]
     profiled = report["meta"].get("backend") == "profiled"
-    panels = [("SLO miss (%)", [100 * (e["slo_violation_ratio"] or 0) for e in entries]),
-              ("heavy share (%)", [100 * (e["heavy_share"] or 0) for e in entries])]
+    panels = [
+        ("SLO miss (%)", [100 * (e["slo_violation_ratio"] or 0) for e in entries]),
+        ("heavy share (%)", [100 * (e["heavy_share"] or 0) for e in entries]),
+    ]
     if profiled:
         panels.append(("FID estimate (lower is better)", [e["quality"].get("estimate") or 0 for e in entries]))
     else:
@@ -155,9 +163,13 @@ def compare_policies(report: dict, path: Path) -> Path:
 def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [demand_vs_throughput(report, out / PLOTS[0]), slo_miss_over_time(report, out / PLOTS[1]),
-            threshold_over_time(report, out / PLOTS[2]), workers_over_time(report, out / PLOTS[3]),
-            compare_policies(report, out / PLOTS[4])]
+    return [
+        demand_vs_throughput(report, out / PLOTS[0]),
+        slo_miss_over_time(report, out / PLOTS[1]),
+        threshold_over_time(report, out / PLOTS[2]),
+        workers_over_time(report, out / PLOTS[3]),
+        compare_policies(report, out / PLOTS[4]),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,21 +35,27 @@ import numpy as np
 
 QUALITY_WINDOW_S = 5.0
 LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
-QUALITY_METHOD = ("per {w:g}-s window (full-speed time, by arrival): the cascade's quality-vs-light-share curve at the "
-                  "window's light share (the DiffServe paper's method), plus what answering these prompts light costs "
-                  "over answering the window's most confident ones light (each light answer costs the curve's "
-                  "slope at its confidence's place in f(t)), so degraded answers and random splits pay for being "
-                  "hard prompts; averaged over windows. paper_estimate: the paper's method alone")
+QUALITY_METHOD = (
+    "per {w:g}-s window (full-speed time, by arrival): the cascade's quality-vs-light-share curve at the "
+    "window's light share (the DiffServe paper's method), plus what answering these prompts light costs "
+    "over answering the window's most confident ones light (each light answer costs the curve's "
+    "slope at its confidence's place in f(t)), so degraded answers and random splits pay for being "
+    "hard prompts; averaged over windows. paper_estimate: the paper's method alone"
+)
 
 
 def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None, "n": 0}
     a = np.asarray(values, dtype=float)
-    return {"p50": round(float(np.percentile(a, 50)), digits), "p95": round(float(np.percentile(a, 95)), digits),
-            "p99": round(float(np.percentile(a, 99)), digits), "mean": round(float(a.mean()), digits),
-            "max": round(float(a.max()), digits), "n": len(values)}
-
+    return {
+        "p50": round(float(np.percentile(a, 50)), digits),
+        "p95": round(float(np.percentile(a, 95)), digits),
+        "p99": round(float(np.percentile(a, 99)), digits),
+        "mean": round(float(a.mean()), digits),
+        "max": round(float(a.max()), digits),
+        "n": len(values),
+    }
 
 
 def _slope(curve, share: float, h: float = 0.005) -> float:
@@ -57,8 +63,9 @@ def _slope(curve, share: float, h: float = 0.005) -> float:
     return (curve.score(hi) - curve.score(lo)) / (hi - lo)
 
 
-def window_scores(answers: list[tuple[float, str, float | None]], curve, confidence_share,
-                  window_s: float = QUALITY_WINDOW_S) -> list[dict]:
+def window_scores(
+    answers: list[tuple[float, str, float | None]], curve, confidence_share, window_s: float = QUALITY_WINDOW_S
+) -> list[dict]:
     """``(t_s, answered_by, confidence)`` of every answered job -> per window with answers: the
     light share, the paper's score (the curve at that share) and the corrected score.
 
@@ -84,26 +91,42 @@ def window_scores(answers: list[tuple[float, str, float | None]], curve, confide
         paper = curve.score(share)
         known = [c for _by, c in rows if c is not None]
         if len(known) == len(rows):  # the window's own most confident prompts
-            best = sum(map(cost, sorted(known, reverse=True)[:len(light)]))
+            best = sum(map(cost, sorted(known, reverse=True)[: len(light)]))
         else:  # some were never scored (sent straight to heavy): a population's most confident ones
             best = (paper - curve.score(0.0)) * len(rows)
         extra = sum(map(cost, light)) - best
-        out.append({"start_s": w * window_s, "answers": len(rows), "light_share": share,
-                    "score": round(paper + max(0.0, extra) / len(rows), 4), "paper_score": round(paper, 4)})
+        out.append(
+            {
+                "start_s": w * window_s,
+                "answers": len(rows),
+                "light_share": share,
+                "score": round(paper + max(0.0, extra) / len(rows), 4),
+                "paper_score": round(paper, 4),
+            }
+        )
     return out
 
 
-def quality_estimate(answers: list[tuple[float, str, float | None]], curve, confidence_share,
-                     window_s: float = QUALITY_WINDOW_S) -> dict:
+def quality_estimate(
+    answers: list[tuple[float, str, float | None]], curve, confidence_share, window_s: float = QUALITY_WINDOW_S
+) -> dict:
     """Mean over windows of the corrected score, and of the paper's score beside it."""
     windows = window_scores(answers, curve, confidence_share, window_s)
     estimate = float(np.mean([w["score"] for w in windows])) if windows else None
     paper = float(np.mean([w["paper_score"] for w in windows])) if windows else None
-    return {"metric": curve.metric, "estimate": None if estimate is None else round(estimate, 4),
-            "paper_estimate": None if paper is None else round(paper, 4),
-            "lower_is_better": curve.lower_is_better, "window_s": window_s, "windows": len(windows),
-            "all_heavy": curve.score(0.0), "all_light": curve.score(1.0), "curve": curve.source,
-            "method": QUALITY_METHOD.format(w=window_s), "per_window": windows}
+    return {
+        "metric": curve.metric,
+        "estimate": None if estimate is None else round(estimate, 4),
+        "paper_estimate": None if paper is None else round(paper, 4),
+        "lower_is_better": curve.lower_is_better,
+        "window_s": window_s,
+        "windows": len(windows),
+        "all_heavy": curve.score(0.0),
+        "all_light": curve.score(1.0),
+        "curve": curve.source,
+        "method": QUALITY_METHOD.format(w=window_s),
+        "per_window": windows,
+    }
 
 
 def _bin_counts(times_s: list[float], bin_s: float, n_bins: int) -> list[int]:
@@ -114,8 +137,9 @@ def _bin_counts(times_s: list[float], bin_s: float, n_bins: int) -> list[int]:
     return bins
 
 
-def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, confidence_curve=None,
-              bin_s: float | None = None) -> dict:
+def summarize(
+    run, *, slo_ms: float, backend: str = "profiled", curve=None, confidence_curve=None, bin_s: float | None = None
+) -> dict:
     """One policy's entry of report.json from a :class:`loadtest.runner.RunRecord`; ``curve`` is the
     cascade's quality curve, ``confidence_curve`` its f(t) (the profiled backend's confidences)."""
     x = run.time_scale
@@ -163,11 +187,14 @@ def summarize(run, *, slo_ms: float, backend: str = "profiled", curve=None, conf
         entry["quality"] = quality_estimate(answers, curve, lambda c: 1.0 - confidence_curve.f(c))
     else:
         conf = [j.result.confidence for j in ok if j.result.answered_by == "light" and j.result.confidence is not None]
-        entry["quality"] = {"metric": "heavy_share+light_confidence", "estimate": None,
-                            "heavy_share": entry["heavy_share"],
-                            "mean_light_confidence": round(float(np.mean(conf)), 4) if conf else None,
-                            "method": "real models: heavy share and the mean discriminator confidence of the "
-                                      "light answers (no FID without a reference set)"}
+        entry["quality"] = {
+            "metric": "heavy_share+light_confidence",
+            "estimate": None,
+            "heavy_share": entry["heavy_share"],
+            "mean_light_confidence": round(float(np.mean(conf)), 4) if conf else None,
+            "method": "real models: heavy share and the mean discriminator confidence of the "
+            "light answers (no FID without a reference set)",
+        }
     entry["timeline"] = timeline(run, bin_s or default_bin_s(duration_s))
     return entry
 
@@ -203,8 +230,20 @@ def timeline(run, bin_s: float) -> dict:
     }
 
 
-JOB_COLUMNS = ("job_id", "prompt_index", "arrival_ms", "sent_ms", "received_ms", "status", "error_code",
-               "answered_by", "confidence", "degraded", "latency_ms", "slo_met")
+JOB_COLUMNS = (
+    "job_id",
+    "prompt_index",
+    "arrival_ms",
+    "sent_ms",
+    "received_ms",
+    "status",
+    "error_code",
+    "answered_by",
+    "confidence",
+    "degraded",
+    "latency_ms",
+    "slo_met",
+)
 
 
 def write_jobs_csv(run, path: str | Path) -> Path:
@@ -219,14 +258,22 @@ def write_jobs_csv(run, path: str | Path) -> Path:
         w.writerow(JOB_COLUMNS)
         for j in run.jobs:
             r = j.result
-            w.writerow([j.job_id, j.prompt_index, round(j.arrival_ms, 3), round(j.sent_s * 1000 / x, 3),
-                        "" if j.received_s is None else round(j.received_s * 1000 / x, 3),
-                        "lost" if r is None else r.status, "" if r is None else (r.error_code or ""),
-                        "" if r is None else (r.answered_by or ""),
-                        "" if r is None or r.confidence is None else round(r.confidence, 6),
-                        "" if r is None else int(bool(r.degraded)),
-                        "" if r is None or r.latency_ms is None else round(r.latency_ms / x, 3),
-                        "" if r is None else int(bool(r.slo_met))])
+            w.writerow(
+                [
+                    j.job_id,
+                    j.prompt_index,
+                    round(j.arrival_ms, 3),
+                    round(j.sent_s * 1000 / x, 3),
+                    "" if j.received_s is None else round(j.received_s * 1000 / x, 3),
+                    "lost" if r is None else r.status,
+                    "" if r is None else (r.error_code or ""),
+                    "" if r is None else (r.answered_by or ""),
+                    "" if r is None or r.confidence is None else round(r.confidence, 6),
+                    "" if r is None else int(bool(r.degraded)),
+                    "" if r is None or r.latency_ms is None else round(r.latency_ms / x, 3),
+                    "" if r is None else int(bool(r.slo_met)),
+                ]
+            )
     return path
 
 
@@ -258,17 +305,21 @@ def _fmt(v, spec: str = ".0f") -> str:
 
 def summary_markdown(report: dict) -> str:
     meta = report["meta"]
-    lines = [f"# Load test: {meta.get('trace', '')} trace",
-             "",
-             f"{meta.get('sent', '?')} queries over {meta.get('duration_s', '?')} s (full speed), "
-             f"backend {meta.get('backend')}, cascade {meta.get('cascade')}, {meta.get('workers', '?')} workers, "
-             f"SLO {meta.get('slo_ms')} ms, time scale {meta.get('time_scale')} "
-             f"(latencies are full-speed ms = wall / time scale).",
-             ""]
+    lines = [
+        f"# Load test: {meta.get('trace', '')} trace",
+        "",
+        f"{meta.get('sent', '?')} queries over {meta.get('duration_s', '?')} s (full speed), "
+        f"backend {meta.get('backend')}, cascade {meta.get('cascade')}, {meta.get('workers', '?')} workers, "
+        f"SLO {meta.get('slo_ms')} ms, time scale {meta.get('time_scale')} "
+        f"(latencies are full-speed ms = wall / time scale).",
+        "",
+    ]
     profiled = meta.get("backend") == "profiled"
     qcol = "FID est." if profiled else "light conf."
-    lines.append(f"| policy | SLO miss | p50 ms | p95 ms | p99 ms | goodput q/s | heavy share | {qcol} "
-                 "| degraded | errors | lost | dup |")
+    lines.append(
+        f"| policy | SLO miss | p50 ms | p95 ms | p99 ms | goodput q/s | heavy share | {qcol} "
+        "| degraded | errors | lost | dup |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for e in report["policies"].values():
         q = e["quality"]
@@ -276,30 +327,42 @@ def summary_markdown(report: dict) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in e["errors"].items()) or "0"
         lat = e["latency_ms"]
         miss = None if e["slo_violation_ratio"] is None else 100 * e["slo_violation_ratio"]
-        lines.append(f"| {e['policy']} | {_fmt(miss, '.1f')} % "
-                     f"| {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['p99'])} "
-                     f"| {_fmt(e['goodput_qps'], '.2f')} "
-                     f"| {_fmt(100 * e['heavy_share'] if e['heavy_share'] is not None else None, '.1f')} % "
-                     f"| {qv} | {e['degraded']} | {errs} | {e['lost']} | {e['duplicates']} |")
+        lines.append(
+            f"| {e['policy']} | {_fmt(miss, '.1f')} % "
+            f"| {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['p99'])} "
+            f"| {_fmt(e['goodput_qps'], '.2f')} "
+            f"| {_fmt(100 * e['heavy_share'] if e['heavy_share'] is not None else None, '.1f')} % "
+            f"| {qv} | {e['degraded']} | {errs} | {e['lost']} | {e['duplicates']} |"
+        )
     lines.append("")
     if profiled:
         first = next(iter(report["policies"].values()), None)
         if first and first["quality"].get("all_heavy") is not None:
             q = first["quality"]
-            lines.append(f"FID estimate: {q['method']}; all-heavy {q['all_heavy']:.2f}, "
-                         f"all-light {q['all_light']:.2f} ({q['curve']}). Lower is better.")
+            lines.append(
+                f"FID estimate: {q['method']}; all-heavy {q['all_heavy']:.2f}, "
+                f"all-light {q['all_light']:.2f} ({q['curve']}). Lower is better."
+            )
     else:
         lines.append("Quality with real models: heavy share and mean discriminator confidence of light answers.")
     lines.append("")
-    lagging = {e["policy"]: e["max_send_lag_ms"] for e in report["policies"].values()
-               if e.get("max_send_lag_ms") and e["max_send_lag_ms"] > LAG_WARN_SHARE * e["slo_ms"]}
+    lagging = {
+        e["policy"]: e["max_send_lag_ms"]
+        for e in report["policies"].values()
+        if e.get("max_send_lag_ms") and e["max_send_lag_ms"] > LAG_WARN_SHARE * e["slo_ms"]
+    }
     if lagging:
         worst = ", ".join(f"{p} {v:.0f} ms" for p, v in lagging.items())
-        lines += [f"**Warning:** the load generator sent some queries late (max lag, full speed: {worst}): the "
-                  "replay was not faithful at this time scale (this machine's CPUs, shared by the tester and "
-                  "the services, could not keep up); use a larger --time-scale or fewer workers.", ""]
+        lines += [
+            f"**Warning:** the load generator sent some queries late (max lag, full speed: {worst}): the "
+            "replay was not faithful at this time scale (this machine's CPUs, shared by the tester and "
+            "the services, could not keep up); use a larger --time-scale or fewer workers.",
+            "",
+        ]
     offered = meta.get("sent", 0) / meta["duration_s"] if meta.get("duration_s") else None
-    lines.append("SLO miss counts errors and lost jobs as misses. p50/p95/p99: router-measured latency "
-                 "(arrival at the router -> answer), full-speed ms. Goodput: answers within the SLO per second "
-                 f"of trace (offered {_fmt(offered, '.2f')} q/s).")
+    lines.append(
+        "SLO miss counts errors and lost jobs as misses. p50/p95/p99: router-measured latency "
+        "(arrival at the router -> answer), full-speed ms. Goodput: answers within the SLO per second "
+        f"of trace (offered {_fmt(offered, '.2f')} q/s)."
+    )
     return "\n".join(lines) + "\n"

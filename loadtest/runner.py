@@ -74,8 +74,9 @@ class _Progress:
     """tqdm bar: sent (the bar), answered, in flight, SLO-miss ratio so far."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True,
-                        leave=True, mininterval=0.2)
+        self.bar = tqdm(
+            total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True, leave=True, mininterval=0.2
+        )
         self.gap_s = 0.2 if sys.stderr.isatty() else 5.0  # logs get a line every few seconds, not a flood
         self.shown = 0.0
 
@@ -85,8 +86,12 @@ class _Progress:
             return
         self.shown = now
         self.bar.n = sent
-        self.bar.set_postfix(answered=answered, in_flight=sent - answered,
-                             slo_miss=f"{misses / answered:.1%}" if answered else "-", refresh=False)
+        self.bar.set_postfix(
+            answered=answered,
+            in_flight=sent - answered,
+            slo_miss=f"{misses / answered:.1%}" if answered else "-",
+            refresh=False,
+        )
         self.bar.refresh()
 
     def close(self) -> None:
@@ -119,10 +124,18 @@ async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
     sample: dict = {"t_s": round(t, 4)}
     plan = await load_plan(r, keys)
     if plan is not None:
-        sample.update(plan_version=plan.version, policy=plan.policy, threshold=plan.threshold,
-                      light_workers=plan.light_workers, heavy_workers=plan.heavy_workers,
-                      light_batch=plan.light_batch, heavy_batch=plan.heavy_batch,
-                      heavy_fraction=plan.heavy_fraction, demand_qps=plan.demand_qps, feasible=plan.feasible)
+        sample.update(
+            plan_version=plan.version,
+            policy=plan.policy,
+            threshold=plan.threshold,
+            light_workers=plan.light_workers,
+            heavy_workers=plan.heavy_workers,
+            light_batch=plan.light_batch,
+            heavy_batch=plan.heavy_batch,
+            heavy_fraction=plan.heavy_fraction,
+            demand_qps=plan.demand_qps,
+            feasible=plan.feasible,
+        )
     workers = [w.decode() if isinstance(w, bytes) else w for w in await r.zrange(keys.workers, 0, -1)]
     if workers:
         async with r.pipeline(transaction=False) as pipe:
@@ -131,8 +144,10 @@ async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
             roles = await pipe.execute()
         roles = [x.decode() if isinstance(x, bytes) else x for x in roles]
         sample["roles"] = {"light": roles.count("light"), "heavy": roles.count("heavy")}
-    sample["backlog"] = {"light": await backlog(r, keys.light_queue, "workers"),
-                         "heavy": await backlog(r, keys.heavy_queue, "workers")}
+    sample["backlog"] = {
+        "light": await backlog(r, keys.light_queue, "workers"),
+        "heavy": await backlog(r, keys.heavy_queue, "workers"),
+    }
     return sample
 
 
@@ -151,9 +166,18 @@ async def wait_for_plan(redis_url: str, namespace: str = "diffserve", timeout_s:
         await r.aclose()
 
 
-async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale: float, policy: str = "",
-                 namespace: str = "diffserve", progress: bool = True, drain_timeout_s: float = 120.0,
-                 sample_interval_s: float = 0.5) -> RunRecord:
+async def replay(
+    redis_url: str,
+    trace: Trace,
+    prompts: list[str],
+    *,
+    time_scale: float,
+    policy: str = "",
+    namespace: str = "diffserve",
+    progress: bool = True,
+    drain_timeout_s: float = 120.0,
+    sample_interval_s: float = 0.5,
+) -> RunRecord:
     """Send every query of ``trace`` at its (scaled) time, collect every result, sample the plan."""
     if time_scale <= 0:
         raise ValueError("time_scale must be > 0 for a trace replay")
@@ -210,8 +234,11 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
             # falls behind the trace as little as possible.
             now = loop.time() - t0
             due = []
-            while i < len(pending) and len(due) < MAX_CONCURRENT_SENDS and \
-                    pending[i][0] * time_scale / 1000 <= now + 0.0005:
+            while (
+                i < len(pending)
+                and len(due) < MAX_CONCURRENT_SENDS
+                and pending[i][0] * time_scale / 1000 <= now + 0.0005
+            ):
                 due.append(pending[i])
                 i += 1
             recs = []
@@ -222,8 +249,9 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
                 recs.append(rec)
                 run.max_send_lag_s = max(run.max_send_lag_s, now - arrival_ms * time_scale / 1000)
             # The prompt of the trace's line, and the line itself, so recorded confidences replay per line.
-            await asyncio.gather(*(client.enqueue(prompts[r.prompt_index], job_id=r.job_id,
-                                                  prompt_index=r.prompt_index) for r in recs))
+            await asyncio.gather(
+                *(client.enqueue(prompts[r.prompt_index], job_id=r.job_id, prompt_index=r.prompt_index) for r in recs)
+            )
         run.send_wall_s = loop.time() - t0
         sending_done = True
         if counts["answered"] >= len(jobs):
@@ -251,11 +279,22 @@ async def replay(redis_url: str, trace: Trace, prompts: list[str], *, time_scale
     return run
 
 
-def stack_spec(*, policy: str, workers: int, backend: str, cascade: str, hardware: str, time_scale: float,
-               slo_ms: float, confidence_file: str | None = None,
-               controller_interval_s: float | None = None, model_dir: str | None = None,
-               light_workers: int | None = None, static_plan: str | None = None,
-               extra_env: dict[str, str] | None = None):
+def stack_spec(
+    *,
+    policy: str,
+    workers: int,
+    backend: str,
+    cascade: str,
+    hardware: str,
+    time_scale: float,
+    slo_ms: float,
+    confidence_file: str | None = None,
+    controller_interval_s: float | None = None,
+    model_dir: str | None = None,
+    light_workers: int | None = None,
+    static_plan: str | None = None,
+    extra_env: dict[str, str] | None = None,
+):
     """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles)."""
     from common.localstack import StackSpec
 
@@ -268,9 +307,18 @@ def stack_spec(*, policy: str, workers: int, backend: str, cascade: str, hardwar
     env.update(extra_env or {})
     # DIFFSERVE_SLO_MS is wall-clock for every service (router deadlines, controller plans).
     controller_args = ["--interval-s", f"{controller_interval_s:g}"] if controller_interval_s else []
-    return StackSpec(backend=backend, cascade=cascade, light_workers=light, heavy_workers=max(0, workers - light),
-                     controller=policy != "none", policy=policy, time_scale=time_scale, model_dir=model_dir,
-                     env=env, controller_args=controller_args)
+    return StackSpec(
+        backend=backend,
+        cascade=cascade,
+        light_workers=light,
+        heavy_workers=max(0, workers - light),
+        controller=policy != "none",
+        policy=policy,
+        time_scale=time_scale,
+        model_dir=model_dir,
+        env=env,
+        controller_args=controller_args,
+    )
 
 
 def default_sample_interval_s(time_scale: float) -> float:
@@ -278,19 +326,36 @@ def default_sample_interval_s(time_scale: float) -> float:
     return max(0.1, 0.5 * min(1.0, time_scale))
 
 
-def run_policy(spec, trace: Trace, prompts: list[str], *, log_dir: str, progress: bool = True,
-               drain_timeout_s: float = 120.0, plan_wait_s: float = 15.0,
-               sample_interval_s: float | None = None) -> RunRecord:
+def run_policy(
+    spec,
+    trace: Trace,
+    prompts: list[str],
+    *,
+    log_dir: str,
+    progress: bool = True,
+    drain_timeout_s: float = 120.0,
+    plan_wait_s: float = 15.0,
+    sample_interval_s: float | None = None,
+) -> RunRecord:
     """Start a fresh local stack (own redis-server) for ``spec``, replay, stop it."""
     from common.localstack import LocalStack
 
     with LocalStack(spec, log_dir) as stack:
         if spec.controller:
             asyncio.run(wait_for_plan(stack.redis_url, spec.namespace, plan_wait_s))
-        run = asyncio.run(replay(stack.redis_url, trace, prompts, time_scale=spec.time_scale,
-                                 policy=spec.policy if spec.controller else "none", namespace=spec.namespace,
-                                 progress=progress, drain_timeout_s=drain_timeout_s,
-                                 sample_interval_s=sample_interval_s or default_sample_interval_s(spec.time_scale)))
+        run = asyncio.run(
+            replay(
+                stack.redis_url,
+                trace,
+                prompts,
+                time_scale=spec.time_scale,
+                policy=spec.policy if spec.controller else "none",
+                namespace=spec.namespace,
+                progress=progress,
+                drain_timeout_s=drain_timeout_s,
+                sample_interval_s=sample_interval_s or default_sample_interval_s(spec.time_scale),
+            )
+        )
         dead = [name for name, alive in stack.alive().items() if not alive]
         if dead:
             print(f"warning: {dead} exited during the {run.policy} run; logs in {log_dir}", flush=True)

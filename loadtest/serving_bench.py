@@ -110,9 +110,17 @@ async def offered_step(client: Client, prompts: list[str], rate: float, seconds:
     except asyncio.TimeoutError:
         pass
     await stop_task(collector)
-    return {"rate": rate, "sent": n, "answered": len(latency), "unanswered": n - len(latency), "errors": errors,
-            "achieved_send_qps": round(n / send_s, 1) if send_s else None, "e2e_ms": percentiles(latency, 3),
-            "router_ms": percentiles(router_ms, 3), "wall_s": round(loop.time() - t0, 2)}
+    return {
+        "rate": rate,
+        "sent": n,
+        "answered": len(latency),
+        "unanswered": n - len(latency),
+        "errors": errors,
+        "achieved_send_qps": round(n / send_s, 1) if send_s else None,
+        "e2e_ms": percentiles(latency, 3),
+        "router_ms": percentiles(router_ms, 3),
+        "wall_s": round(loop.time() - t0, 2),
+    }
 
 
 async def bench(url: str, args) -> dict:
@@ -141,9 +149,11 @@ async def bench(url: str, args) -> dict:
             step["sustained"] = not reasons
             step["why_not"] = "; ".join(reasons)
             steps.append(step)
-            print(f"  {rate:>6g} q/s: p50 {step['e2e_ms']['p50']} ms, p99 {step['e2e_ms']['p99']} ms, "
-                  f"answered {step['answered']}/{step['sent']}" + (f"  -> stop: {step['why_not']}" if reasons else ""),
-                  flush=True)
+            print(
+                f"  {rate:>6g} q/s: p50 {step['e2e_ms']['p50']} ms, p99 {step['e2e_ms']['p99']} ms, "
+                f"answered {step['answered']}/{step['sent']}" + (f"  -> stop: {step['why_not']}" if reasons else ""),
+                flush=True,
+            )
             if reasons:
                 break
             # let any leftover drain before the next step
@@ -151,12 +161,15 @@ async def bench(url: str, args) -> dict:
     finally:
         await close_client(client)
     passed = [s for s in steps if s["sustained"]]
-    return {"redis_round_trip": rtt, "steps": steps,
-            "max_sustained_qps": max((s["rate"] for s in passed), default=0),
-            "overhead_ms": steps[0]["e2e_ms"] if steps else None,
-            "overhead_router_ms": steps[0]["router_ms"] if steps else None,
-            "at_max_sustained_ms": (max(passed, key=lambda s: s["rate"])["e2e_ms"] if passed else None),
-            "bench_s": round(time.monotonic() - started, 1)}
+    return {
+        "redis_round_trip": rtt,
+        "steps": steps,
+        "max_sustained_qps": max((s["rate"] for s in passed), default=0),
+        "overhead_ms": steps[0]["e2e_ms"] if steps else None,
+        "overhead_router_ms": steps[0]["router_ms"] if steps else None,
+        "at_max_sustained_ms": (max(passed, key=lambda s: s["rate"])["e2e_ms"] if passed else None),
+        "bench_s": round(time.monotonic() - started, 1),
+    }
 
 
 def table(result: dict, meta: dict) -> str:
@@ -165,34 +178,44 @@ def table(result: dict, meta: dict) -> str:
     ov = result["overhead_ms"] or {}
     ov_router = result["overhead_router_ms"] or {}
     low = f"{result['steps'][0]['rate']:g}" if result["steps"] else "?"
-    lines = [f"Serving-path benchmark ({meta['machine']}): profiled models at time_scale 0, "
-             f"{meta['light_workers']} light + {meta['heavy_workers']} heavy worker(s), batch {meta['batch']}, "
-             "every job through router -> light -> discriminator -> heavy -> router -> client",
-             "",
-             "| path | p50 ms | p99 ms |",
-             "|---|---:|---:|",
-             f"| bare Redis: XADD -> XREADGROUP (other connection) | {rtt['xadd_to_read_ms']['p50']:.3f} "
-             f"| {rtt['xadd_to_read_ms']['p99']:.3f} |",
-             f"| bare Redis: XADD -> XREADGROUP -> XACK | {rtt['xadd_read_ack_ms']['p50']:.3f} "
-             f"| {rtt['xadd_read_ack_ms']['p99']:.3f} |",
-             f"| DiffServe full path at {low} q/s (client send -> result) "
-             f"| {ov.get('p50', nan):.2f} | {ov.get('p99', nan):.2f} |",
-             f"| DiffServe full path at {low} q/s (router arrival -> answer) "
-             f"| {ov_router.get('p50', nan):.2f} | {ov_router.get('p99', nan):.2f} |",
-             "",
-             "| offered q/s | sent | answered | p50 ms | p99 ms | sustained |",
-             "|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Serving-path benchmark ({meta['machine']}): profiled models at time_scale 0, "
+        f"{meta['light_workers']} light + {meta['heavy_workers']} heavy worker(s), batch {meta['batch']}, "
+        "every job through router -> light -> discriminator -> heavy -> router -> client",
+        "",
+        "| path | p50 ms | p99 ms |",
+        "|---|---:|---:|",
+        f"| bare Redis: XADD -> XREADGROUP (other connection) | {rtt['xadd_to_read_ms']['p50']:.3f} "
+        f"| {rtt['xadd_to_read_ms']['p99']:.3f} |",
+        f"| bare Redis: XADD -> XREADGROUP -> XACK | {rtt['xadd_read_ack_ms']['p50']:.3f} "
+        f"| {rtt['xadd_read_ack_ms']['p99']:.3f} |",
+        f"| DiffServe full path at {low} q/s (client send -> result) "
+        f"| {ov.get('p50', nan):.2f} | {ov.get('p99', nan):.2f} |",
+        f"| DiffServe full path at {low} q/s (router arrival -> answer) "
+        f"| {ov_router.get('p50', nan):.2f} | {ov_router.get('p99', nan):.2f} |",
+        "",
+        "| offered q/s | sent | answered | p50 ms | p99 ms | sustained |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
     for s in result["steps"]:
-        lines.append(f"| {s['rate']:g} | {s['sent']} | {s['answered']} | {s['e2e_ms']['p50']} | {s['e2e_ms']['p99']} "
-                     f"| {'yes' if s['sustained'] else 'no: ' + s['why_not']} |")
-    lines += ["", f"Highest sustained rate: **{result['max_sustained_qps']:g} q/s** "
-              f"(p99 <= {meta['p99_limit_ms']:g} ms, drained within {meta['drain_s']:g} s)."]
+        lines.append(
+            f"| {s['rate']:g} | {s['sent']} | {s['answered']} | {s['e2e_ms']['p50']} | {s['e2e_ms']['p99']} "
+            f"| {'yes' if s['sustained'] else 'no: ' + s['why_not']} |"
+        )
+    lines += [
+        "",
+        f"Highest sustained rate: **{result['max_sustained_qps']:g} q/s** "
+        f"(p99 <= {meta['p99_limit_ms']:g} ms, drained within {meta['drain_s']:g} s).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffserve loadtest --serving-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve loadtest --serving-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates to step through (q/s)")
     p.add_argument("--step-s", type=float, default=3.0, help="seconds per rate step")
     p.add_argument("--drain-s", type=float, default=2.0, help="max wait for a step's results after its last send")
@@ -223,13 +246,27 @@ def main(argv: list[str] | None = None) -> None:
     import os
     import platform
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "batch": args.batch,
-            "light_workers": args.light_workers, "heavy_workers": args.heavy_workers,
-            "p99_limit_ms": args.p99_limit_ms, "drain_s": args.drain_s, "step_s": args.step_s}
-    spec = StackSpec(backend="profiled", time_scale=0.0, light_workers=args.light_workers,
-                     heavy_workers=args.heavy_workers,
-                     env={"DIFFSERVE_THRESHOLD": "1.01", "DIFFSERVE_BATCH": str(args.batch),
-                          "DIFFSERVE_SLO_MS": "60000", "DIFFSERVE_LATE_POLICY": "heavy"})
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "batch": args.batch,
+        "light_workers": args.light_workers,
+        "heavy_workers": args.heavy_workers,
+        "p99_limit_ms": args.p99_limit_ms,
+        "drain_s": args.drain_s,
+        "step_s": args.step_s,
+    }
+    spec = StackSpec(
+        backend="profiled",
+        time_scale=0.0,
+        light_workers=args.light_workers,
+        heavy_workers=args.heavy_workers,
+        env={
+            "DIFFSERVE_THRESHOLD": "1.01",
+            "DIFFSERVE_BATCH": str(args.batch),
+            "DIFFSERVE_SLO_MS": "60000",
+            "DIFFSERVE_LATE_POLICY": "heavy",
+        },
+    )
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="diffserve-bench-")
     print(f"serving bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:

@@ -37,8 +37,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.backends.profiled import (DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator,
-                                      load_confidence_overrides)
+from common.backends.profiled import (
+    DEFAULT_LOAD_SECONDS,
+    LOAD_SECONDS,
+    ProfiledDiscriminator,
+    load_confidence_overrides,
+)
 from common.cascades import CASCADES, DEFAULT_CASCADE
 from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
 from common.messages import FinalResult, Plan
@@ -91,8 +95,16 @@ class SimConfig:
 
 
 class Simulation:
-    def __init__(self, profile: CascadeProfile, trace: Trace, prompts: list[str], cfg: SimConfig, *,
-                 overrides: dict[int, float] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        profile: CascadeProfile,
+        trace: Trace,
+        prompts: list[str],
+        cfg: SimConfig,
+        *,
+        overrides: dict[int, float] | None = None,
+        seed: int = 0,
+    ):
         self.profile, self.trace, self.prompts, self.cfg = profile, trace, prompts, cfg
         self.spec = policy_spec(cfg.policy)
         self.scorer = ProfiledDiscriminator(profile.discriminator, profile.curve, 0.0, overrides)
@@ -116,8 +128,9 @@ class Simulation:
         self.rng = random.Random(seed)
         self.jobs: list[JobRecord] = []
         self.samples: list[dict] = []
-        settings = ControlSettings(policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s,
-                                   fixed_plan=cfg.fixed_plan, **cfg.control)
+        settings = ControlSettings(
+            policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s, fixed_plan=cfg.fixed_plan, **cfg.control
+        )
         self.loop = ControlLoop(profile, settings)
         self._latency: dict[tuple[str, int], float] = {}
 
@@ -127,8 +140,9 @@ class Simulation:
 
     def run(self) -> RunRecord:
         for i, (arrival_ms, index) in enumerate(self.trace):
-            rec = JobRecord(f"sim-{i}", index, arrival_ms, sent_s=arrival_ms / 1000.0,
-                            blank_prompt=not self.prompts[index])
+            rec = JobRecord(
+                f"sim-{i}", index, arrival_ms, sent_s=arrival_ms / 1000.0, blank_prompt=not self.prompts[index]
+            )
             self.jobs.append(rec)
             self.at(arrival_ms + self.hop_ms, self.admit, rec)
         self.outstanding = len(self.jobs)
@@ -143,8 +157,15 @@ class Simulation:
                 break
             self.now = t
             fn(*args)
-        return RunRecord(self.cfg.policy, 1.0, self.trace, self.jobs, plan_samples=self.samples,
-                         wall_s=self.now / 1000.0, drained=self.outstanding == 0)
+        return RunRecord(
+            self.cfg.policy,
+            1.0,
+            self.trace,
+            self.jobs,
+            plan_samples=self.samples,
+            wall_s=self.now / 1000.0,
+            drained=self.outstanding == 0,
+        )
 
     # ---------- control plane ----------
     def backlogs(self) -> dict[str, int]:
@@ -152,18 +173,23 @@ class Simulation:
         for w in self.workers:
             if w.busy and w.batch:
                 busy[w.role] += len(w.batch)
-        return {"light": len(self.queues["light"]) + busy["light"],
-                "discriminator": len(self.queues["discriminator"]) + len(self.disc_batch),
-                "heavy": len(self.queues["heavy"]) + busy["heavy"]}
+        return {
+            "light": len(self.queues["light"]) + busy["light"],
+            "discriminator": len(self.queues["discriminator"]) + len(self.disc_batch),
+            "heavy": len(self.queues["heavy"]) + busy["heavy"],
+        }
 
     def tick(self) -> None:
         demand = self.loop.observe(self.arrived, self.now / 1000.0)
         planned = self.stored.roles if self.stored is not None else {}
-        views = [WorkerView(w.worker_id, planned.get(w.worker_id, w.role), w.switch_s or DEFAULT_SWITCH_S)
-                 for w in self.workers]
+        views = [
+            WorkerView(w.worker_id, planned.get(w.worker_id, w.role), w.switch_s or DEFAULT_SWITCH_S)
+            for w in self.workers
+        ]
         b = self.backlogs()
-        queues = QueueStats(light_backlog=b["light"], discriminator_backlog=b["discriminator"],
-                            heavy_backlog=b["heavy"])
+        queues = QueueStats(
+            light_backlog=b["light"], discriminator_backlog=b["discriminator"], heavy_backlog=b["heavy"]
+        )
         result, _reason = self.loop.decide(self.stored, demand, views, queues)
         self.version += 1
         message = result.to_message(self.version, result.roles, self.now)
@@ -182,13 +208,23 @@ class Simulation:
         p = self.plan
         roles = [w.role for w in self.workers]
         b = self.backlogs()
-        self.samples.append({"t_s": round(self.now / 1000.0, 3), "plan_version": p.version, "policy": p.policy,
-                             "threshold": p.threshold, "light_workers": p.light_workers,
-                             "heavy_workers": p.heavy_workers, "light_batch": p.light_batch,
-                             "heavy_batch": p.heavy_batch, "heavy_fraction": p.heavy_fraction,
-                             "demand_qps": p.demand_qps, "feasible": p.feasible,
-                             "roles": {"light": roles.count("light"), "heavy": roles.count("heavy")},
-                             "backlog": {"light": b["light"], "heavy": b["heavy"]}})
+        self.samples.append(
+            {
+                "t_s": round(self.now / 1000.0, 3),
+                "plan_version": p.version,
+                "policy": p.policy,
+                "threshold": p.threshold,
+                "light_workers": p.light_workers,
+                "heavy_workers": p.heavy_workers,
+                "light_batch": p.light_batch,
+                "heavy_batch": p.heavy_batch,
+                "heavy_fraction": p.heavy_fraction,
+                "demand_qps": p.demand_qps,
+                "feasible": p.feasible,
+                "roles": {"light": roles.count("light"), "heavy": roles.count("heavy")},
+                "backlog": {"light": b["light"], "heavy": b["heavy"]},
+            }
+        )
         if self.outstanding or self.now < self.trace.duration_s * 1000.0:
             self.at(self.now + self.cfg.sample_interval_s * 1000.0, self.sample)
 
@@ -202,8 +238,9 @@ class Simulation:
     def heavy_stage(self) -> HeavyStage:
         workers = sum(w.role == "heavy" for w in self.workers)
         batch = max(1, self.plan.heavy_batch)
-        return HeavyStage(workers=workers, batch=batch, batch_ms=self.latency_ms("heavy", batch),
-                          backlog=self.backlogs()["heavy"])
+        return HeavyStage(
+            workers=workers, batch=batch, batch_ms=self.latency_ms("heavy", batch), backlog=self.backlogs()["heavy"]
+        )
 
     def admit(self, rec: JobRecord) -> None:
         self.arrived += 1
@@ -212,9 +249,12 @@ class Simulation:
             return
         job = SimJob(rec, self.prompts[rec.prompt_index], rec.arrival_ms + self.cfg.slo_ms)
         if self.plan.heavy_fraction > 0:
-            decision = direct_decision(self.rng.random(), self.plan.heavy_fraction,
-                                       degrade_late=self.plan.degrade_late,
-                                       on_time=self.heavy_stage().on_time(self.now, job.deadline_ms))
+            decision = direct_decision(
+                self.rng.random(),
+                self.plan.heavy_fraction,
+                degrade_late=self.plan.degrade_late,
+                on_time=self.heavy_stage().on_time(self.now, job.deadline_ms),
+            )
             if decision == Decision.HEAVY:
                 job.routed_by = "direct"
                 self.enqueue("heavy", job)
@@ -302,9 +342,14 @@ class Simulation:
             job.confidence = self.scorer.confidence(job.prompt, job.record.prompt_index)
         for i in decision_order([job.confidence for job in jobs]):
             job = jobs[i]
-            decision = cascade_decision(job.confidence, plan.threshold, discriminator_routes=plan.discriminator_routes,
-                                        degrade_late=plan.degrade_late, fallback=job.routed_by == "fallback",
-                                        on_time=heavy is None or heavy.on_time(self.now, job.deadline_ms))
+            decision = cascade_decision(
+                job.confidence,
+                plan.threshold,
+                discriminator_routes=plan.discriminator_routes,
+                degrade_late=plan.degrade_late,
+                fallback=job.routed_by == "fallback",
+                on_time=heavy is None or heavy.on_time(self.now, job.deadline_ms),
+            )
             if decision == Decision.HEAVY:
                 if heavy is not None:
                     heavy.admit()
@@ -317,21 +362,36 @@ class Simulation:
         done = self.now + self.hop_ms  # the router's delivery pass
         rec = job.record
         rec.received_s = done / 1000.0
-        rec.result = FinalResult(job_id=rec.job_id, status="ok", answered_by=answered_by,
-                                 model=getattr(self.profile.spec, answered_by), confidence=job.confidence,
-                                 degraded=degraded, latency_ms=done - rec.arrival_ms,
-                                 slo_met=done <= job.deadline_ms, finished_ms=done)
+        rec.result = FinalResult(
+            job_id=rec.job_id,
+            status="ok",
+            answered_by=answered_by,
+            model=getattr(self.profile.spec, answered_by),
+            confidence=job.confidence,
+            degraded=degraded,
+            latency_ms=done - rec.arrival_ms,
+            slo_met=done <= job.deadline_ms,
+            finished_ms=done,
+        )
         self.outstanding -= 1
 
     def finish_error(self, rec: JobRecord, code: str, message: str) -> None:
         rec.received_s = self.now / 1000.0
-        rec.result = FinalResult(job_id=rec.job_id, status="error", error_code=code, error_message=message,
-                                 finished_ms=self.now)
+        rec.result = FinalResult(
+            job_id=rec.job_id, status="error", error_code=code, error_message=message, finished_ms=self.now
+        )
         self.outstanding -= 1
 
 
-def simulate(profile: CascadeProfile, trace: Trace, prompts: list[str], cfg: SimConfig, *,
-             overrides: dict[int, float] | None = None, seed: int = 0) -> RunRecord:
+def simulate(
+    profile: CascadeProfile,
+    trace: Trace,
+    prompts: list[str],
+    cfg: SimConfig,
+    *,
+    overrides: dict[int, float] | None = None,
+    seed: int = 0,
+) -> RunRecord:
     return Simulation(profile, trace, prompts, cfg, overrides=overrides, seed=seed).run()
 
 
@@ -342,10 +402,23 @@ def _entry(run: RunRecord, profile: CascadeProfile, slo_ms: float, name: str) ->
 
 
 # ----------------------------------------------------------------------------- static search
-def search_static(profile: CascadeProfile, trace: Trace, prompts: list[str], *, workers: int, slo_ms: float,
-                  time_scale: float = 1.0, overrides=None, max_miss: float = 0.01, light_batches=(4, 8, 16),
-                  heavy_batches=(1, 2, 4), coarse_step: float = 0.05, fine_step: float = 0.01,
-                  max_threshold: float = 0.4, refine: int = 3) -> list[dict]:
+def search_static(
+    profile: CascadeProfile,
+    trace: Trace,
+    prompts: list[str],
+    *,
+    workers: int,
+    slo_ms: float,
+    time_scale: float = 1.0,
+    overrides=None,
+    max_miss: float = 0.01,
+    light_batches=(4, 8, 16),
+    heavy_batches=(1, 2, 4),
+    coarse_step: float = 0.05,
+    fine_step: float = 0.01,
+    max_threshold: float = 0.4,
+    refine: int = 3,
+) -> list[dict]:
     """Fixed plans simulated on the trace, best first: within ``max_miss`` SLO misses, by estimated
     quality.  Two passes: thresholds on a ``coarse_step`` grid for every light-worker count up to a
     quarter of the cluster (the rest heavy) and batch pair, then the ``refine`` best configurations
@@ -354,21 +427,35 @@ def search_static(profile: CascadeProfile, trace: Trace, prompts: list[str], *, 
     seen: dict[str, dict] = {}
 
     def run(t: float, lw: int, lb: int, hb: int) -> None:
-        fixed = FixedPlan(threshold=round(t, 4), light_workers=lw, light_batch=lb, heavy_workers=workers - lw,
-                          heavy_batch=hb)
+        fixed = FixedPlan(
+            threshold=round(t, 4), light_workers=lw, light_batch=lb, heavy_workers=workers - lw, heavy_batch=hb
+        )
         if str(fixed) in seen:
             return
         # every plan starts from the same roles as the other policies (half light), as a live stack does
         cfg = SimConfig(policy="static", workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed)
-        e = summarize(simulate(profile, trace, prompts, cfg, overrides=overrides), slo_ms=slo_ms, backend="profiled",
-                      curve=profile.quality, confidence_curve=profile.curve)
-        seen[str(fixed)] = {"plan": str(fixed), "config": (lw, lb, hb), "threshold": fixed.threshold,
-                            "slo_violation_ratio": e["slo_violation_ratio"], "fid": e["quality"]["estimate"],
-                            "heavy_share": e["heavy_share"], "degraded": e["degraded"]}
+        e = summarize(
+            simulate(profile, trace, prompts, cfg, overrides=overrides),
+            slo_ms=slo_ms,
+            backend="profiled",
+            curve=profile.quality,
+            confidence_curve=profile.curve,
+        )
+        seen[str(fixed)] = {
+            "plan": str(fixed),
+            "config": (lw, lb, hb),
+            "threshold": fixed.threshold,
+            "slo_violation_ratio": e["slo_violation_ratio"],
+            "fid": e["quality"]["estimate"],
+            "heavy_share": e["heavy_share"],
+            "degraded": e["degraded"],
+        }
 
     def ranked() -> list[dict]:
-        return sorted(seen.values(), key=lambda r: (r["slo_violation_ratio"] >= max_miss, sign * (r["fid"] or 0),
-                                                    r["slo_violation_ratio"]))
+        return sorted(
+            seen.values(),
+            key=lambda r: (r["slo_violation_ratio"] >= max_miss, sign * (r["fid"] or 0), r["slo_violation_ratio"]),
+        )
 
     coarse = [round(i * coarse_step, 4) for i in range(int(round(max_threshold / coarse_step)) + 1)]
     for t, lw, lb, hb in itertools.product(coarse, range(1, max(2, workers // 4) + 1), light_batches, heavy_batches):
@@ -393,28 +480,44 @@ def search_static(profile: CascadeProfile, trace: Trace, prompts: list[str], *, 
 def build_parser() -> argparse.ArgumentParser:
     from loadtest.cli import add_trace_arguments
 
-    p = argparse.ArgumentParser(prog="diffserve simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_trace_arguments(p)
     c = p.add_argument_group("cluster")
-    c.add_argument("--policies", default="diffserve",
-                   help=f"comma-separated policies, one run each ({', '.join(POLICIES)})")
+    c.add_argument(
+        "--policies", default="diffserve", help=f"comma-separated policies, one run each ({', '.join(POLICIES)})"
+    )
     c.add_argument("--workers", default="16", help="workers; a comma-separated list gives one row per cluster size")
     c.add_argument("--light-workers", type=int, default=None, help="light workers at the start (default: half)")
     c.add_argument("--cascade", default=DEFAULT_CASCADE, choices=sorted(CASCADES))
     c.add_argument("--hardware", default="a100", choices=sorted(HARDWARE))
     c.add_argument("--slo-ms", type=float, default=None, help="SLO (default: the cascade's)")
-    c.add_argument("--confidence-file", default=None,
-                   help="`prompt_index,confidence` lines: the discriminator's confidence per prompt line")
-    c.add_argument("--static-plan", default=None, metavar="t=0.02,light=4x16,heavy=12x4",
-                   help="the static policy's fixed plan; default: the solver's plan for the trace's mean demand")
+    c.add_argument(
+        "--confidence-file",
+        default=None,
+        help="`prompt_index,confidence` lines: the discriminator's confidence per prompt line",
+    )
+    c.add_argument(
+        "--static-plan",
+        default=None,
+        metavar="t=0.02,light=4x16,heavy=12x4",
+        help="the static policy's fixed plan; default: the solver's plan for the trace's mean demand",
+    )
     c.add_argument("--controller-interval-s", type=float, default=10.0, help="re-plan interval (full-speed s)")
-    c.add_argument("--time-scale", type=float, default=1.0,
-                   help="model a live stack run at this time scale (its wall-clock constants, e.g. the 0.5 s "
-                        "plan refresh, are 1/X longer at full speed); 1 = a real deployment")
-    c.add_argument("--search-static", action="store_true",
-                   help="also find the best fixed plan in hindsight (grid over threshold x light workers x batch "
-                        "sizes; best estimated quality with < 1 %% SLO misses) and add it as 'static-hindsight'")
+    c.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="model a live stack run at this time scale (its wall-clock constants, e.g. the 0.5 s "
+        "plan refresh, are 1/X longer at full speed); 1 = a real deployment",
+    )
+    c.add_argument(
+        "--search-static",
+        action="store_true",
+        help="also find the best fixed plan in hindsight (grid over threshold x light workers x batch "
+        "sizes; best estimated quality with < 1 %% SLO misses) and add it as 'static-hindsight'",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out/simulate", help="output folder (report.json, summary.md, plots)")
     o.add_argument("--no-plots", action="store_true")
@@ -445,44 +548,80 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_trace(trace, out / "trace.csv")
     warm_up()
-    print(f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s); "
-          f"SLO {slo_ms:g} ms; workers {args.workers}; policies {', '.join(policies)}", flush=True)
+    print(
+        f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s); "
+        f"SLO {slo_ms:g} ms; workers {args.workers}; policies {', '.join(policies)}",
+        flush=True,
+    )
     entries = []
     for size in sizes:
         for policy in policies:
             started = time.perf_counter()
             # static's fixed plan: the one given, else the solver's for the trace's mean demand
             static = fixed or static_plan(profile, trace.mean_rate, size, ControlSettings(slo_ms=slo_ms))
-            cfg = SimConfig(policy=policy, workers=size, slo_ms=slo_ms, light_workers=args.light_workers,
-                            interval_s=args.controller_interval_s, time_scale=args.time_scale, fixed_plan=static)
+            cfg = SimConfig(
+                policy=policy,
+                workers=size,
+                slo_ms=slo_ms,
+                light_workers=args.light_workers,
+                interval_s=args.controller_interval_s,
+                time_scale=args.time_scale,
+                fixed_plan=static,
+            )
             run = simulate(profile, trace, prompts, cfg, overrides=overrides, seed=args.seed)
             name = policy if len(sizes) == 1 else f"{policy} ({size} workers)"
             entries.append(_entry(run, profile, slo_ms, name))
             e = entries[-1]
-            print(f"  {name}: SLO miss {100 * e['slo_violation_ratio']:.2f} %, p99 {e['latency_ms']['p99']} ms, "
-                  f"heavy share {e['heavy_share']}, FID est. {e['quality'].get('estimate')}, degraded "
-                  f"{e['degraded']} ({time.perf_counter() - started:.1f} s)", flush=True)
+            print(
+                f"  {name}: SLO miss {100 * e['slo_violation_ratio']:.2f} %, p99 {e['latency_ms']['p99']} ms, "
+                f"heavy share {e['heavy_share']}, FID est. {e['quality'].get('estimate')}, degraded "
+                f"{e['degraded']} ({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
         if args.search_static:
             started = time.perf_counter()
-            rows = search_static(profile, trace, prompts, workers=size, slo_ms=slo_ms, time_scale=args.time_scale,
-                                 overrides=overrides)
+            rows = search_static(
+                profile, trace, prompts, workers=size, slo_ms=slo_ms, time_scale=args.time_scale, overrides=overrides
+            )
             best = FixedPlan.parse(rows[0]["plan"])
             (out / f"static_search_{size}.json").write_text(json.dumps(rows, indent=1))
-            cfg = SimConfig(policy="static", workers=size, slo_ms=slo_ms, light_workers=args.light_workers,
-                            time_scale=args.time_scale, fixed_plan=best)
+            cfg = SimConfig(
+                policy="static",
+                workers=size,
+                slo_ms=slo_ms,
+                light_workers=args.light_workers,
+                time_scale=args.time_scale,
+                fixed_plan=best,
+            )
             run = simulate(profile, trace, prompts, cfg, overrides=overrides, seed=args.seed)
             name = "static-hindsight" if len(sizes) == 1 else f"static-hindsight ({size} workers)"
             entries.append(_entry(run, profile, slo_ms, name))
             entries[-1]["static_plan"] = rows[0]["plan"]
-            print(f"  {name}: best of {len(rows)} fixed plans {rows[0]['plan']}: SLO miss "
-                  f"{100 * rows[0]['slo_violation_ratio']:.2f} %, FID est. {rows[0]['fid']} "
-                  f"({time.perf_counter() - started:.1f} s)", flush=True)
-    meta = {"trace": trace.name, "trace_params": trace.params, "sent": len(trace), "duration_s": trace.duration_s,
-            "backend": "profiled", "simulated": True, "cascade": args.cascade, "hardware": args.hardware,
-            "workers": args.workers, "time_scale": args.time_scale, "slo_ms": slo_ms, "seed": args.seed,
-            "prompts": args.prompts, "confidence_file": args.confidence_file, "policies": policies,
-            "controller_interval_s": args.controller_interval_s,
-            "units": "virtual full-speed time (simulation)"}
+            print(
+                f"  {name}: best of {len(rows)} fixed plans {rows[0]['plan']}: SLO miss "
+                f"{100 * rows[0]['slo_violation_ratio']:.2f} %, FID est. {rows[0]['fid']} "
+                f"({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
+    meta = {
+        "trace": trace.name,
+        "trace_params": trace.params,
+        "sent": len(trace),
+        "duration_s": trace.duration_s,
+        "backend": "profiled",
+        "simulated": True,
+        "cascade": args.cascade,
+        "hardware": args.hardware,
+        "workers": args.workers,
+        "time_scale": args.time_scale,
+        "slo_ms": slo_ms,
+        "seed": args.seed,
+        "prompts": args.prompts,
+        "confidence_file": args.confidence_file,
+        "policies": policies,
+        "controller_interval_s": args.controller_interval_s,
+        "units": "virtual full-speed time (simulation)",
+    }
     report_mod.publish(out, entries, meta, plots=not args.no_plots)
 
 

@@ -54,8 +54,9 @@ class Trace:
         return [n / bin_s for n in bins]
 
 
-def rate_function(kind: str, rate: float, duration_s: float, low_rate: float | None = None,
-                  seed: int = 0) -> Callable[[float], float]:
+def rate_function(
+    kind: str, rate: float, duration_s: float, low_rate: float | None = None, seed: int = 0
+) -> Callable[[float], float]:
     """q/s at time t (s) for a synthetic trace kind."""
     if kind not in TRACES:
         raise ValueError(f"unknown trace {kind!r}; known: {', '.join(TRACES)}")
@@ -87,8 +88,15 @@ def rate_function(kind: str, rate: float, duration_s: float, low_rate: float | N
     return bursty
 
 
-def generate(kind: str, *, rate: float | None = None, duration_s: float = 60.0, low_rate: float | None = None,
-             n_prompts: int = 5000, seed: int = 0) -> Trace:
+def generate(
+    kind: str,
+    *,
+    rate: float | None = None,
+    duration_s: float = 60.0,
+    low_rate: float | None = None,
+    n_prompts: int = 5000,
+    seed: int = 0,
+) -> Trace:
     """A seeded synthetic trace; prompts drawn uniformly from ``n_prompts``."""
     rate = rate if rate is not None else DEFAULT_RATE.get(kind, 8.0)
     fn = rate_function(kind, rate, duration_s, low_rate, seed)
@@ -123,8 +131,13 @@ def read_trace(path: str | Path, n_prompts: int | None = None) -> Trace:
             raise ValueError(f"{path}:{lineno}: arrival or prompt index out of range: {line!r}")
     rows.sort()
     duration_s = math.ceil(rows[-1][0] / 1000 + 1e-9) if rows else 0.0
-    return Trace([r[0] for r in rows], [r[1] for r in rows], Path(path).stem, float(duration_s),
-                 {"kind": "file", "path": str(path)})
+    return Trace(
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        Path(path).stem,
+        float(duration_s),
+        {"kind": "file", "path": str(path)},
+    )
 
 
 def write_trace(trace: Trace, path: str | Path) -> None:

@@ -38,8 +38,18 @@ from common.config import ServiceConfig, option
 from common.control import ControlLoop, ControlSettings, WorkerView
 from common.messages import Plan
 from common.plan_store import load_plan, store_plan
-from common.planner import (DEFAULT_HEADROOM, OBJECTIVES, POLICIES, ROLES, AimdState, FixedPlan, PlanResult,
-                            QueueStats, count_changes, warm_up)
+from common.planner import (
+    DEFAULT_HEADROOM,
+    OBJECTIVES,
+    POLICIES,
+    ROLES,
+    AimdState,
+    FixedPlan,
+    PlanResult,
+    QueueStats,
+    count_changes,
+    warm_up,
+)
 from common.service import Service, now_ms, run
 from common.streams import backlog, run_forever
 
@@ -51,54 +61,107 @@ MIN_INTERVAL_S = 0.25
 class ControllerConfig(ServiceConfig, BackendSettings):
     """diffserve controller: re-plans threshold, batch sizes and worker roles."""
 
-    interval_s: float | None = option(None, "seconds between plans (default: 10 s of full-speed time, so "
-                                      "10 x time_scale on the profiled backend, at least 0.25 s)",
-                                      env="DIFFSERVE_INTERVAL_S")
+    interval_s: float | None = option(
+        None,
+        "seconds between plans (default: 10 s of full-speed time, so "
+        "10 x time_scale on the profiled backend, at least 0.25 s)",
+        env="DIFFSERVE_INTERVAL_S",
+    )
     policy: str = option("diffserve", "serving policy", env="DIFFSERVE_POLICY", choices=POLICIES)
-    objective: str = option("auto", "quality (best estimated FID) or threshold (max t, the paper); auto: "
-                            "quality where the cascade has a quality curve", env="DIFFSERVE_OBJECTIVE",
-                            choices=("auto",) + OBJECTIVES)
-    static_plan: str | None = option(None, "the static policy's fixed plan, e.g. t=0.02,light=4x16,heavy=12x4 "
-                                     "(workers x batch); default: the solver's plan for --static-demand",
-                                     env="DIFFSERVE_STATIC_PLAN")
-    static_demand: float | None = option(None, "demand (q/s, wall clock) the static plan is solved for "
-                                         "(default: the first demand measured)", env="DIFFSERVE_STATIC_DEMAND")
-    slo_ms: float | None = option(None, "SLO in wall-clock ms, as the router stamps deadlines (default: the "
-                                  "cascade's, x time_scale on the profiled backend)", env="DIFFSERVE_SLO_MS")
-    worker_timeout_s: float = option(5.0, "a worker without a heartbeat for this long is not counted",
-                                     env="DIFFSERVE_WORKER_TIMEOUT_S")
-    ewma_alpha: float = option(0.5, "weight of the newest rate sample in the demand estimate while it rises",
-                               env="DIFFSERVE_EWMA_ALPHA")
-    ewma_alpha_down: float = option(0.2, "... and while it falls: slow decay, so a bursty load is not "
-                                    "planned for its lulls", env="DIFFSERVE_EWMA_ALPHA_DOWN")
-    peak_halflife_s: float = option(300.0, "the light stage is provisioned for the recent peak demand, which "
-                                    "decays by half in this many full-speed seconds", env="DIFFSERVE_PEAK_HALFLIFE_S")
-    max_threshold_step: float = option(0.05, "largest change of the threshold from one plan to the next, unless "
-                                       "nothing that close is feasible", env="DIFFSERVE_MAX_THRESHOLD_STEP")
-    headroom: float = option(DEFAULT_HEADROOM, "plan every stage at most this busy (the profiled latencies are "
-                             "means)", env="DIFFSERVE_HEADROOM")
-    threshold_margin: float = option(0.05, "keep the current roles unless the new plan's threshold differs "
-                                     "by more than this", env="DIFFSERVE_THRESHOLD_MARGIN")
-    worker_margin: int = option(1, "... or its light/heavy split by more than this many workers",
-                                env="DIFFSERVE_WORKER_MARGIN")
-    default_switch_s: float = option(5.0, "role-switch time assumed for a worker that has not switched yet "
-                                     "(unscaled)", env="DIFFSERVE_DEFAULT_SWITCH_S")
-    max_switch_fraction: float = option(0.25, "at most this share of the workers change role per tick unless "
-                                        "the current allocation cannot serve demand",
-                                        env="DIFFSERVE_MAX_SWITCH_FRACTION")
-    spare_util: float = option(0.5, "spare workers go to the busiest stage while its utilisation is above this",
-                               env="DIFFSERVE_SPARE_UTIL")
+    objective: str = option(
+        "auto",
+        "quality (best estimated FID) or threshold (max t, the paper); auto: "
+        "quality where the cascade has a quality curve",
+        env="DIFFSERVE_OBJECTIVE",
+        choices=("auto",) + OBJECTIVES,
+    )
+    static_plan: str | None = option(
+        None,
+        "the static policy's fixed plan, e.g. t=0.02,light=4x16,heavy=12x4 "
+        "(workers x batch); default: the solver's plan for --static-demand",
+        env="DIFFSERVE_STATIC_PLAN",
+    )
+    static_demand: float | None = option(
+        None,
+        "demand (q/s, wall clock) the static plan is solved for (default: the first demand measured)",
+        env="DIFFSERVE_STATIC_DEMAND",
+    )
+    slo_ms: float | None = option(
+        None,
+        "SLO in wall-clock ms, as the router stamps deadlines (default: the "
+        "cascade's, x time_scale on the profiled backend)",
+        env="DIFFSERVE_SLO_MS",
+    )
+    worker_timeout_s: float = option(
+        5.0, "a worker without a heartbeat for this long is not counted", env="DIFFSERVE_WORKER_TIMEOUT_S"
+    )
+    ewma_alpha: float = option(
+        0.5, "weight of the newest rate sample in the demand estimate while it rises", env="DIFFSERVE_EWMA_ALPHA"
+    )
+    ewma_alpha_down: float = option(
+        0.2,
+        "... and while it falls: slow decay, so a bursty load is not planned for its lulls",
+        env="DIFFSERVE_EWMA_ALPHA_DOWN",
+    )
+    peak_halflife_s: float = option(
+        300.0,
+        "the light stage is provisioned for the recent peak demand, which "
+        "decays by half in this many full-speed seconds",
+        env="DIFFSERVE_PEAK_HALFLIFE_S",
+    )
+    max_threshold_step: float = option(
+        0.05,
+        "largest change of the threshold from one plan to the next, unless nothing that close is feasible",
+        env="DIFFSERVE_MAX_THRESHOLD_STEP",
+    )
+    headroom: float = option(
+        DEFAULT_HEADROOM,
+        "plan every stage at most this busy (the profiled latencies are means)",
+        env="DIFFSERVE_HEADROOM",
+    )
+    threshold_margin: float = option(
+        0.05,
+        "keep the current roles unless the new plan's threshold differs by more than this",
+        env="DIFFSERVE_THRESHOLD_MARGIN",
+    )
+    worker_margin: int = option(
+        1, "... or its light/heavy split by more than this many workers", env="DIFFSERVE_WORKER_MARGIN"
+    )
+    default_switch_s: float = option(
+        5.0,
+        "role-switch time assumed for a worker that has not switched yet (unscaled)",
+        env="DIFFSERVE_DEFAULT_SWITCH_S",
+    )
+    max_switch_fraction: float = option(
+        0.25,
+        "at most this share of the workers change role per tick unless the current allocation cannot serve demand",
+        env="DIFFSERVE_MAX_SWITCH_FRACTION",
+    )
+    spare_util: float = option(
+        0.5, "spare workers go to the busiest stage while its utilisation is above this", env="DIFFSERVE_SPARE_UTIL"
+    )
 
 
 def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interval_s: float) -> ControlSettings:
     return ControlSettings(
-        policy=cfg.policy, objective=None if cfg.objective == "auto" else cfg.objective, slo_ms=slo_ms,
-        latency_scale=scale, interval_s=interval_s, batch_grid=tuple(sorted(cfg.batch_grid)),
-        ewma_alpha=cfg.ewma_alpha, ewma_alpha_down=cfg.ewma_alpha_down, peak_halflife_s=cfg.peak_halflife_s * scale,
-        max_threshold_step=cfg.max_threshold_step, threshold_margin=cfg.threshold_margin,
-        worker_margin=cfg.worker_margin, max_switch_fraction=cfg.max_switch_fraction, spare_util=cfg.spare_util,
-        headroom=cfg.headroom, fixed_plan=FixedPlan.parse(cfg.static_plan) if cfg.static_plan else None,
-        static_demand=cfg.static_demand)
+        policy=cfg.policy,
+        objective=None if cfg.objective == "auto" else cfg.objective,
+        slo_ms=slo_ms,
+        latency_scale=scale,
+        interval_s=interval_s,
+        batch_grid=tuple(sorted(cfg.batch_grid)),
+        ewma_alpha=cfg.ewma_alpha,
+        ewma_alpha_down=cfg.ewma_alpha_down,
+        peak_halflife_s=cfg.peak_halflife_s * scale,
+        max_threshold_step=cfg.max_threshold_step,
+        threshold_margin=cfg.threshold_margin,
+        worker_margin=cfg.worker_margin,
+        max_switch_fraction=cfg.max_switch_fraction,
+        spare_util=cfg.spare_util,
+        headroom=cfg.headroom,
+        fixed_plan=FixedPlan.parse(cfg.static_plan) if cfg.static_plan else None,
+        static_demand=cfg.static_demand,
+    )
 
 
 class Controller:
@@ -139,22 +202,31 @@ class Controller:
         planned = stored.roles if stored is not None else {}
         out = []
         for w, info in zip(ids, infos):
-            info = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                    for k, v in (info or {}).items()}
+            info = {
+                (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in (info or {}).items()
+            }
             reported = info.get("role", "")
             try:
                 switch_s = float(info.get("switch_s") or 0.0)
             except ValueError:
                 switch_s = 0.0
             role = planned.get(w) if planned.get(w) in ROLES else reported
-            out.append(WorkerView(w, role if role in ROLES else "",
-                                  switch_s if switch_s > 0 else self.cfg.default_switch_s * self.scale))
+            out.append(
+                WorkerView(
+                    w,
+                    role if role in ROLES else "",
+                    switch_s if switch_s > 0 else self.cfg.default_switch_s * self.scale,
+                )
+            )
         return out
 
     async def queue_stats(self) -> QueueStats:
-        return QueueStats(light_backlog=await backlog(self.r, self.keys.light_queue, "workers"),
-                          discriminator_backlog=await backlog(self.r, self.keys.light_results, "discriminator"),
-                          heavy_backlog=await backlog(self.r, self.keys.heavy_queue, "workers"))
+        return QueueStats(
+            light_backlog=await backlog(self.r, self.keys.light_queue, "workers"),
+            discriminator_backlog=await backlog(self.r, self.keys.light_results, "discriminator"),
+            heavy_backlog=await backlog(self.r, self.keys.heavy_queue, "workers"),
+        )
 
     async def slo_missed(self) -> bool:
         """Whether SLO misses were counted since the last tick (``stats`` hash, when maintained)."""
@@ -196,28 +268,48 @@ class Controller:
         metrics.PLAN_INFEASIBLE.set(0 if result.feasible else 1)
         metrics.SOLVE_TIME.observe(result.solve_ms / 1000.0)
 
-    def report(self, stored: Plan | None, message: Plan, result: PlanResult, reason: str,
-               workers: list[WorkerView]) -> None:
-        changed = stored is None or any(getattr(stored, f) != getattr(message, f) for f in (
-            "policy", "threshold", "light_batch", "heavy_batch", "heavy_fraction", "roles", "feasible"))
+    def report(
+        self, stored: Plan | None, message: Plan, result: PlanResult, reason: str, workers: list[WorkerView]
+    ) -> None:
+        changed = stored is None or any(
+            getattr(stored, f) != getattr(message, f)
+            for f in ("policy", "threshold", "light_batch", "heavy_batch", "heavy_fraction", "roles", "feasible")
+        )
         if not result.feasible and (stored is None or stored.feasible or changed):
-            self.log.warning("demand exceeds capacity: maximum-throughput plan", extra={
-                "demand_qps": round(message.demand_qps, 3), "workers": len(workers), "slo_ms": result.slo_ms})
+            self.log.warning(
+                "demand exceeds capacity: maximum-throughput plan",
+                extra={"demand_qps": round(message.demand_qps, 3), "workers": len(workers), "slo_ms": result.slo_ms},
+            )
         if not changed and reason.endswith("roles kept") or reason.startswith("change proposed"):
-            self.log.info("role change deferred", extra={"version": message.version, "reason": reason,
-                                                         "demand_qps": round(message.demand_qps, 3)})
+            self.log.info(
+                "role change deferred",
+                extra={"version": message.version, "reason": reason, "demand_qps": round(message.demand_qps, 3)},
+            )
         if changed:
             current = {w.worker_id: w.role for w in workers}
-            self.log.info("new plan", extra={
-                "version": message.version, "policy": message.policy, "objective": result.objective,
-                "threshold": message.threshold, "heavy_fraction": message.heavy_fraction,
-                "light_batch": message.light_batch, "heavy_batch": message.heavy_batch,
-                "light_workers": message.light_workers, "heavy_workers": message.heavy_workers,
-                "role_changes": count_changes(current, message.roles), "demand_qps": round(message.demand_qps, 3),
-                "light_demand_qps": round(result.light_demand_qps, 3),
-                "feasible": message.feasible, "estimated_quality": message.estimated_quality,
-                "predicted_ms": round(result.latency.total_ms, 1), "slo_ms": result.slo_ms,
-                "solve_ms": round(result.solve_ms, 2), "reason": reason})
+            self.log.info(
+                "new plan",
+                extra={
+                    "version": message.version,
+                    "policy": message.policy,
+                    "objective": result.objective,
+                    "threshold": message.threshold,
+                    "heavy_fraction": message.heavy_fraction,
+                    "light_batch": message.light_batch,
+                    "heavy_batch": message.heavy_batch,
+                    "light_workers": message.light_workers,
+                    "heavy_workers": message.heavy_workers,
+                    "role_changes": count_changes(current, message.roles),
+                    "demand_qps": round(message.demand_qps, 3),
+                    "light_demand_qps": round(result.light_demand_qps, 3),
+                    "feasible": message.feasible,
+                    "estimated_quality": message.estimated_quality,
+                    "predicted_ms": round(result.latency.total_ms, 1),
+                    "slo_ms": result.slo_ms,
+                    "solve_ms": round(result.solve_ms, 2),
+                    "reason": reason,
+                },
+            )
 
     async def step(self) -> None:
         started = time.monotonic()

@@ -23,15 +23,22 @@ class DiscriminatorConfig(ServiceConfig, BackendSettings):
     """diffserve discriminator: routes each light image to the client or to the heavy model."""
 
     batch: int = option(32, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
-    threshold: float | None = option(None, "fixed threshold (default: the plan's, 0.5 without a plan)",
-                                     env="DIFFSERVE_THRESHOLD")
-    late_policy: str = option("plan", "a job the heavy model cannot finish before its deadline: as the plan "
-                              "says (plan), answered with its light image (light) or sent on anyway (heavy)",
-                              env="DIFFSERVE_LATE_POLICY", choices=LATE_POLICIES)
-    reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead discriminator",
-                                  env="DIFFSERVE_RECLAIM_IDLE_MS")
-    max_deliveries: int = option(5, "fail a job whose batch crashed this many discriminators",
-                                 env="DIFFSERVE_MAX_DELIVERIES")
+    threshold: float | None = option(
+        None, "fixed threshold (default: the plan's, 0.5 without a plan)", env="DIFFSERVE_THRESHOLD"
+    )
+    late_policy: str = option(
+        "plan",
+        "a job the heavy model cannot finish before its deadline: as the plan "
+        "says (plan), answered with its light image (light) or sent on anyway (heavy)",
+        env="DIFFSERVE_LATE_POLICY",
+        choices=LATE_POLICIES,
+    )
+    reclaim_idle_ms: int = option(
+        10000, "take over entries idle this long on a dead discriminator", env="DIFFSERVE_RECLAIM_IDLE_MS"
+    )
+    max_deliveries: int = option(
+        5, "fail a job whose batch crashed this many discriminators", env="DIFFSERVE_MAX_DELIVERIES"
+    )
 
 
 class Discriminator:
@@ -39,9 +46,14 @@ class Discriminator:
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.model = make_discriminator(self.cfg)
         self.profile = load_profile(self.cfg)
-        self.consumer = StreamConsumer(self.r, self.keys.light_results, "discriminator", self.cfg.instance_id,
-                                       reclaim_idle_ms=self.cfg.reclaim_idle_ms,
-                                       max_deliveries=self.cfg.max_deliveries)
+        self.consumer = StreamConsumer(
+            self.r,
+            self.keys.light_results,
+            "discriminator",
+            self.cfg.instance_id,
+            reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+            max_deliveries=self.cfg.max_deliveries,
+        )
         self.plans = PlanWatcher(self.r, self.keys)
         self.heavy = HeavyStageWatcher(self.r, self.keys)
         self.needs_images = self.cfg.backend != "profiled"
@@ -58,9 +70,15 @@ class Discriminator:
         entries = await self.consumer.read(self.cfg.batch, block_ms=250)
         if not entries:
             return
-        good, outputs = split_batch(entries, LightResult.decode, keys=self.keys, stream=self.consumer.stream,
-                                    service="discriminator", max_deliveries=self.consumer.max_deliveries,
-                                    job_of=lambda r: r.job)
+        good, outputs = split_batch(
+            entries,
+            LightResult.decode,
+            keys=self.keys,
+            stream=self.consumer.stream,
+            service="discriminator",
+            max_deliveries=self.consumer.max_deliveries,
+            job_of=lambda r: r.job,
+        )
         results = [r for _entry, r in good]
         if results:
             outputs += await self.route(results)
@@ -71,15 +89,26 @@ class Discriminator:
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
         try:
-            scores = one_per_input(await asyncio.to_thread(self.model.score, [r.job.prompt for r in results],
-                                                           self._images(results),
-                                                           [r.job.prompt_index for r in results]),
-                                   results, "the discriminator")
+            scores = one_per_input(
+                await asyncio.to_thread(
+                    self.model.score,
+                    [r.job.prompt for r in results],
+                    self._images(results),
+                    [r.job.prompt_index for r in results],
+                ),
+                results,
+                "the discriminator",
+            )
         except Exception as exc:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
             metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))
-            return [(self.keys.completions, Completion.failure(r.job, E_MODEL, f"{type(exc).__name__}: {exc}",
-                                                               self.cfg.instance_id).encode()) for r in results]
+            return [
+                (
+                    self.keys.completions,
+                    Completion.failure(r.job, E_MODEL, f"{type(exc).__name__}: {exc}", self.cfg.instance_id).encode(),
+                )
+                for r in results
+            ]
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
         metrics.THRESHOLD.set(threshold)
@@ -91,9 +120,14 @@ class Discriminator:
             result, confidence = results[i], scores[i]
             job = result.job
             on_time = heavy is None or heavy.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms)
-            decision = cascade_decision(confidence, threshold, discriminator_routes=plan.discriminator_routes,
-                                        degrade_late=degrade_late, fallback=job.routed_by == "fallback",
-                                        on_time=on_time)
+            decision = cascade_decision(
+                confidence,
+                threshold,
+                discriminator_routes=plan.discriminator_routes,
+                degrade_late=degrade_late,
+                fallback=job.routed_by == "fallback",
+                on_time=on_time,
+            )
             metrics.ROUTED.labels(decision).inc()
             if decision == Decision.HEAVY:
                 if heavy is not None:
@@ -102,12 +136,30 @@ class Discriminator:
                 job.light_image, job.light_image_format = result.image, result.image_format
                 outputs.append((self.keys.heavy_queue, job.encode()))
                 if job.partials and job.reply_to:  # the client shows the light image while heavy runs
-                    outputs.append((job.reply_to, LightReady(job.job_id, result.image, result.image_format,
-                                                             result.model, confidence, now_ms()).encode()))
+                    outputs.append(
+                        (
+                            job.reply_to,
+                            LightReady(
+                                job.job_id, result.image, result.image_format, result.model, confidence, now_ms()
+                            ).encode(),
+                        )
+                    )
             else:
-                outputs.append((self.keys.completions, Completion.answer(
-                    job, result.image, result.image_format, "light", result.model, confidence,
-                    degraded=decision == Decision.LATE, worker_id=self.cfg.instance_id).encode()))
+                outputs.append(
+                    (
+                        self.keys.completions,
+                        Completion.answer(
+                            job,
+                            result.image,
+                            result.image_format,
+                            "light",
+                            result.model,
+                            confidence,
+                            degraded=decision == Decision.LATE,
+                            worker_id=self.cfg.instance_id,
+                        ).encode(),
+                    )
+                )
         return outputs
 
 

@@ -38,8 +38,21 @@ from common import metrics
 from common.cascades import MODELS, cascade
 from common.client import Client
 from common.config import ServiceConfig, option
-from common.messages import (E_CANCELLED, E_DEADLINE, E_INVALID, E_OVERLOADED, E_PROMPT_TOO_LONG, E_UNKNOWN_MODEL,
-                             ENTRY_FIELD, IMAGE_FORMATS, FinalResult, LightReady, MessageError, new_job_id, unpack)
+from common.messages import (
+    E_CANCELLED,
+    E_DEADLINE,
+    E_INVALID,
+    E_OVERLOADED,
+    E_PROMPT_TOO_LONG,
+    E_UNKNOWN_MODEL,
+    ENTRY_FIELD,
+    IMAGE_FORMATS,
+    FinalResult,
+    LightReady,
+    MessageError,
+    new_job_id,
+    unpack,
+)
 from common.plan_store import load_plan
 from common.service import Service, now_ms, run
 from common.streams import PIPELINE_GROUPS, TRANSIENT_ERRORS, backlog
@@ -76,41 +89,69 @@ class GatewayConfig(ServiceConfig):
 
     host: str = option("127.0.0.1", "listen address (0.0.0.0 in a container)", env="DIFFSERVE_GATEWAY_HOST")
     port: int = option(8000, "HTTP port", env="DIFFSERVE_GATEWAY_PORT")
-    cascade: str = option("sdturbo-sdv15", "cascade served: the only valid `model`, and the default",
-                          env="DIFFSERVE_CASCADE")
-    api_keys_file: str | None = option(None, "JSON file of hashed API keys (README); keys are required when "
-                                       "this or --api-keys is set", env="DIFFSERVE_API_KEYS_FILE")
-    api_keys: list[str] = option([], "hashed keys inline, comma-separated name:sha256hex[:rpm[:max_in_flight]]",
-                                 env="DIFFSERVE_API_KEYS")
-    rate_limit_rpm: int = option(600, "requests per minute per key unless the key says (0: no limit)",
-                                 env="DIFFSERVE_RATE_LIMIT_RPM")
-    max_in_flight: int = option(64, "jobs in flight per key unless the key says (0: no limit)",
-                                env="DIFFSERVE_MAX_IN_FLIGHT")
-    timeout_s: float = option(120.0, "longest a request waits for its images (then 504)",
-                              env="DIFFSERVE_GATEWAY_TIMEOUT_S")
+    cascade: str = option(
+        "sdturbo-sdv15", "cascade served: the only valid `model`, and the default", env="DIFFSERVE_CASCADE"
+    )
+    api_keys_file: str | None = option(
+        None,
+        "JSON file of hashed API keys (README); keys are required when this or --api-keys is set",
+        env="DIFFSERVE_API_KEYS_FILE",
+    )
+    api_keys: list[str] = option(
+        [], "hashed keys inline, comma-separated name:sha256hex[:rpm[:max_in_flight]]", env="DIFFSERVE_API_KEYS"
+    )
+    rate_limit_rpm: int = option(
+        600, "requests per minute per key unless the key says (0: no limit)", env="DIFFSERVE_RATE_LIMIT_RPM"
+    )
+    max_in_flight: int = option(
+        64, "jobs in flight per key unless the key says (0: no limit)", env="DIFFSERVE_MAX_IN_FLIGHT"
+    )
+    timeout_s: float = option(
+        120.0, "longest a request waits for its images (then 504)", env="DIFFSERVE_GATEWAY_TIMEOUT_S"
+    )
     result_ttl_s: int = option(3600, "how long url images and async jobs are kept", env="DIFFSERVE_RESULT_TTL_S")
     max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
-    worker_alive_s: float = option(10.0, "a worker counts as alive for /readyz this long after its heartbeat",
-                                   env="DIFFSERVE_WORKER_ALIVE_S")
-    drain_s: float = option(30.0, "on SIGTERM, how long open requests may take to finish",
-                            env="DIFFSERVE_DRAIN_S")
+    worker_alive_s: float = option(
+        10.0, "a worker counts as alive for /readyz this long after its heartbeat", env="DIFFSERVE_WORKER_ALIVE_S"
+    )
+    drain_s: float = option(30.0, "on SIGTERM, how long open requests may take to finish", env="DIFFSERVE_DRAIN_S")
 
 
 class ApiError(Exception):
     """An error answered in the OpenAI shape: {"error": {message, type, param, code}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             409: "cancelled", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        409: "cancelled",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+        504: "timeout",
+    }
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after = retry_after
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "api_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "api_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else None
@@ -123,6 +164,7 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 
 # ---------------------------------------------------------------- API keys
+
 
 @dataclass(frozen=True)
 class ApiKey:
@@ -143,16 +185,27 @@ def load_keys(cfg: GatewayConfig) -> list[ApiKey]:
             entries += json.load(fh)["keys"]
     for spec in cfg.api_keys:
         parts = spec.split(":")
-        entries.append({"name": parts[0], "sha256": parts[1] if len(parts) > 1 else "",
-                        **({"rpm": int(parts[2])} if len(parts) > 2 else {}),
-                        **({"max_in_flight": int(parts[3])} if len(parts) > 3 else {})})
+        entries.append(
+            {
+                "name": parts[0],
+                "sha256": parts[1] if len(parts) > 1 else "",
+                **({"rpm": int(parts[2])} if len(parts) > 2 else {}),
+                **({"max_in_flight": int(parts[3])} if len(parts) > 3 else {}),
+            }
+        )
     keys = []
     for e in entries:
         digest = str(e.get("sha256", "")).lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not e.get("name"):
             raise SystemExit(f"api key {e.get('name')!r}: needs a name and a 64-hex sha256 of the secret")
-        keys.append(ApiKey(str(e["name"]), digest, int(e.get("rpm", cfg.rate_limit_rpm)),
-                           int(e.get("max_in_flight", cfg.max_in_flight))))
+        keys.append(
+            ApiKey(
+                str(e["name"]),
+                digest,
+                int(e.get("rpm", cfg.rate_limit_rpm)),
+                int(e.get("max_in_flight", cfg.max_in_flight)),
+            )
+        )
     return keys
 
 
@@ -161,6 +214,7 @@ def hash_key(secret: str) -> str:
 
 
 # ---------------------------------------------------------------- request parsing
+
 
 @dataclass
 class ImageRequest:
@@ -193,15 +247,17 @@ def parse_image_request(body, cfg: GatewayConfig, size: str, *, jobs_api: bool =
         raise invalid("'prompt' is required: a non-empty string", "prompt")
     if len(prompt) > cfg.max_prompt_chars:
         metrics.ERRORS.labels("gateway", E_PROMPT_TOO_LONG).inc()
-        raise ApiError(400, f"'prompt' is longer than {cfg.max_prompt_chars} characters", param="prompt",
-                       code=E_PROMPT_TOO_LONG)
+        raise ApiError(
+            400, f"'prompt' is longer than {cfg.max_prompt_chars} characters", param="prompt", code=E_PROMPT_TOO_LONG
+        )
     if "\x00" in prompt:
         raise invalid("'prompt' contains a NUL character", "prompt")
     model = get("model", str, cfg.cascade)
     if model != cfg.cascade:
         metrics.ERRORS.labels("gateway", E_UNKNOWN_MODEL).inc()
-        raise ApiError(400, f"model {model!r} is not served here; models: {cfg.cascade}", param="model",
-                       code=E_UNKNOWN_MODEL)
+        raise ApiError(
+            400, f"model {model!r} is not served here; models: {cfg.cascade}", param="model", code=E_UNKNOWN_MODEL
+        )
     n = get("n", int, 1)
     if not 1 <= n <= (1 if jobs_api else 10):
         raise invalid("'n' must be 1 for a job" if jobs_api else "'n' must be between 1 and 10", "n")
@@ -242,16 +298,29 @@ def sse(event: str, data: dict) -> bytes:
 def result_error(result: FinalResult) -> ApiError:
     """A final result that carries no image, as the HTTP error it means."""
     code = result.error_code or "internal_error"
-    status = {E_OVERLOADED: 429, E_DEADLINE: 504, E_INVALID: 400, E_PROMPT_TOO_LONG: 400,
-              E_UNKNOWN_MODEL: 400, E_CANCELLED: 409}.get(code, 500)
+    status = {
+        E_OVERLOADED: 429,
+        E_DEADLINE: 504,
+        E_INVALID: 400,
+        E_PROMPT_TOO_LONG: 400,
+        E_UNKNOWN_MODEL: 400,
+        E_CANCELLED: 409,
+    }.get(code, 500)
     return ApiError(status, result.error_message or code, code=code, retry_after=1 if status == 429 else None)
 
 
 def extra(result: FinalResult, seed: int | None = None) -> dict:
     """Our own fields beside each OpenAI image object."""
-    return {"job_id": result.job_id, "seed": seed, "answered_by": result.answered_by, "model": result.model,
-            "confidence": result.confidence, "degraded": result.degraded, "latency_ms": result.latency_ms,
-            "slo_met": result.slo_met}
+    return {
+        "job_id": result.job_id,
+        "seed": seed,
+        "answered_by": result.answered_by,
+        "model": result.model,
+        "confidence": result.confidence,
+        "degraded": result.degraded,
+        "latency_ms": result.latency_ms,
+        "slo_met": result.slo_met,
+    }
 
 
 class Gateway:
@@ -264,7 +333,9 @@ class Gateway:
         self.playground = PLAYGROUND.read_text(encoding="utf-8")
         self.admit_script = self.r.register_script(ADMIT)
         routes = [
-            Route("/", self.index), Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+            Route("/", self.index),
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
             Route("/metrics", self.metrics),
             Route("/v1/images/generations", self.generations, methods=["POST"]),
             Route("/v1/images/files/{token}", self.image_file),
@@ -274,24 +345,35 @@ class Gateway:
             Route("/v1/jobs/{job_id}/events", self.job_events),
             Route("/v1/status", self.status),
         ]
-        self.app = CountRequests(Starlette(routes=routes, exception_handlers={
-            ApiError: _api_error, HTTPException: _http_error,
-            # Redis gone: tell the caller to come back; the service itself keeps running.
-            **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
-            MaxConnectionsError: self._pool_full,
-        }))
+        self.app = CountRequests(
+            Starlette(
+                routes=routes,
+                exception_handlers={
+                    ApiError: _api_error,
+                    HTTPException: _http_error,
+                    # Redis gone: tell the caller to come back; the service itself keeps running.
+                    **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
+                    MaxConnectionsError: self._pool_full,
+                },
+            )
+        )
 
     async def _no_redis(self, _request, exc) -> JSONResponse:
         self.svc.log.warning("redis unavailable", extra={"error": str(exc)[:200]})
         metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
-        return ApiError(503, "the queue (Redis) is unreachable; retry later", code="unavailable",
-                        retry_after=1).response()
+        return ApiError(
+            503, "the queue (Redis) is unreachable; retry later", code="unavailable", retry_after=1
+        ).response()
 
     async def _pool_full(self, _request, _exc) -> JSONResponse:
         """redis-py's pool cap (100 connections a client) reached, e.g. by many open event streams."""
         metrics.ERRORS.labels("gateway", E_OVERLOADED).inc()
-        return ApiError(429, "overloaded: too many requests in flight on this gateway, retry later",
-                        code=E_OVERLOADED, retry_after=1).response()
+        return ApiError(
+            429,
+            "overloaded: too many requests in flight on this gateway, retry later",
+            code=E_OVERLOADED,
+            retry_after=1,
+        ).response()
 
     # ---------- auth and limits ----------
     def authenticate(self, request: Request) -> ApiKey:
@@ -320,16 +402,32 @@ class Gateway:
         window, into = divmod(now, 60_000)
         verdict, retry_ms = await self.admit_script(
             keys=[prefix + "in-flight", prefix + f"rpm:{window}"],
-            args=[key.rpm, key.max_in_flight, now, now + int((self.cfg.timeout_s + self.cfg.result_ttl_s) * 1000),
-                  60_000 - into, self.keys.done_prefix, *job_ids])
+            args=[
+                key.rpm,
+                key.max_in_flight,
+                now,
+                now + int((self.cfg.timeout_s + self.cfg.result_ttl_s) * 1000),
+                60_000 - into,
+                self.keys.done_prefix,
+                *job_ids,
+            ],
+        )
         if verdict == 1:
             metrics.KEY_REQUESTS.labels(key.name, "rate_limited").inc()
-            raise ApiError(429, f"rate limit of {key.rpm} requests per minute reached", code="rate_limit_exceeded",
-                           retry_after=max(1, int(retry_ms)) / 1000)
+            raise ApiError(
+                429,
+                f"rate limit of {key.rpm} requests per minute reached",
+                code="rate_limit_exceeded",
+                retry_after=max(1, int(retry_ms)) / 1000,
+            )
         if verdict == 2:
             metrics.KEY_REQUESTS.labels(key.name, "too_many_in_flight").inc()
-            raise ApiError(429, f"more than {key.max_in_flight} jobs in flight for this key",
-                           code="too_many_in_flight", retry_after=1)
+            raise ApiError(
+                429,
+                f"more than {key.max_in_flight} jobs in flight for this key",
+                code="too_many_in_flight",
+                retry_after=1,
+            )
         metrics.KEY_REQUESTS.labels(key.name, "admitted").inc()
         metrics.KEY_JOBS.labels(key.name).inc(len(job_ids))
 
@@ -345,8 +443,11 @@ class Gateway:
         await self.admit(key, job_ids)
         seeds = secrets.SystemRandom().sample(range(2**31), req.n)  # n distinct seeds: n different images
         if req.stream:
-            return StreamingResponse(self._stream(key, req, job_ids, seeds), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self._stream(key, req, job_ids, seeds),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         work = asyncio.ensure_future(asyncio.gather(*(self._submit(req, j, s) for j, s in zip(job_ids, seeds))))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -364,17 +465,32 @@ class Gateway:
                 if result.status != "ok":
                     raise result_error(result)
             data = [await self._image_object(request, req, r, s) for r, s in zip(results, seeds)]
-            return JSONResponse({"created": int(time.time()), "data": data, "output_format": req.output_format,
-                                 "size": self.size, "background": "opaque", "quality": "auto"})
+            return JSONResponse(
+                {
+                    "created": int(time.time()),
+                    "data": data,
+                    "output_format": req.output_format,
+                    "size": self.size,
+                    "background": "opaque",
+                    "quality": "auto",
+                }
+            )
         finally:
             work.cancel()
             gone.cancel()
             await self.release(key, job_ids)
 
     async def _submit(self, req: ImageRequest, job_id: str, seed: int, on_light=None) -> FinalResult:
-        return await self.client.submit(req.prompt, job_id=job_id, seed=seed, image_format=req.output_format,
-                                        image_quality=req.quality, timeout=self.cfg.timeout_s, on_light=on_light,
-                                        cascade=self.cfg.cascade)
+        return await self.client.submit(
+            req.prompt,
+            job_id=job_id,
+            seed=seed,
+            image_format=req.output_format,
+            image_quality=req.quality,
+            timeout=self.cfg.timeout_s,
+            on_light=on_light,
+            cascade=self.cfg.cascade,
+        )
 
     async def _image_object(self, request: Request, req: ImageRequest, result: FinalResult, seed: int) -> dict:
         if req.response_format == "url":
@@ -396,8 +512,14 @@ class Gateway:
             try:
                 events.put_nowait(await self._submit(req, job_id, seed, on_light))
             except asyncio.TimeoutError:
-                events.put_nowait(FinalResult(job_id, "error", error_code=E_DEADLINE,
-                                              error_message=f"no image within {self.cfg.timeout_s:g} s"))
+                events.put_nowait(
+                    FinalResult(
+                        job_id,
+                        "error",
+                        error_code=E_DEADLINE,
+                        error_message=f"no image within {self.cfg.timeout_s:g} s",
+                    )
+                )
 
         tasks = [asyncio.ensure_future(one(j, s)) for j, s in zip(job_ids, seeds)]
         finished: set[str] = set()
@@ -406,23 +528,44 @@ class Gateway:
             while len(finished) < len(job_ids):
                 message = await events.get()
                 if isinstance(message, LightReady):
-                    yield sse("image_generation.partial_image", {
-                        "type": "image_generation.partial_image", **common, "created_at": int(time.time()),
-                        "b64_json": base64.b64encode(message.image).decode(), "partial_image_index": 0,
-                        "diffserve": {"job_id": message.job_id, "index": index[message.job_id],
-                                      "answered_by": "light", "model": message.model,
-                                      "confidence": message.confidence}})
+                    yield sse(
+                        "image_generation.partial_image",
+                        {
+                            "type": "image_generation.partial_image",
+                            **common,
+                            "created_at": int(time.time()),
+                            "b64_json": base64.b64encode(message.image).decode(),
+                            "partial_image_index": 0,
+                            "diffserve": {
+                                "job_id": message.job_id,
+                                "index": index[message.job_id],
+                                "answered_by": "light",
+                                "model": message.model,
+                                "confidence": message.confidence,
+                            },
+                        },
+                    )
                     continue
                 finished.add(message.job_id)
                 if message.status != "ok":
                     yield sse("error", result_error(message).body())
                     continue
-                yield sse("image_generation.completed", {
-                    "type": "image_generation.completed", **common, "created_at": int(time.time()),
-                    "b64_json": base64.b64encode(message.image).decode(),
-                    "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-                              "output_tokens": 0, "total_tokens": 0},
-                    "diffserve": {**extra(message, seeds[index[message.job_id]]), "index": index[message.job_id]}})
+                yield sse(
+                    "image_generation.completed",
+                    {
+                        "type": "image_generation.completed",
+                        **common,
+                        "created_at": int(time.time()),
+                        "b64_json": base64.b64encode(message.image).decode(),
+                        "usage": {
+                            "input_tokens": 0,
+                            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                            "output_tokens": 0,
+                            "total_tokens": 0,
+                        },
+                        "diffserve": {**extra(message, seeds[index[message.job_id]]), "index": index[message.job_id]},
+                    },
+                )
         finally:  # done, or the caller hung up (Starlette cancels us): cancel what is still pending
             pending = [j for j in job_ids if j not in finished]
             for task in tasks:
@@ -457,11 +600,21 @@ class Gateway:
             pipe.hset(meta, mapping={"key": key.name, "created": created, "format": req.output_format})
             pipe.expire(meta, self.cfg.result_ttl_s)
             await pipe.execute()
-        await self.client.enqueue(req.prompt, job_id=job_id, seed=secrets.randbelow(2**31),
-                                  image_format=req.output_format, image_quality=req.quality, reply_to=reply,
-                                  partials=True, cascade=self.cfg.cascade)
-        return JSONResponse({"id": job_id, "object": "image.job", "status": "queued", "created": created},
-                            202, headers={"Location": f"/v1/jobs/{job_id}"})
+        await self.client.enqueue(
+            req.prompt,
+            job_id=job_id,
+            seed=secrets.randbelow(2**31),
+            image_format=req.output_format,
+            image_quality=req.quality,
+            reply_to=reply,
+            partials=True,
+            cascade=self.cfg.cascade,
+        )
+        return JSONResponse(
+            {"id": job_id, "object": "image.job", "status": "queued", "created": created},
+            202,
+            headers={"Location": f"/v1/jobs/{job_id}"},
+        )
 
     async def _job(self, request: Request) -> tuple[str, dict]:
         key = self.authenticate(request)
@@ -490,18 +643,32 @@ class Gateway:
         return out
 
     def _job_view(self, job_id: str, meta: dict, messages: list) -> dict:
-        view = {"id": job_id, "object": "image.job", "status": "queued", "created": int(meta[b"created"]),
-                "output_format": meta[b"format"].decode(), "size": self.size}
+        view = {
+            "id": job_id,
+            "object": "image.job",
+            "status": "queued",
+            "created": int(meta[b"created"]),
+            "output_format": meta[b"format"].decode(),
+            "size": self.size,
+        }
         for _entry_id, message in messages:
             if isinstance(message, LightReady):
                 view["status"] = "light_ready"
-                view["light_image"] = {"b64_json": base64.b64encode(message.image).decode(), "model": message.model,
-                                       "confidence": message.confidence}
+                view["light_image"] = {
+                    "b64_json": base64.b64encode(message.image).decode(),
+                    "model": message.model,
+                    "confidence": message.confidence,
+                }
             else:
                 view["status"] = {"ok": "done", E_CANCELLED: "cancelled"}.get(message.status, "error")
                 if message.status == "ok":
-                    view["data"] = [{"b64_json": base64.b64encode(message.image).decode(), "revised_prompt": None,
-                                     "diffserve": extra(message)}]
+                    view["data"] = [
+                        {
+                            "b64_json": base64.b64encode(message.image).decode(),
+                            "revised_prompt": None,
+                            "diffserve": extra(message),
+                        }
+                    ]
                 else:
                     view["error"] = result_error(message).body()["error"]
         return view
@@ -547,8 +714,9 @@ class Gateway:
             await self.r.ping()
             checks["redis"] = True
             checks["plan"] = await load_plan(self.r, self.keys) is not None
-            checks["workers"] = await self.r.zcount(self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000,
-                                                    "+inf")
+            checks["workers"] = await self.r.zcount(
+                self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000, "+inf"
+            )
         ready = checks["redis"] and checks["plan"] and checks["workers"] > 0
         return JSONResponse({"ready": ready, **checks}, 200 if ready else 503)
 
@@ -565,12 +733,30 @@ class Gateway:
         for worker in alive:
             role = await self.r.hget(self.keys.worker_info(worker.decode()), "role")
             roles[(role or b"unknown").decode()] = roles.get((role or b"unknown").decode(), 0) + 1
-        plan_view = None if plan is None else {
-            "version": plan.version, "policy": plan.policy, "threshold": plan.threshold,
-            "light_batch": plan.light_batch, "heavy_batch": plan.heavy_batch, "light_workers": plan.light_workers,
-            "heavy_workers": plan.heavy_workers, "demand_qps": plan.demand_qps}
-        return JSONResponse({"cascade": self.cfg.cascade, "size": self.size, "plan": plan_view, "queues": queues,
-                             "workers": roles, "keys_required": bool(self.api_keys)})
+        plan_view = (
+            None
+            if plan is None
+            else {
+                "version": plan.version,
+                "policy": plan.policy,
+                "threshold": plan.threshold,
+                "light_batch": plan.light_batch,
+                "heavy_batch": plan.heavy_batch,
+                "light_workers": plan.light_workers,
+                "heavy_workers": plan.heavy_workers,
+                "demand_qps": plan.demand_qps,
+            }
+        )
+        return JSONResponse(
+            {
+                "cascade": self.cfg.cascade,
+                "size": self.size,
+                "plan": plan_view,
+                "queues": queues,
+                "workers": roles,
+                "keys_required": bool(self.api_keys),
+            }
+        )
 
     async def index(self, _request: Request) -> Response:
         return HTMLResponse(self.playground)
@@ -622,8 +808,17 @@ class _Server(uvicorn.Server):
 async def serve(svc: Service) -> None:
     gateway = Gateway(svc)
     cfg = svc.config
-    server = _Server(uvicorn.Config(gateway.app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
-                                    lifespan="off", timeout_graceful_shutdown=cfg.drain_s))
+    server = _Server(
+        uvicorn.Config(
+            gateway.app,
+            host=cfg.host,
+            port=cfg.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=cfg.drain_s,
+        )
+    )
     task = asyncio.ensure_future(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.02)

@@ -13,9 +13,23 @@ from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import Keys, ServiceConfig, option
-from common.messages import (E_CANCELLED, E_DUPLICATE, E_INVALID, E_MALFORMED, E_OVERLOADED, E_PROMPT_TOO_LONG,
-                             E_UNKNOWN_MODEL, IMAGE_FORMATS, Completion, DeadLetter, FinalResult, Job, MessageError,
-                             RoutedJob, unpack)
+from common.messages import (
+    E_CANCELLED,
+    E_DUPLICATE,
+    E_INVALID,
+    E_MALFORMED,
+    E_OVERLOADED,
+    E_PROMPT_TOO_LONG,
+    E_UNKNOWN_MODEL,
+    IMAGE_FORMATS,
+    Completion,
+    DeadLetter,
+    FinalResult,
+    Job,
+    MessageError,
+    RoutedJob,
+    unpack,
+)
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import Decision, direct_decision
 from common.profiles import uniform_from_text
@@ -49,8 +63,16 @@ return 1
 
 QUEUE_POLL_S = 0.5
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-PLAIN_FIELDS = {"job_id": str, "prompt": str, "slo_ms": float, "seed": int, "image_format": str,
-                "image_quality": int, "reply_to": str, "cascade": str}
+PLAIN_FIELDS = {
+    "job_id": str,
+    "prompt": str,
+    "slo_ms": float,
+    "seed": int,
+    "image_format": str,
+    "image_quality": int,
+    "reply_to": str,
+    "cascade": str,
+}
 
 
 @dataclass
@@ -60,17 +82,21 @@ class RouterConfig(ServiceConfig, BackendSettings):
     slo_ms: float | None = option(None, "default SLO in ms (default: the cascade's)", env="DIFFSERVE_SLO_MS")
     max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
     max_entry_bytes: int = option(65536, "largest job entry accepted", env="DIFFSERVE_MAX_ENTRY_BYTES")
-    max_light_backlog: int = option(5000, "light-queue backlog above which new jobs are refused as overloaded",
-                                    env="DIFFSERVE_MAX_LIGHT_BACKLOG")
+    max_light_backlog: int = option(
+        5000, "light-queue backlog above which new jobs are refused as overloaded", env="DIFFSERVE_MAX_LIGHT_BACKLOG"
+    )
     result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
-    refused_ttl_s: int = option(300, "how long the answer to a job refused before admission is kept",
-                                env="DIFFSERVE_REFUSED_TTL_S")
+    refused_ttl_s: int = option(
+        300, "how long the answer to a job refused before admission is kept", env="DIFFSERVE_REFUSED_TTL_S"
+    )
     reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
     batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
-    reclaim_idle_ms: int = option(10000, "take over entries idle this long on a dead router",
-                                  env="DIFFSERVE_RECLAIM_IDLE_MS")
-    trim_interval_s: float = option(5.0, "how often processed stream entries are trimmed",
-                                    env="DIFFSERVE_TRIM_INTERVAL_S")
+    reclaim_idle_ms: int = option(
+        10000, "take over entries idle this long on a dead router", env="DIFFSERVE_RECLAIM_IDLE_MS"
+    )
+    trim_interval_s: float = option(
+        5.0, "how often processed stream entries are trimmed", env="DIFFSERVE_TRIM_INTERVAL_S"
+    )
 
 
 def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
@@ -91,13 +117,15 @@ def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
                 try:
                     body[key] = PLAIN_FIELDS[key](raw_value.decode("utf-8"))
                 except (UnicodeDecodeError, ValueError):
-                    raise MessageError(E_INVALID, f"field {key!r} is not a valid {PLAIN_FIELDS[key].__name__}",
-                                       body.get("job_id")) from None
+                    raise MessageError(
+                        E_INVALID, f"field {key!r} is not a valid {PLAIN_FIELDS[key].__name__}", body.get("job_id")
+                    ) from None
     else:
         raise MessageError(E_MALFORMED, "empty entry")
     job = Job.from_dict({**body, "type": Job.TYPE})
     validate_job(job, cfg, keys)
     return job
+
 
 def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
     def bad(code: str, message: str):
@@ -119,8 +147,7 @@ def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
         bad(E_INVALID, f"image_format must be one of {', '.join(IMAGE_FORMATS)}")
     if not (1 <= job.image_quality <= 100):
         bad(E_INVALID, "image_quality must be in [1, 100]")
-    if job.reply_to is not None and not (job.reply_to.startswith(keys.reply_prefix)
-                                         and len(job.reply_to) <= 200):
+    if job.reply_to is not None and not (job.reply_to.startswith(keys.reply_prefix) and len(job.reply_to) <= 200):
         bad(E_INVALID, f"reply_to must be a stream named {keys.reply_prefix}<id>")
     if job.cascade is not None and job.cascade != cfg.cascade:
         bad(E_UNKNOWN_MODEL, f"this deployment serves cascade {cfg.cascade!r}, not {job.cascade!r}")
@@ -132,8 +159,9 @@ class Router:
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
         name = self.cfg.instance_id
         self.jobs = StreamConsumer(self.r, self.keys.jobs, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms)
-        self.completions = StreamConsumer(self.r, self.keys.completions, "router", name,
-                                          reclaim_idle_ms=self.cfg.reclaim_idle_ms)
+        self.completions = StreamConsumer(
+            self.r, self.keys.completions, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms
+        )
         self.plans = PlanWatcher(self.r, self.keys)
         self.heavy = HeavyStageWatcher(self.r, self.keys)
         self._profile = None
@@ -171,37 +199,74 @@ class Router:
                 # Only a valid id may name a key (result list, reply): anything else is a dead letter.
                 if exc.job_id and JOB_ID_RE.match(exc.job_id):
                     reply_to = _reply_to_of(entry, self.keys.reply_prefix)
-                    errors.append((reply_to, FinalResult(exc.job_id, "error", error_code=exc.code,
-                                                         error_message=str(exc), finished_ms=arrival)))
+                    errors.append(
+                        (
+                            reply_to,
+                            FinalResult(
+                                exc.job_id, "error", error_code=exc.code, error_message=str(exc), finished_ms=arrival
+                            ),
+                        )
+                    )
                 else:
-                    errors.append((None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc),
-                                                    (entry.payload or b"")[:4096])))
+                    errors.append(
+                        (None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]))
+                    )
                 continue
             jobs.append((entry.id, job))
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
         for _id, job in jobs:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
-                errors.append((job.reply_to, FinalResult(job.job_id, E_CANCELLED, error_code=E_CANCELLED,
-                                                         error_message="cancelled by the client before it ran",
-                                                         finished_ms=arrival)))
+                errors.append(
+                    (
+                        job.reply_to,
+                        FinalResult(
+                            job.job_id,
+                            E_CANCELLED,
+                            error_code=E_CANCELLED,
+                            error_message="cancelled by the client before it ran",
+                            finished_ms=arrival,
+                        ),
+                    )
+                )
         jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
         duplicates = await self._claim_ids(jobs)
         for entry_id, job in jobs:
             if entry_id in duplicates:
                 metrics.ERRORS.labels("router", E_DUPLICATE).inc()
-                errors.append((job.reply_to, FinalResult(
-                    job.job_id, "error", error_code=E_DUPLICATE, finished_ms=arrival,
-                    error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
-                                  "(in flight or answered); use a new id")))
+                errors.append(
+                    (
+                        job.reply_to,
+                        FinalResult(
+                            job.job_id,
+                            "error",
+                            error_code=E_DUPLICATE,
+                            finished_ms=arrival,
+                            error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
+                            "(in flight or answered); use a new id",
+                        ),
+                    )
+                )
                 continue
-            routed = RoutedJob(job.job_id, job.prompt, arrival, arrival + (job.slo_ms or self.default_slo_ms),
-                               job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
-                               job.image_format, job.image_quality, job.reply_to, partials=job.partials,
-                               prompt_index=job.prompt_index)
+            routed = RoutedJob(
+                job.job_id,
+                job.prompt,
+                arrival,
+                arrival + (job.slo_ms or self.default_slo_ms),
+                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
+                job.image_format,
+                job.image_quality,
+                job.reply_to,
+                partials=job.partials,
+                prompt_index=job.prompt_index,
+            )
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
-                decision = direct_decision(self._rng.random(), plan.heavy_fraction, degrade_late=plan.degrade_late,
-                                           on_time=heavy is None or heavy.on_time(arrival, routed.deadline_ms))
+                decision = direct_decision(
+                    self._rng.random(),
+                    plan.heavy_fraction,
+                    degrade_late=plan.degrade_late,
+                    on_time=heavy is None or heavy.on_time(arrival, routed.deadline_ms),
+                )
             if decision == Decision.HEAVY:
                 routed.routed_by = "direct"
                 outputs.append((self.keys.heavy_queue, routed.encode()))
@@ -236,16 +301,29 @@ class Router:
             for entry_id, job in jobs:
                 pipe.set(self.keys.admitted(job.job_id), entry_id, nx=True, get=True, ex=self.cfg.result_ttl_s)
             owners = await pipe.execute()
-        return {entry_id for (entry_id, _job), owner in zip(jobs, owners)
-                if owner is not None and owner.decode() != entry_id}
+        return {
+            entry_id
+            for (entry_id, _job), owner in zip(jobs, owners)
+            if owner is not None and owner.decode() != entry_id
+        }
 
     # ---------- delivery ----------
     def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
-        pipe.eval(DELIVER_ONCE, 3, self.keys.done(result.job_id), target, self.keys.admitted(result.job_id),
-                  result.encode(), ttl, mode, self.cfg.reply_maxlen, "1" if admitted else "0")
+        pipe.eval(
+            DELIVER_ONCE,
+            3,
+            self.keys.done(result.job_id),
+            target,
+            self.keys.admitted(result.job_id),
+            result.encode(),
+            ttl,
+            mode,
+            self.cfg.reply_maxlen,
+            "1" if admitted else "0",
+        )
 
     async def deliver_batch(self) -> None:
         entries = await self.completions.read(self.cfg.batch, block_ms=1000)
@@ -259,14 +337,33 @@ class Router:
                 c = Completion.decode(entry.payload or b"")
             except MessageError as exc:  # a bug upstream; keep the evidence, don't loop on it
                 metrics.ERRORS.labels("router", exc.code).inc()
-                bad_ids.append(DeadLetter(self.keys.completions, entry.id, exc.code, str(exc),
-                                          (entry.payload or b"")[:4096]))
+                bad_ids.append(
+                    DeadLetter(self.keys.completions, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096])
+                )
                 continue
             latency = finished - c.arrival_ms
             slo_met = c.status == "ok" and finished <= c.deadline_ms
-            results.append((c, FinalResult(c.job_id, c.status, c.image, c.image_format, c.answered_by, c.model,
-                                           c.confidence, c.degraded, latency, slo_met, c.error_code,
-                                           c.error_message, finished)))
+            results.append(
+                (
+                    c,
+                    FinalResult(
+                        c.job_id,
+                        c.status,
+                        c.image,
+                        c.image_format,
+                        c.answered_by,
+                        c.model,
+                        c.confidence,
+                        c.degraded,
+                        latency,
+                        slo_met,
+                        c.error_code,
+                        c.error_message,
+                        finished,
+                    ),
+                )
+            )
+
         def deliver(pipe):
             for c, result in results:
                 self._deliver(pipe, result, c.reply_to)
@@ -312,8 +409,11 @@ class Router:
 def _reply_to_of(entry: Entry, prefix: str) -> str | None:
     """Best-effort reply stream of an entry that failed validation (only a well-formed one)."""
     try:
-        body = unpack(entry.payload) if entry.payload is not None else {
-            k.decode(): v.decode() for k, v in entry.fields.items()}
+        body = (
+            unpack(entry.payload)
+            if entry.payload is not None
+            else {k.decode(): v.decode() for k, v in entry.fields.items()}
+        )
     except (MessageError, UnicodeDecodeError):
         return None
     reply_to = body.get("reply_to")
@@ -323,9 +423,11 @@ def _reply_to_of(entry: Entry, prefix: str) -> str | None:
 async def serve(svc: Service) -> None:
     router = Router(svc)
     svc.ready()
-    await asyncio.gather(run_forever("admit", router.admit_batch, svc.stop),
-                         run_forever("deliver", router.deliver_batch, svc.stop),
-                         run_forever("housekeeping", router.housekeeping, svc.stop))
+    await asyncio.gather(
+        run_forever("admit", router.admit_batch, svc.stop),
+        run_forever("deliver", router.deliver_batch, svc.stop),
+        run_forever("housekeeping", router.housekeeping, svc.stop),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,20 +28,29 @@ CLOSE_TIMEOUT_S = 2.0
 class WorkerConfig(ServiceConfig, BackendSettings):
     """diffserve worker: runs the light or the heavy model of the cascade."""
 
-    role: str = option("light", "starting role; the controller's plan may change it", env="DIFFSERVE_ROLE",
-                       choices=ROLES)
+    role: str = option(
+        "light", "starting role; the controller's plan may change it", env="DIFFSERVE_ROLE", choices=ROLES
+    )
     batch: int = option(0, "fixed batch size (0: the plan's)", env="DIFFSERVE_BATCH")
-    late_policy: str = option("plan", "heavy jobs that cannot make their deadline: as the plan says (plan), "
-                              "answered with the light image (light) or run anyway (heavy)",
-                              env="DIFFSERVE_LATE_POLICY", choices=LATE_POLICIES)
-    thumbnail_size: int = option(-1, "attach an RGB thumbnail of this size to light results, so the "
-                                 "discriminator skips the PNG decode (0: none; -1: 224 with real models, none "
-                                 "with the profiled backend)", env="DIFFSERVE_THUMBNAIL_SIZE")
+    late_policy: str = option(
+        "plan",
+        "heavy jobs that cannot make their deadline: as the plan says (plan), "
+        "answered with the light image (light) or run anyway (heavy)",
+        env="DIFFSERVE_LATE_POLICY",
+        choices=LATE_POLICIES,
+    )
+    thumbnail_size: int = option(
+        -1,
+        "attach an RGB thumbnail of this size to light results, so the "
+        "discriminator skips the PNG decode (0: none; -1: 224 with real models, none "
+        "with the profiled backend)",
+        env="DIFFSERVE_THUMBNAIL_SIZE",
+    )
     encode_threads: int = option(4, "image-encoding threads", env="DIFFSERVE_ENCODE_THREADS")
-    reclaim_idle_ms: int = option(15000, "take over entries idle this long on a dead worker",
-                                  env="DIFFSERVE_RECLAIM_IDLE_MS")
-    max_deliveries: int = option(5, "fail a job whose batch crashed this many workers",
-                                 env="DIFFSERVE_MAX_DELIVERIES")
+    reclaim_idle_ms: int = option(
+        15000, "take over entries idle this long on a dead worker", env="DIFFSERVE_RECLAIM_IDLE_MS"
+    )
+    max_deliveries: int = option(5, "fail a job whose batch crashed this many workers", env="DIFFSERVE_MAX_DELIVERIES")
     heartbeat_s: float = option(1.0, "heartbeat interval", env="DIFFSERVE_HEARTBEAT_S")
 
 
@@ -55,9 +64,17 @@ class Worker:
         self.model = None
         self.last_switch_s = 0.0
         self.switches = 0
-        self.consumers = {role: StreamConsumer(self.r, self.keys.queue_for(role), "workers", self.id,
-                                               reclaim_idle_ms=self.cfg.reclaim_idle_ms,
-                                               max_deliveries=self.cfg.max_deliveries) for role in ROLES}
+        self.consumers = {
+            role: StreamConsumer(
+                self.r,
+                self.keys.queue_for(role),
+                "workers",
+                self.id,
+                reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+                max_deliveries=self.cfg.max_deliveries,
+            )
+            for role in ROLES
+        }
         self.plans = PlanWatcher(self.r, self.keys)
         self.encoder = EncoderPool(self.cfg.encode_threads)
         self.batch_ms: dict[int, float] = {}  # measured, smoothed; the profile until measured
@@ -90,8 +107,16 @@ class Worker:
         self.last_switch_s = time.perf_counter() - start
         self.switches += 1
         metrics.MODEL_LOAD.labels(self.model.name, "host" if cached else "disk").observe(self.last_switch_s)
-        self.svc.log.info("role switched", extra={"worker": self.id, "from": self.role, "to": role,
-                                                  "seconds": round(self.last_switch_s, 3), "from_host": cached})
+        self.svc.log.info(
+            "role switched",
+            extra={
+                "worker": self.id,
+                "from": self.role,
+                "to": role,
+                "seconds": round(self.last_switch_s, 3),
+                "from_host": cached,
+            },
+        )
         self.role = role
         self.batch_ms.clear()
         await self.heartbeat()
@@ -100,9 +125,17 @@ class Worker:
         now = now_ms()
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers, {self.id: now})
-            pipe.hset(self.keys.worker_info(self.id), mapping={
-                "role": self.role, "model": self.model.name if self.model else "", "switch_s": self.last_switch_s,
-                "switches": self.switches, "heartbeat_ms": now, "backend": self.cfg.backend})
+            pipe.hset(
+                self.keys.worker_info(self.id),
+                mapping={
+                    "role": self.role,
+                    "model": self.model.name if self.model else "",
+                    "switch_s": self.last_switch_s,
+                    "switches": self.switches,
+                    "heartbeat_ms": now,
+                    "backend": self.cfg.backend,
+                },
+            )
             pipe.expire(self.keys.worker_info(self.id), 60)
             await pipe.execute()
 
@@ -128,13 +161,23 @@ class Worker:
         reclaimed = sum(e.deliveries > 1 for e in entries)
         if reclaimed:
             metrics.RECLAIMED.labels("worker").inc(reclaimed)
-        good, outputs = split_batch(entries, RoutedJob.decode, keys=self.keys, stream=consumer.stream,
-                                    service="worker", max_deliveries=consumer.max_deliveries, job_of=lambda j: j)
+        good, outputs = split_batch(
+            entries,
+            RoutedJob.decode,
+            keys=self.keys,
+            stream=consumer.stream,
+            service="worker",
+            max_deliveries=consumer.max_deliveries,
+            job_of=lambda j: j,
+        )
         jobs = [job for _entry, job in good]
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
         if cancelled:  # cancelled by their clients before this batch started: answered, never run
-            outputs += [(self.keys.completions, Completion.cancelled(job, self.id).encode())
-                        for job in jobs if job.job_id in cancelled]
+            outputs += [
+                (self.keys.completions, Completion.cancelled(job, self.id).encode())
+                for job in jobs
+                if job.job_id in cancelled
+            ]
             jobs = [job for job in jobs if job.job_id not in cancelled]
             metrics.PROCESSED.labels("worker", "cancelled").inc(len(cancelled))
         if self.role == "heavy" and degrades_late(self.cfg.late_policy, plan.degrade_late):
@@ -156,9 +199,21 @@ class Worker:
             if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
             elif job.light_image is not None:
-                late.append((self.keys.completions, Completion.answer(
-                    job, job.light_image, job.light_image_format or "png", "light", self.profile.spec.light,
-                    job.confidence, degraded=True, worker_id=self.id).encode()))
+                late.append(
+                    (
+                        self.keys.completions,
+                        Completion.answer(
+                            job,
+                            job.light_image,
+                            job.light_image_format or "png",
+                            "light",
+                            self.profile.spec.light,
+                            job.confidence,
+                            degraded=True,
+                            worker_id=self.id,
+                        ).encode(),
+                    )
+                )
             else:
                 job.routed_by = "fallback"
                 late.append((self.keys.light_queue, job.encode()))
@@ -170,35 +225,65 @@ class Worker:
         model_name = self.model.name
         start = time.perf_counter()
         try:
-            images = one_per_input(await asyncio.to_thread(self.model.generate, [j.prompt for j in jobs],
-                                                           [j.seed for j in jobs]), jobs, "the model")
+            images = one_per_input(
+                await asyncio.to_thread(self.model.generate, [j.prompt for j in jobs], [j.seed for j in jobs]),
+                jobs,
+                "the model",
+            )
         except Exception as exc:  # report per job, keep serving
             self.svc.log.exception("model failed", extra={"model": model_name, "batch": len(jobs)})
             metrics.ERRORS.labels("worker", E_MODEL).inc(len(jobs))
-            return [(self.keys.completions, Completion.failure(j, E_MODEL, f"{type(exc).__name__}: {exc}",
-                                                               self.id).encode()) for j in jobs]
+            return [
+                (
+                    self.keys.completions,
+                    Completion.failure(j, E_MODEL, f"{type(exc).__name__}: {exc}", self.id).encode(),
+                )
+                for j in jobs
+            ]
         elapsed = time.perf_counter() - start
         self.batch_ms[len(jobs)] = 0.7 * self.batch_ms.get(len(jobs), elapsed * 1000) + 0.3 * elapsed * 1000
         metrics.BATCH_SIZE.labels("worker", model_name).observe(len(jobs))
         metrics.BATCH_LATENCY.labels("worker", model_name).observe(elapsed)
         futures = self.encoder.submit(images, [(j.image_format, j.image_quality) for j in jobs])
         size = self.thumbnail_size
-        thumbs = (await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
-                  if self.role == "light" and size else [None] * len(jobs))
+        thumbs = (
+            await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
+            if self.role == "light" and size
+            else [None] * len(jobs)
+        )
         outputs = []
         for job, future, thumb in zip(jobs, futures, thumbs):
             encoded = await asyncio.wrap_future(future)
             if encoded.error:
-                outputs.append((self.keys.completions, Completion.failure(job, E_MODEL, encoded.error,
-                                                                          self.id).encode()))
+                outputs.append(
+                    (self.keys.completions, Completion.failure(job, E_MODEL, encoded.error, self.id).encode())
+                )
             elif self.role == "light":
-                outputs.append((self.keys.light_results, LightResult(
-                    job, encoded.data, encoded.format, thumb, size if thumb else 0, self.id,
-                    model_name, len(jobs), elapsed * 1000).encode()))
+                outputs.append(
+                    (
+                        self.keys.light_results,
+                        LightResult(
+                            job,
+                            encoded.data,
+                            encoded.format,
+                            thumb,
+                            size if thumb else 0,
+                            self.id,
+                            model_name,
+                            len(jobs),
+                            elapsed * 1000,
+                        ).encode(),
+                    )
+                )
             else:
-                outputs.append((self.keys.completions, Completion.answer(
-                    job, encoded.data, encoded.format, "heavy", model_name, job.confidence,
-                    worker_id=self.id).encode()))
+                outputs.append(
+                    (
+                        self.keys.completions,
+                        Completion.answer(
+                            job, encoded.data, encoded.format, "heavy", model_name, job.confidence, worker_id=self.id
+                        ).encode(),
+                    )
+                )
         metrics.PROCESSED.labels("worker", self.role).inc(len(jobs))
         return outputs
 
@@ -215,8 +300,9 @@ async def serve(svc: Service) -> None:
     await worker.start()
     svc.ready()
     try:
-        await asyncio.gather(run_forever("batches", worker.step, svc.stop),
-                             run_forever("heartbeat", worker.heartbeat_loop, svc.stop))
+        await asyncio.gather(
+            run_forever("batches", worker.step, svc.stop), run_forever("heartbeat", worker.heartbeat_loop, svc.stop)
+        )
     finally:
         await worker.close()
 

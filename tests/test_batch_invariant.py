@@ -49,8 +49,9 @@ def test_worker_answers_every_job_of_a_short_batch(redis_server):
 
 def test_discriminator_answers_every_job_of_a_short_batch(redis_server):
     async def scenario():
-        svc = Service("discriminator", DiscriminatorConfig(redis_url=redis_server.url, backend="profiled",
-                                                           instance_id="d"))
+        svc = Service(
+            "discriminator", DiscriminatorConfig(redis_url=redis_server.url, backend="profiled", instance_id="d")
+        )
         disc = Discriminator(svc)
         disc.model = ShortModel()
         results = [LightResult(job, b"png", "png") for job in _jobs()]

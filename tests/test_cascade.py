@@ -31,6 +31,7 @@ async def _submit_and_count(redis_url: str, prompts: list[str], rate: float):
     """Submit everything through one client; return the results and how many entries
     reached the client's reply stream (must equal the number of jobs: exactly once)."""
     async with Client(redis_url=redis_url) as client:
+
         async def one(i, p):
             await asyncio.sleep(i / rate)
             return await client.submit(p, timeout=120)
@@ -43,8 +44,9 @@ async def _submit_and_count(redis_url: str, prompts: list[str], rate: float):
 
 def test_200_prompts_come_back_exactly_once_through_both_models(redis_server, tmp_path):
     prompts = load_prompts()[:200]
-    with _stack(redis_server, tmp_path, light_workers=2, heavy_workers=2, time_scale=0.02,
-                env={"DIFFSERVE_SLO_MS": "100"}):
+    with _stack(
+        redis_server, tmp_path, light_workers=2, heavy_workers=2, time_scale=0.02, env={"DIFFSERVE_SLO_MS": "100"}
+    ):
         results, delivered = asyncio.run(_submit_and_count(redis_server.url, prompts, rate=400))
     assert delivered == 200
     assert len({r.job_id for r in results}) == 200
@@ -74,8 +76,9 @@ def _result(r: redis.Redis, job_id: str, timeout: float = 20) -> FinalResult:
 def test_malformed_inputs_get_error_results_and_services_keep_running(redis_server, tmp_path):
     r = redis.Redis.from_url(redis_server.url)
     metrics_port = free_port()
-    with _stack(redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.01,
-                metrics_base_port=metrics_port) as stack:
+    with _stack(
+        redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.01, metrics_base_port=metrics_port
+    ) as stack:
         pack = lambda body: {"m": msgpack.packb(body)}  # noqa: E731
         cases = {
             "empty": pack({"type": "job", "job_id": "empty", "prompt": "   "}),
@@ -95,9 +98,17 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
         _xadd(r, {"m": msgpack.packb([1, 2, 3])})
         _xadd(r, {"m": msgpack.packb({"prompt": "no id"})})
         codes = {job_id: _result(r, job_id).error_code for job_id in cases}
-        assert codes == {"empty": "invalid_request", "missing": "invalid_request", "long": "prompt_too_long",
-                         "types": "invalid_request", "prompt-int": "invalid_request", "model": "unknown_model",
-                         "format": "invalid_request", "seed": "invalid_request", "plain-slo": "invalid_request"}
+        assert codes == {
+            "empty": "invalid_request",
+            "missing": "invalid_request",
+            "long": "prompt_too_long",
+            "types": "invalid_request",
+            "prompt-int": "invalid_request",
+            "model": "unknown_model",
+            "format": "invalid_request",
+            "seed": "invalid_request",
+            "plain-slo": "invalid_request",
+        }
         deadline = time.monotonic() + 10
         while r.xlen(KEYS.dead_letters) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -111,8 +122,10 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
         # Counted in the router's metrics (the router is the first service, on the base port),
         # which never carry prompt text.
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        errors = {code: float(v) for code, v in re.findall(
-            r'diffserve_errors_total\{code="([a-z_]+)",service="router"\} ([0-9.]+)', text)}
+        errors = {
+            code: float(v)
+            for code, v in re.findall(r'diffserve_errors_total\{code="([a-z_]+)",service="router"\} ([0-9.]+)', text)
+        }
         assert errors["invalid_request"] == 8 and errors["malformed"] == 2
         assert errors["prompt_too_long"] == 1 and errors["unknown_model"] == 1
         assert "lighthouse" not in text and 'diffserve_ready{service="router"} 1.0' in text
@@ -120,8 +133,9 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
 
 def test_tiny_backend_renders_real_images(redis_server, tmp_path, tiny_models):
     prompts = ["a red cube on a table", "a watercolor fox", "an old map of a harbour", "neon city at night"]
-    with _stack(redis_server, tmp_path, backend="tiny", model_dir=tiny_models, light_workers=1, heavy_workers=1,
-                env={}):  # default thumbnails (224 px) on a real backend
+    with _stack(
+        redis_server, tmp_path, backend="tiny", model_dir=tiny_models, light_workers=1, heavy_workers=1, env={}
+    ):  # default thumbnails (224 px) on a real backend
         results, delivered = asyncio.run(_submit_and_count(redis_server.url, prompts, rate=50))
     assert delivered == len(prompts)
     for result in results:
@@ -140,9 +154,14 @@ def test_worker_killed_mid_batch_loses_nothing(redis_server, tmp_path, victim_ro
     it holds a batch; its entries are reclaimed and finished by the other one, exactly once."""
     r = redis.Redis.from_url(redis_server.url)
     prompts = load_prompts()[:24]
-    env = {"DIFFSERVE_THRESHOLD": "1.01", "DIFFSERVE_RECLAIM_IDLE_MS": "1500", "DIFFSERVE_BATCH": "4",
-           "DIFFSERVE_LATE_POLICY": "heavy"}
+    env = {
+        "DIFFSERVE_THRESHOLD": "1.01",
+        "DIFFSERVE_RECLAIM_IDLE_MS": "1500",
+        "DIFFSERVE_BATCH": "4",
+        "DIFFSERVE_LATE_POLICY": "heavy",
+    }
     with _stack(redis_server, tmp_path, light_workers=1, heavy_workers=2, time_scale=0.2, env=env) as stack:
+
         async def scenario():
             async with Client(redis_url=redis_server.url) as client:
                 tasks = [asyncio.create_task(client.submit(p, timeout=120)) for p in prompts]
@@ -178,15 +197,36 @@ def _hostile_entries(rng) -> list[tuple[str | None, dict]]:
     out: list[tuple[str | None, dict]] = []
     for i in range(25):  # random bytes: nothing readable
         out.append((None, {"m": bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))}))
-    odd_values = [None, True, -1, 2**64 - 1, -(2**63), 1e308, float("nan"), float("-inf"), "", "x" * 3000,
-                  [1, [2, [3]]], {"a": {"b": None}}, b"\x00\xff"]
+    odd_values = [
+        None,
+        True,
+        -1,
+        2**64 - 1,
+        -(2**63),
+        1e308,
+        float("nan"),
+        float("-inf"),
+        "",
+        "x" * 3000,
+        [1, [2, [3]]],
+        {"a": {"b": None}},
+        b"\x00\xff",
+    ]
     for i in range(40):  # a readable id with hostile fields
         body = {"job_id": f"hostile-{i}", "prompt": rng.choice(["a cat", "", 7, None, ["p"], "\x00"])}
         for key in rng.sample(["slo_ms", "seed", "image_format", "image_quality", "reply_to", "cascade", "v"], 3):
             body[key] = rng.choice(odd_values)
         out.append((f"hostile-{i}", {"m": msgpack.packb(body, use_bin_type=True)}))
-    unicode_prompts = ["🦊🌲" * 50, "مرحبا بالعالم", "e\u0301" * 300, "zero\u200bwidth\u2060joiner", "\U0010ffff",
-                       "ſtraße ﬁ", "\u202eRTL override", "a" * 2000]
+    unicode_prompts = [
+        "🦊🌲" * 50,
+        "مرحبا بالعالم",
+        "e\u0301" * 300,
+        "zero\u200bwidth\u2060joiner",
+        "\U0010ffff",
+        "ſtraße ﬁ",
+        "\u202eRTL override",
+        "a" * 2000,
+    ]
     for i, prompt in enumerate(unicode_prompts):  # valid: must be served
         out.append((f"unicode-{i}", {"m": msgpack.packb({"job_id": f"unicode-{i}", "prompt": prompt})}))
     for i in range(5):  # invalid UTF-8 in a msgpack str: the payload is malformed as a whole
@@ -202,8 +242,9 @@ def test_hostile_entries_are_all_answered_or_dead_lettered_and_counted(redis_ser
     r = redis.Redis.from_url(redis_server.url)
     entries = _hostile_entries(random.Random(0))
     metrics_port = free_port()
-    with _stack(redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.001,
-                metrics_base_port=metrics_port) as stack:
+    with _stack(
+        redis_server, tmp_path, light_workers=1, heavy_workers=1, time_scale=0.001, metrics_base_port=metrics_port
+    ) as stack:
         for _job_id, fields in entries:
             _xadd(r, fields)
         results = {job_id: _result(r, job_id) for job_id, _f in entries if job_id}
@@ -214,8 +255,9 @@ def test_hostile_entries_are_all_answered_or_dead_lettered_and_counted(redis_ser
         assert r.xlen(KEYS.dead_letters) == expected_dead
         assert all(stack.alive().values())
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    errors = sum(float(v) for v in re.findall(r'diffserve_errors_total\{code="[a-z_]+",service="router"\} ([0-9.]+)',
-                                              text))
+    errors = sum(
+        float(v) for v in re.findall(r'diffserve_errors_total\{code="[a-z_]+",service="router"\} ([0-9.]+)', text)
+    )
     failed = [j for j, res in results.items() if res.status == "error"]
     assert errors == len(failed) + expected_dead  # every refusal is counted
     assert all(results[f"unicode-{i}"].status == "ok" for i in range(8))

@@ -12,6 +12,7 @@ from common.streams import add
 
 def test_wait_result_waits_longer_than_the_socket_timeout(redis_server):
     """No result within the timeout: None after the timeout, not redis-py's socket TimeoutError."""
+
     async def go():
         async with Client(redis_url=redis_server.url) as client:
             start = time.monotonic()

@@ -40,6 +40,7 @@ PENDING_CONTROLLER_KEYS = {"DIFFSERVE_INTERVAL_S", "DIFFSERVE_POLICY"}
 
 # ---------------------------------------------------------------- loading and merging
 
+
 @pytest.fixture(scope="module")
 def base() -> dict:
     return load(BASE_FILE)
@@ -76,8 +77,11 @@ def environment(service: dict) -> dict[str, str]:
 
 def diffserve_services(tree: dict) -> dict[str, dict]:
     """Services that run one of the four pipeline services from the diffserve image."""
-    return {name: svc for name, svc in tree["services"].items()
-            if "entrypoint" not in svc and svc.get("command") and svc["command"][0] in SERVICE_COMMANDS}
+    return {
+        name: svc
+        for name, svc in tree["services"].items()
+        if "entrypoint" not in svc and svc.get("command") and svc["command"][0] in SERVICE_COMMANDS
+    }
 
 
 def health_port(service: dict) -> int:
@@ -93,11 +97,16 @@ def gpu_devices(service: dict) -> list:
 def prometheus_targets() -> dict[str, str]:
     """target -> job name."""
     conf = yaml.safe_load(PROMETHEUS.read_text())
-    return {target: job["job_name"] for job in conf["scrape_configs"]
-            for static in job.get("static_configs", []) for target in static["targets"]}
+    return {
+        target: job["job_name"]
+        for job in conf["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
 
 
 # ---------------------------------------------------------------- commands, env, ports
+
 
 def test_every_command_is_a_diffserve_command(base, cpu):
     for tree in (base, cpu):
@@ -112,15 +121,13 @@ def test_every_command_is_a_diffserve_command(base, cpu):
             assert command[0] in COMMANDS, f"{name}: `diffserve {command[0]}` is not a command"
             assert health_port(svc) > 0
             assert "healthcheck" in COMMANDS
-    assert set(diffserve_services(base)) >= {"router", "discriminator", "controller", "gateway", "worker-0",
-                                             "worker-1"}
+    assert set(diffserve_services(base)) >= {"router", "discriminator", "controller", "gateway", "worker-0", "worker-1"}
     assert {svc["command"][0] for svc in diffserve_services(base).values()} == SERVICE_COMMANDS
 
 
 def uses_diffserve_image(service: dict) -> bool:
     build = service.get("build") or {}
-    return build.get("dockerfile") == "compose/Dockerfile" or str(service.get("image", "")).startswith(
-        "${DIFFSERVE")
+    return build.get("dockerfile") == "compose/Dockerfile" or str(service.get("image", "")).startswith("${DIFFSERVE")
 
 
 def test_services_reach_redis_with_password_and_wait_for_it(base, cpu):
@@ -207,8 +214,9 @@ def test_hostnet_override_is_loopback_only(cpu):
     for name, svc in diffserve_services(hostnet).items():
         env = environment(svc)
         assert svc["network_mode"] == "host", name
-        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@127\.0\.0\.1:\$\{REDIS_PORT:-6379\}/0",
-                            env["REDIS_URL"]), name
+        assert re.fullmatch(
+            r"redis://:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@127\.0\.0\.1:\$\{REDIS_PORT:-6379\}/0", env["REDIS_URL"]
+        ), name
         assert env["METRICS_ADDR"] == "127.0.0.1", name
     redis = hostnet["services"]["redis"]
     command = [str(c) for c in redis["command"]]
@@ -279,6 +287,7 @@ def test_download_models_lists_the_cascade_hub_ids(capsys, monkeypatch):
 
 # ---------------------------------------------------------------- env files
 
+
 def known_env_vars() -> tuple[set[str], bool]:
     from services.discriminator import DiscriminatorConfig
     from services.gateway import GatewayConfig
@@ -292,8 +301,11 @@ def known_env_vars() -> tuple[set[str], bool]:
     except ImportError:
         pass
     else:
-        found = [obj for obj in vars(ctl).values()
-                 if isinstance(obj, type) and issubclass(obj, ServiceConfig) and obj is not ServiceConfig]
+        found = [
+            obj
+            for obj in vars(ctl).values()
+            if isinstance(obj, type) and issubclass(obj, ServiceConfig) and obj is not ServiceConfig
+        ]
         controller = bool(found)
         classes += found
     names = {_env_name(f) for cls in classes for f in dataclasses.fields(cls)}
@@ -338,8 +350,12 @@ def test_env_values_reach_the_configs_as_valid_options():
     from services.router import RouterConfig
     from services.worker import WorkerConfig
 
-    classes = {"router": RouterConfig, "worker": WorkerConfig, "discriminator": DiscriminatorConfig,
-               "gateway": GatewayConfig}
+    classes = {
+        "router": RouterConfig,
+        "worker": WorkerConfig,
+        "discriminator": DiscriminatorConfig,
+        "gateway": GatewayConfig,
+    }
     try:
         from services.controller import ControllerConfig
     except ImportError:
@@ -351,9 +367,12 @@ def test_env_values_reach_the_configs_as_valid_options():
             cls = classes.get(svc["command"][0])
             if cls is None:
                 continue
-            env = {k: v.replace("${REDIS_PASSWORD:?set REDIS_PASSWORD in compose/.env}", "pw")
-                   .replace("${DISCRIMINATOR_BACKEND:-diffusers}", "diffusers")
-                   for k, v in environment(svc).items()}
+            env = {
+                k: v.replace("${REDIS_PASSWORD:?set REDIS_PASSWORD in compose/.env}", "pw").replace(
+                    "${DISCRIMINATOR_BACKEND:-diffusers}", "diffusers"
+                )
+                for k, v in environment(svc).items()
+            }
             config = cls.from_namespace(None, env=env)
             assert config.metrics_port == health_port(svc)
             assert config.instance_id == name
@@ -372,6 +391,7 @@ def test_env_example_covers_every_variable_the_compose_files_use():
 
 # ---------------------------------------------------------------- dashboard and provisioning
 
+
 def metric_sample_names() -> set[str]:
     """Every sample name common/metrics.py can expose."""
     from prometheus_client.metrics import MetricWrapperBase
@@ -383,8 +403,12 @@ def metric_sample_names() -> set[str]:
         if not isinstance(obj, MetricWrapperBase):
             continue
         for family in obj.describe():
-            suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                        "gauge": ("",), "summary": ("", "_sum", "_count")}.get(family.type, ("",))
+            suffixes = {
+                "counter": ("_total", "_created"),
+                "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",),
+                "summary": ("", "_sum", "_count"),
+            }.get(family.type, ("",))
             names |= {family.name + s for s in suffixes}
     return names
 
@@ -405,14 +429,27 @@ def test_dashboard_uses_only_real_metrics_and_has_the_key_panels():
     used = set(re.findall(r"\bdiffserve_[a-z_]+", " ".join(exprs)))
     known = metric_sample_names()
     assert used and not used - known, f"dashboard queries unknown metrics: {sorted(used - known)}"
-    for needed in ("diffserve_demand_qps", "diffserve_processed_total", "diffserve_slo_total", "diffserve_threshold",
-                   "diffserve_workers", "diffserve_queue_depth", "diffserve_batch_latency_seconds_bucket"):
+    for needed in (
+        "diffserve_demand_qps",
+        "diffserve_processed_total",
+        "diffserve_slo_total",
+        "diffserve_threshold",
+        "diffserve_workers",
+        "diffserve_queue_depth",
+        "diffserve_batch_latency_seconds_bucket",
+    ):
         assert needed in used, f"no panel shows {needed}"
     text = " ".join(exprs)
     assert 'outcome="delivered"' in text and "histogram_quantile" in text
     titles = {p["title"] for p in dash["panels"]}
-    for title in ("Demand vs throughput", "SLO misses", "Threshold", "Workers per role", "Queue depths",
-                  "Batch latency"):
+    for title in (
+        "Demand vs throughput",
+        "SLO misses",
+        "Threshold",
+        "Workers per role",
+        "Queue depths",
+        "Batch latency",
+    ):
         assert title in titles
 
 
@@ -433,13 +470,18 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource(base):
 
 # ---------------------------------------------------------------- the image
 
+
 def test_dockerfile_pins_torch_like_pyproject_and_runs_as_non_root():
     text = (COMPOSE / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = dict(dep.split("==") for dep in project["optional-dependencies"]["models"]
-                if dep.startswith(("torch==", "torchvision==")))
-    assert not [dep for dep in project["dependencies"] if dep.startswith(("torch", "diffusers", "transformers",
-                                                                          "timm"))]
+    pins = dict(
+        dep.split("==")
+        for dep in project["optional-dependencies"]["models"]
+        if dep.startswith(("torch==", "torchvision=="))
+    )
+    assert not [
+        dep for dep in project["dependencies"] if dep.startswith(("torch", "diffusers", "transformers", "timm"))
+    ]
     assert f"ARG TORCH_VERSION={pins['torch']}" in text
     assert f"ARG TORCHVISION_VERSION={pins['torchvision']}" in text
     assert re.search(r"^USER (?!root\b)\S+", text, re.M), "the image must not run as root"
@@ -452,6 +494,7 @@ def test_dockerfile_pins_torch_like_pyproject_and_runs_as_non_root():
 
 
 # ---------------------------------------------------------------- a real compose binary, where there is one
+
 
 def compose_binary() -> tuple[list[str], tuple[int, ...]] | None:
     candidates = []
@@ -474,8 +517,9 @@ def run_config(cmd: list[str], files: list[Path]) -> subprocess.CompletedProcess
     args = cmd + ["--env-file", str(ENV_EXAMPLE), "--project-directory", str(COMPOSE)]
     for f in files:
         args += ["-f", str(f)]
-    return subprocess.run(args + ["--profile", "setup", "config", "-q"], capture_output=True, text=True,
-                          timeout=120, cwd=COMPOSE)
+    return subprocess.run(
+        args + ["--profile", "setup", "config", "-q"], capture_output=True, text=True, timeout=120, cwd=COMPOSE
+    )
 
 
 def test_compose_config_validates(tmp_path):
@@ -500,6 +544,7 @@ def test_compose_config_validates(tmp_path):
 
 
 # ---------------------------------------------------------------- diffserve healthcheck
+
 
 @pytest.fixture
 def metrics_server():
@@ -557,22 +602,30 @@ def test_healthcheck_is_reachable_from_the_cli(metrics_server):
 
     port, ready = metrics_server
     ready.labels("router").set(1)
-    result = subprocess.run([sys.executable, "-m", "diffserve", "healthcheck", "--port", str(port)],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffserve", "healthcheck", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_ready_lines_parse_in_both_exposition_formats():
     from common.health import ready_services
 
-    text = ('# HELP diffserve_ready x\n# TYPE diffserve_ready gauge\n'
-            'diffserve_ready{service="router"} 1.0\ndiffserve_ready{service="worker"} 0.0\n'
-            'diffserve_ready_other{service="x"} 1.0\n'
-            'diffserve_ready{instance="a",service="controller"} 1 1700000000\n')
+    text = (
+        "# HELP diffserve_ready x\n# TYPE diffserve_ready gauge\n"
+        'diffserve_ready{service="router"} 1.0\ndiffserve_ready{service="worker"} 0.0\n'
+        'diffserve_ready_other{service="x"} 1.0\n'
+        'diffserve_ready{instance="a",service="controller"} 1 1700000000\n'
+    )
     assert ready_services(text) == {"router": 1.0, "worker": 0.0, "controller": 1.0}
 
 
 # ---------------------------------------------------------------- the CPU stack's environment, run for real
+
 
 def _free_port() -> int:
     import socket
@@ -597,9 +650,27 @@ def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
         pytest.skip("no redis-server")
     redis = pytest.importorskip("redis")
     port = _free_port()
-    subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                    "--requirepass", "pw", "--daemonize", "yes", "--pidfile", str(tmp_path / "redis.pid")],
-                   check=True, timeout=30)
+    subprocess.run(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            "pw",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(tmp_path / "redis.pid"),
+        ],
+        check=True,
+        timeout=30,
+    )
     procs: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         tree = merge(load(BASE_FILE), load(CPU_FILE))
@@ -614,13 +685,26 @@ def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
                 command[command.index("--port") + 1] = str(_free_port())
                 env["DIFFSERVE_API_KEYS"] = "test:" + "0" * 64
             log = open(tmp_path / f"{name}.log", "w")
-            procs[name] = (subprocess.Popen([sys.executable, "-m", "diffserve", *command], env=env, cwd=ROOT,
-                                            stdout=log, stderr=subprocess.STDOUT), int(env["METRICS_PORT"]))
+            procs[name] = (
+                subprocess.Popen(
+                    [sys.executable, "-m", "diffserve", *command],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                int(env["METRICS_PORT"]),
+            )
         deadline = time.monotonic() + 120
         for name, (proc, metrics_port) in procs.items():
             while True:
-                check = subprocess.run([sys.executable, "-m", "diffserve", "healthcheck", "--port", str(metrics_port)],
-                                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+                check = subprocess.run(
+                    [sys.executable, "-m", "diffserve", "healthcheck", "--port", str(metrics_port)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    cwd=ROOT,
+                )
                 if check.returncode == 0:
                     break
                 assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-2000:]
@@ -640,5 +724,8 @@ def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        subprocess.run(["redis-cli", "-p", str(port), "-a", "pw", "--no-auth-warning", "shutdown", "nosave"],
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["redis-cli", "-p", str(port), "-a", "pw", "--no-auth-warning", "shutdown", "nosave"],
+            capture_output=True,
+            timeout=30,
+        )

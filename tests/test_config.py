@@ -22,8 +22,16 @@ def test_cli_beats_env_beats_default():
 
 
 def test_typed_values_from_env():
-    cfg = _config([], {"DIFFSERVE_BATCH_GRID": "1,4,16", "DIFFSERVE_HOST_CACHE": "off", "DIFFSERVE_TIME_SCALE": "0.1",
-                       "DIFFSERVE_LATENCY_FILE": "", "REDIS_URL": "rediss://u:p@h:6380/0"})
+    cfg = _config(
+        [],
+        {
+            "DIFFSERVE_BATCH_GRID": "1,4,16",
+            "DIFFSERVE_HOST_CACHE": "off",
+            "DIFFSERVE_TIME_SCALE": "0.1",
+            "DIFFSERVE_LATENCY_FILE": "",
+            "REDIS_URL": "rediss://u:p@h:6380/0",
+        },
+    )
     assert cfg.batch_grid == [1, 4, 16] and cfg.host_cache is False and cfg.time_scale == 0.1
     assert cfg.latency_file is None and cfg.redis_url.startswith("rediss://")
     assert _config(["--no-host-cache", "--batch-grid", "2,8"], {}).batch_grid == [2, 8]

@@ -122,8 +122,13 @@ def test_fixed_plan_never_changes(profile):
     stored = None
     for version, demand in enumerate((2.0, 30.0, 8.0), 1):
         result, _ = loop.decide(stored, demand, workers, QueueStats(heavy_backlog=50))
-        assert (result.threshold, result.light_workers, result.light_batch, result.heavy_workers,
-                result.heavy_batch) == (0.02, 4, 16, 12, 4)
+        assert (
+            result.threshold,
+            result.light_workers,
+            result.light_batch,
+            result.heavy_workers,
+            result.heavy_batch,
+        ) == (0.02, 4, 16, 12, 4)
         stored = result.to_message(version, result.roles)
 
 
@@ -132,8 +137,11 @@ def test_static_without_a_plan_freezes_the_first_one(profile):
     workers = _workers(8, 8)
     first, _ = loop.decide(None, 0.0, workers, QueueStats())
     later, _ = loop.decide(first.to_message(1, first.roles), 30.0, workers, QueueStats())
-    assert (later.threshold, later.light_workers, later.heavy_workers) == \
-        (first.threshold, first.light_workers, first.heavy_workers)
+    assert (later.threshold, later.light_workers, later.heavy_workers) == (
+        first.threshold,
+        first.light_workers,
+        first.heavy_workers,
+    )
     assert loop.fixed is not None and str(loop.fixed).startswith(f"t={first.threshold:g}")
 
 

@@ -40,8 +40,9 @@ def test_control_plane_and_profiled_backend_import_no_model_library():
 @pytest.mark.parametrize("backend", ["tiny", "diffusers"])
 def test_real_backends_without_the_extra_fail_in_one_line(monkeypatch, capsys, command, backend):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in MODEL_PACKAGES else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in MODEL_PACKAGES else real_find_spec(name, *a)
+    )
     module = importlib.import_module(f"services.{command}")
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--backend", backend, "--redis-url", "redis://127.0.0.1:1/0"])  # stops before Redis

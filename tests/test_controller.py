@@ -42,8 +42,9 @@ def _namespace() -> str:
     return "t" + uuid.uuid4().hex[:8]
 
 
-async def _heartbeats(r: aioredis.Redis, keys: Keys, roles: dict[str, str], stop: asyncio.Event,
-                      alive: set[str] | None = None) -> None:
+async def _heartbeats(
+    r: aioredis.Redis, keys: Keys, roles: dict[str, str], stop: asyncio.Event, alive: set[str] | None = None
+) -> None:
     """What live workers write: a zset score and an info hash, every 0.2 s."""
     while not stop.is_set():
         for w, role in roles.items():
@@ -74,8 +75,14 @@ class InProcess:
     """The controller's serve() in this event loop, stopped like SIGTERM would."""
 
     def __init__(self, url: str, namespace: str, **overrides):
-        cfg = dict(redis_url=url, namespace=namespace, interval_s=0.5, worker_timeout_s=1.0,
-                   instance_id="controller-test", backend="profiled")
+        cfg = dict(
+            redis_url=url,
+            namespace=namespace,
+            interval_s=0.5,
+            worker_timeout_s=1.0,
+            instance_id="controller-test",
+            backend="profiled",
+        )
         cfg.update(overrides)
         self.svc = Service("controller", ControllerConfig(**cfg))
         self.task: asyncio.Task | None = None
@@ -185,9 +192,23 @@ def test_controller_process_stops_and_plan_stays(redis_url):
         r.zadd(keys.workers, {w: now_ms() + 3_600_000})  # heartbeats "from the future" keep them live
         r.hset(keys.worker_info(w), mapping={"role": role, "switch_s": 0.1})
     env = {**os.environ, "REDIS_URL": redis_url, "DIFFSERVE_NAMESPACE": ns, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.controller", "--interval-s", "0.3",
-                             "--policy", "diffserve", "--instance-id", "ctl"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.controller",
+            "--interval-s",
+            "0.3",
+            "--policy",
+            "diffserve",
+            "--instance-id",
+            "ctl",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 20
         plan = None

@@ -25,12 +25,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server, tmp_path):
-    spec = StackSpec(redis_url=redis_server.url, light_workers=3, heavy_workers=3, controller=True,
-                     time_scale=TIME_SCALE, controller_args=["--interval-s", str(10 * TIME_SCALE)],
-                     env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * TIME_SCALE)})
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        light_workers=3,
+        heavy_workers=3,
+        controller=True,
+        time_scale=TIME_SCALE,
+        controller_args=["--interval-s", str(10 * TIME_SCALE)],
+        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * TIME_SCALE)},
+    )
     prompts = [p for p in load_prompts() if p]
     rng = random.Random(7)
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
         async def scenario():
             plans = {}  # version -> (phase, plan)
             async with Client(redis_url=redis_server.url) as client:

@@ -13,8 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.backends import diffusion  # noqa: E402
-from common.backends.diffusion import (DiffusersModel, TimmDiscriminator, pad_to_grid,  # noqa: E402
-                                       tiny_spec)
+from common.backends.diffusion import (
+    DiffusersModel,
+    TimmDiscriminator,
+    pad_to_grid,  # noqa: E402
+    tiny_spec,
+)
 from common.cascades import MODELS  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "an oil painting of a lighthouse", "a bowl of ramen, studio light"]

@@ -49,9 +49,9 @@ def _check_exactly_once(prompts, results, delivered):
 @pytest.mark.parametrize("victim", ["discriminator", "router"])
 def test_crashed_service_comes_back_and_nothing_is_lost(redis_server, tmp_path, victim):
     prompts = load_prompts()[:60]
-    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.01,
-                     env=FAST_RECLAIM)
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.01, env=FAST_RECLAIM)
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
         def crash_and_restart():
             stack.kill(victim)
             time.sleep(0.5)
@@ -69,6 +69,7 @@ def test_redis_restart_with_aof_services_reconnect(tmp_path):
     try:
         spec = StackSpec(redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.02, env=FAST_RECLAIM)
         with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
             async def scenario():
                 async with Client(redis_url=server.url) as client:
                     tasks = [asyncio.create_task(client.submit(p, timeout=180)) for p in prompts]
@@ -91,9 +92,13 @@ def test_overload_is_refused_with_a_clear_error_and_the_queue_stays_bounded(redi
     """One slow light worker and a backlog cap of 20: a burst of 300 gets 'overloaded' answers
     for what cannot be queued, the rest are served, and every job gets exactly one answer."""
     r = redis.Redis.from_url(redis_server.url)
-    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05,
-                     env={"DIFFSERVE_MAX_LIGHT_BACKLOG": "20", "DIFFSERVE_TRIM_INTERVAL_S": "0.2",
-                          "DIFFSERVE_BATCH": "1"})
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        light_workers=1,
+        heavy_workers=1,
+        time_scale=0.05,
+        env={"DIFFSERVE_MAX_LIGHT_BACKLOG": "20", "DIFFSERVE_TRIM_INTERVAL_S": "0.2", "DIFFSERVE_BATCH": "1"},
+    )
     prompts = load_prompts()[:300]
     with LocalStack(spec, str(tmp_path / "logs")):
         peak = {"light": 0}
@@ -139,6 +144,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_
     spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.5, env=env)
     prompts = load_prompts()[:4]
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
         async def scenario():
             async with Client(redis_url=redis_server.url) as client:
                 tasks = [asyncio.create_task(client.submit(p, timeout=120)) for p in prompts]
@@ -150,10 +156,10 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_
                     await asyncio.sleep(0.02)
                 assert held, "the heavy worker never took a batch"
                 victim = held[0]["name"].decode()
-                in_hand = [p["message_id"] for p in
-                           r.xpending_range(KEYS.heavy_queue, "workers", "-", "+", 100, victim)]
-                jobs_in_hand = {RoutedJob.decode(r.xrange(KEYS.heavy_queue, i, i)[0][1][b"m"]).job_id
-                                for i in in_hand}
+                in_hand = [
+                    p["message_id"] for p in r.xpending_range(KEYS.heavy_queue, "workers", "-", "+", 100, victim)
+                ]
+                jobs_in_hand = {RoutedJob.decode(r.xrange(KEYS.heavy_queue, i, i)[0][1][b"m"]).job_id for i in in_hand}
                 stack.procs[victim].send_signal(15)
                 code = await asyncio.to_thread(stack.procs[victim].wait, 30)
                 left = r.xpending_range(KEYS.heavy_queue, "workers", "-", "+", 100, victim)
@@ -187,10 +193,11 @@ def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_ligh
     asyncio.run(put_plan())
     spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.1)
     with LocalStack(spec, str(tmp_path / "logs")):
+
         async def go():
             async with Client(redis_url=redis_server.url) as client:
-                roomy = await client.submit("a quiet lake", slo_ms=5000, timeout=60)   # heavy: 178 ms
-                tight = await client.submit("a busy market", slo_ms=50, timeout=60)    # cannot make 50 ms
+                roomy = await client.submit("a quiet lake", slo_ms=5000, timeout=60)  # heavy: 178 ms
+                tight = await client.submit("a busy market", slo_ms=50, timeout=60)  # cannot make 50 ms
                 return roomy, tight
 
         roomy, tight = asyncio.run(go())
@@ -199,12 +206,18 @@ def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_ligh
 
 
 def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_under_the_same_name(
-        redis_server, tmp_path):
+    redis_server, tmp_path
+):
     """Compose restarts a crashed worker under its fixed instance id: the job that crashed it
     three times (max_deliveries 3) is answered with internal_error and acked, not run again."""
     r = redis.Redis.from_url(redis_server.url)
-    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.01,
-                     env={"DIFFSERVE_MAX_DELIVERIES": "3"})
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        light_workers=1,
+        heavy_workers=1,
+        time_scale=0.01,
+        env={"DIFFSERVE_MAX_DELIVERIES": "3"},
+    )
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
         stack.kill("worker-0")
 
@@ -226,13 +239,13 @@ def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_un
     assert r.xpending(KEYS.light_queue, "workers")["pending"] == 0
 
 
-def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_flight_is_refused(
-        redis_server, tmp_path):
+def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_flight_is_refused(redis_server, tmp_path):
     """An error before admission (invalid request, overloaded) does not use up the job id: the
     client's retry with the same id is served. The same id sent again while the first is in flight
     (or answered) gets an explicit duplicate_job_id error, never silence."""
     spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05)
     with LocalStack(spec, str(tmp_path / "logs")):
+
         async def scenario():
             async with Client(redis_url=redis_server.url) as client:
                 bad = await client.submit("a lighthouse", job_id="retry-1", image_quality=0, timeout=30)
@@ -258,6 +271,7 @@ def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for
     try:
         spec = StackSpec(redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.1)
         with LocalStack(spec, str(tmp_path / "logs")):
+
             async def scenario():
                 async with Client(redis_url=server.url) as client:
                     tasks = [asyncio.create_task(client.submit(p, timeout=180)) for p in prompts]
@@ -294,12 +308,25 @@ def test_a_heavy_worker_allows_for_the_configured_clock_skew(redis_server, tmp_p
     from common.service import now_ms
     from common.streams import add
 
-    spec = StackSpec(redis_url=redis_server.url, light_workers=0, heavy_workers=1, time_scale=0.01,
-                     env={"DIFFSERVE_LATE_POLICY": "light", "DIFFSERVE_CLOCK_SKEW_MS": str(skew_ms)})
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        light_workers=0,
+        heavy_workers=1,
+        time_scale=0.01,
+        env={"DIFFSERVE_LATE_POLICY": "light", "DIFFSERVE_CLOCK_SKEW_MS": str(skew_ms)},
+    )
     with LocalStack(spec, str(tmp_path / "logs")):
         now = now_ms()
-        job = RoutedJob("skew-1", "a lighthouse", now, now + 20_000, 1, light_image=b"light-png",
-                        light_image_format="png", confidence=0.1)
+        job = RoutedJob(
+            "skew-1",
+            "a lighthouse",
+            now,
+            now + 20_000,
+            1,
+            light_image=b"light-png",
+            light_image_format="png",
+            confidence=0.1,
+        )
 
         async def scenario():
             async with Client(redis_url=redis_server.url) as client:
@@ -338,8 +365,9 @@ def test_refused_entries_leave_no_big_keys_and_little_short_lived_bookkeeping(re
     """A 1 MB job id in plain fields (prompt missing) must not become a key name; an oversized plain
     entry is refused by size; a refused job's answer and marker live for the short refused TTL."""
     r = redis.Redis.from_url(redis_server.url)
-    spec = StackSpec(redis_url=redis_server.url, light_workers=0, heavy_workers=0,
-                     env={"DIFFSERVE_REFUSED_TTL_S": "60"})
+    spec = StackSpec(
+        redis_url=redis_server.url, light_workers=0, heavy_workers=0, env={"DIFFSERVE_REFUSED_TTL_S": "60"}
+    )
     with LocalStack(spec, str(tmp_path / "logs")):
         r.xadd(KEYS.jobs, {"job_id": "x" * 1_000_000})
         r.xadd(KEYS.jobs, {"job_id": "big-1", "prompt": "p", "padding": "y" * 1_000_000})

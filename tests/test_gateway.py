@@ -51,8 +51,7 @@ class Stack:
         return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
 
     def http(self, key: str | None = ALICE) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {},
-                            timeout=60)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
 
     def processed(self, worker: str, outcome: str) -> float:
         """A worker's diffserve_processed_total{service="worker", outcome=...} (worker-0 is light)."""
@@ -83,14 +82,21 @@ def stack(tmp_path_factory):
     confidence = tmp / "confidence.csv"
     confidence.write_text("prompt_index,confidence\n0,0.99\n1,0.01\n")
     keys_file = tmp / "keys.json"
-    keys_file.write_text('{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
-                         ' {"name": "bob", "sha256": "%s", "rpm": 2}]}' % (hash_key(ALICE), hash_key(BOB)))
+    keys_file.write_text(
+        '{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
+        ' {"name": "bob", "sha256": "%s", "rpm": 2}]}' % (hash_key(ALICE), hash_key(BOB))
+    )
     server = RedisServer().start()
     port, open_port, replica_port, metrics_base = free_port(), free_port(), free_port(), free_port()
     key_args = ["--api-keys-file", str(keys_file), "--api-keys", f"carol:{hash_key(CAROL)}:0:1"]
-    spec = StackSpec(redis_url=server.url, time_scale=0.25, gateway_port=port, metrics_base_port=metrics_base,
-                     env={"DIFFSERVE_CONFIDENCE_FILE": str(confidence), "DIFFSERVE_BATCH": "1"},
-                     gateway_args=key_args)
+    spec = StackSpec(
+        redis_url=server.url,
+        time_scale=0.25,
+        gateway_port=port,
+        metrics_base_port=metrics_base,
+        env={"DIFFSERVE_CONFIDENCE_FILE": str(confidence), "DIFFSERVE_BATCH": "1"},
+        gateway_args=key_args,
+    )
     local = LocalStack(spec, str(tmp / "logs"))
     try:
         local.start()
@@ -113,10 +119,12 @@ def _decode(b64: str) -> Image.Image:
 
 # ---------------------------------------------------------------- images API (openai SDK)
 
+
 @pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")])
 def test_sdk_generate_decodes_in_each_format(stack, fmt, pil):
-    resp = stack.sdk().images.generate(model="sdturbo-sdv15", prompt=LIGHT_PROMPT, output_format=fmt,
-                                       output_compression=80, size="auto", user="test")
+    resp = stack.sdk().images.generate(
+        model="sdturbo-sdv15", prompt=LIGHT_PROMPT, output_format=fmt, output_compression=80, size="auto", user="test"
+    )
     assert resp.output_format == fmt and resp.size == "512x512" and resp.created > 0
     assert len(resp.data) == 1 and resp.data[0].revised_prompt is None
     assert _decode(resp.data[0].b64_json).format == pil
@@ -171,16 +179,27 @@ def test_stream_without_partials_asked_sends_no_partial(stack):
 
 # ---------------------------------------------------------------- errors, keys, limits
 
-@pytest.mark.parametrize("body,param", [
-    ({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": 3}, "prompt"),
-    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 11}, "n"), ({"prompt": "x", "n": "2"}, "n"),
-    ({"prompt": "x", "n": True}, "n"), ({"prompt": "x", "size": "1024x1024"}, "size"),
-    ({"prompt": "x", "output_format": "gif"}, "output_format"),
-    ({"prompt": "x", "output_compression": 101}, "output_compression"),
-    ({"prompt": "x", "response_format": "svg"}, "response_format"),
-    ({"prompt": "x", "partial_images": 4}, "partial_images"), ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "model": "dall-e-3"}, "model"), ({"prompt": "x" * 2001}, "prompt"),
-])
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 11}, "n"),
+        ({"prompt": "x", "n": "2"}, "n"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "size": "1024x1024"}, "size"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "output_compression": 101}, "output_compression"),
+        ({"prompt": "x", "response_format": "svg"}, "response_format"),
+        ({"prompt": "x", "partial_images": 4}, "partial_images"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "model": "dall-e-3"}, "model"),
+        ({"prompt": "x" * 2001}, "prompt"),
+    ],
+)
 def test_bad_input_is_a_400_in_the_openai_shape(stack, body, param):
     with stack.http() as http:
         r = http.post("/v1/images/generations", json=body)
@@ -242,6 +261,7 @@ def test_key_over_its_jobs_in_flight_cap_gets_429_until_one_finishes(stack):
 
 
 # ---------------------------------------------------------------- jobs API (httpx)
+
 
 def _wait_status(http: httpx.Client, job_id: str, wanted: set[str], timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
@@ -334,8 +354,11 @@ def test_client_disconnecting_from_a_stream_cancels_its_jobs(stack):
     cancels = len(stack.redis.keys(KEYS.cancel_prefix + "*"))
     with stack.pause("worker-0"):
         with stack.http() as http:
-            with http.stream("POST", "/v1/images/generations",
-                             json={"prompt": LIGHT_PROMPT, "n": 3, "stream": True, "partial_images": 1}) as r:
+            with http.stream(
+                "POST",
+                "/v1/images/generations",
+                json={"prompt": LIGHT_PROMPT, "n": 3, "stream": True, "partial_images": 1},
+            ) as r:
                 assert r.status_code == 200
         # the connection is closed without reading a single event
         deadline = time.monotonic() + 5
@@ -370,8 +393,10 @@ def test_sigterm_drains_a_request_in_flight(stack):
 
 # ---------------------------------------------------------------- health and status
 
+
 def _store_plan(stack: Stack) -> None:
     """What the controller would store (these stacks run without one)."""
+
     async def put():
         r = aioredis.Redis.from_url(stack.stack.redis_url)
         await store_plan(r, KEYS, Plan(version=7, threshold=0.5, light_workers=1, heavy_workers=1))
@@ -395,12 +420,14 @@ def test_healthz_readyz_status(stack):
 
 # ---------------------------------------------------------------- the playground in a real browser
 
+
 def _chromium() -> tuple[str, str]:
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             pytest.skip("chromium/chromium-driver missing and apt-get is not usable here (not root)")
-        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=False,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            ["apt-get", "install", "-y", "chromium", "chromium-driver"], check=False, capture_output=True, timeout=600
+        )
         if not (shutil.which("chromium") and shutil.which("chromedriver")):
             pytest.skip("apt-get install chromium chromium-driver failed (no package source?)")
     return shutil.which("chromium"), shutil.which("chromedriver")
@@ -445,14 +472,19 @@ def test_playground_shows_the_light_image_then_the_final_one(stack, tmp_path):
 
 # ---------------------------------------------------------------- no Redis
 
+
 def test_redis_gone_is_a_503_and_the_gateway_keeps_running(tmp_path):
     server = RedisServer().start()
     port = free_port()
     env = {**os.environ, "REDIS_URL": server.url, "DIFFSERVE_INSTANCE_ID": "gw"}
     log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.gateway", "--port", str(port)], env=env, stdout=log,
-                            stderr=log,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.gateway", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=log,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         deadline = time.monotonic() + 30
         while b'"ready"' not in (tmp_path / "gateway.log").read_bytes() and time.monotonic() < deadline:

@@ -74,10 +74,14 @@ def test_quality_estimate_matches_hand_computation():
     curve = load_cascade_profile("sdturbo-sdv15").quality
     share = lambda c: 1.0 - c  # noqa: E731  (a confidence c: the share of prompts at least as confident)
     # the discriminator's own split: light answers are the window's most confident prompts
-    answers = ([(0.5, "light", 0.9)] * 5 + [(1.0, "heavy", 0.1)] * 5  # window 0: share 0.5
-               + [(6.0, "light", 0.8)] * 4  # window 1: share 1.0
-               + [(12.0, "heavy", 0.2)] * 5  # window 2: share 0.0
-               + [(21.0, "light", 0.7)] * 3 + [(24.9, "heavy", 0.3)])  # window 4: 0.75; window 3 has no answers
+    answers = (
+        [(0.5, "light", 0.9)] * 5
+        + [(1.0, "heavy", 0.1)] * 5  # window 0: share 0.5
+        + [(6.0, "light", 0.8)] * 4  # window 1: share 1.0
+        + [(12.0, "heavy", 0.2)] * 5  # window 2: share 0.0
+        + [(21.0, "light", 0.7)] * 3
+        + [(24.9, "heavy", 0.3)]
+    )  # window 4: 0.75; window 3 has no answers
     q = report.quality_estimate(answers, curve, share)
     expected = (16.95 + 22.77 + 18.55 + (17.95 + 18.86) / 2) / 4  # the CSV's values, 0.75 interpolated
     assert q["windows"] == 4
@@ -100,17 +104,30 @@ def test_quality_estimate_matches_hand_computation():
 
 
 def _result(job_id, by="light", ok=True, latency=100.0, slo=True, degraded=False, code=None, conf=0.8):
-    return FinalResult(job_id, "ok" if ok else "error", answered_by=by if ok else None, latency_ms=latency,
-                       slo_met=slo if ok else False, degraded=degraded, error_code=code, confidence=conf)
+    return FinalResult(
+        job_id,
+        "ok" if ok else "error",
+        answered_by=by if ok else None,
+        latency_ms=latency,
+        slo_met=slo if ok else False,
+        degraded=degraded,
+        error_code=code,
+        confidence=conf,
+    )
 
 
 def test_summarize_counts_every_job():
     x = 0.1
     trace = Trace([0, 1000, 2000, 3000, 4000, 9000], [0, 1, 2, 3, 4, 5], "t", 10.0)
     jobs = [JobRecord(f"j{i}", i, ms, sent_s=ms * x / 1000) for i, ms in enumerate(trace.arrivals_ms)]
-    outcomes = [_result("j0", "light", latency=50), _result("j1", "heavy", latency=300, slo=False),
-                _result("j2", "light", latency=100, degraded=True), _result("j3", ok=False, code="overloaded"),
-                _result("j4", "heavy", latency=200), None]  # j5 is lost
+    outcomes = [
+        _result("j0", "light", latency=50),
+        _result("j1", "heavy", latency=300, slo=False),
+        _result("j2", "light", latency=100, degraded=True),
+        _result("j3", ok=False, code="overloaded"),
+        _result("j4", "heavy", latency=200),
+        None,
+    ]  # j5 is lost
     for j, r in zip(jobs, outcomes):
         if r is not None:
             j.result, j.received_s = r, j.sent_s + r.latency_ms / 1000
@@ -148,9 +165,27 @@ def test_replay_two_policies_against_real_stacks(tmp_path):
     policies = ["diffserve", "clipper-light", "none"] if HAS_CONTROLLER else ["none"]
     curve = load_cascade_profile("sdturbo-sdv15").quality
     out = tmp_path / "out"
-    main(["--trace-file", str(trace_file), "--time-scale", "0.05", "--workers", "4", "--policies",
-          ",".join(policies), "--backend", "profiled", "--confidence-file", str(conf_file), "--out", str(out),
-          "--no-progress", "--drain-timeout-s", "30"])
+    main(
+        [
+            "--trace-file",
+            str(trace_file),
+            "--time-scale",
+            "0.05",
+            "--workers",
+            "4",
+            "--policies",
+            ",".join(policies),
+            "--backend",
+            "profiled",
+            "--confidence-file",
+            str(conf_file),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--drain-timeout-s",
+            "30",
+        ]
+    )
     rep = json.loads((out / "report.json").read_text())
     assert list(rep["policies"]) == policies
     assert rep["meta"]["time_scale"] == 0.05 and rep["meta"]["sent"] == len(trace)
@@ -197,11 +232,22 @@ def test_replay_against_a_running_deployment(redis_server, tmp_path):
     from loadtest.runner import replay
 
     trace = generate("poisson", rate=4, duration_s=30, seed=1, n_prompts=100)
-    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05,
-                     env={"DIFFSERVE_SLO_MS": "250"})
+    spec = StackSpec(
+        redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05, env={"DIFFSERVE_SLO_MS": "250"}
+    )
     with LocalStack(spec, str(tmp_path / "logs")):
-        run = asyncio.run(replay(redis_server.url, trace, load_prompts(), time_scale=0.05, policy="external",
-                                 progress=False, drain_timeout_s=20, sample_interval_s=0.1))
+        run = asyncio.run(
+            replay(
+                redis_server.url,
+                trace,
+                load_prompts(),
+                time_scale=0.05,
+                policy="external",
+                progress=False,
+                drain_timeout_s=20,
+                sample_interval_s=0.1,
+            )
+        )
     e = report.summarize(run, slo_ms=5000, curve=load_cascade_profile("sdturbo-sdv15").quality)
     assert e["sent"] == len(trace) > 50 and e["lost"] == 0 and e["duplicates"] == 0
     assert {s["roles"]["light"] for s in run.plan_samples if "roles" in s} == {1}
@@ -213,8 +259,22 @@ def test_serving_bench_smoke(tmp_path):
     from loadtest import serving_bench
 
     out = tmp_path / "bench.json"
-    serving_bench.main(["--rates", "40,80", "--step-s", "0.5", "--rtt-samples", "100", "--budget-s", "20",
-                        "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    serving_bench.main(
+        [
+            "--rates",
+            "40,80",
+            "--step-s",
+            "0.5",
+            "--rtt-samples",
+            "100",
+            "--budget-s",
+            "20",
+            "--out",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["redis_round_trip"]["xadd_read_ack_ms"]["n"] == 100
     assert 0 < result["redis_round_trip"]["xadd_to_read_ms"]["p50"] < result["overhead_ms"]["p50"]
@@ -253,8 +313,18 @@ def test_replay_is_faithful_per_line(redis_server, tmp_path):
     env = {"DIFFSERVE_CONFIDENCE_FILE": str(conf_file), "DIFFSERVE_THRESHOLD": "0.5", "DIFFSERVE_SLO_MS": "500"}
     spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.1, env=env)
     with LocalStack(spec, str(tmp_path / "logs")):
-        run = asyncio.run(replay(redis_server.url, trace, prompts, time_scale=0.1, policy="none", progress=False,
-                                 drain_timeout_s=30, sample_interval_s=0.1))
+        run = asyncio.run(
+            replay(
+                redis_server.url,
+                trace,
+                prompts,
+                time_scale=0.1,
+                policy="none",
+                progress=False,
+                drain_timeout_s=30,
+                sample_interval_s=0.1,
+            )
+        )
     by_line = {j.prompt_index: j.result for j in run.jobs}
     assert by_line[1].status == "error" and by_line[1].error_code == "invalid_request"
     for i, confidence in recorded.items():
@@ -266,12 +336,14 @@ def test_replay_is_faithful_per_line(redis_server, tmp_path):
     from common.backends.profiled import load_confidence_overrides
     from common.planner import FixedPlan
 
-    sim = simulate(load_cascade_profile("sdturbo-sdv15"), trace, prompts,
-                   SimConfig(policy="static", workers=2, slo_ms=5000,
-                             fixed_plan=FixedPlan.parse("t=0.5,light=1x4,heavy=1x2")),
-                   overrides=load_confidence_overrides(str(conf_file)))
-    assert {j.prompt_index: j.result.confidence for j in sim.jobs if j.result.status == "ok"} == \
-        pytest.approx(recorded)
+    sim = simulate(
+        load_cascade_profile("sdturbo-sdv15"),
+        trace,
+        prompts,
+        SimConfig(policy="static", workers=2, slo_ms=5000, fixed_plan=FixedPlan.parse("t=0.5,light=1x4,heavy=1x2")),
+        overrides=load_confidence_overrides(str(conf_file)),
+    )
+    assert {j.prompt_index: j.result.confidence for j in sim.jobs if j.result.status == "ok"} == pytest.approx(recorded)
 
 
 @pytest.mark.slow
@@ -279,8 +351,20 @@ def test_gateway_bench_smoke(tmp_path):
     from loadtest import gateway_bench
 
     out = tmp_path / "gateway.json"
-    gateway_bench.main(["--requests", "20", "--seconds", "1", "--concurrency", "4", "--out", str(out),
-                        "--log-dir", str(tmp_path / "logs")])
+    gateway_bench.main(
+        [
+            "--requests",
+            "20",
+            "--seconds",
+            "1",
+            "--concurrency",
+            "4",
+            "--out",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ]
+    )
     result = json.loads(out.read_text())
     for name in ("direct client", "gateway sync", "gateway stream"):
         assert result[name]["sequential_ms"]["n"] == 20 and result[name]["requests"] > 0

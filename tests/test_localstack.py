@@ -28,8 +28,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_local_stack_goes_away_when_its_parent_is_sigkilled(tmp_path):
-    parent = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path / "logs")], stdout=subprocess.PIPE,
-                              text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tmp_path / "logs")], stdout=subprocess.PIPE, text=True
+    )
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
         assert len(pids) == 4 and all(_alive(p) for p in pids)  # redis, router, discriminator, worker

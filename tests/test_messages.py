@@ -8,8 +8,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import Keys
-from common.messages import (SCHEMA_VERSION, Completion, FinalResult, Job, LightReady, LightResult, MessageError,
-                             Plan, RoutedJob, unpack)
+from common.messages import (
+    SCHEMA_VERSION,
+    Completion,
+    FinalResult,
+    Job,
+    LightReady,
+    LightResult,
+    MessageError,
+    Plan,
+    RoutedJob,
+    unpack,
+)
 from common.streams import Entry
 from services.router import RouterConfig, parse_job
 
@@ -76,18 +86,21 @@ def test_router_accepts_plain_fields_and_msgpack():
     assert job.image_format == "webp"
 
 
-@pytest.mark.parametrize("body, code", [
-    ({"job_id": "x", "prompt": ""}, "invalid_request"),
-    ({"job_id": "x", "prompt": "y" * 2001}, "prompt_too_long"),
-    ({"job_id": "x", "prompt": "a\x00b"}, "invalid_request"),
-    ({"job_id": "x", "prompt": "p", "slo_ms": -1}, "invalid_request"),
-    ({"job_id": "x", "prompt": "p", "slo_ms": 1e12}, "invalid_request"),
-    ({"job_id": "x", "prompt": "p", "seed": 2**63}, "invalid_request"),
-    ({"job_id": "x", "prompt": "p", "image_quality": 0}, "invalid_request"),
-    ({"job_id": "x", "prompt": "p", "reply_to": "diffserve:jobs"}, "invalid_request"),
-    ({"job_id": "x", "prompt": "p", "cascade": "other"}, "unknown_model"),
-    ({"job_id": "bad id with spaces", "prompt": "p"}, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({"job_id": "x", "prompt": ""}, "invalid_request"),
+        ({"job_id": "x", "prompt": "y" * 2001}, "prompt_too_long"),
+        ({"job_id": "x", "prompt": "a\x00b"}, "invalid_request"),
+        ({"job_id": "x", "prompt": "p", "slo_ms": -1}, "invalid_request"),
+        ({"job_id": "x", "prompt": "p", "slo_ms": 1e12}, "invalid_request"),
+        ({"job_id": "x", "prompt": "p", "seed": 2**63}, "invalid_request"),
+        ({"job_id": "x", "prompt": "p", "image_quality": 0}, "invalid_request"),
+        ({"job_id": "x", "prompt": "p", "reply_to": "diffserve:jobs"}, "invalid_request"),
+        ({"job_id": "x", "prompt": "p", "cascade": "other"}, "unknown_model"),
+        ({"job_id": "bad id with spaces", "prompt": "p"}, "invalid_request"),
+    ],
+)
 def test_router_validation(body, code):
     with pytest.raises(MessageError) as err:
         parse_job(_entry(msgpack.packb(body)), CFG, KEYS)
@@ -102,20 +115,44 @@ def test_oversized_entry_is_refused_before_decoding():
     assert err.value.code == "invalid_request"
 
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
-                     st.floats(allow_nan=True), st.text(max_size=50), st.binary(max_size=50))
-_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                       max_leaves=12)
-_job_like = st.fixed_dictionaries({}, optional={
-    "job_id": st.one_of(st.text(max_size=140), _scalars), "prompt": st.one_of(st.text(max_size=3000), _values),
-    "slo_ms": _values, "seed": _values, "image_format": _values, "image_quality": _values,
-    "reply_to": _values, "cascade": _values, "type": _values, "v": _values})
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=50),
+    st.binary(max_size=50),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+_job_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "job_id": st.one_of(st.text(max_size=140), _scalars),
+        "prompt": st.one_of(st.text(max_size=3000), _values),
+        "slo_ms": _values,
+        "seed": _values,
+        "image_format": _values,
+        "image_quality": _values,
+        "reply_to": _values,
+        "cascade": _values,
+        "type": _values,
+        "v": _values,
+    },
+)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(payload=st.one_of(st.binary(max_size=300), _job_like.map(lambda d: msgpack.packb(d, use_bin_type=True)),
-                         _values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
+@given(
+    payload=st.one_of(
+        st.binary(max_size=300),
+        _job_like.map(lambda d: msgpack.packb(d, use_bin_type=True)),
+        _values.map(lambda v: msgpack.packb(v, use_bin_type=True)),
+    )
+)
 def test_fuzzed_payloads_are_either_valid_jobs_or_clean_errors(payload):
     try:
         job = parse_job(_entry(payload), CFG, KEYS)
@@ -127,8 +164,11 @@ def test_fuzzed_payloads_are_either_valid_jobs_or_clean_errors(payload):
 
 
 @settings(max_examples=200, deadline=None)
-@given(fields=st.dictionaries(st.sampled_from([b"job_id", b"prompt", b"slo_ms", b"seed", b"junk"]),
-                              st.binary(max_size=40), max_size=5))
+@given(
+    fields=st.dictionaries(
+        st.sampled_from([b"job_id", b"prompt", b"slo_ms", b"seed", b"junk"]), st.binary(max_size=40), max_size=5
+    )
+)
 def test_fuzzed_plain_fields_are_either_valid_jobs_or_clean_errors(fields):
     try:
         parse_job(Entry("1-0", None, fields), CFG, KEYS)

@@ -57,9 +57,17 @@ def test_milp_matches_brute_force_with_roles_queues_and_policies(sdturbo):
     for policy in P.POLICIES:
         for demand in (0.5, 3.0, 8.0, 40.0):
             for keep in (False, True):
-                problem = P.build_problem(sdturbo, demand, 5, policy=policy, current=current, queues=queues,
-                                          keep_roles=keep, light_demand_qps=demand * 2,
-                                          threshold_window=(0.1, 0.3))
+                problem = P.build_problem(
+                    sdturbo,
+                    demand,
+                    5,
+                    policy=policy,
+                    current=current,
+                    queues=queues,
+                    keep_roles=keep,
+                    light_demand_qps=demand * 2,
+                    threshold_window=(0.1, 0.3),
+                )
                 _same_optimum(problem)
 
 
@@ -78,8 +86,11 @@ def test_infeasible_demand_gives_max_throughput_plan(sdturbo):
     assert not result.feasible
     assert result.threshold == 0.0 and result.light_workers == 8 and result.heavy_workers == 0
     # the highest-throughput light batch whose light path (batch, discriminator, half a batch's wait) fits
-    fits = [b for b in (1, 2, 4, 8, 16, 32) if (1 + P.WAIT_BATCHES) * sdturbo.light.latency_ms(b)
-            + sdturbo.discriminator.latency_ms(b) <= sdturbo.slo_ms]
+    fits = [
+        b
+        for b in (1, 2, 4, 8, 16, 32)
+        if (1 + P.WAIT_BATCHES) * sdturbo.light.latency_ms(b) + sdturbo.discriminator.latency_ms(b) <= sdturbo.slo_ms
+    ]
     assert result.light_batch == max(fits, key=sdturbo.light.throughput_qps)
     assert result.notes
 
@@ -95,7 +106,8 @@ def _check_feasible_against_tables(profile, result, demand, light_demand=None, h
         assert heavy_cap * headroom >= heavy_load * (1 - 1e-6)
     k = P.WAIT_BATCHES
     latency = (1 + k) * profile.light.latency_ms(result.light_batch) + profile.discriminator.latency_ms(
-        result.light_batch)
+        result.light_batch
+    )
     if heavy_load > 0:
         latency += (1 + k) * profile.heavy.latency_ms(result.heavy_batch)
     assert latency <= profile.slo_ms * (1 + 1e-6)
@@ -118,8 +130,9 @@ def test_quality_objective_prefers_best_fid_when_capacity_is_plentiful(sdturbo):
     # the best FID of sdturbo-sdv15 is at 40% light: f(0.21) = 0.60 gives 39.6% light
     assert result.threshold == pytest.approx(0.21)
     assert abs(result.light_share - 0.4) < 0.01
-    assert result.estimated_quality == pytest.approx(min(
-        sdturbo.quality.score(1 - sdturbo.curve.f(t)) for t in P.THRESHOLD_GRID))
+    assert result.estimated_quality == pytest.approx(
+        min(sdturbo.quality.score(1 - sdturbo.curve.f(t)) for t in P.THRESHOLD_GRID)
+    )
     assert result.objective == "quality" and result.objective_value == result.estimated_quality
     # the threshold objective goes for the largest t instead
     assert P.plan(sdturbo, 2.0, 16, objective="threshold").threshold == 1.0
@@ -128,9 +141,12 @@ def test_quality_objective_prefers_best_fid_when_capacity_is_plentiful(sdturbo):
 def test_quality_objective_falls_back_to_largest_feasible_threshold_under_load(sdturbo):
     workers = 16
     demand = 40.0
-    feasible = [o.value for o in P.build_problem(sdturbo, demand, workers).options
-                if P.brute_force(P.build_problem(sdturbo, demand, workers, threshold_grid=[o.value]),
-                                 exhaustive=False) is not None]
+    feasible = [
+        o.value
+        for o in P.build_problem(sdturbo, demand, workers).options
+        if P.brute_force(P.build_problem(sdturbo, demand, workers, threshold_grid=[o.value]), exhaustive=False)
+        is not None
+    ]
     assert feasible and max(feasible) < 0.2  # the quality optimum is out of reach
     result = P.plan(sdturbo, demand, workers, objective="quality")
     assert result.feasible and result.threshold == pytest.approx(max(feasible))
@@ -140,8 +156,11 @@ def test_quality_objective_falls_back_to_largest_feasible_threshold_under_load(s
 def test_threshold_objective_is_max_t(sdturbo):
     for demand, workers in ((3.0, 8), (10.0, 16), (25.0, 32)):
         result = P.plan(sdturbo, demand, workers, objective="threshold")
-        best = max(t for t in P.THRESHOLD_GRID if P.brute_force(
-            P.build_problem(sdturbo, demand, workers, threshold_grid=[t]), exhaustive=False))
+        best = max(
+            t
+            for t in P.THRESHOLD_GRID
+            if P.brute_force(P.build_problem(sdturbo, demand, workers, threshold_grid=[t]), exhaustive=False)
+        )
         assert result.threshold == pytest.approx(best)
 
 
@@ -177,8 +196,11 @@ def test_threshold_window_bounds_the_move(sdturbo):
 def test_latency_scale_and_slo_scale_together(sdturbo):
     base = P.plan(sdturbo, 10.0, 16)
     fast = P.plan(sdturbo, 100.0, 16, latency_scale=0.1, slo_ms=sdturbo.slo_ms * 0.1)
-    assert (fast.threshold, fast.light_workers, fast.heavy_workers) == \
-        (base.threshold, base.light_workers, base.heavy_workers)
+    assert (fast.threshold, fast.light_workers, fast.heavy_workers) == (
+        base.threshold,
+        base.light_workers,
+        base.heavy_workers,
+    )
     assert fast.latency.total_ms == pytest.approx(base.latency.total_ms * 0.1, rel=1e-6)
 
 
@@ -189,16 +211,20 @@ def test_policies(sdturbo):
     assert heavy.heavy_workers == 8 and heavy.light_workers == 0 and heavy.heavy_fraction == 1.0
     fixed = P.FixedPlan.parse("t=0.02,light=4x16,heavy=12x4")
     static = P.plan(sdturbo, 30.0, 16, policy="static", fixed=fixed)
-    assert (static.threshold, static.light_workers, static.light_batch, static.heavy_workers,
-            static.heavy_batch) == (0.02, 4, 16, 12, 4)
+    assert (static.threshold, static.light_workers, static.light_batch, static.heavy_workers, static.heavy_batch) == (
+        0.02,
+        4,
+        16,
+        12,
+        4,
+    )
     assert str(fixed) == "t=0.02,light=4x16,heavy=12x4"
     with pytest.raises(ValueError):
         P.FixedPlan.parse("t=0.02,light=4,heavy=12x4")
     proteus = P.plan(sdturbo, 12.0, 8, policy="proteus")
     assert proteus.threshold == 0.0 and 0 < proteus.heavy_fraction < 1
     # the largest fraction capacity allows: one grid step more is not feasible
-    more = P.build_problem(sdturbo, 12.0, 8, policy="proteus",
-                           threshold_grid=[round(proteus.heavy_fraction + 0.01, 2)])
+    more = P.build_problem(sdturbo, 12.0, 8, policy="proteus", threshold_grid=[round(proteus.heavy_fraction + 0.01, 2)])
     assert P.brute_force(more, exhaustive=False) is None
     assert P.plan(sdturbo, 6.0, 8, policy="diffserve-threshold").objective == "threshold"
 
@@ -239,8 +265,12 @@ def test_plan_prefers_fewer_role_changes(sdturbo):
     assert result.light_workers + result.heavy_workers == 16
     assert list(result.roles.values()).count("light") == result.light_workers
     for demand in (0.5, 3.0, 8.0, 20.0, 40.0):
-        for cur in (current, {f"w{i}": "light" for i in range(16)}, {f"w{i}": "" for i in range(16)},
-                    {f"w{i}": ("heavy" if i < 3 else "") for i in range(16)}):
+        for cur in (
+            current,
+            {f"w{i}": "light" for i in range(16)},
+            {f"w{i}": "" for i in range(16)},
+            {f"w{i}": ("heavy" if i < 3 else "") for i in range(16)},
+        ):
             r = P.plan(sdturbo, demand, 16, current=cur)
             assert r.light_workers + r.heavy_workers == 16, (demand, cur)
             assert r.light_workers >= r.min_light_workers and r.heavy_workers >= r.min_heavy_workers
@@ -260,15 +290,43 @@ def test_plan_command_prints_json():
     proc = _run_cli("--demand", "20", "--workers", "16", "--cascade", "sdturbo-sdv15", "--json")
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
-    for key in ("threshold", "light_batch", "heavy_batch", "light_workers", "heavy_workers", "latency",
-                "solve_ms", "objective", "estimated_quality", "feasible"):
+    for key in (
+        "threshold",
+        "light_batch",
+        "heavy_batch",
+        "light_workers",
+        "heavy_workers",
+        "latency",
+        "solve_ms",
+        "objective",
+        "estimated_quality",
+        "feasible",
+    ):
         assert key in body
-    assert set(body["latency"]) >= {"light_ms", "discriminator_ms", "heavy_ms", "light_queue_ms",
-                                    "heavy_queue_ms", "total_ms"}
+    assert set(body["latency"]) >= {
+        "light_ms",
+        "discriminator_ms",
+        "heavy_ms",
+        "light_queue_ms",
+        "heavy_queue_ms",
+        "total_ms",
+    }
     assert body["feasible"] and body["light_workers"] + body["heavy_workers"] == 16
     assert body["objective"] == "quality"
-    proc = _run_cli("--demand", "20", "--workers", "16", "--hardware", "h100", "--objective", "threshold",
-                    "--policy", "diffserve", "--slo-ms", "4000")
+    proc = _run_cli(
+        "--demand",
+        "20",
+        "--workers",
+        "16",
+        "--hardware",
+        "h100",
+        "--objective",
+        "threshold",
+        "--policy",
+        "diffserve",
+        "--slo-ms",
+        "4000",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "threshold" in proc.stdout and "4000" in proc.stdout
 

@@ -7,8 +7,16 @@ import math
 
 import pytest
 
-from common.routing import (Decision, HeavyStage, cascade_decision, decision_order, degrades_late, direct_decision,
-                            finishes_in_time, heavy_queue_wait_ms)
+from common.routing import (
+    Decision,
+    HeavyStage,
+    cascade_decision,
+    decision_order,
+    degrades_late,
+    direct_decision,
+    finishes_in_time,
+    heavy_queue_wait_ms,
+)
 
 # (backlog, workers, batch, batch_ms) -> expected wait before a job joining now starts
 WAITS = [
@@ -71,8 +79,12 @@ CASCADE = [
 
 @pytest.mark.parametrize("confidence,threshold,routes,degrade,fallback,on_time,expected", CASCADE)
 def test_cascade_decision(confidence, threshold, routes, degrade, fallback, on_time, expected):
-    assert cascade_decision(confidence, threshold, discriminator_routes=routes, degrade_late=degrade,
-                            fallback=fallback, on_time=on_time) == expected
+    assert (
+        cascade_decision(
+            confidence, threshold, discriminator_routes=routes, degrade_late=degrade, fallback=fallback, on_time=on_time
+        )
+        == expected
+    )
 
 
 # (draw, heavy fraction, degrade late, on time) -> decision
@@ -92,8 +104,10 @@ def test_direct_decision(draw, fraction, degrade, on_time, expected):
     assert direct_decision(draw, fraction, degrade_late=degrade, on_time=on_time) == expected
 
 
-@pytest.mark.parametrize("late_policy,plan_says,expected", [
-    ("plan", True, True), ("plan", False, False), ("light", False, True), ("heavy", True, False)])
+@pytest.mark.parametrize(
+    "late_policy,plan_says,expected",
+    [("plan", True, True), ("plan", False, False), ("light", False, True), ("heavy", True, False)],
+)
 def test_late_policy_override(late_policy, plan_says, expected):
     assert degrades_late(late_policy, plan_says) is expected
 

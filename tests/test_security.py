@@ -18,20 +18,60 @@ from common.localstack import LocalStack, RedisServer, StackSpec
 
 ACL_RULES = ["on", ">svc-secret", "~diffserve:*", "&diffserve:*", "+@all", "-@dangerous"]
 # What a client needs: put jobs on the jobs stream, read its own replies / result lists.
-CLIENT_ACL_RULES = ["on", ">client-secret", "resetkeys", "~diffserve:jobs", "~diffserve:reply:*",
-                    "~diffserve:result:*", "+xadd", "+xread", "+xlen", "+del", "+blpop", "+ping",
-                    "+client|setname"]
+CLIENT_ACL_RULES = [
+    "on",
+    ">client-secret",
+    "resetkeys",
+    "~diffserve:jobs",
+    "~diffserve:reply:*",
+    "~diffserve:result:*",
+    "+xadd",
+    "+xread",
+    "+xlen",
+    "+del",
+    "+blpop",
+    "+ping",
+    "+client|setname",
+]
 
 
 def _make_certs(folder) -> tuple[str, str, str]:
     """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
     run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-        "-subj", "/CN=diffserve-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=diffserve-test-ca",
+    )
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
     (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-        "server.crt", "-days", "1", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    )
     return str(folder / "server.crt"), str(folder / "server.key"), str(folder / "ca.crt")
 
 
@@ -46,8 +86,9 @@ def test_tls_with_password_end_to_end(tmp_path):
     server = RedisServer(password="tls-secret", tls=(cert, key, ca)).start()
     try:
         assert server.url.startswith("rediss://")
-        spec = StackSpec(redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.01,
-                         env={"REDIS_TLS_CA": ca})
+        spec = StackSpec(
+            redis_url=server.url, light_workers=1, heavy_workers=1, time_scale=0.01, env={"REDIS_TLS_CA": ca}
+        )
         with LocalStack(spec, str(tmp_path / "logs")):
             result = asyncio.run(_one_job(RedisSettings(redis_url=server.url, redis_tls_ca=ca)))
         assert result.status == "ok"
@@ -63,11 +104,17 @@ def test_services_run_as_an_acl_user_limited_to_their_keys(tmp_path):
         assert server.cli("ACL", "SETUSER", "diffserve", *ACL_RULES) == "OK"
         assert server.cli("ACL", "SETUSER", "app", *CLIENT_ACL_RULES) == "OK"
         url = f"redis://127.0.0.1:{server.port}/0"
-        spec = StackSpec(redis_url=url, light_workers=1, heavy_workers=1, time_scale=0.01,
-                         env={"REDIS_USERNAME": "diffserve", "REDIS_PASSWORD": "svc-secret"})
+        spec = StackSpec(
+            redis_url=url,
+            light_workers=1,
+            heavy_workers=1,
+            time_scale=0.01,
+            env={"REDIS_USERNAME": "diffserve", "REDIS_PASSWORD": "svc-secret"},
+        )
         with LocalStack(spec, str(tmp_path / "logs")):
-            result = asyncio.run(_one_job(RedisSettings(redis_url=url, redis_username="app",
-                                                        redis_password="client-secret")))
+            result = asyncio.run(
+                _one_job(RedisSettings(redis_url=url, redis_username="app", redis_password="client-secret"))
+            )
         assert result.status == "ok"
         app = redis.Redis(host="127.0.0.1", port=server.port, username="app", password="client-secret")
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -86,8 +133,9 @@ def test_services_run_as_an_acl_user_limited_to_their_keys(tmp_path):
 def test_tls_settings_with_a_plain_redis_url_are_refused_at_start(redis_server):
     """REDIS_TLS_CA with redis:// would silently connect in clear text: refused with one line."""
     env = {**os.environ, "REDIS_URL": redis_server.url, "REDIS_TLS_CA": "/etc/ssl/certs/ca-certificates.crt"}
-    proc = subprocess.run([sys.executable, "-m", "services.router"], env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.router"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode != 0
     assert "rediss://" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="rediss://"):

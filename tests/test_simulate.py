@@ -65,8 +65,17 @@ def test_a_fixed_plan_is_kept_and_roles_follow_it(profile, prompts):
 
 def test_search_static_ranks_plans(profile, prompts):
     trace = generate("poisson", rate=4, duration_s=40, n_prompts=len(prompts), seed=2)
-    rows = search_static(profile, trace, prompts, workers=6, slo_ms=5000, light_batches=(4,), heavy_batches=(2,),
-                         max_threshold=0.3, refine=1)
+    rows = search_static(
+        profile,
+        trace,
+        prompts,
+        workers=6,
+        slo_ms=5000,
+        light_batches=(4,),
+        heavy_batches=(2,),
+        max_threshold=0.3,
+        refine=1,
+    )
     assert rows and all(r["slo_violation_ratio"] is not None for r in rows)
     best = rows[0]
     assert best["slo_violation_ratio"] < 0.01
@@ -78,9 +87,30 @@ def test_search_static_ranks_plans(profile, prompts):
 def test_cli_one_row_per_cluster_size(tmp_path):
     out = tmp_path / "sim"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "diffserve", "simulate", "--trace", "bursty", "--duration", "60",
-                           "--workers", "4,8,16", "--policies", "diffserve", "--out", str(out), "--no-plots"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffserve",
+            "simulate",
+            "--trace",
+            "bursty",
+            "--duration",
+            "60",
+            "--workers",
+            "4,8,16",
+            "--policies",
+            "diffserve",
+            "--out",
+            str(out),
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     names = list(report["policies"])
@@ -89,8 +119,14 @@ def test_cli_one_row_per_cluster_size(tmp_path):
     assert misses[0] >= misses[1] >= misses[2]
     for e in report["policies"].values():
         assert {"slo_violation_ratio", "latency_ms", "heavy_share", "quality", "degraded", "timeline"} <= set(e)
-    help_text = subprocess.run([sys.executable, "-m", "diffserve", "simulate", "--help"], capture_output=True,
-                               text=True, env=env, cwd=ROOT, timeout=60).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "diffserve", "simulate", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    ).stdout
     for flag in ("--search-static", "--workers", "--policies", "--trace-file", "--static-plan", "--time-scale"):
         assert flag in help_text
 
@@ -111,11 +147,24 @@ def test_simulator_routes_each_query_as_the_live_stack(profile, prompts, tmp_pat
     plan = "t=0.3,light=1x4,heavy=1x2"
     from common.backends.profiled import load_confidence_overrides
 
-    sim = simulate(profile, trace, prompts, SimConfig(policy="static", workers=2, slo_ms=5000,
-                                                      fixed_plan=FixedPlan.parse(plan), time_scale=0.5),
-                   overrides=load_confidence_overrides(str(conf_file)))
-    spec = stack_spec(policy="static", workers=2, backend="profiled", cascade="sdturbo-sdv15", hardware="a100",
-                      time_scale=0.5, slo_ms=5000, confidence_file=str(conf_file), static_plan=plan)
+    sim = simulate(
+        profile,
+        trace,
+        prompts,
+        SimConfig(policy="static", workers=2, slo_ms=5000, fixed_plan=FixedPlan.parse(plan), time_scale=0.5),
+        overrides=load_confidence_overrides(str(conf_file)),
+    )
+    spec = stack_spec(
+        policy="static",
+        workers=2,
+        backend="profiled",
+        cascade="sdturbo-sdv15",
+        hardware="a100",
+        time_scale=0.5,
+        slo_ms=5000,
+        confidence_file=str(conf_file),
+        static_plan=plan,
+    )
     live = run_policy(spec, trace, prompts, log_dir=str(tmp_path / "logs"), progress=False, drain_timeout_s=60)
     by_sim = {j.prompt_index: j.result.answered_by for j in sim.jobs}
     by_live = {j.prompt_index: j.result.answered_by for j in live.jobs}

@@ -123,6 +123,7 @@ def test_password_is_required_and_used(tmp_path):
 
     server = RedisServer(password="s3cret").start()
     try:
+
         async def go():
             settings = RedisSettings(redis_url=f"redis://127.0.0.1:{server.port}/0", redis_password="s3cret")
             r = connect(settings)
@@ -144,6 +145,7 @@ def test_password_is_required_and_used(tmp_path):
 def test_a_poison_entry_is_counted_across_restarts_under_the_same_name(redis_server):
     """A consumer that crashes on an entry and comes back under the same name (compose's fixed
     instance ids) sees Redis's own delivery counter, so max_deliveries fires."""
+
     async def go():
         r = await _client(redis_server.url)
         await ensure_group(r, "s", "g")
@@ -162,6 +164,7 @@ def test_a_poison_entry_is_counted_across_restarts_under_the_same_name(redis_ser
 
 def test_trim_survives_a_pending_list_that_empties_between_its_two_reads(redis_server):
     """XINFO GROUPS says 'pending: 1', the entry is acked, then XPENDING finds nothing."""
+
     async def go():
         taken: list[str] = []
 

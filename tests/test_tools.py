@@ -35,8 +35,9 @@ def image_dir(tmp_path):
         (tmp_path / folder).mkdir()
     for i in range(4):
         ramp = np.linspace(0, 255, 40, dtype=np.uint8)
-        real = np.stack([np.tile(ramp, (40, 1)), np.tile(ramp[:, None], (1, 40)), np.full((40, 40), 30 * i, np.uint8)],
-                        axis=-1)
+        real = np.stack(
+            [np.tile(ramp, (40, 1)), np.tile(ramp[:, None], (1, 40)), np.full((40, 40), 30 * i, np.uint8)], axis=-1
+        )
         Image.fromarray(real).save(tmp_path / "real" / f"r{i}.{'png' if i % 2 else 'jpg'}")
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "generated" / f"g{i}.png")
     (tmp_path / "generated" / "notes.txt").write_text("not an image")  # ignored
@@ -44,8 +45,26 @@ def image_dir(tmp_path):
 
 
 def _train_args(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--arch", "test_efficientnet", "--input-size", "32",
-            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--val-fraction", "0", "--quiet", *extra]
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        "test_efficientnet",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--val-fraction",
+        "0",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_train_discriminator_saves_a_loadable_checkpoint_and_resumes(image_dir, tmp_path):
@@ -61,8 +80,12 @@ def test_train_discriminator_saves_a_loadable_checkpoint_and_resumes(image_dir, 
     meta = json.loads((out / "discriminator.json").read_text())
     assert meta["arch"] == "test_efficientnet" and meta["input_size"] == 32
     assert meta["classes"] == ["generated", "real"] and meta["positive_class"] == 1
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "discriminator.json", "optimizer.safetensors",
-                                               "train_state.json"}  # no pickle anywhere
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "discriminator.json",
+        "optimizer.safetensors",
+        "train_state.json",
+    }  # no pickle anywhere
     moments = load_file(str(out / "optimizer.safetensors"))
     assert any(k.endswith(".exp_avg") for k in moments)
 
@@ -113,9 +136,29 @@ def test_calibrate_writes_a_monotone_curve(tiny_dir, tmp_path):
     from tools import calibrate
 
     out, hist, conf = tmp_path / "f_t.csv", tmp_path / "hist.csv", tmp_path / "conf.csv"
-    calibrate.main(["--backend", "tiny", "--model-dir", str(tiny_dir), "--cascade", "sdturbo-sdv15",
-                    "--limit", "20", "--batch-size", "10", "--device", "cpu", "--out", str(out),
-                    "--hist", str(hist), "--confidence-out", str(conf), "--quiet"])
+    calibrate.main(
+        [
+            "--backend",
+            "tiny",
+            "--model-dir",
+            str(tiny_dir),
+            "--cascade",
+            "sdturbo-sdv15",
+            "--limit",
+            "20",
+            "--batch-size",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--hist",
+            str(hist),
+            "--confidence-out",
+            str(conf),
+            "--quiet",
+        ]
+    )
     curve = load_confidence_curve(out)
     assert curve.ts[0] == 0.0 and curve.ts[-1] == 1.0 and len(curve.ts) == 21
     assert curve.fs[0] == 0.0 and curve.fs[-1] == 1.0
@@ -136,9 +179,29 @@ def test_profile_tiny_writes_a_readable_table(tiny_dir, tmp_path):
     from tools import profile
 
     out = tmp_path / "table.csv"
-    profile.main(["--backend", "tiny", "--model-dir", str(tiny_dir), "--cascade", "sdturbo-sdv15",
-                  "--batches", "1,2", "--repeats", "1", "--warmup", "0", "--mode", "both", "--device", "cpu",
-                  "--out", str(out), "--quiet"])
+    profile.main(
+        [
+            "--backend",
+            "tiny",
+            "--model-dir",
+            str(tiny_dir),
+            "--cascade",
+            "sdturbo-sdv15",
+            "--batches",
+            "1,2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--mode",
+            "both",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     for model in ("sdturbo", "sdv15", "test_efficientnet"):
         table = load_latency_table(out, model, "cpu_fp32_eager")  # graph mode is skipped without CUDA
         assert table.batches() == [1, 2] and all(ms > 0 for ms in table.batch_ms.values())
@@ -180,13 +243,19 @@ def test_gpu_benchmark_says_no_cuda_on_cpu():
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the benchmark would run")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py")], capture_output=True,
-                            text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0 and "no CUDA device" in result.stdout
 
 
-def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(image_dir, tiny_dir, redis_server,
-                                                                             tmp_path):
+def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(
+    image_dir, tiny_dir, redis_server, tmp_path
+):
     """Train a tiny discriminator, then serve with it: every light image is scored by that checkpoint
     (the confidences equal scoring the same light images locally through the same path)."""
     import asyncio
@@ -200,8 +269,14 @@ def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(imag
     ckpt = tmp_path / "ckpt"
     train_discriminator.main(_train_args(image_dir, ckpt, "--max-steps", "2"))
     prompts, seeds = ["a red kite", "a stone bridge", "an orchard in fog"], [11, 12, 13]
-    spec = StackSpec(redis_url=redis_server.url, backend="tiny", model_dir=str(tiny_dir), light_workers=1,
-                     heavy_workers=1, env={"DIFFSERVE_DISCRIMINATOR_CHECKPOINT": str(ckpt)})
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        backend="tiny",
+        model_dir=str(tiny_dir),
+        light_workers=1,
+        heavy_workers=1,
+        env={"DIFFSERVE_DISCRIMINATOR_CHECKPOINT": str(ckpt)},
+    )
     with LocalStack(spec, str(tmp_path / "logs")):
         results = asyncio.run(_submit_seeded(redis_server.url, prompts, seeds))
     light = DiffusersModel(tiny_spec(MODELS["sdturbo"], str(tiny_dir)), "light", "cpu")

@@ -63,8 +63,9 @@ def write_confidences(path: str | Path, indexed: list[tuple[int, float]]) -> Non
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffserve calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backend", choices=("tiny", "diffusers"), default="diffusers")
     p.add_argument("--model-dir", help="tiny: make-tiny-models folder; diffusers: folder of local pipelines")
     p.add_argument("--discriminator-checkpoint", help="discriminator folder (default MODEL_DIR/discriminator)")
@@ -93,9 +94,14 @@ def run_cascade_light(args, prompts: list[tuple[int, str]]) -> list[tuple[int, f
 
     from common.backends import BackendSettings, make_discriminator, make_model
 
-    settings = BackendSettings(backend=args.backend, cascade=args.cascade, model_dir=args.model_dir,
-                               discriminator_checkpoint=args.discriminator_checkpoint, device=args.device,
-                               cuda_graphs=args.cuda_graphs)
+    settings = BackendSettings(
+        backend=args.backend,
+        cascade=args.cascade,
+        model_dir=args.model_dir,
+        discriminator_checkpoint=args.discriminator_checkpoint,
+        device=args.device,
+        cuda_graphs=args.cuda_graphs,
+    )
     model = make_model(settings, "light")
     model.load("disk")
     disc = make_discriminator(settings)
@@ -103,7 +109,7 @@ def run_cascade_light(args, prompts: list[tuple[int, str]]) -> list[tuple[int, f
     out: list[tuple[int, float]] = []
     with tqdm(total=len(prompts), desc="calibrate", unit="prompt", disable=args.quiet) as bar:
         for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
+            chunk = prompts[start : start + args.batch_size]
             texts = [text for _i, text in chunk]
             images = model.generate(texts, [args.seed + i for i, _text in chunk])
             scores = disc.score(texts, images)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.set_verbosity_error()  # the tokenizer warns on every prompt over 77 tokens
     all_prompts = load_prompts(args.prompts)
     end = len(all_prompts) if not args.limit else args.offset + args.limit
-    prompts = list(enumerate(all_prompts))[args.offset:end]
+    prompts = list(enumerate(all_prompts))[args.offset : end]
     if not prompts:
         raise SystemExit("calibrate: no prompts selected")
     indexed = run_cascade_light(args, prompts)
@@ -138,10 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.confidence_out:
         write_confidences(args.confidence_out, indexed)
     mean = sum(confidences) / len(confidences)
-    print(f"{len(confidences)} prompts, mean confidence {mean:.3f}; "
-          + ", ".join(f"f({t})={curve.f(t):.3f}" for t in (0.25, 0.5, 0.75)))
-    print(f"wrote {args.out}" + (f", {args.hist}" if args.hist else "")
-          + (f", {args.confidence_out}" if args.confidence_out else ""))
+    print(
+        f"{len(confidences)} prompts, mean confidence {mean:.3f}; "
+        + ", ".join(f"f({t})={curve.f(t):.3f}" for t in (0.25, 0.5, 0.75))
+    )
+    print(
+        f"wrote {args.out}"
+        + (f", {args.hist}" if args.hist else "")
+        + (f", {args.confidence_out}" if args.confidence_out else "")
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ class Override:
 
 
 def _override(loader, node):
-    return Override(loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode)
-                    else loader.construct_mapping(node, deep=True))
+    return Override(
+        loader.construct_sequence(node, deep=True)
+        if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node, deep=True)
+    )
 
 
 ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
@@ -58,8 +61,12 @@ def merge(base, override, path: tuple = ()):
             else:
                 out[key] = copy.deepcopy(value.value if isinstance(value, Override) else value)
         return out
-    if isinstance(base, list) and isinstance(override, list) and path[-2:] not in _REPLACED \
-            and path[-1:] not in _REPLACED:
+    if (
+        isinstance(base, list)
+        and isinstance(override, list)
+        and path[-2:] not in _REPLACED
+        and path[-1:] not in _REPLACED
+    ):
         return base + [v for v in override if v not in base]
     return copy.deepcopy(override)
 

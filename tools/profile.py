@@ -40,34 +40,72 @@ DISCRIMINATOR_INPUT = 224
 
 # Published diffusers configs (the fields that shape the network), embedded so nothing is downloaded.
 _SD_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
-    "freq_shift": 0, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                          "DownBlock2D"],
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32,
+    "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
     "norm_eps": 1e-5,
 }
 SD15_UNET = {**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8}  # stable-diffusion-v1-5/unet
-SD21_UNET = {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],  # sd-turbo/unet
-             "use_linear_projection": True, "upcast_attention": False}
+SD21_UNET = {
+    **_SD_UNET,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],  # sd-turbo/unet
+    "use_linear_projection": True,
+    "upcast_attention": False,
+}
 SD_VAE = {  # the SD 1.x / 2.x autoencoder (sd-turbo/vae, stable-diffusion-v1-5/vae)
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 512,
     "scaling_factor": 0.18215,
 }
 CLIP_L_TEXT = {  # openai/clip-vit-large-patch14 text tower (SD v1.5)
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-    "num_hidden_layers": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
 }
 OPENCLIP_H_TEXT = {  # OpenCLIP ViT-H/14 text tower, penultimate layer (SD 2.x, SD-Turbo)
-    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-    "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512,
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
 }
-_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-              "num_train_timesteps": 1000, "steps_offset": 1}
+_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+}
 RANDOM_ARCHITECTURES = {"sdturbo": (SD21_UNET, OPENCLIP_H_TEXT), "sdv15": (SD15_UNET, CLIP_L_TEXT)}
 # parameter counts of the published checkpoints (unet, vae, text encoder): tests check the configs
 PARAMETER_COUNTS = {"sdturbo": (865910724, 83653863, 340387840), "sdv15": (859520964, 83653863, 123060480)}
@@ -108,15 +146,30 @@ def build_random_pipeline(name: str, device: str = "cpu", dtype=None, seed: int 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tiny_tokenizer(Path(tmp))
-    unet, vae, text = build_random_components(name, device, dtype, {
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id})
+    unet, vae, text = build_random_components(
+        name,
+        device,
+        dtype,
+        {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+    )
     if MODELS[name].scheduler == "euler_trailing":
         scheduler = EulerDiscreteScheduler(**_SCHEDULER, timestep_spacing="trailing")
     else:
         scheduler = DDIMScheduler(**_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -156,8 +209,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def time_batches(run, batches: list[int], repeats: int, warmup: int = 1, label: str = "",
-                 progress: bool = True) -> dict[int, float]:
+def time_batches(
+    run, batches: list[int], repeats: int, warmup: int = 1, label: str = "", progress: bool = True
+) -> dict[int, float]:
     """Median ms of ``run(batch, repeat)`` per batch size; a batch that runs out of memory
     (and every larger one) is marked as not fitting."""
     from tqdm import tqdm
@@ -214,8 +268,9 @@ def _make_model(args, name: str, role: str, graph: bool, grid: tuple[int, ...]):
 def _make_discriminator(args):
     from common.backends.diffusion import TimmDiscriminator
 
-    checkpoint = args.discriminator_checkpoint or (str(Path(args.model_dir) / "discriminator")
-                                                   if args.model_dir else None)
+    checkpoint = args.discriminator_checkpoint or (
+        str(Path(args.model_dir) / "discriminator") if args.model_dir else None
+    )
     if args.random_weights or not checkpoint or not Path(checkpoint).is_dir():
         if args.backend == "tiny":
             raise SystemExit("profile: the tiny backend needs --model-dir with a discriminator/ folder")
@@ -284,26 +339,46 @@ def _merge(path: Path, parts: list[tuple[list[LatencyTable], str]]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffserve profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backend", choices=("tiny", "diffusers"), default="diffusers")
-    p.add_argument("--model-dir", help="tiny: make-tiny-models folder; diffusers: folder of local pipelines "
-                                       "named like the models (else the hub id)")
-    p.add_argument("--discriminator-checkpoint", help="discriminator folder (default MODEL_DIR/discriminator; "
-                                                      "random weights when absent on the diffusers backend)")
+    p.add_argument(
+        "--model-dir",
+        help="tiny: make-tiny-models folder; diffusers: folder of local pipelines "
+        "named like the models (else the hub id)",
+    )
+    p.add_argument(
+        "--discriminator-checkpoint",
+        help="discriminator folder (default MODEL_DIR/discriminator; "
+        "random weights when absent on the diffusers backend)",
+    )
     p.add_argument("--cascade", default="sdturbo-sdv15")
-    p.add_argument("--models", default="light,heavy,discriminator",
-                   help="which of light,heavy,discriminator to profile (default all)")
+    p.add_argument(
+        "--models",
+        default="light,heavy,discriminator",
+        help="which of light,heavy,discriminator to profile (default all)",
+    )
     p.add_argument("--batches", default=",".join(map(str, BATCH_GRID)), help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (median is written)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per batch size first")
     p.add_argument("--out", required=True, help="output CSV (artifact layout)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="full-size architectures with random weights (sdturbo, sdv15): no download")
-    p.add_argument("--mode", choices=("eager", "graph", "both"), default="eager",
-                   help="eager, CUDA-graph replay, or both (graph needs CUDA; on CPU it is skipped)")
-    p.add_argument("--accel", help="Accel label (default: device_dtype_mode, e.g. h100_fp16_eager); "
-                                   "with --mode both, _eager/_graph are appended")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="full-size architectures with random weights (sdturbo, sdv15): no download",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("eager", "graph", "both"),
+        default="eager",
+        help="eager, CUDA-graph replay, or both (graph needs CUDA; on CPU it is skipped)",
+    )
+    p.add_argument(
+        "--accel",
+        help="Accel label (default: device_dtype_mode, e.g. h100_fp16_eager); "
+        "with --mode both, _eager/_graph are appended",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -348,8 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(modes) == 1:
         parts = [(by_mode[modes[0]], args.accel or accel_name(args.device, modes[0], dtype))]
     else:
-        parts = [(by_mode[m], f"{args.accel}_{m}" if args.accel else accel_name(args.device, m, dtype))
-                 for m in modes]
+        parts = [(by_mode[m], f"{args.accel}_{m}" if args.accel else accel_name(args.device, m, dtype)) for m in modes]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _merge(out, parts)
@@ -357,9 +431,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{accel}: ms per batch")
         print("model".ljust(18) + "".join(f"{b:>10}" for b in args.batches))
         for t in tables:
-            print(t.model.ljust(18) + "".join(
-                f"{t.batch_ms[b]:>10.1f}" if t.batch_ms.get(b, DOES_NOT_FIT_MS) < DOES_NOT_FIT_MS else f"{'oom':>10}"
-                for b in args.batches))
+            print(
+                t.model.ljust(18)
+                + "".join(
+                    f"{t.batch_ms[b]:>10.1f}"
+                    if t.batch_ms.get(b, DOES_NOT_FIT_MS) < DOES_NOT_FIT_MS
+                    else f"{'oom':>10}"
+                    for b in args.batches
+                )
+            )
     print(f"\nwrote {out}")
 
 

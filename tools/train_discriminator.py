@@ -35,8 +35,13 @@ import time
 from pathlib import Path
 
 from common.backends import require_models_extra
-from common.backends.diffusion import (DISCRIMINATOR_WEIGHTS, build_discriminator_model, discriminator_meta,
-                                       resolve_device, save_discriminator)
+from common.backends.diffusion import (
+    DISCRIMINATOR_WEIGHTS,
+    build_discriminator_model,
+    discriminator_meta,
+    resolve_device,
+    save_discriminator,
+)
 
 log = logging.getLogger("diffserve.train_discriminator")
 
@@ -57,8 +62,9 @@ def list_images(data_dir: str | Path) -> list[tuple[Path, int]]:
         items += [(p, label) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     counts = [sum(1 for _p, y in items if y == label) for label in range(len(CLASSES))]
     if min(counts) == 0:
-        raise SystemExit(f"train-discriminator: need images in both DIR/real and DIR/generated; "
-                         f"found {dict(zip(CLASSES, counts))}")
+        raise SystemExit(
+            f"train-discriminator: need images in both DIR/real and DIR/generated; found {dict(zip(CLASSES, counts))}"
+        )
     return items
 
 
@@ -170,8 +176,9 @@ def evaluate(model, loader, device: str, autocast) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffserve train-discriminator", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffserve train-discriminator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="folder with real/ and generated/ images")
     p.add_argument("--out", required=True, help="checkpoint folder (written, and read by --resume)")
     p.add_argument("--arch", default="tf_efficientnetv2_s", help="timm architecture")
@@ -218,8 +225,11 @@ def train(args: argparse.Namespace) -> dict:
     items = list_images(args.data)
     train_items, val_items = split_items(items, args.val_fraction, args.seed)
     if saved and saved.get("n_train") != len(train_items):
-        log.warning("the data set changed since the checkpoint (%s -> %d training images): the epoch order differs",
-                    saved.get("n_train"), len(train_items))
+        log.warning(
+            "the data set changed since the checkpoint (%s -> %d training images): the epoch order differs",
+            saved.get("n_train"),
+            len(train_items),
+        )
     counts = [sum(1 for _p, y in train_items if y == c) for c in range(len(CLASSES))]
     class_weight = torch.tensor([len(train_items) / (len(CLASSES) * max(1, k)) for k in counts], device=device)
 
@@ -247,14 +257,28 @@ def train(args: argparse.Namespace) -> dict:
         return contextlib.nullcontext()
 
     train_set = ImageDataset(train_items, meta, train=True)
-    val_loader = (DataLoader(ImageDataset(val_items, meta, train=False), batch_size=args.batch_size,
-                             num_workers=args.workers) if val_items else None)
+    val_loader = (
+        DataLoader(ImageDataset(val_items, meta, train=False), batch_size=args.batch_size, num_workers=args.workers)
+        if val_items
+        else None
+    )
 
     def state(epoch: int) -> dict:
-        return {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "arch": args.arch, "input_size": args.input_size, "n_train": len(train_items),
-                "n_val": len(val_items), "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
-                "class_counts": dict(zip(CLASSES, counts)), "history": history}
+        return {
+            "step": step,
+            "epoch": epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "arch": args.arch,
+            "input_size": args.input_size,
+            "n_train": len(train_items),
+            "n_val": len(val_items),
+            "seed": args.seed,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "class_counts": dict(zip(CLASSES, counts)),
+            "history": history,
+        }
 
     if step >= total_steps:
         log.info("already at step %d of %d: nothing to do", step, total_steps)
@@ -265,9 +289,10 @@ def train(args: argparse.Namespace) -> dict:
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_items), args.seed, epoch)
-        batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)][done_in_epoch:]
-        loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
-                            pin_memory=device.startswith("cuda"))
+        batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)][done_in_epoch:]
+        loader = DataLoader(
+            train_set, batch_sampler=batches, num_workers=args.workers, pin_memory=device.startswith("cuda")
+        )
         for x, y in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule)

@@ -22,29 +22,49 @@ MODEL_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm")
 class BackendSettings:
     backend: str = option("profiled", "model backend", env="DIFFSERVE_BACKEND", choices=BACKENDS)
     cascade: str = option("sdturbo-sdv15", "cascade (see `diffserve cascades`)", env="DIFFSERVE_CASCADE")
-    hardware: str = option("auto", "shipped profile set: a100 (the paper's), h100 (ours), or auto: h100 on an "
-                           "H100, else a100", env="DIFFSERVE_HARDWARE", choices=("auto", "a100", "h100"))
-    latency_file: str | None = option(None, "own batch-latency table (diffserve profile output)",
-                                      env="DIFFSERVE_LATENCY_FILE")
+    hardware: str = option(
+        "auto",
+        "shipped profile set: a100 (the paper's), h100 (ours), or auto: h100 on an H100, else a100",
+        env="DIFFSERVE_HARDWARE",
+        choices=("auto", "a100", "h100"),
+    )
+    latency_file: str | None = option(
+        None, "own batch-latency table (diffserve profile output)", env="DIFFSERVE_LATENCY_FILE"
+    )
     curve_file: str | None = option(None, "own f(t) curve (diffserve calibrate output)", env="DIFFSERVE_CURVE_FILE")
-    time_scale: float = option(1.0, "profiled backend: multiply every sleep by this (0.1 = 10x faster)",
-                               env="DIFFSERVE_TIME_SCALE")
-    model_dir: str | None = option(None, "tiny: folder from make-tiny-models; diffusers: folder of local "
-                                   "pipelines named like the models (else the hub id)", env="DIFFSERVE_MODEL_DIR")
-    discriminator_checkpoint: str | None = option(None, "discriminator checkpoint folder (diffusers backend)",
-                                                  env="DIFFSERVE_DISCRIMINATOR_CHECKPOINT")
+    time_scale: float = option(
+        1.0, "profiled backend: multiply every sleep by this (0.1 = 10x faster)", env="DIFFSERVE_TIME_SCALE"
+    )
+    model_dir: str | None = option(
+        None,
+        "tiny: folder from make-tiny-models; diffusers: folder of local "
+        "pipelines named like the models (else the hub id)",
+        env="DIFFSERVE_MODEL_DIR",
+    )
+    discriminator_checkpoint: str | None = option(
+        None, "discriminator checkpoint folder (diffusers backend)", env="DIFFSERVE_DISCRIMINATOR_CHECKPOINT"
+    )
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N", env="DIFFSERVE_DEVICE")
-    host_cache: bool = option(True, "keep the idle pipeline in host memory for fast role switches",
-                              env="DIFFSERVE_HOST_CACHE")
-    batch_grid: list[int] = option([1, 2, 4, 8, 16, 32], "batch sizes the planner chooses from and graph mode "
-                                   "captures", env="DIFFSERVE_BATCH_GRID")
-    cuda_graphs: bool = option(True, "capture a CUDA graph of the UNet step per batch size (CUDA only)",
-                               env="DIFFSERVE_CUDA_GRAPHS")
-    confidence_file: str | None = option(None, "profiled discriminator: recorded `prompt_index,confidence` lines "
-                                         "(a job carrying a prompt_index gets its line's confidence)",
-                                         env="DIFFSERVE_CONFIDENCE_FILE")
-    prompts_file: str | None = option(None, "prompt file the confidence file's lines are of, for jobs that carry no "
-                                      "prompt_index (default: DiffusionDB 5k)", env="DIFFSERVE_PROMPTS_FILE")
+    host_cache: bool = option(
+        True, "keep the idle pipeline in host memory for fast role switches", env="DIFFSERVE_HOST_CACHE"
+    )
+    batch_grid: list[int] = option(
+        [1, 2, 4, 8, 16, 32], "batch sizes the planner chooses from and graph mode captures", env="DIFFSERVE_BATCH_GRID"
+    )
+    cuda_graphs: bool = option(
+        True, "capture a CUDA graph of the UNet step per batch size (CUDA only)", env="DIFFSERVE_CUDA_GRAPHS"
+    )
+    confidence_file: str | None = option(
+        None,
+        "profiled discriminator: recorded `prompt_index,confidence` lines "
+        "(a job carrying a prompt_index gets its line's confidence)",
+        env="DIFFSERVE_CONFIDENCE_FILE",
+    )
+    prompts_file: str | None = option(
+        None,
+        "prompt file the confidence file's lines are of, for jobs that carry no prompt_index (default: DiffusionDB 5k)",
+        env="DIFFSERVE_PROMPTS_FILE",
+    )
 
 
 def require_models_extra(what: str) -> None:
@@ -52,8 +72,9 @@ def require_models_extra(what: str) -> None:
     install instead of an ImportError deep in a model load."""
     missing = [name for name in MODEL_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"diffserve: {what} needs {', '.join(missing)}: "
-                         f"pip install -c constraints.txt 'diffserve[models]'")
+        raise SystemExit(
+            f"diffserve: {what} needs {', '.join(missing)}: pip install -c constraints.txt 'diffserve[models]'"
+        )
 
 
 def require_backend(backend: str) -> None:
@@ -82,8 +103,9 @@ def resolve_hardware(settings: BackendSettings) -> str:
 def load_profile(settings: BackendSettings):
     from common.profiles import load_cascade_profile
 
-    return load_cascade_profile(settings.cascade, resolve_hardware(settings), latency_file=settings.latency_file,
-                                curve_file=settings.curve_file)
+    return load_cascade_profile(
+        settings.cascade, resolve_hardware(settings), latency_file=settings.latency_file, curve_file=settings.curve_file
+    )
 
 
 def make_model(settings: BackendSettings, role: str):
@@ -107,8 +129,13 @@ def make_model(settings: BackendSettings, role: str):
         spec = local_spec(spec, settings.model_dir)
     # Graph mode replays one captured graph per grid size: partial batches are padded up to one.
     graphs = settings.cuda_graphs and resolve_device(settings.device).startswith("cuda")
-    return DiffusersModel(spec, role, settings.device, pad_grid=tuple(settings.batch_grid) if graphs else (),
-                          cuda_graphs=settings.cuda_graphs)
+    return DiffusersModel(
+        spec,
+        role,
+        settings.device,
+        pad_grid=tuple(settings.batch_grid) if graphs else (),
+        cuda_graphs=settings.cuda_graphs,
+    )
 
 
 def make_discriminator(settings: BackendSettings):

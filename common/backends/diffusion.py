@@ -73,8 +73,14 @@ def detect_hardware(device: str = "auto") -> str:
 
 
 def tiny_spec(spec: ModelSpec, model_dir: str) -> ModelSpec:
-    return replace(spec, hub_id=str(Path(model_dir) / spec.name), resolution=TINY_RESOLUTION,
-                   steps=min(spec.steps, TINY_MAX_STEPS), unet_repo=None, unet_file=None)
+    return replace(
+        spec,
+        hub_id=str(Path(model_dir) / spec.name),
+        resolution=TINY_RESOLUTION,
+        steps=min(spec.steps, TINY_MAX_STEPS),
+        unet_repo=None,
+        unet_file=None,
+    )
 
 
 def local_spec(spec: ModelSpec, model_dir: str | None) -> ModelSpec:
@@ -155,7 +161,7 @@ def _copy_to_host(tensors: list, pin: bool, buffer=None) -> tuple[list, object]:
         buffer = torch.empty(total, dtype=torch.uint8, device="cpu", pin_memory=pin)
     out = []
     for t, offset in zip(tensors, offsets):
-        view = buffer[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view = buffer[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         view.copy_(t, non_blocking=pin)
         out.append(view)
     return out, buffer
@@ -177,7 +183,7 @@ def _move_modules(pipe, device: str, *, pin: bool, buffer=None):
             moved = [t.to(target, non_blocking=pin) for t in sources]
         for p, t in zip(params, moved):
             p.data = t
-        for (_b, owners), t in zip(buffers, moved[len(params):]):
+        for (_b, owners), t in zip(buffers, moved[len(params) :]):
             for sub, name in owners:
                 sub._buffers[name] = t
     if torch.cuda.is_available():
@@ -237,17 +243,22 @@ class CudaGraphs:
         states = torch.randn(rows, seq_len, unet.config.cross_attention_dim, device=self.device, dtype=unet.dtype)
         forward = self._unet_forward
         self.unet_graphs[self._unet_key(sample, states)] = self._capture(
-            lambda s, t, e: forward(s, t, encoder_hidden_states=e, return_dict=False)[0], [sample, timestep, states])
+            lambda s, t, e: forward(s, t, encoder_hidden_states=e, return_dict=False)[0], [sample, timestep, states]
+        )
 
     def _unet_call(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
         torch = self.torch
         entry = None
-        if (not args and all(v is None for v in kwargs.values()) and encoder_hidden_states is not None
-                and torch.is_tensor(timestep) and timestep.numel() == 1):
+        if (
+            not args
+            and all(v is None for v in kwargs.values())
+            and encoder_hidden_states is not None
+            and torch.is_tensor(timestep)
+            and timestep.numel() == 1
+        ):
             entry = self.unet_graphs.get(self._unet_key(sample, encoder_hidden_states))
         if entry is None:
-            return self._unet_forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict,
-                                      **kwargs)
+            return self._unet_forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         graph, (s, t, e), out = entry
         s.copy_(sample)
         t.copy_(timestep.reshape(()))
@@ -295,9 +306,18 @@ class DiffusersModel:
 
     backend = "diffusers"
 
-    def __init__(self, spec: ModelSpec, role: str, device: str = "auto", *, pad_grid: tuple[int, ...] = (),
-                 cuda_graphs: bool = False, pin_host_memory: bool | None = None, graph_vae: bool | None = None,
-                 pipeline_factory: Callable[[], object] | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        role: str,
+        device: str = "auto",
+        *,
+        pad_grid: tuple[int, ...] = (),
+        cuda_graphs: bool = False,
+        pin_host_memory: bool | None = None,
+        graph_vae: bool | None = None,
+        pipeline_factory: Callable[[], object] | None = None,
+    ):
         self.spec, self.role, self.name = spec, role, spec.name
         self.device = resolve_device(device)
         self.cuda_graphs = cuda_graphs and self.device.startswith("cuda")
@@ -381,13 +401,22 @@ class DiffusersModel:
                         self.graphs.capture_vae(batch, latent, latent)
                     captured.append(batch)
                 except Exception as exc:  # keep serving eager at this size
-                    log.warning("CUDA graph capture failed; this batch size runs eager (in part)",
-                                extra={"model": self.name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"})
+                    log.warning(
+                        "CUDA graph capture failed; this batch size runs eager (in part)",
+                        extra={"model": self.name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"},
+                    )
                     torch.cuda.synchronize()
         self.last_capture_s = time.perf_counter() - start
         metrics.MODEL_LOAD.labels(self.name, "capture").observe(self.last_capture_s)
-        log.info("CUDA graphs captured", extra={"model": self.name, "batches": captured, "vae": self.graph_vae,
-                                                "seconds": round(self.last_capture_s, 3)})
+        log.info(
+            "CUDA graphs captured",
+            extra={
+                "model": self.name,
+                "batches": captured,
+                "vae": self.graph_vae,
+                "seconds": round(self.last_capture_s, 3),
+            },
+        )
         return self.last_capture_s
 
     def _release_graphs(self) -> None:
@@ -403,8 +432,10 @@ class DiffusersModel:
         if self.pin_host_memory is None:
             need, free = _module_bytes(self.pipe), _available_host_bytes()
             if free is not None and free < need + HOST_RESERVE_BYTES:
-                log.info("host memory is short; offloading to pageable memory",
-                         extra={"model": self.name, "need_bytes": need, "available_bytes": free})
+                log.info(
+                    "host memory is short; offloading to pageable memory",
+                    extra={"model": self.name, "need_bytes": need, "available_bytes": free},
+                )
                 return False
         return True
 
@@ -420,8 +451,9 @@ class DiffusersModel:
                 except RuntimeError as exc:  # pinning can fail (locked-memory limits): fall back
                     if not pin:
                         raise
-                    log.warning("pinned offload failed; using pageable memory",
-                                extra={"model": self.name, "error": str(exc)})
+                    log.warning(
+                        "pinned offload failed; using pageable memory", extra={"model": self.name, "error": str(exc)}
+                    )
                     pin = False
                     self._host_buffer = _move_modules(self.pipe, "cpu", pin=False)
             else:
@@ -458,9 +490,15 @@ class DiffusersModel:
         seeds = list(seeds) + [seeds[-1]] * (size - n)
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
-            images = self.pipe(prompt=prompts, num_inference_steps=self.spec.steps,
-                               guidance_scale=self.spec.guidance, height=self.spec.resolution,
-                               width=self.spec.resolution, generator=generators, output_type="pil").images
+            images = self.pipe(
+                prompt=prompts,
+                num_inference_steps=self.spec.steps,
+                guidance_scale=self.spec.guidance,
+                height=self.spec.resolution,
+                width=self.spec.resolution,
+                generator=generators,
+                output_type="pil",
+            ).images
         return images[:n]
 
 
@@ -470,8 +508,9 @@ class TimmDiscriminator:
 
     backend = "diffusers"
 
-    def __init__(self, checkpoint_dir: str | None, device: str = "auto", *, meta: dict | None = None,
-                 half: bool | None = None):
+    def __init__(
+        self, checkpoint_dir: str | None, device: str = "auto", *, meta: dict | None = None, half: bool | None = None
+    ):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = resolve_device(device)
         self.meta = meta if meta is not None else json.loads((self.checkpoint_dir / DISCRIMINATOR_CONFIG).read_text())
@@ -499,8 +538,9 @@ class TimmDiscriminator:
         self._place(load_discriminator_model(self.checkpoint_dir, self.meta))
         return time.perf_counter() - start
 
-    def score(self, prompts: list[str], images: list[Image.Image],
-              prompt_indices: list[int | None] | None = None) -> list[float]:
+    def score(
+        self, prompts: list[str], images: list[Image.Image], prompt_indices: list[int | None] | None = None
+    ) -> list[float]:
         """Confidence per image (``prompt_indices`` matter only to the profiled backend's replay)."""
         import torch
 
@@ -540,8 +580,14 @@ def save_discriminator(model, checkpoint_dir: str | Path, meta: dict) -> None:
 
 
 def discriminator_meta(arch: str, input_size: int) -> dict:
-    return {"arch": arch, "input_size": input_size, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-            "classes": ["generated", "real"], "positive_class": 1}
+    return {
+        "arch": arch,
+        "input_size": input_size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "classes": ["generated", "real"],
+        "positive_class": 1,
+    }
 
 
 def preprocess(images: list[Image.Image], meta: dict):
@@ -550,8 +596,9 @@ def preprocess(images: list[Image.Image], meta: dict):
     import torch
 
     size = int(meta["input_size"])
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-              for img in images]
+    arrays = [
+        np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0 for img in images
+    ]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"]).view(1, 3, 1, 1)

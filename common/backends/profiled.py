@@ -67,8 +67,9 @@ def load_confidence_overrides(confidence_file: str) -> dict[int, float]:
                 index, confidence = line.split(",")[:2]
                 overrides[int(index)] = float(confidence)
             except ValueError:
-                raise ValueError(f"{confidence_file}:{lineno}: expected `prompt_index,confidence`, "
-                                 f"got {line!r}") from None
+                raise ValueError(
+                    f"{confidence_file}:{lineno}: expected `prompt_index,confidence`, got {line!r}"
+                ) from None
     return overrides
 
 
@@ -76,8 +77,14 @@ class ProfiledDiscriminator:
     backend = "profiled"
     input_size = 0  # takes no thumbnail
 
-    def __init__(self, table: LatencyTable, curve: ConfidenceCurve, time_scale: float,
-                 overrides: dict[int, float] | None = None, by_text: dict[str, float] | None = None):
+    def __init__(
+        self,
+        table: LatencyTable,
+        curve: ConfidenceCurve,
+        time_scale: float,
+        overrides: dict[int, float] | None = None,
+        by_text: dict[str, float] | None = None,
+    ):
         self.table, self.curve, self.time_scale = table, curve, time_scale
         self.overrides = overrides or {}
         self.by_text = by_text or {}
@@ -96,8 +103,9 @@ class ProfiledDiscriminator:
             return self.by_text[prompt]
         return self.curve.confidence_for(uniform_from_text(prompt))
 
-    def score(self, prompts: list[str], images: list[Image.Image | None],
-              prompt_indices: list[int | None] | None = None) -> list[float]:
+    def score(
+        self, prompts: list[str], images: list[Image.Image | None], prompt_indices: list[int | None] | None = None
+    ) -> list[float]:
         _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
         indices = prompt_indices or [None] * len(prompts)
         return [self.confidence(p, i) for p, i in zip(prompts, indices)]
