@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import health
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -139,7 +141,7 @@ class StackSpec:
     model_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra DIFFSERVE_* settings for every service
     controller_args: list[str] = field(default_factory=list)
-    metrics_base_port: int = 0  # >0: each service gets its own port from here up
+    metrics_base_port: int = 0  # >0: each service gets its own port from here up; 0: free ports
     gateway_port: int = 0  # >0: also run the HTTP gateway on this port
     gateway_args: list[str] = field(default_factory=list)
 
@@ -173,8 +175,8 @@ class LocalStack:
         self.redis_url = spec.redis_url
         self.procs: dict[str, subprocess.Popen] = {}
         self._commands: dict[str, list[str]] = {}
-        self._log_offsets: dict[str, int] = {}
-        self._next_metrics_port = spec.metrics_base_port
+        self.metrics_ports: dict[str, int] = {}  # process name -> its metrics (and readiness) port
+        self._services: dict[str, str] = {}  # process name -> the service it runs (its readiness label)
         self._watchdog: subprocess.Popen | None = None
 
     def __enter__(self) -> "LocalStack":
@@ -203,20 +205,30 @@ class LocalStack:
             from common.cascades import cascade
 
             env["DIFFSERVE_SLO_MS"] = f"{cascade(self.spec.cascade).slo_ms * self.spec.time_scale:g}"
-        if self._next_metrics_port:
-            env.setdefault("METRICS_ADDR", "127.0.0.1")  # a local stack: nothing to serve to other hosts
-            env["METRICS_PORT"] = str(self._next_metrics_port)
-            self._next_metrics_port += 1
+        env.setdefault("METRICS_ADDR", "127.0.0.1")  # a local stack: nothing to serve to other hosts
+        env["METRICS_PORT"] = str(self._metrics_port(name))
         return env
+
+    def _metrics_port(self, name: str) -> int:
+        """Every process serves metrics (readiness is read there); a restart keeps its port."""
+        if name not in self.metrics_ports:
+            if self.spec.metrics_base_port:
+                port = self.spec.metrics_base_port + len(self.metrics_ports)
+            else:
+                taken = set(self.metrics_ports.values())
+                port = free_port()
+                while port in taken:
+                    port = free_port()
+            self.metrics_ports[name] = port
+        return self.metrics_ports[name]
 
     def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
         self._commands[name] = [sys.executable, "-m", f"services.{module}", *args]
+        self._services[name] = module
         return self._launch(name)
 
     def _launch(self, name: str) -> subprocess.Popen:
-        path = self.log_dir / f"{name}.log"
-        self._log_offsets[name] = path.stat().st_size if path.exists() else 0  # readiness: in the new output
-        log = open(path, "ab")
+        log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             self._commands[name],
             env=self._env(name),
@@ -258,17 +270,19 @@ class LocalStack:
         return self
 
     def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
+        """Wait until each process's health endpoint says ready (what compose's healthchecks ask too)."""
         deadline = time.monotonic() + timeout
         pending = set(names)
         while pending:
             for name in list(pending):
                 if self.procs[name].poll() is not None:
                     raise RuntimeError(f"{name} exited: {self.log_tail(name)}")
-                if b'"msg": "ready"' in (self.log_dir / f"{name}.log").read_bytes()[self._log_offsets[name] :]:
+                ready, _message = health.check("127.0.0.1", self.metrics_ports[name], 1.0, self._services[name])
+                if ready:
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout}s: {sorted(pending)}")
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"

@@ -34,7 +34,12 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis instead of starting a redis-server"
     )
     parser.add_argument("--log-dir", default=None, help="service logs (default: a temp folder)")
-    parser.add_argument("--metrics-base-port", type=int, default=0, help="give each service a metrics port")
+    parser.add_argument(
+        "--metrics-base-port",
+        type=int,
+        default=0,
+        help="metrics ports from here up (default: free loopback ports, printed at start)",
+    )
     parser.add_argument(
         "--gateway-port",
         type=int,
@@ -69,6 +74,8 @@ def up_main(argv: list[str] | None = None) -> None:
     stack.start()
     print(f"DiffServe is up: REDIS_URL={stack.redis_url}  logs: {stack.log_dir}", flush=True)
     print("submit with: diffserve submit --redis-url " + stack.redis_url + ' "a prompt" -o out.png', flush=True)
+    ports = "  ".join(f"{name}={port}" for name, port in stack.metrics_ports.items())
+    print(f"metrics (and readiness) on 127.0.0.1: {ports}", flush=True)
     if stack.spec.gateway_port:
         print(f"playground and OpenAI images API: http://127.0.0.1:{stack.spec.gateway_port}/", flush=True)
     stopping = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from common.backends import BACKENDS
+from common.config import ServiceConfig
 from common.control import ControlSettings, static_plan
 from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
 
@@ -126,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan sampling interval in wall seconds (default 0.5 x time scale, 0.1..0.5)",
     )
     s.add_argument(
-        "--redis-url", default=None, help="drive this running deployment instead (one run, no stack started)"
+        "--redis-url",
+        default=None,
+        help="drive this running deployment instead (one run, no stack started; REDIS_USERNAME, REDIS_PASSWORD, "
+        "REDIS_TLS_* as for the services)",
     )
     s.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
     o = p.add_argument_group("run and output")
@@ -192,18 +197,24 @@ def main(argv: list[str] | None = None) -> None:
     static = args.static_plan or str(
         static_plan(profile, trace.mean_rate, args.workers, ControlSettings(slo_ms=slo_ms))
     )
+    # A running deployment is reached like the services reach it: user, password and TLS from
+    # REDIS_USERNAME, REDIS_PASSWORD and REDIS_TLS_* (common/config.py RedisSettings).
+    deployment = (
+        dataclasses.replace(ServiceConfig.from_namespace(None), redis_url=args.redis_url, namespace=args.namespace)
+        if args.redis_url
+        else None
+    )
     entries = []
     for policy in policies:
         started = time.perf_counter()
         if args.redis_url:
             run = asyncio.run(
                 runner.replay(
-                    args.redis_url,
+                    deployment,
                     trace,
                     prompts,
                     time_scale=args.time_scale,
                     policy=policy,
-                    namespace=args.namespace,
                     progress=not args.no_progress,
                     drain_timeout_s=args.drain_timeout_s,
                     sample_interval_s=args.sample_interval_s or runner.default_sample_interval_s(args.time_scale),

@@ -27,7 +27,7 @@ from common.client import Client
 from common.config import Keys, RedisSettings
 from common.messages import FinalResult, new_job_id
 from common.plan_store import load_plan
-from common.streams import backlog
+from common.streams import backlog, connect
 
 from loadtest.traces import Trace
 
@@ -151,13 +151,13 @@ async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
     return sample
 
 
-async def wait_for_plan(redis_url: str, namespace: str = "diffserve", timeout_s: float = 15.0) -> bool:
+async def wait_for_plan(settings: RedisSettings, timeout_s: float = 15.0) -> bool:
     """True once a controller has stored a plan for live workers (so the replay starts under a real plan)."""
-    r = aioredis.from_url(redis_url)
+    r = connect(settings, client_name="loadtest-plan-wait")
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            plan = await load_plan(r, Keys(namespace))
+            plan = await load_plan(r, Keys(settings.namespace))
             if plan is not None and plan.roles:
                 return True
             await asyncio.sleep(0.1)
@@ -167,13 +167,12 @@ async def wait_for_plan(redis_url: str, namespace: str = "diffserve", timeout_s:
 
 
 async def replay(
-    redis_url: str,
+    settings: RedisSettings,
     trace: Trace,
     prompts: list[str],
     *,
     time_scale: float,
     policy: str = "",
-    namespace: str = "diffserve",
     progress: bool = True,
     drain_timeout_s: float = 120.0,
     sample_interval_s: float = 0.5,
@@ -181,7 +180,7 @@ async def replay(
     """Send every query of ``trace`` at its (scaled) time, collect every result, sample the plan."""
     if time_scale <= 0:
         raise ValueError("time_scale must be > 0 for a trace replay")
-    keys = Keys(namespace)
+    keys = Keys(settings.namespace)
     jobs: list[JobRecord] = []
     by_id: dict[str, JobRecord] = {}
     run = RunRecord(policy, time_scale, trace, jobs)
@@ -189,8 +188,7 @@ async def replay(
     all_answered = asyncio.Event()
     sending_done = False
     bar = _Progress(len(trace), policy or "replay", progress)
-    settings = RedisSettings(redis_url=redis_url, namespace=namespace)
-    sampler_redis = aioredis.from_url(redis_url)
+    sampler_redis = connect(settings, client_name="loadtest-sampler")
     loop = asyncio.get_running_loop()
     client = Client(settings)
     t0 = loop.time()
@@ -341,16 +339,16 @@ def run_policy(
     from common.localstack import LocalStack
 
     with LocalStack(spec, log_dir) as stack:
+        settings = RedisSettings(redis_url=stack.redis_url, namespace=spec.namespace)
         if spec.controller:
-            asyncio.run(wait_for_plan(stack.redis_url, spec.namespace, plan_wait_s))
+            asyncio.run(wait_for_plan(settings, plan_wait_s))
         run = asyncio.run(
             replay(
-                stack.redis_url,
+                settings,
                 trace,
                 prompts,
                 time_scale=spec.time_scale,
                 policy=spec.policy if spec.controller else "none",
-                namespace=spec.namespace,
                 progress=progress,
                 drain_timeout_s=drain_timeout_s,
                 sample_interval_s=sample_interval_s or default_sample_interval_s(spec.time_scale),

@@ -31,11 +31,11 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from common.client import Client
-from common.config import Keys
+from common.config import Keys, RedisSettings
 from common.localstack import LocalStack, StackSpec
 from common.messages import new_job_id
 from common.profiles import load_prompts
-from common.streams import PIPELINE_GROUPS, backlog
+from common.streams import PIPELINE_GROUPS, backlog, connect
 
 from loadtest.report import percentiles
 from loadtest.runner import close_client, stop_task
@@ -45,7 +45,11 @@ DEFAULT_RATES = (25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1200, 160
 
 async def redis_round_trip(url: str, samples: int = 1000) -> dict:
     """XADD (producer connection) -> XREADGROUP (consumer connection) -> XACK, one at a time."""
-    producer, consumer = aioredis.from_url(url), aioredis.from_url(url)
+    settings = RedisSettings(redis_url=url)
+    producer, consumer = (
+        connect(settings, client_name="bench-producer"),
+        connect(settings, client_name="bench-consumer"),
+    )
     stream, group = "bench:rtt", "g"
     try:
         await producer.xgroup_create(stream, group, id="$", mkstream=True)
@@ -136,7 +140,7 @@ async def bench(url: str, args) -> dict:
             if remaining < args.step_s + args.drain_s:
                 break
             step = await offered_step(client, prompts, rate, args.step_s, args.drain_s)
-            r = aioredis.from_url(url)
+            r = connect(RedisSettings(redis_url=url), client_name="bench-backlog")
             step["backlog_after"] = await _queue_backlog(r)
             await r.aclose()
             reasons = []

@@ -25,3 +25,16 @@ def tiny_models(tmp_path_factory):
     from common.backends.tiny import make_tiny_models
 
     return str(make_tiny_models(tmp_path_factory.mktemp("tiny-models")))
+
+
+@pytest.fixture(autouse=True)
+def _stack_tests_are_marked_slow(request, monkeypatch):
+    """A test that starts service processes must carry ``@pytest.mark.slow`` (``make test-fast`` skips
+    those): starting one from an unmarked test fails it, so the marker cannot silently go missing."""
+    if request.node.get_closest_marker("slow") is None:
+        from common.localstack import LocalStack
+
+        def refuse(self, name):
+            pytest.fail(f"{request.node.nodeid} starts a service process ({name}): mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(LocalStack, "_launch", refuse)

@@ -42,6 +42,7 @@ async def _submit_and_count(redis_url: str, prompts: list[str], rate: float):
         return results, delivered
 
 
+@pytest.mark.slow
 def test_200_prompts_come_back_exactly_once_through_both_models(redis_server, tmp_path):
     prompts = load_prompts()[:200]
     with _stack(
@@ -73,6 +74,7 @@ def _result(r: redis.Redis, job_id: str, timeout: float = 20) -> FinalResult:
     return FinalResult.decode(reply[1])
 
 
+@pytest.mark.slow
 def test_malformed_inputs_get_error_results_and_services_keep_running(redis_server, tmp_path):
     r = redis.Redis.from_url(redis_server.url)
     metrics_port = free_port()
@@ -131,6 +133,7 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
         assert "lighthouse" not in text and 'diffserve_ready{service="router"} 1.0' in text
 
 
+@pytest.mark.slow
 def test_tiny_backend_renders_real_images(redis_server, tmp_path, tiny_models):
     prompts = ["a red cube on a table", "a watercolor fox", "an old map of a harbour", "neon city at night"]
     with _stack(
@@ -148,6 +151,7 @@ def test_tiny_backend_renders_real_images(redis_server, tmp_path, tiny_models):
         assert len(colours) > 10  # a rendered image, not a flat placeholder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim_role", ["heavy"])
 def test_worker_killed_mid_batch_loses_nothing(redis_server, tmp_path, victim_role):
     """All jobs go heavy (threshold above any confidence); one heavy worker is SIGKILLed while
@@ -236,6 +240,7 @@ def _hostile_entries(rng) -> list[tuple[str | None, dict]]:
     return out
 
 
+@pytest.mark.slow
 def test_hostile_entries_are_all_answered_or_dead_lettered_and_counted(redis_server, tmp_path):
     import random
 

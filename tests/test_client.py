@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from common.client import Client
 from common.messages import FinalResult
 from common.streams import add
 
 
+@pytest.mark.slow
 def test_wait_result_waits_longer_than_the_socket_timeout(redis_server):
     """No result within the timeout: None after the timeout, not redis-py's socket TimeoutError."""
 

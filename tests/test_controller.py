@@ -113,6 +113,7 @@ def test_rate_estimator_smooths_and_looks_ahead():
     assert est.smoothed >= 0
 
 
+@pytest.mark.slow
 def test_controller_plans_for_live_workers_and_tracks_demand(redis_url):
     ns = _namespace()
     keys = Keys(ns)
@@ -154,6 +155,7 @@ def test_controller_plans_for_live_workers_and_tracks_demand(redis_url):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_infeasible_demand_and_time_scale(redis_url):
     """One worker, 30 jobs/s: more than one SD-Turbo worker can do at profiled speed (about
     21/s), but fine when the profiled backend runs 10x faster (time_scale 0.1)."""
@@ -184,6 +186,7 @@ def test_infeasible_demand_and_time_scale(redis_url):
     assert fast.feasible
 
 
+@pytest.mark.slow
 def test_controller_process_stops_and_plan_stays(redis_url):
     ns = _namespace()
     keys = Keys(ns)

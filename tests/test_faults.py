@@ -46,6 +46,7 @@ def _check_exactly_once(prompts, results, delivered):
     assert [r.status for r in results] == ["ok"] * len(prompts), {r.error_code for r in results}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["discriminator", "router"])
 def test_crashed_service_comes_back_and_nothing_is_lost(redis_server, tmp_path, victim):
     prompts = load_prompts()[:60]
@@ -61,6 +62,7 @@ def test_crashed_service_comes_back_and_nothing_is_lost(redis_server, tmp_path, 
     _check_exactly_once(prompts, results, delivered)
 
 
+@pytest.mark.slow
 def test_redis_restart_with_aof_services_reconnect(tmp_path):
     """Redis goes away for ~1 s with jobs in flight; with AOF the streams, groups and pending
     lists survive, the services reconnect with backoff, and every accepted job is answered once."""
@@ -88,6 +90,7 @@ def test_redis_restart_with_aof_services_reconnect(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_overload_is_refused_with_a_clear_error_and_the_queue_stays_bounded(redis_server, tmp_path):
     """One slow light worker and a backlog cap of 20: a burst of 300 gets 'overloaded' answers
     for what cannot be queued, the rest are served, and every job gets exactly one answer."""
@@ -128,6 +131,7 @@ def test_overload_is_refused_with_a_clear_error_and_the_queue_stays_bounded(redi
     assert peak["light"] <= 20 + 128 + 5, peak
 
 
+@pytest.mark.slow
 def test_chaos_script_loses_and_duplicates_nothing():
     from loadtest.chaos import main as chaos
 
@@ -137,6 +141,7 @@ def test_chaos_script_loses_and_duplicates_nothing():
     assert summary["answered"] == summary["sent"]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_path):
     """A heavy worker asked to stop mid-batch finishes and acks that batch, then exits 0."""
     r = redis.Redis.from_url(redis_server.url)
@@ -176,6 +181,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(redis_server, tmp_
     assert all(finished[j].status == "ok" and finished[j].answered_by == "heavy" for j in jobs_in_hand)
 
 
+@pytest.mark.slow
 def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_light_model(redis_server, tmp_path):
     """Under proteus jobs may skip the light model; one whose deadline the heavy model cannot
     meet goes back to the light model and is answered with its image, marked degraded."""
@@ -205,6 +211,7 @@ def test_a_direct_heavy_job_that_cannot_make_its_deadline_falls_back_to_the_ligh
     assert (tight.status, tight.answered_by, tight.degraded, tight.model) == ("ok", "light", True, "sdturbo")
 
 
+@pytest.mark.slow
 def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_under_the_same_name(
     redis_server, tmp_path
 ):
@@ -239,6 +246,7 @@ def test_a_poison_job_is_failed_after_max_deliveries_when_its_worker_restarts_un
     assert r.xpending(KEYS.light_queue, "workers")["pending"] == 0
 
 
+@pytest.mark.slow
 def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_flight_is_refused(redis_server, tmp_path):
     """An error before admission (invalid request, overloaded) does not use up the job id: the
     client's retry with the same id is served. The same id sent again while the first is in flight
@@ -263,6 +271,7 @@ def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_fli
     assert sorted(a.status if a.status == "ok" else a.error_code for a in answers) == ["duplicate_job_id", "ok"]
 
 
+@pytest.mark.slow
 def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for_the_reclaim_time(tmp_path):
     """Default reclaim times (workers 15 s, router 10 s): a batch whose write failed during the
     outage is taken up again by its own consumer as soon as Redis is back."""
@@ -288,6 +297,7 @@ def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_local_stack_serves_metrics_on_loopback_only(redis_server, tmp_path):
     """diffserve up / demo / loadtest stacks are local: their metrics ports must not listen on every interface."""
     from common.localstack import free_port
@@ -301,6 +311,7 @@ def test_a_local_stack_serves_metrics_on_loopback_only(redis_server, tmp_path):
     assert ours == {f"127.0.0.1:{base + i}" for i in range(3)}, ours
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skew_ms, answered_by", [(0, "heavy"), (60_000, "light")])
 def test_a_heavy_worker_allows_for_the_configured_clock_skew(redis_server, tmp_path, skew_ms, answered_by):
     """A deadline stamped by the router's clock, 20 s ahead: the heavy worker runs the job; told that
@@ -361,6 +372,7 @@ def test_worker_shutdown_does_not_hang_on_a_hung_redis(redis_server):
     assert asyncio.run(go()) < 4
 
 
+@pytest.mark.slow
 def test_refused_entries_leave_no_big_keys_and_little_short_lived_bookkeeping(redis_server, tmp_path):
     """A 1 MB job id in plain fields (prompt missing) must not become a key name; an oversized plain
     entry is refused by size; a refused job's answer and marker live for the short refused TTL."""

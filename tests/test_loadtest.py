@@ -12,6 +12,7 @@ import math
 import pytest
 from PIL import Image
 
+from common.config import RedisSettings
 from common.messages import FinalResult
 from common.profiles import QualityCurve, load_cascade_profile, load_prompts
 from loadtest import report
@@ -226,30 +227,36 @@ def test_replay_two_policies_against_real_stacks(tmp_path):
 
 
 @pytest.mark.slow
-def test_replay_against_a_running_deployment(redis_server, tmp_path):
-    """--redis-url: drive a deployment somebody else started (here a fixed-role stack)."""
-    from common.localstack import LocalStack, StackSpec
+def test_replay_against_a_running_deployment(tmp_path):
+    """--redis-url: drive a deployment somebody else started (here a fixed-role stack whose Redis
+    wants a password given apart from the URL, as REDIS_PASSWORD): the plan sampler must reach it too."""
+    from common.localstack import LocalStack, RedisServer, StackSpec
     from loadtest.runner import replay
 
+    server = RedisServer(password="s3cret").start()
+    url = f"redis://127.0.0.1:{server.port}/0"  # no password in it
     trace = generate("poisson", rate=4, duration_s=30, seed=1, n_prompts=100)
-    spec = StackSpec(
-        redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.05, env={"DIFFSERVE_SLO_MS": "250"}
-    )
-    with LocalStack(spec, str(tmp_path / "logs")):
-        run = asyncio.run(
-            replay(
-                redis_server.url,
-                trace,
-                load_prompts(),
-                time_scale=0.05,
-                policy="external",
-                progress=False,
-                drain_timeout_s=20,
-                sample_interval_s=0.1,
+    env = {"DIFFSERVE_SLO_MS": "250", "REDIS_PASSWORD": "s3cret"}
+    spec = StackSpec(redis_url=url, light_workers=1, heavy_workers=1, time_scale=0.05, env=env)
+    try:
+        with LocalStack(spec, str(tmp_path / "logs")):
+            run = asyncio.run(
+                replay(
+                    RedisSettings(redis_url=url, redis_password="s3cret"),
+                    trace,
+                    load_prompts(),
+                    time_scale=0.05,
+                    policy="external",
+                    progress=False,
+                    drain_timeout_s=20,
+                    sample_interval_s=0.1,
+                )
             )
-        )
+    finally:
+        server.stop()
     e = report.summarize(run, slo_ms=5000, curve=load_cascade_profile("sdturbo-sdv15").quality)
     assert e["sent"] == len(trace) > 50 and e["lost"] == 0 and e["duplicates"] == 0
+    assert len(run.plan_samples) > 10 and all("backlog" in s for s in run.plan_samples)
     assert {s["roles"]["light"] for s in run.plan_samples if "roles" in s} == {1}
     assert all(s.get("threshold") is None for s in run.plan_samples)  # no controller, no plan
 
@@ -315,7 +322,7 @@ def test_replay_is_faithful_per_line(redis_server, tmp_path):
     with LocalStack(spec, str(tmp_path / "logs")):
         run = asyncio.run(
             replay(
-                redis_server.url,
+                RedisSettings(redis_url=redis_server.url),
                 trace,
                 prompts,
                 time_scale=0.1,

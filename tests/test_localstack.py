@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 STARTER = """
 import sys, time
 from common.localstack import LocalStack, StackSpec
@@ -27,6 +29,7 @@ def _alive(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.slow
 def test_a_local_stack_goes_away_when_its_parent_is_sigkilled(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, "-c", STARTER, str(tmp_path / "logs")], stdout=subprocess.PIPE, text=True

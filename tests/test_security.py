@@ -80,6 +80,7 @@ async def _one_job(settings: RedisSettings):
         return await client.submit("a harbour at dawn", timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make certificates")
 def test_tls_with_password_end_to_end(tmp_path):
     cert, key, ca = _make_certs(tmp_path)
@@ -98,6 +99,7 @@ def test_tls_with_password_end_to_end(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_services_run_as_an_acl_user_limited_to_their_keys(tmp_path):
     server = RedisServer(password="admin-secret").start()
     try:

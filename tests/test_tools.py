@@ -253,6 +253,7 @@ def test_gpu_benchmark_says_no_cuda_on_cpu():
     assert result.returncode == 0 and "no CUDA device" in result.stdout
 
 
+@pytest.mark.slow
 def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(
     image_dir, tiny_dir, redis_server, tmp_path
 ):
