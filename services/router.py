@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 
+from redis.exceptions import ResponseError
+
 from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
@@ -73,6 +75,12 @@ end
 return delivered
 """
 REPLACED = 2  # DELIVER_ONCE's reply when it replaced a wrong-typed target
+# A removed tenant's stream, deleted once its loop has stopped (that loop's last read may have recreated
+# it), unless the tenant was added again meanwhile.
+FORGET_TENANT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return redis.call('DEL', KEYS[2]) end
+return 0
+"""
 TENANT_POLL_S = 2.0  # how often the router looks for tenants added or removed
 
 QUEUE_POLL_S = 0.5
@@ -475,13 +483,18 @@ class Router:
         names = await tenant_names(self.r, self.keys)
         for name in sorted(names - self.tenants.keys()):
             source = JobSource(self._consumer(self.keys.tenant_in(name)), name)
-            await source.consumer.ensure_group()
+            try:
+                await source.consumer.ensure_group()
+            except ResponseError as exc:  # e.g. a key of another type under that name: the others still start
+                self.svc.log.error("cannot serve tenant", extra={"tenant": name, "error": str(exc)[:200]})
+                continue
             stop = asyncio.Event()
             task = asyncio.create_task(run_forever(f"admit:{name}", partial(self.admit_batch, source), stop))
             self.tenants[name] = TenantLoop(source, stop, task)
             self.svc.log.info("serving tenant", extra={"tenant": name})
         for name in sorted(self.tenants.keys() - names):
             await self._stop_tenant(name)
+            await self.r.eval(FORGET_TENANT, 2, self.keys.tenants, self.keys.tenant_in(name), name)
             self.svc.log.info("tenant removed", extra={"tenant": name})
         await self.svc.sleep(TENANT_POLL_S)
 

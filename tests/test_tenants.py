@@ -337,3 +337,55 @@ def test_a_tenant_that_empties_or_blocks_its_own_stream_harms_only_itself(stack)
     results = asyncio.run(go())
     assert sorted(r.status for r in results) == ["ok"] * n
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_removed_tenant_is_no_longer_served_and_its_keys_are_gone(stack):
+    server = stack
+    pw = add_tenant(server, "leaver")
+    admin = _admin(server)
+
+    async def go():
+        async with Client(tenant_settings(server, pw), tenant="leaver") as c:
+            first = await c.submit("a fox", job_id="l1", timeout=60)
+            r = connect(_admin_settings(server))
+            try:
+                await remove(r, KEYS, "leaver")
+            finally:
+                await r.aclose()
+            return first
+
+    assert asyncio.run(go()).status == "ok"
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        as_user(server, "leaver", pw).ping()
+    time.sleep(4)  # two looks at the tenant set: the router has stopped the tenant's loop
+    assert admin.keys(f"{KEYS.tenant_in('leaver')}*") == [] and admin.keys(f"{KEYS.tenant_out('leaver')}*") == []
+
+
+def test_the_controller_counts_tenant_submissions_as_demand(redis_server):
+    """Demand is every submission stream's arrivals; a removed tenant's stream is not subtracted."""
+    from common.service import Service
+    from services.controller import Controller, ControllerConfig
+
+    async def go():
+        svc = Service("controller", ControllerConfig(redis_url=redis_server.url))
+        controller = Controller(svc)
+        r = svc.redis
+        try:
+            await r.xadd(KEYS.jobs, {"job_id": "a", "prompt": "p"})
+            seen = [await controller.arrivals()]  # the first look is the baseline
+            controller.ticks = 1
+            await r.sadd(KEYS.tenants, "t1")
+            for i in range(3):
+                await r.xadd(KEYS.tenant_in("t1"), {"job_id": f"t{i}", "prompt": "p"})
+            await r.xadd(KEYS.jobs, {"job_id": "b", "prompt": "p"})
+            seen.append(await controller.arrivals())  # a new tenant's 3 and the shared stream's 1
+            await r.xadd(KEYS.tenant_in("t1"), {"job_id": "t9", "prompt": "p"})
+            seen.append(await controller.arrivals())
+            await r.srem(KEYS.tenants, "t1")
+            seen.append(await controller.arrivals())  # gone, not subtracted
+            return seen
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(go()) == [0, 4, 5, 5]
