@@ -374,11 +374,7 @@ class Router:
     def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
         """Markers under the pipeline's (scoped) id; the answer carries the id its submitter used."""
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
-        answer = (
-            result
-            if client_job_id(result.job_id) == result.job_id
-            else replace(result, job_id=client_job_id(result.job_id))
-        )
+        answer = replace(result, job_id=client_job_id(result.job_id))
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
         pipe.eval(

@@ -389,3 +389,61 @@ def test_the_controller_counts_tenant_submissions_as_demand(redis_server):
             await r.aclose()
 
     assert asyncio.run(go()) == [0, 4, 5, 5]
+
+
+@pytest.mark.slow
+def test_the_tenant_commands_and_submit_as_a_tenant(stack, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    admin_env = {**os.environ, "REDIS_URL": f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{stack.port}/0"}
+
+    def diffserve(*args: str, env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "diffserve", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    added = diffserve("tenant", "add", "cli-t", env=admin_env)
+    assert added.returncode == 0, added.stderr
+    assert "ACL SAVE failed" in added.stderr  # this Redis has no aclfile: the operator is told
+    fields = dict(part.split("=", 1) for part in added.stdout.split() if "=" in part)
+    assert fields["REDIS_USERNAME"] == "cli-t" and fields["DIFFSERVE_TENANT"] == "cli-t"
+    assert diffserve("tenant", "list", env=admin_env).stdout.split() == sorted(
+        n.decode() for n in _admin(stack).smembers(KEYS.tenants)
+    )
+    tenant_env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{stack.port}/0",
+        "REDIS_PASSWORD": fields["REDIS_PASSWORD"],
+        "DIFFSERVE_TENANT": "cli-t",
+    }
+    out = tmp_path / "fox.png"
+    submitted = diffserve("submit", "a fox", "-o", str(out), env=tenant_env)
+    assert submitted.returncode == 0, submitted.stderr
+    assert out.read_bytes()
+    refused = diffserve("tenant", "add", "default", env=admin_env)
+    assert refused.returncode != 0 and "not a tenant" in refused.stderr and "Traceback" not in refused.stderr
+    assert diffserve("tenant", "remove", "cli-t", env=admin_env).returncode == 0
+    assert "cli-t" not in diffserve("tenant", "list", env=admin_env).stdout.split()
+
+
+def test_a_tenants_job_may_only_name_its_own_reply_keys():
+    from common.messages import E_INVALID, MessageError
+    from common.streams import Entry
+    from services.router import RouterConfig, parse_job
+
+    cfg = RouterConfig()
+
+    def entry(**fields: str) -> Entry:
+        return Entry("1-0", None, {k.encode(): v.encode() for k, v in {"prompt": "p", **fields}.items()})
+
+    assert parse_job(entry(job_id="j1"), cfg, KEYS, "alice").reply_to == "diffserve:out:alice:job:j1"
+    assert parse_job(entry(job_id="j1", reply_to="diffserve:out:alice:r"), cfg, KEYS, "alice").reply_to.endswith(":r")
+    assert parse_job(entry(job_id="j1"), cfg, KEYS).reply_to is None  # the shared stream: the result list
+    for foreign in ("diffserve:out:bob:r", "diffserve:out:alice-2:r", "diffserve:reply:r", "diffserve:result:j1"):
+        with pytest.raises(MessageError) as refused:
+            parse_job(entry(job_id="j1", reply_to=foreign), cfg, KEYS, "alice")
+        assert (refused.value.code, refused.value.job_id) == (E_INVALID, "j1")
+    with pytest.raises(MessageError):  # nor may a shared-stream job name a tenant's key
+        parse_job(entry(job_id="j1", reply_to="diffserve:out:alice:r"), cfg, KEYS)
