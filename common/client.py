@@ -5,6 +5,10 @@ there exactly once, and one background reader hands results to the waiting calle
 Jobs pushed without ``reply_to`` get their result in the list ``<ns>:result:<job_id>``
 instead (``wait_result``), which is what a plain ``XADD`` user reads with BLPOP.
 
+A **tenant** client (``tenant="NAME"``, or ``DIFFSERVE_TENANT``; Redis user ``NAME`` by default) submits
+to its own stream ``<ns>:in:NAME`` and reads its own reply streams ``<ns>:out:NAME:*`` only: it needs no
+permission on any shared key (``diffserve tenant add NAME`` makes such a user).
+
 ``submit(..., on_light=f)`` asks for the light image of a job that goes on to the heavy
 model: the discriminator puts a ``LightReady`` on the reply stream and ``f`` gets it
 before the final result arrives.  ``cancel(job_id)`` stops a job that has not started.
@@ -23,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from common.config import Keys, RedisSettings
 from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
 from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, add, connect
+from common.tenants import check_name, default_reply, scoped_id
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +37,28 @@ BLPOP_PIECE_S = SOCKET_TIMEOUT_S / 2  # one BLPOP must return before the socket 
 
 class Client:
     def __init__(
-        self, settings: RedisSettings | None = None, *, redis_url: str | None = None, max_unclaimed: int = 10_000
+        self,
+        settings: RedisSettings | None = None,
+        *,
+        redis_url: str | None = None,
+        max_unclaimed: int = 10_000,
+        tenant: str | None = None,
     ):
         """``max_unclaimed``: results nobody awaits that are kept for ``results()``; past it the
-        oldest are dropped (counted in ``dropped``)."""
+        oldest are dropped (counted in ``dropped``). ``tenant``: submit as this tenant (its Redis
+        user defaults to the tenant's name)."""
         settings = settings or RedisSettings()
         if redis_url:
             settings.redis_url = redis_url
+        self.tenant = check_name(tenant) if tenant else None
+        if self.tenant and not settings.redis_username:
+            settings.redis_username = self.tenant
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings, client_name="client")
         self.reader_redis = connect(settings, client_name="client-reader")
-        self.reply_stream = f"{self.keys.reply_prefix}{uuid.uuid4().hex}"
+        self.jobs_stream = self.keys.jobs if self.tenant is None else self.keys.tenant_in(self.tenant)
+        replies = self.keys.reply_prefix if self.tenant is None else self.keys.tenant_out(self.tenant)
+        self.reply_stream = f"{replies}{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
         self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
@@ -67,8 +83,9 @@ class Client:
             self._closing = True
             with contextlib.suppress(Exception):
                 await self._reader
-        with contextlib.suppress(Exception):
-            await self.redis.delete(self.reply_stream)
+        if self.tenant is None:  # a tenant may not delete; its reply stream expires (--result-ttl-s)
+            with contextlib.suppress(Exception):
+                await self.redis.delete(self.reply_stream)
         await self.redis.aclose()
         await self.reader_redis.aclose()
 
@@ -107,7 +124,7 @@ class Client:
         if reply_to == self.reply_stream:
             self._owed[job.job_id] += 1
             self._start_reader()
-        await add(self.redis, self.keys.jobs, job.encode())
+        await add(self.redis, self.jobs_stream, job.encode())
         return job.job_id
 
     async def submit(
@@ -133,7 +150,7 @@ class Client:
         ``cancelled`` result; one already running finishes as usual."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.set(self.keys.cancel(job_id), 1, ex=ttl_s)
+                pipe.set(self.keys.cancel(scoped_id(self.tenant, job_id)), 1, ex=ttl_s)
             await pipe.execute()
 
     async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs) -> list[FinalResult]:
@@ -146,8 +163,16 @@ class Client:
             yield await self._unclaimed.get()
 
     async def wait_result(self, job_id: str, timeout: float = 120.0) -> FinalResult | None:
-        """For jobs pushed without reply_to: BLPOP the job's result list; None after ``timeout``."""
+        """For jobs pushed without reply_to: BLPOP the job's result list (a tenant: XREAD its default
+        reply stream); None after ``timeout``."""
         deadline = time.monotonic() + timeout
+        if self.tenant is not None:
+            stream = default_reply(self.keys, self.tenant, job_id)
+            while (left := deadline - time.monotonic()) > 0:
+                reply = await self.redis.xread({stream: "0-0"}, count=1, block=int(min(left, BLPOP_PIECE_S) * 1000))
+                for _stream, items in reply or []:
+                    return FinalResult.decode(items[0][1][ENTRY_FIELD])
+            return None
         while (left := deadline - time.monotonic()) > 0:
             reply = await self.redis.blpop([self.keys.result(job_id)], timeout=min(left, BLPOP_PIECE_S))
             if reply:

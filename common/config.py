@@ -175,6 +175,9 @@ class Keys:
         self.reply_prefix = f"{ns}:reply:"  # clients' own reply streams
         self.cancel_prefix = f"{ns}:cancel:"  # set by a client to cancel a job that has not started
         self.gateway_prefix = f"{ns}:gateway:"  # the HTTP gateway's keys (limits, async jobs, image links)
+        self.tenants = f"{ns}:tenants"  # set of tenant names: Redis-direct clients with keys of their own
+        self.tenant_in_prefix = f"{ns}:in:"  # a tenant's submission stream (only it writes, only the router reads)
+        self.tenant_out_prefix = f"{ns}:out:"  # a tenant's reply streams (only the router writes, only it reads)
 
     def queue_for(self, role: str) -> str:
         return {"light": self.light_queue, "heavy": self.heavy_queue}[role]
@@ -193,3 +196,11 @@ class Keys:
 
     def cancel(self, job_id: str) -> str:
         return self.cancel_prefix + job_id
+
+    def tenant_in(self, tenant: str) -> str:
+        return self.tenant_in_prefix + tenant
+
+    def tenant_out(self, tenant: str) -> str:
+        """The prefix of every reply stream of ``tenant`` (the ':' ends the name, so no tenant's
+        prefix is another's)."""
+        return f"{self.tenant_out_prefix}{tenant}:"

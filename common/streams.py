@@ -113,9 +113,16 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+MAX_ID_PART = 2**64 - 1  # both parts of a stream id are unsigned 64-bit
+
+
 def next_id(entry_id: str) -> str:
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
+    """The smallest id after ``entry_id``; the last possible id itself (anyone who may XADD with an
+    explicit id can reach it), since nothing follows it."""
+    ms, seq = _id_key(entry_id)
+    if seq < MAX_ID_PART:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < MAX_ID_PART else entry_id
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

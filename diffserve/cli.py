@@ -20,6 +20,7 @@ COMMANDS = {
     "submit": ("diffserve.local:submit_main", "submit one prompt and save the image"),
     "plan": ("common.planner:plan_main", "print the plan the solver would choose (no Redis)"),
     "cascades": ("diffserve.local:cascades_main", "list the known cascades and their models"),
+    "tenant": ("common.tenants:main", "add, remove or list tenants (Redis-direct clients with keys of their own)"),
     "healthcheck": ("common.health:main", "exit 0 when a service's metrics endpoint says ready"),
     "loadtest": ("loadtest.cli:main", "replay a trace against a stack and report"),
     "simulate": ("loadtest.simulate:main", "replay a trace on the simulated cascade in virtual time"),

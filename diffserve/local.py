@@ -171,11 +171,24 @@ def submit_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--format", default="png", choices=("png", "webp", "jpeg"))
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--tenant",
+        default=os.environ.get("DIFFSERVE_TENANT"),
+        help="submit as this tenant (Redis user from REDIS_USERNAME, default the tenant; REDIS_PASSWORD)",
+    )
     args = parser.parse_args(argv)
     from common.client import Client
+    from common.config import RedisSettings
+
+    settings = RedisSettings(
+        redis_url=args.redis_url,
+        redis_username=os.environ.get("REDIS_USERNAME"),
+        redis_password=os.environ.get("REDIS_PASSWORD"),
+        namespace=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"),
+    )
 
     async def go():
-        async with Client(redis_url=args.redis_url) as client:
+        async with Client(settings, tenant=args.tenant) as client:
             return await client.submit(
                 args.prompt, slo_ms=args.slo_ms, seed=args.seed, image_format=args.format, timeout=args.timeout
             )

@@ -52,6 +52,7 @@ from common.planner import (
 )
 from common.service import Service, now_ms, run
 from common.streams import backlog, run_forever
+from common.tenants import tenant_names
 
 DEFAULT_INTERVAL_S = 10.0  # full-speed seconds between plans
 MIN_INTERVAL_S = 0.25
@@ -179,8 +180,25 @@ class Controller:
         self.last: Plan | None = None
         self.last_result: PlanResult | None = None
         self.ticks = 0
+        self._added: dict[str, int] = {}  # entries-added per submission stream at the last look
+        self._arrivals = 0
 
     # ---------- measurements ----------
+    async def arrivals(self) -> int:
+        """Jobs added to the shared stream and to every tenant's, as one counter that only grows: a
+        removed tenant stops counting (it is not subtracted), a restarted stream counts from 0 again."""
+        streams = [self.keys.jobs, *(self.keys.tenant_in(t) for t in sorted(await tenant_names(self.r, self.keys)))]
+        for stream in streams:
+            count, last = await self.entries_added(stream), self._added.get(stream)
+            if last is not None:
+                self._arrivals += count - last if count >= last else count
+            elif self.ticks:  # a stream new since the last look (a new tenant): all of it is new
+                self._arrivals += count
+            self._added[stream] = count
+        for gone in self._added.keys() - set(streams):
+            del self._added[gone]
+        return self._arrivals
+
     async def entries_added(self, stream: str) -> int:
         try:
             info = await self.r.xinfo_stream(stream)
@@ -242,7 +260,7 @@ class Controller:
         stored = await load_plan(self.r, self.keys)
         if self.ticks == 0 and stored is not None and stored.demand_qps > 0:
             self.loop.demand.rate = stored.demand_qps  # a restarted controller starts from the last estimate
-        demand = self.loop.observe(await self.entries_added(self.keys.jobs), time.monotonic())
+        demand = self.loop.observe(await self.arrivals(), time.monotonic())
         self.ticks += 1
         workers = await self.live_workers(stored)
         queues = await self.queue_stats()

@@ -16,6 +16,7 @@ from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_o
 from common.service import Service, now_ms, run
 from common.stage import one_per_input, split_batch
 from common.streams import StreamConsumer, run_forever
+from common.tenants import client_job_id
 
 
 @dataclass
@@ -139,8 +140,13 @@ class Discriminator:
                     outputs.append(
                         (
                             job.reply_to,
-                            LightReady(
-                                job.job_id, result.image, result.image_format, result.model, confidence, now_ms()
+                            LightReady(  # under the id the client submitted (a tenant's job is scoped)
+                                client_job_id(job.job_id),
+                                result.image,
+                                result.image_format,
+                                result.model,
+                                confidence,
+                                now_ms(),
                             ).encode(),
                         )
                     )

@@ -7,7 +7,10 @@ import asyncio
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+
+from redis.exceptions import ResponseError
 
 from common import metrics
 from common.cascades import cascade
@@ -36,18 +39,29 @@ from common.profiles import uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
+from common.tenants import client_job_id, default_reply, scoped_id, tenant_names
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
 # so a completion retried after a crash can never produce a second result. ARGV[5] '0': the answer
 # to a job refused before admission. It is always delivered, and leaves a short-lived marker (which
 # the gateway reads as "out of flight") only when no job with this id is in flight (KEYS[3]); an
 # admitted retry under the same id deletes that marker in its admission transaction.
+# The target is checked before anything is written: a key of another type there (put by whoever can
+# write that name) would make the write fail after the marker was set, swallowing the answer. Such a
+# key holds no answer anyone is owed, and the reader waits on this name, so it is replaced (returns 2).
 DELIVER_ONCE = """
+local want = ARGV[3] == 'stream' and 'stream' or 'list'
+local kind = redis.call('TYPE', KEYS[2])['ok']
 local admitted = ARGV[5] == '1'
 if admitted then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 elseif redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('SET', KEYS[1], '0', 'EX', ARGV[2])
+end
+local delivered = 1
+if kind ~= 'none' and kind ~= want then
+  redis.call('DEL', KEYS[2])
+  delivered = 2
 end
 if ARGV[3] == 'stream' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[1])
@@ -58,8 +72,16 @@ else
   redis.call('RPUSH', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-return 1
+return delivered
 """
+REPLACED = 2  # DELIVER_ONCE's reply when it replaced a wrong-typed target
+# A removed tenant's stream, deleted once its loop has stopped (that loop's last read may have recreated
+# it), unless the tenant was added again meanwhile.
+FORGET_TENANT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return redis.call('DEL', KEYS[2]) end
+return 0
+"""
+TENANT_POLL_S = 2.0  # how often the router looks for tenants added or removed
 
 QUEUE_POLL_S = 0.5
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -99,9 +121,10 @@ class RouterConfig(ServiceConfig, BackendSettings):
     )
 
 
-def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
-    """Decode and validate one jobs-stream entry; MessageError (with the job id when one
-    could be read) for anything unacceptable."""
+def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> Job:
+    """Decode and validate one entry of the shared jobs stream (``tenant`` None) or of a tenant's
+    stream; MessageError (with the job id when one could be read) for anything unacceptable.
+    A tenant's job without ``reply_to`` is answered on its default reply stream."""
     if entry.payload is not None:
         if len(entry.payload) > cfg.max_entry_bytes:
             raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes")
@@ -123,11 +146,18 @@ def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
     else:
         raise MessageError(E_MALFORMED, "empty entry")
     job = Job.from_dict({**body, "type": Job.TYPE})
-    validate_job(job, cfg, keys)
+    validate_job(job, cfg, keys, tenant)
+    if tenant is not None and job.reply_to is None:
+        job.reply_to = default_reply(keys, tenant, job.job_id)
     return job
 
 
-def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
+def reply_prefix(keys: Keys, tenant: str | None) -> str:
+    """The only names a job from this stream may ask to be answered on."""
+    return keys.reply_prefix if tenant is None else keys.tenant_out(tenant)
+
+
+def validate_job(job: Job, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> None:
     def bad(code: str, message: str):
         raise MessageError(code, message, job.job_id if JOB_ID_RE.match(job.job_id) else None)
 
@@ -147,27 +177,45 @@ def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
         bad(E_INVALID, f"image_format must be one of {', '.join(IMAGE_FORMATS)}")
     if not (1 <= job.image_quality <= 100):
         bad(E_INVALID, "image_quality must be in [1, 100]")
-    if job.reply_to is not None and not (job.reply_to.startswith(keys.reply_prefix) and len(job.reply_to) <= 200):
-        bad(E_INVALID, f"reply_to must be a stream named {keys.reply_prefix}<id>")
+    prefix = reply_prefix(keys, tenant)
+    if job.reply_to is not None and not (job.reply_to.startswith(prefix) and len(job.reply_to) <= 200):
+        bad(E_INVALID, f"reply_to must be a stream named {prefix}<id>")
     if job.cascade is not None and job.cascade != cfg.cascade:
         bad(E_UNKNOWN_MODEL, f"this deployment serves cascade {cfg.cascade!r}, not {job.cascade!r}")
+
+
+@dataclass
+class JobSource:
+    """A stream the router admits jobs from: the shared jobs stream (``tenant`` None) or a tenant's own."""
+
+    consumer: StreamConsumer
+    tenant: str | None = None
+
+
+@dataclass
+class TenantLoop:
+    source: JobSource
+    stop: asyncio.Event
+    task: asyncio.Task
 
 
 class Router:
     def __init__(self, svc: Service):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
-        name = self.cfg.instance_id
-        self.jobs = StreamConsumer(self.r, self.keys.jobs, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms)
-        self.completions = StreamConsumer(
-            self.r, self.keys.completions, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms
-        )
+        self.jobs = self._consumer(self.keys.jobs)
+        self.shared = JobSource(self.jobs)
+        self.tenants: dict[str, TenantLoop] = {}  # one admit loop per tenant stream
+        self.completions = self._consumer(self.keys.completions)
         self.plans = PlanWatcher(self.r, self.keys)
         self.heavy = HeavyStageWatcher(self.r, self.keys)
         self._profile = None
         self.light_backlog = 0
         self._next_trim = 0.0
         self._rng = random.Random()
+
+    def _consumer(self, stream: str) -> StreamConsumer:
+        return StreamConsumer(self.r, stream, "router", self.cfg.instance_id, reclaim_idle_ms=self.cfg.reclaim_idle_ms)
 
     def heavy_batch_ms(self, batch: int) -> float:
         """The heavy model's profiled batch time in this deployment's clock (loaded when a plan first
@@ -177,8 +225,12 @@ class Router:
         return self._profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
 
     # ---------- admission ----------
-    async def admit_batch(self) -> None:
-        entries = await self.jobs.read(self.cfg.batch, block_ms=1000)
+    async def admit_batch(self, source: JobSource | None = None) -> None:
+        """Admit one batch from ``source`` (default: the shared jobs stream). A tenant's job ids are
+        scoped to it (``scoped_id``) from here on, so every key named after one is the tenant's own."""
+        source = source or self.shared
+        tenant = source.tenant
+        entries = await source.consumer.read(self.cfg.batch, block_ms=1000)
         if not entries:
             return
         plan = await self.plans.current()
@@ -191,27 +243,37 @@ class Router:
         jobs: list[tuple[str, Job]] = []  # (jobs-stream entry id, job)
         for entry in entries:
             try:
-                job = parse_job(entry, self.cfg, self.keys)
+                job = parse_job(entry, self.cfg, self.keys, tenant)
                 if self.light_backlog >= self.cfg.max_light_backlog:
                     raise MessageError(E_OVERLOADED, "overloaded: the light queue is full, retry later", job.job_id)
             except MessageError as exc:
                 metrics.ERRORS.labels("router", exc.code).inc()
                 # Only a valid id may name a key (result list, reply): anything else is a dead letter.
                 if exc.job_id and JOB_ID_RE.match(exc.job_id):
-                    reply_to = _reply_to_of(entry, self.keys.reply_prefix)
+                    reply_to = _reply_to_of(entry, self.keys, tenant, exc.job_id)
                     errors.append(
                         (
                             reply_to,
                             FinalResult(
-                                exc.job_id, "error", error_code=exc.code, error_message=str(exc), finished_ms=arrival
+                                scoped_id(tenant, exc.job_id),
+                                "error",
+                                error_code=exc.code,
+                                error_message=str(exc),
+                                finished_ms=arrival,
                             ),
                         )
                     )
                 else:
                     errors.append(
-                        (None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]))
+                        (
+                            None,
+                            DeadLetter(
+                                source.consumer.stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]
+                            ),
+                        )
                     )
                 continue
+            job.job_id = scoped_id(tenant, job.job_id)
             jobs.append((entry.id, job))
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
         for _id, job in jobs:
@@ -252,7 +314,7 @@ class Router:
                 job.prompt,
                 arrival,
                 arrival + (job.slo_ms or self.default_slo_ms),
-                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
+                job.seed if job.seed is not None else int(uniform_from_text(client_job_id(job.job_id)) * 2**31),
                 job.image_format,
                 job.image_quality,
                 job.reply_to,
@@ -288,7 +350,8 @@ class Router:
             for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
                 pipe.delete(self.keys.done(job_id))
 
-        await self.jobs.write_and_ack([e.id for e in entries], outputs, deliver_errors)
+        replies = await source.consumer.write_and_ack([e.id for e in entries], outputs, deliver_errors)
+        _count_replaced(replies[len(outputs) : len(outputs) + len(errors)])
         metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
 
     async def _claim_ids(self, jobs: list[tuple[str, Job]]) -> set[str]:
@@ -309,7 +372,9 @@ class Router:
 
     # ---------- delivery ----------
     def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
+        """Markers under the pipeline's (scoped) id; the answer carries the id its submitter used."""
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
+        answer = replace(result, job_id=client_job_id(result.job_id))
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
         pipe.eval(
@@ -318,7 +383,7 @@ class Router:
             self.keys.done(result.job_id),
             target,
             self.keys.admitted(result.job_id),
-            result.encode(),
+            answer.encode(),
             ttl,
             mode,
             self.cfg.reply_maxlen,
@@ -371,6 +436,7 @@ class Router:
                 pipe.xadd(self.keys.dead_letters, {"m": dead.encode()}, maxlen=10000, approximate=True)
 
         replies = await self.completions.write_and_ack([e.id for e in entries], [], deliver)
+        _count_replaced(replies[: len(results)])
         outcomes = {"slo_hit": 0, "slo_miss": 0}
         for (c, result), fresh in zip(results, replies):
             if not fresh:
@@ -403,11 +469,53 @@ class Router:
             self._next_trim = time.monotonic() + self.cfg.trim_interval_s
             for attr, _group in PIPELINE_GROUPS:
                 await trim_processed(self.r, getattr(self.keys, attr))
+            for loop in list(self.tenants.values()):
+                await trim_processed(self.r, loop.source.consumer.stream)
         await self.svc.sleep(QUEUE_POLL_S)
 
+    # ---------- tenants ----------
+    async def watch_tenants(self) -> None:
+        """Start an admit loop for each tenant registered since the last look; stop removed tenants'."""
+        names = await tenant_names(self.r, self.keys)
+        for name in sorted(names - self.tenants.keys()):
+            source = JobSource(self._consumer(self.keys.tenant_in(name)), name)
+            try:
+                await source.consumer.ensure_group()
+            except ResponseError as exc:  # e.g. a key of another type under that name: the others still start
+                self.svc.log.error("cannot serve tenant", extra={"tenant": name, "error": str(exc)[:200]})
+                continue
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_forever(f"admit:{name}", partial(self.admit_batch, source), stop))
+            self.tenants[name] = TenantLoop(source, stop, task)
+            self.svc.log.info("serving tenant", extra={"tenant": name})
+        for name in sorted(self.tenants.keys() - names):
+            await self._stop_tenant(name)
+            await self.r.eval(FORGET_TENANT, 2, self.keys.tenants, self.keys.tenant_in(name), name)
+            self.svc.log.info("tenant removed", extra={"tenant": name})
+        await self.svc.sleep(TENANT_POLL_S)
 
-def _reply_to_of(entry: Entry, prefix: str) -> str | None:
-    """Best-effort reply stream of an entry that failed validation (only a well-formed one)."""
+    async def _stop_tenant(self, name: str) -> None:
+        loop = self.tenants.pop(name)
+        loop.stop.set()  # the loop ends after its current read (at most one BLOCK)
+        await loop.task
+
+    async def stop_tenants(self) -> None:
+        for name in list(self.tenants):
+            await self._stop_tenant(name)
+
+
+def _count_replaced(replies: list) -> None:
+    """Count the answers DELIVER_ONCE delivered by replacing a key of the wrong type."""
+    replaced = sum(1 for reply in replies if reply == REPLACED)
+    if replaced:
+        metrics.ERRORS.labels("router", "reply_key_replaced").inc(replaced)
+
+
+def _reply_to_of(entry: Entry, keys: Keys, tenant: str | None, job_id: str) -> str | None:
+    """Where to answer an entry that failed validation: its reply stream when that is well-formed,
+    else the result list (shared stream) or the tenant's default reply stream."""
+    fallback = None if tenant is None else default_reply(keys, tenant, job_id)
+    prefix = reply_prefix(keys, tenant)
     try:
         body = (
             unpack(entry.payload)
@@ -415,19 +523,24 @@ def _reply_to_of(entry: Entry, prefix: str) -> str | None:
             else {k.decode(): v.decode() for k, v in entry.fields.items()}
         )
     except (MessageError, UnicodeDecodeError):
-        return None
+        return fallback
     reply_to = body.get("reply_to")
-    return reply_to if isinstance(reply_to, str) and reply_to.startswith(prefix) and len(reply_to) <= 200 else None
+    valid = isinstance(reply_to, str) and reply_to.startswith(prefix) and len(reply_to) <= 200
+    return reply_to if valid else fallback
 
 
 async def serve(svc: Service) -> None:
     router = Router(svc)
     svc.ready()
-    await asyncio.gather(
-        run_forever("admit", router.admit_batch, svc.stop),
-        run_forever("deliver", router.deliver_batch, svc.stop),
-        run_forever("housekeeping", router.housekeeping, svc.stop),
-    )
+    try:
+        await asyncio.gather(
+            run_forever("admit", router.admit_batch, svc.stop),
+            run_forever("deliver", router.deliver_batch, svc.stop),
+            run_forever("housekeeping", router.housekeeping, svc.stop),
+            run_forever("tenants", router.watch_tenants, svc.stop),
+        )
+    finally:
+        await router.stop_tenants()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ from common.config import RedisSettings
 from common.localstack import LocalStack, RedisServer, StackSpec
 
 ACL_RULES = ["on", ">svc-secret", "~diffserve:*", "&diffserve:*", "+@all", "-@dangerous"]
-# What a client needs: put jobs on the jobs stream, read its own replies / result lists.
+# The narrowest user a trusted app on the shared stream works with (untrusted clients are tenants:
+# tests/test_tenants.py); it shares those keys with every such app.
 CLIENT_ACL_RULES = [
     "on",
     ">client-secret",

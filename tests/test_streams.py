@@ -183,3 +183,28 @@ def test_trim_survives_a_pending_list_that_empties_between_its_two_reads(redis_s
         return removed
 
     assert _run(go()) == 1
+
+
+def test_trim_after_an_entry_at_the_last_possible_id(redis_server):
+    """Anyone who may XADD with an explicit id can put an entry at the maximum id; once processed, trimming
+    that stream must still work (it computed an id past the maximum, which Redis refused, and the
+    router's housekeeping failed on every round)."""
+    last = f"{2**64 - 1}-{2**64 - 1}"
+
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "s", "g", "c1")
+        await c.ensure_group()
+        await add(r, "s", b"a")
+        await r.xadd("s", {"m": b"b"}, id=f"{2**64 - 1}-0")
+        await r.xadd("s", {"m": b"last"}, id=last)
+        got = await c.read(10, block_ms=100)
+        await c.ack([e.id for e in got])
+        removed = await trim_processed(r, "s")
+        remaining = [entry_id.decode() for entry_id, _ in await r.xrange("s")]
+        await r.aclose()
+        return [e.id for e in got], removed, remaining
+
+    ids, removed, remaining = _run(go())
+    assert ids[-1] == last
+    assert removed == 2 and remaining == [last]

@@ -1,0 +1,157 @@
+"""Tenants: named Redis-direct clients whose keys nobody else can touch.
+
+A tenant ``NAME`` is an ACL user ``NAME`` that may only XADD to its own submission stream
+(``<ns>:in:NAME``, write-only), XREAD its own reply streams (``<ns>:out:NAME:*``, read-only) and SET
+cancel flags for its own jobs; it has no command on any shared key.  The router reads every tenant's
+stream, scopes the tenant's job ids (``NAME/<job_id>`` inside the pipeline: '/' is not allowed in a
+submitted id, so no one can name another's) and answers only under the tenant's ``out`` prefix.
+
+``diffserve tenant add|remove|list`` (an admin Redis user: ACL SETUSER needs it) manages them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import sys
+
+from redis.exceptions import ResponseError
+
+from common.config import Keys, RedisSettings
+
+TENANT_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+ROUTER_GROUP = "router"  # the router's consumer group on every submission stream
+
+
+def scoped_id(tenant: str | None, job_id: str) -> str:
+    """The pipeline's id of a job: its own id on the shared stream, ``tenant/job_id`` for a tenant's."""
+    return job_id if tenant is None else f"{tenant}/{job_id}"
+
+
+def client_job_id(job_id: str) -> str:
+    """The id the submitter used (what it sees in its answers)."""
+    return job_id.rpartition("/")[2]
+
+
+def default_reply(keys: Keys, tenant: str, job_id: str) -> str:
+    """Where a tenant's job without ``reply_to`` is answered (a stream: the tenant may only read)."""
+    return f"{keys.tenant_out(tenant)}job:{job_id}"
+
+
+def acl_rules(keys: Keys, tenant: str, password: str) -> list[str]:
+    """The whole ACL of a tenant: ``reset`` first, so re-adding a tenant replaces its password and rules."""
+    return [
+        "reset",
+        "on",
+        f">{password}",
+        f"%W~{keys.tenant_in(tenant)}",
+        f"%R~{keys.tenant_out(tenant)}*",
+        f"%W~{keys.cancel(scoped_id(tenant, '*'))}",
+        "+xadd",
+        "+xread",
+        "+set",  # only its own cancel flags, write-only: SET ... GET needs read and is refused
+        "+ping",
+        "+client|setname",
+    ]
+
+
+async def tenant_names(r, keys: Keys) -> set[str]:
+    """Registered tenants; a malformed name (someone SADDed it by hand) is ignored."""
+    return {name for raw in await r.smembers(keys.tenants) if TENANT_RE.match(name := _s(raw))}
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_name(name: str) -> str:
+    if not TENANT_RE.match(name):
+        raise ValueError(f"tenant name {name!r} must be 1-32 characters of a-z 0-9 _ -")
+    return name
+
+
+async def add(r, keys: Keys, tenant: str, password: str | None = None) -> str:
+    """Create (or re-create, with a new password) a tenant; returns its password."""
+    check_name(tenant)
+    if await r.acl_getuser(tenant) and not await r.sismember(keys.tenants, tenant):
+        raise ValueError(f"ACL user {tenant!r} exists and is not a tenant: choose another name")
+    password = password or secrets.token_urlsafe(24)
+    await r.execute_command("ACL", "SETUSER", tenant, *acl_rules(keys, tenant, password))
+    try:  # the stream and the router's group exist before the tenant's first XADD
+        await r.xgroup_create(keys.tenant_in(tenant), ROUTER_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    await r.sadd(keys.tenants, tenant)
+    return password
+
+
+async def remove(r, keys: Keys, tenant: str) -> None:
+    """Delete the user (Redis closes its connections), stop the router serving it, and drop its
+    queued jobs and answers: nobody could read those any more."""
+    check_name(tenant)
+    if not await r.sismember(keys.tenants, tenant):
+        raise ValueError(f"no tenant {tenant!r}")
+    await r.srem(keys.tenants, tenant)
+    await r.acl_deluser(tenant)
+    doomed = [keys.tenant_in(tenant)]
+    async for key in r.scan_iter(match=f"{keys.tenant_out(tenant)}*", count=1000):
+        doomed.append(key)
+    await r.delete(*doomed)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from common.streams import connect
+
+    settings = RedisSettings(
+        redis_url=args.redis_url,
+        redis_username=os.environ.get("REDIS_USERNAME"),
+        redis_password=os.environ.get("REDIS_PASSWORD"),
+        redis_tls_ca=os.environ.get("REDIS_TLS_CA"),
+        redis_tls_cert=os.environ.get("REDIS_TLS_CERT"),
+        redis_tls_key=os.environ.get("REDIS_TLS_KEY"),
+        namespace=args.namespace,
+    )
+    keys, r = Keys(settings.namespace), connect(settings, client_name="tenant-admin")
+    try:
+        if args.action == "add":
+            password = await add(r, keys, args.name, args.password)
+            print(
+                f"tenant {args.name}: REDIS_USERNAME={args.name} REDIS_PASSWORD={password} DIFFSERVE_TENANT={args.name}"
+            )
+        elif args.action == "remove":
+            await remove(r, keys, args.name)
+            print(f"tenant {args.name} removed")
+        else:
+            for name in sorted(await tenant_names(r, keys)):
+                print(name)
+        if args.action != "list":
+            try:  # an aclfile keeps the change over a restart; without one Redis says so
+                await r.execute_command("ACL", "SAVE")
+            except ResponseError as exc:
+                print(f"note: ACL SAVE failed ({exc}): persist the ACL yourself or it ends with Redis", file=sys.stderr)
+    finally:
+        await r.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="diffserve tenant",
+        description="manage tenants (Redis-direct clients with their own keys); needs an admin Redis user "
+        "(REDIS_URL, REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS_*)",
+    )
+    parser.add_argument("action", choices=("add", "remove", "list"))
+    parser.add_argument("name", nargs="?", help="tenant name: 1-32 of a-z 0-9 _ -")
+    parser.add_argument("--password", default=None, help="add: this password instead of a generated one")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
+    args = parser.parse_args(argv)
+    if args.action != "list" and not args.name:
+        parser.error(f"{args.action} needs a tenant name")
+    try:
+        asyncio.run(_main(args))
+    except ValueError as exc:
+        raise SystemExit(f"diffserve tenant: {exc}") from None
