@@ -92,15 +92,15 @@ class Client:
         prompt's line in the prompt file (trace replays)."""
         reply_to = reply_to or (self.reply_stream if reply else None)
         job = Job(
-            job_id or new_job_id(),
-            prompt,
-            slo_ms,
-            seed,
-            image_format,
-            image_quality,
-            reply_to,
-            time.time() * 1000,
-            cascade,
+            job_id=job_id or new_job_id(),
+            prompt=prompt,
+            slo_ms=slo_ms,
+            seed=seed,
+            image_format=image_format,
+            image_quality=image_quality,
+            reply_to=reply_to,
+            submitted_ms=time.time() * 1000,
+            cascade=cascade,
             partials=partials,
             prompt_index=prompt_index,
         )

@@ -68,16 +68,18 @@ def _undecodable(entry: Entry, exc: MessageError, keys: Keys, stream: str) -> tu
     if isinstance(job_id, str) and isinstance(arrival, (int, float)) and isinstance(deadline, (int, float)):
         reply_to = job.get("reply_to") if isinstance(job.get("reply_to"), str) else None
         completion = Completion(
-            job_id,
-            float(arrival),
-            float(deadline),
-            reply_to,
+            job_id=job_id,
+            arrival_ms=float(arrival),
+            deadline_ms=float(deadline),
+            reply_to=reply_to,
             status="error",
             error_code=exc.code,
             error_message=str(exc),
         )
         return keys.completions, completion.encode()
-    return keys.dead_letters, DeadLetter(stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]).encode()
+    return keys.dead_letters, DeadLetter(
+        stream=stream, entry_id=entry.id, error_code=exc.code, error_message=str(exc), raw=(entry.payload or b"")[:4096]
+    ).encode()
 
 
 def one_per_input(outputs, inputs: list, what: str) -> list:

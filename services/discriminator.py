@@ -140,7 +140,12 @@ class Discriminator:
                         (
                             job.reply_to,
                             LightReady(
-                                job.job_id, result.image, result.image_format, result.model, confidence, now_ms()
+                                job_id=job.job_id,
+                                image=result.image,
+                                image_format=result.image_format,
+                                model=result.model,
+                                confidence=confidence,
+                                ready_ms=now_ms(),
                             ).encode(),
                         )
                     )

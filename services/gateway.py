@@ -514,8 +514,8 @@ class Gateway:
             except asyncio.TimeoutError:
                 events.put_nowait(
                     FinalResult(
-                        job_id,
-                        "error",
+                        job_id=job_id,
+                        status="error",
                         error_code=E_DEADLINE,
                         error_message=f"no image within {self.cfg.timeout_s:g} s",
                     )

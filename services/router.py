@@ -203,13 +203,26 @@ class Router:
                         (
                             reply_to,
                             FinalResult(
-                                exc.job_id, "error", error_code=exc.code, error_message=str(exc), finished_ms=arrival
+                                job_id=exc.job_id,
+                                status="error",
+                                error_code=exc.code,
+                                error_message=str(exc),
+                                finished_ms=arrival,
                             ),
                         )
                     )
                 else:
                     errors.append(
-                        (None, DeadLetter(self.keys.jobs, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]))
+                        (
+                            None,
+                            DeadLetter(
+                                stream=self.keys.jobs,
+                                entry_id=entry.id,
+                                error_code=exc.code,
+                                error_message=str(exc),
+                                raw=(entry.payload or b"")[:4096],
+                            ),
+                        )
                     )
                 continue
             jobs.append((entry.id, job))
@@ -220,8 +233,8 @@ class Router:
                     (
                         job.reply_to,
                         FinalResult(
-                            job.job_id,
-                            E_CANCELLED,
+                            job_id=job.job_id,
+                            status=E_CANCELLED,
                             error_code=E_CANCELLED,
                             error_message="cancelled by the client before it ran",
                             finished_ms=arrival,
@@ -237,8 +250,8 @@ class Router:
                     (
                         job.reply_to,
                         FinalResult(
-                            job.job_id,
-                            "error",
+                            job_id=job.job_id,
+                            status="error",
                             error_code=E_DUPLICATE,
                             finished_ms=arrival,
                             error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
@@ -248,14 +261,14 @@ class Router:
                 )
                 continue
             routed = RoutedJob(
-                job.job_id,
-                job.prompt,
-                arrival,
-                arrival + (job.slo_ms or self.default_slo_ms),
-                job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
-                job.image_format,
-                job.image_quality,
-                job.reply_to,
+                job_id=job.job_id,
+                prompt=job.prompt,
+                arrival_ms=arrival,
+                deadline_ms=arrival + (job.slo_ms or self.default_slo_ms),
+                seed=job.seed if job.seed is not None else int(uniform_from_text(job.job_id) * 2**31),
+                image_format=job.image_format,
+                image_quality=job.image_quality,
+                reply_to=job.reply_to,
                 partials=job.partials,
                 prompt_index=job.prompt_index,
             )
@@ -338,7 +351,13 @@ class Router:
             except MessageError as exc:  # a bug upstream; keep the evidence, don't loop on it
                 metrics.ERRORS.labels("router", exc.code).inc()
                 bad_ids.append(
-                    DeadLetter(self.keys.completions, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096])
+                    DeadLetter(
+                        stream=self.keys.completions,
+                        entry_id=entry.id,
+                        error_code=exc.code,
+                        error_message=str(exc),
+                        raw=(entry.payload or b"")[:4096],
+                    )
                 )
                 continue
             latency = finished - c.arrival_ms
@@ -347,19 +366,19 @@ class Router:
                 (
                     c,
                     FinalResult(
-                        c.job_id,
-                        c.status,
-                        c.image,
-                        c.image_format,
-                        c.answered_by,
-                        c.model,
-                        c.confidence,
-                        c.degraded,
-                        latency,
-                        slo_met,
-                        c.error_code,
-                        c.error_message,
-                        finished,
+                        job_id=c.job_id,
+                        status=c.status,
+                        image=c.image,
+                        image_format=c.image_format,
+                        answered_by=c.answered_by,
+                        model=c.model,
+                        confidence=c.confidence,
+                        degraded=c.degraded,
+                        latency_ms=latency,
+                        slo_met=slo_met,
+                        error_code=c.error_code,
+                        error_message=c.error_message,
+                        finished_ms=finished,
                     ),
                 )
             )

@@ -263,15 +263,15 @@ class Worker:
                     (
                         self.keys.light_results,
                         LightResult(
-                            job,
-                            encoded.data,
-                            encoded.format,
-                            thumb,
-                            size if thumb else 0,
-                            self.id,
-                            model_name,
-                            len(jobs),
-                            elapsed * 1000,
+                            job=job,
+                            image=encoded.data,
+                            image_format=encoded.format,
+                            thumbnail=thumb,
+                            thumbnail_size=size if thumb else 0,
+                            worker_id=self.id,
+                            model=model_name,
+                            batch_size=len(jobs),
+                            light_ms=elapsed * 1000,
                         ).encode(),
                     )
                 )
