@@ -46,7 +46,7 @@ from common.backends.profiled import (
 from common.cascades import CASCADES, DEFAULT_CASCADE
 from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
 from common.messages import FinalResult, Plan
-from common.planner import POLICIES, FixedPlan, QueueStats, policy_spec, warm_up
+from common.planner import POLICIES, FixedPlan, Policy, QueueStats, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
 from common.routing import Decision, HeavyStage, cascade_decision, decision_order, direct_decision, finishes_in_time
 
@@ -433,7 +433,7 @@ def search_static(
         if str(fixed) in seen:
             return
         # every plan starts from the same roles as the other policies (half light), as a live stack does
-        cfg = SimConfig(policy="static", workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed)
+        cfg = SimConfig(policy=Policy.STATIC, workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed)
         e = summarize(
             simulate(profile, trace, prompts, cfg, overrides=overrides),
             slo_ms=slo_ms,
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
             best = FixedPlan.parse(rows[0]["plan"])
             (out / f"static_search_{size}.json").write_text(json.dumps(rows, indent=1))
             cfg = SimConfig(
-                policy="static",
+                policy=Policy.STATIC,
                 workers=size,
                 slo_ms=slo_ms,
                 light_workers=args.light_workers,

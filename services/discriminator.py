@@ -6,11 +6,13 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from PIL import Image
+
 from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator, require_backend
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
-from common.messages import E_MODEL, Completion, LightReady, LightResult
+from common.messages import E_MODEL, Completion, LightReady, LightResult, Role, RoutedBy
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
 from common.service import Service, now_ms, run
@@ -42,7 +44,7 @@ class DiscriminatorConfig(ServiceConfig, BackendSettings):
 
 
 class Discriminator:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[DiscriminatorConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.model = make_discriminator(self.cfg)
         self.profile = load_profile(self.cfg)
@@ -61,7 +63,7 @@ class Discriminator:
     def heavy_ms(self, batch: int) -> float:
         return self.profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
 
-    def _images(self, results: list[LightResult]):
+    def _images(self, results: list[LightResult]) -> list[Image.Image | None]:
         if not self.needs_images:
             return [None] * len(results)
         return [from_thumbnail(r.thumbnail, r.thumbnail_size) if r.thumbnail else decode(r.image) for r in results]
@@ -115,7 +117,7 @@ class Discriminator:
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage(plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
         now = now_ms()
-        outputs = []
+        outputs: list[tuple[str, bytes]] = []
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
             job = result.job
@@ -125,7 +127,7 @@ class Discriminator:
                 threshold,
                 discriminator_routes=plan.discriminator_routes,
                 degrade_late=degrade_late,
-                fallback=job.routed_by == "fallback",
+                fallback=job.routed_by == RoutedBy.FALLBACK,
                 on_time=on_time,
             )
             metrics.ROUTED.labels(decision).inc()
@@ -157,7 +159,7 @@ class Discriminator:
                             job,
                             result.image,
                             result.image_format,
-                            "light",
+                            Role.LIGHT,
                             result.model,
                             confidence,
                             degraded=decision == Decision.LATE,
@@ -168,7 +170,7 @@ class Discriminator:
         return outputs
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[DiscriminatorConfig]) -> None:
     disc = Discriminator(svc)
     await asyncio.to_thread(disc.model.load)
     svc.ready()
