@@ -182,7 +182,7 @@ def spec_uses_light(policy: str) -> bool:
 def policy_spec(policy: str) -> PolicySpec:
     try:
         return POLICY_TABLE[Policy(policy)]
-    except ValueError:  # not a Policy value
+    except (ValueError, KeyError):  # not a Policy value, or one without an entry
         raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}") from None
 
 
