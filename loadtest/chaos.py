@@ -15,7 +15,7 @@ from collections import Counter
 
 from common.client import Client
 from common.localstack import LocalStack, StackSpec
-from common.messages import ENTRY_FIELD, FinalResult
+from common.messages import ENTRY_FIELD, FinalResult, Status
 from common.profiles import load_prompts
 
 
@@ -56,7 +56,7 @@ async def _load(
         "answered": len(answered),
         "lost": len(set(sent) - answered),
         "duplicated": sum(n - 1 for n in per_job.values() if n > 1),
-        "errors": dict(Counter(r.error_code for r in results if r.status != "ok")),
+        "errors": dict(Counter(r.error_code for r in results if r.status != Status.OK)),
         "degraded": sum(r.degraded for r in results),
         "kills": dict(Counter(kills)),
     }

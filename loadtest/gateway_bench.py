@@ -33,6 +33,7 @@ import httpx
 
 from common.client import Client
 from common.localstack import LocalStack, StackSpec, free_port
+from common.messages import Status
 from common.profiles import load_prompts
 
 from loadtest.report import percentiles
@@ -42,7 +43,7 @@ from loadtest.serving_bench import write_bench
 
 async def _direct(client: Client, prompt: str) -> None:
     result = await client.submit(prompt, timeout=60)
-    assert result.status == "ok", result.error_message
+    assert result.status == Status.OK, result.error_message
 
 
 async def _sync(http: httpx.AsyncClient, prompt: str) -> None:

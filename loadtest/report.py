@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.messages import Role, Status
+
 QUALITY_WINDOW_S = 5.0
 LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
 QUALITY_METHOD = (
@@ -86,7 +88,7 @@ def window_scores(
     out = []
     for w in sorted(windows):
         rows = windows[w]
-        light = [c for by, c in rows if by == "light"]
+        light = [c for by, c in rows if by == Role.LIGHT]
         share = len(light) / len(rows)
         paper = curve.score(share)
         known = [c for _by, c in rows if c is not None]
@@ -145,8 +147,8 @@ def summarize(
     x = run.time_scale
     jobs = run.jobs
     results = [j for j in jobs if j.result is not None]
-    ok = [j for j in results if j.result.status == "ok"]
-    errors = Counter(j.result.error_code or "unknown" for j in results if j.result.status != "ok")
+    ok = [j for j in results if j.result.status == Status.OK]
+    errors = Counter(j.result.error_code or "unknown" for j in results if j.result.status != Status.OK)
     lost = len(jobs) - len(results)
     met = sum(bool(j.result.slo_met) for j in ok)
     by = Counter(j.result.answered_by for j in ok)
@@ -186,7 +188,9 @@ def summarize(
     if backend == "profiled" and curve is not None and confidence_curve is not None:
         entry["quality"] = quality_estimate(answers, curve, lambda c: 1.0 - confidence_curve.f(c))
     else:
-        conf = [j.result.confidence for j in ok if j.result.answered_by == "light" and j.result.confidence is not None]
+        conf = [
+            j.result.confidence for j in ok if j.result.answered_by == Role.LIGHT and j.result.confidence is not None
+        ]
         entry["quality"] = {
             "metric": "heavy_share+light_confidence",
             "estimate": None,
@@ -206,13 +210,13 @@ def default_bin_s(duration_s: float) -> float:
 def timeline(run, bin_s: float) -> dict:
     """Per-bin series (full-speed seconds) for the plots, plus the plan samples."""
     x = run.time_scale
-    ok = [j for j in run.jobs if j.result is not None and j.result.status == "ok"]
+    ok = [j for j in run.jobs if j.result is not None and j.result.status == Status.OK]
     end_s = max([run.trace.duration_s] + [j.received_s / x for j in ok])
     n = max(1, math.ceil(end_s / bin_s))
     offered = _bin_counts([j.arrival_ms / 1000 for j in run.jobs], bin_s, n)
     done = _bin_counts([j.received_s / x for j in ok], bin_s, n)
     arrived_ok = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.slo_met], bin_s, n)
-    heavy = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.answered_by == "heavy"], bin_s, n)
+    heavy = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.answered_by == Role.HEAVY], bin_s, n)
     answered = _bin_counts([j.arrival_ms / 1000 for j in ok], bin_s, n)
     samples = []
     for s in run.plan_samples:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common.client import Client
 from common.config import Keys, RedisSettings
-from common.messages import FinalResult, new_job_id
+from common.messages import FinalResult, Status, new_job_id
 from common.plan_store import load_plan
 from common.streams import backlog
 
@@ -206,7 +206,7 @@ async def replay(
             else:
                 rec.result, rec.received_s = _strip(result), now
                 counts["answered"] += 1
-                counts["misses"] += not (result.status == "ok" and result.slo_met)
+                counts["misses"] += not (result.status == Status.OK and result.slo_met)
                 if sending_done and counts["answered"] >= len(jobs):
                     all_answered.set()
 

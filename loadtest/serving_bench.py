@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from common.client import Client
 from common.config import Keys
 from common.localstack import LocalStack, StackSpec
-from common.messages import new_job_id
+from common.messages import Status, new_job_id
 from common.profiles import load_prompts
 from common.streams import PIPELINE_GROUPS, backlog
 
@@ -91,7 +91,7 @@ async def offered_step(client: Client, prompts: list[str], rate: float, seconds:
             latency.append((loop.time() - start) * 1000)
             if res.latency_ms is not None:
                 router_ms.append(res.latency_ms)
-            errors += res.status != "ok"
+            errors += res.status != Status.OK
             if len(latency) >= n:
                 done.set()
 

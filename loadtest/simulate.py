@@ -45,7 +45,7 @@ from common.backends.profiled import (
 )
 from common.cascades import CASCADES, DEFAULT_CASCADE
 from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
-from common.messages import FinalResult, Plan
+from common.messages import FinalResult, Plan, Role, RoutedBy, Status
 from common.planner import POLICIES, FixedPlan, Policy, QueueStats, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
 from common.routing import Decision, HeavyStage, cascade_decision, decision_order, direct_decision, finishes_in_time
@@ -66,7 +66,7 @@ class SimJob:
     prompt: str
     deadline_ms: float
     confidence: float | None = None  # set once the discriminator scored it
-    routed_by: str = "cascade"
+    routed_by: RoutedBy = RoutedBy.CASCADE
     light_done: bool = False
 
 
@@ -256,10 +256,10 @@ class Simulation:
                 on_time=self.heavy_stage().on_time(self.now, job.deadline_ms),
             )
             if decision == Decision.HEAVY:
-                job.routed_by = "direct"
+                job.routed_by = RoutedBy.DIRECT
                 self.enqueue("heavy", job)
                 return
-            job.routed_by = "fallback" if decision == Decision.LATE else "cascade"
+            job.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
         self.enqueue("light", job)
 
     def enqueue(self, queue: str, job: SimJob) -> None:
@@ -295,9 +295,9 @@ class Simulation:
                 if finishes_in_time(self.now, job.deadline_ms, 0.0, batch_ms):
                     on_time.append(job)
                 elif job.light_done:
-                    self.finish(job, "light", degraded=True)
+                    self.finish(job, Role.LIGHT, degraded=True)
                 else:
-                    job.routed_by = "fallback"
+                    job.routed_by = RoutedBy.FALLBACK
                     self.enqueue("light", job)
             jobs = on_time
             if not jobs:  # all answered or sent back: the worker pulls again after its pass
@@ -323,7 +323,7 @@ class Simulation:
                 job.light_done = True
                 self.enqueue("discriminator", job)
             else:
-                self.finish(job, "heavy")
+                self.finish(job, Role.HEAVY)
         self.try_worker(w)
 
     def try_discriminator(self) -> None:
@@ -347,7 +347,7 @@ class Simulation:
                 plan.threshold,
                 discriminator_routes=plan.discriminator_routes,
                 degrade_late=plan.degrade_late,
-                fallback=job.routed_by == "fallback",
+                fallback=job.routed_by == RoutedBy.FALLBACK,
                 on_time=heavy is None or heavy.on_time(self.now, job.deadline_ms),
             )
             if decision == Decision.HEAVY:
@@ -355,16 +355,16 @@ class Simulation:
                     heavy.admit()
                 self.enqueue("heavy", job)
             else:
-                self.finish(job, "light", degraded=decision == Decision.LATE)
+                self.finish(job, Role.LIGHT, degraded=decision == Decision.LATE)
         self.try_discriminator()
 
-    def finish(self, job: SimJob, answered_by: str, degraded: bool = False) -> None:
+    def finish(self, job: SimJob, answered_by: Role, degraded: bool = False) -> None:
         done = self.now + self.hop_ms  # the router's delivery pass
         rec = job.record
         rec.received_s = done / 1000.0
         rec.result = FinalResult(
             job_id=rec.job_id,
-            status="ok",
+            status=Status.OK,
             answered_by=answered_by,
             model=getattr(self.profile.spec, answered_by),
             confidence=job.confidence,
@@ -378,7 +378,7 @@ class Simulation:
     def finish_error(self, rec: JobRecord, code: str, message: str) -> None:
         rec.received_s = self.now / 1000.0
         rec.result = FinalResult(
-            job_id=rec.job_id, status="error", error_code=code, error_message=message, finished_ms=self.now
+            job_id=rec.job_id, status=Status.ERROR, error_code=code, error_message=message, finished_ms=self.now
         )
         self.outstanding -= 1
 
