@@ -12,6 +12,7 @@ import json
 import random
 import time
 from collections import Counter
+from typing import Any
 
 from common.client import Client
 from common.localstack import LocalStack, StackSpec
@@ -27,7 +28,7 @@ async def _load(
     kill_every: float,
     rng: random.Random,
     drain_s: float,
-) -> dict:
+) -> dict[str, Any]:
     victims = [name for name in stack.procs]
     kills: list[str] = []
     async with Client(redis_url=stack.redis_url) as client:
@@ -47,7 +48,7 @@ async def _load(
         deadline = time.monotonic() + drain_s
         while time.monotonic() < deadline and await client.redis.xlen(client.reply_stream) < len(sent):
             await asyncio.sleep(0.25)
-        entries = await client.redis.xrange(client.reply_stream)
+        entries: Any = await client.redis.xrange(client.reply_stream)
     results = [FinalResult.decode(fields[ENTRY_FIELD]) for _id, fields in entries]
     per_job = Counter(r.job_id for r in results)
     answered = set(per_job) & set(sent)
@@ -62,7 +63,7 @@ async def _load(
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m loadtest.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rate", type=float, default=20.0, help="jobs per second (Poisson)")

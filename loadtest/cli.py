@@ -58,7 +58,7 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and prompt draw")
 
 
-def load_trace(args, n_prompts: int) -> Trace:
+def load_trace(args: argparse.Namespace, n_prompts: int) -> Trace:
     if args.trace_file:
         return read_trace(args.trace_file, n_prompts)
     return generate(
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _policies(args) -> list[str]:
+def _policies(args: argparse.Namespace) -> list[str]:
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     unknown = [x for x in policies if x not in POLICIES + ("none",)]
     if unknown:
