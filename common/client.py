@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from common.config import Keys, RedisSettings
 from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
@@ -43,7 +44,7 @@ class Client:
         self.redis = connect(settings, client_name="client")
         self.reader_redis = connect(settings, client_name="client-reader")
         self.reply_stream = f"{self.keys.reply_prefix}{uuid.uuid4().hex}"
-        self._waiting: dict[str, asyncio.Future] = {}
+        self._waiting: dict[str, asyncio.Future[FinalResult]] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
         self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
         # Answers still owed per job id put on our reply stream: anything else there was forged
@@ -51,13 +52,13 @@ class Client:
         self._owed: Counter[str] = Counter()
         self.dropped = 0  # unclaimed results dropped because nobody read them
         self.rejected = 0  # results for job ids this client did not submit
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._closing = False
 
     async def __aenter__(self) -> "Client":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -111,13 +112,18 @@ class Client:
         return job.job_id
 
     async def submit(
-        self, prompt: str, *, timeout: float = 120.0, on_light: Callable[[LightReady], None] | None = None, **kwargs
+        self,
+        prompt: str,
+        *,
+        timeout: float = 120.0,
+        on_light: Callable[[LightReady], None] | None = None,
+        **kwargs: Any,
     ) -> FinalResult:
         """Enqueue and wait for the result; ``on_light`` is called with the light image first
         when the job goes on to the heavy model."""
         self._start_reader()
         job_id = kwargs.pop("job_id", None) or new_job_id()
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[FinalResult] = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = future
         if on_light:
             self._on_light[job_id] = on_light
@@ -136,7 +142,7 @@ class Client:
                 pipe.set(self.keys.cancel(job_id), 1, ex=ttl_s)
             await pipe.execute()
 
-    async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs) -> list[FinalResult]:
+    async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs: Any) -> list[FinalResult]:
         return list(await asyncio.gather(*(self.submit(p, timeout=timeout, **kwargs) for p in prompts)))
 
     async def results(self) -> AsyncIterator[FinalResult]:
@@ -149,7 +155,7 @@ class Client:
         """For jobs pushed without reply_to: BLPOP the job's result list; None after ``timeout``."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            reply = await self.redis.blpop([self.keys.result(job_id)], timeout=min(left, BLPOP_PIECE_S))
+            reply: Any = await self.redis.blpop([self.keys.result(job_id)], timeout=min(left, BLPOP_PIECE_S))
             if reply:
                 return FinalResult.decode(reply[1])
         return None
@@ -162,7 +168,7 @@ class Client:
         last_id = "0-0"
         while not self._closing:
             try:
-                reply = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=READ_BLOCK_MS)
+                reply: Any = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=READ_BLOCK_MS)
             except TRANSIENT_ERRORS:
                 await asyncio.sleep(0.5)
                 continue

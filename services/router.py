@@ -8,6 +8,9 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from typing import NoReturn
+
+import redis.asyncio as aioredis
 
 from common import metrics
 from common.cascades import cascade
@@ -27,12 +30,14 @@ from common.messages import (
     FinalResult,
     Job,
     MessageError,
+    RoutedBy,
     RoutedJob,
+    Status,
     unpack,
 )
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import Decision, direct_decision
-from common.profiles import uniform_from_text
+from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
@@ -128,7 +133,7 @@ def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
 
 
 def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
-    def bad(code: str, message: str):
+    def bad(code: str, message: str) -> NoReturn:
         raise MessageError(code, message, job.job_id if JOB_ID_RE.match(job.job_id) else None)
 
     if not JOB_ID_RE.match(job.job_id):
@@ -154,7 +159,7 @@ def validate_job(job: Job, cfg: RouterConfig, keys: Keys) -> None:
 
 
 class Router:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[RouterConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
         name = self.cfg.instance_id
@@ -164,7 +169,7 @@ class Router:
         )
         self.plans = PlanWatcher(self.r, self.keys)
         self.heavy = HeavyStageWatcher(self.r, self.keys)
-        self._profile = None
+        self._profile: CascadeProfile | None = None
         self.light_backlog = 0
         self._next_trim = 0.0
         self._rng = random.Random()
@@ -204,7 +209,7 @@ class Router:
                             reply_to,
                             FinalResult(
                                 job_id=exc.job_id,
-                                status="error",
+                                status=Status.ERROR,
                                 error_code=exc.code,
                                 error_message=str(exc),
                                 finished_ms=arrival,
@@ -234,7 +239,7 @@ class Router:
                         job.reply_to,
                         FinalResult(
                             job_id=job.job_id,
-                            status=E_CANCELLED,
+                            status=Status.CANCELLED,
                             error_code=E_CANCELLED,
                             error_message="cancelled by the client before it ran",
                             finished_ms=arrival,
@@ -251,7 +256,7 @@ class Router:
                         job.reply_to,
                         FinalResult(
                             job_id=job.job_id,
-                            status="error",
+                            status=Status.ERROR,
                             error_code=E_DUPLICATE,
                             finished_ms=arrival,
                             error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
@@ -281,18 +286,18 @@ class Router:
                     on_time=heavy is None or heavy.on_time(arrival, routed.deadline_ms),
                 )
             if decision == Decision.HEAVY:
-                routed.routed_by = "direct"
+                routed.routed_by = RoutedBy.DIRECT
                 outputs.append((self.keys.heavy_queue, routed.encode()))
                 if heavy is not None:
                     heavy.admit()
             else:
-                routed.routed_by = "fallback" if decision == Decision.LATE else "cascade"
+                routed.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
                 outputs.append((self.keys.light_queue, routed.encode()))
                 self.light_backlog += 1
 
         admitted_ids = [job.job_id for entry_id, job in jobs if entry_id not in duplicates]
 
-        def deliver_errors(pipe):
+        def deliver_errors(pipe: aioredis.client.Pipeline) -> None:
             for reply_to, message in errors:
                 if isinstance(message, DeadLetter):
                     pipe.xadd(self.keys.dead_letters, {"m": message.encode()}, maxlen=10000, approximate=True)
@@ -321,7 +326,9 @@ class Router:
         }
 
     # ---------- delivery ----------
-    def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
+    def _deliver(
+        self, pipe: aioredis.client.Pipeline, result: FinalResult, reply_to: str | None, *, admitted: bool = True
+    ) -> None:
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
@@ -344,7 +351,7 @@ class Router:
             return
         finished = now_ms()
         results: list[tuple[Completion, FinalResult]] = []
-        bad_ids = []
+        bad_ids: list[DeadLetter] = []
         for entry in entries:
             try:
                 c = Completion.decode(entry.payload or b"")
@@ -361,7 +368,7 @@ class Router:
                 )
                 continue
             latency = finished - c.arrival_ms
-            slo_met = c.status == "ok" and finished <= c.deadline_ms
+            slo_met = c.status == Status.OK and finished <= c.deadline_ms
             results.append(
                 (
                     c,
@@ -383,7 +390,7 @@ class Router:
                 )
             )
 
-        def deliver(pipe):
+        def deliver(pipe: aioredis.client.Pipeline) -> None:
             for c, result in results:
                 self._deliver(pipe, result, c.reply_to)
             for dead in bad_ids:
@@ -395,11 +402,11 @@ class Router:
             if not fresh:
                 metrics.DUPLICATES.inc()
                 continue
-            if result.status == E_CANCELLED:  # not served, so neither an SLO hit nor a miss
+            if result.status == Status.CANCELLED:  # not served, so neither an SLO hit nor a miss
                 metrics.PROCESSED.labels("router", "cancelled").inc()
                 continue
             metrics.PROCESSED.labels("router", "delivered").inc()
-            if result.status == "ok":
+            if result.status == Status.OK and result.latency_ms is not None:  # always set on this path
                 metrics.E2E_LATENCY.labels(result.answered_by or "").observe(result.latency_ms / 1000)
             metrics.SLO.labels("hit" if result.slo_met else "miss").inc()
             outcomes["slo_hit" if result.slo_met else "slo_miss"] += 1
@@ -439,7 +446,7 @@ def _reply_to_of(entry: Entry, prefix: str) -> str | None:
     return reply_to if isinstance(reply_to, str) and reply_to.startswith(prefix) and len(reply_to) <= 200 else None
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[RouterConfig]) -> None:
     router = Router(svc)
     svc.ready()
     await asyncio.gather(
