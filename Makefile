@@ -29,7 +29,7 @@ test: $(MODELS)
 test-fast: $(MODELS)
 	$(PY) -m pytest -q -m "not slow"
 
-# What CI runs before the tests: ruff lint and format check (config in pyproject.toml) and mypy, strict on the decision code.
+# What CI runs before the tests: ruff lint and format check (config in pyproject.toml) and mypy --strict on common/, services/ and loadtest/.
 lint: $(CORE)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)

@@ -24,7 +24,7 @@ class ModelSpec:
     unet_file: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CascadeSpec:
     name: str
     light: str
@@ -72,43 +72,43 @@ CASCADES = {
     c.name: c
     for c in (
         CascadeSpec(
-            "sdturbo-sdv15",
-            "sdturbo",
-            "sdv15",
-            5000,
-            "stable_diffusion_runtimes_sdturbo.csv",
-            "sdturbo",
-            "sdv15",
-            "sdturbo",
-            "sdv15",
-            "f_t_sdturbo_sdv15.csv",
-            "sdturbo_sdv15",
+            name="sdturbo-sdv15",
+            light="sdturbo",
+            heavy="sdv15",
+            slo_ms=5000,
+            runtimes_file="stable_diffusion_runtimes_sdturbo.csv",
+            light_row="sdturbo",
+            heavy_row="sdv15",
+            h100_light_row="sdturbo",
+            h100_heavy_row="sdv15",
+            f_curve_file="f_t_sdturbo_sdv15.csv",
+            quality_column="sdturbo_sdv15",
         ),
         CascadeSpec(
-            "sdxs-sdv15",
-            "sdxs",
-            "sdv15",
-            5000,
-            "stable_diffusion_runtimes_sdxs.csv",
-            "sdturbo",
-            "sdv15",
-            None,
-            "sdv15",
-            None,
-            "sdxs_sdv15",
+            name="sdxs-sdv15",
+            light="sdxs",
+            heavy="sdv15",
+            slo_ms=5000,
+            runtimes_file="stable_diffusion_runtimes_sdxs.csv",
+            light_row="sdturbo",
+            heavy_row="sdv15",
+            h100_light_row=None,
+            h100_heavy_row="sdv15",
+            f_curve_file=None,
+            quality_column="sdxs_sdv15",
         ),
         CascadeSpec(
-            "sdxlltn-sdxl",
-            "sdxlltn",
-            "sdxl",
-            15000,
-            "stable_diffusion_runtimes_sdxlltn.csv",
-            "sdturbo",
-            "sdv15",
-            "sdxlltn",
-            "sdxl",
-            None,
-            "sdxlltn_sdxl",
+            name="sdxlltn-sdxl",
+            light="sdxlltn",
+            heavy="sdxl",
+            slo_ms=15000,
+            runtimes_file="stable_diffusion_runtimes_sdxlltn.csv",
+            light_row="sdturbo",
+            heavy_row="sdv15",
+            h100_light_row="sdxlltn",
+            h100_heavy_row="sdxl",
+            f_curve_file=None,
+            quality_column="sdxlltn_sdxl",
         ),
     )
 }

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from common.config import Keys, RedisSettings
 from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
@@ -59,7 +60,7 @@ class Client:
         self.jobs_stream = self.keys.jobs if self.tenant is None else self.keys.tenant_in(self.tenant)
         replies = self.keys.reply_prefix if self.tenant is None else self.keys.tenant_out(self.tenant)
         self.reply_stream = f"{replies}{uuid.uuid4().hex}"
-        self._waiting: dict[str, asyncio.Future] = {}
+        self._waiting: dict[str, asyncio.Future[FinalResult]] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
         self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
         # Answers still owed per job id put on our reply stream: anything else there was forged
@@ -67,13 +68,13 @@ class Client:
         self._owed: Counter[str] = Counter()
         self.dropped = 0  # unclaimed results dropped because nobody read them
         self.rejected = 0  # results for job ids this client did not submit
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._closing = False
 
     async def __aenter__(self) -> "Client":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -109,15 +110,15 @@ class Client:
         prompt's line in the prompt file (trace replays)."""
         reply_to = reply_to or (self.reply_stream if reply else None)
         job = Job(
-            job_id or new_job_id(),
-            prompt,
-            slo_ms,
-            seed,
-            image_format,
-            image_quality,
-            reply_to,
-            time.time() * 1000,
-            cascade,
+            job_id=job_id or new_job_id(),
+            prompt=prompt,
+            slo_ms=slo_ms,
+            seed=seed,
+            image_format=image_format,
+            image_quality=image_quality,
+            reply_to=reply_to,
+            submitted_ms=time.time() * 1000,
+            cascade=cascade,
             partials=partials,
             prompt_index=prompt_index,
         )
@@ -128,13 +129,18 @@ class Client:
         return job.job_id
 
     async def submit(
-        self, prompt: str, *, timeout: float = 120.0, on_light: Callable[[LightReady], None] | None = None, **kwargs
+        self,
+        prompt: str,
+        *,
+        timeout: float = 120.0,
+        on_light: Callable[[LightReady], None] | None = None,
+        **kwargs: Any,
     ) -> FinalResult:
         """Enqueue and wait for the result; ``on_light`` is called with the light image first
         when the job goes on to the heavy model."""
         self._start_reader()
         job_id = kwargs.pop("job_id", None) or new_job_id()
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[FinalResult] = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = future
         if on_light:
             self._on_light[job_id] = on_light
@@ -153,7 +159,7 @@ class Client:
                 pipe.set(self.keys.cancel(scoped_id(self.tenant, job_id)), 1, ex=ttl_s)
             await pipe.execute()
 
-    async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs) -> list[FinalResult]:
+    async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs: Any) -> list[FinalResult]:
         return list(await asyncio.gather(*(self.submit(p, timeout=timeout, **kwargs) for p in prompts)))
 
     async def results(self) -> AsyncIterator[FinalResult]:
@@ -169,12 +175,12 @@ class Client:
         if self.tenant is not None:
             stream = default_reply(self.keys, self.tenant, job_id)
             while (left := deadline - time.monotonic()) > 0:
-                reply = await self.redis.xread({stream: "0-0"}, count=1, block=int(min(left, BLPOP_PIECE_S) * 1000))
-                for _stream, items in reply or []:
+                read: Any = await self.redis.xread({stream: "0-0"}, count=1, block=int(min(left, BLPOP_PIECE_S) * 1000))
+                for _stream, items in read or []:
                     return FinalResult.decode(items[0][1][ENTRY_FIELD])
             return None
         while (left := deadline - time.monotonic()) > 0:
-            reply = await self.redis.blpop([self.keys.result(job_id)], timeout=min(left, BLPOP_PIECE_S))
+            reply: Any = await self.redis.blpop([self.keys.result(job_id)], timeout=min(left, BLPOP_PIECE_S))
             if reply:
                 return FinalResult.decode(reply[1])
         return None
@@ -187,7 +193,7 @@ class Client:
         last_id = "0-0"
         while not self._closing:
             try:
-                reply = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=READ_BLOCK_MS)
+                reply: Any = await self.reader_redis.xread({self.reply_stream: last_id}, count=512, block=READ_BLOCK_MS)
             except TRANSIENT_ERRORS:
                 await asyncio.sleep(0.5)
                 continue

@@ -13,19 +13,22 @@ import os
 import socket
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 
-def option(default: Any, help: str, *, env: str | None = None, choices: tuple | None = None) -> Any:
+def option(default: Any, help: str, *, env: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
     meta = {"help": help, "env": env, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
+        factory: type[list[Any]] | type[dict[Any, Any]] = type(default)
+        return field(default_factory=lambda: factory(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _env_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("env") or "DIFFSERVE_" + f.name.upper()
+def _env_name(f: dataclasses.Field[Any]) -> str:
+    name: str = f.metadata.get("env") or "DIFFSERVE_" + f.name.upper()
+    return name
 
 
 def _parse_value(raw: str, hint: Any) -> Any:
@@ -46,6 +49,10 @@ def _parse_value(raw: str, hint: Any) -> Any:
     return t(raw)
 
 
+def _parser_for(hint: Any) -> Callable[[str], Any]:
+    return lambda raw: _parse_value(raw, hint)
+
+
 @dataclass
 class RedisSettings:
     """How every service reaches Redis. Password/ACL user and TLS (``rediss://``) are supported."""
@@ -60,7 +67,7 @@ class RedisSettings:
     redis_tls_key: str | None = option(None, "client key for mutual TLS", env="REDIS_TLS_KEY")
     namespace: str = option("diffserve", "prefix of every Redis key and stream", env="DIFFSERVE_NAMESPACE")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.check_tls()
 
     def check_tls(self) -> None:
@@ -97,7 +104,7 @@ class ServiceConfig(RedisSettings):
     log_level: str = option("INFO", "log level", env="LOG_LEVEL")
     instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if not self.instance_id:
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -109,7 +116,7 @@ class ServiceConfig(RedisSettings):
             if not f.metadata.get("help"):
                 continue
             hint = hints[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             flag = "--" + f.name.replace("_", "-")
             helptext = f"{f.metadata['help']} [env {_env_name(f)}; default {default!r}]"
             if hint is bool:
@@ -123,15 +130,15 @@ class ServiceConfig(RedisSettings):
                     default=None,
                     help=helptext,
                     choices=f.metadata.get("choices"),
-                    type=lambda raw, hint=hint: _parse_value(raw, hint),
+                    type=_parser_for(hint),
                 )
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace | None = None, env: dict[str, str] | None = None):
+    def from_namespace(cls, ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Self:
         """CLI value if given, else env, else the documented default."""
         env = os.environ if env is None else env
         hints = typing.get_type_hints(cls)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             value = getattr(ns, f.name, None) if ns is not None else None
             if value is None and _env_name(f) in env:
@@ -147,7 +154,7 @@ class ServiceConfig(RedisSettings):
             raise SystemExit(f"{cls.__name__}: {exc}") from None
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None, prog: str | None = None):
+    def from_args(cls, argv: list[str] | None = None, prog: str | None = None) -> Self:
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
@@ -45,7 +45,7 @@ def decode(data: bytes) -> Image.Image:
 
 def thumbnail_rgb(image: Image.Image, size: int) -> bytes:
     """Raw RGB8 bytes at size x size: what the discriminator consumes, no PNG decode needed."""
-    return image.convert("RGB").resize((size, size), Image.BILINEAR).tobytes()
+    return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR).tobytes()
 
 
 def from_thumbnail(data: bytes, size: int) -> Image.Image:
@@ -70,7 +70,7 @@ class EncoderPool:
         metrics.ENCODE_TIME.labels(fmt).observe(seconds)
         return Encoded(data, fmt, None, seconds)
 
-    def submit(self, images: list[Image.Image], formats: list[tuple[str, int]]):
+    def submit(self, images: list[Image.Image], formats: list[tuple[str, int]]) -> list[Future[Encoded]]:
         """Start encoding; returns futures in job order (await with ``asyncio.wrap_future``)."""
         return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats)]
 

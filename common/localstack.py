@@ -21,7 +21,8 @@ from common import health
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class RedisServer:
@@ -98,14 +99,15 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not start")
 
-    def _cli(self, *cmd: str) -> subprocess.CompletedProcess:
+    def _cli(self, *cmd: str) -> subprocess.CompletedProcess[str]:
         auth = ["--no-auth-warning", "-a", self.password] if self.password else []
         tls = ["--tls", "--cacert", self.tls[2]] if self.tls else []
         return subprocess.run(["redis-cli", "-p", str(self.port), *tls, *auth, *cmd], capture_output=True, text=True)
 
     def cli(self, *cmd: str) -> str:
         """Run a redis-cli command against this server (as the default user); its output."""
-        return self._cli(*cmd).stdout.strip()
+        out: str = self._cli(*cmd).stdout
+        return out.strip()
 
     def stop(self) -> None:
         self._cli("shutdown", "nosave")
@@ -173,19 +175,21 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis: RedisServer | None = None
         self.redis_url = spec.redis_url
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._commands: dict[str, list[str]] = {}
         self.metrics_ports: dict[str, int] = {}  # process name -> its metrics (and readiness) port
         self._services: dict[str, str] = {}  # process name -> the service it runs (its readiness label)
-        self._watchdog: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> "LocalStack":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def _env(self, name: str) -> dict[str, str]:
+        if self.redis_url is None:
+            raise RuntimeError("start the stack (its Redis) before its services")
         env = {
             **os.environ,
             "REDIS_URL": self.redis_url,
@@ -222,12 +226,12 @@ class LocalStack:
             self.metrics_ports[name] = port
         return self.metrics_ports[name]
 
-    def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
         self._commands[name] = [sys.executable, "-m", f"services.{module}", *args]
         self._services[name] = module
         return self._launch(name)
 
-    def _launch(self, name: str) -> subprocess.Popen:
+    def _launch(self, name: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             self._commands[name],
@@ -318,6 +322,7 @@ class LocalStack:
             self.redis.stop()
         if self._watchdog:  # everything is stopped: let it exit with nothing left to do
             (self.log_dir / "stack.pids").write_text("")
-            self._watchdog.stdin.close()
+            if self._watchdog.stdin is not None:
+                self._watchdog.stdin.close()
             self._watchdog.wait()
             self._watchdog = None

@@ -10,11 +10,12 @@ raises :class:`MessageError`, which the services turn into an error result.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import msgpack
 
@@ -31,17 +32,58 @@ class MessageError(ValueError):
         self.job_id = job_id
 
 
-# Error codes delivered to callers; stable strings, documented in README ("Wire format").
-E_MALFORMED = "malformed"
-E_INVALID = "invalid_request"
-E_PROMPT_TOO_LONG = "prompt_too_long"
-E_OVERLOADED = "overloaded"
-E_DEADLINE = "deadline_exceeded"
-E_MODEL = "model_error"
-E_UNKNOWN_MODEL = "unknown_model"
-E_INTERNAL = "internal_error"
-E_DUPLICATE = "duplicate_job_id"  # a job with this id was admitted within the result TTL (in flight or answered)
-E_CANCELLED = "cancelled"  # status and code of a job its client cancelled before it ran
+# The finite sets on the wire.  StrEnum members are str, so they pack as their plain string (msgpack
+# accepts str subclasses) and compare equal to it; decoding turns the string back into the member.
+class ErrorCode(enum.StrEnum):
+    """Error codes delivered to callers; stable strings, documented in README ("Wire format")."""
+
+    MALFORMED = "malformed"
+    INVALID = "invalid_request"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    OVERLOADED = "overloaded"
+    DEADLINE = "deadline_exceeded"
+    MODEL = "model_error"
+    UNKNOWN_MODEL = "unknown_model"
+    INTERNAL = "internal_error"
+    DUPLICATE = "duplicate_job_id"  # a job with this id was admitted within the result TTL (in flight or answered)
+    CANCELLED = "cancelled"  # status and code of a job its client cancelled before it ran
+
+
+# The short names every service imports.
+E_MALFORMED = ErrorCode.MALFORMED
+E_INVALID = ErrorCode.INVALID
+E_PROMPT_TOO_LONG = ErrorCode.PROMPT_TOO_LONG
+E_OVERLOADED = ErrorCode.OVERLOADED
+E_DEADLINE = ErrorCode.DEADLINE
+E_MODEL = ErrorCode.MODEL
+E_UNKNOWN_MODEL = ErrorCode.UNKNOWN_MODEL
+E_INTERNAL = ErrorCode.INTERNAL
+E_DUPLICATE = ErrorCode.DUPLICATE
+E_CANCELLED = ErrorCode.CANCELLED
+
+
+class Status(enum.StrEnum):
+    """How a job ended (Completion, FinalResult)."""
+
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class Role(enum.StrEnum):
+    """A worker's model, and which model answered a job."""
+
+    LIGHT = "light"
+    HEAVY = "heavy"
+
+
+class RoutedBy(enum.StrEnum):
+    """How a routed job reached its queue."""
+
+    CASCADE = "cascade"  # light first, the discriminator decides
+    DIRECT = "direct"  # the policy sent it straight to heavy
+    FALLBACK = "fallback"  # back to light: the heavy model could not make the deadline
+
 
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 
@@ -50,7 +92,7 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Message:
     TYPE: ClassVar[str] = ""
 
@@ -61,17 +103,18 @@ class Message:
         return body
 
     def encode(self) -> bytes:
-        return msgpack.packb(self.to_dict(), use_bin_type=True)
+        packed: bytes = msgpack.packb(self.to_dict(), use_bin_type=True)
+        return packed
 
     @classmethod
-    def from_dict(cls, body: dict[str, Any]):
+    def from_dict(cls, body: dict[str, Any]) -> Self:
         kind = body.get("type", cls.TYPE)
         if kind != cls.TYPE:
             raise MessageError(E_MALFORMED, f"expected a {cls.TYPE!r} message, got {kind!r}", _job_id_of(body))
         version = body.get("v", SCHEMA_VERSION)
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise MessageError(E_MALFORMED, f"unsupported schema version {version!r}", _job_id_of(body))
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         hints = _type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in body:
@@ -81,7 +124,7 @@ class Message:
         return cls(**kwargs)
 
     @classmethod
-    def decode(cls, payload: bytes):
+    def decode(cls, payload: bytes) -> Self:
         return cls.from_dict(unpack(payload))
 
 
@@ -104,7 +147,7 @@ def _job_id_of(body: dict[str, Any]) -> str | None:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _type_hints(cls) -> dict[str, Any]:
+def _type_hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS:
         _HINTS[cls] = typing.get_type_hints(cls)
     return _HINTS[cls]
@@ -120,12 +163,19 @@ def _check_type(name: str, value: Any, hint: Any, body: dict[str, Any]) -> Any:
             return float(value)
         if t is int and isinstance(value, bool):
             continue
+        if isinstance(t, type) and issubclass(t, enum.StrEnum):
+            if isinstance(value, str):
+                try:
+                    return t(value)
+                except ValueError:
+                    pass
+            continue
         if t is not type(None) and isinstance(value, t):
             return value
     raise MessageError(E_INVALID, f"field {name!r} has the wrong type ({type(value).__name__})", _job_id_of(body))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job(Message):
     """What a client puts on the jobs stream."""
 
@@ -143,7 +193,7 @@ class Job(Message):
     prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoutedJob(Message):
     """A validated job, stamped by the router; the payload of the light and heavy queues."""
 
@@ -159,12 +209,12 @@ class RoutedJob(Message):
     confidence: float | None = None  # set when the discriminator sends the job on to the heavy model
     light_image: bytes | None = None  # kept so a late heavy job can still be answered with it
     light_image_format: str | None = None
-    routed_by: str = "cascade"  # cascade | direct (policy sent it straight to heavy) | fallback (back to light)
+    routed_by: RoutedBy = RoutedBy.CASCADE
     partials: bool = False  # copied from Job
     prompt_index: int | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LightResult(Message):
     """Light worker -> discriminator."""
 
@@ -180,14 +230,14 @@ class LightResult(Message):
     light_ms: float = 0.0
 
     @classmethod
-    def from_dict(cls, body: dict[str, Any]):
+    def from_dict(cls, body: dict[str, Any]) -> Self:
         job = body.get("job")
         if not isinstance(job, dict):
             raise MessageError(E_MALFORMED, "light result without a job map")
         return super().from_dict({**body, "job": RoutedJob.from_dict({**job, "type": RoutedJob.TYPE})})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Completion(Message):
     """A stage's final answer for one job, sent to the router's completion stream."""
 
@@ -196,10 +246,10 @@ class Completion(Message):
     arrival_ms: float
     deadline_ms: float
     reply_to: str | None = None
-    status: str = "ok"  # ok | error | cancelled
+    status: Status = Status.OK
     image: bytes | None = None
     image_format: str | None = None
-    answered_by: str | None = None  # light | heavy
+    answered_by: Role | None = None
     model: str | None = None
     confidence: float | None = None
     degraded: bool = False  # answered with the light image because the heavy model could not make the deadline
@@ -208,26 +258,26 @@ class Completion(Message):
     worker_id: str = ""
 
     @classmethod
-    def failure(cls, job: "RoutedJob", code: str, message: str, worker_id: str = "") -> "Completion":
+    def failure(cls, job: RoutedJob, code: str, message: str, worker_id: str = "") -> Self:
         return cls(
-            job.job_id,
-            job.arrival_ms,
-            job.deadline_ms,
-            job.reply_to,
-            status="error",
+            job_id=job.job_id,
+            arrival_ms=job.arrival_ms,
+            deadline_ms=job.deadline_ms,
+            reply_to=job.reply_to,
+            status=Status.ERROR,
             error_code=code,
             error_message=message,
             worker_id=worker_id,
         )
 
     @classmethod
-    def cancelled(cls, job: "RoutedJob", worker_id: str = "") -> "Completion":
+    def cancelled(cls, job: RoutedJob, worker_id: str = "") -> Self:
         return cls(
-            job.job_id,
-            job.arrival_ms,
-            job.deadline_ms,
-            job.reply_to,
-            status=E_CANCELLED,
+            job_id=job.job_id,
+            arrival_ms=job.arrival_ms,
+            deadline_ms=job.deadline_ms,
+            reply_to=job.reply_to,
+            status=Status.CANCELLED,
             error_code=E_CANCELLED,
             error_message="cancelled by the client before it ran",
             worker_id=worker_id,
@@ -236,20 +286,20 @@ class Completion(Message):
     @classmethod
     def answer(
         cls,
-        job: "RoutedJob",
+        job: RoutedJob,
         image: bytes,
         image_format: str,
-        answered_by: str,
+        answered_by: Role,
         model: str,
         confidence: float | None = None,
         degraded: bool = False,
         worker_id: str = "",
-    ) -> "Completion":
+    ) -> Self:
         return cls(
-            job.job_id,
-            job.arrival_ms,
-            job.deadline_ms,
-            job.reply_to,
+            job_id=job.job_id,
+            arrival_ms=job.arrival_ms,
+            deadline_ms=job.deadline_ms,
+            reply_to=job.reply_to,
             image=image,
             image_format=image_format,
             answered_by=answered_by,
@@ -260,16 +310,16 @@ class Completion(Message):
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinalResult(Message):
     """What the client receives, exactly once per accepted job."""
 
     TYPE: ClassVar[str] = "final_result"
     job_id: str
-    status: str  # ok | error | cancelled
+    status: Status
     image: bytes | None = None
     image_format: str | None = None
-    answered_by: str | None = None
+    answered_by: Role | None = None
     model: str | None = None
     confidence: float | None = None
     degraded: bool = False
@@ -280,7 +330,7 @@ class FinalResult(Message):
     finished_ms: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LightReady(Message):
     """Discriminator -> a job's reply stream, only for jobs that asked (``partials``): the light
     image exists and the job went on to the heavy model.  Not a result; the FinalResult follows.
@@ -295,7 +345,7 @@ class LightReady(Message):
     ready_ms: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DeadLetter(Message):
     """An entry that could not be answered because no job id could be read from it."""
 
@@ -307,7 +357,7 @@ class DeadLetter(Message):
     raw: bytes = b""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan(Message):
     """The controller's current plan; stored under one key, read by every service."""
 
@@ -320,7 +370,7 @@ class Plan(Message):
     light_workers: int = 0
     heavy_workers: int = 0
     heavy_fraction: float = 0.0  # share of jobs the router sends straight to heavy (split policies)
-    roles: dict = field(default_factory=dict)  # worker_id -> light | heavy
+    roles: dict[str, str] = field(default_factory=dict)  # worker_id -> light | heavy
     demand_qps: float = 0.0
     feasible: bool = True
     objective: str = "quality"

@@ -17,7 +17,7 @@ from common.streams import backlog
 
 async def load_plan(r: aioredis.Redis, keys: Keys) -> Plan | None:
     raw = await r.get(keys.plan)
-    if raw is None:
+    if not isinstance(raw, bytes):
         return None
     try:
         return Plan.decode(raw)

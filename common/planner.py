@@ -67,14 +67,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
+import functools
 import json
 import math
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from common.profiles import BATCH_GRID, CascadeProfile
+from common.profiles import BATCH_GRID, CascadeProfile, LatencyTable, QualityCurve
+
+if TYPE_CHECKING:
+    from common.messages import Plan
 
 ROLES = ("light", "heavy")
 THRESHOLD_GRID = tuple(round(i * 0.01, 2) for i in range(101))
@@ -100,22 +107,34 @@ class PolicySpec:
     summary: str = ""
 
 
-POLICY_TABLE: dict[str, PolicySpec] = {
-    "diffserve": PolicySpec(
+class Policy(enum.StrEnum):
+    """The serving policies (``--policy``); what each one means is its POLICY_TABLE entry."""
+
+    DIFFSERVE = "diffserve"
+    DIFFSERVE_THRESHOLD = "diffserve-threshold"
+    STATIC = "static"
+    CLIPPER_LIGHT = "clipper-light"
+    CLIPPER_HEAVY = "clipper-heavy"
+    PROTEUS = "proteus"
+    AIMD = "aimd"
+
+
+POLICY_TABLE: dict[Policy, PolicySpec] = {
+    Policy.DIFFSERVE: PolicySpec(
         options="threshold",
         objective=None,
         discriminator_routes=True,
         degrade_late=True,
         summary="MILP every interval, best estimated quality within the SLO",
     ),
-    "diffserve-threshold": PolicySpec(
+    Policy.DIFFSERVE_THRESHOLD: PolicySpec(
         options="threshold",
         objective="threshold",
         discriminator_routes=True,
         degrade_late=True,
         summary="MILP every interval, largest t (the paper)",
     ),
-    "static": PolicySpec(
+    Policy.STATIC: PolicySpec(
         options="threshold",
         objective=None,
         discriminator_routes=True,
@@ -123,28 +142,28 @@ POLICY_TABLE: dict[str, PolicySpec] = {
         fixed=True,
         summary="one plan (threshold, batches, roles) set once and never changed",
     ),
-    "clipper-light": PolicySpec(
+    Policy.CLIPPER_LIGHT: PolicySpec(
         options="light",
         objective="threshold",
         discriminator_routes=False,
         degrade_late=True,
         summary="light model only",
     ),
-    "clipper-heavy": PolicySpec(
+    Policy.CLIPPER_HEAVY: PolicySpec(
         options="heavy",
         objective="threshold",
         discriminator_routes=False,
         degrade_late=False,
         summary="heavy model only, late answers stay heavy",
     ),
-    "proteus": PolicySpec(
+    Policy.PROTEUS: PolicySpec(
         options="split",
         objective="threshold",
         discriminator_routes=False,
         degrade_late=True,
         summary="a random fraction straight to heavy, as large as capacity allows",
     ),
-    "aimd": PolicySpec(
+    Policy.AIMD: PolicySpec(
         options="threshold",
         objective=None,
         discriminator_routes=True,
@@ -162,8 +181,8 @@ def spec_uses_light(policy: str) -> bool:
 
 def policy_spec(policy: str) -> PolicySpec:
     try:
-        return POLICY_TABLE[policy]
-    except KeyError:
+        return POLICY_TABLE[Policy(policy)]
+    except (ValueError, KeyError):  # not a Policy value, or one without an entry
         raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}") from None
 
 
@@ -307,7 +326,7 @@ class Evaluation:
     changes: int = 0  # role changes the counts need against the current assignment (lower bound)
     reason: str = ""
 
-    def key(self, problem: Problem, option: Option, light_workers: int) -> tuple:
+    def key(self, problem: Problem, option: Option, light_workers: int) -> tuple[int, int, int, float]:
         return (option.rank, self.changes, light_workers, self.total_ms / problem.slo_ms)
 
 
@@ -349,10 +368,10 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     plan_ms: float = 0.0  # solve_ms plus building the problems and placing spare workers
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_message(self, version: int, roles: dict[str, str] | None = None, created_ms: float | None = None):
+    def to_message(self, version: int, roles: dict[str, str] | None = None, created_ms: float | None = None) -> Plan:
         from common.messages import Plan
 
         spec = policy_spec(self.policy)
@@ -414,7 +433,7 @@ def default_objective(profile: CascadeProfile) -> str:
     return "quality" if profile.quality is not None else "threshold"
 
 
-def _grid(table, grid) -> dict[int, float]:
+def _grid(table: LatencyTable, grid: Iterable[int]) -> dict[int, float]:
     """Batch sizes of ``grid`` the table has a measurement for (sizes that do not fit are
     absent from the table)."""
     have = set(table.batches())
@@ -422,8 +441,7 @@ def _grid(table, grid) -> dict[int, float]:
     return {b: table.latency_ms(b) for b in sizes}
 
 
-def _quality_key(profile: CascadeProfile, light_share: float) -> float:
-    q = profile.quality
+def _quality_key(q: QualityCurve, light_share: float) -> float:
     score = q.score(light_share)
     return round(score if q.lower_is_better else -score, 9)
 
@@ -432,7 +450,7 @@ def build_options(
     profile: CascadeProfile,
     policy: str,
     objective: str,
-    threshold_grid=THRESHOLD_GRID,
+    threshold_grid: Sequence[float] = THRESHOLD_GRID,
     threshold_window: tuple[float, float] | None = None,
 ) -> list[Option]:
     spec = policy_spec(policy)
@@ -448,8 +466,9 @@ def build_options(
     if threshold_window is not None and len(opts) > 1:
         lo, hi = threshold_window
         opts = [o for o in opts if lo - 1e-9 <= o.value <= hi + 1e-9] or opts
-    if objective == "quality" and profile.quality is not None:
-        order = sorted(range(len(opts)), key=lambda i: (_quality_key(profile, opts[i].light_share), -opts[i].value))
+    quality = profile.quality
+    if objective == "quality" and quality is not None:
+        order = sorted(range(len(opts)), key=lambda i: (_quality_key(quality, opts[i].light_share), -opts[i].value))
     else:
         order = sorted(range(len(opts)), key=lambda i: -opts[i].value)
     for rank, i in enumerate(order):
@@ -466,15 +485,15 @@ def build_problem(
     objective: str | None = None,
     slo_ms: float | None = None,
     latency_scale: float = 1.0,
-    batch_grid=BATCH_GRID,
-    threshold_grid=THRESHOLD_GRID,
+    batch_grid: Sequence[int] = BATCH_GRID,
+    threshold_grid: Sequence[float] = THRESHOLD_GRID,
     threshold_window: tuple[float, float] | None = None,
     light_demand_qps: float | None = None,
     current: dict[str, str] | None = None,
     queues: QueueStats | None = None,
     keep_roles: bool = False,
-    light_batches=None,
-    heavy_batches=None,
+    light_batches: Sequence[int] | None = None,
+    heavy_batches: Sequence[int] | None = None,
     drain_s: float = DEFAULT_DRAIN_S,
     headroom: float = DEFAULT_HEADROOM,
 ) -> Problem:
@@ -566,11 +585,12 @@ def brute_force(problem: Problem, *, exhaustive: bool = True) -> tuple[Choice, E
     (option rank, role changes, latency).  ``exhaustive`` tries every (x1, x2) with
     x1 + x2 <= S; otherwise only the fewest workers that carry the load, which is enough
     because more workers never lower the changes or the latency."""
-    best: tuple[tuple, Choice, Evaluation] | None = None
+    best: tuple[tuple[int, int, int, float], Choice, Evaluation] | None = None
     for k, o in enumerate(problem.options):
         for b1 in problem.b1s:
             for b2 in problem.b2s:
                 lo1, lo2 = _min_workers(problem, o, b1, b2)
+                pairs: Iterable[tuple[int, int]]
                 if exhaustive:
                     pairs = (
                         (x1, x2)
@@ -808,7 +828,7 @@ def _hand_out_spares(problem: Problem, ch: Choice, *, refit: bool = True, target
     return x["light"], x["heavy"]
 
 
-def _best_batch(problem: Problem, paths: dict[int, float], rate) -> int:
+def _best_batch(problem: Problem, paths: dict[int, float], rate: Callable[[int], float]) -> int:
     """Highest-throughput batch whose path latency fits the SLO (else the highest-throughput one)."""
     fits = [b for b in paths if paths[b] <= problem.slo_ms]
     return max(fits or list(paths), key=lambda b: (rate(b), -b))
@@ -829,21 +849,21 @@ def _fallback(problem: Problem, policy: str) -> tuple[Choice, Evaluation]:
     return ch, evaluate(dataclasses.replace(problem, keep_roles=False), ch)
 
 
-def _aimd_batches(aimd: AimdState, grid) -> list[tuple[int, int]]:
+def _aimd_batches(aimd: AimdState, batch_grid: Iterable[int]) -> list[tuple[int, int]]:
     """Candidate (light, heavy) batches in the order AIMD tries them: on SLO misses both halve;
     otherwise each tries one grid step up, falling back to the batches in force."""
-    grid = sorted(grid)
+    grid = sorted(batch_grid)
 
-    def snap(b):
+    def snap(b: int) -> int:
         return max([g for g in grid if g <= b] or [grid[0]])
 
-    def up(b):
+    def up(b: int) -> int:
         return min([g for g in grid if g > b] or [grid[-1]])
 
     b1, b2 = snap(aimd.light_batch), snap(aimd.heavy_batch)
     if aimd.slo_miss:
         return [(snap(max(1, b1 // 2)), snap(max(1, b2 // 2)))]
-    out = []
+    out: list[tuple[int, int]] = []
     for cand in ((up(b1), up(b2)), (up(b1), b2), (b1, up(b2)), (b1, b2)):
         if cand not in out:
             out.append(cand)
@@ -918,8 +938,8 @@ def plan(
     objective: str | None = None,
     slo_ms: float | None = None,
     latency_scale: float = 1.0,
-    batch_grid=BATCH_GRID,
-    threshold_grid=THRESHOLD_GRID,
+    batch_grid: Sequence[int] = BATCH_GRID,
+    threshold_grid: Sequence[float] = THRESHOLD_GRID,
     threshold_window: tuple[float, float] | None = None,
     light_demand_qps: float | None = None,
     current: dict[str, str] | None = None,
@@ -962,7 +982,11 @@ def plan(
             demand_qps=demand_qps,
             switch_s=switch_s,
         )
-    kwargs = dict(
+    build = functools.partial(
+        build_problem,
+        profile,
+        demand_qps,
+        workers,
         policy=policy,
         objective=objective,
         slo_ms=slo,
@@ -975,7 +999,7 @@ def plan(
         drain_s=drain_s,
         headroom=headroom,
     )
-    candidates = [(None, None)]
+    candidates: Sequence[tuple[int | None, int | None]] = [(None, None)]
     if spec.aimd:
         candidates = _aimd_batches(aimd or AimdState(), batch_grid)
     if solver == "milp":
@@ -984,22 +1008,19 @@ def plan(
     start = time.perf_counter()
     notes: list[str] = []
     solve_s = 0.0
-    problem = None
+    problem: Problem | None = None
+    Best = tuple[tuple[bool, int, int, int], Problem, Choice, Evaluation, tuple[int, int]]
 
-    def search(window, light_demand):
+    def search(window: tuple[float, float] | None, light_demand: float | None) -> Best | None:
         """Best (key, problem, choice, evaluation, minimum counts) over the candidate batches."""
         nonlocal solve_s, problem
-        best = None
+        best: Best | None = None
         for i, (lb, hb) in enumerate(candidates):  # one solve; under AIMD one per candidate batch pair
-            cand = build_problem(
-                profile,
-                demand_qps,
-                workers,
+            cand = build(
                 light_batches=[lb] if lb else None,
                 heavy_batches=[hb] if hb else None,
                 threshold_window=window,
                 light_demand_qps=light_demand,
-                **kwargs,
             )
             problem = problem or cand
             if cand.workers <= 0:
@@ -1034,6 +1055,7 @@ def plan(
         if best is not None:
             notes.append("the light stage is planned for the current demand, not its recent peak")
     solve_ms = solve_s * 1000.0
+    assert problem is not None  # search() builds a problem before anything else
     if problem.workers <= 0:
         return PlanResult(
             policy=policy,
@@ -1060,7 +1082,7 @@ def plan(
         feasible = True
     else:
         feasible = False
-        problem = build_problem(profile, demand_qps, workers, **kwargs)  # the whole grid of batches and options
+        problem = build()  # the whole grid of batches and options
         ch, ev = _fallback(problem, policy)
         mins = (ch.x1, ch.x2)
         notes.append("no plan meets demand within the SLO (even at the lowest threshold): maximum-throughput plan")

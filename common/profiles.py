@@ -12,6 +12,7 @@ import bisect
 import csv
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ DISCRIMINATOR_ROW = "efficientnetv2_s"
 HARDWARE = {"a100": ("onnxruntime_gpu_ampere", ARTIFACT_DIR), "h100": ("h100_fp16_eager", H100_DIR)}
 
 
-def _interp(xs: list[float], ys: list[float], x: float) -> float:
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Piecewise-linear, extrapolating linearly past both ends."""
     if len(xs) == 1:
         return ys[0] * x / xs[0] if xs[0] else ys[0]

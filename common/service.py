@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import uvloop
 
@@ -20,10 +21,13 @@ def now_ms() -> float:
     return time.time() * 1000.0
 
 
-class Service:
-    """Context handed to a service's ``serve`` coroutine."""
+C = TypeVar("C", bound=ServiceConfig)
 
-    def __init__(self, name: str, config: ServiceConfig):
+
+class Service(Generic[C]):
+    """Context handed to a service's ``serve`` coroutine; ``config`` is that service's own config class."""
+
+    def __init__(self, name: str, config: C):
         self.name, self.config = name, config
         self.keys = Keys(config.namespace)
         self.stop = asyncio.Event()
@@ -54,7 +58,7 @@ class Service:
         self.log.info("ready", extra={"instance": self.config.instance_id})
 
 
-def run(name: str, config: ServiceConfig, serve: Callable[[Service], Awaitable[None]]) -> None:
+def run(name: str, config: C, serve: Callable[[Service[C]], Awaitable[None]]) -> None:
     logs.setup(name, config.log_level)
     metrics.serve(config.metrics_port, config.metrics_addr)
 

@@ -4,16 +4,21 @@ the jobs their clients cancelled."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
 
 from common import metrics
 from common.config import Keys
-from common.messages import E_INTERNAL, Completion, DeadLetter, MessageError, unpack
+from common.messages import E_INTERNAL, Completion, DeadLetter, MessageError, RoutedJob, Status, unpack
 from common.streams import Entry
 
+M = TypeVar("M")
+T = TypeVar("T")
 
-async def cancelled_ids(r, keys: Keys, job_ids: list[str]) -> set[str]:
+
+async def cancelled_ids(r: aioredis.Redis, keys: Keys, job_ids: list[str]) -> set[str]:
     """The ids among ``job_ids`` whose client cancelled them: one MGET per batch."""
     if not job_ids:
         return set()
@@ -23,18 +28,19 @@ async def cancelled_ids(r, keys: Keys, job_ids: list[str]) -> set[str]:
 
 def split_batch(
     entries: list[Entry],
-    decode: Callable[[bytes], Any],
+    decode: Callable[[bytes], M],
     *,
     keys: Keys,
     stream: str,
     service: str,
     max_deliveries: int,
-    job_of: Callable[[Any], Any],
-):
+    job_of: Callable[[M], RoutedJob],
+) -> tuple[list[tuple[Entry, M]], list[tuple[str, bytes]]]:
     """Returns (good [(entry, message)], outputs for the bad ones). A bad entry becomes an
     error completion when its job can be identified, else a dead letter; an entry that was
     delivered more than ``max_deliveries`` times (it crashed its consumers) is failed too."""
-    good, outputs = [], []
+    good: list[tuple[Entry, M]] = []
+    outputs: list[tuple[str, bytes]] = []
     for entry in entries:
         try:
             message = decode(entry.payload or b"")
@@ -58,29 +64,32 @@ def split_batch(
 
 
 def _undecodable(entry: Entry, exc: MessageError, keys: Keys, stream: str) -> tuple[str, bytes]:
-    body = {}
+    body: dict[str, Any] = {}
     try:
         body = unpack(entry.payload or b"")
     except MessageError:
         pass
-    job = body.get("job") if isinstance(body.get("job"), dict) else body
+    nested = body.get("job")
+    job: dict[str, Any] = nested if isinstance(nested, dict) else body
     job_id, arrival, deadline = job.get("job_id"), job.get("arrival_ms"), job.get("deadline_ms")
     if isinstance(job_id, str) and isinstance(arrival, (int, float)) and isinstance(deadline, (int, float)):
         reply_to = job.get("reply_to") if isinstance(job.get("reply_to"), str) else None
         completion = Completion(
-            job_id,
-            float(arrival),
-            float(deadline),
-            reply_to,
-            status="error",
+            job_id=job_id,
+            arrival_ms=float(arrival),
+            deadline_ms=float(deadline),
+            reply_to=reply_to,
+            status=Status.ERROR,
             error_code=exc.code,
             error_message=str(exc),
         )
         return keys.completions, completion.encode()
-    return keys.dead_letters, DeadLetter(stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]).encode()
+    return keys.dead_letters, DeadLetter(
+        stream=stream, entry_id=entry.id, error_code=exc.code, error_message=str(exc), raw=(entry.payload or b"")[:4096]
+    ).encode()
 
 
-def one_per_input(outputs, inputs: list, what: str) -> list:
+def one_per_input(outputs: Iterable[T], inputs: list[Any], what: str) -> list[T]:
     """The batch invariant: a model returns exactly one output per input.  Anything else fails the
     whole batch (each job answered ``model_error``) rather than silently dropping the unmatched jobs
     while their entries are acked."""

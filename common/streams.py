@@ -15,8 +15,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -52,7 +53,7 @@ def connect(settings: RedisSettings, *, client_name: str | None = None) -> aiore
     well under ``SOCKET_TIMEOUT_S``, so a hung Redis still surfaces as an error."""
     # A stale pooled connection (after a Redis restart) is retried on a fresh one a few times;
     # longer outages surface as errors that run_forever rides out with its own backoff.
-    kwargs: dict = {
+    kwargs: dict[str, Any] = {
         "socket_connect_timeout": 5,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_keepalive": True,
@@ -87,7 +88,7 @@ class Backoff:
         self.base, self.cap, self.attempt = base, cap, 0
 
     async def wait(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt) * (0.5 + random.random() / 2)
+        delay: float = min(self.cap, self.base * 2**self.attempt) * (0.5 + random.random() / 2)
         self.attempt += 1
         await asyncio.sleep(delay)
         return delay
@@ -104,12 +105,12 @@ class Entry:
     deliveries: int = 1  # > 1 when reclaimed from another consumer
 
 
-def _entry(entry_id, fields) -> Entry:
+def _entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Entry:
     fields = fields or {}
     return Entry(_s(entry_id), fields.get(ENTRY_FIELD), fields)
 
 
-def _s(value) -> str:
+def _s(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -147,7 +148,7 @@ async def ensure_pipeline_groups(r: aioredis.Redis, keys: Keys) -> None:
 
 
 async def add(r: aioredis.Redis, stream: str, payload: bytes, *, maxlen: int | None = None) -> str:
-    kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
+    kwargs: dict[str, Any] = {"maxlen": maxlen, "approximate": True} if maxlen else {}
     return _s(await r.xadd(stream, {ENTRY_FIELD: payload}, **kwargs))
 
 
@@ -183,7 +184,7 @@ class StreamConsumer:
             self._resume_own = True
         try:
             if self._resume_own:
-                reply = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+                reply: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
                 own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
                 if own:
                     # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
@@ -191,7 +192,7 @@ class StreamConsumer:
                     self._unacked = True
                     return own  # acked ones leave the pending list, so reading "0" again moves on
                 self._resume_own = False
-            entries = []
+            entries: list[Entry] = []
             if time.monotonic() >= self._next_reclaim:
                 entries = await self._reclaim(count)
                 if not entries:  # nothing stuck: look again a little later, not on every pull
@@ -217,7 +218,7 @@ class StreamConsumer:
             raise
 
     async def _reclaim(self, count: int) -> list[Entry]:
-        reply = await self.r.xautoclaim(
+        reply: Any = await self.r.xautoclaim(
             self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count
         )
         cursor, claimed = reply[0], reply[1]
@@ -252,7 +253,7 @@ class StreamConsumer:
         ids: Sequence[str],
         outputs: Iterable[tuple[str, bytes]],
         extra: Callable[[aioredis.client.Pipeline], None] | None = None,
-    ) -> list:
+    ) -> list[Any]:
         """XADD every output and XACK the inputs in one transaction: either the outputs
         exist and the inputs are acked, or neither (the inputs get reclaimed). Returns the
         replies: the XADDs', then ``extra``'s commands', then the XACK's."""
@@ -268,13 +269,13 @@ class StreamConsumer:
         return replies
 
     @contextlib.asynccontextmanager
-    async def keep_claimed(self, ids: Sequence[str]):
+    async def keep_claimed(self, ids: Sequence[str]) -> AsyncIterator[None]:
         """While a long batch runs, reset the idle time of its entries so that
         other consumers do not reclaim them from a live consumer."""
         interval = max(0.05, self.reclaim_idle_ms / 3000)
         done = asyncio.Event()
 
-        async def refresh():
+        async def refresh() -> None:
             while not done.is_set():
                 try:
                     await asyncio.wait_for(done.wait(), interval)

@@ -18,6 +18,7 @@ import re
 import secrets
 import sys
 
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common.config import Keys, RedisSettings
@@ -58,12 +59,12 @@ def acl_rules(keys: Keys, tenant: str, password: str) -> list[str]:
     ]
 
 
-async def tenant_names(r, keys: Keys) -> set[str]:
+async def tenant_names(r: aioredis.Redis, keys: Keys) -> set[str]:
     """Registered tenants; a malformed name (someone SADDed it by hand) is ignored."""
     return {name for raw in await r.smembers(keys.tenants) if TENANT_RE.match(name := _s(raw))}
 
 
-def _s(value) -> str:
+def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -73,13 +74,14 @@ def check_name(name: str) -> str:
     return name
 
 
-async def add(r, keys: Keys, tenant: str, password: str | None = None) -> str:
+async def add(r: aioredis.Redis, keys: Keys, tenant: str, password: str | None = None) -> str:
     """Create (or re-create, with a new password) a tenant; returns its password."""
     check_name(tenant)
     if await r.acl_getuser(tenant) and not await r.sismember(keys.tenants, tenant):
         raise ValueError(f"ACL user {tenant!r} exists and is not a tenant: choose another name")
     password = password or secrets.token_urlsafe(24)
-    await r.execute_command("ACL", "SETUSER", tenant, *acl_rules(keys, tenant, password))
+    # Raw rules: redis-py's acl_setuser cannot say %W~/%R~ (read- or write-only key patterns).
+    await r.execute_command("ACL", "SETUSER", tenant, *acl_rules(keys, tenant, password))  # type: ignore[no-untyped-call]
     try:  # the stream and the router's group exist before the tenant's first XADD
         await r.xgroup_create(keys.tenant_in(tenant), ROUTER_GROUP, id="0", mkstream=True)
     except ResponseError as exc:
@@ -89,7 +91,7 @@ async def add(r, keys: Keys, tenant: str, password: str | None = None) -> str:
     return password
 
 
-async def remove(r, keys: Keys, tenant: str) -> None:
+async def remove(r: aioredis.Redis, keys: Keys, tenant: str) -> None:
     """Delete the user (Redis closes its connections), stop the router serving it, and drop its
     queued jobs and answers: nobody could read those any more."""
     check_name(tenant)
@@ -130,7 +132,7 @@ async def _main(args: argparse.Namespace) -> None:
                 print(name)
         if args.action != "list":
             try:  # an aclfile keeps the change over a restart; without one Redis says so
-                await r.execute_command("ACL", "SAVE")
+                await r.acl_save()
             except ResponseError as exc:
                 print(f"note: ACL SAVE failed ({exc}): persist the ACL yourself or it ends with Redis", file=sys.stderr)
     finally:

@@ -12,10 +12,11 @@ import json
 import random
 import time
 from collections import Counter
+from typing import Any
 
 from common.client import Client
 from common.localstack import LocalStack, StackSpec
-from common.messages import ENTRY_FIELD, FinalResult
+from common.messages import ENTRY_FIELD, FinalResult, Status
 from common.profiles import load_prompts
 
 
@@ -27,7 +28,7 @@ async def _load(
     kill_every: float,
     rng: random.Random,
     drain_s: float,
-) -> dict:
+) -> dict[str, Any]:
     victims = [name for name in stack.procs]
     kills: list[str] = []
     async with Client(redis_url=stack.redis_url) as client:
@@ -47,7 +48,7 @@ async def _load(
         deadline = time.monotonic() + drain_s
         while time.monotonic() < deadline and await client.redis.xlen(client.reply_stream) < len(sent):
             await asyncio.sleep(0.25)
-        entries = await client.redis.xrange(client.reply_stream)
+        entries: Any = await client.redis.xrange(client.reply_stream)
     results = [FinalResult.decode(fields[ENTRY_FIELD]) for _id, fields in entries]
     per_job = Counter(r.job_id for r in results)
     answered = set(per_job) & set(sent)
@@ -56,13 +57,13 @@ async def _load(
         "answered": len(answered),
         "lost": len(set(sent) - answered),
         "duplicated": sum(n - 1 for n in per_job.values() if n > 1),
-        "errors": dict(Counter(r.error_code for r in results if r.status != "ok")),
+        "errors": dict(Counter(r.error_code for r in results if r.status != Status.OK)),
         "degraded": sum(r.degraded for r in results),
         "kills": dict(Counter(kills)),
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m loadtest.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rate", type=float, default=20.0, help="jobs per second (Poisson)")

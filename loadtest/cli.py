@@ -31,12 +31,11 @@ from pathlib import Path
 from common.backends import BACKENDS
 from common.config import ServiceConfig
 from common.control import ControlSettings, static_plan
+from common.planner import POLICIES
 from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
 
 from loadtest import report as report_mod
 from loadtest.traces import DEFAULT_RATE, TRACES, Trace, generate, read_trace, write_trace
-
-ALL_POLICIES = ("diffserve", "diffserve-threshold", "static", "clipper-light", "clipper-heavy", "proteus", "aimd")
 
 
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +60,7 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and prompt draw")
 
 
-def load_trace(args, n_prompts: int) -> Trace:
+def load_trace(args: argparse.Namespace, n_prompts: int) -> Trace:
     if args.trace_file:
         return read_trace(args.trace_file, n_prompts)
     return generate(
@@ -84,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default="diffserve",
         help="comma-separated controller policies, one run each "
-        f"({', '.join(ALL_POLICIES)}; none: fixed roles, no controller)",
+        f"({', '.join(POLICIES)}; none: fixed roles, no controller)",
     )
     s.add_argument("--workers", type=int, default=8, help="workers of each run (the controller splits them)")
     s.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
@@ -147,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _policies(args) -> list[str]:
+def _policies(args: argparse.Namespace) -> list[str]:
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
-    unknown = [x for x in policies if x not in ALL_POLICIES + ("none",)]
+    unknown = [x for x in policies if x not in POLICIES + ("none",)]
     if unknown:
-        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(ALL_POLICIES)}, none")
+        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(POLICIES)}, none")
     if args.redis_url:
         return policies[:1] or ["unknown"]
     if any(x != "none" for x in policies) and importlib.util.find_spec("services.controller") is None:
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     entries = []
     for policy in policies:
         started = time.perf_counter()
-        if args.redis_url:
+        if deployment is not None:
             run = asyncio.run(
                 runner.replay(
                     deployment,

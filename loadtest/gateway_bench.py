@@ -27,12 +27,15 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from common.client import Client
 from common.localstack import LocalStack, StackSpec, free_port
+from common.messages import Status
 from common.profiles import load_prompts
 
 from loadtest.report import percentiles
@@ -42,7 +45,7 @@ from loadtest.serving_bench import write_bench
 
 async def _direct(client: Client, prompt: str) -> None:
     result = await client.submit(prompt, timeout=60)
-    assert result.status == "ok", result.error_message
+    assert result.status == Status.OK, result.error_message
 
 
 async def _sync(http: httpx.AsyncClient, prompt: str) -> None:
@@ -62,7 +65,7 @@ async def _stream(http: httpx.AsyncClient, prompt: str) -> None:
     assert events == ["image_generation.partial_image", "image_generation.completed"], events
 
 
-async def _sequential(call, prompts: list[str], n: int) -> dict:
+async def _sequential(call: Callable[[str], Awaitable[None]], prompts: list[str], n: int) -> dict[str, Any]:
     lat = []
     for i in range(n):
         start = time.perf_counter()
@@ -77,7 +80,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: float, gateway_pid: int) -> dict:
+async def _closed_loop(
+    call: Callable[[str], Awaitable[None]], prompts: list[str], concurrency: int, seconds: float, gateway_pid: int
+) -> dict[str, Any]:
     done, lat = 0, []
     gateway_cpu, own_cpu = _cpu_s(gateway_pid), time.process_time()
     stop_at = time.perf_counter() + seconds
@@ -95,7 +100,10 @@ async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: floa
     started = time.perf_counter()
     await asyncio.gather(*(loop(k) for k in range(concurrency)))
     wall = time.perf_counter() - started
-    per_request = lambda cpu_s: round(cpu_s * 1000 / max(1, done), 3)  # noqa: E731
+
+    def per_request(cpu_s: float) -> float:
+        return round(cpu_s * 1000 / max(1, done), 3)
+
     return {
         "requests": done,
         "rps": round(done / wall, 1),
@@ -105,7 +113,7 @@ async def _closed_loop(call, prompts: list[str], concurrency: int, seconds: floa
     }
 
 
-async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dict:
+async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args: argparse.Namespace) -> dict[str, Any]:
     prompts = load_prompts()[:500]
     client = Client(redis_url=redis_url)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -139,7 +147,7 @@ async def bench(redis_url: str, gateway_url: str, gateway_pid: int, args) -> dic
     return result
 
 
-def table(result: dict, meta: dict) -> str:
+def table(result: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"Gateway benchmark ({meta['machine']}): profiled models at time_scale 0, every job through "
         f"light -> discriminator -> heavy; {meta['requests']} requests one at a time, then "
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="diffserve-gateway-bench-")
     print(f"gateway bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:
+        assert stack.redis_url is not None  # started: its own redis-server
         result = asyncio.run(bench(stack.redis_url, f"http://127.0.0.1:{port}", stack.procs["gateway"].pid, args))
     write_bench(args.out, result, meta, table(result, meta))
 

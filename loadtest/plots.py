@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,18 +18,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 PLOTS = ("demand_throughput.png", "slo_miss.png", "threshold.png", "workers.png", "compare.png")
 
 
-def _policies(report: dict) -> list[dict]:
+def _policies(report: dict[str, Any]) -> list[dict[str, Any]]:
     return list(report["policies"].values())
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _grid(n: int, width: float = 4.2, height: float = 3.0):
+def _grid(n: int, width: float = 4.2, height: float = 3.0) -> tuple[Any, Any]:
     cols = min(3, max(1, n))
     rows = (max(1, n) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharex=True, sharey=True)
@@ -37,7 +38,7 @@ def _grid(n: int, width: float = 4.2, height: float = 3.0):
     return fig, axes
 
 
-def demand_vs_throughput(report: dict, path: Path) -> Path:
+def demand_vs_throughput(report: dict[str, Any], path: Path) -> Path:
     """One panel per policy: offered load (the same trace) and answers completed per second."""
     entries = _policies(report)
     fig, axes = _grid(len(entries))
@@ -55,7 +56,7 @@ def demand_vs_throughput(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def slo_miss_over_time(report: dict, path: Path) -> Path:
+def slo_miss_over_time(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for e in _policies(report):
         tl = e["timeline"]
@@ -71,7 +72,7 @@ def slo_miss_over_time(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def threshold_over_time(report: dict, path: Path) -> Path:
+def threshold_over_time(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     drawn = False
     for e in _policies(report):
@@ -105,7 +106,7 @@ def threshold_over_time(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def workers_over_time(report: dict, path: Path) -> Path:
+def workers_over_time(report: dict[str, Any], path: Path) -> Path:
     entries = _policies(report)
     fig, axes = _grid(len(entries))
     for ax, e in zip(axes.flat, entries):
@@ -126,7 +127,7 @@ def workers_over_time(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def compare_policies(report: dict, path: Path) -> Path:
+def compare_policies(report: dict[str, Any], path: Path) -> Path:
     entries = _policies(report)
     names = [e["policy"] for e in entries]
     profiled = report["meta"].get("backend") == "profiled"
@@ -160,7 +161,7 @@ def compare_policies(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
+def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [

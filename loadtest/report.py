@@ -29,9 +29,18 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from common.messages import Role, Status
+
+if TYPE_CHECKING:
+    from common.messages import FinalResult
+    from common.profiles import ConfidenceCurve, QualityCurve
+    from loadtest.runner import JobRecord, RunRecord
 
 QUALITY_WINDOW_S = 5.0
 LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
@@ -58,14 +67,17 @@ def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]
     }
 
 
-def _slope(curve, share: float, h: float = 0.005) -> float:
+def _slope(curve: QualityCurve, share: float, h: float = 0.005) -> float:
     lo, hi = max(0.0, share - h), min(1.0, share + h)
     return (curve.score(hi) - curve.score(lo)) / (hi - lo)
 
 
 def window_scores(
-    answers: list[tuple[float, str, float | None]], curve, confidence_share, window_s: float = QUALITY_WINDOW_S
-) -> list[dict]:
+    answers: list[tuple[float, str | None, float | None]],
+    curve: QualityCurve,
+    confidence_share: Callable[[float], float],
+    window_s: float = QUALITY_WINDOW_S,
+) -> list[dict[str, Any]]:
     """``(t_s, answered_by, confidence)`` of every answered job -> per window with answers: the
     light share, the paper's score (the curve at that share) and the corrected score.
 
@@ -75,7 +87,7 @@ def window_scores(
     answered light costs the curve's slope at ``confidence_share(confidence)``, the light share at
     which the discriminator's split would just include it.  In a window with prompts that were never
     scored (sent straight to heavy) the comparison is with the curve itself."""
-    windows: dict[int, list] = {}
+    windows: dict[int, list[tuple[str | None, float | None]]] = {}
     for t, by, confidence in answers:
         windows.setdefault(int(t // window_s), []).append((by, confidence))
     mean_cost = curve.score(1.0) - curve.score(0.0)  # a light answer of unknown confidence
@@ -86,7 +98,7 @@ def window_scores(
     out = []
     for w in sorted(windows):
         rows = windows[w]
-        light = [c for by, c in rows if by == "light"]
+        light = [c for by, c in rows if by == Role.LIGHT]
         share = len(light) / len(rows)
         paper = curve.score(share)
         known = [c for _by, c in rows if c is not None]
@@ -108,8 +120,11 @@ def window_scores(
 
 
 def quality_estimate(
-    answers: list[tuple[float, str, float | None]], curve, confidence_share, window_s: float = QUALITY_WINDOW_S
-) -> dict:
+    answers: list[tuple[float, str | None, float | None]],
+    curve: QualityCurve,
+    confidence_share: Callable[[float], float],
+    window_s: float = QUALITY_WINDOW_S,
+) -> dict[str, Any]:
     """Mean over windows of the corrected score, and of the paper's score beside it."""
     windows = window_scores(answers, curve, confidence_share, window_s)
     estimate = float(np.mean([w["score"] for w in windows])) if windows else None
@@ -138,21 +153,27 @@ def _bin_counts(times_s: list[float], bin_s: float, n_bins: int) -> list[int]:
 
 
 def summarize(
-    run, *, slo_ms: float, backend: str = "profiled", curve=None, confidence_curve=None, bin_s: float | None = None
-) -> dict:
+    run: RunRecord,
+    *,
+    slo_ms: float,
+    backend: str = "profiled",
+    curve: QualityCurve | None = None,
+    confidence_curve: ConfidenceCurve | None = None,
+    bin_s: float | None = None,
+) -> dict[str, Any]:
     """One policy's entry of report.json from a :class:`loadtest.runner.RunRecord`; ``curve`` is the
     cascade's quality curve, ``confidence_curve`` its f(t) (the profiled backend's confidences)."""
     x = run.time_scale
     jobs = run.jobs
-    results = [j for j in jobs if j.result is not None]
-    ok = [j for j in results if j.result.status == "ok"]
-    errors = Counter(j.result.error_code or "unknown" for j in results if j.result.status != "ok")
+    results = _answered(run)
+    ok = [(j, r, received) for j, r, received in results if r.status == Status.OK]
+    errors = Counter(r.error_code or "unknown" for _j, r, _t in results if r.status != Status.OK)
     lost = len(jobs) - len(results)
-    met = sum(bool(j.result.slo_met) for j in ok)
-    by = Counter(j.result.answered_by for j in ok)
+    met = sum(bool(r.slo_met) for _j, r, _t in ok)
+    by = Counter(r.answered_by for _j, r, _t in ok)
     duration_s = max(run.trace.duration_s, (max((j.arrival_ms for j in jobs), default=0) / 1000))
-    latency = [j.result.latency_ms / x for j in ok if j.result.latency_ms is not None]
-    e2e = [(j.received_s - j.sent_s) * 1000 / x for j in ok]
+    latency = [r.latency_ms / x for _j, r, _t in ok if r.latency_ms is not None]
+    e2e = [(received - j.sent_s) * 1000 / x for j, _r, received in ok]
     entry = {
         "policy": run.policy,
         "units": "full-speed (wall-clock / time_scale)",
@@ -166,7 +187,7 @@ def summarize(
         "unknown_results": run.unknown_results,
         "errors": dict(errors),
         "error_count": sum(errors.values()),
-        "degraded": sum(bool(j.result.degraded) for j in ok),
+        "degraded": sum(bool(r.degraded) for _j, r, _t in ok),
         "blank_prompts": sum(j.blank_prompt for j in jobs),
         "slo_met": met,
         "slo_violation_ratio": round(1 - met / len(jobs), 4) if jobs else None,
@@ -175,18 +196,20 @@ def summarize(
         "offered_qps": round(len(jobs) / duration_s, 3) if duration_s else None,
         "throughput_qps": round(len(ok) / duration_s, 3) if duration_s else None,
         "goodput_qps": round(met / duration_s, 3) if duration_s else None,
-        "answered_light": by.get("light", 0),
-        "answered_heavy": by.get("heavy", 0),
-        "heavy_share": round(by.get("heavy", 0) / len(ok), 4) if ok else None,
+        "answered_light": by.get(Role.LIGHT, 0),
+        "answered_heavy": by.get(Role.HEAVY, 0),
+        "heavy_share": round(by.get(Role.HEAVY, 0) / len(ok), 4) if ok else None,
         "drained": run.drained,
         "wall_s": round(run.wall_s, 2),
         "max_send_lag_ms": round(run.max_send_lag_s * 1000 / x, 2),
     }
-    answers = [(j.arrival_ms / 1000, j.result.answered_by, j.result.confidence) for j in ok]
+    answers: list[tuple[float, str | None, float | None]] = [
+        (j.arrival_ms / 1000, r.answered_by, r.confidence) for j, r, _t in ok
+    ]
     if backend == "profiled" and curve is not None and confidence_curve is not None:
         entry["quality"] = quality_estimate(answers, curve, lambda c: 1.0 - confidence_curve.f(c))
     else:
-        conf = [j.result.confidence for j in ok if j.result.answered_by == "light" and j.result.confidence is not None]
+        conf = [r.confidence for _j, r, _t in ok if r.answered_by == Role.LIGHT and r.confidence is not None]
         entry["quality"] = {
             "metric": "heavy_share+light_confidence",
             "estimate": None,
@@ -199,21 +222,26 @@ def summarize(
     return entry
 
 
+def _answered(run: RunRecord) -> list[tuple[JobRecord, FinalResult, float]]:
+    """(job, its result, when it was received) of every job that got one."""
+    return [(j, j.result, j.received_s) for j in run.jobs if j.result is not None and j.received_s is not None]
+
+
 def default_bin_s(duration_s: float) -> float:
     return max(1.0, round(duration_s / 60))
 
 
-def timeline(run, bin_s: float) -> dict:
+def timeline(run: RunRecord, bin_s: float) -> dict[str, Any]:
     """Per-bin series (full-speed seconds) for the plots, plus the plan samples."""
     x = run.time_scale
-    ok = [j for j in run.jobs if j.result is not None and j.result.status == "ok"]
-    end_s = max([run.trace.duration_s] + [j.received_s / x for j in ok])
+    ok = [(j, r, received) for j, r, received in _answered(run) if r.status == Status.OK]
+    end_s = max([run.trace.duration_s] + [received / x for _j, _r, received in ok])
     n = max(1, math.ceil(end_s / bin_s))
     offered = _bin_counts([j.arrival_ms / 1000 for j in run.jobs], bin_s, n)
-    done = _bin_counts([j.received_s / x for j in ok], bin_s, n)
-    arrived_ok = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.slo_met], bin_s, n)
-    heavy = _bin_counts([j.arrival_ms / 1000 for j in ok if j.result.answered_by == "heavy"], bin_s, n)
-    answered = _bin_counts([j.arrival_ms / 1000 for j in ok], bin_s, n)
+    done = _bin_counts([received / x for _j, _r, received in ok], bin_s, n)
+    arrived_ok = _bin_counts([j.arrival_ms / 1000 for j, r, _t in ok if r.slo_met], bin_s, n)
+    heavy = _bin_counts([j.arrival_ms / 1000 for j, r, _t in ok if r.answered_by == Role.HEAVY], bin_s, n)
+    answered = _bin_counts([j.arrival_ms / 1000 for j, _r, _t in ok], bin_s, n)
     samples = []
     for s in run.plan_samples:
         s = dict(s)
@@ -246,7 +274,7 @@ JOB_COLUMNS = (
 )
 
 
-def write_jobs_csv(run, path: str | Path) -> Path:
+def write_jobs_csv(run: RunRecord, path: str | Path) -> Path:
     """One line per sent job (full-speed ms; empty result columns for a lost job)."""
     import csv
 
@@ -277,7 +305,7 @@ def write_jobs_csv(run, path: str | Path) -> Path:
     return path
 
 
-def write_report(out_dir: str | Path, entries: list[dict], meta: dict) -> Path:
+def write_report(out_dir: str | Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "policies": {e["policy"]: e for e in entries}}
@@ -286,7 +314,7 @@ def write_report(out_dir: str | Path, entries: list[dict], meta: dict) -> Path:
     return out / "report.json"
 
 
-def publish(out_dir: str | Path, entries: list[dict], meta: dict, *, plots: bool = True) -> Path:
+def publish(out_dir: str | Path, entries: list[dict[str, Any]], meta: dict[str, Any], *, plots: bool = True) -> Path:
     """report.json, summary.md and (optionally) the plots; prints the summary.  What ``diffserve
     loadtest`` and ``diffserve simulate`` both end with."""
     path = write_report(out_dir, entries, meta)
@@ -299,11 +327,11 @@ def publish(out_dir: str | Path, entries: list[dict], meta: dict, *, plots: bool
     return path
 
 
-def _fmt(v, spec: str = ".0f") -> str:
+def _fmt(v: float | None, spec: str = ".0f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def summary_markdown(report: dict) -> str:
+def summary_markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
         f"# Load test: {meta.get('trace', '')} trace",

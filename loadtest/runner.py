@@ -19,17 +19,21 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from tqdm import tqdm
 
 from common.client import Client
 from common.config import Keys, RedisSettings
-from common.messages import FinalResult, new_job_id
+from common.messages import FinalResult, Status, new_job_id
 from common.plan_store import load_plan
 from common.streams import backlog, connect
 
 from loadtest.traces import Trace
+
+if TYPE_CHECKING:
+    from common.localstack import StackSpec
 
 
 MAX_CONCURRENT_SENDS = 32
@@ -57,7 +61,7 @@ class RunRecord:
     duplicates: int = 0  # results beyond the first for a job id
     unknown_results: int = 0  # results for job ids this run never sent
     reply_entries: int = 0  # entries that reached the reply stream (cross-check of duplicates)
-    plan_samples: list[dict] = field(default_factory=list)
+    plan_samples: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     send_wall_s: float = 0.0
     max_send_lag_s: float = 0.0
@@ -98,7 +102,7 @@ class _Progress:
         self.bar.close()
 
 
-async def stop_task(task: asyncio.Task | None, timeout_s: float = 5.0) -> None:
+async def stop_task(task: asyncio.Task[Any] | None, timeout_s: float = 5.0) -> None:
     """Cancel ``task`` and wait until it is really done.  redis-py (8.1) sometimes swallows a
     cancellation that lands inside a command, so one ``cancel()`` is not always enough."""
     if task is None:
@@ -119,9 +123,9 @@ async def close_client(client: Client, timeout_s: float = 10.0) -> None:
         await stop_task(task)
 
 
-async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
+async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict[str, Any]:
     """One look at the plan and the workers' actual roles."""
-    sample: dict = {"t_s": round(t, 4)}
+    sample: dict[str, Any] = {"t_s": round(t, 4)}
     plan = await load_plan(r, keys)
     if plan is not None:
         sample.update(
@@ -136,7 +140,8 @@ async def _sample(r: aioredis.Redis, keys: Keys, t: float) -> dict:
             demand_qps=plan.demand_qps,
             feasible=plan.feasible,
         )
-    workers = [w.decode() if isinstance(w, bytes) else w for w in await r.zrange(keys.workers, 0, -1)]
+    members: Any = await r.zrange(keys.workers, 0, -1)
+    workers = [w.decode() if isinstance(w, bytes) else str(w) for w in members]
     if workers:
         async with r.pipeline(transaction=False) as pipe:
             for w in workers:
@@ -204,7 +209,7 @@ async def replay(
             else:
                 rec.result, rec.received_s = _strip(result), now
                 counts["answered"] += 1
-                counts["misses"] += not (result.status == "ok" and result.slo_met)
+                counts["misses"] += not (result.status == Status.OK and result.slo_met)
                 if sending_done and counts["answered"] >= len(jobs):
                     all_answered.set()
 
@@ -231,7 +236,7 @@ async def replay(
             # Everything due by now goes out together (concurrent XADDs), so a busy machine
             # falls behind the trace as little as possible.
             now = loop.time() - t0
-            due = []
+            due: list[tuple[float, int]] = []
             while (
                 i < len(pending)
                 and len(due) < MAX_CONCURRENT_SENDS
@@ -292,7 +297,7 @@ def stack_spec(
     light_workers: int | None = None,
     static_plan: str | None = None,
     extra_env: dict[str, str] | None = None,
-):
+) -> StackSpec:
     """The StackSpec of one policy's run: controller on unless ``policy == 'none'`` (fixed roles)."""
     from common.localstack import StackSpec
 
@@ -325,7 +330,7 @@ def default_sample_interval_s(time_scale: float) -> float:
 
 
 def run_policy(
-    spec,
+    spec: StackSpec,
     trace: Trace,
     prompts: list[str],
     *,
@@ -339,6 +344,7 @@ def run_policy(
     from common.localstack import LocalStack
 
     with LocalStack(spec, log_dir) as stack:
+        assert stack.redis_url is not None  # started: its own redis-server
         settings = RedisSettings(redis_url=stack.redis_url, namespace=spec.namespace)
         if spec.controller:
             asyncio.run(wait_for_plan(settings, plan_wait_s))

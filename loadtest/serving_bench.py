@@ -27,13 +27,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from common.client import Client
 from common.config import Keys, RedisSettings
 from common.localstack import LocalStack, StackSpec
-from common.messages import new_job_id
+from common.messages import Status, new_job_id
 from common.profiles import load_prompts
 from common.streams import PIPELINE_GROUPS, backlog, connect
 
@@ -43,7 +44,7 @@ from loadtest.runner import close_client, stop_task
 DEFAULT_RATES = (25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2400)
 
 
-async def redis_round_trip(url: str, samples: int = 1000) -> dict:
+async def redis_round_trip(url: str, samples: int = 1000) -> dict[str, Any]:
     """XADD (producer connection) -> XREADGROUP (consumer connection) -> XACK, one at a time."""
     settings = RedisSettings(redis_url=url)
     producer, consumer = (
@@ -57,7 +58,7 @@ async def redis_round_trip(url: str, samples: int = 1000) -> dict:
         for i in range(samples + 50):
             start = time.perf_counter()
             await producer.xadd(stream, {"m": b"x" * 64})
-            reply = await consumer.xreadgroup(group, "c", {stream: ">"}, count=1, block=1000)
+            reply: Any = await consumer.xreadgroup(group, "c", {stream: ">"}, count=1, block=1000)
             got = time.perf_counter()
             await consumer.xack(stream, group, reply[0][1][0][0])
             done = time.perf_counter()
@@ -76,7 +77,9 @@ async def _queue_backlog(r: aioredis.Redis) -> int:
     return sum([await backlog(r, getattr(keys, attr), group) for attr, group in PIPELINE_GROUPS])
 
 
-async def offered_step(client: Client, prompts: list[str], rate: float, seconds: float, drain_s: float) -> dict:
+async def offered_step(
+    client: Client, prompts: list[str], rate: float, seconds: float, drain_s: float
+) -> dict[str, Any]:
     """Send ``rate`` q/s for ``seconds`` (uniform spacing), wait up to ``drain_s`` for the rest."""
     loop = asyncio.get_running_loop()
     n = max(1, int(rate * seconds))
@@ -86,7 +89,7 @@ async def offered_step(client: Client, prompts: list[str], rate: float, seconds:
     errors = 0
     done = asyncio.Event()
 
-    async def collect():
+    async def collect() -> None:
         nonlocal errors
         async for res in client.results():
             start = sent_at.pop(res.job_id, None)
@@ -95,7 +98,7 @@ async def offered_step(client: Client, prompts: list[str], rate: float, seconds:
             latency.append((loop.time() - start) * 1000)
             if res.latency_ms is not None:
                 router_ms.append(res.latency_ms)
-            errors += res.status != "ok"
+            errors += res.status != Status.OK
             if len(latency) >= n:
                 done.set()
 
@@ -127,7 +130,7 @@ async def offered_step(client: Client, prompts: list[str], rate: float, seconds:
     }
 
 
-async def bench(url: str, args) -> dict:
+async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     prompts = load_prompts()[:2000]
     started = time.monotonic()
     rtt = await redis_round_trip(url, args.rtt_samples)
@@ -176,7 +179,7 @@ async def bench(url: str, args) -> dict:
     }
 
 
-def table(result: dict, meta: dict) -> str:
+def table(result: dict[str, Any], meta: dict[str, Any]) -> str:
     rtt = result["redis_round_trip"]
     nan = float("nan")
     ov = result["overhead_ms"] or {}
@@ -234,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_bench(path: str, result: dict, meta: dict, text: str) -> None:
+def write_bench(path: str, result: dict[str, Any], meta: dict[str, Any], text: str) -> None:
     """A benchmark's JSON (meta + result) and its Markdown table beside it; prints the table."""
     print(text)
     out = Path(path)
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="diffserve-bench-")
     print(f"serving bench: starting a stack (logs {log_dir})", flush=True)
     with LocalStack(spec, log_dir) as stack:
+        assert stack.redis_url is not None  # started: its own redis-server
         result = asyncio.run(bench(stack.redis_url, args))
     write_bench(args.out, result, meta, table(result, meta))
 

@@ -34,8 +34,10 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common.backends.profiled import (
     DEFAULT_LOAD_SECONDS,
@@ -45,8 +47,8 @@ from common.backends.profiled import (
 )
 from common.cascades import CASCADES, DEFAULT_CASCADE
 from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
-from common.messages import FinalResult, Plan
-from common.planner import POLICIES, FixedPlan, QueueStats, policy_spec, warm_up
+from common.messages import FinalResult, Plan, Role, RoutedBy, Status
+from common.planner import POLICIES, FixedPlan, Policy, QueueStats, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
 from common.routing import Decision, HeavyStage, cascade_decision, decision_order, direct_decision, finishes_in_time
 
@@ -66,7 +68,7 @@ class SimJob:
     prompt: str
     deadline_ms: float
     confidence: float | None = None  # set once the discriminator scored it
-    routed_by: str = "cascade"
+    routed_by: RoutedBy = RoutedBy.CASCADE
     light_done: bool = False
 
 
@@ -91,7 +93,7 @@ class SimConfig:
     controller: bool = True
     sample_interval_s: float = 1.0
     fixed_plan: FixedPlan | None = None
-    control: dict = field(default_factory=dict)  # other ControlSettings fields
+    control: dict[str, Any] = field(default_factory=dict)  # other ControlSettings fields
 
 
 class Simulation:
@@ -110,10 +112,10 @@ class Simulation:
         self.scorer = ProfiledDiscriminator(profile.discriminator, profile.curve, 0.0, overrides)
         self.hop_ms = HOP_MS / cfg.time_scale
         self.plan_delay_ms = PLAN_REFRESH_S * 1000.0 / 2 / cfg.time_scale  # on average half a refresh
-        self.events: list = []
+        self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self.now = 0.0
-        self.queues = {"light": deque(), "discriminator": deque(), "heavy": deque()}
+        self.queues: dict[str, deque[SimJob]] = {"light": deque(), "discriminator": deque(), "heavy": deque()}
         light = cfg.light_workers if cfg.light_workers is not None else max(1, cfg.workers // 2)
         self.workers = [SimWorker(f"worker-{i}", "light" if i < light else "heavy") for i in range(cfg.workers)]
         for w in self.workers:
@@ -127,7 +129,7 @@ class Simulation:
         self.outstanding = 0
         self.rng = random.Random(seed)
         self.jobs: list[JobRecord] = []
-        self.samples: list[dict] = []
+        self.samples: list[dict[str, Any]] = []
         settings = ControlSettings(
             policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s, fixed_plan=cfg.fixed_plan, **cfg.control
         )
@@ -135,7 +137,7 @@ class Simulation:
         self._latency: dict[tuple[str, int], float] = {}
 
     # ---------- event machinery ----------
-    def at(self, t_ms: float, fn, *args) -> None:
+    def at(self, t_ms: float, fn: Callable[..., None], *args: Any) -> None:
         heapq.heappush(self.events, (t_ms, next(self._seq), fn, args))
 
     def run(self) -> RunRecord:
@@ -148,7 +150,8 @@ class Simulation:
         self.outstanding = len(self.jobs)
         if self.cfg.controller:  # the load tester waits for the first plan before it sends anything
             self.tick()
-            self.publish(self.stored)
+            if self.stored is not None:  # tick() stores one
+                self.publish(self.stored)
         self.at(0.0, self.sample)
         end_ms = self.trace.duration_s * 1000.0
         while self.events:
@@ -256,10 +259,10 @@ class Simulation:
                 on_time=self.heavy_stage().on_time(self.now, job.deadline_ms),
             )
             if decision == Decision.HEAVY:
-                job.routed_by = "direct"
+                job.routed_by = RoutedBy.DIRECT
                 self.enqueue("heavy", job)
                 return
-            job.routed_by = "fallback" if decision == Decision.LATE else "cascade"
+            job.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
         self.enqueue("light", job)
 
     def enqueue(self, queue: str, job: SimJob) -> None:
@@ -295,9 +298,9 @@ class Simulation:
                 if finishes_in_time(self.now, job.deadline_ms, 0.0, batch_ms):
                     on_time.append(job)
                 elif job.light_done:
-                    self.finish(job, "light", degraded=True)
+                    self.finish(job, Role.LIGHT, degraded=True)
                 else:
-                    job.routed_by = "fallback"
+                    job.routed_by = RoutedBy.FALLBACK
                     self.enqueue("light", job)
             jobs = on_time
             if not jobs:  # all answered or sent back: the worker pulls again after its pass
@@ -323,7 +326,7 @@ class Simulation:
                 job.light_done = True
                 self.enqueue("discriminator", job)
             else:
-                self.finish(job, "heavy")
+                self.finish(job, Role.HEAVY)
         self.try_worker(w)
 
     def try_discriminator(self) -> None:
@@ -338,16 +341,17 @@ class Simulation:
         jobs, self.disc_batch, self.disc_busy = self.disc_batch, [], False
         plan = self.plan
         heavy = self.heavy_stage() if plan.degrade_late else None
-        for job in jobs:
-            job.confidence = self.scorer.confidence(job.prompt, job.record.prompt_index)
-        for i in decision_order([job.confidence for job in jobs]):
+        scores = [self.scorer.confidence(job.prompt, job.record.prompt_index) for job in jobs]
+        for job, score in zip(jobs, scores):
+            job.confidence = score
+        for i in decision_order(scores):
             job = jobs[i]
             decision = cascade_decision(
-                job.confidence,
+                scores[i],
                 plan.threshold,
                 discriminator_routes=plan.discriminator_routes,
                 degrade_late=plan.degrade_late,
-                fallback=job.routed_by == "fallback",
+                fallback=job.routed_by == RoutedBy.FALLBACK,
                 on_time=heavy is None or heavy.on_time(self.now, job.deadline_ms),
             )
             if decision == Decision.HEAVY:
@@ -355,16 +359,16 @@ class Simulation:
                     heavy.admit()
                 self.enqueue("heavy", job)
             else:
-                self.finish(job, "light", degraded=decision == Decision.LATE)
+                self.finish(job, Role.LIGHT, degraded=decision == Decision.LATE)
         self.try_discriminator()
 
-    def finish(self, job: SimJob, answered_by: str, degraded: bool = False) -> None:
+    def finish(self, job: SimJob, answered_by: Role, degraded: bool = False) -> None:
         done = self.now + self.hop_ms  # the router's delivery pass
         rec = job.record
         rec.received_s = done / 1000.0
         rec.result = FinalResult(
             job_id=rec.job_id,
-            status="ok",
+            status=Status.OK,
             answered_by=answered_by,
             model=getattr(self.profile.spec, answered_by),
             confidence=job.confidence,
@@ -378,7 +382,7 @@ class Simulation:
     def finish_error(self, rec: JobRecord, code: str, message: str) -> None:
         rec.received_s = self.now / 1000.0
         rec.result = FinalResult(
-            job_id=rec.job_id, status="error", error_code=code, error_message=message, finished_ms=self.now
+            job_id=rec.job_id, status=Status.ERROR, error_code=code, error_message=message, finished_ms=self.now
         )
         self.outstanding -= 1
 
@@ -395,7 +399,7 @@ def simulate(
     return Simulation(profile, trace, prompts, cfg, overrides=overrides, seed=seed).run()
 
 
-def _entry(run: RunRecord, profile: CascadeProfile, slo_ms: float, name: str) -> dict:
+def _entry(run: RunRecord, profile: CascadeProfile, slo_ms: float, name: str) -> dict[str, Any]:
     entry = summarize(run, slo_ms=slo_ms, backend="profiled", curve=profile.quality, confidence_curve=profile.curve)
     entry["policy"] = name
     return entry
@@ -410,21 +414,21 @@ def search_static(
     workers: int,
     slo_ms: float,
     time_scale: float = 1.0,
-    overrides=None,
+    overrides: dict[int, float] | None = None,
     max_miss: float = 0.01,
-    light_batches=(4, 8, 16),
-    heavy_batches=(1, 2, 4),
+    light_batches: tuple[int, ...] = (4, 8, 16),
+    heavy_batches: tuple[int, ...] = (1, 2, 4),
     coarse_step: float = 0.05,
     fine_step: float = 0.01,
     max_threshold: float = 0.4,
     refine: int = 3,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Fixed plans simulated on the trace, best first: within ``max_miss`` SLO misses, by estimated
     quality.  Two passes: thresholds on a ``coarse_step`` grid for every light-worker count up to a
     quarter of the cluster (the rest heavy) and batch pair, then the ``refine`` best configurations
     again at every ``fine_step`` threshold around their best."""
     sign = 1 if profile.quality is None or profile.quality.lower_is_better else -1
-    seen: dict[str, dict] = {}
+    seen: dict[str, dict[str, Any]] = {}
 
     def run(t: float, lw: int, lb: int, hb: int) -> None:
         fixed = FixedPlan(
@@ -433,7 +437,7 @@ def search_static(
         if str(fixed) in seen:
             return
         # every plan starts from the same roles as the other policies (half light), as a live stack does
-        cfg = SimConfig(policy="static", workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed)
+        cfg = SimConfig(policy=Policy.STATIC, workers=workers, slo_ms=slo_ms, time_scale=time_scale, fixed_plan=fixed)
         e = summarize(
             simulate(profile, trace, prompts, cfg, overrides=overrides),
             slo_ms=slo_ms,
@@ -451,7 +455,7 @@ def search_static(
             "degraded": e["degraded"],
         }
 
-    def ranked() -> list[dict]:
+    def ranked() -> list[dict[str, Any]]:
         return sorted(
             seen.values(),
             key=lambda r: (r["slo_violation_ratio"] >= max_miss, sign * (r["fid"] or 0), r["slo_violation_ratio"]),
@@ -461,7 +465,7 @@ def search_static(
     for t, lw, lb, hb in itertools.product(coarse, range(1, max(2, workers // 4) + 1), light_batches, heavy_batches):
         if workers - lw >= 1:
             run(t, lw, lb, hb)
-    configs = []
+    configs: list[tuple[tuple[int, int, int], float]] = []
     for r in ranked():
         if r["config"] not in [c for c, _t in configs]:
             configs.append((r["config"], r["threshold"]))
@@ -586,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
             best = FixedPlan.parse(rows[0]["plan"])
             (out / f"static_search_{size}.json").write_text(json.dumps(rows, indent=1))
             cfg = SimConfig(
-                policy="static",
+                policy=Policy.STATIC,
                 workers=size,
                 slo_ms=slo_ms,
                 light_workers=args.light_workers,

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TRACES = ("poisson", "step", "ramp", "bursty")
 DEFAULT_RATE = {"poisson": 8.0, "step": 24.0, "ramp": 24.0, "bursty": 32.0}
@@ -34,12 +35,12 @@ class Trace:
     prompt_indices: list[int]
     name: str = "trace"
     duration_s: float = 0.0
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.arrivals_ms)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[float, int]]:
         return iter(zip(self.arrivals_ms, self.prompt_indices))
 
     @property

@@ -166,7 +166,7 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
 
 
 class Controller:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[ControllerConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.log = svc.log
         self.profile = load_profile(self.cfg)
@@ -335,7 +335,7 @@ class Controller:
         await self.svc.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[ControllerConfig]) -> None:
     logging.getLogger("mip").setLevel(logging.WARNING)  # its import announces itself at INFO
     controller = Controller(svc)
     await asyncio.to_thread(warm_up)  # CBC's first solve is slow; keep it out of the first tick

@@ -6,11 +6,13 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from PIL import Image
+
 from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator, require_backend
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
-from common.messages import E_MODEL, Completion, LightReady, LightResult
+from common.messages import E_MODEL, Completion, LightReady, LightResult, Role, RoutedBy
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
 from common.service import Service, now_ms, run
@@ -43,7 +45,7 @@ class DiscriminatorConfig(ServiceConfig, BackendSettings):
 
 
 class Discriminator:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[DiscriminatorConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.model = make_discriminator(self.cfg)
         self.profile = load_profile(self.cfg)
@@ -62,7 +64,7 @@ class Discriminator:
     def heavy_ms(self, batch: int) -> float:
         return self.profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
 
-    def _images(self, results: list[LightResult]):
+    def _images(self, results: list[LightResult]) -> list[Image.Image | None]:
         if not self.needs_images:
             return [None] * len(results)
         return [from_thumbnail(r.thumbnail, r.thumbnail_size) if r.thumbnail else decode(r.image) for r in results]
@@ -116,7 +118,7 @@ class Discriminator:
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage(plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
         now = now_ms()
-        outputs = []
+        outputs: list[tuple[str, bytes]] = []
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
             job = result.job
@@ -126,7 +128,7 @@ class Discriminator:
                 threshold,
                 discriminator_routes=plan.discriminator_routes,
                 degrade_late=degrade_late,
-                fallback=job.routed_by == "fallback",
+                fallback=job.routed_by == RoutedBy.FALLBACK,
                 on_time=on_time,
             )
             metrics.ROUTED.labels(decision).inc()
@@ -141,12 +143,12 @@ class Discriminator:
                         (
                             job.reply_to,
                             LightReady(  # under the id the client submitted (a tenant's job is scoped)
-                                client_job_id(job.job_id),
-                                result.image,
-                                result.image_format,
-                                result.model,
-                                confidence,
-                                now_ms(),
+                                job_id=client_job_id(job.job_id),
+                                image=result.image,
+                                image_format=result.image_format,
+                                model=result.model,
+                                confidence=confidence,
+                                ready_ms=now_ms(),
                             ).encode(),
                         )
                     )
@@ -158,7 +160,7 @@ class Discriminator:
                             job,
                             result.image,
                             result.image_format,
-                            "light",
+                            Role.LIGHT,
                             result.model,
                             confidence,
                             degraded=decision == Decision.LATE,
@@ -169,7 +171,7 @@ class Discriminator:
         return outputs
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[DiscriminatorConfig]) -> None:
     disc = Discriminator(svc)
     await asyncio.to_thread(disc.model.load)
     svc.ready()

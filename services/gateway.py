@@ -21,8 +21,10 @@ import json
 import math
 import secrets
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import uvicorn
@@ -33,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import metrics
 from common.cascades import MODELS, cascade
@@ -50,6 +53,8 @@ from common.messages import (
     FinalResult,
     LightReady,
     MessageError,
+    Role,
+    Status,
     new_job_id,
     unpack,
 )
@@ -143,7 +148,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after = retry_after
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,
@@ -227,14 +232,16 @@ class ImageRequest:
     partials: bool
 
 
-def parse_image_request(body, cfg: GatewayConfig, size: str, *, jobs_api: bool = False) -> ImageRequest:
+def parse_image_request(body: object, cfg: GatewayConfig, size: str, *, jobs_api: bool = False) -> ImageRequest:
     """The OpenAI images.generate fields we serve; unknown fields are ignored, a wrong type or
     value is a 400 naming the field."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
 
-    def get(name, kind, default):
-        value = body.get(name)
+    fields: dict[str, Any] = body
+
+    def get(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = fields.get(name)
         if value is None:
             return default
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -281,7 +288,7 @@ def parse_image_request(body, cfg: GatewayConfig, size: str, *, jobs_api: bool =
     return ImageRequest(prompt, n, output_format, max(1, quality), response_format, stream, partial_images > 0)
 
 
-async def read_json(request: Request):
+async def read_json(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise invalid(f"the request body is larger than {MAX_BODY_BYTES} bytes")
@@ -291,25 +298,26 @@ async def read_json(request: Request):
         raise invalid("the request body is not valid JSON") from None
 
 
-def sse(event: str, data: dict) -> bytes:
+def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def result_error(result: FinalResult) -> ApiError:
     """A final result that carries no image, as the HTTP error it means."""
     code = result.error_code or "internal_error"
-    status = {
+    statuses: dict[str, int] = {
         E_OVERLOADED: 429,
         E_DEADLINE: 504,
         E_INVALID: 400,
         E_PROMPT_TOO_LONG: 400,
         E_UNKNOWN_MODEL: 400,
         E_CANCELLED: 409,
-    }.get(code, 500)
+    }
+    status = statuses.get(code, 500)
     return ApiError(status, result.error_message or code, code=code, retry_after=1 if status == 429 else None)
 
 
-def extra(result: FinalResult, seed: int | None = None) -> dict:
+def extra(result: FinalResult, seed: int | None = None) -> dict[str, Any]:
     """Our own fields beside each OpenAI image object."""
     return {
         "job_id": result.job_id,
@@ -324,7 +332,7 @@ def extra(result: FinalResult, seed: int | None = None) -> dict:
 
 
 class Gateway:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[GatewayConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.client = Client(self.cfg)
         self.api_keys = load_keys(self.cfg)
@@ -345,27 +353,23 @@ class Gateway:
             Route("/v1/jobs/{job_id}/events", self.job_events),
             Route("/v1/status", self.status),
         ]
-        self.app = CountRequests(
-            Starlette(
-                routes=routes,
-                exception_handlers={
-                    ApiError: _api_error,
-                    HTTPException: _http_error,
-                    # Redis gone: tell the caller to come back; the service itself keeps running.
-                    **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
-                    MaxConnectionsError: self._pool_full,
-                },
-            )
-        )
+        handlers: dict[Any, Callable[..., Awaitable[Response]]] = {
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            # Redis gone: tell the caller to come back; the service itself keeps running.
+            **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
+            MaxConnectionsError: self._pool_full,
+        }
+        self.app = CountRequests(Starlette(routes=routes, exception_handlers=handlers))
 
-    async def _no_redis(self, _request, exc) -> JSONResponse:
+    async def _no_redis(self, _request: Request, exc: Exception) -> JSONResponse:
         self.svc.log.warning("redis unavailable", extra={"error": str(exc)[:200]})
         metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
         return ApiError(
             503, "the queue (Redis) is unreachable; retry later", code="unavailable", retry_after=1
         ).response()
 
-    async def _pool_full(self, _request, _exc) -> JSONResponse:
+    async def _pool_full(self, _request: Request, _exc: Exception) -> JSONResponse:
         """redis-py's pool cap (100 connections a client) reached, e.g. by many open event streams."""
         metrics.ERRORS.labels("gateway", E_OVERLOADED).inc()
         return ApiError(
@@ -451,7 +455,8 @@ class Gateway:
         work = asyncio.ensure_future(asyncio.gather(*(self._submit(req, j, s) for j, s in zip(job_ids, seeds))))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {work, gone}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the caller hung up: its jobs are not worth a GPU any more
                 await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -462,7 +467,7 @@ class Gateway:
                 metrics.ERRORS.labels("gateway", E_DEADLINE).inc()
                 raise ApiError(504, f"no image within {self.cfg.timeout_s:g} s", code=E_DEADLINE) from None
             for result in results:
-                if result.status != "ok":
+                if result.status != Status.OK:
                     raise result_error(result)
             data = [await self._image_object(request, req, r, s) for r, s in zip(results, seeds)]
             return JSONResponse(
@@ -480,7 +485,9 @@ class Gateway:
             gone.cancel()
             await self.release(key, job_ids)
 
-    async def _submit(self, req: ImageRequest, job_id: str, seed: int, on_light=None) -> FinalResult:
+    async def _submit(
+        self, req: ImageRequest, job_id: str, seed: int, on_light: Callable[[LightReady], None] | None = None
+    ) -> FinalResult:
         return await self.client.submit(
             req.prompt,
             job_id=job_id,
@@ -492,19 +499,23 @@ class Gateway:
             cascade=self.cfg.cascade,
         )
 
-    async def _image_object(self, request: Request, req: ImageRequest, result: FinalResult, seed: int) -> dict:
+    async def _image_object(
+        self, request: Request, req: ImageRequest, result: FinalResult, seed: int
+    ) -> dict[str, Any]:
         if req.response_format == "url":
             token = secrets.token_urlsafe(18)
             await self.r.set(f"{self.keys.gateway_prefix}image:{token}", result.encode(), ex=self.cfg.result_ttl_s)
             image = {"url": str(request.url_for("image_file", token=f"{token}.{result.image_format}"))}
         else:
-            image = {"b64_json": base64.b64encode(result.image).decode()}
+            image = {"b64_json": base64.b64encode(result.image or b"").decode()}  # an ok result has one
         return {**image, "revised_prompt": None, "diffserve": extra(result, seed)}
 
-    async def _stream(self, key: ApiKey, req: ImageRequest, job_ids: list[str], seeds: list[int]):
+    async def _stream(
+        self, key: ApiKey, req: ImageRequest, job_ids: list[str], seeds: list[int]
+    ) -> AsyncIterator[bytes]:
         """SSE: per job, its light image as image_generation.partial_image when it goes on to the heavy
         model (and partials were asked for), then image_generation.completed with the answer."""
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue[LightReady | FinalResult] = asyncio.Queue()
         index = {job_id: i for i, job_id in enumerate(job_ids)}
 
         async def one(job_id: str, seed: int) -> None:
@@ -514,8 +525,8 @@ class Gateway:
             except asyncio.TimeoutError:
                 events.put_nowait(
                     FinalResult(
-                        job_id,
-                        "error",
+                        job_id=job_id,
+                        status=Status.ERROR,
                         error_code=E_DEADLINE,
                         error_message=f"no image within {self.cfg.timeout_s:g} s",
                     )
@@ -539,7 +550,7 @@ class Gateway:
                             "diffserve": {
                                 "job_id": message.job_id,
                                 "index": index[message.job_id],
-                                "answered_by": "light",
+                                "answered_by": Role.LIGHT,
                                 "model": message.model,
                                 "confidence": message.confidence,
                             },
@@ -547,7 +558,7 @@ class Gateway:
                     )
                     continue
                 finished.add(message.job_id)
-                if message.status != "ok":
+                if message.status != Status.OK:
                     yield sse("error", result_error(message).body())
                     continue
                 yield sse(
@@ -556,7 +567,7 @@ class Gateway:
                         "type": "image_generation.completed",
                         **common,
                         "created_at": int(time.time()),
-                        "b64_json": base64.b64encode(message.image).decode(),
+                        "b64_json": base64.b64encode(message.image or b"").decode(),
                         "usage": {
                             "input_tokens": 0,
                             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
@@ -578,7 +589,7 @@ class Gateway:
 
     async def image_file(self, request: Request) -> Response:
         token, _, _ext = request.path_params["token"].partition(".")
-        raw = await self.r.get(f"{self.keys.gateway_prefix}image:{token}")
+        raw: Any = await self.r.get(f"{self.keys.gateway_prefix}image:{token}")
         if raw is None:
             raise ApiError(404, "no such image (links expire with the result TTL)", code="not_found")
         result = FinalResult.decode(raw)
@@ -616,34 +627,41 @@ class Gateway:
             headers={"Location": f"/v1/jobs/{job_id}"},
         )
 
-    async def _job(self, request: Request) -> tuple[str, dict]:
+    async def _job(self, request: Request) -> tuple[str, dict[bytes, bytes]]:
         key = self.authenticate(request)
         job_id = request.path_params["job_id"]
-        meta = await self.r.hgetall(self._job_keys(job_id)[0]) if len(job_id) <= 128 else {}
+        meta: Any = await self.r.hgetall(self._job_keys(job_id)[0]) if len(job_id) <= 128 else {}
         if not meta or meta.get(b"key", b"").decode() != key.name:  # another key's job is not yours to see
             raise ApiError(404, f"no job {job_id!r}", param="job_id", code="not_found")
         return job_id, meta
 
-    async def _job_messages(self, job_id: str, after: str = "-", block_ms: int | None = None):
+    async def _job_messages(
+        self, job_id: str, after: str = "-", block_ms: int | None = None
+    ) -> list[tuple[str, LightReady | FinalResult]]:
         """[(entry id, LightReady | FinalResult)] on the job's reply stream after ``after``."""
         reply = self._job_keys(job_id)[1]
+        items: Any
         if block_ms is None:
             items = await self.r.xrange(reply, min=after)
         else:
-            got = await self.r.xread({reply: after}, block=block_ms, count=16)
+            got: Any = await self.r.xread({reply: after}, block=block_ms, count=16)
             items = got[0][1] if got else []
-        out = []
+        out: list[tuple[str, LightReady | FinalResult]] = []
         for entry_id, fields in items:
             try:
                 body = unpack(fields[ENTRY_FIELD])
-                kind = LightReady if body.get("type") == LightReady.TYPE else FinalResult
+                kind: type[LightReady | FinalResult] = (
+                    LightReady if body.get("type") == LightReady.TYPE else FinalResult
+                )
                 out.append((entry_id.decode(), kind.from_dict(body)))
             except (MessageError, KeyError):
                 continue
         return out
 
-    def _job_view(self, job_id: str, meta: dict, messages: list) -> dict:
-        view = {
+    def _job_view(
+        self, job_id: str, meta: dict[bytes, bytes], messages: list[tuple[str, LightReady | FinalResult]]
+    ) -> dict[str, Any]:
+        view: dict[str, Any] = {
             "id": job_id,
             "object": "image.job",
             "status": "queued",
@@ -660,11 +678,11 @@ class Gateway:
                     "confidence": message.confidence,
                 }
             else:
-                view["status"] = {"ok": "done", E_CANCELLED: "cancelled"}.get(message.status, "error")
-                if message.status == "ok":
+                view["status"] = {Status.OK: "done", Status.CANCELLED: "cancelled"}.get(message.status, "error")
+                if message.status == Status.OK:
                     view["data"] = [
                         {
-                            "b64_json": base64.b64encode(message.image).decode(),
+                            "b64_json": base64.b64encode(message.image or b"").decode(),
                             "revised_prompt": None,
                             "diffserve": extra(message),
                         }
@@ -680,7 +698,7 @@ class Gateway:
     async def job_events(self, request: Request) -> Response:
         job_id, meta = await self._job(request)
 
-        async def events():
+        async def events() -> AsyncIterator[bytes]:
             yield sse("queued", {"id": job_id, "status": "queued"})
             last, deadline = "-", time.monotonic() + self.cfg.timeout_s
             messages = await self._job_messages(job_id)
@@ -728,10 +746,10 @@ class Gateway:
         self.authenticate(request)
         plan = await load_plan(self.r, self.keys)
         queues = {attr: await backlog(self.r, getattr(self.keys, attr), group) for attr, group in PIPELINE_GROUPS}
-        alive = await self.r.zrangebyscore(self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000, "+inf")
+        alive: Any = await self.r.zrangebyscore(self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000, "+inf")
         roles: dict[str, int] = {}
         for worker in alive:
-            role = await self.r.hget(self.keys.worker_info(worker.decode()), "role")
+            role: Any = await self.r.hget(self.keys.worker_info(worker.decode()), "role")
             roles[(role or b"unknown").decode()] = roles.get((role or b"unknown").decode(), 0) + 1
         plan_view = (
             None
@@ -762,26 +780,26 @@ class Gateway:
         return HTMLResponse(self.playground)
 
 
-async def _api_error(_request, exc: ApiError) -> Response:
+async def _api_error(_request: Request, exc: ApiError) -> Response:
     return exc.response()
 
 
-async def _http_error(_request, exc: HTTPException) -> Response:  # unknown route, wrong method
+async def _http_error(_request: Request, exc: HTTPException) -> Response:  # unknown route, wrong method
     return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
 
 
 class CountRequests:
     """ASGI wrapper: requests and latency per endpoint (its function name: no ids, no prompts) and status."""
 
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status, started = [0], time.perf_counter()
 
-        async def send_counted(message):
+        async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
@@ -801,11 +819,12 @@ async def _disconnected(request: Request) -> None:
 
 
 class _Server(uvicorn.Server):
-    def capture_signals(self):
-        return contextlib.nullcontext()  # Service.run owns SIGTERM/SIGINT and asks us to drain
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # Service.run owns SIGTERM/SIGINT and asks us to drain
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[GatewayConfig]) -> None:
     gateway = Gateway(svc)
     cfg = svc.config
     server = _Server(
@@ -816,7 +835,8 @@ async def serve(svc: Service) -> None:
             log_config=None,
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=cfg.drain_s,
+            # annotated int, but it is an asyncio.wait_for timeout: fractions of a second work
+            timeout_graceful_shutdown=cfg.drain_s,  # type: ignore[arg-type]
         )
     )
     task = asyncio.ensure_future(server.serve())

@@ -9,7 +9,9 @@ import re
 import time
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any, NoReturn
 
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import metrics
@@ -30,12 +32,14 @@ from common.messages import (
     FinalResult,
     Job,
     MessageError,
+    RoutedBy,
     RoutedJob,
+    Status,
     unpack,
 )
 from common.plan_store import HeavyStageWatcher, PlanWatcher
 from common.routing import Decision, direct_decision
-from common.profiles import uniform_from_text
+from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
 from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
@@ -158,7 +162,7 @@ def reply_prefix(keys: Keys, tenant: str | None) -> str:
 
 
 def validate_job(job: Job, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> None:
-    def bad(code: str, message: str):
+    def bad(code: str, message: str) -> NoReturn:
         raise MessageError(code, message, job.job_id if JOB_ID_RE.match(job.job_id) else None)
 
     if not JOB_ID_RE.match(job.job_id):
@@ -196,11 +200,11 @@ class JobSource:
 class TenantLoop:
     source: JobSource
     stop: asyncio.Event
-    task: asyncio.Task
+    task: asyncio.Task[None]
 
 
 class Router:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[RouterConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
         self.jobs = self._consumer(self.keys.jobs)
@@ -209,7 +213,7 @@ class Router:
         self.completions = self._consumer(self.keys.completions)
         self.plans = PlanWatcher(self.r, self.keys)
         self.heavy = HeavyStageWatcher(self.r, self.keys)
-        self._profile = None
+        self._profile: CascadeProfile | None = None
         self.light_backlog = 0
         self._next_trim = 0.0
         self._rng = random.Random()
@@ -255,8 +259,8 @@ class Router:
                         (
                             reply_to,
                             FinalResult(
-                                scoped_id(tenant, exc.job_id),
-                                "error",
+                                job_id=scoped_id(tenant, exc.job_id),
+                                status=Status.ERROR,
                                 error_code=exc.code,
                                 error_message=str(exc),
                                 finished_ms=arrival,
@@ -268,7 +272,11 @@ class Router:
                         (
                             None,
                             DeadLetter(
-                                source.consumer.stream, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096]
+                                stream=source.consumer.stream,
+                                entry_id=entry.id,
+                                error_code=exc.code,
+                                error_message=str(exc),
+                                raw=(entry.payload or b"")[:4096],
                             ),
                         )
                     )
@@ -282,8 +290,8 @@ class Router:
                     (
                         job.reply_to,
                         FinalResult(
-                            job.job_id,
-                            E_CANCELLED,
+                            job_id=job.job_id,
+                            status=Status.CANCELLED,
                             error_code=E_CANCELLED,
                             error_message="cancelled by the client before it ran",
                             finished_ms=arrival,
@@ -299,8 +307,8 @@ class Router:
                     (
                         job.reply_to,
                         FinalResult(
-                            job.job_id,
-                            "error",
+                            job_id=job.job_id,
+                            status=Status.ERROR,
                             error_code=E_DUPLICATE,
                             finished_ms=arrival,
                             error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
@@ -310,14 +318,14 @@ class Router:
                 )
                 continue
             routed = RoutedJob(
-                job.job_id,
-                job.prompt,
-                arrival,
-                arrival + (job.slo_ms or self.default_slo_ms),
-                job.seed if job.seed is not None else int(uniform_from_text(client_job_id(job.job_id)) * 2**31),
-                job.image_format,
-                job.image_quality,
-                job.reply_to,
+                job_id=job.job_id,
+                prompt=job.prompt,
+                arrival_ms=arrival,
+                deadline_ms=arrival + (job.slo_ms or self.default_slo_ms),
+                seed=job.seed if job.seed is not None else int(uniform_from_text(client_job_id(job.job_id)) * 2**31),
+                image_format=job.image_format,
+                image_quality=job.image_quality,
+                reply_to=job.reply_to,
                 partials=job.partials,
                 prompt_index=job.prompt_index,
             )
@@ -330,18 +338,18 @@ class Router:
                     on_time=heavy is None or heavy.on_time(arrival, routed.deadline_ms),
                 )
             if decision == Decision.HEAVY:
-                routed.routed_by = "direct"
+                routed.routed_by = RoutedBy.DIRECT
                 outputs.append((self.keys.heavy_queue, routed.encode()))
                 if heavy is not None:
                     heavy.admit()
             else:
-                routed.routed_by = "fallback" if decision == Decision.LATE else "cascade"
+                routed.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
                 outputs.append((self.keys.light_queue, routed.encode()))
                 self.light_backlog += 1
 
         admitted_ids = [job.job_id for entry_id, job in jobs if entry_id not in duplicates]
 
-        def deliver_errors(pipe):
+        def deliver_errors(pipe: aioredis.client.Pipeline) -> None:
             for reply_to, message in errors:
                 if isinstance(message, DeadLetter):
                     pipe.xadd(self.keys.dead_letters, {"m": message.encode()}, maxlen=10000, approximate=True)
@@ -371,7 +379,9 @@ class Router:
         }
 
     # ---------- delivery ----------
-    def _deliver(self, pipe, result: FinalResult, reply_to: str | None, *, admitted: bool = True) -> None:
+    def _deliver(
+        self, pipe: aioredis.client.Pipeline, result: FinalResult, reply_to: str | None, *, admitted: bool = True
+    ) -> None:
         """Markers under the pipeline's (scoped) id; the answer carries the id its submitter used."""
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         answer = replace(result, job_id=client_job_id(result.job_id))
@@ -396,40 +406,46 @@ class Router:
             return
         finished = now_ms()
         results: list[tuple[Completion, FinalResult]] = []
-        bad_ids = []
+        bad_ids: list[DeadLetter] = []
         for entry in entries:
             try:
                 c = Completion.decode(entry.payload or b"")
             except MessageError as exc:  # a bug upstream; keep the evidence, don't loop on it
                 metrics.ERRORS.labels("router", exc.code).inc()
                 bad_ids.append(
-                    DeadLetter(self.keys.completions, entry.id, exc.code, str(exc), (entry.payload or b"")[:4096])
+                    DeadLetter(
+                        stream=self.keys.completions,
+                        entry_id=entry.id,
+                        error_code=exc.code,
+                        error_message=str(exc),
+                        raw=(entry.payload or b"")[:4096],
+                    )
                 )
                 continue
             latency = finished - c.arrival_ms
-            slo_met = c.status == "ok" and finished <= c.deadline_ms
+            slo_met = c.status == Status.OK and finished <= c.deadline_ms
             results.append(
                 (
                     c,
                     FinalResult(
-                        c.job_id,
-                        c.status,
-                        c.image,
-                        c.image_format,
-                        c.answered_by,
-                        c.model,
-                        c.confidence,
-                        c.degraded,
-                        latency,
-                        slo_met,
-                        c.error_code,
-                        c.error_message,
-                        finished,
+                        job_id=c.job_id,
+                        status=c.status,
+                        image=c.image,
+                        image_format=c.image_format,
+                        answered_by=c.answered_by,
+                        model=c.model,
+                        confidence=c.confidence,
+                        degraded=c.degraded,
+                        latency_ms=latency,
+                        slo_met=slo_met,
+                        error_code=c.error_code,
+                        error_message=c.error_message,
+                        finished_ms=finished,
                     ),
                 )
             )
 
-        def deliver(pipe):
+        def deliver(pipe: aioredis.client.Pipeline) -> None:
             for c, result in results:
                 self._deliver(pipe, result, c.reply_to)
             for dead in bad_ids:
@@ -442,11 +458,11 @@ class Router:
             if not fresh:
                 metrics.DUPLICATES.inc()
                 continue
-            if result.status == E_CANCELLED:  # not served, so neither an SLO hit nor a miss
+            if result.status == Status.CANCELLED:  # not served, so neither an SLO hit nor a miss
                 metrics.PROCESSED.labels("router", "cancelled").inc()
                 continue
             metrics.PROCESSED.labels("router", "delivered").inc()
-            if result.status == "ok":
+            if result.status == Status.OK and result.latency_ms is not None:  # always set on this path
                 metrics.E2E_LATENCY.labels(result.answered_by or "").observe(result.latency_ms / 1000)
             metrics.SLO.labels("hit" if result.slo_met else "miss").inc()
             outcomes["slo_hit" if result.slo_met else "slo_miss"] += 1
@@ -504,7 +520,7 @@ class Router:
             await self._stop_tenant(name)
 
 
-def _count_replaced(replies: list) -> None:
+def _count_replaced(replies: list[Any]) -> None:
     """Count the answers DELIVER_ONCE delivered by replacing a key of the wrong type."""
     replaced = sum(1 for reply in replies if reply == REPLACED)
     if replaced:
@@ -529,7 +545,7 @@ def _reply_to_of(entry: Entry, keys: Keys, tenant: str | None, job_id: str) -> s
     return reply_to if valid else fallback
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[RouterConfig]) -> None:
     router = Router(svc)
     svc.ready()
     try:

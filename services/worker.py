@@ -9,17 +9,17 @@ import time
 from dataclasses import dataclass
 
 from common import metrics
-from common.backends import BackendSettings, latency_scale, load_profile, make_model, require_backend
+from common.backends import BackendSettings, ImageModel, latency_scale, load_profile, make_model, require_backend
 from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
-from common.messages import E_MODEL, Completion, LightResult, RoutedJob
+from common.messages import E_MODEL, Completion, LightResult, Role, RoutedBy, RoutedJob
 from common.plan_store import PlanWatcher
 from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids, one_per_input, split_batch
 from common.streams import TRANSIENT_ERRORS, StreamConsumer, run_forever
 
-ROLES = ("light", "heavy")
+ROLES = tuple(Role)
 DEFAULT_THUMBNAIL_SIZE = 224  # EfficientNet-V2-S input size
 CLOSE_TIMEOUT_S = 2.0
 
@@ -55,13 +55,13 @@ class WorkerConfig(ServiceConfig, BackendSettings):
 
 
 class Worker:
-    def __init__(self, svc: Service):
+    def __init__(self, svc: Service[WorkerConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.id = self.cfg.instance_id
-        self.role = self.cfg.role
+        self.role = Role(self.cfg.role)
         self.profile = load_profile(self.cfg)
-        self.models: dict[str, object] = {}  # role -> model; the idle one stays in host memory
-        self.model = None
+        self.models: dict[Role, ImageModel] = {}  # the idle one stays in host memory
+        self.model: ImageModel | None = None  # set by start()
         self.last_switch_s = 0.0
         self.switches = 0
         self.consumers = {
@@ -84,29 +84,35 @@ class Worker:
         default_size = 0 if self.cfg.backend == "profiled" else DEFAULT_THUMBNAIL_SIZE
         self.thumbnail_size = default_size if self.cfg.thumbnail_size < 0 else self.cfg.thumbnail_size
 
+    @property
+    def loaded(self) -> ImageModel:
+        if self.model is None:
+            raise RuntimeError("the worker has not started")
+        return self.model
+
     async def start(self) -> None:
-        self.model = make_model(self.cfg, self.role)
-        seconds = await asyncio.to_thread(self.model.load, "disk")
-        metrics.MODEL_LOAD.labels(self.model.name, "disk").observe(seconds)
-        self.models[self.role] = self.model
+        self.model = model = make_model(self.cfg, self.role)
+        seconds = await asyncio.to_thread(model.load, "disk")
+        metrics.MODEL_LOAD.labels(model.name, "disk").observe(seconds)
+        self.models[self.role] = model
         await self.heartbeat()
 
-    async def switch(self, role: str) -> None:
+    async def switch(self, role: Role) -> None:
         """Free (or park in host memory) the current model, load the other one."""
         start = time.perf_counter()
-        old = self.model
+        old = self.loaded
         if self.cfg.host_cache:
             await asyncio.to_thread(old.offload)
         else:
             await asyncio.to_thread(old.unload)
             self.models.pop(self.role, None)
         cached = role in self.models
-        self.model = self.models.get(role) or make_model(self.cfg, role)
-        await asyncio.to_thread(self.model.load, "host" if cached else "disk")
-        self.models[role] = self.model
+        self.model = model = self.models.get(role) or make_model(self.cfg, role)
+        await asyncio.to_thread(model.load, "host" if cached else "disk")
+        self.models[role] = model
         self.last_switch_s = time.perf_counter() - start
         self.switches += 1
-        metrics.MODEL_LOAD.labels(self.model.name, "host" if cached else "disk").observe(self.last_switch_s)
+        metrics.MODEL_LOAD.labels(model.name, "host" if cached else "disk").observe(self.last_switch_s)
         self.svc.log.info(
             "role switched",
             extra={
@@ -152,8 +158,8 @@ class Worker:
         plan = await self.plans.current()
         wanted = plan.roles.get(self.id, self.role)
         if wanted != self.role and wanted in ROLES:
-            await self.switch(wanted)
-        batch = self.cfg.batch or (plan.light_batch if self.role == "light" else plan.heavy_batch)
+            await self.switch(Role(wanted))
+        batch = self.cfg.batch or (plan.light_batch if self.role == Role.LIGHT else plan.heavy_batch)
         consumer = self.consumers[self.role]
         entries = await consumer.read(max(1, batch), block_ms=250)
         if not entries:
@@ -180,7 +186,7 @@ class Worker:
             ]
             jobs = [job for job in jobs if job.job_id not in cancelled]
             metrics.PROCESSED.labels("worker", "cancelled").inc(len(cancelled))
-        if self.role == "heavy" and degrades_late(self.cfg.late_policy, plan.degrade_late):
+        if self.role == Role.HEAVY and degrades_late(self.cfg.late_policy, plan.degrade_late):
             jobs, late = self._split_late(jobs)
             outputs += late
         if jobs:
@@ -188,13 +194,14 @@ class Worker:
                 outputs += await self._run(jobs)
         await consumer.write_and_ack([e.id for e in entries], outputs)
 
-    def _split_late(self, jobs: list[RoutedJob]):
+    def _split_late(self, jobs: list[RoutedJob]) -> tuple[list[RoutedJob], list[tuple[str, bytes]]]:
         """Jobs that would finish after their deadline even if started now (the deadline rule
         with nothing queued ahead) are answered with their light image, marked degraded, instead
         of late; a job a policy sent straight to heavy has no light image yet, so it goes to the
         light model as a fallback."""
         now, batch_ms = now_ms(), self.estimate_ms(len(jobs))
-        on_time, late = [], []
+        on_time: list[RoutedJob] = []
+        late: list[tuple[str, bytes]] = []
         for job in jobs:
             if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
@@ -206,7 +213,7 @@ class Worker:
                             job,
                             job.light_image,
                             job.light_image_format or "png",
-                            "light",
+                            Role.LIGHT,
                             self.profile.spec.light,
                             job.confidence,
                             degraded=True,
@@ -215,18 +222,19 @@ class Worker:
                     )
                 )
             else:
-                job.routed_by = "fallback"
+                job.routed_by = RoutedBy.FALLBACK
                 late.append((self.keys.light_queue, job.encode()))
         if late:
             metrics.PROCESSED.labels("worker", "degraded").inc(len(late))
         return on_time, late
 
     async def _run(self, jobs: list[RoutedJob]) -> list[tuple[str, bytes]]:
-        model_name = self.model.name
+        model = self.loaded
+        model_name = model.name
         start = time.perf_counter()
         try:
             images = one_per_input(
-                await asyncio.to_thread(self.model.generate, [j.prompt for j in jobs], [j.seed for j in jobs]),
+                await asyncio.to_thread(model.generate, [j.prompt for j in jobs], [j.seed for j in jobs]),
                 jobs,
                 "the model",
             )
@@ -246,32 +254,31 @@ class Worker:
         metrics.BATCH_LATENCY.labels("worker", model_name).observe(elapsed)
         futures = self.encoder.submit(images, [(j.image_format, j.image_quality) for j in jobs])
         size = self.thumbnail_size
-        thumbs = (
+        thumbs: list[bytes | None] = (
             await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
-            if self.role == "light" and size
+            if self.role == Role.LIGHT and size
             else [None] * len(jobs)
         )
-        outputs = []
+        outputs: list[tuple[str, bytes]] = []
         for job, future, thumb in zip(jobs, futures, thumbs):
             encoded = await asyncio.wrap_future(future)
-            if encoded.error:
-                outputs.append(
-                    (self.keys.completions, Completion.failure(job, E_MODEL, encoded.error, self.id).encode())
-                )
-            elif self.role == "light":
+            if encoded.data is None:  # the encoder failed (and says why)
+                error = encoded.error or "image encoding failed"
+                outputs.append((self.keys.completions, Completion.failure(job, E_MODEL, error, self.id).encode()))
+            elif self.role == Role.LIGHT:
                 outputs.append(
                     (
                         self.keys.light_results,
                         LightResult(
-                            job,
-                            encoded.data,
-                            encoded.format,
-                            thumb,
-                            size if thumb else 0,
-                            self.id,
-                            model_name,
-                            len(jobs),
-                            elapsed * 1000,
+                            job=job,
+                            image=encoded.data,
+                            image_format=encoded.format,
+                            thumbnail=thumb,
+                            thumbnail_size=size if thumb else 0,
+                            worker_id=self.id,
+                            model=model_name,
+                            batch_size=len(jobs),
+                            light_ms=elapsed * 1000,
                         ).encode(),
                     )
                 )
@@ -280,7 +287,7 @@ class Worker:
                     (
                         self.keys.completions,
                         Completion.answer(
-                            job, encoded.data, encoded.format, "heavy", model_name, job.confidence, worker_id=self.id
+                            job, encoded.data, encoded.format, Role.HEAVY, model_name, job.confidence, worker_id=self.id
                         ).encode(),
                     )
                 )
@@ -295,7 +302,7 @@ class Worker:
         self.encoder.close()
 
 
-async def serve(svc: Service) -> None:
+async def serve(svc: Service[WorkerConfig]) -> None:
     worker = Worker(svc)
     await worker.start()
     svc.ready()

@@ -22,7 +22,7 @@ class ShortModel:
 
 
 def _jobs(n: int = 3) -> list[RoutedJob]:
-    return [RoutedJob(f"j{i}", "a cat", 0.0, 1e15, i) for i in range(n)]
+    return [RoutedJob(job_id=f"j{i}", prompt="a cat", arrival_ms=0.0, deadline_ms=1e15, seed=i) for i in range(n)]
 
 
 def _failures(outputs, keys):
@@ -54,7 +54,7 @@ def test_discriminator_answers_every_job_of_a_short_batch(redis_server):
         )
         disc = Discriminator(svc)
         disc.model = ShortModel()
-        results = [LightResult(job, b"png", "png") for job in _jobs()]
+        results = [LightResult(job=job, image=b"png", image_format="png") for job in _jobs()]
         try:
             _failures(await disc.route(results), svc.keys)
         finally:

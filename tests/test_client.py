@@ -31,9 +31,11 @@ def test_unclaimed_results_are_bounded_and_forged_ones_are_dropped(redis_server)
         async with Client(redis_url=redis_server.url, max_unclaimed=100) as client:
             ids = [await client.enqueue("a prompt", job_id=f"j{i}") for i in range(300)]
             for job_id in ids:
-                await add(client.redis, client.reply_stream, FinalResult(job_id, "ok").encode())
-            await add(client.redis, client.reply_stream, FinalResult("forged-1", "ok").encode())
-            await add(client.redis, client.reply_stream, FinalResult("j0", "ok").encode())  # a second, forged answer
+                await add(client.redis, client.reply_stream, FinalResult(job_id=job_id, status="ok").encode())
+            await add(client.redis, client.reply_stream, FinalResult(job_id="forged-1", status="ok").encode())
+            await add(
+                client.redis, client.reply_stream, FinalResult(job_id="j0", status="ok").encode()
+            )  # a second, forged answer
             deadline = time.monotonic() + 10
             while client.rejected < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)

@@ -329,11 +329,11 @@ def test_a_heavy_worker_allows_for_the_configured_clock_skew(redis_server, tmp_p
     with LocalStack(spec, str(tmp_path / "logs")):
         now = now_ms()
         job = RoutedJob(
-            "skew-1",
-            "a lighthouse",
-            now,
-            now + 20_000,
-            1,
+            job_id="skew-1",
+            prompt="a lighthouse",
+            arrival_ms=now,
+            deadline_ms=now + 20_000,
+            seed=1,
             light_image=b"light-png",
             light_image_format="png",
             confidence=0.1,

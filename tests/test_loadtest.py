@@ -106,8 +106,8 @@ def test_quality_estimate_matches_hand_computation():
 
 def _result(job_id, by="light", ok=True, latency=100.0, slo=True, degraded=False, code=None, conf=0.8):
     return FinalResult(
-        job_id,
-        "ok" if ok else "error",
+        job_id=job_id,
+        status="ok" if ok else "error",
         answered_by=by if ok else None,
         latency_ms=latency,
         slo_met=slo if ok else False,

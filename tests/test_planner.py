@@ -229,6 +229,14 @@ def test_policies(sdturbo):
     assert P.plan(sdturbo, 6.0, 8, policy="diffserve-threshold").objective == "threshold"
 
 
+def test_every_policy_has_a_spec_and_names_stay_plain_strings():
+    assert set(P.POLICY_TABLE) == set(P.Policy) and P.POLICIES == tuple(P.Policy)
+    assert P.policy_spec("clipper-heavy") is P.POLICY_TABLE[P.Policy.CLIPPER_HEAVY]
+    assert json.dumps(list(P.POLICIES))[:14] == '["diffserve", '  # reports and CLI choices see the names
+    with pytest.raises(ValueError, match="unknown policy 'clipper'"):
+        P.policy_spec("clipper")
+
+
 def test_aimd_batching(sdturbo):
     grow = P.plan(sdturbo, 10.0, 16, policy="aimd", aimd=P.AimdState(2, 1, slo_miss=False))
     assert (grow.light_batch, grow.heavy_batch) in {(4, 2), (4, 1), (2, 2), (2, 1)}

@@ -9,13 +9,57 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from common.config import option
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from common.profiles import CascadeProfile
 
 BACKENDS = ("diffusers", "tiny", "profiled")
 # What the `models` extra installs; the control plane and the profiled backend run without it.
 MODEL_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm")
+
+
+class ImageModel(Protocol):
+    """What a worker calls on its light or heavy model, whatever the backend."""
+
+    name: str
+
+    def load(self, source: str = "disk") -> float:
+        """Onto the device from disk or from host memory; returns the seconds it took."""
+        ...
+
+    def offload(self) -> None:
+        """Park in host memory (a later ``load("host")`` is fast)."""
+        ...
+
+    def unload(self) -> None: ...
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One image per prompt, in order."""
+        ...
+
+
+class DiscriminatorModel(Protocol):
+    """What the discriminator service calls on its model."""
+
+    def load(self) -> float:
+        """Onto the device; returns the seconds it took."""
+        ...
+
+    def score(
+        self,
+        prompts: list[str],
+        images: Sequence[Image.Image | None],
+        prompt_indices: list[int | None] | None = None,
+    ) -> list[float]:
+        """Confidence per light image (None where the backend takes no image: profiled)."""
+        ...
 
 
 @dataclass
@@ -100,7 +144,7 @@ def resolve_hardware(settings: BackendSettings) -> str:
     return detect_hardware(settings.device)
 
 
-def load_profile(settings: BackendSettings):
+def load_profile(settings: BackendSettings) -> CascadeProfile:
     from common.profiles import load_cascade_profile
 
     return load_cascade_profile(
@@ -108,11 +152,11 @@ def load_profile(settings: BackendSettings):
     )
 
 
-def make_model(settings: BackendSettings, role: str):
+def make_model(settings: BackendSettings, role: str) -> ImageModel:
     """The light or heavy model of the configured cascade on the configured backend (not loaded yet)."""
     from common.cascades import MODELS, cascade
 
-    name = getattr(cascade(settings.cascade), role)
+    name: str = getattr(cascade(settings.cascade), role)
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledModel
 
@@ -138,7 +182,7 @@ def make_model(settings: BackendSettings, role: str):
     )
 
 
-def make_discriminator(settings: BackendSettings):
+def make_discriminator(settings: BackendSettings) -> DiscriminatorModel:
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledDiscriminator, confidences_by_text, load_confidence_overrides
 

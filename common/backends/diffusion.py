@@ -21,7 +21,8 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Self
 
 from PIL import Image
 
@@ -116,13 +117,14 @@ def _available_host_bytes() -> int | None:
     return None
 
 
-def _modules(pipe) -> list:
+# torch and diffusers objects are typed Any (see pyproject.toml): the pipeline, its modules, tensors.
+def _modules(pipe: Any) -> list[Any]:
     import torch
 
     return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
 
 
-def _module_bytes(pipe) -> int:
+def _module_bytes(pipe: Any) -> int:
     total = 0
     for module in _modules(pipe):
         total += sum(t.numel() * t.element_size() for t in module.parameters())
@@ -130,10 +132,10 @@ def _module_bytes(pipe) -> int:
     return total
 
 
-def _collect_tensors(pipe) -> tuple[list, list]:
+def _collect_tensors(pipe: Any) -> tuple[list[Any], list[tuple[Any, list[tuple[Any, str]]]]]:
     """Every parameter (deduplicated, tied weights once) and buffer (with all its owners)."""
     params: dict[int, object] = {}
-    buffers: dict[int, tuple] = {}
+    buffers: dict[int, tuple[Any, list[tuple[Any, str]]]] = {}
     for module in _modules(pipe):
         for sub in module.modules():
             for p in sub._parameters.values():
@@ -145,14 +147,15 @@ def _collect_tensors(pipe) -> tuple[list, list]:
     return list(params.values()), list(buffers.values())
 
 
-def _copy_to_host(tensors: list, pin: bool, buffer=None) -> tuple[list, object]:
+def _copy_to_host(tensors: list[Any], pin: bool, buffer: Any = None) -> tuple[list[Any], Any]:
     """Copy tensors into one flat host buffer (pinned: one allocation, DMA-able, not rounded
     up per tensor; ``buffer`` is reused when it fits) and return views of it shaped like
     the sources, and the buffer."""
     import torch
 
     align = 256
-    offsets, total = [], 0
+    offsets: list[int] = []
+    total = 0
     for t in tensors:
         offsets.append(total)
         total += -(-t.numel() * t.element_size() // align) * align
@@ -167,7 +170,7 @@ def _copy_to_host(tensors: list, pin: bool, buffer=None) -> tuple[list, object]:
     return out, buffer
 
 
-def _move_modules(pipe, device: str, *, pin: bool, buffer=None):
+def _move_modules(pipe: Any, device: str, *, pin: bool, buffer: Any = None) -> Any:
     """Move every weight of the pipeline to ``device``: into one flat (pinned) host buffer
     (device -> host; ``buffer`` from the previous offload is reused) or from it (host ->
     device, non-blocking DMA when pinned), then synchronise. Returns the host buffer."""
@@ -197,14 +200,15 @@ class CudaGraphs:
     patched to copy their inputs into the static buffers and replay. Calls with a shape
     or an argument that was not captured run the original eager function."""
 
-    def __init__(self, pipe, device: str):
+    def __init__(self, pipe: Any, device: str):
         import torch
 
         self.torch = torch
         self.pipe, self.device = pipe, torch.device(device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.unet_graphs: dict[tuple, tuple] = {}  # key -> (graph, static inputs, static output)
-        self.vae_graphs: dict[tuple, tuple] = {}
+        # key (input shapes, dtype) -> (graph, static inputs, static output)
+        self.unet_graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+        self.vae_graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self._unet_forward = pipe.unet.forward
         self._vae_decode = pipe.vae.decode
         pipe.unet.forward = self._unet_call
@@ -218,7 +222,7 @@ class CudaGraphs:
         self.vae_graphs.clear()
         self.pool = None
 
-    def _capture(self, fn: Callable, static_inputs: list) -> tuple:
+    def _capture(self, fn: Callable[..., Any], static_inputs: list[Any]) -> tuple[Any, list[Any], Any]:
         torch = self.torch
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -233,7 +237,7 @@ class CudaGraphs:
 
     # --- UNet step ---------------------------------------------------------------------
     @staticmethod
-    def _unet_key(sample, encoder_hidden_states) -> tuple:
+    def _unet_key(sample: Any, encoder_hidden_states: Any) -> tuple[Any, ...]:
         return tuple(sample.shape), tuple(encoder_hidden_states.shape), sample.dtype
 
     def capture_unet(self, rows: int, height: int, width: int, seq_len: int) -> None:
@@ -246,7 +250,15 @@ class CudaGraphs:
             lambda s, t, e: forward(s, t, encoder_hidden_states=e, return_dict=False)[0], [sample, timestep, states]
         )
 
-    def _unet_call(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+    def _unet_call(
+        self,
+        sample: Any,
+        timestep: Any,
+        encoder_hidden_states: Any = None,
+        *args: Any,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         torch = self.torch
         entry = None
         if (
@@ -278,7 +290,7 @@ class CudaGraphs:
         decode = self._vae_decode
         self.vae_graphs[(tuple(z.shape), z.dtype)] = self._capture(lambda x: decode(x, return_dict=False)[0], [z])
 
-    def _vae_call(self, z, return_dict: bool = True, generator=None):
+    def _vae_call(self, z: Any, return_dict: bool = True, generator: Any = None) -> Any:
         entry = self.vae_graphs.get((tuple(z.shape), z.dtype))
         if entry is None:
             return self._vae_decode(z, return_dict=return_dict, generator=generator)
@@ -316,7 +328,7 @@ class DiffusersModel:
         cuda_graphs: bool = False,
         pin_host_memory: bool | None = None,
         graph_vae: bool | None = None,
-        pipeline_factory: Callable[[], object] | None = None,
+        pipeline_factory: Callable[[], Any] | None = None,
     ):
         self.spec, self.role, self.name = spec, role, spec.name
         self.device = resolve_device(device)
@@ -327,15 +339,15 @@ class DiffusersModel:
         self.pin_host_memory = _pin_setting(pin_host_memory)
         self.graph_vae = spec.steps <= GRAPH_VAE_MAX_STEPS if graph_vae is None else graph_vae
         self.pipeline_factory = pipeline_factory
-        self.pipe = None
+        self.pipe: Any = None
         self.graphs: CudaGraphs | None = None
         self._on_host = False
         self._pinned = False
-        self._host_buffer = None  # flat host copy of the weights, kept for the next offload (CUDA)
+        self._host_buffer: Any = None  # flat host copy of the weights, kept for the next offload (CUDA)
         self.last_load_s = 0.0
         self.last_capture_s = 0.0
 
-    def _dtype(self):
+    def _dtype(self) -> Any:
         import torch
 
         return getattr(torch, self.spec.dtype) if self.device.startswith("cuda") else torch.float32
@@ -357,7 +369,7 @@ class DiffusersModel:
         self.last_load_s = time.perf_counter() - start
         return self.last_load_s
 
-    def _from_pretrained(self):
+    def _from_pretrained(self) -> Any:
         from diffusers import AutoPipelineForText2Image, DDIMScheduler, EulerDiscreteScheduler
 
         if self.pipeline_factory is not None:
@@ -368,6 +380,8 @@ class DiffusersModel:
             from huggingface_hub import hf_hub_download
             from safetensors.torch import load_file
 
+            if not self.spec.unet_file:
+                raise ValueError(f"model {self.name}: unet_repo without unet_file")
             pipe.unet.load_state_dict(load_file(hf_hub_download(self.spec.unet_repo, self.spec.unet_file)))
         if self.spec.scheduler == "euler_trailing":
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
@@ -490,7 +504,7 @@ class DiffusersModel:
         seeds = list(seeds) + [seeds[-1]] * (size - n)
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
-            images = self.pipe(
+            images: list[Image.Image] = self.pipe(
                 prompt=prompts,
                 num_inference_steps=self.spec.steps,
                 guidance_scale=self.spec.guidance,
@@ -509,23 +523,32 @@ class TimmDiscriminator:
     backend = "diffusers"
 
     def __init__(
-        self, checkpoint_dir: str | None, device: str = "auto", *, meta: dict | None = None, half: bool | None = None
+        self,
+        checkpoint_dir: str | None,
+        device: str = "auto",
+        *,
+        meta: dict[str, Any] | None = None,
+        half: bool | None = None,
     ):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = resolve_device(device)
-        self.meta = meta if meta is not None else json.loads((self.checkpoint_dir / DISCRIMINATOR_CONFIG).read_text())
+        if meta is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("a discriminator needs a checkpoint folder or its meta")
+            meta = json.loads((self.checkpoint_dir / DISCRIMINATOR_CONFIG).read_text())
+        self.meta: dict[str, Any] = meta
         self.input_size = int(self.meta["input_size"])
         self.half = self.device.startswith("cuda") if half is None else half
-        self.model = None
+        self.model: Any = None
 
     @classmethod
-    def from_model(cls, model, meta: dict, device: str = "auto", half: bool | None = None) -> "TimmDiscriminator":
+    def from_model(cls, model: Any, meta: dict[str, Any], device: str = "auto", half: bool | None = None) -> Self:
         """Wrap an in-memory model (e.g. random weights for profiling); already loaded."""
         disc = cls(None, device, meta=meta, half=half)
         disc._place(model)
         return disc
 
-    def _place(self, model) -> None:
+    def _place(self, model: Any) -> None:
         import torch
 
         model = model.to(self.device).eval()
@@ -534,31 +557,40 @@ class TimmDiscriminator:
         self.model = model
 
     def load(self) -> float:
+        if self.checkpoint_dir is None:
+            raise ValueError("this discriminator wraps an in-memory model: there is no checkpoint to load")
         start = time.perf_counter()
         self._place(load_discriminator_model(self.checkpoint_dir, self.meta))
         return time.perf_counter() - start
 
     def score(
-        self, prompts: list[str], images: list[Image.Image], prompt_indices: list[int | None] | None = None
+        self,
+        prompts: list[str],
+        images: Sequence[Image.Image | None],
+        prompt_indices: list[int | None] | None = None,
     ) -> list[float]:
         """Confidence per image (``prompt_indices`` matter only to the profiled backend's replay)."""
         import torch
 
-        batch = preprocess(images, self.meta).to(self.device)
+        present = [img for img in images if img is not None]
+        if len(present) != len(images):
+            raise ValueError("the timm discriminator scores images: got a batch with some missing")
+        batch = preprocess(present, self.meta).to(self.device)
         if self.half:
             batch = batch.to(dtype=torch.float16, memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = torch.softmax(self.model(batch).float(), dim=1)
-        return probs[:, int(self.meta["positive_class"])].tolist()
+        scores: list[float] = probs[:, int(self.meta["positive_class"])].tolist()
+        return scores
 
 
-def build_discriminator_model(arch: str, num_classes: int = 2, pretrained: bool = False):
+def build_discriminator_model(arch: str, num_classes: int = 2, pretrained: bool = False) -> Any:
     import timm
 
     return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
 
 
-def load_discriminator_model(checkpoint_dir: Path, meta: dict):
+def load_discriminator_model(checkpoint_dir: Path, meta: dict[str, Any]) -> Any:
     from safetensors.torch import load_file
 
     model = build_discriminator_model(meta["arch"], len(meta["classes"]))
@@ -566,7 +598,7 @@ def load_discriminator_model(checkpoint_dir: Path, meta: dict):
     return model
 
 
-def save_discriminator(model, checkpoint_dir: str | Path, meta: dict) -> None:
+def save_discriminator(model: Any, checkpoint_dir: str | Path, meta: dict[str, Any]) -> None:
     """safetensors weights + a JSON of what is needed to use them (no pickle)."""
     from safetensors.torch import save_file
 
@@ -579,7 +611,7 @@ def save_discriminator(model, checkpoint_dir: str | Path, meta: dict) -> None:
     (checkpoint_dir / DISCRIMINATOR_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def discriminator_meta(arch: str, input_size: int) -> dict:
+def discriminator_meta(arch: str, input_size: int) -> dict[str, Any]:
     return {
         "arch": arch,
         "input_size": input_size,
@@ -590,14 +622,15 @@ def discriminator_meta(arch: str, input_size: int) -> dict:
     }
 
 
-def preprocess(images: list[Image.Image], meta: dict):
+def preprocess(images: Sequence[Image.Image], meta: dict[str, Any]) -> Any:
     """PIL images -> normalised NCHW float tensor at the discriminator's input size."""
     import numpy as np
     import torch
 
     size = int(meta["input_size"])
     arrays = [
-        np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0 for img in images
+        np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        for img in images
     ]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)

@@ -7,6 +7,7 @@ its images are flat placeholders, and results from it are labelled as profiled.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from PIL import Image
 
@@ -104,7 +105,10 @@ class ProfiledDiscriminator:
         return self.curve.confidence_for(uniform_from_text(prompt))
 
     def score(
-        self, prompts: list[str], images: list[Image.Image | None], prompt_indices: list[int | None] | None = None
+        self,
+        prompts: list[str],
+        images: Sequence[Image.Image | None],
+        prompt_indices: list[int | None] | None = None,
     ) -> list[float]:
         _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
         indices = prompt_indices or [None] * len(prompts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from common.backends.diffusion import build_discriminator_model, discriminator_meta, save_discriminator
 
@@ -28,7 +29,7 @@ def _byte_unicode_map() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def _tiny_tokenizer(folder: Path):
+def _tiny_tokenizer(folder: Path) -> Any:
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
