@@ -139,9 +139,13 @@ def unpack(payload: bytes) -> dict[str, Any]:
     return body
 
 
+# A submitted id has at most 128 characters; inside the pipeline a tenant's is "NAME/<id>" (common/tenants.py).
+MAX_PIPELINE_ID_CHARS = 32 + 1 + 128
+
+
 def _job_id_of(body: dict[str, Any]) -> str | None:
     job_id = body.get("job_id")
-    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= MAX_PIPELINE_ID_CHARS else None
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
