@@ -86,31 +86,9 @@ class RedisSettings:
                 f"{', '.join(given)} set but REDIS_URL is not rediss://: use rediss:// for TLS or drop the TLS settings"
             )
 
-
-@dataclass
-class ServiceConfig(RedisSettings):
-    """Fields every service has."""
-
-    metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
-    metrics_addr: str = option(
-        "0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)", env="METRICS_ADDR"
-    )
-    clock_skew_ms: float = option(
-        0.0,
-        "how far clocks of different hosts may differ (NTP keeps it small); a "
-        "stage checking a deadline another host set treats it as this much earlier",
-        env="DIFFSERVE_CLOCK_SKEW_MS",
-    )
-    log_level: str = option("INFO", "log level", env="LOG_LEVEL")
-    instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.instance_id:
-            self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
-
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One ``--flag`` per field (every config class: the Redis settings alone, or a service's)."""
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.metadata.get("help"):
@@ -158,6 +136,29 @@ class ServiceConfig(RedisSettings):
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv))
+
+
+@dataclass
+class ServiceConfig(RedisSettings):
+    """Fields every service has."""
+
+    metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
+    metrics_addr: str = option(
+        "0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)", env="METRICS_ADDR"
+    )
+    clock_skew_ms: float = option(
+        0.0,
+        "how far clocks of different hosts may differ (NTP keeps it small); a "
+        "stage checking a deadline another host set treats it as this much earlier",
+        env="DIFFSERVE_CLOCK_SKEW_MS",
+    )
+    log_level: str = option("INFO", "log level", env="LOG_LEVEL")
+    instance_id: str = option("", "unique name of this process (default: host-pid)", env="DIFFSERVE_INSTANCE_ID")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.instance_id:
+            self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Keys:

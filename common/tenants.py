@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import secrets
 import sys
@@ -108,15 +107,7 @@ async def remove(r: aioredis.Redis, keys: Keys, tenant: str) -> None:
 async def _main(args: argparse.Namespace) -> None:
     from common.streams import connect
 
-    settings = RedisSettings(
-        redis_url=args.redis_url,
-        redis_username=os.environ.get("REDIS_USERNAME"),
-        redis_password=os.environ.get("REDIS_PASSWORD"),
-        redis_tls_ca=os.environ.get("REDIS_TLS_CA"),
-        redis_tls_cert=os.environ.get("REDIS_TLS_CERT"),
-        redis_tls_key=os.environ.get("REDIS_TLS_KEY"),
-        namespace=args.namespace,
-    )
+    settings = RedisSettings.from_namespace(args)  # flags, else REDIS_* / DIFFSERVE_NAMESPACE env
     keys, r = Keys(settings.namespace), connect(settings, client_name="tenant-admin")
     try:
         if args.action == "add":
@@ -142,14 +133,12 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="diffserve tenant",
-        description="manage tenants (Redis-direct clients with their own keys); needs an admin Redis user "
-        "(REDIS_URL, REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS_*)",
+        description="manage tenants (Redis-direct clients with their own keys); needs an admin Redis user",
     )
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("name", nargs="?", help="tenant name: 1-32 of a-z 0-9 _ -")
     parser.add_argument("--password", default=None, help="add: this password instead of a generated one")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
+    RedisSettings.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.action != "list" and not args.name:
         parser.error(f"{args.action} needs a tenant name")

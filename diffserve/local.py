@@ -166,7 +166,6 @@ def submit_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffserve submit", description="submit one prompt, wait for the image")
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", default=None, help="write the image here")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--slo-ms", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--format", default="png", choices=("png", "webp", "jpeg"))
@@ -174,18 +173,14 @@ def submit_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tenant",
         default=os.environ.get("DIFFSERVE_TENANT"),
-        help="submit as this tenant (Redis user from REDIS_USERNAME, default the tenant; REDIS_PASSWORD)",
+        help="submit as this tenant (its Redis user: --redis-username, default the tenant's name)",
     )
-    args = parser.parse_args(argv)
     from common.client import Client
     from common.config import RedisSettings
 
-    settings = RedisSettings(
-        redis_url=args.redis_url,
-        redis_username=os.environ.get("REDIS_USERNAME"),
-        redis_password=os.environ.get("REDIS_PASSWORD"),
-        namespace=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"),
-    )
+    RedisSettings.add_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = RedisSettings.from_namespace(args)
 
     async def go():
         async with Client(settings, tenant=args.tenant) as client:

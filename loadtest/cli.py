@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from common.backends import BACKENDS
-from common.config import ServiceConfig
+from common.config import RedisSettings
 from common.control import ControlSettings, static_plan
 from common.planner import POLICIES
 from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     # A running deployment is reached like the services reach it: user, password and TLS from
     # REDIS_USERNAME, REDIS_PASSWORD and REDIS_TLS_* (common/config.py RedisSettings).
     deployment = (
-        dataclasses.replace(ServiceConfig.from_namespace(None), redis_url=args.redis_url, namespace=args.namespace)
+        dataclasses.replace(RedisSettings.from_namespace(None), redis_url=args.redis_url, namespace=args.namespace)
         if args.redis_url
         else None
     )
