@@ -120,12 +120,13 @@ def test_overload_is_refused_with_a_clear_error_and_the_queue_stays_bounded(redi
             stop.set()
             watcher.join()
     assert delivered == len(prompts)
-    codes = [r_.error_code for r_ in results if r_.status != "ok"]
-    assert codes and set(codes) == {"overloaded"}
+    refused = [r_ for r_ in results if r_.status != "ok"]
+    assert refused and {r_.error_code for r_ in refused} == {"overloaded"}
+    assert all(r_.retry_after_ms and r_.retry_after_ms > 0 for r_ in refused)
     served = sum(r_.status == "ok" for r_ in results)
     assert served >= 20
-    # The router admits at most one read batch past the cap before it re-measures.
-    assert peak["light"] <= 20 + 128 + 5, peak
+    # The router measures the backlog for each read batch and counts what it admits from it.
+    assert peak["light"] <= 20, peak
 
 
 def test_chaos_script_loses_and_duplicates_nothing():
