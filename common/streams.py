@@ -285,35 +285,47 @@ class StreamConsumer:
                 await task
 
 
+def _missing(exc: ResponseError) -> bool:
+    """The errors that mean "nothing there yet" (a stream or group not created yet, or gone after a
+    flush), as opposed to ones that must surface (an ACL user without permission, a wrong type)."""
+    text = str(exc)
+    return "no such key" in text.lower() or text.startswith("NOGROUP")
+
+
 async def backlog(r: aioredis.Redis, stream: str, group: str) -> int:
-    """Entries not yet done by ``group``: undelivered (lag) plus delivered-but-unacked."""
+    """Entries not yet done by ``group``: undelivered (lag) plus delivered-but-unacked; 0 when the
+    stream or the group does not exist.  Other errors raise: a NOPERM must not read as an empty queue."""
     try:
         for g in await r.xinfo_groups(stream):
             if _s(g["name"]) == group:
                 lag = g.get("lag")
                 return int(lag or 0) + int(g["pending"])
-    except ResponseError:
-        pass
+    except ResponseError as exc:
+        if not _missing(exc):
+            raise
     return 0
 
 
 async def trim_processed(r: aioredis.Redis, stream: str) -> int:
     """Drop entries below the oldest one that any group still has to deliver or ack.
-    Returns how many were removed. A stream without groups is left alone."""
+    Returns how many were removed. A stream without groups (or without the stream) is left alone;
+    other errors raise."""
     try:
         groups = await r.xinfo_groups(stream)
-    except ResponseError:
-        return 0
-    if not groups:
-        return 0
-    keep_from: str | None = None
-    for g in groups:
-        candidate = next_id(_s(g["last-delivered-id"]))
-        if int(g["pending"]):
-            summary = await r.xpending(stream, g["name"])
-            if summary["min"] is not None:  # None: acked since XINFO GROUPS looked
-                candidate = min(candidate, _s(summary["min"]), key=_id_key)
-        keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
+        if not groups:
+            return 0
+        keep_from: str | None = None
+        for g in groups:
+            candidate = next_id(_s(g["last-delivered-id"]))
+            if int(g["pending"]):
+                summary = await r.xpending(stream, g["name"])
+                if summary["min"] is not None:  # None: acked since XINFO GROUPS looked
+                    candidate = min(candidate, _s(summary["min"]), key=_id_key)
+            keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
+    except ResponseError as exc:
+        if not _missing(exc):
+            raise
+        return 0  # the stream or a group went away between the reads (a flush): nothing to trim
     return int(await r.xtrim(stream, minid=keep_from, approximate=False))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from common.config import RedisSettings
-from common.streams import StreamConsumer, add, backlog, connect, ensure_group, trim_processed
+from common.streams import StreamConsumer, add, backlog, connect, ensure_group, run_forever, trim_processed
 
 
 def _run(coro):
@@ -183,3 +184,59 @@ def test_trim_survives_a_pending_list_that_empties_between_its_two_reads(redis_s
         return removed
 
     assert _run(go()) == 1
+
+
+def test_only_a_missing_stream_or_group_reads_as_an_empty_queue(redis_server):
+    """A user the ACL does not let read a queue gets an error, not a backlog of 0 (which would
+    keep admission control from ever tripping); a stream or group that does not exist is empty."""
+    from redis.exceptions import NoPermissionError
+
+    redis_server.cli("ACL", "SETUSER", "narrow", "on", ">pw", "~diffserve:jobs", "+@all")
+
+    async def go():
+        r = await _client(redis_server.url)
+        await ensure_group(r, "diffserve:queue:light", "workers")
+        await add(r, "diffserve:queue:light", b"queued")
+        narrow = connect(RedisSettings(redis_url=redis_server.url, redis_username="narrow", redis_password="pw"))
+        try:
+            with pytest.raises(NoPermissionError):
+                await backlog(narrow, "diffserve:queue:light", "workers")
+            with pytest.raises(NoPermissionError):
+                await trim_processed(narrow, "diffserve:queue:light")
+            assert await backlog(r, "diffserve:queue:light", "workers") == 1
+            assert await backlog(narrow, "diffserve:jobs", "router") == 0  # allowed, not created yet
+            assert await backlog(r, "diffserve:queue:light", "no-such-group") == 0
+            assert await trim_processed(narrow, "diffserve:jobs") == 0
+        finally:
+            await narrow.aclose()
+            await r.aclose()
+
+    _run(go())
+
+
+def test_a_loop_step_that_raises_a_non_transient_error_is_logged_and_the_loop_goes_on(redis_server, caplog):
+    """What the router's housekeeping does when a queue read is refused (NOPERM): log it, carry on."""
+    redis_server.cli("ACL", "SETUSER", "narrow", "on", ">pw", "~diffserve:jobs", "+@all")
+    steps = []
+
+    async def go():
+        narrow = connect(RedisSettings(redis_url=redis_server.url, redis_username="narrow", redis_password="pw"))
+        stop = asyncio.Event()
+
+        async def step():
+            steps.append(1)
+            if len(steps) == 2:
+                stop.set()
+                return
+            await backlog(narrow, "diffserve:queue:light", "workers")
+
+        try:
+            await asyncio.wait_for(run_forever("housekeeping", step, stop), 10)
+        finally:
+            await narrow.aclose()
+
+    with caplog.at_level("ERROR", logger="common.streams"):
+        _run(go())
+    assert len(steps) == 2
+    failures = [rec for rec in caplog.records if rec.getMessage() == "loop step failed"]
+    assert len(failures) == 1 and "NoPermissionError" in (failures[0].exc_text or "")
