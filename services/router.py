@@ -117,6 +117,9 @@ class RouterConfig(ServiceConfig, BackendSettings):
 def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys) -> Job:
     """Decode and validate one jobs-stream entry; MessageError (with the job id when one
     could be read) for anything unacceptable."""
+    if entry.oversized:  # left in Redis by the read: only its job id (and reply stream) came back
+        job_id = entry.fields.get(b"job_id", b"").decode("utf-8", "replace")
+        raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes", job_id or None)
     if entry.payload is not None:
         if len(entry.payload) > cfg.max_entry_bytes:
             raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes")
@@ -173,7 +176,16 @@ class Router:
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
         name = self.cfg.instance_id
-        self.jobs = StreamConsumer(self.r, self.keys.jobs, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms)
+        # Entries over the size limit stay in Redis (the consumer gets a stub): one read holds at most
+        # about batch x max_entry_bytes, whatever clients put on the stream.
+        self.jobs = StreamConsumer(
+            self.r,
+            self.keys.jobs,
+            "router",
+            name,
+            reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+            max_entry_bytes=self.cfg.max_entry_bytes,
+        )
         self.completions = StreamConsumer(
             self.r, self.keys.completions, "router", name, reclaim_idle_ms=self.cfg.reclaim_idle_ms
         )

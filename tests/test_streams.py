@@ -240,3 +240,72 @@ def test_a_loop_step_that_raises_a_non_transient_error_is_logged_and_the_loop_go
     assert len(steps) == 2
     failures = [rec for rec in caplog.records if rec.getMessage() == "loop step failed"]
     assert len(failures) == 1 and "NoPermissionError" in (failures[0].exc_text or "")
+
+
+def test_a_size_limited_consumer_gets_stubs_for_big_entries_on_every_read_path(redis_server):
+    """New entries, its own pending ones after a restart and ones reclaimed from a dead consumer:
+    an entry over the limit comes back as a stub with its size, job id and reply stream only, with
+    Redis's delivery counter as for any entry; small entries come back whole."""
+    import msgpack
+
+    big = msgpack.packb({"job_id": "big-1", "prompt": "x" * 100_000, "reply_to": "diffserve:reply:r1"})
+
+    async def go():
+        r = await _client(redis_server.url)
+        await ensure_group(r, "s", "g")
+        await add(r, "s", b"small")
+        await add(r, "s", big)
+        await r.xadd("s", {"job_id": "plain-1", "prompt": "y" * 100_000})
+        await r.xadd("s", {"job_id": "bad id!", "prompt": "y" * 100_000})
+        first = StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000, reclaim_idle_ms=100)
+        fresh = await first.read(10, block_ms=100)
+        again = await StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000).read(10)  # restarted, same name
+        await asyncio.sleep(0.2)
+        reclaimed = await StreamConsumer(r, "s", "g", "c2", max_entry_bytes=1000, reclaim_idle_ms=100).read(10)
+        await r.aclose()
+        return fresh, again, reclaimed
+
+    fresh, again, reclaimed = _run(go())
+    for batch, deliveries in ((fresh, 1), (again, 2), (reclaimed, 3)):
+        assert [e.oversized > 0 for e in batch] == [False, True, True, True]
+        assert batch[0].payload == b"small"
+        assert batch[1].oversized == len(big) and batch[1].payload is None
+        assert batch[1].fields == {b"job_id": b"big-1", b"reply_to": b"diffserve:reply:r1"}
+        assert batch[2].fields == {b"job_id": b"plain-1"} and batch[3].fields == {}
+        assert [e.deliveries for e in batch] == [deliveries] * 4
+
+
+def test_a_size_limited_consumer_waits_for_new_entries_and_acks_as_usual(redis_server):
+    import msgpack
+
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000)
+        await c.ensure_group()
+        assert await c.read(10, block_ms=50) == []
+
+        async def later():
+            await asyncio.sleep(0.1)
+            for i in range(3):
+                await add(r, "s", f"p{i}".encode())
+
+        writer = asyncio.create_task(later())
+        first = await c.read(10, block_ms=2000)  # woken by the first entry
+        await writer
+        await c.ack([e.id for e in first])
+        rest = await c.read(10, block_ms=50)
+        await c.ack([e.id for e in rest])
+        assert [e.payload for e in first + rest] == [b"p0", b"p1", b"p2"]
+        assert await backlog(r, "s", "g") == 0
+
+        async def big_later():  # the one entry an idle wait reads whole is cut to a stub all the same
+            await asyncio.sleep(0.1)
+            await add(r, "s", msgpack.packb({"job_id": "big-2", "prompt": "x" * 5000}))
+
+        writer = asyncio.create_task(big_later())
+        (big,) = await c.read(10, block_ms=2000)
+        await writer
+        assert (big.oversized, big.payload, big.fields) == (5024, None, {b"job_id": b"big-2"})
+        await r.aclose()
+
+    _run(go())
