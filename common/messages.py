@@ -332,6 +332,7 @@ class FinalResult(Message):
     error_code: str | None = None
     error_message: str | None = None
     finished_ms: float = 0.0
+    retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from common.config import Keys
 from common.messages import MessageError, Plan
-from common.routing import HeavyStage
+from common.routing import Stage
 from common.streams import backlog
 
 
@@ -64,24 +64,25 @@ async def live_roles(r: aioredis.Redis, keys: Keys, timeout_s: float = 5.0) -> d
     return {w: (role.decode() if isinstance(role, bytes) else role or "") for w, role in zip(ids, roles)}
 
 
-class HeavyStageWatcher:
-    """The heavy stage as the deadline rule sees it (common/routing.HeavyStage): live heavy
-    workers (re-counted at most every ``refresh_s``) and the heavy queue's backlog (read on
-    every call, since it is what changes between batches)."""
+class StageWatcher:
+    """A stage as the deadline rule sees it (common/routing.Stage): live workers of its role
+    (re-counted at most every ``refresh_s``) and its queue's backlog (read on every call, since
+    it is what changes between batches)."""
 
     def __init__(self, r: aioredis.Redis, keys: Keys, refresh_s: float = 1.0):
         self.r, self.keys, self.refresh_s = r, keys, refresh_s
-        self.workers = 0
+        self.workers: dict[str, int] = {}
         self._counted_at = -1e9
 
-    async def stage(self, plan: Plan, batch_ms: float) -> HeavyStage:
+    async def stage(self, role: str, plan: Plan, batch_ms: float) -> Stage:
         now = time.monotonic()
         if now - self._counted_at >= self.refresh_s:
             self._counted_at = now
-            self.workers = sum(role == "heavy" for role in (await live_roles(self.r, self.keys)).values())
-        return HeavyStage(
-            workers=self.workers,
-            batch=max(1, plan.heavy_batch),
+            roles = list((await live_roles(self.r, self.keys)).values())
+            self.workers = {name: roles.count(name) for name in ("light", "heavy")}
+        return Stage(
+            workers=self.workers.get(role, 0),
+            batch=max(1, plan.light_batch if role == "light" else plan.heavy_batch),
             batch_ms=batch_ms,
-            backlog=await backlog(self.r, self.keys.heavy_queue, "workers"),
+            backlog=await backlog(self.r, self.keys.queue_for(role), "workers"),
         )

@@ -43,10 +43,11 @@ def finishes_in_time(
 
 
 @dataclass
-class HeavyStage:
-    """What the deadline rule needs to know about the heavy stage, kept current by its caller:
-    the plan's heavy workers and batch, the profiled batch time and the measured backlog.
-    ``admit`` counts a job it lets in, so one batch of decisions sees its own earlier ones."""
+class Stage:
+    """What the deadline rule needs to know about a stage (the heavy one; the light one for
+    admission), kept current by its caller: its live workers, the plan's batch, the profiled
+    batch time and the measured backlog.  ``admit`` counts a job it lets in, so one batch of
+    decisions sees its own earlier ones."""
 
     workers: int
     batch: int

@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.config import Keys, RedisSettings
-from common.messages import ENTRY_FIELD
+from common.messages import ENTRY_FIELD, MessageError, unpack
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,101 @@ class Entry:
     payload: bytes | None  # the ``m`` field; None for entries that use plain fields
     fields: dict[bytes, bytes]
     deliveries: int = 1  # > 1 when reclaimed from another consumer
+    oversized: int = 0  # > 0: the entry's size; it was left in Redis, ``fields`` hold only its job_id/reply_to
 
 
 def _entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Entry:
     fields = fields or {}
     return Entry(_s(entry_id), fields.get(ENTRY_FIELD), fields)
+
+
+# A consumer with a size limit reads through this script: one entry at a time, and an entry over
+# ARGV[1] bytes (its ``m`` field, else the sum of its field names and values, as the router counts)
+# comes back as a stub: ``_oversized <size>`` plus its job_id (when short and valid) and reply_to
+# (when short), so no batch of big entries ever reaches the consumer's memory. It is the same
+# XREADGROUP/XAUTOCLAIM the consumer would send (same pending list, same delivery counter).
+# ARGV: limit, mode, group, consumer, count, then read: id (">" or a pending id); claim: min-idle, start.
+BOUNDED_READ = """
+local limit, mode, group, consumer, count = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local function get(fields, name)
+  for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
+end
+local function bound(entry)
+  local fields = entry[2]
+  if not fields then return entry end
+  local size = 0
+  for i = 1, #fields, 2 do size = size + #fields[i] + #fields[i + 1] end
+  local m = get(fields, 'm')
+  if m then size = #m end
+  if size <= limit then return entry end
+  local job_id, reply_to = get(fields, 'job_id'), get(fields, 'reply_to')
+  if m then
+    local ok, body = pcall(cmsgpack.unpack, m)
+    if ok and type(body) == 'table' then job_id, reply_to = body['job_id'], body['reply_to'] end
+    body = nil
+  end
+  local stub = {'_oversized', tostring(size)}
+  if type(job_id) == 'string' and #job_id <= 128 and string.match(job_id, '^[%w_%.:%-]+$') then
+    table.insert(stub, 'job_id'); table.insert(stub, job_id)
+  end
+  if type(reply_to) == 'string' and #reply_to <= 200 then
+    table.insert(stub, 'reply_to'); table.insert(stub, reply_to)
+  end
+  fields, m = nil, nil  -- let the collector have the big strings before the next read
+  collectgarbage('step', 1024)
+  return {entry[1], stub}
+end
+local out = {}
+if mode == 'read' then
+  local id = ARGV[6]
+  for _ = 1, count do
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[1], id)
+    if not reply then break end
+    local entry = reply[1][2][1]
+    if not entry then break end
+    table.insert(out, bound(entry))
+    if id ~= '>' then id = entry[1] end
+  end
+  return out
+end
+local cursor, deleted = ARGV[7], {}
+for _ = 1, count do
+  local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[6], cursor, 'COUNT', 1)
+  cursor = reply[1]
+  for _, entry in ipairs(reply[2]) do table.insert(out, bound(entry)) end
+  for _, id in ipairs(reply[3] or {}) do table.insert(deleted, id) end
+  if cursor == '0-0' then break end
+end
+return {cursor, out, deleted}
+"""
+
+
+def _stub_if_over(entry: Entry, limit: int) -> Entry:
+    """BOUNDED_READ's rule for the one entry an idle wait read whole, so every read path answers alike."""
+    size = len(entry.payload) if entry.payload is not None else sum(len(k) + len(v) for k, v in entry.fields.items())
+    if size <= limit:
+        return entry
+    source = entry.fields
+    if entry.payload is not None:
+        try:
+            body = unpack(entry.payload)
+        except MessageError:
+            body = {}
+        source = {k.encode(): v.encode() for k, v in body.items() if isinstance(v, str)}
+    kept: dict[bytes, bytes] = {k: source[k] for k in (b"job_id", b"reply_to") if k in source}
+    return Entry(entry.id, None, kept, entry.deliveries, size)
+
+
+def _bounded_entries(items: Any) -> list[Entry]:
+    """The script's entries (raw ``[id, [k, v, ...]]``) as Entries, stubs marked ``oversized``."""
+    entries = []
+    for entry_id, flat in items or []:
+        if not flat:
+            continue  # deleted (trimmed) while pending
+        fields = dict(zip(flat[::2], flat[1::2]))
+        size = fields.pop(b"_oversized", None)
+        entries.append(_entry(entry_id, fields) if size is None else Entry(_s(entry_id), None, fields, 1, int(size)))
+    return entries
 
 
 def _s(value: object) -> str:
@@ -164,10 +254,15 @@ class StreamConsumer:
         *,
         reclaim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
+        max_entry_bytes: int | None = None,
     ):
+        """``max_entry_bytes``: entries larger than this are returned as stubs (``Entry.oversized``)
+        and never read whole, except the one a blocking read waits for (one entry at a time)."""
         self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
         self.reclaim_idle_ms = reclaim_idle_ms
         self.max_deliveries = max_deliveries
+        self.max_entry_bytes = max_entry_bytes
+        self._bounded = r.register_script(BOUNDED_READ) if max_entry_bytes is not None else None
         self._reclaim_cursor = "0-0"
         self._resume_own = True  # after a restart under the same name, first finish our own pending entries
         self._unacked = False  # the last batch read has not been acked yet
@@ -184,8 +279,11 @@ class StreamConsumer:
             self._resume_own = True
         try:
             if self._resume_own:
-                reply: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
-                own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
+                if self._bounded:
+                    own = _bounded_entries(await self._bounded_call("read", count, "0"))
+                else:
+                    reply: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+                    own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
                 if own:
                     # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
                     await self._set_deliveries(own)
@@ -197,16 +295,21 @@ class StreamConsumer:
                 entries = await self._reclaim(count)
                 if not entries:  # nothing stuck: look again a little later, not on every pull
                     self._next_reclaim = time.monotonic() + min(1.0, self.reclaim_idle_ms / 4000)
-            if len(entries) < count:
+            if len(entries) < count and self._bounded:
+                entries.extend(_bounded_entries(await self._bounded_call("read", count - len(entries), ">")))
+            if len(entries) < count and not (self._bounded and entries):
                 reply = await self.r.xreadgroup(
                     self.group,
                     self.consumer,
                     {self.stream: ">"},
-                    count=count - len(entries),
+                    # With a size limit, only an idle wait reads directly: one entry, whatever its size.
+                    count=1 if self._bounded else count - len(entries),
                     block=None if entries else block_ms,
                 )
                 for _stream, items in reply or []:
                     entries.extend(_entry(i, f) for i, f in items)
+                if self.max_entry_bytes is not None:
+                    entries = [_stub_if_over(e, self.max_entry_bytes) for e in entries]
             self._unacked = bool(entries)
             return entries
         except ResponseError as exc:
@@ -217,13 +320,26 @@ class StreamConsumer:
                 return []
             raise
 
-    async def _reclaim(self, count: int) -> list[Entry]:
-        reply: Any = await self.r.xautoclaim(
-            self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count
+    async def _bounded_call(self, mode: str, count: int, *args: str | int) -> Any:
+        assert self._bounded is not None and self.max_entry_bytes is not None  # a size-limited consumer
+        return await self._bounded(
+            keys=[self.stream], args=[self.max_entry_bytes, mode, self.group, self.consumer, count, *args]
         )
-        cursor, claimed = reply[0], reply[1]
-        self._reclaim_cursor = _s(cursor)
-        entries = [_entry(i, f) for i, f in claimed if f is not None]
+
+    async def _reclaim(self, count: int) -> list[Entry]:
+        if self._bounded:
+            cursor, claimed, _deleted = await self._bounded_call(
+                "claim", count, self.reclaim_idle_ms, self._reclaim_cursor
+            )
+            self._reclaim_cursor = _s(cursor)
+            entries = _bounded_entries(claimed)
+        else:
+            reply = await self.r.xautoclaim(
+                self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count
+            )
+            cursor, claimed = reply[0], reply[1]
+            self._reclaim_cursor = _s(cursor)
+            entries = [_entry(i, f) for i, f in claimed if f is not None]
         if entries:
             await self._set_deliveries(entries)
             log.info("reclaimed entries", extra={"stream": self.stream, "count": len(entries)})
@@ -293,35 +409,47 @@ class StreamConsumer:
                 await task
 
 
+def _missing(exc: ResponseError) -> bool:
+    """The errors that mean "nothing there yet" (a stream or group not created yet, or gone after a
+    flush), as opposed to ones that must surface (an ACL user without permission, a wrong type)."""
+    text = str(exc)
+    return "no such key" in text.lower() or text.startswith("NOGROUP")
+
+
 async def backlog(r: aioredis.Redis, stream: str, group: str) -> int:
-    """Entries not yet done by ``group``: undelivered (lag) plus delivered-but-unacked."""
+    """Entries not yet done by ``group``: undelivered (lag) plus delivered-but-unacked; 0 when the
+    stream or the group does not exist.  Other errors raise: a NOPERM must not read as an empty queue."""
     try:
         for g in await r.xinfo_groups(stream):
             if _s(g["name"]) == group:
                 lag = g.get("lag")
                 return int(lag or 0) + int(g["pending"])
-    except ResponseError:
-        pass
+    except ResponseError as exc:
+        if not _missing(exc):
+            raise
     return 0
 
 
 async def trim_processed(r: aioredis.Redis, stream: str) -> int:
     """Drop entries below the oldest one that any group still has to deliver or ack.
-    Returns how many were removed. A stream without groups is left alone."""
+    Returns how many were removed. A stream without groups (or without the stream) is left alone;
+    other errors raise."""
     try:
         groups = await r.xinfo_groups(stream)
-    except ResponseError:
-        return 0
-    if not groups:
-        return 0
-    keep_from: str | None = None
-    for g in groups:
-        candidate = next_id(_s(g["last-delivered-id"]))
-        if int(g["pending"]):
-            summary = await r.xpending(stream, g["name"])
-            if summary["min"] is not None:  # None: acked since XINFO GROUPS looked
-                candidate = min(candidate, _s(summary["min"]), key=_id_key)
-        keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
+        if not groups:
+            return 0
+        keep_from: str | None = None
+        for g in groups:
+            candidate = next_id(_s(g["last-delivered-id"]))
+            if int(g["pending"]):
+                summary = await r.xpending(stream, g["name"])
+                if summary["min"] is not None:  # None: acked since XINFO GROUPS looked
+                    candidate = min(candidate, _s(summary["min"]), key=_id_key)
+            keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
+    except ResponseError as exc:
+        if not _missing(exc):
+            raise
+        return 0  # the stream or a group went away between the reads (a flush): nothing to trim
     return int(await r.xtrim(stream, minid=keep_from, approximate=False))
 
 

@@ -50,7 +50,7 @@ from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
 from common.messages import FinalResult, Plan, Role, RoutedBy, Status
 from common.planner import POLICIES, FixedPlan, Policy, QueueStats, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
-from common.routing import Decision, HeavyStage, cascade_decision, decision_order, direct_decision, finishes_in_time
+from common.routing import Decision, Stage, cascade_decision, decision_order, direct_decision, finishes_in_time
 
 from loadtest.report import summarize
 from loadtest.runner import JobRecord, RunRecord
@@ -238,10 +238,10 @@ class Simulation:
             self._latency[key] = self.profile.table(role).latency_ms(batch)
         return self._latency[key]
 
-    def heavy_stage(self) -> HeavyStage:
+    def heavy_stage(self) -> Stage:
         workers = sum(w.role == "heavy" for w in self.workers)
         batch = max(1, self.plan.heavy_batch)
-        return HeavyStage(
+        return Stage(
             workers=workers, batch=batch, batch_ms=self.latency_ms("heavy", batch), backlog=self.backlogs()["heavy"]
         )
 

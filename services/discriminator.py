@@ -13,7 +13,7 @@ from common.backends import BackendSettings, latency_scale, load_profile, make_d
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
 from common.messages import E_MODEL, Completion, LightReady, LightResult, Role, RoutedBy
-from common.plan_store import HeavyStageWatcher, PlanWatcher
+from common.plan_store import PlanWatcher, StageWatcher
 from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
 from common.service import Service, now_ms, run
 from common.stage import one_per_input, split_batch
@@ -58,7 +58,7 @@ class Discriminator:
             max_deliveries=self.cfg.max_deliveries,
         )
         self.plans = PlanWatcher(self.r, self.keys)
-        self.heavy = HeavyStageWatcher(self.r, self.keys)
+        self.heavy = StageWatcher(self.r, self.keys)
         self.needs_images = self.cfg.backend != "profiled"
 
     def heavy_ms(self, batch: int) -> float:
@@ -116,7 +116,7 @@ class Discriminator:
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
         metrics.THRESHOLD.set(threshold)
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
-        heavy = await self.heavy.stage(plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
+        heavy = await self.heavy.stage("heavy", plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
         now = now_ms()
         outputs: list[tuple[str, bytes]] = []
         for i in decision_order(scores):

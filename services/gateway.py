@@ -314,7 +314,10 @@ def result_error(result: FinalResult) -> ApiError:
         E_CANCELLED: 409,
     }
     status = statuses.get(code, 500)
-    return ApiError(status, result.error_message or code, code=code, retry_after=1 if status == 429 else None)
+    retry_after = None
+    if status == 429:  # the router's hint (the predicted time until a retry fits), else a second
+        retry_after = result.retry_after_ms / 1000 if result.retry_after_ms else 1
+    return ApiError(status, result.error_message or code, code=code, retry_after=retry_after)
 
 
 def extra(result: FinalResult, seed: int | None = None) -> dict[str, Any]:

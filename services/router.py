@@ -33,11 +33,13 @@ from common.messages import (
     Job,
     MessageError,
     RoutedBy,
+    Role,
     RoutedJob,
     Status,
     unpack,
 )
-from common.plan_store import HeavyStageWatcher, PlanWatcher
+from common import admission
+from common.plan_store import PlanWatcher, StageWatcher
 from common.routing import Decision, direct_decision
 from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
@@ -109,7 +111,16 @@ class RouterConfig(ServiceConfig, BackendSettings):
     max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
     max_entry_bytes: int = option(65536, "largest job entry accepted", env="DIFFSERVE_MAX_ENTRY_BYTES")
     max_light_backlog: int = option(
-        5000, "light-queue backlog above which new jobs are refused as overloaded", env="DIFFSERVE_MAX_LIGHT_BACKLOG"
+        5000,
+        "hard cap of the light queue: new jobs for the light model are refused as overloaded at it "
+        "(below it, jobs are refused when their predicted wait does not fit their deadline)",
+        env="DIFFSERVE_MAX_LIGHT_BACKLOG",
+    )
+    admission_headroom: float = option(
+        0.85,
+        "admission predicts each stage at this share of its profiled speed (the profile leaves out "
+        "per-batch overheads: a queue packed to exactly the deadline would miss it)",
+        env="DIFFSERVE_ADMISSION_HEADROOM",
     )
     result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
     refused_ttl_s: int = option(
@@ -124,11 +135,19 @@ class RouterConfig(ServiceConfig, BackendSettings):
         5.0, "how often processed stream entries are trimmed", env="DIFFSERVE_TRIM_INTERVAL_S"
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.admission_headroom <= 1:
+            raise ValueError(f"admission_headroom must be in (0, 1], not {self.admission_headroom}")
+
 
 def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> Job:
     """Decode and validate one entry of the shared jobs stream (``tenant`` None) or of a tenant's
     stream; MessageError (with the job id when one could be read) for anything unacceptable.
     A tenant's job without ``reply_to`` is answered on its default reply stream."""
+    if entry.oversized:  # left in Redis by the read: only its job id (and reply stream) came back
+        job_id = entry.fields.get(b"job_id", b"").decode("utf-8", "replace")
+        raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes", job_id or None)
     if entry.payload is not None:
         if len(entry.payload) > cfg.max_entry_bytes:
             raise MessageError(E_INVALID, f"job entry larger than {cfg.max_entry_bytes} bytes")
@@ -207,26 +226,35 @@ class Router:
     def __init__(self, svc: Service[RouterConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
-        self.jobs = self._consumer(self.keys.jobs)
+        # Entries over the size limit stay in Redis (the consumer gets a stub): one read holds at most
+        # about batch x max_entry_bytes, whatever clients put on the stream.
+        self.jobs = self._consumer(self.keys.jobs, self.cfg.max_entry_bytes)
         self.shared = JobSource(self.jobs)
         self.tenants: dict[str, TenantLoop] = {}  # one admit loop per tenant stream
         self.completions = self._consumer(self.keys.completions)
         self.plans = PlanWatcher(self.r, self.keys)
-        self.heavy = HeavyStageWatcher(self.r, self.keys)
+        self.stages = StageWatcher(self.r, self.keys)
         self._profile: CascadeProfile | None = None
-        self.light_backlog = 0
         self._next_trim = 0.0
         self._rng = random.Random()
 
-    def _consumer(self, stream: str) -> StreamConsumer:
-        return StreamConsumer(self.r, stream, "router", self.cfg.instance_id, reclaim_idle_ms=self.cfg.reclaim_idle_ms)
+    def _consumer(self, stream: str, max_entry_bytes: int | None = None) -> StreamConsumer:
+        return StreamConsumer(
+            self.r,
+            stream,
+            "router",
+            self.cfg.instance_id,
+            reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+            max_entry_bytes=max_entry_bytes,
+        )
 
-    def heavy_batch_ms(self, batch: int) -> float:
-        """The heavy model's profiled batch time in this deployment's clock (loaded when a plan first
-        sends jobs straight to heavy)."""
+    def batch_ms(self, role: str, batch: int) -> float:
+        """A model's batch time (light, heavy or discriminator) as admission and direct routing
+        predict it: profiled, in this deployment's clock, at ``--admission-headroom`` of its speed
+        (the profile is loaded when the first job arrives)."""
         if self._profile is None:
             self._profile = load_profile(self.cfg)
-        return self._profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
+        return self._profile.table(role).latency_ms(batch) * latency_scale(self.cfg) / self.cfg.admission_headroom
 
     # ---------- admission ----------
     async def admit_batch(self, source: JobSource | None = None) -> None:
@@ -238,9 +266,10 @@ class Router:
         if not entries:
             return
         plan = await self.plans.current()
-        heavy = None  # the deadline rule's view of the heavy stage, for jobs sent straight there
-        if plan.heavy_fraction > 0 and plan.degrade_late:
-            heavy = await self.heavy.stage(plan, self.heavy_batch_ms(plan.heavy_batch))
+        # The deadline rule's view of both stages, for routing and admission by predicted wait.
+        light = await self.stages.stage(Role.LIGHT, plan, self.batch_ms(Role.LIGHT, plan.light_batch))
+        heavy = await self.stages.stage(Role.HEAVY, plan, self.batch_ms(Role.HEAVY, plan.heavy_batch))
+        discriminator_ms = self.batch_ms("discriminator", plan.light_batch)
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
         arrival = now_ms()
@@ -248,8 +277,6 @@ class Router:
         for entry in entries:
             try:
                 job = parse_job(entry, self.cfg, self.keys, tenant)
-                if self.light_backlog >= self.cfg.max_light_backlog:
-                    raise MessageError(E_OVERLOADED, "overloaded: the light queue is full, retry later", job.job_id)
             except MessageError as exc:
                 metrics.ERRORS.labels("router", exc.code).inc()
                 # Only a valid id may name a key (result list, reply): anything else is a dead letter.
@@ -299,24 +326,8 @@ class Router:
                     )
                 )
         jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
-        duplicates = await self._claim_ids(jobs)
+        routes: dict[str, tuple[RoutedJob, Decision]] = {}  # entry id -> the admitted job and its route
         for entry_id, job in jobs:
-            if entry_id in duplicates:
-                metrics.ERRORS.labels("router", E_DUPLICATE).inc()
-                errors.append(
-                    (
-                        job.reply_to,
-                        FinalResult(
-                            job_id=job.job_id,
-                            status=Status.ERROR,
-                            error_code=E_DUPLICATE,
-                            finished_ms=arrival,
-                            error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
-                            "(in flight or answered); use a new id",
-                        ),
-                    )
-                )
-                continue
             routed = RoutedJob(
                 job_id=job.job_id,
                 prompt=job.prompt,
@@ -335,17 +346,64 @@ class Router:
                     self._rng.random(),
                     plan.heavy_fraction,
                     degrade_late=plan.degrade_late,
-                    on_time=heavy is None or heavy.on_time(arrival, routed.deadline_ms),
+                    on_time=heavy.on_time(arrival, routed.deadline_ms),
                 )
+            verdict = admission.admit(
+                plan,
+                decision,
+                arrival,
+                routed.deadline_ms,
+                light=light,
+                heavy=heavy,
+                discriminator_ms=discriminator_ms,
+                max_light_backlog=self.cfg.max_light_backlog,
+            )
+            if not verdict.admitted:  # refused before admission: the id stays free for the retry
+                metrics.ERRORS.labels("router", E_OVERLOADED).inc()
+                errors.append(
+                    (
+                        job.reply_to,
+                        FinalResult(
+                            job_id=job.job_id,
+                            status=Status.ERROR,
+                            error_code=E_OVERLOADED,
+                            error_message=f"overloaded: {verdict.reason}; retry later",
+                            finished_ms=arrival,
+                            retry_after_ms=verdict.retry_after_ms,
+                        ),
+                    )
+                )
+                continue
+            # Counted now (a duplicate found below included: erring towards refusing), so the
+            # rest of this batch sees the queue with this job in it.
+            (heavy if decision == Decision.HEAVY else light).admit()
+            routes[entry_id] = (routed, decision)
+        jobs = [(entry_id, job) for entry_id, job in jobs if entry_id in routes]
+        duplicates = await self._claim_ids(jobs)
+        for entry_id, job in jobs:
+            if entry_id in duplicates:
+                metrics.ERRORS.labels("router", E_DUPLICATE).inc()
+                errors.append(
+                    (
+                        job.reply_to,
+                        FinalResult(
+                            job_id=job.job_id,
+                            status=Status.ERROR,
+                            error_code=E_DUPLICATE,
+                            finished_ms=arrival,
+                            error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
+                            "(in flight or answered); use a new id",
+                        ),
+                    )
+                )
+                continue
+            routed, decision = routes[entry_id]
             if decision == Decision.HEAVY:
                 routed.routed_by = RoutedBy.DIRECT
                 outputs.append((self.keys.heavy_queue, routed.encode()))
-                if heavy is not None:
-                    heavy.admit()
             else:
                 routed.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
                 outputs.append((self.keys.light_queue, routed.encode()))
-                self.light_backlog += 1
 
         admitted_ids = [job.job_id for entry_id, job in jobs if entry_id not in duplicates]
 
@@ -475,12 +533,9 @@ class Router:
 
     # ---------- housekeeping ----------
     async def housekeeping(self) -> None:
-        """Measure every queue often (admission control needs a fresh light backlog); trim less often."""
+        """Measure every queue often (the queue-depth metrics); trim less often."""
         for attr, group in PIPELINE_GROUPS:
-            depth = await backlog(self.r, getattr(self.keys, attr), group)
-            metrics.QUEUE_DEPTH.labels(attr).set(depth)
-            if attr == "light_queue":
-                self.light_backlog = depth
+            metrics.QUEUE_DEPTH.labels(attr).set(await backlog(self.r, getattr(self.keys, attr), group))
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.cfg.trim_interval_s
             for attr, _group in PIPELINE_GROUPS:
@@ -494,7 +549,7 @@ class Router:
         """Start an admit loop for each tenant registered since the last look; stop removed tenants'."""
         names = await tenant_names(self.r, self.keys)
         for name in sorted(names - self.tenants.keys()):
-            source = JobSource(self._consumer(self.keys.tenant_in(name)), name)
+            source = JobSource(self._consumer(self.keys.tenant_in(name), self.cfg.max_entry_bytes), name)
             try:
                 await source.consumer.ensure_group()
             except ResponseError as exc:  # e.g. a key of another type under that name: the others still start

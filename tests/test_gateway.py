@@ -31,7 +31,7 @@ from common.localstack import LocalStack, RedisServer, StackSpec, free_port
 from common.messages import FinalResult, Plan
 from common.plan_store import store_plan
 from common.profiles import load_prompts
-from services.gateway import hash_key
+from services.gateway import hash_key, result_error
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -207,6 +207,13 @@ def test_bad_input_is_a_400_in_the_openai_shape(stack, body, param):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_an_overloaded_answer_is_a_429_whose_retry_after_is_the_routers_hint():
+    hinted = result_error(FinalResult("j1", "error", error_code="overloaded", retry_after_ms=2300)).response()
+    assert hinted.status_code == 429 and hinted.headers["retry-after"] == "3"
+    plain = result_error(FinalResult("j2", "error", error_code="overloaded")).response()  # an older router
+    assert plain.status_code == 429 and plain.headers["retry-after"] == "1"
 
 
 def test_bad_json_and_size_message_and_counted(stack):

@@ -9,7 +9,7 @@ import pytest
 
 from common.routing import (
     Decision,
-    HeavyStage,
+    Stage,
     cascade_decision,
     decision_order,
     degrades_late,
@@ -52,7 +52,7 @@ def test_deadline_rule(now, deadline, wait, batch_ms, expected):
 
 
 def test_heavy_stage_counts_its_own_admissions():
-    stage = HeavyStage(workers=2, batch=2, batch_ms=1000.0)
+    stage = Stage(workers=2, batch=2, batch_ms=1000.0)
     # deadline 2.5 s: room for jobs that start within 1.5 s, i.e. the first 6 (3 per 1.5 rounds of 4)
     admitted = 0
     for _ in range(10):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from common.config import RedisSettings
-from common.streams import StreamConsumer, add, backlog, connect, ensure_group, trim_processed
+from common.streams import StreamConsumer, add, backlog, connect, ensure_group, run_forever, trim_processed
 
 
 def _run(coro):
@@ -208,3 +209,128 @@ def test_trim_after_an_entry_at_the_last_possible_id(redis_server):
     ids, removed, remaining = _run(go())
     assert ids[-1] == last
     assert removed == 2 and remaining == [last]
+
+
+def test_only_a_missing_stream_or_group_reads_as_an_empty_queue(redis_server):
+    """A user the ACL does not let read a queue gets an error, not a backlog of 0 (which would
+    keep admission control from ever tripping); a stream or group that does not exist is empty."""
+    from redis.exceptions import NoPermissionError
+
+    redis_server.cli("ACL", "SETUSER", "narrow", "on", ">pw", "~diffserve:jobs", "+@all")
+
+    async def go():
+        r = await _client(redis_server.url)
+        await ensure_group(r, "diffserve:queue:light", "workers")
+        await add(r, "diffserve:queue:light", b"queued")
+        narrow = connect(RedisSettings(redis_url=redis_server.url, redis_username="narrow", redis_password="pw"))
+        try:
+            with pytest.raises(NoPermissionError):
+                await backlog(narrow, "diffserve:queue:light", "workers")
+            with pytest.raises(NoPermissionError):
+                await trim_processed(narrow, "diffserve:queue:light")
+            assert await backlog(r, "diffserve:queue:light", "workers") == 1
+            assert await backlog(narrow, "diffserve:jobs", "router") == 0  # allowed, not created yet
+            assert await backlog(r, "diffserve:queue:light", "no-such-group") == 0
+            assert await trim_processed(narrow, "diffserve:jobs") == 0
+        finally:
+            await narrow.aclose()
+            await r.aclose()
+
+    _run(go())
+
+
+def test_a_loop_step_that_raises_a_non_transient_error_is_logged_and_the_loop_goes_on(redis_server, caplog):
+    """What the router's housekeeping does when a queue read is refused (NOPERM): log it, carry on."""
+    redis_server.cli("ACL", "SETUSER", "narrow", "on", ">pw", "~diffserve:jobs", "+@all")
+    steps = []
+
+    async def go():
+        narrow = connect(RedisSettings(redis_url=redis_server.url, redis_username="narrow", redis_password="pw"))
+        stop = asyncio.Event()
+
+        async def step():
+            steps.append(1)
+            if len(steps) == 2:
+                stop.set()
+                return
+            await backlog(narrow, "diffserve:queue:light", "workers")
+
+        try:
+            await asyncio.wait_for(run_forever("housekeeping", step, stop), 10)
+        finally:
+            await narrow.aclose()
+
+    with caplog.at_level("ERROR", logger="common.streams"):
+        _run(go())
+    assert len(steps) == 2
+    failures = [rec for rec in caplog.records if rec.getMessage() == "loop step failed"]
+    assert len(failures) == 1 and "NoPermissionError" in (failures[0].exc_text or "")
+
+
+def test_a_size_limited_consumer_gets_stubs_for_big_entries_on_every_read_path(redis_server):
+    """New entries, its own pending ones after a restart and ones reclaimed from a dead consumer:
+    an entry over the limit comes back as a stub with its size, job id and reply stream only, with
+    Redis's delivery counter as for any entry; small entries come back whole."""
+    import msgpack
+
+    big = msgpack.packb({"job_id": "big-1", "prompt": "x" * 100_000, "reply_to": "diffserve:reply:r1"})
+
+    async def go():
+        r = await _client(redis_server.url)
+        await ensure_group(r, "s", "g")
+        await add(r, "s", b"small")
+        await add(r, "s", big)
+        await r.xadd("s", {"job_id": "plain-1", "prompt": "y" * 100_000})
+        await r.xadd("s", {"job_id": "bad id!", "prompt": "y" * 100_000})
+        first = StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000, reclaim_idle_ms=100)
+        fresh = await first.read(10, block_ms=100)
+        again = await StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000).read(10)  # restarted, same name
+        await asyncio.sleep(0.2)
+        reclaimed = await StreamConsumer(r, "s", "g", "c2", max_entry_bytes=1000, reclaim_idle_ms=100).read(10)
+        await r.aclose()
+        return fresh, again, reclaimed
+
+    fresh, again, reclaimed = _run(go())
+    for batch, deliveries in ((fresh, 1), (again, 2), (reclaimed, 3)):
+        assert [e.oversized > 0 for e in batch] == [False, True, True, True]
+        assert batch[0].payload == b"small"
+        assert batch[1].oversized == len(big) and batch[1].payload is None
+        assert batch[1].fields == {b"job_id": b"big-1", b"reply_to": b"diffserve:reply:r1"}
+        assert batch[2].fields == {b"job_id": b"plain-1"} and batch[3].fields == {}
+        assert [e.deliveries for e in batch] == [deliveries] * 4
+
+
+def test_a_size_limited_consumer_waits_for_new_entries_and_acks_as_usual(redis_server):
+    import msgpack
+
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000)
+        await c.ensure_group()
+        assert await c.read(10, block_ms=50) == []
+
+        async def later():
+            await asyncio.sleep(0.1)
+            for i in range(3):
+                await add(r, "s", f"p{i}".encode())
+
+        writer = asyncio.create_task(later())
+        first = await c.read(10, block_ms=2000)  # woken by the first entry
+        await writer
+        await c.ack([e.id for e in first])
+        rest = await c.read(10, block_ms=50)
+        await c.ack([e.id for e in rest])
+        assert [e.payload for e in first + rest] == [b"p0", b"p1", b"p2"]
+        assert await backlog(r, "s", "g") == 0
+
+        async def big_later():  # the one entry an idle wait reads whole is cut to a stub all the same
+            await asyncio.sleep(0.1)
+            await add(r, "s", msgpack.packb({"job_id": "big-2", "prompt": "x" * 5000}))
+
+        writer = asyncio.create_task(big_later())
+        (big,) = await c.read(10, block_ms=2000)
+        await writer
+        assert (big.oversized, big.payload, big.fields) == (5024, None, {b"job_id": b"big-2"})
+        await r.aclose()
+
+    _run(go())

@@ -1,0 +1,88 @@
+"""Admission by predicted wait: the router's decision for one new job, a pure function of the
+plan, the job's route and deadline and the stages' state (common/routing.Stage, the one deadline
+rule ``finishes_in_time`` with the queue wait ``backlog·batch_ms/(workers·batch)``).
+
+A job is admitted only when the stage that decides whether it is answered by its deadline can
+answer it in time:
+
+- a job for the light model (the cascade, a split policy's light share, or a direct job the
+  heavy stage could not take in time, ``Decision.LATE``) needs the light stage plus the
+  discriminator to fit.  The heavy stage does not matter when late jobs are degraded
+  (``degrade_late``): the discriminator and the heavy worker answer a job the heavy model cannot
+  finish in time with its light image.  Where the plan does not degrade late jobs and the
+  discriminator may send the job on (``discriminator_routes``, t > 0), nothing rescues it, so
+  the heavy stage after the light one must fit too;
+- a job sent straight to heavy (``Decision.HEAVY``: direct split, clipper-heavy) needs the heavy
+  stage to fit.
+
+A job whose deadline a stage could not meet even with nothing queued (an SLO shorter than the
+stage's batch time) is not refused for overload: it is admitted when nothing is queued ahead of it
+(served best effort, as before), so such jobs cannot pile up either.  ``max_light_backlog`` stays a
+hard cap on the light queue (a bound on memory whatever the profile says).  A refusal carries
+``retry_after_ms``: how long until the queue ahead has drained enough for the same job to fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.messages import Plan
+from common.routing import Decision, Stage, finishes_in_time
+
+# Retry hint when a stage has no live worker: the router re-counts workers about every second.
+NO_WORKERS_RETRY_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    retry_after_ms: float | None = None  # refused: when the same job is predicted to fit
+    reason: str = ""
+
+
+ADMIT = Verdict(True)
+
+
+def _fits(stage: Stage, start_ms: float, deadline_ms: float, service_ms: float, what: str) -> Verdict:
+    """Does a job that joins ``stage`` at ``start_ms`` and needs ``service_ms`` once started finish in time?"""
+    wait = stage.wait_ms()
+    if finishes_in_time(start_ms, deadline_ms, wait, service_ms):
+        return ADMIT
+    if math.isinf(wait):
+        return Verdict(False, NO_WORKERS_RETRY_MS, f"no live {what} worker")
+    allowed = deadline_ms - start_ms - service_ms  # the longest wait that still fits
+    if allowed < 0 and stage.backlog <= 0:
+        return ADMIT  # too tight a deadline for this stage even when idle: best effort, not overload
+    return Verdict(
+        False, max(1.0, math.ceil(wait - max(0.0, allowed))), f"the {what} queue would make it miss its deadline"
+    )
+
+
+def admit(
+    plan: Plan,
+    route: Decision,
+    now_ms: float,
+    deadline_ms: float,
+    *,
+    light: Stage,
+    heavy: Stage,
+    discriminator_ms: float,
+    max_light_backlog: int,
+) -> Verdict:
+    """Admit the job taking ``route`` (common/routing.direct_decision's) now, or refuse it with a retry hint."""
+    if route == Decision.HEAVY:
+        return _fits(heavy, now_ms, deadline_ms, heavy.batch_ms, "heavy")
+    if light.backlog >= max_light_backlog:
+        # Each job ahead beyond the cap leaves at the stage's rate (workers·batch per batch time).
+        over = light.backlog - max_light_backlog + 1
+        hint = over * light.batch_ms / (light.workers * light.batch) if light.workers > 0 else NO_WORKERS_RETRY_MS
+        return Verdict(False, max(1.0, math.ceil(hint)), "the light queue is full")
+    verdict = _fits(light, now_ms, deadline_ms, light.batch_ms + discriminator_ms, "light")
+    if not verdict.admitted or route == Decision.LATE:
+        return verdict
+    if plan.discriminator_routes and plan.threshold > 0 and not plan.degrade_late:
+        # It may go on to heavy, and a late heavy job is not answered with its light image.
+        scored_ms = now_ms + light.wait_ms() + light.batch_ms + discriminator_ms
+        return _fits(heavy, scored_ms, deadline_ms, heavy.batch_ms, "heavy")
+    return ADMIT
