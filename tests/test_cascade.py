@@ -235,8 +235,8 @@ def _hostile_entries(rng) -> list[tuple[str | None, dict]]:
         out.append((f"unicode-{i}", {"m": msgpack.packb({"job_id": f"unicode-{i}", "prompt": prompt})}))
     for i in range(5):  # invalid UTF-8 in a msgpack str: the payload is malformed as a whole
         out.append((None, {"m": b"\x82\xa6job_id\xa4bad" + bytes([i]) + b"\xa6prompt\xa3\xff\xfe\xfd"}))
-    for i in range(5):  # oversized entries (over the 64 KiB limit)
-        out.append((None, {"m": msgpack.packb({"job_id": f"huge-{i}", "prompt": "p" * 70000})}))
+    for i in range(5):  # oversized entries (over the 64 KiB limit): read as stubs, answered under their id
+        out.append((f"huge-{i}", {"m": msgpack.packb({"job_id": f"huge-{i}", "prompt": "p" * 70000})}))
     return out
 
 
@@ -266,6 +266,7 @@ def test_hostile_entries_are_all_answered_or_dead_lettered_and_counted(redis_ser
     failed = [j for j, res in results.items() if res.status == "error"]
     assert errors == len(failed) + expected_dead  # every refusal is counted
     assert all(results[f"unicode-{i}"].status == "ok" for i in range(8))
+    assert all(results[f"huge-{i}"].error_code == "invalid_request" for i in range(5))
     assert all(res.error_code for res in results.values() if res.status == "error")
     # every readable job got exactly one result list entry
     assert all(r.llen(KEYS.result(j)) == 0 for j in results)
