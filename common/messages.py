@@ -334,6 +334,12 @@ class FinalResult(Message):
     finished_ms: float = 0.0
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
 
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if body["retry_after_ms"] is None:  # added later: absent unless set, so older answers keep their bytes
+            del body["retry_after_ms"]
+        return body
+
 
 @dataclass(kw_only=True)
 class LightReady(Message):

@@ -210,9 +210,13 @@ def test_bad_input_is_a_400_in_the_openai_shape(stack, body, param):
 
 
 def test_an_overloaded_answer_is_a_429_whose_retry_after_is_the_routers_hint():
-    hinted = result_error(FinalResult("j1", "error", error_code="overloaded", retry_after_ms=2300)).response()
+    hinted = result_error(
+        FinalResult(job_id="j1", status="error", error_code="overloaded", retry_after_ms=2300)
+    ).response()
     assert hinted.status_code == 429 and hinted.headers["retry-after"] == "3"
-    plain = result_error(FinalResult("j2", "error", error_code="overloaded")).response()  # an older router
+    plain = result_error(
+        FinalResult(job_id="j2", status="error", error_code="overloaded")
+    ).response()  # an older router
     assert plain.status_code == 429 and plain.headers["retry-after"] == "1"
 
 
