@@ -207,6 +207,26 @@ def validate_job(job: Job, cfg: RouterConfig, keys: Keys, tenant: str | None = N
         bad(E_UNKNOWN_MODEL, f"this deployment serves cascade {cfg.cascade!r}, not {job.cascade!r}")
 
 
+def refusal(
+    job_id: str,
+    code: str,
+    message: str,
+    finished_ms: float,
+    status: Status = Status.ERROR,
+    *,
+    retry_after_ms: float | None = None,
+) -> FinalResult:
+    """The answer to a job the router does not admit (invalid, cancelled, overloaded, duplicate)."""
+    return FinalResult(
+        job_id=job_id,
+        status=status,
+        error_code=code,
+        error_message=message,
+        finished_ms=finished_ms,
+        retry_after_ms=retry_after_ms,
+    )
+
+
 @dataclass
 class JobSource:
     """A stream the router admits jobs from: the shared jobs stream (``tenant`` None) or a tenant's own."""
@@ -282,18 +302,7 @@ class Router:
                 # Only a valid id may name a key (result list, reply): anything else is a dead letter.
                 if exc.job_id and JOB_ID_RE.match(exc.job_id):
                     reply_to = _reply_to_of(entry, self.keys, tenant, exc.job_id)
-                    errors.append(
-                        (
-                            reply_to,
-                            FinalResult(
-                                job_id=scoped_id(tenant, exc.job_id),
-                                status=Status.ERROR,
-                                error_code=exc.code,
-                                error_message=str(exc),
-                                finished_ms=arrival,
-                            ),
-                        )
-                    )
+                    errors.append((reply_to, refusal(scoped_id(tenant, exc.job_id), exc.code, str(exc), arrival)))
                 else:
                     errors.append(
                         (
@@ -313,18 +322,8 @@ class Router:
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
         for _id, job in jobs:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
-                errors.append(
-                    (
-                        job.reply_to,
-                        FinalResult(
-                            job_id=job.job_id,
-                            status=Status.CANCELLED,
-                            error_code=E_CANCELLED,
-                            error_message="cancelled by the client before it ran",
-                            finished_ms=arrival,
-                        ),
-                    )
-                )
+                message = "cancelled by the client before it ran"
+                errors.append((job.reply_to, refusal(job.job_id, E_CANCELLED, message, arrival, Status.CANCELLED)))
         jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
         routes: dict[str, tuple[RoutedJob, Decision]] = {}  # entry id -> the admitted job and its route
         for entry_id, job in jobs:
@@ -360,19 +359,9 @@ class Router:
             )
             if not verdict.admitted:  # refused before admission: the id stays free for the retry
                 metrics.ERRORS.labels("router", E_OVERLOADED).inc()
-                errors.append(
-                    (
-                        job.reply_to,
-                        FinalResult(
-                            job_id=job.job_id,
-                            status=Status.ERROR,
-                            error_code=E_OVERLOADED,
-                            error_message=f"overloaded: {verdict.reason}; retry later",
-                            finished_ms=arrival,
-                            retry_after_ms=verdict.retry_after_ms,
-                        ),
-                    )
-                )
+                message = f"overloaded: {verdict.reason}; retry later"
+                answer = refusal(job.job_id, E_OVERLOADED, message, arrival, retry_after_ms=verdict.retry_after_ms)
+                errors.append((job.reply_to, answer))
                 continue
             # Counted now (a duplicate found below included: erring towards refusing), so the
             # rest of this batch sees the queue with this job in it.
@@ -383,19 +372,11 @@ class Router:
         for entry_id, job in jobs:
             if entry_id in duplicates:
                 metrics.ERRORS.labels("router", E_DUPLICATE).inc()
-                errors.append(
-                    (
-                        job.reply_to,
-                        FinalResult(
-                            job_id=job.job_id,
-                            status=Status.ERROR,
-                            error_code=E_DUPLICATE,
-                            finished_ms=arrival,
-                            error_message=f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s "
-                            "(in flight or answered); use a new id",
-                        ),
-                    )
+                message = (
+                    f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s (in flight or answered); "
+                    "use a new id"
                 )
+                errors.append((job.reply_to, refusal(job.job_id, E_DUPLICATE, message, arrival)))
                 continue
             routed, decision = routes[entry_id]
             if decision == Decision.HEAVY:
