@@ -25,13 +25,22 @@ hard cap on the light queue (a bound on memory whatever the profile says).  A re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.messages import Plan
 from common.routing import Decision, Stage, finishes_in_time
 
 # Retry hint when a stage has no live worker: the router re-counts workers about every second.
 NO_WORKERS_RETRY_MS = 1000.0
+DEFAULT_MAX_LIGHT_BACKLOG = 5000
+# Admission predicts every stage at this share of its profiled speed: the profile leaves out per-batch
+# overheads, and a queue packed to exactly the deadline would miss it.
+DEFAULT_ADMISSION_HEADROOM = 0.85
+
+
+def at_headroom(stage: Stage, headroom: float) -> Stage:
+    """``stage`` as admission predicts it: every batch ``1/headroom`` times slower."""
+    return replace(stage, headroom=headroom)
 
 
 @dataclass(frozen=True)
@@ -72,17 +81,18 @@ def admit(
 ) -> Verdict:
     """Admit the job taking ``route`` (common/routing.direct_decision's) now, or refuse it with a retry hint."""
     if route == Decision.HEAVY:
-        return _fits(heavy, now_ms, deadline_ms, heavy.batch_ms, "heavy")
+        return _fits(heavy, now_ms, deadline_ms, heavy.service_ms(), "heavy")
     if light.backlog >= max_light_backlog:
         # Each job ahead beyond the cap leaves at the stage's rate (workers·batch per batch time).
         over = light.backlog - max_light_backlog + 1
-        hint = over * light.batch_ms / (light.workers * light.batch) if light.workers > 0 else NO_WORKERS_RETRY_MS
+        full_ms = light.batch_ms / light.headroom
+        hint = over * full_ms / (light.workers * light.batch) if light.workers > 0 else NO_WORKERS_RETRY_MS
         return Verdict(False, max(1.0, math.ceil(hint)), "the light queue is full")
-    verdict = _fits(light, now_ms, deadline_ms, light.batch_ms + discriminator_ms, "light")
+    verdict = _fits(light, now_ms, deadline_ms, light.service_ms() + discriminator_ms, "light")
     if not verdict.admitted or route == Decision.LATE:
         return verdict
     if plan.discriminator_routes and plan.threshold > 0 and not plan.degrade_late:
         # It may go on to heavy, and a late heavy job is not answered with its light image.
-        scored_ms = now_ms + light.wait_ms() + light.batch_ms + discriminator_ms
-        return _fits(heavy, scored_ms, deadline_ms, heavy.batch_ms, "heavy")
+        scored_ms = now_ms + light.wait_ms() + light.service_ms() + discriminator_ms
+        return _fits(heavy, scored_ms, deadline_ms, heavy.service_ms(), "heavy")
     return ADMIT

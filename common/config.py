@@ -177,6 +177,8 @@ class Keys:
         self.workers = f"{ns}:workers"  # zset: worker_id -> last heartbeat (ms)
         self.worker_info_prefix = f"{ns}:worker:"  # hash per worker
         self.stats = f"{ns}:stats"  # hash of counters the controller reads
+        self.arrivals_prefix = f"{ns}:arrivals:"  # per minute: hash of 100-ms bucket -> jobs the router read
+        self.confidences = f"{ns}:confidences"  # list: the discriminator's latest scores (the controller's replay)
         self.done_prefix = f"{ns}:done:"
         self.admitted_prefix = f"{ns}:admitted:"  # job id -> the jobs-stream entry that was admitted under it
         self.result_prefix = f"{ns}:result:"
@@ -189,6 +191,9 @@ class Keys:
 
     def queue_for(self, role: str) -> str:
         return {"light": self.light_queue, "heavy": self.heavy_queue}[role]
+
+    def arrivals(self, page: int) -> str:
+        return f"{self.arrivals_prefix}{page}"
 
     def worker_info(self, worker_id: str) -> str:
         return self.worker_info_prefix + worker_id

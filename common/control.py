@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.messages import Plan
 from common.planner import (
     DEFAULT_HEADROOM,
+    THRESHOLD_GRID,
     ROLES,
     AimdState,
     FixedPlan,
@@ -42,17 +45,26 @@ from common.planner import (
     Policy,
     QueueStats,
     count_changes,
+    explain,
     plan,
     policy_spec,
+    quality_threshold,
 )
 from common.profiles import BATCH_GRID, CascadeProfile
+from common.replay import ArrivalHistory, Candidate, Replay, search
+
+LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
 
 
 class RateEstimator:
     """Rate of a monotonic counter: EWMA of per-tick deltas, plus a look-ahead of one
-    interval's trend while it rises."""
+    interval's trend while it rises.  Slow to believe a fall, but not after ``settle`` ticks that
+    all stayed below it: then the estimate is their largest rate (a burst has ended; an idle
+    cluster reports no demand)."""
 
-    def __init__(self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None):
+    def __init__(
+        self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None, settle: int = 3
+    ):
         self.alpha = alpha
         self.alpha_down = alpha if alpha_down is None else alpha_down
         self.count: int | None = None
@@ -60,19 +72,25 @@ class RateEstimator:
         self.rate: float | None = initial  # smoothed
         self.previous: float | None = None  # smoothed rate one tick ago
         self.raw: float | None = None
+        self.span: float = 0.0  # seconds the last raw rate was measured over
+        self.recent: deque[float] = deque(maxlen=max(1, settle))
 
     def update(self, count: int, at: float) -> None:
         if self.count is not None and self.at is not None and at > self.at:
             delta = count - self.count
             if delta < 0:  # the stream was deleted and recreated: its counter restarted
                 delta = count
-            self.raw = delta / (at - self.at)
+            self.span = at - self.at
+            self.raw = delta / self.span
+            self.recent.append(self.raw)
             self.previous = self.rate
             if self.rate is None:
                 self.rate = self.raw
             else:  # quick to follow a rise, slow to believe a fall
                 alpha = self.alpha if self.raw >= self.rate else self.alpha_down
                 self.rate = alpha * self.raw + (1 - alpha) * self.rate
+                if len(self.recent) == self.recent.maxlen:
+                    self.rate = min(self.rate, max(self.recent))
         self.count, self.at = count, at
 
     @property
@@ -87,19 +105,41 @@ class RateEstimator:
         return rate
 
 
-class PeakTracker:
-    """The largest recent value: jumps up at once, decays by half every ``halflife_s``."""
+class RecurringPeak:
+    """The light stage's demand: the highest arrival rate that the last ``window_s`` seconds
+    exceeded for at least ``share`` of their length.  A burst that recurs counts; a one-off burst
+    of a few seconds in a long quiet window does not, so it costs no quality once it is over."""
 
-    def __init__(self, halflife_s: float):
-        self.halflife_s = halflife_s
-        self.value = 0.0
-        self.at: float | None = None
+    def __init__(self, window_s: float, share: float):
+        self.window_s, self.share = window_s, share
+        self.samples: deque[tuple[float, float, float]] = deque()  # (at, rate, seconds)
+        self.first_at: float | None = None
 
-    def update(self, value: float, at: float) -> float:
-        if self.at is not None and self.halflife_s > 0:
-            self.value *= 0.5 ** (max(0.0, at - self.at) / self.halflife_s)
-        self.value, self.at = max(self.value, value), at
-        return self.value
+    def update(self, rate: float, at: float, seconds: float) -> None:
+        if self.first_at is None:
+            self.first_at = at - seconds
+        self.samples.append((at, rate, seconds))
+        while self.samples and self.samples[0][0] <= at - self.window_s:
+            self.samples.popleft()
+
+    @property
+    def span_s(self) -> float:
+        """How much of the window the samples cover."""
+        return sum(s for _at, _r, s in self.samples)
+
+    def known(self, at: float) -> bool:
+        """Whether the history already covers a whole window."""
+        return self.first_at is not None and at - self.first_at >= self.window_s
+
+    @property
+    def value(self) -> float:
+        need = self.share * min(self.window_s, self.span_s)
+        covered = 0.0
+        for rate, seconds in sorted(((r, s) for _at, r, s in self.samples), reverse=True):
+            covered += seconds
+            if covered >= need - 1e-9:
+                return rate
+        return 0.0
 
 
 @dataclass
@@ -121,7 +161,15 @@ class ControlSettings:
     batch_grid: tuple[int, ...] = BATCH_GRID
     ewma_alpha: float = 0.5
     ewma_alpha_down: float = 0.2
-    peak_halflife_s: float = 300.0
+    peak_window_s: float = 300.0  # the light stage's recurring peak is taken over this much history
+    peak_share: float = 0.1  # ... as the rate exceeded for this share of it
+    light_reserve: int = 2  # light workers kept (in clusters of 4+) until the history covers peak_window_s
+    hindsight_s: float = 120.0  # replay this much of the recent arrivals to pick t and batches (0: off)
+    hindsight_min_s: float = 20.0  # ... once there is this much history
+    hindsight_halflife_s: float = 30.0  # ... scoring recent seconds more: their weight halves with this age
+    hindsight_max_jobs: int = 4000  # ... and at most this many of the latest arrivals
+    hindsight_draws: int = 3  # ... each scored on this many confidence draws
+    hindsight_tie: float = 0.005  # ... a plan must beat the solver's (or the better one) by this much quality
     max_threshold_step: float = 0.05
     threshold_margin: float = 0.05
     worker_margin: int = 1
@@ -168,7 +216,7 @@ class ControlLoop:
         self.profile, self.cfg = profile, settings
         self.spec = policy_spec(settings.policy)
         self.demand = RateEstimator(settings.ewma_alpha, alpha_down=settings.ewma_alpha_down)
-        self.peak = PeakTracker(settings.peak_halflife_s)
+        self.peak = RecurringPeak(settings.peak_window_s, settings.peak_share)
         self.proposal: tuple[int, int, int] | None = None  # a role change seen once, awaiting confirmation
         self.fixed = settings.fixed_plan if self.spec.fixed else None
 
@@ -176,7 +224,7 @@ class ControlLoop:
         """Feed the jobs counter; returns the demand to plan for."""
         self.demand.update(jobs_added, at_s)
         if self.demand.raw is not None:
-            self.peak.update(self.demand.raw, at_s)
+            self.peak.update(self.demand.raw, at_s, self.demand.span)
         return self.demand.forecast() if self.cfg.look_ahead else self.demand.smoothed
 
     def solve(
@@ -190,10 +238,9 @@ class ControlLoop:
         aimd: AimdState | None = None,
         switch_s: dict[str, float] | None = None,
     ) -> PlanResult:
-        window = None  # smoothing, from a plan made for these same workers (a changed cluster re-plans freely)
-        same_cluster = stored is not None and bool(stored.roles) and set(stored.roles) == set(current)
-        if stored is not None and same_cluster and stored.policy == self.cfg.policy and self.cfg.max_threshold_step < 1:
-            center = stored.heavy_fraction if self.spec.options == "split" else stored.threshold
+        window = None
+        center = self.smoothed_from(stored, current)
+        if center is not None:
             window = (center - self.cfg.max_threshold_step, center + self.cfg.max_threshold_step)
         return plan(
             self.profile,
@@ -206,6 +253,7 @@ class ControlLoop:
             latency_scale=self.cfg.latency_scale,
             threshold_window=window,
             light_demand_qps=max(demand, self.peak.value),
+            light_floor=self.light_floor(len(current)),
             current=current,
             queues=queues,
             keep_roles=keep_roles,
@@ -216,6 +264,31 @@ class ControlLoop:
             switch_s=switch_s,
             fixed=self.fixed,
         )
+
+    def smoothed_from(self, stored: Plan | None, current: dict[str, str]) -> float | None:
+        """The threshold (split policies: heavy fraction) the next plan stays within
+        ``max_threshold_step`` of, or None when it may move freely: smoothing holds from a plan made
+        for these same workers, under this policy, from a measured demand (the first plan with
+        traffic, a changed cluster and an idle spell re-plan freely)."""
+        if (
+            stored is None
+            or not stored.roles
+            or set(stored.roles) != set(current)
+            or stored.policy != self.cfg.policy
+            or stored.demand_qps <= 0
+            or self.cfg.max_threshold_step >= 1
+        ):
+            return None
+        return stored.heavy_fraction if self.spec.options == "split" else stored.threshold
+
+    def light_floor(self, workers: int) -> int:
+        """Two light workers in a cluster of four or more until the history shows the light stage's
+        recurring peak (every query passes the light model, and nothing yet says how bursty the load
+        is); one after that, when the peak fits one (a lost light worker is covered by the deadline
+        rule and the re-plan that a changed worker set triggers)."""
+        if workers < LIGHT_RESERVE_FROM or (self.demand.at is not None and self.peak.known(self.demand.at)):
+            return 1
+        return self.cfg.light_reserve
 
     def with_switch_backlog(
         self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float], demand: float
@@ -239,8 +312,121 @@ class ControlLoop:
         workers: list[WorkerView],
         queues: QueueStats,
         aimd: AimdState | None = None,
+        *,
+        history: ArrivalHistory | None = None,
+        now_ms: float = 0.0,
+        confidences: Sequence[float] | None = None,
     ) -> tuple[PlanResult, str]:
-        """The plan to write and why (logged)."""
+        """The plan to write and why (logged): the solver's plan under the hysteresis on roles, its
+        threshold and batch sizes then re-chosen by replaying the recent arrivals (``history``, in the
+        caller's ms, up to ``now_ms``) when the policy plans a threshold for quality."""
+        result, reason = self._decide(stored, demand, workers, queues, aimd)
+        if history is not None:
+            hindsight = self.hindsight(result, stored, history, now_ms, confidences)
+            if hindsight:
+                reason += f"; {hindsight}"
+        if not self.fixed:
+            result.reason = "; ".join(
+                part for part in (explain(result, self.light_floor(len(workers))), reason) if part
+            )
+        return result, reason
+
+    def hindsight(
+        self,
+        result: PlanResult,
+        stored: Plan | None,
+        history: ArrivalHistory,
+        now_ms: float,
+        confidences: Sequence[float] | None = None,
+    ) -> str:
+        """Re-choose ``result``'s threshold and batch sizes for its roles by replaying the last
+        ``hindsight_s`` of arrivals (common/replay.py); returns what it did ("" when it did not run)."""
+        cfg = self.cfg
+        spec = self.spec
+        if (
+            cfg.hindsight_s <= 0
+            or spec.options != "threshold"
+            or spec.fixed
+            or spec.aimd
+            or not result.feasible
+            or result.light_workers < 1
+            or result.heavy_workers < 1
+            or self.profile.quality is None
+        ):
+            return ""
+        span_ms = cfg.hindsight_s * 1000.0
+        arrivals = history.window(now_ms, span_ms)
+        first = min(history.counts, default=None)
+        covered_ms = now_ms - first * history.bucket_ms if first is not None else 0.0
+        if covered_ms < cfg.hindsight_min_s * 1000.0 or len(arrivals) < 2:
+            return ""
+        arrivals = arrivals[-cfg.hindsight_max_jobs :]
+        replay = Replay(
+            [a - arrivals[0] for a in arrivals],
+            profile=self.profile,
+            latency_scale=cfg.latency_scale,
+            slo_ms=cfg.slo_ms,
+            halflife_ms=cfg.hindsight_halflife_s * 1000.0 if cfg.hindsight_halflife_s > 0 else None,
+            confidences=confidences,
+            draws=cfg.hindsight_draws,
+        )
+        target = quality_threshold(self.profile) or 1.0
+        smoothed = self.smoothed_from(stored, result.roles)
+        center = result.threshold if smoothed is None else smoothed
+        step = 1.0 if smoothed is None else cfg.max_threshold_step
+        grid = [t for t in THRESHOLD_GRID if center - step - 1e-9 <= t <= min(target, center + step) + 1e-9] or [
+            result.threshold
+        ]
+        slo = cfg.slo_ms
+        light_batches = [
+            b for b in cfg.batch_grid if replay.batch_ms("light", b) + replay.batch_ms("discriminator", b) <= slo
+        ]
+        first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)
+        heavy_batches = [b for b in cfg.batch_grid if first_light + replay.batch_ms("heavy", b) <= slo]
+        base = Candidate(
+            threshold=min(max(result.threshold, grid[0]), grid[-1]),
+            light_workers=result.light_workers,
+            light_batch=result.light_batch,
+            heavy_workers=result.heavy_workers,
+            heavy_batch=result.heavy_batch,
+        )
+        best, tried = search(
+            replay,
+            base,
+            thresholds=grid,
+            light_batches=light_batches or [result.light_batch],
+            heavy_batches=heavy_batches or [result.heavy_batch],
+            tie=cfg.hindsight_tie,
+        )
+        chosen = best.candidate
+        note = (
+            f"hindsight over {len(arrivals)} arrivals ({tried} plans replayed): t={chosen.threshold:g}, "
+            f"batches {chosen.light_batch}/{chosen.heavy_batch}, est. {self.profile.quality.metric} "
+            f"{best.quality:.2f}, {100 * best.misses:.1f} % missed"
+        )
+        result.notes.append(note)
+        if (chosen.threshold, chosen.light_batch, chosen.heavy_batch) != (
+            result.threshold,
+            result.light_batch,
+            result.heavy_batch,
+        ):
+            f = self.profile.curve.f(chosen.threshold)
+            result.threshold = chosen.threshold
+            result.light_batch, result.heavy_batch = chosen.light_batch, chosen.heavy_batch
+            result.light_share = 1.0 - f
+            result.estimated_quality = self.profile.quality.score(1.0 - f)
+            if result.objective == "quality":
+                result.objective_value = result.estimated_quality
+        return note
+
+    def _decide(
+        self,
+        stored: Plan | None,
+        demand: float,
+        workers: list[WorkerView],
+        queues: QueueStats,
+        aimd: AimdState | None = None,
+    ) -> tuple[PlanResult, str]:
         if (
             self.spec.fixed
             and self.cfg.fixed_plan is None

@@ -85,6 +85,14 @@ class RoutedBy(enum.StrEnum):
     FALLBACK = "fallback"  # back to light: the heavy model could not make the deadline
 
 
+class LightReason(enum.StrEnum):
+    """Why a light image is the answer (FinalResult.light_reason)."""
+
+    CONFIDENT = "confident"  # the discriminator's confidence is at or above the threshold the cascade wants
+    DEADLINE = "deadline"  # the heavy model could not have answered by the deadline (the deadline rule)
+    PLAN = "plan"  # the plan in force had no heavy capacity for it: below the cascade's preferred threshold
+
+
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 
 
@@ -95,9 +103,15 @@ def new_job_id() -> str:
 @dataclass(kw_only=True)
 class Message:
     TYPE: ClassVar[str] = ""
+    # Fields added after the first release: on the wire only when set, so messages without them keep their
+    # exact bytes and older readers see nothing new.
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
+        for name in self.ADDED_FIELDS:
+            if body[name] is None:
+                del body[name]
         body["v"] = SCHEMA_VERSION
         body["type"] = self.TYPE
         return body
@@ -256,10 +270,12 @@ class Completion(Message):
     answered_by: Role | None = None
     model: str | None = None
     confidence: float | None = None
-    degraded: bool = False  # answered with the light image because the heavy model could not make the deadline
+    degraded: bool = False  # a light answer for a job the cascade wanted the heavy model for (light_reason says why)
     error_code: str | None = None
     error_message: str | None = None
     worker_id: str = ""
+    light_reason: LightReason | None = None
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("light_reason",)
 
     @classmethod
     def failure(cls, job: RoutedJob, code: str, message: str, worker_id: str = "") -> Self:
@@ -296,9 +312,10 @@ class Completion(Message):
         answered_by: Role,
         model: str,
         confidence: float | None = None,
-        degraded: bool = False,
         worker_id: str = "",
+        light_reason: LightReason | None = None,
     ) -> Self:
+        """An image answer; a light one says why it is light, and is degraded unless it was confident."""
         return cls(
             job_id=job.job_id,
             arrival_ms=job.arrival_ms,
@@ -309,8 +326,9 @@ class Completion(Message):
             answered_by=answered_by,
             model=model,
             confidence=confidence,
-            degraded=degraded,
+            degraded=light_reason not in (None, LightReason.CONFIDENT),
             worker_id=worker_id,
+            light_reason=light_reason,
         )
 
 
@@ -333,12 +351,8 @@ class FinalResult(Message):
     error_message: str | None = None
     finished_ms: float = 0.0
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
-
-    def to_dict(self) -> dict[str, Any]:
-        body = super().to_dict()
-        if body["retry_after_ms"] is None:  # added later: absent unless set, so older answers keep their bytes
-            del body["retry_after_ms"]
-        return body
+    light_reason: LightReason | None = None  # answered_by light: confident, deadline or plan
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("retry_after_ms", "light_reason")
 
 
 @dataclass(kw_only=True)
@@ -390,3 +404,8 @@ class Plan(Message):
     # What the data plane does with it (common/planner.py POLICY_TABLE says per policy):
     discriminator_routes: bool = True  # False: every light image is the answer
     degrade_late: bool = True  # the deadline rule (common/routing.py) answers late heavy jobs with the light image
+    # The threshold the cascade's quality wants with heavy room for every job (planner.quality_threshold): a light
+    # answer below it was kept light by the plan (LightReason.PLAN).
+    target_threshold: float | None = None
+    reason: str | None = None  # why the controller chose this plan (its trade-offs, in words)
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("target_threshold", "reason")

@@ -23,6 +23,12 @@ E2E_LATENCY = Histogram(
 )
 SLO = Counter("diffserve_slo_total", "final results by SLO outcome", ["outcome"])
 DUPLICATES = Counter("diffserve_duplicate_completions_total", "completions ignored because the job was answered")
+LIGHT_ANSWERS = Counter(
+    "diffserve_light_answers_total",
+    "light answers delivered by why they are light: confident, deadline (the deadline rule), plan (no heavy "
+    "capacity planned for it)",
+    ["reason"],
+)
 ROUTED = Counter("diffserve_discriminator_routed_total", "light results by routing decision", ["decision"])
 THRESHOLD = Gauge("diffserve_threshold", "confidence threshold in force")
 WORKERS = Gauge("diffserve_workers", "workers per role in the plan", ["role"])

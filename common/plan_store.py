@@ -1,16 +1,20 @@
-"""Where the current plan lives: one Redis key (msgpack ``Plan``), announced on a channel.
+"""What the controller and the data plane share through Redis: where the current plan lives (one key,
+msgpack ``Plan``, announced on a channel), the stages as the deadline rule sees them, the router's
+arrival histogram and the discriminator's recent confidences (what the controller's replay runs on).
 
-Services keep using the last plan they read when the controller is gone; without any
-plan they use the defaults of ``Plan`` (threshold 0.5, cascade policy)."""
+Services keep using the last plan they read when the controller is gone; until a plan exists
+they use ``default`` (common/planner.default_plan: the cascade's threshold for low demand)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
 from common.config import Keys
 from common.messages import MessageError, Plan
+from common.replay import ARRIVAL_BUCKET_MS, ArrivalHistory
 from common.routing import Stage
 from common.streams import backlog
 
@@ -74,15 +78,53 @@ class StageWatcher:
         self.workers: dict[str, int] = {}
         self._counted_at = -1e9
 
-    async def stage(self, role: str, plan: Plan, batch_ms: float) -> Stage:
+    async def stage(self, role: str, plan: Plan, times: Callable[[int], float]) -> Stage:
+        """``times``: batch size -> ms on this stage (common/routing.batch_times)."""
         now = time.monotonic()
         if now - self._counted_at >= self.refresh_s:
             self._counted_at = now
             roles = list((await live_roles(self.r, self.keys)).values())
             self.workers = {name: roles.count(name) for name in ("light", "heavy")}
+        batch = max(1, plan.light_batch if role == "light" else plan.heavy_batch)
         return Stage(
             workers=self.workers.get(role, 0),
-            batch=max(1, plan.light_batch if role == "light" else plan.heavy_batch),
-            batch_ms=batch_ms,
+            batch=batch,
+            batch_ms=times(batch),
             backlog=await backlog(self.r, self.keys.queue_for(role), "workers"),
+            times=times,
         )
+
+
+# The arrival histogram (common/replay.ArrivalHistory), one hash per minute of the router's clock.
+BUCKETS_PER_PAGE = 600
+ARRIVAL_PAGE_TTL_S = 900
+
+
+def record_arrivals(pipe: aioredis.client.Pipeline, keys: Keys, at_ms: float, n: int) -> None:
+    """Count ``n`` jobs read at ``at_ms`` (queued on ``pipe``, the router's admission transaction)."""
+    bucket = int(at_ms // ARRIVAL_BUCKET_MS)
+    page = keys.arrivals(bucket // BUCKETS_PER_PAGE)
+    pipe.hincrby(page, str(bucket), n)
+    pipe.expire(page, ARRIVAL_PAGE_TTL_S)
+
+
+async def load_arrivals(r: aioredis.Redis, keys: Keys, since_ms: float, until_ms: float) -> ArrivalHistory:
+    """The histogram's buckets between ``since_ms`` and ``until_ms``."""
+    first, last = int(since_ms // ARRIVAL_BUCKET_MS), int(until_ms // ARRIVAL_BUCKET_MS)
+    pages = range(first // BUCKETS_PER_PAGE, last // BUCKETS_PER_PAGE + 1)
+    async with r.pipeline(transaction=False) as pipe:
+        for page in pages:
+            pipe.hgetall(keys.arrivals(page))
+        replies = await pipe.execute()
+    history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS)
+    for reply in replies:
+        for field, count in (reply or {}).items():
+            bucket = int(field)
+            if first <= bucket <= last:
+                history.counts[bucket] = int(count)
+    return history
+
+
+async def load_confidences(r: aioredis.Redis, keys: Keys) -> list[float]:
+    """The discriminator's latest scores (it keeps RECENT_CONFIDENCES of them)."""
+    return [float(c) for c in await r.lrange(keys.confidences, 0, -1)]

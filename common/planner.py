@@ -89,7 +89,6 @@ OBJECTIVES = ("quality", "threshold")
 WAIT_BATCHES = 0.5  # expected wait for a worker, in batch times, at the planned utilisation
 DEFAULT_HEADROOM = 0.85
 DEFAULT_DRAIN_S = 20.0
-REDUNDANT_LIGHT_FROM = 4  # clusters this large keep two light workers: every query passes the light stage
 _REL_TOL = 1e-6  # capacity and SLO checks tolerate this much (the solver's own tolerances)
 
 
@@ -367,6 +366,8 @@ class PlanResult:
     roles: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plan_ms: float = 0.0  # solve_ms plus building the problems and placing spare workers
+    target_threshold: float | None = None  # quality_threshold(profile): what the cascade wants with room for all
+    reason: str = ""  # why this plan, in words (the controller adds its part)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,6 +393,8 @@ class PlanResult:
             created_ms=time.time() * 1000.0 if created_ms is None else created_ms,
             discriminator_routes=spec.discriminator_routes,
             degrade_late=spec.degrade_late,
+            target_threshold=self.target_threshold,
+            reason=self.reason or None,
         )
 
 
@@ -431,6 +434,33 @@ def count_changes(current: dict[str, str], roles: dict[str, str]) -> int:
 # ----------------------------------------------------------------------------- problem
 def default_objective(profile: CascadeProfile) -> str:
     return "quality" if profile.quality is not None else "threshold"
+
+
+def quality_threshold(profile: CascadeProfile) -> float | None:
+    """The threshold the cascade's quality curve prefers when the heavy stage has room for every
+    job it sends on (the solver's plan for low demand: 0.21 for SD-Turbo -> SD v1.5); None without a
+    curve.  Services use it until the first plan exists, and a light answer below it was kept light
+    by the plan (no heavy capacity for it), not by its confidence."""
+    q = profile.quality
+    if q is None:
+        return None
+    f = profile.curve.f
+    return min(THRESHOLD_GRID, key=lambda t: (_quality_key(q, 1.0 - f(t)), -t))
+
+
+def default_plan(profile: CascadeProfile) -> Plan:
+    """The plan every service uses until the controller stores one: the cascade's threshold for low
+    demand (:func:`quality_threshold`), the message's defaults otherwise."""
+    from common.messages import Plan
+
+    target = quality_threshold(profile)
+    if target is None:
+        return Plan(reason="no plan stored yet")
+    return Plan(
+        threshold=target,
+        target_threshold=target,
+        reason="no plan stored yet: the cascade's threshold for low demand",
+    )
 
 
 def _grid(table: LatencyTable, grid: Iterable[int]) -> dict[int, float]:
@@ -496,6 +526,7 @@ def build_problem(
     heavy_batches: Sequence[int] | None = None,
     drain_s: float = DEFAULT_DRAIN_S,
     headroom: float = DEFAULT_HEADROOM,
+    light_floor: int = 1,
 ) -> Problem:
     objective = objective or default_objective(profile)
     if objective not in OBJECTIVES:
@@ -513,8 +544,9 @@ def build_problem(
     dl = max(d, float(light_demand_qps or 0.0))
     drain = int(workers) >= 2
     min_light = int(drain and q.light_backlog > 0)
-    if spec_uses_light(policy) and int(workers) >= REDUNDANT_LIGHT_FROM:
-        min_light = max(min_light, 2)
+    if spec_uses_light(policy):
+        # the light stage keeps ``light_floor`` workers (never all of them: heavy keeps one)
+        min_light = max(min_light, min(int(light_floor), int(workers) - 1))
     min_heavy = int(drain and q.heavy_backlog > 0)
     if keep_roles:
         min_light, min_heavy = min(min_light, l0), min(min_heavy, h0)
@@ -926,6 +958,8 @@ def _fixed_result(
         role_changes=count_changes(current, roles),
         roles=roles,
         notes=[f"fixed plan {fixed}"],
+        target_threshold=quality_threshold(profile),
+        reason=f"fixed plan {fixed}" + ("" if ev.feasible else f" (infeasible here: {ev.reason})"),
     )
 
 
@@ -952,6 +986,7 @@ def plan(
     switch_s: dict[str, float] | None = None,
     fixed: FixedPlan | None = None,
     solver: str = "milp",
+    light_floor: int = 1,
 ) -> PlanResult:
     """The plan for ``demand_qps`` on ``workers`` workers.
 
@@ -961,7 +996,11 @@ def plan(
     ``light_demand_qps`` (>= demand) is what the light stage is provisioned for; when no plan
     serves it, the light stage is planned for ``demand_qps`` instead.  ``threshold_window``
     limits t (h) to a range while any option in it is feasible.  ``fixed`` returns that plan
-    as given.  ``solver`` is ``milp`` (CBC) or ``enumerate`` (the exact enumeration)."""
+    as given.  ``solver`` is ``milp`` (CBC) or ``enumerate`` (the exact enumeration).
+    ``light_floor``: the fewest light workers a policy that uses the light model keeps (heavy
+    keeps one where it can).  One is enough where the light stage's peak is known (a lost light
+    worker is covered by the deadline rule and a re-plan); the controller asks for two in a cluster
+    of four or more until its history shows the light stage's recurring peak (common/control.py)."""
     spec = policy_spec(policy)
     objective = spec.objective or objective or default_objective(profile)
     if objective == "quality" and profile.quality is None:
@@ -998,6 +1037,7 @@ def plan(
         keep_roles=keep_roles,
         drain_s=drain_s,
         headroom=headroom,
+        light_floor=light_floor,
     )
     candidates: Sequence[tuple[int | None, int | None]] = [(None, None)]
     if spec.aimd:
@@ -1076,6 +1116,8 @@ def plan(
             slo_ms=slo,
             solve_ms=solve_ms,
             notes=["no live workers"],
+            target_threshold=quality_threshold(profile),
+            reason="no live workers",
         )
     if best is not None:
         _key, problem, ch, ev, mins = best
@@ -1102,7 +1144,7 @@ def plan(
     lat = LatencyBreakdown(
         ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms, ev.total_ms
     )
-    return PlanResult(
+    result = PlanResult(
         policy=policy,
         objective=objective,
         threshold=round(threshold, 4),
@@ -1127,7 +1169,29 @@ def plan(
         roles=roles,
         notes=notes,
         plan_ms=plan_ms,
+        target_threshold=quality_threshold(profile),
     )
+    result.reason = explain(result, problem.min_light)
+    return result
+
+
+def explain(result: PlanResult, light_floor: int) -> str:
+    """The plan's trade-offs in words (Plan.reason); ``light_floor``: the fewest light workers it had to keep."""
+    parts = []
+    if not result.feasible:
+        parts.append("demand exceeds capacity even at the lowest threshold: maximum-throughput plan")
+    target = result.target_threshold
+    if result.heavy_workers and target is not None and result.threshold < target - 1e-9 and result.heavy_fraction == 0:
+        parts.append(
+            f"t={result.threshold:g} < the cascade's {target:g}: {result.heavy_workers} heavy x{result.heavy_batch} "
+            f"carry {100 * (1 - result.light_share):.0f} % of {result.demand_qps:.1f} q/s"
+        )
+    if result.light_workers:
+        needed = f"{result.light_workers} light x{result.light_batch} for {result.light_demand_qps:.1f} q/s"
+        if light_floor >= 2 and result.light_workers == light_floor:
+            needed += f" (a floor of {light_floor} light workers)"
+        parts.append(needed)
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- CLI

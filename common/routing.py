@@ -3,22 +3,29 @@ model can still answer it in time.  The router (direct routing), the discriminat
 cascade's routing), the heavy worker (its last check before a batch) and the simulator
 (``diffserve simulate``) all call these, so a decision means the same everywhere.
 
-The deadline rule, the one estimator of "late": a job joining the heavy queue behind
-``backlog`` jobs, with ``workers`` heavy workers serving batches of ``batch`` in ``batch_ms``,
-starts after the backlog has been served at the stage's capacity and finishes one batch time
-later::
+The deadline rule, the one estimator of "late" (:class:`Stage`): a job joining the heavy queue
+behind ``backlog`` jobs, with ``workers`` heavy workers taking up to ``batch`` jobs, runs in a
+batch of ``n = min(batch, ceil((backlog + 1) / workers))`` (what a worker finds: a full batch under
+load, fewer when the queue is short) taking ``e(n)``; it starts after the backlog has been served
+at the stage's capacity and finishes one batch time later::
 
-    finish = now + backlog · batch_ms / (workers · batch) + batch_ms
+    finish = now + backlog · e(n) / (workers · n) + e(n)
 
-It is on time when ``finish <= deadline``.  A worker about to start a batch uses the same
-rule with no backlog ahead of it.
+It is on time when ``finish <= deadline``.  A worker about to start a batch uses the same rule
+with no backlog ahead of it and its own batch.  ``e`` is :func:`batch_times`: the profiled batch
+latency in the deployment's clock (a worker uses its measured time once it has one).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from common.messages import LightReason
+from common.profiles import CascadeProfile
 
 
 class Decision(enum.StrEnum):
@@ -42,26 +49,63 @@ def finishes_in_time(
     return now_ms + skew_ms + queue_wait_ms + batch_ms <= deadline_ms
 
 
+def batch_times(profile: CascadeProfile, role: str, latency_scale: float) -> Callable[[int], float]:
+    """ms for a batch of n on ``role``'s model (light, heavy, discriminator): the profile in the
+    deployment's clock.  The router, the discriminator, the heavy worker (until it has measured
+    itself), the simulator and the controller's replay all predict with this."""
+    table = profile.table(role)
+    return functools.lru_cache(maxsize=64)(lambda n: table.latency_ms(n) * latency_scale)
+
+
 @dataclass
 class Stage:
     """What the deadline rule needs to know about a stage (the heavy one; the light one for
-    admission), kept current by its caller: its live workers, the plan's batch, the profiled
-    batch time and the measured backlog.  ``admit`` counts a job it lets in, so one batch of
-    decisions sees its own earlier ones."""
+    admission), kept current by its caller: its live workers, the plan's batch, the batch time and
+    the measured backlog.  ``admit`` counts a job it lets in, so one batch of decisions sees its own
+    earlier ones.  ``times`` (batch size -> ms) predicts the batch a worker will actually run;
+    without it every batch takes ``batch_ms``.  ``headroom`` < 1 predicts the stage slower than
+    profiled (admission's margin, common/admission.py)."""
 
     workers: int
     batch: int
     batch_ms: float
     backlog: int = 0
+    times: Callable[[int], float] | None = None
+    headroom: float = 1.0
+
+    def run(self) -> tuple[int, float]:
+        """The batch a job joining now runs in, and its time."""
+        if self.times is None or self.workers <= 0:
+            return self.batch, self.batch_ms / self.headroom
+        n = max(1, min(self.batch, math.ceil((max(0, self.backlog) + 1) / self.workers)))
+        return n, self.times(n) / self.headroom
 
     def wait_ms(self) -> float:
-        return heavy_queue_wait_ms(self.backlog, self.workers, self.batch, self.batch_ms)
+        n, ms = self.run()
+        return heavy_queue_wait_ms(self.backlog, self.workers, n, ms)
+
+    def service_ms(self) -> float:
+        return self.run()[1]
 
     def on_time(self, now_ms: float, deadline_ms: float, skew_ms: float = 0.0) -> bool:
-        return finishes_in_time(now_ms, deadline_ms, self.wait_ms(), self.batch_ms, skew_ms)
+        n, ms = self.run()
+        wait = heavy_queue_wait_ms(self.backlog, self.workers, n, ms)
+        return finishes_in_time(now_ms, deadline_ms, wait, ms, skew_ms)
 
     def admit(self) -> None:
         self.backlog += 1
+
+
+def light_reason(decision: Decision, confidence: float | None, target_threshold: float | None) -> LightReason:
+    """Why a light image is the answer: the deadline rule (``Decision.LATE``); else the plan, when the
+    confidence is below the threshold the cascade wants with heavy room for every job (the plan's
+    ``target_threshold``: its own threshold was lowered for capacity, or the policy sends nothing
+    on); else confident."""
+    if decision == Decision.LATE:
+        return LightReason.DEADLINE
+    if target_threshold is not None and confidence is not None and confidence < target_threshold:
+        return LightReason.PLAN
+    return LightReason.CONFIDENT
 
 
 def cascade_decision(

@@ -29,28 +29,20 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from common.messages import Role, Status
+from common.quality import QualityModel
 
 if TYPE_CHECKING:
     from common.messages import FinalResult
     from common.profiles import ConfidenceCurve, QualityCurve
     from loadtest.runner import JobRecord, RunRecord
 
-QUALITY_WINDOW_S = 5.0
 LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
-QUALITY_METHOD = (
-    "per {w:g}-s window (full-speed time, by arrival): the cascade's quality-vs-light-share curve at the "
-    "window's light share (the DiffServe paper's method), plus what answering these prompts light costs "
-    "over answering the window's most confident ones light (each light answer costs the curve's "
-    "slope at its confidence's place in f(t)), so degraded answers and random splits pay for being "
-    "hard prompts; averaged over windows. paper_estimate: the paper's method alone"
-)
 
 
 def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]:
@@ -64,83 +56,6 @@ def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]
         "mean": round(float(a.mean()), digits),
         "max": round(float(a.max()), digits),
         "n": len(values),
-    }
-
-
-def _slope(curve: QualityCurve, share: float, h: float = 0.005) -> float:
-    lo, hi = max(0.0, share - h), min(1.0, share + h)
-    return (curve.score(hi) - curve.score(lo)) / (hi - lo)
-
-
-def window_scores(
-    answers: list[tuple[float, str | None, float | None]],
-    curve: QualityCurve,
-    confidence_share: Callable[[float], float],
-    window_s: float = QUALITY_WINDOW_S,
-) -> list[dict[str, Any]]:
-    """``(t_s, answered_by, confidence)`` of every answered job -> per window with answers: the
-    light share, the paper's score (the curve at that share) and the corrected score.
-
-    The curve was measured with the discriminator answering the most confident prompts light.  A
-    window whose light answers are other prompts (degraded ones: hard prompts whose heavy answer
-    would have been late; a random split) is charged the difference, in an additive model: a prompt
-    answered light costs the curve's slope at ``confidence_share(confidence)``, the light share at
-    which the discriminator's split would just include it.  In a window with prompts that were never
-    scored (sent straight to heavy) the comparison is with the curve itself."""
-    windows: dict[int, list[tuple[str | None, float | None]]] = {}
-    for t, by, confidence in answers:
-        windows.setdefault(int(t // window_s), []).append((by, confidence))
-    mean_cost = curve.score(1.0) - curve.score(0.0)  # a light answer of unknown confidence
-
-    def cost(c: float | None) -> float:
-        return mean_cost if c is None else _slope(curve, confidence_share(c))
-
-    out = []
-    for w in sorted(windows):
-        rows = windows[w]
-        light = [c for by, c in rows if by == Role.LIGHT]
-        share = len(light) / len(rows)
-        paper = curve.score(share)
-        known = [c for _by, c in rows if c is not None]
-        if len(known) == len(rows):  # the window's own most confident prompts
-            best = sum(map(cost, sorted(known, reverse=True)[: len(light)]))
-        else:  # some were never scored (sent straight to heavy): a population's most confident ones
-            best = (paper - curve.score(0.0)) * len(rows)
-        extra = sum(map(cost, light)) - best
-        out.append(
-            {
-                "start_s": w * window_s,
-                "answers": len(rows),
-                "light_share": share,
-                "score": round(paper + max(0.0, extra) / len(rows), 4),
-                "paper_score": round(paper, 4),
-            }
-        )
-    return out
-
-
-def quality_estimate(
-    answers: list[tuple[float, str | None, float | None]],
-    curve: QualityCurve,
-    confidence_share: Callable[[float], float],
-    window_s: float = QUALITY_WINDOW_S,
-) -> dict[str, Any]:
-    """Mean over windows of the corrected score, and of the paper's score beside it."""
-    windows = window_scores(answers, curve, confidence_share, window_s)
-    estimate = float(np.mean([w["score"] for w in windows])) if windows else None
-    paper = float(np.mean([w["paper_score"] for w in windows])) if windows else None
-    return {
-        "metric": curve.metric,
-        "estimate": None if estimate is None else round(estimate, 4),
-        "paper_estimate": None if paper is None else round(paper, 4),
-        "lower_is_better": curve.lower_is_better,
-        "window_s": window_s,
-        "windows": len(windows),
-        "all_heavy": curve.score(0.0),
-        "all_light": curve.score(1.0),
-        "curve": curve.source,
-        "method": QUALITY_METHOD.format(w=window_s),
-        "per_window": windows,
     }
 
 
@@ -207,7 +122,7 @@ def summarize(
         (j.arrival_ms / 1000, r.answered_by, r.confidence) for j, r, _t in ok
     ]
     if backend == "profiled" and curve is not None and confidence_curve is not None:
-        entry["quality"] = quality_estimate(answers, curve, lambda c: 1.0 - confidence_curve.f(c))
+        entry["quality"] = QualityModel(curve, lambda c: 1.0 - confidence_curve.f(c)).estimate(answers)
     else:
         conf = [r.confidence for _j, r, _t in ok if r.answered_by == Role.LIGHT and r.confidence is not None]
         entry["quality"] = {

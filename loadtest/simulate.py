@@ -47,10 +47,21 @@ from common.backends.profiled import (
 )
 from common.cascades import CASCADES, DEFAULT_CASCADE
 from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
-from common.messages import FinalResult, Plan, Role, RoutedBy, Status
-from common.planner import POLICIES, FixedPlan, Policy, QueueStats, policy_spec, warm_up
+from common import admission
+from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKLOG
+from common.messages import ErrorCode, FinalResult, LightReason, Plan, Role, RoutedBy, Status
+from common.planner import POLICIES, FixedPlan, Policy, QueueStats, default_plan, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
-from common.routing import Decision, Stage, cascade_decision, decision_order, direct_decision, finishes_in_time
+from common.replay import ARRIVAL_BUCKET_MS, RECENT_CONFIDENCES, ArrivalHistory
+from common.routing import (
+    Decision,
+    Stage,
+    batch_times,
+    cascade_decision,
+    decision_order,
+    direct_decision,
+    light_reason,
+)
 
 from loadtest.report import summarize
 from loadtest.runner import JobRecord, RunRecord
@@ -122,7 +133,7 @@ class Simulation:
             w.loaded.add(w.role)
         self.disc_busy = False
         self.disc_batch: list[SimJob] = []
-        self.plan = Plan()  # in force at the data plane
+        self.plan = default_plan(profile)  # in force at the data plane
         self.stored: Plan | None = None  # the controller's latest
         self.version = 0
         self.arrived = 0
@@ -134,7 +145,10 @@ class Simulation:
             policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s, fixed_plan=cfg.fixed_plan, **cfg.control
         )
         self.loop = ControlLoop(profile, settings)
-        self._latency: dict[tuple[str, int], float] = {}
+        # the arrivals the router's histogram would hold: 100-ms buckets of a live stack's wall clock
+        self.history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS / cfg.time_scale)
+        self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
+        self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
     # ---------- event machinery ----------
     def at(self, t_ms: float, fn: Callable[..., None], *args: Any) -> None:
@@ -193,7 +207,10 @@ class Simulation:
         queues = QueueStats(
             light_backlog=b["light"], discriminator_backlog=b["discriminator"], heavy_backlog=b["heavy"]
         )
-        result, _reason = self.loop.decide(self.stored, demand, views, queues)
+        self.history.prune(self.now - self.loop.cfg.hindsight_s * 1000.0 - 1000.0)
+        result, _reason = self.loop.decide(
+            self.stored, demand, views, queues, history=self.history, now_ms=self.now, confidences=self.scored
+        )
         self.version += 1
         message = result.to_message(self.version, result.roles, self.now)
         message.demand_qps = demand
@@ -233,36 +250,55 @@ class Simulation:
 
     # ---------- data plane ----------
     def latency_ms(self, role: str, batch: int) -> float:
-        key = (role, batch)
-        if key not in self._latency:
-            self._latency[key] = self.profile.table(role).latency_ms(batch)
-        return self._latency[key]
+        return self.times[role](batch)
 
-    def heavy_stage(self) -> Stage:
-        workers = sum(w.role == "heavy" for w in self.workers)
-        batch = max(1, self.plan.heavy_batch)
+    def stage(self, role: str) -> Stage:
+        """The deadline rule's view of a stage, as StageWatcher gives it to the live services."""
+        batch = max(1, self.plan.light_batch if role == "light" else self.plan.heavy_batch)
         return Stage(
-            workers=workers, batch=batch, batch_ms=self.latency_ms("heavy", batch), backlog=self.backlogs()["heavy"]
+            workers=sum(w.role == role for w in self.workers),
+            batch=batch,
+            batch_ms=self.latency_ms(role, batch),
+            backlog=self.backlogs()[role],
+            times=self.times[role],
         )
 
     def admit(self, rec: JobRecord) -> None:
+        """The router: validation, direct routing (split policies) and admission by predicted wait."""
         self.arrived += 1
+        self.history.add(rec.arrival_ms)
         if rec.blank_prompt:  # the router refuses an empty prompt
-            self.finish_error(rec, "invalid_request", "prompt is empty")
+            self.finish_error(rec, ErrorCode.INVALID, "prompt is empty")
             return
         job = SimJob(rec, self.prompts[rec.prompt_index], rec.arrival_ms + self.cfg.slo_ms)
+        heavy = self.stage("heavy")
+        decision = Decision.LIGHT
         if self.plan.heavy_fraction > 0:
             decision = direct_decision(
                 self.rng.random(),
                 self.plan.heavy_fraction,
                 degrade_late=self.plan.degrade_late,
-                on_time=self.heavy_stage().on_time(self.now, job.deadline_ms),
+                on_time=heavy.on_time(self.now, job.deadline_ms),
             )
-            if decision == Decision.HEAVY:
-                job.routed_by = RoutedBy.DIRECT
-                self.enqueue("heavy", job)
-                return
-            job.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
+        headroom = DEFAULT_ADMISSION_HEADROOM
+        verdict = admission.admit(
+            self.plan,
+            decision,
+            self.now,
+            job.deadline_ms,
+            light=admission.at_headroom(self.stage("light"), headroom),
+            heavy=admission.at_headroom(heavy, headroom),
+            discriminator_ms=self.latency_ms("discriminator", max(1, self.plan.light_batch)) / headroom,
+            max_light_backlog=DEFAULT_MAX_LIGHT_BACKLOG,
+        )
+        if not verdict.admitted:
+            self.finish_error(rec, ErrorCode.OVERLOADED, verdict.reason)
+            return
+        if decision == Decision.HEAVY:
+            job.routed_by = RoutedBy.DIRECT
+            self.enqueue("heavy", job)
+            return
+        job.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
         self.enqueue("light", job)
 
     def enqueue(self, queue: str, job: SimJob) -> None:
@@ -292,13 +328,14 @@ class Simulation:
         size = max(1, self.plan.light_batch if w.role == "light" else self.plan.heavy_batch)
         jobs = [queue.popleft() for _ in range(min(size, len(queue)))]
         if w.role == "heavy" and self.plan.degrade_late:
-            batch_ms = self.latency_ms("heavy", len(jobs))
+            # the heavy worker's own check, with nothing ahead of this batch
+            batch = Stage(workers=1, batch=len(jobs), batch_ms=self.latency_ms("heavy", len(jobs)))
             on_time = []
             for job in jobs:
-                if finishes_in_time(self.now, job.deadline_ms, 0.0, batch_ms):
+                if batch.on_time(self.now, job.deadline_ms):
                     on_time.append(job)
                 elif job.light_done:
-                    self.finish(job, Role.LIGHT, degraded=True)
+                    self.finish(job, Role.LIGHT, LightReason.DEADLINE)
                 else:
                     job.routed_by = RoutedBy.FALLBACK
                     self.enqueue("light", job)
@@ -340,10 +377,11 @@ class Simulation:
     def discriminated(self) -> None:
         jobs, self.disc_batch, self.disc_busy = self.disc_batch, [], False
         plan = self.plan
-        heavy = self.heavy_stage() if plan.degrade_late else None
+        heavy = self.stage("heavy") if plan.degrade_late else None
         scores = [self.scorer.confidence(job.prompt, job.record.prompt_index) for job in jobs]
         for job, score in zip(jobs, scores):
             job.confidence = score
+        self.scored.extend(scores)
         for i in decision_order(scores):
             job = jobs[i]
             decision = cascade_decision(
@@ -359,10 +397,10 @@ class Simulation:
                     heavy.admit()
                 self.enqueue("heavy", job)
             else:
-                self.finish(job, Role.LIGHT, degraded=decision == Decision.LATE)
+                self.finish(job, Role.LIGHT, light_reason(decision, scores[i], plan.target_threshold))
         self.try_discriminator()
 
-    def finish(self, job: SimJob, answered_by: Role, degraded: bool = False) -> None:
+    def finish(self, job: SimJob, answered_by: Role, reason: LightReason | None = None) -> None:
         done = self.now + self.hop_ms  # the router's delivery pass
         rec = job.record
         rec.received_s = done / 1000.0
@@ -372,7 +410,8 @@ class Simulation:
             answered_by=answered_by,
             model=getattr(self.profile.spec, answered_by),
             confidence=job.confidence,
-            degraded=degraded,
+            degraded=reason not in (None, LightReason.CONFIDENT),
+            light_reason=reason,
             latency_ms=done - rec.arrival_ms,
             slo_met=done <= job.deadline_ms,
             finished_ms=done,

@@ -37,7 +37,7 @@ from common.backends import BackendSettings, latency_scale, load_profile
 from common.config import ServiceConfig, option
 from common.control import ControlLoop, ControlSettings, WorkerView
 from common.messages import Plan
-from common.plan_store import load_plan, store_plan
+from common.plan_store import load_arrivals, load_confidences, load_plan, store_plan
 from common.planner import (
     DEFAULT_HEADROOM,
     OBJECTIVES,
@@ -56,6 +56,8 @@ from common.tenants import tenant_names
 
 DEFAULT_INTERVAL_S = 10.0  # full-speed seconds between plans
 MIN_INTERVAL_S = 0.25
+WATCH_S = 0.25  # wall-clock seconds between looks at the worker set
+SETTLE_S = 0.5
 
 
 @dataclass
@@ -104,11 +106,18 @@ class ControllerConfig(ServiceConfig, BackendSettings):
         "... and while it falls: slow decay, so a bursty load is not planned for its lulls",
         env="DIFFSERVE_EWMA_ALPHA_DOWN",
     )
-    peak_halflife_s: float = option(
+    peak_window_s: float = option(
         300.0,
-        "the light stage is provisioned for the recent peak demand, which "
-        "decays by half in this many full-speed seconds",
-        env="DIFFSERVE_PEAK_HALFLIFE_S",
+        "the light stage is provisioned for the highest demand this many full-speed seconds of history "
+        "exceeded for --peak-share of the time (recurring bursts count, a one-off does not)",
+        env="DIFFSERVE_PEAK_WINDOW_S",
+    )
+    peak_share: float = option(0.1, "see --peak-window-s", env="DIFFSERVE_PEAK_SHARE")
+    hindsight_s: float = option(
+        120.0,
+        "replay this many full-speed seconds of recent arrivals under candidate plans to choose the "
+        "threshold and batch sizes (0: the solver's alone)",
+        env="DIFFSERVE_HINDSIGHT_S",
     )
     max_threshold_step: float = option(
         0.05,
@@ -153,7 +162,11 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
         batch_grid=tuple(sorted(cfg.batch_grid)),
         ewma_alpha=cfg.ewma_alpha,
         ewma_alpha_down=cfg.ewma_alpha_down,
-        peak_halflife_s=cfg.peak_halflife_s * scale,
+        peak_window_s=cfg.peak_window_s * scale,
+        peak_share=cfg.peak_share,
+        hindsight_s=cfg.hindsight_s * scale,
+        hindsight_min_s=ControlSettings.hindsight_min_s * scale,
+        hindsight_halflife_s=ControlSettings.hindsight_halflife_s * scale,
         max_threshold_step=cfg.max_threshold_step,
         threshold_margin=cfg.threshold_margin,
         worker_margin=cfg.worker_margin,
@@ -180,6 +193,12 @@ class Controller:
         self.last: Plan | None = None
         self.last_result: PlanResult | None = None
         self.ticks = 0
+        self.demand = 0.0
+        self.planned_for: set[str] = set()  # the workers the last plan was made for
+        # How often the worker set is looked at between ticks, and how long a changed set must hold
+        # still before it is re-planned (workers starting together register within moments).
+        self.watch_s = min(WATCH_S, self.interval_s / 4)
+        self.settle_s = min(SETTLE_S, self.interval_s / 4)
         self._added: dict[str, int] = {}  # entries-added per submission stream at the last look
         self._arrivals = 0
 
@@ -256,24 +275,42 @@ class Controller:
         before, self.slo_counts = self.slo_counts, counts
         return before is not None and counts[0] > before[0]
 
-    async def tick(self) -> Plan:
+    async def tick(self, *, observe: bool = True) -> Plan | None:
+        """Measure, decide and store a plan; ``observe`` False re-plans with the demand already measured
+        (the worker set changed between ticks).  No plan is stored while no worker is live: the last
+        one stays in force (or, before any, the services' default plan)."""
         stored = await load_plan(self.r, self.keys)
-        if self.ticks == 0 and stored is not None and stored.demand_qps > 0:
-            self.loop.demand.rate = stored.demand_qps  # a restarted controller starts from the last estimate
-        demand = self.loop.observe(await self.arrivals(), time.monotonic())
-        self.ticks += 1
+        if observe:
+            if self.ticks == 0 and stored is not None and stored.demand_qps > 0:
+                self.loop.demand.rate = stored.demand_qps  # a restarted controller starts from the last estimate
+            self.demand = self.loop.observe(await self.arrivals(), time.monotonic())
+            self.ticks += 1
         workers = await self.live_workers(stored)
+        self.planned_for = {w.worker_id for w in workers}
+        if not workers:
+            metrics.WORKERS.labels("light").set(0)
+            metrics.WORKERS.labels("heavy").set(0)
+            if self.last is not None or self.ticks == 1:
+                self.log.warning("no live workers: no plan made", extra={"demand_qps": round(self.demand, 3)})
+            self.last = None
+            return None
         queues = await self.queue_stats()
         aimd = None
         if self.loop.spec.aimd:
             miss = await self.slo_missed()
             aimd = AimdState(stored.light_batch, stored.heavy_batch, miss) if stored else AimdState(1, 1, miss)
-        result, reason = self.loop.decide(stored, demand, workers, queues, aimd)
+        now = now_ms()
+        span_ms = self.loop.cfg.hindsight_s * 1000.0
+        history = await load_arrivals(self.r, self.keys, now - span_ms, now) if span_ms > 0 else None
+        confidences = await load_confidences(self.r, self.keys) if span_ms > 0 else None
+        result, reason = self.loop.decide(
+            stored, self.demand, workers, queues, aimd, history=history, now_ms=now, confidences=confidences
+        )
         version = (stored.version if stored is not None else 0) + 1
         message = result.to_message(version, result.roles, now_ms())
-        message.demand_qps = demand
+        message.demand_qps = self.demand
         await store_plan(self.r, self.keys, message)
-        self.export(result, demand)
+        self.export(result, self.demand)
         self.report(stored, message, result, reason, workers)
         self.last, self.last_result = message, result
         return message
@@ -329,10 +366,46 @@ class Controller:
                 },
             )
 
+    async def live_ids(self) -> set[str]:
+        cutoff = now_ms() - self.cfg.worker_timeout_s * 1000.0
+        members = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
     async def step(self) -> None:
+        """One interval: a tick, then watching the worker set until the next one; a set that changed
+        (a worker joined, left or died) and then held still for ``settle_s`` is re-planned at once."""
+        if self.ticks == 0:
+            await self.wait_for_workers()
         started = time.monotonic()
         await self.tick()
-        await self.svc.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+        changed_at: float | None = None
+        while not self.svc.stop.is_set():
+            left = self.interval_s - (time.monotonic() - started)
+            if left <= 0:
+                return
+            await self.svc.sleep(min(left, self.watch_s))
+            ids = await self.live_ids()
+            if ids == self.planned_for:
+                changed_at = None
+            elif changed_at is None:
+                changed_at = time.monotonic()
+            elif time.monotonic() - changed_at >= self.settle_s:
+                self.log.info("workers changed: re-planning", extra={"workers": len(ids)})
+                await self.tick(observe=False)
+                changed_at = None
+
+    async def wait_for_workers(self) -> None:
+        """Before the first plan: until some worker is live and the set held still for ``settle_s``, so
+        the first plan is made for the workers that registered, not for the first one."""
+        seen: set[str] = set()
+        since = time.monotonic()
+        while not self.svc.stop.is_set():
+            ids = await self.live_ids()
+            if ids != seen:
+                seen, since = ids, time.monotonic()
+            elif ids and time.monotonic() - since >= self.settle_s:
+                return
+            await self.svc.sleep(self.watch_s)
 
 
 async def serve(svc: Service[ControllerConfig]) -> None:

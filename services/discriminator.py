@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from PIL import Image
 
 from common import metrics
@@ -14,7 +15,17 @@ from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
 from common.messages import E_MODEL, Completion, LightReady, LightResult, Role, RoutedBy
 from common.plan_store import PlanWatcher, StageWatcher
-from common.routing import LATE_POLICIES, Decision, cascade_decision, decision_order, degrades_late
+from common.planner import default_plan
+from common.replay import RECENT_CONFIDENCES
+from common.routing import (
+    LATE_POLICIES,
+    Decision,
+    batch_times,
+    cascade_decision,
+    decision_order,
+    degrades_late,
+    light_reason,
+)
 from common.service import Service, now_ms, run
 from common.stage import one_per_input, split_batch
 from common.streams import StreamConsumer, run_forever
@@ -57,12 +68,10 @@ class Discriminator:
             reclaim_idle_ms=self.cfg.reclaim_idle_ms,
             max_deliveries=self.cfg.max_deliveries,
         )
-        self.plans = PlanWatcher(self.r, self.keys)
+        self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
         self.heavy = StageWatcher(self.r, self.keys)
+        self.heavy_times = batch_times(self.profile, Role.HEAVY, latency_scale(self.cfg))
         self.needs_images = self.cfg.backend != "profiled"
-
-    def heavy_ms(self, batch: int) -> float:
-        return self.profile.heavy.latency_ms(batch) * latency_scale(self.cfg)
 
     def _images(self, results: list[LightResult]) -> list[Image.Image | None]:
         if not self.needs_images:
@@ -83,11 +92,21 @@ class Discriminator:
             job_of=lambda r: r.job,
         )
         results = [r for _entry, r in good]
+        scores: list[float] = []
         if results:
-            outputs += await self.route(results)
-        await self.consumer.write_and_ack([e.id for e in entries], outputs)
+            routed, scores = await self.route(results)
+            outputs += routed
 
-    async def route(self, results: list[LightResult]) -> list[tuple[str, bytes]]:
+        def publish_scores(pipe: aioredis.client.Pipeline) -> None:
+            # The controller's replay draws confidences from the recent ones (common/replay.py).
+            if scores:
+                pipe.rpush(self.keys.confidences, *(round(c, 4) for c in scores))
+                pipe.ltrim(self.keys.confidences, -RECENT_CONFIDENCES, -1)
+
+        await self.consumer.write_and_ack([e.id for e in entries], outputs, publish_scores)
+
+    async def route(self, results: list[LightResult]) -> tuple[list[tuple[str, bytes]], list[float]]:
+        """Score one batch: the outputs it sends on, and the confidences."""
         plan = await self.plans.current()
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
@@ -105,18 +124,19 @@ class Discriminator:
         except Exception as exc:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
             metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))
-            return [
+            failures = [
                 (
                     self.keys.completions,
                     Completion.failure(r.job, E_MODEL, f"{type(exc).__name__}: {exc}", self.cfg.instance_id).encode(),
                 )
                 for r in results
             ]
+            return failures, []
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
         metrics.THRESHOLD.set(threshold)
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
-        heavy = await self.heavy.stage("heavy", plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
+        heavy = await self.heavy.stage(Role.HEAVY, plan, self.heavy_times) if degrade_late else None
         now = now_ms()
         outputs: list[tuple[str, bytes]] = []
         for i in decision_order(scores):
@@ -163,12 +183,12 @@ class Discriminator:
                             Role.LIGHT,
                             result.model,
                             confidence,
-                            degraded=decision == Decision.LATE,
                             worker_id=self.cfg.instance_id,
+                            light_reason=light_reason(decision, confidence, plan.target_threshold),
                         ).encode(),
                     )
                 )
-        return outputs
+        return outputs, scores
 
 
 async def serve(svc: Service[DiscriminatorConfig]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NoReturn
@@ -39,8 +40,8 @@ from common.messages import (
     unpack,
 )
 from common import admission
-from common.plan_store import PlanWatcher, StageWatcher
-from common.routing import Decision, direct_decision
+from common.plan_store import PlanWatcher, StageWatcher, record_arrivals
+from common.routing import Decision, batch_times, direct_decision
 from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
@@ -111,13 +112,13 @@ class RouterConfig(ServiceConfig, BackendSettings):
     max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
     max_entry_bytes: int = option(65536, "largest job entry accepted", env="DIFFSERVE_MAX_ENTRY_BYTES")
     max_light_backlog: int = option(
-        5000,
+        admission.DEFAULT_MAX_LIGHT_BACKLOG,
         "hard cap of the light queue: new jobs for the light model are refused as overloaded at it "
         "(below it, jobs are refused when their predicted wait does not fit their deadline)",
         env="DIFFSERVE_MAX_LIGHT_BACKLOG",
     )
     admission_headroom: float = option(
-        0.85,
+        admission.DEFAULT_ADMISSION_HEADROOM,
         "admission predicts each stage at this share of its profiled speed (the profile leaves out "
         "per-batch overheads: a queue packed to exactly the deadline would miss it)",
         env="DIFFSERVE_ADMISSION_HEADROOM",
@@ -255,6 +256,7 @@ class Router:
         self.plans = PlanWatcher(self.r, self.keys)
         self.stages = StageWatcher(self.r, self.keys)
         self._profile: CascadeProfile | None = None
+        self._times: dict[str, Callable[[int], float]] = {}
         self._next_trim = 0.0
         self._rng = random.Random()
 
@@ -268,13 +270,19 @@ class Router:
             max_entry_bytes=max_entry_bytes,
         )
 
-    def batch_ms(self, role: str, batch: int) -> float:
-        """A model's batch time (light, heavy or discriminator) as admission and direct routing
-        predict it: profiled, in this deployment's clock, at ``--admission-headroom`` of its speed
-        (the profile is loaded when the first job arrives)."""
+    @property
+    def profile(self) -> CascadeProfile:
+        """Loaded when the first job arrives (a router that only delivers never needs it)."""
         if self._profile is None:
             self._profile = load_profile(self.cfg)
-        return self._profile.table(role).latency_ms(batch) * latency_scale(self.cfg) / self.cfg.admission_headroom
+        return self._profile
+
+    def times(self, role: str) -> Callable[[int], float]:
+        """A model's batch time (light, heavy or discriminator): the one estimate every stage uses
+        (common/routing.batch_times)."""
+        if role not in self._times:
+            self._times[role] = batch_times(self.profile, role, latency_scale(self.cfg))
+        return self._times[role]
 
     # ---------- admission ----------
     async def admit_batch(self, source: JobSource | None = None) -> None:
@@ -286,10 +294,13 @@ class Router:
         if not entries:
             return
         plan = await self.plans.current()
-        # The deadline rule's view of both stages, for routing and admission by predicted wait.
-        light = await self.stages.stage(Role.LIGHT, plan, self.batch_ms(Role.LIGHT, plan.light_batch))
-        heavy = await self.stages.stage(Role.HEAVY, plan, self.batch_ms(Role.HEAVY, plan.heavy_batch))
-        discriminator_ms = self.batch_ms("discriminator", plan.light_batch)
+        # The deadline rule's view of both stages: the heavy one as every stage predicts it (direct
+        # routing), both at the admission headroom for admission by predicted wait.
+        headroom = self.cfg.admission_headroom
+        heavy_now = await self.stages.stage(Role.HEAVY, plan, self.times(Role.HEAVY))
+        light = admission.at_headroom(await self.stages.stage(Role.LIGHT, plan, self.times(Role.LIGHT)), headroom)
+        heavy = admission.at_headroom(heavy_now, headroom)
+        discriminator_ms = self.times("discriminator")(plan.light_batch) / headroom
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
         arrival = now_ms()
@@ -319,6 +330,7 @@ class Router:
                 continue
             job.job_id = scoped_id(tenant, job.job_id)
             jobs.append((entry.id, job))
+        offered = len(jobs)  # demand, as the controller's replay sees it: every valid job read
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
         for _id, job in jobs:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
@@ -345,7 +357,7 @@ class Router:
                     self._rng.random(),
                     plan.heavy_fraction,
                     degrade_late=plan.degrade_late,
-                    on_time=heavy.on_time(arrival, routed.deadline_ms),
+                    on_time=heavy_now.on_time(arrival, routed.deadline_ms),
                 )
             verdict = admission.admit(
                 plan,
@@ -365,7 +377,11 @@ class Router:
                 continue
             # Counted now (a duplicate found below included: erring towards refusing), so the
             # rest of this batch sees the queue with this job in it.
-            (heavy if decision == Decision.HEAVY else light).admit()
+            if decision == Decision.HEAVY:
+                heavy.admit()
+                heavy_now.admit()
+            else:
+                light.admit()
             routes[entry_id] = (routed, decision)
         jobs = [(entry_id, job) for entry_id, job in jobs if entry_id in routes]
         duplicates = await self._claim_ids(jobs)
@@ -396,6 +412,8 @@ class Router:
                     self._deliver(pipe, message, reply_to, admitted=False)
             for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
                 pipe.delete(self.keys.done(job_id))
+            if offered:  # last: the replies before these are counted by position
+                record_arrivals(pipe, self.keys, arrival, offered)
 
         replies = await source.consumer.write_and_ack([e.id for e in entries], outputs, deliver_errors)
         _count_replaced(replies[len(outputs) : len(outputs) + len(errors)])
@@ -475,6 +493,7 @@ class Router:
                         model=c.model,
                         confidence=c.confidence,
                         degraded=c.degraded,
+                        light_reason=c.light_reason,
                         latency_ms=latency,
                         slo_met=slo_met,
                         error_code=c.error_code,
@@ -503,6 +522,8 @@ class Router:
             metrics.PROCESSED.labels("router", "delivered").inc()
             if result.status == Status.OK and result.latency_ms is not None:  # always set on this path
                 metrics.E2E_LATENCY.labels(result.answered_by or "").observe(result.latency_ms / 1000)
+            if result.light_reason is not None:
+                metrics.LIGHT_ANSWERS.labels(result.light_reason).inc()
             metrics.SLO.labels("hit" if result.slo_met else "miss").inc()
             outcomes["slo_hit" if result.slo_met else "slo_miss"] += 1
         # Shared counters for the controller (AIMD batching reacts to misses).

@@ -12,9 +12,10 @@ from common import metrics
 from common.backends import BackendSettings, ImageModel, latency_scale, load_profile, make_model, require_backend
 from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
-from common.messages import E_MODEL, Completion, LightResult, Role, RoutedBy, RoutedJob
+from common.messages import E_MODEL, Completion, LightReason, LightResult, Role, RoutedBy, RoutedJob
 from common.plan_store import PlanWatcher
-from common.routing import LATE_POLICIES, degrades_late, finishes_in_time
+from common.planner import default_plan
+from common.routing import LATE_POLICIES, Stage, batch_times, degrades_late
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids, one_per_input, split_batch
 from common.streams import TRANSIENT_ERRORS, StreamConsumer, run_forever
@@ -75,9 +76,10 @@ class Worker:
             )
             for role in ROLES
         }
-        self.plans = PlanWatcher(self.r, self.keys)
+        self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
         self.encoder = EncoderPool(self.cfg.encode_threads)
         self.batch_ms: dict[int, float] = {}  # measured, smoothed; the profile until measured
+        self.profiled_ms = {role: batch_times(self.profile, role, latency_scale(self.cfg)) for role in ROLES}
         # Measured (benchmarks/thumbnail.py): decoding a 512px PNG and resizing it costs the
         # discriminator ~3.5 ms of CPU per image, which caps one discriminator near 300 images/s;
         # a 224px thumbnail costs the worker ~1.5 ms (off the event loop) and 147 KiB on the wire.
@@ -150,9 +152,11 @@ class Worker:
         await self.svc.sleep(self.cfg.heartbeat_s)
 
     def estimate_ms(self, batch: int) -> float:
+        """This worker's time for a batch: measured once it ran one that size, else the estimate every
+        stage uses (common/routing.batch_times)."""
         if batch in self.batch_ms:
             return self.batch_ms[batch]
-        return self.profile.table(self.role).latency_ms(batch) * latency_scale(self.cfg)
+        return self.profiled_ms[self.role](batch)
 
     async def step(self) -> None:
         plan = await self.plans.current()
@@ -199,11 +203,12 @@ class Worker:
         with nothing queued ahead) are answered with their light image, marked degraded, instead
         of late; a job a policy sent straight to heavy has no light image yet, so it goes to the
         light model as a fallback."""
-        now, batch_ms = now_ms(), self.estimate_ms(len(jobs))
+        now = now_ms()
+        batch = Stage(workers=1, batch=len(jobs), batch_ms=self.estimate_ms(len(jobs)))  # this worker, now
         on_time: list[RoutedJob] = []
         late: list[tuple[str, bytes]] = []
         for job in jobs:
-            if finishes_in_time(now, job.deadline_ms, 0.0, batch_ms, self.cfg.clock_skew_ms):
+            if batch.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
             elif job.light_image is not None:
                 late.append(
@@ -216,8 +221,8 @@ class Worker:
                             Role.LIGHT,
                             self.profile.spec.light,
                             job.confidence,
-                            degraded=True,
                             worker_id=self.id,
+                            light_reason=LightReason.DEADLINE,
                         ).encode(),
                     )
                 )

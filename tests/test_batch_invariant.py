@@ -56,7 +56,7 @@ def test_discriminator_answers_every_job_of_a_short_batch(redis_server):
         disc.model = ShortModel()
         results = [LightResult(job=job, image=b"png", image_format="png") for job in _jobs()]
         try:
-            _failures(await disc.route(results), svc.keys)
+            _failures((await disc.route(results))[0], svc.keys)
         finally:
             await svc.redis.aclose()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.control import ControlLoop, ControlSettings, PeakTracker, RateEstimator, WorkerView
+from common.control import ControlLoop, ControlSettings, RateEstimator, RecurringPeak, WorkerView
 from common.planner import FixedPlan, QueueStats
 from common.profiles import load_cascade_profile
 
@@ -145,15 +145,35 @@ def test_static_without_a_plan_freezes_the_first_one(profile):
     assert loop.fixed is not None and str(loop.fixed).startswith(f"t={first.threshold:g}")
 
 
-def test_demand_falls_slowly_and_the_peak_decays():
-    rate = RateEstimator(alpha=0.5, alpha_down=0.2)
-    for t, count in ((0, 0), (10, 100), (20, 300), (30, 300)):  # 10 q/s, 20 q/s, then nothing
-        rate.update(count, t)
+def test_demand_falls_slowly_until_three_quiet_ticks_say_the_burst_is_over():
+    rate = RateEstimator(alpha=0.5, alpha_down=0.2, settle=3)
+    counts = [0, 100, 300, 300]  # 10 q/s, 20 q/s, then nothing
+    for t, count in enumerate(counts):
+        rate.update(count, 10.0 * t)
     assert rate.smoothed == pytest.approx(12.0)  # 15 q/s believed to fall by a fifth only
-    peak = PeakTracker(halflife_s=100.0)
-    assert peak.update(32.0, 0.0) == 32.0
-    assert peak.update(4.0, 100.0) == pytest.approx(16.0)  # half the peak after one half-life
-    assert peak.update(20.0, 100.0) == 20.0
+    rate.update(330, 40.0)  # 3 q/s
+    assert rate.smoothed > 3.0  # the last three ticks still include the 20 q/s one
+    rate.update(330, 50.0)
+    assert rate.smoothed == pytest.approx(3.0)  # three ticks at or below 3 q/s: the burst has ended
+    for t in (60.0, 70.0, 80.0):
+        rate.update(330, t)
+    assert rate.smoothed == 0.0 and rate.forecast() == 0.0  # an idle cluster reports no demand
+
+
+def test_recurring_peak_counts_bursts_that_recur_not_a_one_off():
+    one_off = RecurringPeak(window_s=300.0, share=0.1)
+    recurring = RecurringPeak(window_s=300.0, share=0.1)
+    for tick in range(30):  # 300 s of 10-s ticks at 4 q/s
+        at = 10.0 * (tick + 1)
+        one_off.update(40.0 if tick == 20 else 4.0, at, 10.0)  # one 10-s burst
+        recurring.update(32.0 if tick % 6 == 0 else 4.0, at, 10.0)  # a burst every minute
+    assert one_off.value == 4.0  # 10 s of 300 is under the 10 % share
+    assert recurring.value == 32.0  # 50 s of 300
+    assert one_off.known(300.0) and not RecurringPeak(300.0, 0.1).known(0.0)
+    early = RecurringPeak(window_s=300.0, share=0.1)
+    early.update(4.0, 10.0, 10.0)
+    early.update(30.0, 20.0, 10.0)
+    assert early.value == 30.0  # with 20 s of history, one burst tick is half of it
 
 
 def test_static_plan_is_solved_for_the_cluster_it_runs_on(profile):

@@ -15,6 +15,7 @@ from PIL import Image
 from common.config import RedisSettings
 from common.messages import FinalResult
 from common.profiles import QualityCurve, load_cascade_profile, load_prompts
+from common.quality import QualityModel
 from loadtest import report
 from loadtest.plots import PLOTS
 from loadtest.runner import JobRecord, RunRecord
@@ -83,7 +84,7 @@ def test_quality_estimate_matches_hand_computation():
         + [(21.0, "light", 0.7)] * 3
         + [(24.9, "heavy", 0.3)]
     )  # window 4: 0.75; window 3 has no answers
-    q = report.quality_estimate(answers, curve, share)
+    q = QualityModel(curve, share).estimate(answers)
     expected = (16.95 + 22.77 + 18.55 + (17.95 + 18.86) / 2) / 4  # the CSV's values, 0.75 interpolated
     assert q["windows"] == 4
     assert q["estimate"] == pytest.approx(expected, abs=1e-3)
@@ -92,12 +93,12 @@ def test_quality_estimate_matches_hand_computation():
     assert q["all_heavy"] == 18.55 and q["all_light"] == 22.77
     # A made-up linear curve: the estimate is the mean of the per-window shares mapped through it.
     linear = QualityCurve([0.0, 1.0], [10.0, 20.0])
-    linear_estimate = report.quality_estimate(answers, linear, share)["estimate"]
+    linear_estimate = QualityModel(linear, share).estimate(answers)["estimate"]
     assert linear_estimate == pytest.approx(10 + 10 * (0.5 + 1 + 0 + 0.75) / 4)
     # Degraded: the light answers are hard prompts (a heavy answer was more confident). The paper's
     # method does not see it; the estimate charges the difference in the curve's slopes.
     swapped = [(0.5, "light", 0.1)] * 5 + [(1.0, "heavy", 0.9)] * 5
-    q = report.quality_estimate(swapped, curve, share)
+    q = QualityModel(curve, share).estimate(swapped)
     assert q["paper_estimate"] == pytest.approx(16.95)
     slope = lambda s: (curve.score(min(1, s + 0.005)) - curve.score(max(0, s - 0.005))) / 0.01  # noqa: E731
     assert q["estimate"] == pytest.approx(16.95 + (slope(0.9) - slope(0.1)) * 5 / 10, abs=1e-3)

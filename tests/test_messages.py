@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from common.config import Keys
 from common.messages import (
+    LightReason,
     E_INVALID,
     E_MALFORMED,
     E_MODEL,
@@ -289,7 +292,9 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
         "a17601a474797065ac6c696768745f726573756c74",
     ),
     (
-        Completion.answer(_JOB, b"img", "png", Role.HEAVY, "sdv15", 0.2, True, "w2"),
+        dataclasses.replace(
+            Completion.answer(_JOB, b"img", "png", Role.HEAVY, "sdv15", 0.2, worker_id="w2"), degraded=True
+        ),
         # completion_answer
         "de0010a66a6f625f6964a26a31aa6172726976616c5f6d73cb3ff0000000000000ab646561646c696e655f6d73cb40b389000000"
         "0000a87265706c795f746fb16469666673657276653a7265706c793a78a6737461747573a26f6ba5696d616765c403696d67ac69"
@@ -395,6 +400,51 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
         "6e645f717073cb4012000000000000a86665617369626c65c2a96f626a656374697665aa7468726f756768707574b1657374696d"
         "617465645f7175616c697479cb3fe6666666666666aa637265617465645f6d73cb405ec00000000000b46469736372696d696e61"
         "746f725f726f75746573c2ac646567726164655f6c617465c2a17601a474797065a4706c616e",
+    ),
+    # Fields added later (Message.ADDED_FIELDS) are on the wire only when set; these pin them.
+    (
+        Completion.answer(
+            _JOB, b"img", "png", Role.LIGHT, "sdturbo", 0.12, worker_id="d1", light_reason=LightReason.PLAN
+        ),
+        # completion_light_reason
+        "de0011a66a6f625f6964a26a31aa6172726976616c5f6d73cb3ff0000000000000ab646561646c696e655f6d73cb40b3890000000000"
+        "a87265706c795f746fb16469666673657276653a7265706c793a78a6737461747573a26f6ba5696d616765c403696d67ac696d616765"
+        "5f666f726d6174a3706e67ab616e7377657265645f6279a56c69676874a56d6f64656ca77364747572626faa636f6e666964656e6365"
+        "cb3fbeb851eb851eb8a86465677261646564c3aa6572726f725f636f6465c0ad6572726f725f6d657373616765c0a9776f726b65725f"
+        "6964a26431ac6c696768745f726561736f6ea4706c616ea17601a474797065aa636f6d706c6574696f6e",
+    ),
+    (
+        FinalResult(
+            job_id="j1",
+            status=Status.OK,
+            image=b"img",
+            image_format="png",
+            answered_by=Role.LIGHT,
+            model="sdturbo",
+            confidence=0.12,
+            degraded=True,
+            latency_ms=900.0,
+            slo_met=True,
+            finished_ms=5.0,
+            light_reason=LightReason.DEADLINE,
+        ),
+        # final_result_light_reason
+        "de0010a66a6f625f6964a26a31a6737461747573a26f6ba5696d616765c403696d67ac696d6167655f666f726d6174a3706e67ab616e"
+        "7377657265645f6279a56c69676874a56d6f64656ca77364747572626faa636f6e666964656e6365cb3fbeb851eb851eb8a864656772"
+        "61646564c3aa6c6174656e63795f6d73cb408c200000000000a7736c6f5f6d6574c3aa6572726f725f636f6465c0ad6572726f725f6d"
+        "657373616765c0ab66696e69736865645f6d73cb4014000000000000ac6c696768745f726561736f6ea8646561646c696e65a17601a4"
+        "74797065ac66696e616c5f726573756c74",
+    ),
+    (
+        Plan(version=2, threshold=0.04, target_threshold=0.21, reason="t=0.04 < the cascade's 0.21"),
+        # plan_target_and_reason
+        "de0014a776657273696f6e02a6706f6c696379a9646966667365727665a97468726573686f6c64cb3fa47ae147ae147bab6c69676874"
+        "5f626174636804ab68656176795f626174636801ad6c696768745f776f726b65727300ad68656176795f776f726b65727300ae686561"
+        "76795f6672616374696f6ecb0000000000000000a5726f6c657380aa64656d616e645f717073cb0000000000000000a8666561736962"
+        "6c65c3a96f626a656374697665a77175616c697479b1657374696d617465645f7175616c697479c0aa637265617465645f6d73cb0000"
+        "000000000000b46469736372696d696e61746f725f726f75746573c3ac646567726164655f6c617465c3b07461726765745f74687265"
+        "73686f6c64cb3fcae147ae147ae1a6726561736f6ebb743d302e3034203c207468652063617363616465277320302e3231a17601a474"
+        "797065a4706c616e",
     ),
 ]
 
