@@ -51,7 +51,7 @@ from common.planner import (
     quality_threshold,
 )
 from common.profiles import BATCH_GRID, CascadeProfile
-from common.replay import ArrivalHistory, Candidate, Replay, search
+from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, search
 
 LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
 
@@ -170,6 +170,8 @@ class ControlSettings:
     hindsight_max_jobs: int = 4000  # ... and at most this many of the latest arrivals
     hindsight_draws: int = 3  # ... each scored on this many confidence draws
     hindsight_tie: float = 0.005  # ... a plan must beat the solver's (or the better one) by this much quality
+    hindsight_keep: bool = True  # ... the plan in force is the one to beat
+    hop_ms: float = HOP_MS  # ... each service's CPU per batch, in this clock
     max_threshold_step: float = 0.05
     threshold_margin: float = 0.05
     worker_margin: int = 1
@@ -369,6 +371,7 @@ class ControlLoop:
             halflife_ms=cfg.hindsight_halflife_s * 1000.0 if cfg.hindsight_halflife_s > 0 else None,
             confidences=confidences,
             draws=cfg.hindsight_draws,
+            hop_ms=cfg.hop_ms,
         )
         target = quality_threshold(self.profile) or 1.0
         smoothed = self.smoothed_from(stored, result.roles)
@@ -383,12 +386,20 @@ class ControlLoop:
         ]
         first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)
         heavy_batches = [b for b in cfg.batch_grid if first_light + replay.batch_ms("heavy", b) <= slo]
+        # The plan in force keeps ties (hysteresis: a replay of a few hundred jobs is noisy), when it was
+        # made for these roles; else the solver's plan.
+        same_roles = (
+            smoothed is not None
+            and stored is not None
+            and (stored.light_workers, stored.heavy_workers) == (result.light_workers, result.heavy_workers)
+        )
+        keep = stored if same_roles and stored is not None and cfg.hindsight_keep else None
         base = Candidate(
-            threshold=min(max(result.threshold, grid[0]), grid[-1]),
+            threshold=min(max(keep.threshold if keep else result.threshold, grid[0]), grid[-1]),
             light_workers=result.light_workers,
-            light_batch=result.light_batch,
+            light_batch=keep.light_batch if keep else result.light_batch,
             heavy_workers=result.heavy_workers,
-            heavy_batch=result.heavy_batch,
+            heavy_batch=keep.heavy_batch if keep else result.heavy_batch,
         )
         best, tried = search(
             replay,

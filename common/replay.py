@@ -34,6 +34,9 @@ from common.quality import QUALITY_WINDOW_S, QualityModel
 from common.routing import Decision, Stage, batch_times
 
 ARRIVAL_BUCKET_MS = 100.0  # the router's arrival histogram: arrivals per 100 ms of its clock
+# CPU per batch in each service of a live stack on this machine kind (wall clock, measured by the serving
+# bench): the router's pass, a worker's or the discriminator's bookkeeping around its model.
+HOP_MS = 1.5
 RECENT_CONFIDENCES = 2000  # the discriminator publishes its last scores, the replay draws from them
 # Job states after a replay.
 REFUSED, LIGHT, HEAVY, DEGRADED = 0, 1, 2, 3
@@ -111,16 +114,21 @@ class Replay:
         halflife_ms: float | None = None,
         confidences: Sequence[float] | None = None,
         draws: int = 1,
+        job_confidences: Sequence[float] | None = None,
+        hop_ms: float = HOP_MS,
     ):
         self.arrivals = list(arrivals_ms)
         self.profile, self.scale, self.slo_ms = profile, latency_scale, slo_ms
         self.max_light_backlog = max_light_backlog
+        self.hop_ms = hop_ms
         rng = random.Random(seed)
         curve = profile.curve
         # ``draws`` independent confidence draws per job; a candidate is scored on all of them
         # (common random numbers: every candidate sees the same draws).
         self.draws: list[list[float]] = []
-        for _ in range(max(1, draws)):
+        if job_confidences is not None:  # known ones, in arrival order (tests: the simulator's own)
+            self.draws.append(list(job_confidences))
+        for _ in range(0 if job_confidences is not None else max(1, draws)):
             if confidences:  # the discriminator's recent scores: the prompts being served, not the calibration set's
                 self.draws.append([confidences[rng.randrange(len(confidences))] for _ in self.arrivals])
             else:
@@ -171,6 +179,7 @@ class Replay:
         slo = self.slo_ms
         conf = self.draws[draw]
         b1, b2 = max(1, cand.light_batch), max(1, cand.heavy_batch)
+        hop = self.hop_ms
         plan = Plan(threshold=cand.threshold, light_batch=b1, heavy_batch=b2)
         # the stages as the router and the discriminator see them (admission at its headroom)
         light = at_headroom(self.stage("light", cand.light_workers, b1), DEFAULT_ADMISSION_HEADROOM)
@@ -188,7 +197,7 @@ class Replay:
                 batch = [light_q.popleft() for _ in range(min(b1, len(light_q)))]
                 idle["light"] -= 1
                 seq += 1
-                heapq.heappush(events, (now + self.batch_ms("light", len(batch)), seq, _LIGHT_DONE, batch))
+                heapq.heappush(events, (now + self.batch_ms("light", len(batch)) + hop, seq, _LIGHT_DONE, batch))
 
         def start_heavy(now: float) -> None:
             nonlocal seq
@@ -201,22 +210,22 @@ class Replay:
                     if check.on_time(now, self.arrivals[j] + slo):
                         batch.append(j)
                     else:
-                        state[j], done_ms[j] = DEGRADED, now
+                        state[j], done_ms[j] = DEGRADED, now + hop
                         heavy.backlog -= 1
                 if batch:
                     idle["heavy"] -= 1
                     seq += 1
-                    heapq.heappush(events, (now + self.batch_ms("heavy", len(batch)), seq, _HEAVY_DONE, batch))
+                    heapq.heappush(events, (now + self.batch_ms("heavy", len(batch)) + hop, seq, _HEAVY_DONE, batch))
 
         i = 0
         while i < n or events:
-            if i < n and (not events or self.arrivals[i] <= events[0][0]):
-                now = self.arrivals[i]
+            if i < n and (not events or self.arrivals[i] + hop <= events[0][0]):
+                now = self.arrivals[i] + hop  # the router's pass
                 verdict = admit(
                     plan,
                     Decision.LIGHT,
                     now,
-                    now + slo,
+                    self.arrivals[i] + slo,
                     light=light,
                     heavy=heavy,
                     discriminator_ms=disc_ms,
@@ -233,24 +242,24 @@ class Replay:
                 idle["light"] += 1
                 light.backlog -= len(batch)
                 seq += 1
-                heapq.heappush(events, (now + self.batch_ms("discriminator", len(batch)), seq, _SCORED, batch))
+                heapq.heappush(events, (now + self.batch_ms("discriminator", len(batch)) + hop, seq, _SCORED, batch))
                 start_light(now)
             elif kind == _SCORED:
                 for j in sorted(batch, key=lambda j: conf[j]):  # the least confident claim heavy first
                     if conf[j] >= cand.threshold:
-                        state[j], done_ms[j] = LIGHT, now
+                        state[j], done_ms[j] = LIGHT, now + hop
                     elif heavy.on_time(now, self.arrivals[j] + slo):
                         state[j] = HEAVY
                         heavy_q.append(j)
                         heavy.admit()
                     else:
-                        state[j], done_ms[j] = DEGRADED, now
+                        state[j], done_ms[j] = DEGRADED, now + hop
                 start_heavy(now)
             else:
                 idle["heavy"] += 1
                 heavy.backlog -= len(batch)
                 for j in batch:
-                    done_ms[j] = now
+                    done_ms[j] = now + hop
                 start_heavy(now)
         return self._outcome(cand, state, done_ms, draw)
 

@@ -102,7 +102,9 @@ def summarize(
         "unknown_results": run.unknown_results,
         "errors": dict(errors),
         "error_count": sum(errors.values()),
+        # light answers for jobs the cascade wanted the heavy model for: the deadline rule's and the plan's
         "degraded": sum(bool(r.degraded) for _j, r, _t in ok),
+        "light_reasons": dict(Counter(str(r.light_reason) for _j, r, _t in ok if r.light_reason is not None)),
         "blank_prompts": sum(j.blank_prompt for j in jobs),
         "slo_met": met,
         "slo_violation_ratio": round(1 - met / len(jobs), 4) if jobs else None,

@@ -52,7 +52,7 @@ from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKL
 from common.messages import ErrorCode, FinalResult, LightReason, Plan, Role, RoutedBy, Status
 from common.planner import POLICIES, FixedPlan, Policy, QueueStats, default_plan, policy_spec, warm_up
 from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
-from common.replay import ARRIVAL_BUCKET_MS, RECENT_CONFIDENCES, ArrivalHistory
+from common.replay import ARRIVAL_BUCKET_MS, HOP_MS, RECENT_CONFIDENCES, ArrivalHistory
 from common.routing import (
     Decision,
     Stage,
@@ -69,7 +69,6 @@ from loadtest.traces import Trace
 
 DISCRIMINATOR_BATCH = 32  # the discriminator service's default batch
 PLAN_REFRESH_S = 0.5  # every service re-reads the plan at most this often (wall clock)
-HOP_MS = 1.5  # CPU per batch in each live service on this machine kind (wall clock, measured by the serving bench)
 DEFAULT_SWITCH_S = 5.0  # the controller's assumption for a worker that has not switched yet
 
 
@@ -142,7 +141,12 @@ class Simulation:
         self.jobs: list[JobRecord] = []
         self.samples: list[dict[str, Any]] = []
         settings = ControlSettings(
-            policy=cfg.policy, slo_ms=cfg.slo_ms, interval_s=cfg.interval_s, fixed_plan=cfg.fixed_plan, **cfg.control
+            policy=cfg.policy,
+            slo_ms=cfg.slo_ms,
+            interval_s=cfg.interval_s,
+            fixed_plan=cfg.fixed_plan,
+            hop_ms=self.hop_ms,
+            **cfg.control,
         )
         self.loop = ControlLoop(profile, settings)
         # the arrivals the router's histogram would hold: 100-ms buckets of a live stack's wall clock
@@ -296,20 +300,22 @@ class Simulation:
             return
         if decision == Decision.HEAVY:
             job.routed_by = RoutedBy.DIRECT
-            self.enqueue("heavy", job)
+            self.enqueue("heavy", [job])
             return
         job.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
-        self.enqueue("light", job)
+        self.enqueue("light", [job])
 
-    def enqueue(self, queue: str, job: SimJob) -> None:
-        self.queues[queue].append(job)
+    def enqueue(self, queue: str, jobs: list[SimJob]) -> None:
+        """Jobs one stage writes to a queue in one transaction (a batch's outputs): idle consumers read them."""
+        self.queues[queue].extend(jobs)
         if queue == "discriminator":
             self.try_discriminator()
-        else:
-            for w in self.workers:
-                if not w.busy and w.role == queue:
-                    self.try_worker(w)
-                    break
+            return
+        for w in self.workers:
+            if not self.queues[queue]:
+                break
+            if not w.busy and w.role == queue:
+                self.try_worker(w)
 
     def try_worker(self, w: SimWorker) -> None:
         if w.busy:
@@ -338,7 +344,7 @@ class Simulation:
                     self.finish(job, Role.LIGHT, LightReason.DEADLINE)
                 else:
                     job.routed_by = RoutedBy.FALLBACK
-                    self.enqueue("light", job)
+                    self.enqueue("light", [job])
             jobs = on_time
             if not jobs:  # all answered or sent back: the worker pulls again after its pass
                 w.busy = True
@@ -358,11 +364,13 @@ class Simulation:
 
     def batch_done(self, w: SimWorker) -> None:
         jobs, w.batch, w.busy = w.batch, [], False
-        for job in jobs:
-            if w.role == "light":
+        if w.role == "light":
+            # A light worker writes its whole batch in one transaction: the discriminator reads it whole.
+            for job in jobs:
                 job.light_done = True
-                self.enqueue("discriminator", job)
-            else:
+            self.enqueue("discriminator", jobs)
+        else:
+            for job in jobs:
                 self.finish(job, Role.HEAVY)
         self.try_worker(w)
 
@@ -382,6 +390,7 @@ class Simulation:
         for job, score in zip(jobs, scores):
             job.confidence = score
         self.scored.extend(scores)
+        onward = []
         for i in decision_order(scores):
             job = jobs[i]
             decision = cascade_decision(
@@ -395,9 +404,10 @@ class Simulation:
             if decision == Decision.HEAVY:
                 if heavy is not None:
                     heavy.admit()
-                self.enqueue("heavy", job)
+                onward.append(job)
             else:
                 self.finish(job, Role.LIGHT, light_reason(decision, scores[i], plan.target_threshold))
+        self.enqueue("heavy", onward)
         self.try_discriminator()
 
     def finish(self, job: SimJob, answered_by: Role, reason: LightReason | None = None) -> None:

@@ -17,7 +17,8 @@ from common.client import Client
 from common.config import Keys
 from common.localstack import LocalStack, StackSpec, free_port
 from common.messages import DeadLetter, FinalResult
-from common.profiles import load_prompts
+from common.planner import default_plan
+from common.profiles import load_cascade_profile, load_prompts
 
 KEYS = Keys()
 
@@ -53,13 +54,16 @@ def test_200_prompts_come_back_exactly_once_through_both_models(redis_server, tm
     assert len({r.job_id for r in results}) == 200
     assert all(r.status == "ok" for r in results), [r.error_message for r in results if r.status != "ok"][:3]
     answered = {r.answered_by for r in results}
-    assert answered == {"light", "heavy"}  # threshold 0.5 with the calibrated curve splits them
+    # no controller: the services' default plan, the cascade's threshold for low demand (0.21), splits them
+    t = default_plan(load_cascade_profile("sdturbo-sdv15")).threshold
+    assert answered == {"light", "heavy"} and t == 0.21
     heavy = [r for r in results if r.answered_by == "heavy"]
     light = [r for r in results if r.answered_by == "light"]
     # Confident light images are answers; the rest went to the heavy model, unless the heavy
     # queue could not make their deadline: then the light image is the answer, marked degraded.
-    assert all(r.confidence >= 0.5 for r in light if not r.degraded)
-    assert all(r.confidence < 0.5 for r in heavy) and all(r.confidence < 0.5 for r in light if r.degraded)
+    assert all(r.confidence >= t and r.light_reason == "confident" for r in light if not r.degraded)
+    assert all(r.confidence < t for r in heavy) and all(r.confidence < t for r in light if r.degraded)
+    assert all(r.light_reason == "deadline" for r in light if r.degraded)
     assert all(r.image[:8] == b"\x89PNG\r\n\x1a\n" for r in results)
     assert {r.model for r in heavy} == {"sdv15"} and {r.model for r in light} == {"sdturbo"}
 
