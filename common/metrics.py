@@ -33,6 +33,16 @@ ROUTED = Counter("diffserve_discriminator_routed_total", "light results by routi
 THRESHOLD = Gauge("diffserve_threshold", "confidence threshold in force")
 WORKERS = Gauge("diffserve_workers", "workers per role in the plan", ["role"])
 DEMAND = Gauge("diffserve_demand_qps", "estimated demand (queries/s)")
+WORKERS_WANTED = Gauge(
+    "diffserve_workers_wanted",
+    "fewest workers with which the plan for the forecast demand reaches the quality the controller targets "
+    "(the autoscaler's signal; common/scaling.py)",
+)
+ESTIMATED_QUALITY = Gauge(
+    "diffserve_estimated_quality",
+    "estimated quality of the plan (FID: lower is better) with the live workers, and with the wanted ones",
+    ["workers"],
+)
 PLAN_INFEASIBLE = Gauge("diffserve_plan_infeasible", "1 when even the all-light plan cannot meet demand")
 SOLVE_TIME = Histogram("diffserve_plan_solve_seconds", "MILP solve time", buckets=_LATENCY_BUCKETS)
 MODEL_LOAD = Histogram(

@@ -9,7 +9,8 @@
 #   compose/build-offline.sh              # control image only (what the CPU stack runs)
 #   compose/build-offline.sh --models     # also the model image (torch & co., several GB)
 # Needs Debian's python3-pip (apt-get install -y python3-pip) for the wheelhouse.
-# Environment: BASE_IMAGE, CONTROL_IMAGE, MODEL_IMAGE, PROMETHEUS_IMAGE (tags), WHEELHOUSE (folder), SUITE.
+# Environment: BASE_IMAGE, CONTROL_IMAGE, MODEL_IMAGE, PROMETHEUS_IMAGE (tags), WHEELHOUSE (folder), SUITE,
+#   ENGINE (docker, the default, or podman: `make chart-smoke` builds with podman, no Docker engine needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,12 +20,13 @@ MODEL_IMAGE=${MODEL_IMAGE:-diffserve:gpu}
 PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-diffserve-prometheus:bookworm}
 WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
 SUITE=${SUITE:-bookworm}
+ENGINE=${ENGINE:-docker}
 MODELS=0
 [ "${1:-}" = "--models" ] && MODELS=1
 # The classic builder: BuildKit would want to pull its frontend image, and no registry answers.
 export DOCKER_BUILDKIT=0
 
-docker info >/dev/null 2>&1 || { echo "build-offline: no Docker engine answers (start dockerd)" >&2; exit 1; }
+"$ENGINE" info >/dev/null 2>&1 || { echo "build-offline: no $ENGINE engine answers (start dockerd)" >&2; exit 1; }
 
 debian_mirror() {
     # The first Debian archive URI apt is configured with (deb822 .sources or one-line lists).
@@ -35,7 +37,7 @@ debian_mirror() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
-if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+if ! "$ENGINE" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     command -v debootstrap >/dev/null || { apt-get update && apt-get install -y debootstrap; }
     rootfs=$(mktemp -d /tmp/diffserve-rootfs.XXXXXX)
     trap 'rm -rf "$rootfs"' EXIT
@@ -43,7 +45,9 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,redis-server \
         "$SUITE" "$rootfs" "$(debian_mirror)" >/dev/null
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
+    # (an imported file system has no image config: give it the usual PATH, for `exec sh` in a container)
+    tar -C "$rootfs" -c . | "$ENGINE" import --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
     trap - EXIT
 fi
@@ -65,15 +69,15 @@ trap 'kill "$server"' EXIT
 offline_args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg PIP_NO_INDEX=1
               --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/" -f compose/Dockerfile)
 
-docker build "${offline_args[@]}" --target control -t "$CONTROL_IMAGE" .
+"$ENGINE" build "${offline_args[@]}" --target control -t "$CONTROL_IMAGE" .
 built=("$CONTROL_IMAGE")
-docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$PROMETHEUS_IMAGE" - < compose/prometheus.Dockerfile
+"$ENGINE" build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$PROMETHEUS_IMAGE" - < compose/prometheus.Dockerfile
 built+=("$PROMETHEUS_IMAGE")
 if [ "$MODELS" = 1 ]; then
-    docker build "${offline_args[@]}" --target models -t "$MODEL_IMAGE" .
+    "$ENGINE" build "${offline_args[@]}" --target models -t "$MODEL_IMAGE" .
     built+=("$MODEL_IMAGE")
 fi
 for image in "$BASE_IMAGE" "${built[@]}"; do
-    docker image inspect --format "{{index .RepoTags 0}} {{.Size}}" "$image" \
+    "$ENGINE" image inspect --format "{{index .RepoTags 0}} {{.Size}}" "$image" \
         | awk '{printf "build-offline: %s %.0f MB\n", $1, $2 / 1e6}'
 done

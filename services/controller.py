@@ -38,6 +38,7 @@ from common.config import ServiceConfig, option
 from common.control import ControlLoop, ControlSettings, WorkerView
 from common.messages import Plan
 from common.plan_store import load_arrivals, load_confidences, load_plan, store_plan
+from common.scaling import workers_wanted
 from common.planner import (
     DEFAULT_HEADROOM,
     OBJECTIVES,
@@ -311,6 +312,13 @@ class Controller:
         message.demand_qps = self.demand
         await store_plan(self.r, self.keys, message)
         self.export(result, self.demand)
+        # The autoscaler's signal: how many workers the plan for this demand wants (common/scaling.py).
+        peak = max(self.demand, self.loop.peak.value)
+        wanted = workers_wanted(self.profile, self.loop.cfg, self.demand, light_demand_qps=peak, queues=queues)
+        metrics.WORKERS_WANTED.set(wanted.workers)
+        for at, quality in (("live", result.estimated_quality), ("wanted", wanted.estimated_quality)):
+            if quality is not None:
+                metrics.ESTIMATED_QUALITY.labels(at).set(quality)
         self.report(stored, message, result, reason, workers)
         self.last, self.last_result = message, result
         return message

@@ -437,6 +437,8 @@ def test_dashboard_uses_only_real_metrics_and_has_the_key_panels():
         "diffserve_workers",
         "diffserve_queue_depth",
         "diffserve_batch_latency_seconds_bucket",
+        "diffserve_workers_wanted",
+        "diffserve_estimated_quality",
     ):
         assert needed in used, f"no panel shows {needed}"
     text = " ".join(exprs)
@@ -449,6 +451,7 @@ def test_dashboard_uses_only_real_metrics_and_has_the_key_panels():
         "Workers per role",
         "Queue depths",
         "Batch latency",
+        "Workers wanted",
     ):
         assert title in titles
 
