@@ -14,6 +14,7 @@ from common.messages import (
     E_MODEL,
     E_OVERLOADED,
     SCHEMA_VERSION,
+    BlobRef,
     Completion,
     DeadLetter,
     FinalResult,
@@ -67,10 +68,33 @@ def test_round_trip_of_every_message_type():
         LightReady(job_id="j1", image=b"\x89PNG", image_format="png", model="sdturbo", confidence=0.2, ready_ms=5.0),
         Completion.cancelled(job, "w1"),
     ]
-    for message in messages:
+    ref = BlobRef(key="j1/light", size=524288, format="png", digest="ab" * 32)
+    by_ref = RoutedJob(
+        job_id="j1",
+        prompt="a cat",
+        arrival_ms=1.0,
+        deadline_ms=5.0,
+        seed=7,
+        image_ref=True,
+        partials=True,
+        light_ref=ref,
+    )
+    referring = [
+        Job(job_id="j1", prompt="a cat", image_ref=True),
+        by_ref,
+        LightResult(job=by_ref, image_format="png", image_ref=ref, thumbnail_ref=ref, thumbnail_size=224),
+        Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo", 0.9),
+        Completion.failure(by_ref, E_MODEL, "boom"),
+        FinalResult(job_id="j1", status=Status.OK, image_ref=ref, image_format="png"),
+        LightReady(job_id="j1", image_format="png", image_ref=ref),
+    ]
+    for message in messages + referring:
         decoded = type(message).decode(message.encode())
         assert decoded == message
-        assert unpack(message.encode())["v"] == SCHEMA_VERSION
+        # Written at the lowest version that carries it: a blob reference anywhere makes it v2.
+        carries_ref = b"digest" in message.encode()
+        assert unpack(message.encode())["v"] == (SCHEMA_VERSION if carries_ref else 1)
+    assert Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo").blobs == ["j1/light"]
 
 
 def test_unknown_fields_are_ignored_and_newer_versions_refused():
