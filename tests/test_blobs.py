@@ -215,3 +215,38 @@ def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(
     else:
         assert len(ttls) == 4 and all(t > 0 for t in ttls)
     assert len(remaining) == 4 and all(key.endswith((".light", ".heavy")) for key in remaining)
+
+
+@pytest.mark.slow
+def test_an_image_store_that_is_down_gets_its_jobs_a_clear_internal_error_and_the_stack_recovers(
+    redis_server, tmp_path
+):
+    """The image store (a Redis of its own) stops: jobs get internal_error saying so, once each, within
+    the blob timeout; it comes back on the same port: the next jobs are served."""
+    store = RedisServer().start()
+    env = {
+        "DIFFSERVE_IMAGE_KB": "16",
+        "DIFFSERVE_BLOB_URL": store.url,
+        "DIFFSERVE_BLOB_TIMEOUT_S": "1",
+        "DIFFSERVE_SLO_MS": "60000",
+    }
+    spec = StackSpec(redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.02, env=env)
+    prompts = load_prompts()[:10]
+    try:
+        with LocalStack(spec, str(tmp_path / "logs")):
+
+            async def go():
+                async with Client(RedisSettings(redis_url=redis_server.url, blob_url=store.url)) as client:
+                    await asyncio.to_thread(store.stop)
+                    down = await asyncio.gather(*(client.submit(p, timeout=60) for p in prompts[:5]))
+                    await asyncio.to_thread(store.start)
+                    back = await asyncio.gather(*(client.submit(p, timeout=60) for p in prompts[5:]))
+                    return down, back, await client.redis.xlen(client.reply_stream)
+
+            down, back, delivered = asyncio.run(go())
+    finally:
+        store.stop()
+    assert delivered == 10
+    assert {(r.status, r.error_code) for r in down} == {("error", "internal_error")}
+    assert all("image store is unavailable" in r.error_message for r in down)
+    assert [r.status for r in back] == ["ok"] * 5 and all(len(r.image) == 16 * 1024 for r in back)
