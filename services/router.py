@@ -343,7 +343,7 @@ class Router:
                 reply_to=job.reply_to,
                 partials=job.partials,
                 prompt_index=job.prompt_index,
-                image_ref=job.image_ref,
+                image_ref=job.image_ref and tenant is None,  # a tenant's ACL reaches no image-store key
             )
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
