@@ -139,10 +139,6 @@ class BlobStore:
         metrics.BLOB_BYTES.labels("get").inc(sum(len(d) for d in got if d))
         return [d if d is not None and len(d) == r.size else None for d, r in zip(got, refs)]
 
-    async def delete(self, keys: Sequence[str]) -> None:
-        if keys:
-            await self._retrying("delete", lambda: self._delete(list(keys)))
-
     async def discard(self, keys: Sequence[str]) -> None:
         """Delete what nobody will read again, best effort: one try of at most a second; what a failure
         leaves behind expires (a pipeline stage must not stall on it)."""
