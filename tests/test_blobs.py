@@ -16,7 +16,7 @@ from common.blobs import BlobUnavailable, blob_key, digest, open_store
 from common.client import Client
 from common.config import Keys, RedisSettings
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
-from common.messages import BlobRef
+from common.messages import BlobRef, LightReady
 from common.profiles import load_prompts
 
 KEYS = Keys()
@@ -147,15 +147,18 @@ def _answers(stack: LocalStack, settings: RedisSettings, prompts: list[str], url
     async def go():
         async with Client(settings) as client:
             half = len(prompts) // 2
-            inline = [asyncio.create_task(client.submit(p, timeout=120)) for p in prompts[:half]]
+            previews: list[LightReady] = []  # the inline half asks for the light image first
+            inline = [
+                asyncio.create_task(client.submit(p, timeout=120, on_light=previews.append)) for p in prompts[:half]
+            ]
             by_ref = [asyncio.create_task(client.submit(p, timeout=120, image_ref=True)) for p in prompts[half:]]
             inline_results = await asyncio.gather(*inline)
             ref_results = await asyncio.gather(*by_ref)
             read = [await client.image(r, release=True) for r in ref_results]
             delivered = await client.redis.xlen(client.reply_stream)
-            return inline_results, ref_results, read, delivered
+            return inline_results, ref_results, read, delivered, previews
 
-    inline, by_ref, read, delivered = asyncio.run(go())
+    inline, by_ref, read, delivered, previews = asyncio.run(go())
     urls = []
     with httpx.Client(base_url=f"http://127.0.0.1:{stack.spec.gateway_port}", timeout=60) as http:
         for i in range(url_jobs):
@@ -163,7 +166,7 @@ def _answers(stack: LocalStack, settings: RedisSettings, prompts: list[str], url
             r.raise_for_status()
             urls.append(r.json()["data"][0]["url"])
         fetched = [httpx.get(u if u.startswith("http") else http.base_url.join(u)).content for u in urls]
-    return inline, by_ref, read, delivered, urls, fetched
+    return inline, by_ref, read, delivered, previews, urls, fetched
 
 
 @pytest.mark.slow
@@ -187,7 +190,9 @@ def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(
     )
     try:
         with LocalStack(spec, str(tmp_path / "logs")) as stack:
-            inline, by_ref, read, delivered, urls, fetched = _answers(stack, settings, load_prompts()[:100], 4)
+            inline, by_ref, read, delivered, previews, urls, fetched = _answers(
+                stack, settings, load_prompts()[:100], 4
+            )
 
             async def left():
                 blobs = open_store(settings)
@@ -203,11 +208,13 @@ def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(
         for server in blob_servers:
             server.stop()
     image = fixed_image(16).data
-    assert delivered == 100 and len({r.job_id for r in inline + by_ref}) == 100
+    assert delivered == 100 + len(previews) and len({r.job_id for r in inline + by_ref}) == 100  # + light_ready
     assert [r.status for r in inline + by_ref] == ["ok"] * 100, {r.error_message for r in inline + by_ref}
     assert all(r.image == image and r.image_ref is None for r in inline)
     assert all(r.image is None and r.image_ref and r.image_ref.size == len(image) for r in by_ref)
     assert read == [image] * 50
+    heavy = {r.job_id for r in inline if r.answered_by == "heavy"}
+    assert {p.job_id for p in previews} == heavy and all(p.image == image for p in previews)
     assert {r.answered_by for r in inline + by_ref} == {"light", "heavy"}
     assert fetched == [image] * 4
     if store == "s3":
