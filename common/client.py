@@ -12,6 +12,11 @@ permission on any shared key (``diffserve tenant add NAME`` makes such a user).
 ``submit(..., on_light=f)`` asks for the light image of a job that goes on to the heavy
 model: the discriminator puts a ``LightReady`` on the reply stream and ``f`` gets it
 before the final result arrives.  ``cancel(job_id)`` stops a job that has not started.
+
+``submit(..., image_ref=True)`` asks for references instead of image bytes (``FinalResult.image_ref``,
+``LightReady.image_ref``; small images still come inline); ``await client.image(result)`` reads the bytes
+from the image store (``DIFFSERVE_BLOB_URL``, the queue Redis by default), ``release=True`` deletes them
+as it reads (otherwise they expire after ``--blob-ttl-s``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from common.blobs import BlobStore, open_store
 from common.config import Keys, RedisSettings
 from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
 from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, add, connect
@@ -55,7 +61,9 @@ class Client:
         if self.tenant and not settings.redis_username:
             settings.redis_username = self.tenant
         self.keys = Keys(settings.namespace)
+        self.settings = settings
         self.redis = connect(settings, client_name="client")
+        self._blobs: BlobStore | None = None
         self.reader_redis = connect(settings, client_name="client-reader")
         self.jobs_stream = self.keys.jobs if self.tenant is None else self.keys.tenant_in(self.tenant)
         replies = self.keys.reply_prefix if self.tenant is None else self.keys.tenant_out(self.tenant)
@@ -87,8 +95,31 @@ class Client:
         if self.tenant is None:  # a tenant may not delete; its reply stream expires (--result-ttl-s)
             with contextlib.suppress(Exception):
                 await self.redis.delete(self.reply_stream)
+        if self._blobs is not None:
+            await self._blobs.close()
         await self.redis.aclose()
         await self.reader_redis.aclose()
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The image store (opened on first use)."""
+        if self._blobs is None:
+            self._blobs = open_store(self.settings, self.redis)
+        return self._blobs
+
+    async def image(self, message: FinalResult | LightReady, *, release: bool = False) -> bytes:
+        """The image bytes of an answer or a light preview: inline, or read from the image store when the
+        job asked for a reference. ``release``: delete them from the store as they are read (a tenant
+        cannot delete; its images expire). LookupError when there is no image (an error answer) or it
+        is gone (expired); BlobUnavailable when the store does not answer."""
+        if message.image is not None:
+            return message.image
+        if message.image_ref is None:
+            raise LookupError(f"{message.job_id}: the answer carries no image")
+        (data,) = await self.blobs.read([message.image_ref], take=release and self.tenant is None)
+        if data is None:
+            raise LookupError(f"{message.job_id}: the image expired or was lost from the image store")
+        return data
 
     async def enqueue(
         self,
@@ -104,10 +135,12 @@ class Client:
         partials: bool = False,
         cascade: str | None = None,
         prompt_index: int | None = None,
+        image_ref: bool = False,
     ) -> str:
         """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``,
         or on ``reply_to`` (a stream named ``<ns>:reply:...``) when given.  ``prompt_index``: the
-        prompt's line in the prompt file (trace replays)."""
+        prompt's line in the prompt file (trace replays).  ``image_ref``: answer with a reference to the
+        stored image (read it with ``image()``)."""
         reply_to = reply_to or (self.reply_stream if reply else None)
         job = Job(
             job_id=job_id or new_job_id(),
@@ -121,6 +154,7 @@ class Client:
             cascade=cascade,
             partials=partials,
             prompt_index=prompt_index,
+            image_ref=image_ref,
         )
         if reply_to == self.reply_stream:
             self._owed[job.job_id] += 1

@@ -55,7 +55,7 @@ def _parser_for(hint: Any) -> Callable[[str], Any]:
 
 @dataclass
 class RedisSettings:
-    """How every service reaches Redis. Password/ACL user and TLS (``rediss://``) are supported."""
+    """How every service reaches Redis and the image store. Password/ACL user and TLS (``rediss://``) work."""
 
     redis_url: str = option(
         "redis://127.0.0.1:6379/0", "Redis URL; rediss:// for TLS; may hold user:password@", env="REDIS_URL"
@@ -66,6 +66,26 @@ class RedisSettings:
     redis_tls_cert: str | None = option(None, "client certificate for mutual TLS", env="REDIS_TLS_CERT")
     redis_tls_key: str | None = option(None, "client key for mutual TLS", env="REDIS_TLS_KEY")
     namespace: str = option("diffserve", "prefix of every Redis key and stream", env="DIFFSERVE_NAMESPACE")
+    # Where image bytes live (common/blobs.py): stream entries carry references to them.
+    blob_url: str = option(
+        "",
+        "image store: empty = the queue Redis; redis://... (several, comma-separated: shards; user:password@ "
+        "in the URL, TLS files as for REDIS_URL); s3://bucket/prefix (endpoint and credentials from AWS_* env)",
+        env="DIFFSERVE_BLOB_URL",
+    )
+    blob_ttl_s: int = option(
+        4200,
+        "stored images expire after this; at least --result-ttl-s plus the longest SLO (600 s)",
+        env="DIFFSERVE_BLOB_TTL_S",
+    )
+    blob_timeout_s: float = option(
+        10.0,
+        "longest one image-store read or write may take, retries included; then its jobs get internal_error",
+        env="DIFFSERVE_BLOB_TIMEOUT_S",
+    )
+    blob_min_bytes: int = option(
+        4096, "images smaller than this travel inside the stream entries, not stored", env="DIFFSERVE_BLOB_MIN_BYTES"
+    )
 
     def __post_init__(self) -> None:
         self.check_tls()
@@ -188,6 +208,7 @@ class Keys:
         self.tenants = f"{ns}:tenants"  # set of tenant names: Redis-direct clients with keys of their own
         self.tenant_in_prefix = f"{ns}:in:"  # a tenant's submission stream (only it writes, only the router reads)
         self.tenant_out_prefix = f"{ns}:out:"  # a tenant's reply streams (only the router writes, only it reads)
+        self.blob_prefix = f"{ns}:blob:"  # stored images in a Redis image store (common/blobs.py)
 
     def queue_for(self, role: str) -> str:
         return {"light": self.light_queue, "heavy": self.heavy_queue}[role]

@@ -3,6 +3,7 @@ while encoding) that keeps job order and reports errors per job."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ class Encoded:
     format: str
     error: str | None = None
     seconds: float = 0.0
+    digest: str = ""  # sha256 hex of data (blob references carry it)
 
 
 def encode(image: Image.Image, fmt: str = "png", quality: int = 90) -> bytes:
@@ -55,10 +57,12 @@ def from_thumbnail(data: bytes, size: int) -> Image.Image:
 
 
 class EncoderPool:
-    """Encodes a batch in parallel threads; results come back in job order."""
+    """Encodes a batch in parallel threads; results come back in job order.  ``fixed``: every image
+    is this one, encoded once (the profiled backend's --image-kb: benchmarks measure transport)."""
 
-    def __init__(self, threads: int = 4):
+    def __init__(self, threads: int = 4, fixed: Encoded | None = None):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
+        self.fixed = fixed
 
     def _one(self, image: Image.Image, fmt: str, quality: int) -> Encoded:
         start = time.perf_counter()
@@ -66,12 +70,17 @@ class EncoderPool:
             data = encode(image, fmt, quality)
         except Exception as exc:  # one bad request must not fail the batch
             return Encoded(None, fmt, f"{type(exc).__name__}: {exc}")
+        sha = hashlib.sha256(data).hexdigest()  # here, off the event loop (hashlib releases the GIL)
         seconds = time.perf_counter() - start
         metrics.ENCODE_TIME.labels(fmt).observe(seconds)
-        return Encoded(data, fmt, None, seconds)
+        return Encoded(data, fmt, None, seconds, sha)
 
     def submit(self, images: list[Image.Image], formats: list[tuple[str, int]]) -> list[Future[Encoded]]:
         """Start encoding; returns futures in job order (await with ``asyncio.wrap_future``)."""
+        if self.fixed is not None:
+            done: Future[Encoded] = Future()
+            done.set_result(self.fixed)
+            return [done] * len(images)
         return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats)]
 
     def encode_all(self, images: list[Image.Image], formats: list[tuple[str, int]]) -> list[Encoded]:

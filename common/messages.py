@@ -19,7 +19,11 @@ from typing import Any, ClassVar, Self
 
 import msgpack
 
-SCHEMA_VERSION = 1
+# The newest version this code reads. A message is written at the lowest version that can carry it:
+# v1 unless it carries a blob reference (v2), so readers that predate references refuse such a message
+# (an answer without its image bytes) instead of mistaking it for one without an image.
+SCHEMA_VERSION = 2
+REFS_VERSION = 2
 ENTRY_FIELD = b"m"
 
 
@@ -94,25 +98,56 @@ class LightReason(enum.StrEnum):
 
 
 IMAGE_FORMATS = ("png", "webp", "jpeg")
+BLOB_FORMATS = (*IMAGE_FORMATS, "rgb")  # rgb: a raw RGB8 thumbnail
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, kw_only=True)
+class BlobRef:
+    """Where stored image bytes are (common/blobs.py): a key in the blob store, their size, format and
+    sha256 (hex). On the wire a map ``{key, size, format, digest}``."""
+
+    key: str
+    size: int
+    format: str
+    digest: str = ""
+
+
 @dataclass(kw_only=True)
 class Message:
     TYPE: ClassVar[str] = ""
-    # Fields added after the first release: on the wire only when set, so messages without them keep their
-    # exact bytes and older readers see nothing new.
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Fields added after readers were deployed are left off the wire at their default, so a message
+    # that does not use them keeps its exact bytes (tests/test_messages.py). LATER ones are safe for an
+    # old reader to ignore; a set REFS one (a blob reference) makes the message v2.
+    LATER: ClassVar[frozenset[str]] = frozenset()
+    REFS: ClassVar[frozenset[str]] = frozenset()
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The fields as they go on the wire (a nested message without its ``v`` and ``type``)."""
+        body: dict[str, Any] = {}
+        for f in _fields(type(self)):
+            value = getattr(self, f.name)
+            if (f.name in self.LATER or f.name in self.REFS) and value == _default(f):
+                continue
+            body[f.name] = _wire(value)
+        return body
+
+    def wire_version(self) -> int:
+        for name in self.REFS:
+            if getattr(self, name) is not None:
+                return REFS_VERSION
+        for f in _fields(type(self)):
+            value = getattr(self, f.name)
+            if isinstance(value, Message) and value.wire_version() == REFS_VERSION:
+                return REFS_VERSION
+        return 1
 
     def to_dict(self) -> dict[str, Any]:
-        body = dataclasses.asdict(self)
-        for name in self.ADDED_FIELDS:
-            if body[name] is None:
-                del body[name]
-        body["v"] = SCHEMA_VERSION
+        body = self.wire_fields()
+        body["v"] = self.wire_version()
         body["type"] = self.TYPE
         return body
 
@@ -140,6 +175,31 @@ class Message:
     @classmethod
     def decode(cls, payload: bytes) -> Self:
         return cls.from_dict(unpack(payload))
+
+
+def _wire(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.wire_fields()
+    if isinstance(value, BlobRef):
+        return {"key": value.key, "size": value.size, "format": value.format, "digest": value.digest}
+    if isinstance(value, dict):
+        return {k: _wire(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_wire(v) for v in value]
+    return value
+
+
+_FIELDS: dict[type, tuple[dataclasses.Field[Any], ...]] = {}
+
+
+def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    if cls not in _FIELDS:
+        _FIELDS[cls] = dataclasses.fields(cls)
+    return _FIELDS[cls]
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def unpack(payload: bytes) -> dict[str, Any]:
@@ -188,9 +248,33 @@ def _check_type(name: str, value: Any, hint: Any, body: dict[str, Any]) -> Any:
                 except ValueError:
                     pass
             continue
+        if t is BlobRef:
+            if isinstance(value, dict):
+                return _blob_ref(name, value, body)
+            continue
         if t is not type(None) and isinstance(value, t):
             return value
     raise MessageError(E_INVALID, f"field {name!r} has the wrong type ({type(value).__name__})", _job_id_of(body))
+
+
+def _blob_ref(name: str, value: dict[str, Any], body: dict[str, Any]) -> BlobRef:
+    key, size, fmt, digest = value.get("key"), value.get("size"), value.get("format"), value.get("digest", "")
+    if not (
+        isinstance(key, str)
+        and 0 < len(key) <= MAX_BLOB_KEY_CHARS
+        and isinstance(size, int)
+        and not isinstance(size, bool)
+        and 0 <= size
+        and fmt in BLOB_FORMATS
+        and isinstance(digest, str)
+        and len(digest) <= 128
+    ):
+        raise MessageError(E_INVALID, f"field {name!r} is not a valid blob reference", _job_id_of(body))
+    return BlobRef(key=key, size=size, format=fmt, digest=digest)
+
+
+# A blob key is a pipeline job id, '/', and what the blob is (common/blobs.py).
+MAX_BLOB_KEY_CHARS = MAX_PIPELINE_ID_CHARS + 16
 
 
 @dataclass(kw_only=True)
@@ -198,6 +282,7 @@ class Job(Message):
     """What a client puts on the jobs stream."""
 
     TYPE: ClassVar[str] = "job"
+    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
     prompt: str
     slo_ms: float | None = None  # per-job SLO; the cascade default when absent
@@ -209,6 +294,7 @@ class Job(Message):
     cascade: str | None = None  # optional: refused unless it is the cascade this deployment serves
     partials: bool = False  # send a LightReady to reply_to when the light image goes on to the heavy model
     prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
+    image_ref: bool = False  # answer with a reference to the stored image (FinalResult.image_ref), not its bytes
 
 
 @dataclass(kw_only=True)
@@ -216,6 +302,8 @@ class RoutedJob(Message):
     """A validated job, stamped by the router; the payload of the light and heavy queues."""
 
     TYPE: ClassVar[str] = "routed_job"
+    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref"})
+    REFS: ClassVar[frozenset[str]] = frozenset({"light_ref"})
     job_id: str
     prompt: str
     arrival_ms: float
@@ -230,6 +318,12 @@ class RoutedJob(Message):
     routed_by: RoutedBy = RoutedBy.CASCADE
     partials: bool = False  # copied from Job
     prompt_index: int | None = None
+    image_ref: bool = False  # copied from Job
+    light_ref: BlobRef | None = None  # the stored light image (instead of light_image)
+
+    def blob_keys(self) -> list[str]:
+        """The stored images of this job so far (what its final answer releases)."""
+        return [self.light_ref.key] if self.light_ref else []
 
 
 @dataclass(kw_only=True)
@@ -237,8 +331,9 @@ class LightResult(Message):
     """Light worker -> discriminator."""
 
     TYPE: ClassVar[str] = "light_result"
+    REFS: ClassVar[frozenset[str]] = frozenset({"image_ref", "thumbnail_ref"})
     job: RoutedJob
-    image: bytes
+    image: bytes | None = None  # small images travel inline, others are stored (image_ref)
     image_format: str
     thumbnail: bytes | None = None  # raw RGB8 at the discriminator's input size
     thumbnail_size: int = 0
@@ -246,6 +341,14 @@ class LightResult(Message):
     model: str = ""
     batch_size: int = 0
     light_ms: float = 0.0
+    image_ref: BlobRef | None = None
+    thumbnail_ref: BlobRef | None = None  # the thumbnail, stored (the discriminator deletes it once scored)
+
+    def routed(self) -> RoutedJob:
+        """The job with its light image attached (inline or by reference), as it goes on."""
+        job = self.job
+        job.light_image, job.light_image_format, job.light_ref = self.image, self.image_format, self.image_ref
+        return job
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Self:
@@ -260,6 +363,8 @@ class Completion(Message):
     """A stage's final answer for one job, sent to the router's completion stream."""
 
     TYPE: ClassVar[str] = "completion"
+    LATER: ClassVar[frozenset[str]] = frozenset({"by_ref", "partials", "blobs", "light_reason"})
+    REFS: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
     arrival_ms: float
     deadline_ms: float
@@ -274,8 +379,11 @@ class Completion(Message):
     error_code: str | None = None
     error_message: str | None = None
     worker_id: str = ""
+    image_ref: BlobRef | None = None  # the answer's stored image (instead of image)
+    by_ref: bool = False  # the job asked for a reference (Job.image_ref)
+    partials: bool = False  # copied from the job: its light image may have been sent (LightReady)
+    blobs: list[str] = field(default_factory=list)  # keys of every stored image of the job
     light_reason: LightReason | None = None
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("light_reason",)
 
     @classmethod
     def failure(cls, job: RoutedJob, code: str, message: str, worker_id: str = "") -> Self:
@@ -288,6 +396,9 @@ class Completion(Message):
             error_code=code,
             error_message=message,
             worker_id=worker_id,
+            by_ref=job.image_ref,
+            partials=job.partials,
+            blobs=job.blob_keys(),
         )
 
     @classmethod
@@ -301,13 +412,16 @@ class Completion(Message):
             error_code=E_CANCELLED,
             error_message="cancelled by the client before it ran",
             worker_id=worker_id,
+            by_ref=job.image_ref,
+            partials=job.partials,
+            blobs=job.blob_keys(),
         )
 
     @classmethod
     def answer(
         cls,
         job: RoutedJob,
-        image: bytes,
+        image: bytes | BlobRef,
         image_format: str,
         answered_by: Role,
         model: str,
@@ -315,21 +429,37 @@ class Completion(Message):
         worker_id: str = "",
         light_reason: LightReason | None = None,
     ) -> Self:
-        """An image answer; a light one says why it is light, and is degraded unless it was confident."""
+        """An image answer (``image``: the bytes, or the reference to them when stored); a light one says
+        why it is light, and is degraded unless it was confident."""
+        ref = image if isinstance(image, BlobRef) else None
+        blobs = job.blob_keys()
+        if ref is not None and ref.key not in blobs:
+            blobs.append(ref.key)
         return cls(
             job_id=job.job_id,
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
-            image=image,
+            image=image if isinstance(image, bytes) else None,
             image_format=image_format,
             answered_by=answered_by,
             model=model,
             confidence=confidence,
             degraded=light_reason not in (None, LightReason.CONFIDENT),
             worker_id=worker_id,
+            image_ref=ref,
+            by_ref=job.image_ref,
+            partials=job.partials,
+            blobs=blobs,
             light_reason=light_reason,
         )
+
+    def kept_blobs(self) -> set[str]:
+        """The stored images the client may still read once this is delivered: none when the answer
+        carries the bytes; else the answer's, and with partials every one (the light image was sent)."""
+        if not self.by_ref or self.status != Status.OK:
+            return set()
+        return set(self.blobs) if self.partials else {self.image_ref.key} if self.image_ref else set()
 
 
 @dataclass(kw_only=True)
@@ -337,6 +467,8 @@ class FinalResult(Message):
     """What the client receives, exactly once per accepted job."""
 
     TYPE: ClassVar[str] = "final_result"
+    LATER: ClassVar[frozenset[str]] = frozenset({"retry_after_ms", "light_reason"})
+    REFS: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
     status: Status
     image: bytes | None = None
@@ -351,8 +483,8 @@ class FinalResult(Message):
     error_message: str | None = None
     finished_ms: float = 0.0
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
+    image_ref: BlobRef | None = None  # a job that asked image_ref: the stored image (read it with common.blobs)
     light_reason: LightReason | None = None  # answered_by light: confident, deadline or plan
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("retry_after_ms", "light_reason")
 
 
 @dataclass(kw_only=True)
@@ -362,12 +494,14 @@ class LightReady(Message):
     Consumers that predate it skip it (its ``type`` is not ``final_result``)."""
 
     TYPE: ClassVar[str] = "light_ready"
+    REFS: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
-    image: bytes
+    image: bytes | None = None
     image_format: str
     model: str = ""
     confidence: float | None = None
     ready_ms: float = 0.0
+    image_ref: BlobRef | None = None  # a job that asked image_ref: the stored light image
 
 
 @dataclass(kw_only=True)
@@ -408,4 +542,4 @@ class Plan(Message):
     # answer below it was kept light by the plan (LightReason.PLAN).
     target_threshold: float | None = None
     reason: str | None = None  # why the controller chose this plan (its trade-offs, in words)
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("target_threshold", "reason")
+    LATER: ClassVar[frozenset[str]] = frozenset({"target_threshold", "reason"})

@@ -49,6 +49,10 @@ MODEL_LOAD = Histogram(
     "diffserve_model_load_seconds", "model load / role switch time", ["model", "source"], buckets=_LATENCY_BUCKETS
 )
 ENCODE_TIME = Histogram("diffserve_image_encode_seconds", "per-image encode time", ["format"], buckets=_LATENCY_BUCKETS)
+BLOB_BYTES = Counter("diffserve_blob_bytes_total", "image bytes written to / read from the image store", ["op"])
+BLOB_ERRORS = Counter(
+    "diffserve_blob_errors_total", "image-store operations that failed after retrying for --blob-timeout-s", ["op"]
+)
 GATEWAY_REQUESTS = Counter(
     "diffserve_gateway_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"]
 )

@@ -2,6 +2,9 @@
 restarted. Bounded in time, loopback only. Prints jobs sent / answered / lost / duplicated.
 
     python -m loadtest.chaos --duration 60 --rate 20 --kill-every 4
+
+With ``--image-kb N`` the workers' images are N KiB (stored in the image store, the queue Redis by
+default): the summary also counts the stored images left after the drain and those without an expiry.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ async def _load(
         while time.monotonic() < deadline and await client.redis.xlen(client.reply_stream) < len(sent):
             await asyncio.sleep(0.25)
         entries: Any = await client.redis.xrange(client.reply_stream)
+        await asyncio.sleep(1.0)  # the router deletes a delivered job's images right after delivering it
+        left = await client.blobs.keys()
+        # Every answer went out inline, so whatever is left was written by a stage killed mid-batch (its
+        # retry wrote the same key) or left by a router killed between delivering and deleting: it must expire.
+        ttls = [await client.redis.ttl(client.keys.blob_prefix + key) for key in left]
     results = [FinalResult.decode(fields[ENTRY_FIELD]) for _id, fields in entries]
     per_job = Counter(r.job_id for r in results)
     answered = set(per_job) & set(sent)
@@ -60,6 +68,8 @@ async def _load(
         "errors": dict(Counter(r.error_code for r in results if r.status != Status.OK)),
         "degraded": sum(r.degraded for r in results),
         "kills": dict(Counter(kills)),
+        "blobs_left": len(left),
+        "blobs_without_expiry": sum(ttl < 0 for ttl in ttls),
     }
 
 
@@ -73,13 +83,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--drain-s", type=float, default=60.0, help="how long to wait for the last answers")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--controller", action="store_true", help="also run (and kill) the controller")
+    parser.add_argument("--image-kb", type=int, default=0, help="image size (0: the inline placeholder)")
     args = parser.parse_args(argv)
     spec = StackSpec(
         light_workers=args.workers // 2,
         heavy_workers=args.workers - args.workers // 2,
         time_scale=args.time_scale,
         controller=args.controller,
-        env={"DIFFSERVE_RECLAIM_IDLE_MS": "2000"},
+        env={"DIFFSERVE_RECLAIM_IDLE_MS": "2000", "DIFFSERVE_IMAGE_KB": str(args.image_kb)},
     )
     with LocalStack(spec) as stack:
         summary = asyncio.run(
@@ -90,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(summary, indent=2))
     print(
         f"sent {summary['sent']}  answered {summary['answered']}  lost {summary['lost']}  "
-        f"duplicated {summary['duplicated']}  kills {sum(summary['kills'].values())}"
+        f"duplicated {summary['duplicated']}  kills {sum(summary['kills'].values())}  "
+        f"images left {summary['blobs_left']} ({summary['blobs_without_expiry']} without an expiry)"
     )
     return summary
 

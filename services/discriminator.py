@@ -11,9 +11,10 @@ from PIL import Image
 
 from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator, require_backend
+from common.blobs import BlobUnavailable, open_store
 from common.config import ServiceConfig, option
 from common.imaging import decode, from_thumbnail
-from common.messages import E_MODEL, Completion, LightReady, LightResult, Role, RoutedBy
+from common.messages import E_INTERNAL, E_MODEL, BlobRef, Completion, LightReady, LightResult, Role, RoutedBy
 from common.plan_store import PlanWatcher, StageWatcher
 from common.planner import default_plan
 from common.replay import RECENT_CONFIDENCES
@@ -72,11 +73,24 @@ class Discriminator:
         self.heavy = StageWatcher(self.r, self.keys)
         self.heavy_times = batch_times(self.profile, Role.HEAVY, latency_scale(self.cfg))
         self.needs_images = self.cfg.backend != "profiled"
+        self.blobs = open_store(self.cfg, self.r)
 
-    def _images(self, results: list[LightResult]) -> list[Image.Image | None]:
+    async def _images(self, results: list[LightResult]) -> list[Image.Image | None]:
+        """What the model scores: the thumbnail, else the image (from the image store when stored there,
+        one read for the batch; BlobUnavailable, or ValueError for one that is gone)."""
         if not self.needs_images:
             return [None] * len(results)
-        return [from_thumbnail(r.thumbnail, r.thumbnail_size) if r.thumbnail else decode(r.image) for r in results]
+        stored = [r.thumbnail_ref or r.image_ref for r in results if r.thumbnail is None and r.image is None]
+        read = iter(await self.blobs.read([ref for ref in stored if ref is not None]))
+        images: list[Image.Image | None] = []
+        for r in results:
+            ref = r.thumbnail_ref or r.image_ref if r.thumbnail is None and r.image is None else None
+            data = next(read) if ref is not None else r.thumbnail or r.image
+            if data is None:
+                raise ValueError(f"the light image of {r.job.job_id} is gone from the image store")
+            thumb = r.thumbnail is not None or (ref is not None and ref is r.thumbnail_ref)
+            images.append(from_thumbnail(data, r.thumbnail_size) if thumb else decode(data))
+        return images
 
     async def step(self) -> None:
         entries = await self.consumer.read(self.cfg.batch, block_ms=250)
@@ -89,7 +103,7 @@ class Discriminator:
             stream=self.consumer.stream,
             service="discriminator",
             max_deliveries=self.consumer.max_deliveries,
-            job_of=lambda r: r.job,
+            job_of=LightResult.routed,
         )
         results = [r for _entry, r in good]
         scores: list[float] = []
@@ -104,6 +118,8 @@ class Discriminator:
                 pipe.ltrim(self.keys.confidences, -RECENT_CONFIDENCES, -1)
 
         await self.consumer.write_and_ack([e.id for e in entries], outputs, publish_scores)
+        # Scored: the thumbnails are done with (one that is left behind expires).
+        await self.blobs.discard([r.thumbnail_ref.key for r in results if r.thumbnail_ref])
 
     async def route(self, results: list[LightResult]) -> tuple[list[tuple[str, bytes]], list[float]]:
         """Score one batch: the outputs it sends on, and the confidences."""
@@ -111,12 +127,22 @@ class Discriminator:
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
         try:
+            images = await self._images(results)
+        except (BlobUnavailable, ValueError) as exc:  # answered: nothing to score them on
+            self.svc.log.error("light images unavailable", extra={"batch": len(results), "error": str(exc)[:200]})
+            metrics.ERRORS.labels("discriminator", E_INTERNAL).inc(len(results))
+            unavailable = [
+                (
+                    self.keys.completions,
+                    Completion.failure(r.routed(), E_INTERNAL, str(exc), self.cfg.instance_id).encode(),
+                )
+                for r in results
+            ]
+            return unavailable, []
+        try:
             scores = one_per_input(
                 await asyncio.to_thread(
-                    self.model.score,
-                    [r.job.prompt for r in results],
-                    self._images(results),
-                    [r.job.prompt_index for r in results],
+                    self.model.score, [r.job.prompt for r in results], images, [r.job.prompt_index for r in results]
                 ),
                 results,
                 "the discriminator",
@@ -127,7 +153,9 @@ class Discriminator:
             failures = [
                 (
                     self.keys.completions,
-                    Completion.failure(r.job, E_MODEL, f"{type(exc).__name__}: {exc}", self.cfg.instance_id).encode(),
+                    Completion.failure(
+                        r.routed(), E_MODEL, f"{type(exc).__name__}: {exc}", self.cfg.instance_id
+                    ).encode(),
                 )
                 for r in results
             ]
@@ -139,9 +167,10 @@ class Discriminator:
         heavy = await self.heavy.stage(Role.HEAVY, plan, self.heavy_times) if degrade_late else None
         now = now_ms()
         outputs: list[tuple[str, bytes]] = []
+        previews = await self._previews(results, scores, threshold)
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
-            job = result.job
+            job = result.routed()
             on_time = heavy is None or heavy.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms)
             decision = cascade_decision(
                 confidence,
@@ -156,15 +185,16 @@ class Discriminator:
                 if heavy is not None:
                     heavy.admit()
                 job.confidence = confidence
-                job.light_image, job.light_image_format = result.image, result.image_format
                 outputs.append((self.keys.heavy_queue, job.encode()))
-                if job.partials and job.reply_to:  # the client shows the light image while heavy runs
+                preview = previews.get(i)
+                if preview is not None and job.reply_to:  # the client shows the light image while heavy runs
                     outputs.append(
                         (
                             job.reply_to,
                             LightReady(  # under the id the client submitted (a tenant's job is scoped)
                                 job_id=client_job_id(job.job_id),
-                                image=result.image,
+                                image=preview if isinstance(preview, bytes) else None,
+                                image_ref=preview if isinstance(preview, BlobRef) else None,
                                 image_format=result.image_format,
                                 model=result.model,
                                 confidence=confidence,
@@ -178,7 +208,7 @@ class Discriminator:
                         self.keys.completions,
                         Completion.answer(
                             job,
-                            result.image,
+                            result.image_ref or result.image or b"",
                             result.image_format,
                             Role.LIGHT,
                             result.model,
@@ -189,6 +219,31 @@ class Discriminator:
                     )
                 )
         return outputs, scores
+
+    async def _previews(
+        self, results: list[LightResult], scores: list[float], threshold: float
+    ) -> dict[int, bytes | BlobRef]:
+        """The light image each job that asked for partials gets in its LightReady, should it go on to the
+        heavy model (a LightReady is sent only then): the reference when the job asked for references, else
+        the bytes, read from the image store in one round. A preview the store cannot give is skipped (the
+        final answer still comes)."""
+        wanted = {i for i, r in enumerate(results) if r.job.partials and r.job.reply_to and scores[i] < threshold}
+        previews: dict[int, bytes | BlobRef] = {}
+        fetch: list[int] = []
+        for i in sorted(wanted):
+            r = results[i]
+            if r.image_ref is None or r.job.image_ref:
+                previews[i] = r.image_ref or r.image or b""
+            else:
+                fetch.append(i)
+        if fetch:
+            try:
+                read = await self.blobs.read([ref for i in fetch if (ref := results[i].image_ref) is not None])
+            except BlobUnavailable as exc:
+                self.svc.log.warning("light previews skipped", extra={"count": len(fetch), "error": str(exc)[:200]})
+                return previews
+            previews.update({i: data for i, data in zip(fetch, read) if data is not None})
+        return previews
 
 
 async def serve(svc: Service[DiscriminatorConfig]) -> None:

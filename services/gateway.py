@@ -38,12 +38,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import metrics
+from common.blobs import BlobUnavailable
 from common.cascades import MODELS, cascade
 from common.client import Client
 from common.config import ServiceConfig, option
 from common.messages import (
     E_CANCELLED,
     E_DEADLINE,
+    E_INTERNAL,
     E_INVALID,
     E_OVERLOADED,
     E_PROMPT_TOO_LONG,
@@ -120,6 +122,11 @@ class GatewayConfig(ServiceConfig):
         10.0, "a worker counts as alive for /readyz this long after its heartbeat", env="DIFFSERVE_WORKER_ALIVE_S"
     )
     drain_s: float = option(30.0, "on SIGTERM, how long open requests may take to finish", env="DIFFSERVE_DRAIN_S")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.blob_ttl_s < self.result_ttl_s:  # a url image must not outlive the bytes it points to
+            raise ValueError(f"blob_ttl_s ({self.blob_ttl_s}) must be at least result_ttl_s ({self.result_ttl_s})")
 
 
 class ApiError(Exception):
@@ -362,6 +369,8 @@ class Gateway:
             # Redis gone: tell the caller to come back; the service itself keeps running.
             **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
             MaxConnectionsError: self._pool_full,
+            BlobUnavailable: self._no_blobs,
+            LookupError: _image_gone,
         }
         self.app = CountRequests(Starlette(routes=routes, exception_handlers=handlers))
 
@@ -371,6 +380,10 @@ class Gateway:
         return ApiError(
             503, "the queue (Redis) is unreachable; retry later", code="unavailable", retry_after=1
         ).response()
+
+    async def _no_blobs(self, _request: Request, exc: Exception) -> JSONResponse:
+        self.svc.log.warning("image store unavailable", extra={"error": str(exc)[:200]})
+        return ApiError(503, f"{exc}; retry later", code="unavailable", retry_after=1).response()
 
     async def _pool_full(self, _request: Request, _exc: Exception) -> JSONResponse:
         """redis-py's pool cap (100 connections a client) reached, e.g. by many open event streams."""
@@ -500,17 +513,24 @@ class Gateway:
             timeout=self.cfg.timeout_s,
             on_light=on_light,
             cascade=self.cfg.cascade,
+            image_ref=True,  # the bytes come from the image store, not through the queues
         )
 
     async def _image_object(
         self, request: Request, req: ImageRequest, result: FinalResult, seed: int
     ) -> dict[str, Any]:
         if req.response_format == "url":
-            token = secrets.token_urlsafe(18)
-            await self.r.set(f"{self.keys.gateway_prefix}image:{token}", result.encode(), ex=self.cfg.result_ttl_s)
-            image = {"url": str(request.url_for("image_file", token=f"{token}.{result.image_format}"))}
+            # The stored image itself: presigned when the store can sign (S3), else a link to this gateway
+            # (its key holds the small answer; the bytes stay in the store until they expire).
+            signed = result.image_ref and await self.client.blobs.url(result.image_ref, self.cfg.result_ttl_s)
+            if signed:
+                image = {"url": signed}
+            else:
+                token = secrets.token_urlsafe(18)
+                await self.r.set(f"{self.keys.gateway_prefix}image:{token}", result.encode(), ex=self.cfg.result_ttl_s)
+                image = {"url": str(request.url_for("image_file", token=f"{token}.{result.image_format}"))}
         else:
-            image = {"b64_json": base64.b64encode(result.image or b"").decode()}  # an ok result has one
+            image = {"b64_json": base64.b64encode(await self.client.image(result, release=True)).decode()}
         return {**image, "revised_prompt": None, "diffserve": extra(result, seed)}
 
     async def _stream(
@@ -541,14 +561,18 @@ class Gateway:
         try:
             while len(finished) < len(job_ids):
                 message = await events.get()
+                ok = isinstance(message, LightReady) or message.status == Status.OK
+                data = await self._image_bytes(message) if ok else b""
                 if isinstance(message, LightReady):
+                    if data is None:  # a preview the store cannot give is skipped; the answer follows
+                        continue
                     yield sse(
                         "image_generation.partial_image",
                         {
                             "type": "image_generation.partial_image",
                             **common,
                             "created_at": int(time.time()),
-                            "b64_json": base64.b64encode(message.image).decode(),
+                            "b64_json": base64.b64encode(data).decode(),
                             "partial_image_index": 0,
                             "diffserve": {
                                 "job_id": message.job_id,
@@ -564,13 +588,16 @@ class Gateway:
                 if message.status != Status.OK:
                     yield sse("error", result_error(message).body())
                     continue
+                if data is None:
+                    yield sse("error", ApiError(500, "the image could not be read", code=E_INTERNAL).body())
+                    continue
                 yield sse(
                     "image_generation.completed",
                     {
                         "type": "image_generation.completed",
                         **common,
                         "created_at": int(time.time()),
-                        "b64_json": base64.b64encode(message.image or b"").decode(),
+                        "b64_json": base64.b64encode(data).decode(),
                         "usage": {
                             "input_tokens": 0,
                             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
@@ -590,13 +617,24 @@ class Gateway:
                     await self.client.cancel(*pending, ttl_s=self.cfg.result_ttl_s)
                 await self.release(key, job_ids)
 
+    async def _image_bytes(self, message: FinalResult | LightReady) -> bytes | None:
+        """The image of a streamed message (read and deleted from the image store when stored); None when
+        the store cannot give it (counted)."""
+        try:
+            return await self.client.image(message, release=True)
+        except (BlobUnavailable, LookupError) as exc:
+            metrics.ERRORS.labels("gateway", E_INTERNAL).inc()
+            self.svc.log.warning("streamed image unavailable", extra={"error": str(exc)[:200]})
+            return None
+
     async def image_file(self, request: Request) -> Response:
         token, _, _ext = request.path_params["token"].partition(".")
         raw: Any = await self.r.get(f"{self.keys.gateway_prefix}image:{token}")
         if raw is None:
             raise ApiError(404, "no such image (links expire with the result TTL)", code="not_found")
         result = FinalResult.decode(raw)
-        return Response(result.image, media_type=MIME.get(result.image_format or "", "application/octet-stream"))
+        data = await self.client.image(result)
+        return Response(data, media_type=MIME.get(result.image_format or "", "application/octet-stream"))
 
     # ---------- jobs API ----------
     def _job_keys(self, job_id: str) -> tuple[str, str]:
@@ -676,7 +714,7 @@ class Gateway:
             if isinstance(message, LightReady):
                 view["status"] = "light_ready"
                 view["light_image"] = {
-                    "b64_json": base64.b64encode(message.image).decode(),
+                    "b64_json": base64.b64encode(message.image or b"").decode(),
                     "model": message.model,
                     "confidence": message.confidence,
                 }
@@ -785,6 +823,11 @@ class Gateway:
 
 async def _api_error(_request: Request, exc: ApiError) -> Response:
     return exc.response()
+
+
+async def _image_gone(_request: Request, exc: Exception) -> Response:
+    metrics.ERRORS.labels("gateway", E_INTERNAL).inc()
+    return ApiError(500, str(exc), code=E_INTERNAL).response()
 
 
 async def _http_error(_request: Request, exc: HTTPException) -> Response:  # unknown route, wrong method

@@ -18,10 +18,12 @@ from redis.exceptions import ResponseError
 from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
+from common.blobs import inline_images, open_store
 from common.config import Keys, ServiceConfig, option
 from common.messages import (
     E_CANCELLED,
     E_DUPLICATE,
+    E_INTERNAL,
     E_INVALID,
     E_MALFORMED,
     E_OVERLOADED,
@@ -140,6 +142,8 @@ class RouterConfig(ServiceConfig, BackendSettings):
         super().__post_init__()
         if not 0 < self.admission_headroom <= 1:
             raise ValueError(f"admission_headroom must be in (0, 1], not {self.admission_headroom}")
+        if self.blob_ttl_s < self.result_ttl_s:  # an answer must not outlive the image it refers to
+            raise ValueError(f"blob_ttl_s ({self.blob_ttl_s}) must be at least result_ttl_s ({self.result_ttl_s})")
 
 
 def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> Job:
@@ -257,6 +261,7 @@ class Router:
         self.stages = StageWatcher(self.r, self.keys)
         self._profile: CascadeProfile | None = None
         self._times: dict[str, Callable[[int], float]] = {}
+        self.blobs = open_store(self.cfg, self.r)
         self._next_trim = 0.0
         self._rng = random.Random()
 
@@ -350,6 +355,7 @@ class Router:
                 reply_to=job.reply_to,
                 partials=job.partials,
                 prompt_index=job.prompt_index,
+                image_ref=job.image_ref and tenant is None,  # a tenant's ACL reaches no image-store key
             )
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
@@ -499,9 +505,13 @@ class Router:
                         error_code=c.error_code,
                         error_message=c.error_message,
                         finished_ms=finished,
+                        image_ref=c.image_ref if c.by_ref else None,
                     ),
                 )
             )
+        # The image goes out inline unless the job asked for a reference.
+        failed = await inline_images(self.blobs, [(r, c.image_ref) for c, r in results if c.image_ref and not c.by_ref])
+        metrics.ERRORS.labels("router", E_INTERNAL).inc(failed)
 
         def deliver(pipe: aioredis.client.Pipeline) -> None:
             for c, result in results:
@@ -511,6 +521,10 @@ class Router:
 
         replies = await self.completions.write_and_ack([e.id for e in entries], [], deliver)
         _count_replaced(replies[: len(results)])
+        # Delivered: the stored images the client holds no reference to are done with.
+        await self.blobs.discard(
+            [key for (c, _r), fresh in zip(results, replies) if fresh for key in c.blobs if key not in c.kept_blobs()]
+        )
         outcomes = {"slo_hit": 0, "slo_miss": 0}
         for (c, result), fresh in zip(results, replies):
             if not fresh:
@@ -538,6 +552,7 @@ class Router:
         """Measure every queue often (the queue-depth metrics); trim less often."""
         for attr, group in PIPELINE_GROUPS:
             metrics.QUEUE_DEPTH.labels(attr).set(await backlog(self.r, getattr(self.keys, attr), group))
+        await self.blobs.maybe_sweep()  # S3: what outlived its TTL (Redis expires its own)
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.cfg.trim_interval_s
             for attr, _group in PIPELINE_GROUPS:

@@ -10,9 +10,21 @@ from dataclasses import dataclass
 
 from common import metrics
 from common.backends import BackendSettings, ImageModel, latency_scale, load_profile, make_model, require_backend
+from common.backends.profiled import fixed_image
+from common.blobs import HEAVY, LIGHT, THUMB, BlobUnavailable, blob_key, open_store
 from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
-from common.messages import E_MODEL, Completion, LightReason, LightResult, Role, RoutedBy, RoutedJob
+from common.messages import (
+    E_INTERNAL,
+    E_MODEL,
+    BlobRef,
+    Completion,
+    LightReason,
+    LightResult,
+    Role,
+    RoutedBy,
+    RoutedJob,
+)
 from common.plan_store import PlanWatcher
 from common.planner import default_plan
 from common.routing import LATE_POLICIES, Stage, batch_times, degrades_late
@@ -77,7 +89,9 @@ class Worker:
             for role in ROLES
         }
         self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
-        self.encoder = EncoderPool(self.cfg.encode_threads)
+        fixed = fixed_image(self.cfg.image_kb) if self.cfg.backend == "profiled" and self.cfg.image_kb > 0 else None
+        self.encoder = EncoderPool(self.cfg.encode_threads, fixed)
+        self.blobs = open_store(self.cfg, self.r)  # each image is written once; entries carry references
         self.batch_ms: dict[int, float] = {}  # measured, smoothed; the profile until measured
         self.profiled_ms = {role: batch_times(self.profile, role, latency_scale(self.cfg)) for role in ROLES}
         # Measured (benchmarks/thumbnail.py): decoding a 512px PNG and resizing it costs the
@@ -210,13 +224,14 @@ class Worker:
         for job in jobs:
             if batch.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
-            elif job.light_image is not None:
+            elif job.light_ref is not None or job.light_image is not None:
+                light: bytes | BlobRef = job.light_ref or job.light_image or b""
                 late.append(
                     (
                         self.keys.completions,
                         Completion.answer(
                             job,
-                            job.light_image,
+                            light,
                             job.light_image_format or "png",
                             Role.LIGHT,
                             self.profile.spec.light,
@@ -259,26 +274,47 @@ class Worker:
         metrics.BATCH_LATENCY.labels("worker", model_name).observe(elapsed)
         futures = self.encoder.submit(images, [(j.image_format, j.image_quality) for j in jobs])
         size = self.thumbnail_size
-        thumbs: list[bytes | None] = (
+        raw_thumbs: list[bytes | None] = (
             await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
             if self.role == Role.LIGHT and size
             else [None] * len(jobs)
         )
+        encoded = [await asyncio.wrap_future(future) for future in futures]
+        # Each image is written once (the big ones to the image store, in one round for the batch).
+        kind = LIGHT if self.role == Role.LIGHT else HEAVY
+        try:
+            kept = await self.blobs.keep(
+                [(blob_key(j.job_id, kind), e.data, e.format, e.digest) for j, e in zip(jobs, encoded) if e.data]
+            )
+            thumbs = await self.blobs.keep(
+                [(blob_key(j.job_id, THUMB), t, "rgb", "") for j, t in zip(jobs, raw_thumbs) if t]
+            )
+        except BlobUnavailable as exc:  # the jobs are answered, the worker goes on with the next batch
+            self.svc.log.error("image store unavailable", extra={"batch": len(jobs), "error": str(exc)[:200]})
+            metrics.ERRORS.labels("worker", E_INTERNAL).inc(len(jobs))
+            return [
+                (self.keys.completions, Completion.failure(j, E_INTERNAL, str(exc), self.id).encode()) for j in jobs
+            ]
+        images_out, thumbs_out = iter(kept), iter(thumbs)
         outputs: list[tuple[str, bytes]] = []
-        for job, future, thumb in zip(jobs, futures, thumbs):
-            encoded = await asyncio.wrap_future(future)
-            if encoded.data is None:  # the encoder failed (and says why)
-                error = encoded.error or "image encoding failed"
+        for job, done, raw_thumb in zip(jobs, encoded, raw_thumbs):
+            thumb = next(thumbs_out) if raw_thumb else None
+            if done.data is None:  # the encoder failed (and says why)
+                error = done.error or "image encoding failed"
                 outputs.append((self.keys.completions, Completion.failure(job, E_MODEL, error, self.id).encode()))
-            elif self.role == Role.LIGHT:
+                continue
+            image = next(images_out)
+            if self.role == Role.LIGHT:
                 outputs.append(
                     (
                         self.keys.light_results,
                         LightResult(
                             job=job,
-                            image=encoded.data,
-                            image_format=encoded.format,
-                            thumbnail=thumb,
+                            image=image if isinstance(image, bytes) else None,
+                            image_ref=image if isinstance(image, BlobRef) else None,
+                            image_format=done.format,
+                            thumbnail=thumb if isinstance(thumb, bytes) else None,
+                            thumbnail_ref=thumb if isinstance(thumb, BlobRef) else None,
                             thumbnail_size=size if thumb else 0,
                             worker_id=self.id,
                             model=model_name,
@@ -292,7 +328,7 @@ class Worker:
                     (
                         self.keys.completions,
                         Completion.answer(
-                            job, encoded.data, encoded.format, Role.HEAVY, model_name, job.confidence, worker_id=self.id
+                            job, image, done.format, Role.HEAVY, model_name, job.confidence, worker_id=self.id
                         ).encode(),
                     )
                 )
@@ -305,6 +341,7 @@ class Worker:
         with contextlib.suppress(asyncio.TimeoutError, *TRANSIENT_ERRORS):
             await asyncio.wait_for(self.r.zrem(self.keys.workers, self.id), CLOSE_TIMEOUT_S)
         self.encoder.close()
+        await self.blobs.close()
 
 
 async def serve(svc: Service[WorkerConfig]) -> None:

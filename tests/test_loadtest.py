@@ -277,18 +277,27 @@ def test_serving_bench_smoke(tmp_path):
             "100",
             "--budget-s",
             "20",
+            "--image-kb",
+            "64",
+            "--blob-url",
+            "local",
             "--out",
             str(out),
             "--log-dir",
             str(tmp_path / "logs"),
         ]
     )
-    result = json.loads(out.read_text())
+    (result,) = json.loads(out.read_text())["runs"]
+    assert result["image_kb"] == 64
     assert result["redis_round_trip"]["xadd_read_ack_ms"]["n"] == 100
     assert 0 < result["redis_round_trip"]["xadd_to_read_ms"]["p50"] < result["overhead_ms"]["p50"]
     assert [s["rate"] for s in result["steps"]] == [40, 80]
     assert all(s["answered"] == s["sent"] and s["errors"] == 0 for s in result["steps"])
     assert result["max_sustained_qps"] in (0, 40, 80)
+    # Each job's two 64 KiB images cross the image store (written, then the answer read); the queue
+    # Redis carries references only.
+    for step in result["steps"]:
+        assert step["blob_kb_per_job"] > 3 * 64 and step["queue_kb_per_job"] < 30, step
     assert "| bare Redis" in out.with_suffix(".md").read_text()
 
 

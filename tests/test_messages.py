@@ -17,6 +17,7 @@ from common.messages import (
     E_MODEL,
     E_OVERLOADED,
     SCHEMA_VERSION,
+    BlobRef,
     Completion,
     DeadLetter,
     FinalResult,
@@ -70,10 +71,33 @@ def test_round_trip_of_every_message_type():
         LightReady(job_id="j1", image=b"\x89PNG", image_format="png", model="sdturbo", confidence=0.2, ready_ms=5.0),
         Completion.cancelled(job, "w1"),
     ]
-    for message in messages:
+    ref = BlobRef(key="j1/light", size=524288, format="png", digest="ab" * 32)
+    by_ref = RoutedJob(
+        job_id="j1",
+        prompt="a cat",
+        arrival_ms=1.0,
+        deadline_ms=5.0,
+        seed=7,
+        image_ref=True,
+        partials=True,
+        light_ref=ref,
+    )
+    referring = [
+        Job(job_id="j1", prompt="a cat", image_ref=True),
+        by_ref,
+        LightResult(job=by_ref, image_format="png", image_ref=ref, thumbnail_ref=ref, thumbnail_size=224),
+        Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo", 0.9),
+        Completion.failure(by_ref, E_MODEL, "boom"),
+        FinalResult(job_id="j1", status=Status.OK, image_ref=ref, image_format="png"),
+        LightReady(job_id="j1", image_format="png", image_ref=ref),
+    ]
+    for message in messages + referring:
         decoded = type(message).decode(message.encode())
         assert decoded == message
-        assert unpack(message.encode())["v"] == SCHEMA_VERSION
+        # Written at the lowest version that carries it: a blob reference anywhere makes it v2.
+        carries_ref = b"digest" in message.encode()
+        assert unpack(message.encode())["v"] == (SCHEMA_VERSION if carries_ref else 1)
+    assert Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo").blobs == ["j1/light"]
 
 
 def test_unknown_fields_are_ignored_and_newer_versions_refused():
@@ -222,6 +246,21 @@ _FULL = RoutedJob(
     routed_by=RoutedBy.DIRECT,
     partials=True,
     prompt_index=17,
+)
+# Blob references (v2): pinned when they were added, like the v1 samples above.
+_REF = BlobRef(key="j2.light", size=524288, format="png", digest="9f" * 32)
+_HEAVY = BlobRef(key="j2.heavy", size=524288, format="png", digest="0a" * 32)
+_BY_REF = RoutedJob(
+    job_id="j2",
+    prompt="a dog",
+    arrival_ms=2.5,
+    deadline_ms=3000.0,
+    seed=42,
+    reply_to="diffserve:reply:y",
+    confidence=0.25,
+    partials=True,
+    image_ref=True,
+    light_ref=_REF,
 )
 FIXED_SAMPLES: list[tuple[Message, str]] = [
     (
@@ -401,7 +440,7 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
         "617465645f7175616c697479cb3fe6666666666666aa637265617465645f6d73cb405ec00000000000b46469736372696d696e61"
         "746f725f726f75746573c2ac646567726164655f6c617465c2a17601a474797065a4706c616e",
     ),
-    # Fields added later (Message.ADDED_FIELDS) are on the wire only when set; these pin them.
+    # Fields added later (Message.LATER) are on the wire only when set; these pin them.
     (
         Completion.answer(
             _JOB, b"img", "png", Role.LIGHT, "sdturbo", 0.12, worker_id="d1", light_reason=LightReason.PLAN
@@ -446,6 +485,95 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
         "73686f6c64cb3fcae147ae147ae1a6726561736f6ebb743d302e3034203c207468652063617363616465277320302e3231a17601a474"
         "797065a4706c616e",
     ),
+    (
+        Job(job_id="j1", prompt="a cat", image_ref=True),
+        # job_image_ref
+        "8ea66a6f625f6964a26a31a670726f6d7074a56120636174a6736c6f5f6d73c0a473656564c0ac696d6167655f666f726d6174a3"
+        "706e67ad696d6167655f7175616c6974795aa87265706c795f746fc0ac7375626d69747465645f6d73c0a763617363616465c0a8"
+        "7061727469616c73c2ac70726f6d70745f696e646578c0a9696d6167655f726566c3a17601a474797065a36a6f62",
+    ),
+    (
+        _BY_REF,
+        # routed_light_ref
+        "de0012a66a6f625f6964a26a32a670726f6d7074a56120646f67aa6172726976616c5f6d73cb4004000000000000ab646561646c"
+        "696e655f6d73cb40a7700000000000a4736565642aac696d6167655f666f726d6174a3706e67ad696d6167655f7175616c697479"
+        "5aa87265706c795f746fb16469666673657276653a7265706c793a79aa636f6e666964656e6365cb3fd0000000000000ab6c6967"
+        "68745f696d616765c0b26c696768745f696d6167655f666f726d6174c0a9726f757465645f6279a763617363616465a870617274"
+        "69616c73c3ac70726f6d70745f696e646578c0a9696d6167655f726566c3a96c696768745f72656684a36b6579a86a322e6c6967"
+        "6874a473697a65ce00080000a6666f726d6174a3706e67a6646967657374d9403966396639663966396639663966396639663966"
+        "3966396639663966396639663966396639663966396639663966396639663966396639663966396639663966a17602a474797065"
+        "aa726f757465645f6a6f62",
+    ),
+    (
+        LightResult(
+            job=_BY_REF,
+            image_format="png",
+            image_ref=_REF,
+            thumbnail_ref=BlobRef(key="j2.thumb", size=150528, format="rgb"),
+            thumbnail_size=224,
+            worker_id="w1",
+            model="sdturbo",
+            batch_size=8,
+            light_ms=12.0,
+        ),
+        # light_result_refs
+        "8da36a6f62de0010a66a6f625f6964a26a32a670726f6d7074a56120646f67aa6172726976616c5f6d73cb4004000000000000ab"
+        "646561646c696e655f6d73cb40a7700000000000a4736565642aac696d6167655f666f726d6174a3706e67ad696d6167655f7175"
+        "616c6974795aa87265706c795f746fb16469666673657276653a7265706c793a79aa636f6e666964656e6365cb3fd00000000000"
+        "00ab6c696768745f696d616765c0b26c696768745f696d6167655f666f726d6174c0a9726f757465645f6279a763617363616465"
+        "a87061727469616c73c3ac70726f6d70745f696e646578c0a9696d6167655f726566c3a96c696768745f72656684a36b6579a86a"
+        "322e6c69676874a473697a65ce00080000a6666f726d6174a3706e67a6646967657374d940396639663966396639663966396639"
+        "66396639663966396639663966396639663966396639663966396639663966396639663966396639663966396639663966a5696d"
+        "616765c0ac696d6167655f666f726d6174a3706e67a97468756d626e61696cc0ae7468756d626e61696c5f73697a65cce0a9776f"
+        "726b65725f6964a27731a56d6f64656ca77364747572626faa62617463685f73697a6508a86c696768745f6d73cb402800000000"
+        "0000a9696d6167655f72656684a36b6579a86a322e6c69676874a473697a65ce00080000a6666f726d6174a3706e67a664696765"
+        "7374d940396639663966396639663966396639663966396639663966396639663966396639663966396639663966396639663966"
+        "39663966396639663966396639663966ad7468756d626e61696c5f72656684a36b6579a86a322e7468756d62a473697a65ce0002"
+        "4c00a6666f726d6174a3726762a6646967657374a0a17602a474797065ac6c696768745f726573756c74",
+    ),
+    (
+        Completion.answer(_BY_REF, _HEAVY, "png", Role.HEAVY, "sdv15", 0.25, worker_id="w2"),
+        # completion_ref
+        "de0014a66a6f625f6964a26a32aa6172726976616c5f6d73cb4004000000000000ab646561646c696e655f6d73cb40a770000000"
+        "0000a87265706c795f746fb16469666673657276653a7265706c793a79a6737461747573a26f6ba5696d616765c0ac696d616765"
+        "5f666f726d6174a3706e67ab616e7377657265645f6279a56865617679a56d6f64656ca57364763135aa636f6e666964656e6365"
+        "cb3fd0000000000000a86465677261646564c2aa6572726f725f636f6465c0ad6572726f725f6d657373616765c0a9776f726b65"
+        "725f6964a27732a9696d6167655f72656684a36b6579a86a322e6865617679a473697a65ce00080000a6666f726d6174a3706e67"
+        "a6646967657374d94030613061306130613061306130613061306130613061306130613061306130613061306130613061306130"
+        "613061306130613061306130613061306130613061a662795f726566c3a87061727469616c73c3a5626c6f627392a86a322e6c69"
+        "676874a86a322e6865617679a17602a474797065aa636f6d706c6574696f6e",
+    ),
+    (
+        FinalResult(
+            job_id="j2",
+            status=Status.OK,
+            image_format="png",
+            answered_by=Role.HEAVY,
+            model="sdv15",
+            confidence=0.25,
+            latency_ms=80.0,
+            slo_met=True,
+            finished_ms=99.0,
+            image_ref=_HEAVY,
+        ),
+        # final_ref
+        "de0010a66a6f625f6964a26a32a6737461747573a26f6ba5696d616765c0ac696d6167655f666f726d6174a3706e67ab616e7377"
+        "657265645f6279a56865617679a56d6f64656ca57364763135aa636f6e666964656e6365cb3fd0000000000000a8646567726164"
+        "6564c2aa6c6174656e63795f6d73cb4054000000000000a7736c6f5f6d6574c3aa6572726f725f636f6465c0ad6572726f725f6d"
+        "657373616765c0ab66696e69736865645f6d73cb4058c00000000000a9696d6167655f72656684a36b6579a86a322e6865617679"
+        "a473697a65ce00080000a6666f726d6174a3706e67a6646967657374d94030613061306130613061306130613061306130613061"
+        "306130613061306130613061306130613061306130613061306130613061306130613061306130613061a17602a474797065ac66"
+        "696e616c5f726573756c74",
+    ),
+    (
+        LightReady(job_id="j2", image_format="png", model="sdturbo", confidence=0.25, ready_ms=5.0, image_ref=_REF),
+        # light_ready_ref
+        "89a66a6f625f6964a26a32a5696d616765c0ac696d6167655f666f726d6174a3706e67a56d6f64656ca77364747572626faa636f"
+        "6e666964656e6365cb3fd0000000000000a872656164795f6d73cb4014000000000000a9696d6167655f72656684a36b6579a86a"
+        "322e6c69676874a473697a65ce00080000a6666f726d6174a3706e67a6646967657374d940396639663966396639663966396639"
+        "66396639663966396639663966396639663966396639663966396639663966396639663966396639663966396639663966a17602"
+        "a474797065ab6c696768745f7265616479",
+    ),
 ]
 
 
@@ -475,3 +603,18 @@ def test_construction_is_keyword_only():
         FinalResult("j1", "ok")
     with pytest.raises(TypeError):
         RoutedJob("j1", "a cat", 1.0, 2.0, 7)
+
+
+def test_a_malformed_blob_reference_is_refused_with_the_job_id():
+    good = FinalResult(job_id="j1", status=Status.OK, image_ref=_HEAVY).to_dict()
+    assert FinalResult.from_dict(good).image_ref == _HEAVY
+    for bad in (
+        {"key": "", "size": 1, "format": "png"},
+        {"key": "k", "size": -1, "format": "png"},
+        {"key": "k", "size": 1, "format": "tiff"},
+        {"key": "k" * 300, "size": 1, "format": "png"},
+        "k",
+    ):
+        with pytest.raises(MessageError) as err:
+            FinalResult.from_dict({**good, "image_ref": bad})
+        assert err.value.code == E_INVALID and err.value.job_id == "j1"

@@ -104,6 +104,12 @@ class BackendSettings:
         "(a job carrying a prompt_index gets its line's confidence)",
         env="DIFFSERVE_CONFIDENCE_FILE",
     )
+    image_kb: int = option(
+        0,
+        "profiled backend: every image is one PNG of this many KiB, encoded once at start, so a benchmark "
+        "measures moving images, not encoding them (0: a 64x64 placeholder encoded per job)",
+        env="DIFFSERVE_IMAGE_KB",
+    )
     prompts_file: str | None = option(
         None,
         "prompt file the confidence file's lines are of, for jobs that carry no prompt_index (default: DiffusionDB 5k)",

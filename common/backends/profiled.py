@@ -6,10 +6,17 @@ its images are flat placeholders, and results from it are labelled as profiled.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import struct
 import time
+import zlib
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
+
+from common.imaging import Encoded
 
 from common.profiles import ConfidenceCurve, LatencyTable, uniform_from_text
 
@@ -45,6 +52,27 @@ class ProfiledModel:
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
         return [self._image] * len(prompts)
+
+
+def fixed_image(kib: int, seed: int = 0) -> Encoded:
+    """A valid PNG of exactly ``kib`` KiB (noise, which does not compress, padded with a private chunk),
+    made once: the profiled backend's ``--image-kb`` images, so benchmarks measure moving them, not encoding."""
+    target = kib * 1024
+    side = max(1, int((target / 3) ** 0.5))
+    rng = np.random.default_rng(seed)
+    while True:
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+        png = buf.getvalue()
+        if len(png) + 12 <= target or side == 1:
+            break
+        side -= max(1, side // 50)
+    if len(png) + 12 <= target:
+        pad = target - len(png) - 12
+        chunk = b"dsPd" + b"\0" * pad  # ancillary, private (lower-case first letters): decoders skip it
+        png = png[:-12] + struct.pack(">I", pad) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[-12:]
+    return Encoded(png, "png", digest=hashlib.sha256(png).hexdigest())
 
 
 def confidences_by_text(overrides: dict[int, float], prompts: list[str]) -> dict[str, float]:
