@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,9 +52,11 @@ from common.planner import (
     quality_threshold,
 )
 from common.profiles import BATCH_GRID, CascadeProfile
-from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, search
+from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, relevel, search
 
 LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
+SHIFT_TICKS = 3  # the load moved to another level when this many ticks' median rate ...
+SHIFT_RATIO = 1.5  # ... differs from the earlier median by more than this factor
 
 
 class RateEstimator:
@@ -178,7 +181,7 @@ class ControlSettings:
     max_switch_fraction: float = 0.25
     spare_util: float = 0.5
     headroom: float = DEFAULT_HEADROOM
-    look_ahead: bool = True
+    look_ahead: bool = False  # plan for the demand extrapolated one interval while it rises
     drain_intervals: float = 2.0  # a backlog is planned to drain within this many intervals
     fixed_plan: FixedPlan | None = None
     static_demand: float | None = None
@@ -283,6 +286,23 @@ class ControlLoop:
             return None
         return stored.heavy_fraction if self.spec.options == "split" else stored.threshold
 
+    def level_shift(self) -> tuple[float, float] | None:
+        """(ratio, seconds ago) when the load has moved to another level: the median arrival rate of the
+        last SHIFT_TICKS ticks differs from the median of the earlier ticks in the replay's window by more
+        than a factor SHIFT_RATIO.  Medians, so that a burst of a tick or two is no shift."""
+        samples = list(self.peak.samples)
+        if len(samples) < 2 * SHIFT_TICKS:
+            return None
+        recent, last_at = samples[-SHIFT_TICKS:], samples[-1][0]
+        before = [rate for at, rate, _s in samples[:-SHIFT_TICKS] if at > last_at - self.cfg.hindsight_s]
+        if len(before) < SHIFT_TICKS:
+            return None
+        new, old = statistics.median(r for _at, r, _s in recent), statistics.median(before)
+        if old <= 0 or new <= 0 or 1 / SHIFT_RATIO <= new / old <= SHIFT_RATIO:
+            return None
+        started = recent[0][0] - recent[0][2]
+        return new / old, last_at - started
+
     def light_floor(self, workers: int) -> int:
         """Two light workers in a cluster of four or more until the history shows the light stage's
         recurring peak (every query passes the light model, and nothing yet says how bursty the load
@@ -362,6 +382,10 @@ class ControlLoop:
         covered_ms = now_ms - first * history.bucket_ms if first is not None else 0.0
         if covered_ms < cfg.hindsight_min_s * 1000.0 or len(arrivals) < 2:
             return ""
+        shift = self.level_shift()
+        if shift is not None:  # replay the history at the level the load has moved to
+            ratio, age_s = shift
+            arrivals = relevel(arrivals, span_ms - age_s * 1000.0, ratio)
         arrivals = arrivals[-cfg.hindsight_max_jobs :]
         replay = Replay(
             [a - arrivals[0] for a in arrivals],
@@ -381,9 +405,6 @@ class ControlLoop:
             result.threshold
         ]
         slo = cfg.slo_ms
-        light_batches = [
-            b for b in cfg.batch_grid if replay.batch_ms("light", b) + replay.batch_ms("discriminator", b) <= slo
-        ]
         first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)
         heavy_batches = [b for b in cfg.batch_grid if first_light + replay.batch_ms("heavy", b) <= slo]
         # The plan in force keeps ties (hysteresis: a replay of a few hundred jobs is noisy), when it was
@@ -397,7 +418,7 @@ class ControlLoop:
         base = Candidate(
             threshold=min(max(keep.threshold if keep else result.threshold, grid[0]), grid[-1]),
             light_workers=result.light_workers,
-            light_batch=keep.light_batch if keep else result.light_batch,
+            light_batch=result.light_batch,
             heavy_workers=result.heavy_workers,
             heavy_batch=keep.heavy_batch if keep else result.heavy_batch,
         )
@@ -405,7 +426,9 @@ class ControlLoop:
             replay,
             base,
             thresholds=grid,
-            light_batches=light_batches or [result.light_batch],
+            # the light batch stays the solver's (the most capacity within the SLO): a quiet replay window
+            # cannot tell what a smaller one would cost in the next burst
+            light_batches=[result.light_batch],
             heavy_batches=heavy_batches or [result.heavy_batch],
             tie=cfg.hindsight_tie,
         )

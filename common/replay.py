@@ -74,6 +74,22 @@ class ArrivalHistory:
         return out
 
 
+def relevel(arrivals_ms: Sequence[float], change_ms: float, ratio: float, seed: int = 0) -> list[float]:
+    """The arrivals before ``change_ms`` thinned (``ratio`` < 1) or repeated (> 1) to the level after it,
+    keeping their structure (a burst stays a burst): the history as it would have been at the level the
+    load has moved to.  Copies are spread over the gap to the next arrival."""
+    rng = random.Random(seed)
+    out: list[float] = []
+    for i, a in enumerate(arrivals_ms):
+        if a >= change_ms:
+            out.append(a)
+            continue
+        k = int(ratio) + (rng.random() < ratio - int(ratio))
+        gap = (arrivals_ms[i + 1] if i + 1 < len(arrivals_ms) else change_ms) - a
+        out.extend(a + gap * j / k for j in range(k))
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
     threshold: float

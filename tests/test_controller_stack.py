@@ -5,6 +5,7 @@ and it settles; no job is lost or duplicated meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -85,3 +86,39 @@ def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server,
     settled = [p.threshold for p in high[-3:]]
     assert max(settled) - min(settled) <= 0.02 + 1e-9, settled  # and it settled (demand noise: a grid step)
     assert max(p.light_workers for p in high) >= max(p.light_workers for p in steady)
+
+
+def test_the_first_plan_has_the_registered_workers_and_heavy_answers_come_from_the_start(redis_server, tmp_path):
+    """Before, the first plan was made before any worker registered (t = 0, no roles) and every answer
+    of the first interval came from the light model."""
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        light_workers=2,
+        heavy_workers=2,
+        controller=True,
+        time_scale=TIME_SCALE,
+        controller_args=["--interval-s", str(10 * TIME_SCALE)],
+        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * TIME_SCALE)},
+    )
+    prompts = [p for p in load_prompts() if p][:20]
+    with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
+        async def first_ten_seconds():  # 2 q/s for 10 full-speed seconds, from the moment the stack is up
+            async with Client(redis_url=redis_server.url) as client:
+
+                async def one(i, prompt):
+                    await asyncio.sleep(i * 0.5 * TIME_SCALE)
+                    return await client.submit(prompt, timeout=60)
+
+                return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+        results = asyncio.run(first_ten_seconds())
+        log = (stack.log_dir / "controller.log").read_text().splitlines()
+    plans = [json.loads(line) for line in log if '"new plan"' in line]
+    first = plans[0]
+    assert first["version"] == 1 and first["feasible"], first
+    assert first["light_workers"] + first["heavy_workers"] == 4 and first["heavy_workers"] >= 1, first
+    assert first["threshold"] > 0, first
+    assert all(r.status == "ok" for r in results)
+    heavy = sum(r.answered_by == "heavy" for r in results)
+    assert heavy >= len(results) // 4, [(r.answered_by, r.light_reason) for r in results]
