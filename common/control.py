@@ -55,8 +55,7 @@ from common.profiles import BATCH_GRID, CascadeProfile
 from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, relevel, search
 
 LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
-SHIFT_TICKS = 3  # the load moved to another level when this many ticks' median rate ...
-SHIFT_RATIO = 1.5  # ... differs from the earlier median by more than this factor
+SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
 
 
 class RateEstimator:
@@ -175,6 +174,7 @@ class ControlSettings:
     hindsight_tie: float = 0.005  # ... a plan must beat the solver's (or the better one) by this much quality
     hindsight_keep: bool = True  # ... the plan in force is the one to beat
     hop_ms: float = HOP_MS  # ... each service's CPU per batch, in this clock
+    shift_ticks: int = 3  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
     max_threshold_step: float = 0.05
     threshold_margin: float = 0.05
     worker_margin: int = 1
@@ -288,14 +288,14 @@ class ControlLoop:
 
     def level_shift(self) -> tuple[float, float] | None:
         """(ratio, seconds ago) when the load has moved to another level: the median arrival rate of the
-        last SHIFT_TICKS ticks differs from the median of the earlier ticks in the replay's window by more
+        last ``shift_ticks`` ticks differs from the median of the earlier ticks in the replay's window by more
         than a factor SHIFT_RATIO.  Medians, so that a burst of a tick or two is no shift."""
         samples = list(self.peak.samples)
-        if len(samples) < 2 * SHIFT_TICKS:
+        if len(samples) < 2 * self.cfg.shift_ticks:
             return None
-        recent, last_at = samples[-SHIFT_TICKS:], samples[-1][0]
-        before = [rate for at, rate, _s in samples[:-SHIFT_TICKS] if at > last_at - self.cfg.hindsight_s]
-        if len(before) < SHIFT_TICKS:
+        recent, last_at = samples[-self.cfg.shift_ticks:], samples[-1][0]
+        before = [rate for at, rate, _s in samples[:-self.cfg.shift_ticks] if at > last_at - self.cfg.hindsight_s]
+        if len(before) < self.cfg.shift_ticks:
             return None
         new, old = statistics.median(r for _at, r, _s in recent), statistics.median(before)
         if old <= 0 or new <= 0 or 1 / SHIFT_RATIO <= new / old <= SHIFT_RATIO:

@@ -5,6 +5,8 @@ each query as the live profiled stack does."""
 from __future__ import annotations
 
 import json
+import random
+import statistics
 import os
 import subprocess
 import sys
@@ -173,3 +175,32 @@ def test_simulator_routes_each_query_as_the_live_stack(profile, prompts, tmp_pat
     assert all(not j.result.degraded for j in live.jobs)
     expected = {i: "light" if c >= 0.3 else "heavy" for i, c in confidences.items()}
     assert by_sim == expected
+
+
+def _burst_trace(base_qps: float, n_prompts: int, *, before_s=240.0, burst_s=4.0, after_s=100.0, factor=10.0, seed=1):
+    """Poisson at ``base_qps``, then ``factor`` times that for ``burst_s``, then the base again."""
+    rng = random.Random(seed)
+    arrivals, t, end = [], 0.0, before_s + burst_s + after_s
+    while True:
+        t += rng.expovariate(base_qps * factor if before_s <= t < before_s + burst_s else base_qps)
+        if t >= end:
+            break
+        arrivals.append(round(t * 1000, 3))
+    return Trace(arrivals, [rng.randrange(1, n_prompts) for _ in arrivals], "burst", end)
+
+
+@pytest.mark.parametrize("workers", [4, 8, 16])
+def test_a_burst_costs_seconds_not_minutes(profile, prompts, workers):
+    """A 10x burst of 4 s: within 60 s of its end the threshold is back within 0.02 of where it was before
+    (the median of the minute before), and the plan's demand is back at the base rate (no phantom)."""
+    base = workers / 2
+    trace = _burst_trace(base, len(prompts))
+    run = simulate(profile, trace, prompts, SimConfig(policy="diffserve", workers=workers, slo_ms=5000))
+    samples = run.plan_samples
+    before = statistics.median(s["threshold"] for s in samples if 180 <= s["t_s"] < 240)
+    after = [s for s in samples if 244 + 60 <= s["t_s"] <= 344]
+    assert after and all(abs(s["threshold"] - before) <= 0.02 + 1e-9 for s in after), (
+        before,
+        [(s["t_s"], s["threshold"]) for s in after],
+    )
+    assert all(s["demand_qps"] <= 1.5 * base for s in after), [(s["t_s"], s["demand_qps"]) for s in after]
