@@ -144,7 +144,9 @@ class ServiceConfig(RedisSettings):
 
     metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
     metrics_addr: str = option(
-        "0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)", env="METRICS_ADDR"
+        "127.0.0.1",
+        "address the metrics port listens on: loopback unless set (compose sets 0.0.0.0 inside its network)",
+        env="METRICS_ADDR",
     )
     clock_skew_ms: float = option(
         0.0,
