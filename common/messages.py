@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import types
 import typing
 import uuid
@@ -95,9 +96,13 @@ def new_job_id() -> str:
 @dataclass(kw_only=True)
 class Message:
     TYPE: ClassVar[str] = ""
+    # Fields added after the first release: on the wire only when set, so a message without them keeps
+    # its exact bytes (tests/test_messages.py pins them) and older readers see what they always saw.
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
+        _drop_unset(body, self.LATER_FIELDS)
         body["v"] = SCHEMA_VERSION
         body["type"] = self.TYPE
         return body
@@ -126,6 +131,12 @@ class Message:
     @classmethod
     def decode(cls, payload: bytes) -> Self:
         return cls.from_dict(unpack(payload))
+
+
+def _drop_unset(body: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        if body.get(name, 0) is None:
+            del body[name]
 
 
 def unpack(payload: bytes) -> dict[str, Any]:
@@ -195,6 +206,29 @@ class Job(Message):
     cascade: str | None = None  # optional: refused unless it is the cascade this deployment serves
     partials: bool = False  # send a LightReady to reply_to when the light image goes on to the heavy model
     prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
+    # A secret of the submitter, echoed in the job's answers: a reader of its reply stream accepts only
+    # answers that carry it (anyone who can write the stream but not read the jobs stream cannot forge one).
+    reply_token: str | None = None
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("reply_token",)
+
+    def digest(self) -> str:
+        """What makes two submissions under one id the same request (an idempotent retry, design.md):
+        every field but the id and the informational ``submitted_ms``. The reply target is in it, so a
+        matching entry can never move the answer; a tenant's ids are its own, so no one else can match."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del fields["job_id"], fields["submitted_ms"]
+        packed: bytes = msgpack.packb(sorted(fields.items()), use_bin_type=True)
+        return hashlib.sha256(packed).hexdigest()[:32]
+
+
+@dataclass(kw_only=True)
+class Cancel(Message):
+    """On a submission stream: cancel a job of this submitter that has not started (tenants cancel this
+    way; the router sets the cancel flag, with a TTL, only for an id it admitted)."""
+
+    TYPE: ClassVar[str] = "cancel"
+    job_id: str
 
 
 @dataclass(kw_only=True)
@@ -216,6 +250,9 @@ class RoutedJob(Message):
     routed_by: RoutedBy = RoutedBy.CASCADE
     partials: bool = False  # copied from Job
     prompt_index: int | None = None
+    reply_token: str | None = None  # copied from Job
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("reply_token",)
 
 
 @dataclass(kw_only=True)
@@ -232,6 +269,11 @@ class LightResult(Message):
     model: str = ""
     batch_size: int = 0
     light_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        _drop_unset(body["job"], RoutedJob.LATER_FIELDS)
+        return body
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Self:
@@ -260,6 +302,9 @@ class Completion(Message):
     error_code: str | None = None
     error_message: str | None = None
     worker_id: str = ""
+    reply_token: str | None = None  # copied from the job
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("reply_token",)
 
     @classmethod
     def failure(cls, job: RoutedJob, code: str, message: str, worker_id: str = "") -> Self:
@@ -268,6 +313,7 @@ class Completion(Message):
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
+            reply_token=job.reply_token,
             status=Status.ERROR,
             error_code=code,
             error_message=message,
@@ -281,6 +327,7 @@ class Completion(Message):
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
+            reply_token=job.reply_token,
             status=Status.CANCELLED,
             error_code=E_CANCELLED,
             error_message="cancelled by the client before it ran",
@@ -304,6 +351,7 @@ class Completion(Message):
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
+            reply_token=job.reply_token,
             image=image,
             image_format=image_format,
             answered_by=answered_by,
@@ -333,12 +381,9 @@ class FinalResult(Message):
     error_message: str | None = None
     finished_ms: float = 0.0
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
+    reply_token: str | None = None  # the job's, so its submitter can tell this answer from a forged one
 
-    def to_dict(self) -> dict[str, Any]:
-        body = super().to_dict()
-        if body["retry_after_ms"] is None:  # added later: absent unless set, so older answers keep their bytes
-            del body["retry_after_ms"]
-        return body
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("retry_after_ms", "reply_token")
 
 
 @dataclass(kw_only=True)
@@ -354,6 +399,9 @@ class LightReady(Message):
     model: str = ""
     confidence: float | None = None
     ready_ms: float = 0.0
+    reply_token: str | None = None  # the job's, as in FinalResult
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("reply_token",)
 
 
 @dataclass(kw_only=True)
