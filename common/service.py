@@ -74,7 +74,11 @@ class Service(Generic[C]):
         self.log.info("ready", extra={"instance": self.config.instance_id})
 
 
-def run(name: str, config: C, serve: Callable[[Service[C]], Awaitable[None]]) -> None:
+def run(
+    name: str, config: C, serve: Callable[[Service[C]], Awaitable[None]], *, stop_grace_s: float = STOP_GRACE_S
+) -> None:
+    """Run ``serve`` as service ``name`` until SIGTERM/SIGINT; ``stop_grace_s``: how long it may then take to
+    wind down before what it awaits is cancelled (a service that drains open requests asks for more)."""
     logs.setup(name, config.log_level)
     metrics.serve(config.metrics_port, config.metrics_addr)
 
@@ -96,7 +100,7 @@ def run(name: str, config: C, serve: Callable[[Service[C]], Awaitable[None]]) ->
         def on_signal() -> None:
             if not service.stop.is_set():
                 service.stop.set()
-                loop.call_later(STOP_GRACE_S, overdue)
+                loop.call_later(stop_grace_s, overdue)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)

@@ -438,9 +438,13 @@ class Router:
                 errors.append((job.reply_to, self._duplicate(job, arrival)))
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _e, _s, job, _d in fresh])
         cancelled |= set(cancels) & {job.job_id for _e, _s, job, _d in fresh}
-        # A Cancel for a job admitted earlier sets its flag (with a TTL: flags never outlive the job's
-        # markers); one for an id never admitted is dropped, so flags cannot pile up.
-        flags = [i for i in cancels if claims.get(i) is not None and i not in cancelled]
+        # A Cancel sets the job's flag, always with a TTL: as long as the job's markers live for a job
+        # admitted earlier, --refused-ttl-s for one not seen yet (cancelled before it is submitted).
+        flags = {
+            i: self.cfg.result_ttl_s if claims.get(i) is not None else self.cfg.refused_ttl_s
+            for i in cancels
+            if i not in cancelled
+        }
         for _entry, _source, job, _digest in fresh:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
                 why = "cancelled by the client before it ran"
@@ -531,16 +535,14 @@ class Router:
                     self._deliver(pipe, message, reply_to, admitted=False)
             for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
                 pipe.delete(self.keys.done(job_id))
-            for job_id in flags:
-                pipe.set(self.keys.cancel(job_id), 1, ex=self.cfg.result_ttl_s)
+            for job_id, ttl in flags.items():
+                pipe.set(self.keys.cancel(job_id), 1, ex=ttl)
 
         replies = await self.submissions.write_and_ack(entries, outputs, deliver_errors)
         _count_replaced(replies[len(outputs) : len(outputs) + len(errors)])
         metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
         if retried:
             metrics.PROCESSED.labels("router", "retried").inc(retried)
-        if len(cancels) > len(flags):
-            metrics.PROCESSED.labels("router", "cancel_ignored").inc(len(cancels) - len(flags))
 
     def _duplicate(self, job: Job, arrival: float) -> FinalResult:
         metrics.ERRORS.labels("router", E_DUPLICATE).inc()

@@ -449,3 +449,55 @@ def test_a_tenants_job_may_only_name_its_own_reply_keys():
         assert (refused.value.code, refused.value.job_id) == (E_INVALID, "j1")
     with pytest.raises(MessageError):  # nor may a shared-stream job name a tenant's key
         parse_job(entry(job_id="j1", reply_to="diffserve:out:alice:r"), cfg, KEYS)
+
+
+@pytest.mark.slow
+def test_a_tenants_cancel_flags_expire(stack):
+    """A tenant cancels through its own stream; the router sets the flag, always with a TTL (a tenant
+    could SET its flags without one, and they stayed in Redis for good)."""
+    server = stack
+    pw = add_tenant(server, "flagger")
+    admin = _admin(server)
+
+    async def go():
+        async with Client(tenant_settings(server, pw), tenant="flagger") as c:
+            await c.cancel("later-1")  # not submitted yet
+            done = await c.submit("a fox", job_id="f1", timeout=60)
+            await c.cancel("f1")  # already answered
+            await asyncio.sleep(1.0)
+            return done
+
+    assert asyncio.run(go()).status == "ok"
+    flags = admin.keys(f"{KEYS.cancel_prefix}flagger*")
+    assert len(flags) == 2 and all(0 < admin.ttl(key) <= 3600 for key in flags)
+
+
+@pytest.mark.slow
+def test_a_name_removed_and_added_again_inherits_nothing(stack):
+    """The same name, removed and added again, is a new tenant: the old one's cancel flags and admitted
+    ids used to cancel or refuse the new one's jobs (duplicate_job_id)."""
+    server = stack
+    admin = _admin(server)
+
+    async def first_life(pw: str):
+        async with Client(tenant_settings(server, pw), tenant="phoenix") as c:
+            answered = await c.submit("a fox", job_id="p1", timeout=60)
+            await c.cancel("p2")
+            await asyncio.sleep(1.0)
+        r = connect(_admin_settings(server))
+        try:
+            await remove(r, KEYS, "phoenix")
+        finally:
+            await r.aclose()
+        return answered
+
+    async def second_life(pw: str):
+        await asyncio.sleep(2.5)  # the router sees the new tenant
+        async with Client(tenant_settings(server, pw), tenant="phoenix") as c:
+            return await _submit_all(c, ["p1", "p2"])
+
+    assert asyncio.run(first_life(add_tenant(server, "phoenix"))).status == "ok"
+    leftovers = [k for p in ("cancel", "admitted", "done") for k in admin.keys(f"diffserve:{p}:phoenix*")]
+    assert leftovers == []
+    results = asyncio.run(second_life(add_tenant(server, "phoenix")))
+    assert [(r.job_id, r.status, r.error_code) for r in results] == [("p1", "ok", None), ("p2", "ok", None)]
