@@ -92,16 +92,38 @@ async def _answers(r: aioredis.Redis, prefix: str, ids: list[str]) -> dict[str, 
     return out
 
 
+async def _collect_forever(
+    r: aioredis.Redis, prefix: str, accepted: list[str], seen: dict[str, list[FinalResult]], done: asyncio.Event
+) -> None:
+    """Read answers while the run goes on: a refusal's reply stream expires after --refused-ttl-s (300 s),
+    long before a run of this size ends. Rides out the Redis restarts."""
+    while not done.is_set():
+        missing = [j for j in list(accepted) if not seen.get(j)]
+        try:
+            seen.update({j: a for j, a in (await _answers(r, prefix, missing)).items() if a})
+        except (OSError, aioredis.RedisError):  # Redis is restarting
+            pass
+        try:
+            await asyncio.wait_for(done.wait(), 3.0)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def _load(
     stack: LocalStack, server: RedisServer, args: argparse.Namespace, rate: float, namespace: str
 ) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    prompts = load_prompts()
+    prompts = [p for p in load_prompts() if p.strip()]
     accepted: list[str] = []
     failures: Counter[str] = Counter()
     inflight = asyncio.Semaphore(args.max_in_flight)
     chaos = Chaos(stack, server, args.kill_every, rng)
     limits = httpx.Limits(max_connections=args.max_in_flight, max_keepalive_connections=args.max_in_flight)
+    r = aioredis.Redis.from_url(stack.redis_url or "")
+    prefix = f"{namespace}:reply:"
+    seen: dict[str, list[FinalResult]] = {}
+    collecting = asyncio.Event()
+    collector = asyncio.create_task(_collect_forever(r, prefix, accepted, seen, collecting))
     started = time.monotonic()
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{stack.spec.gateway_port}", timeout=30.0, limits=limits
@@ -117,16 +139,14 @@ async def _load(
     send_s = time.monotonic() - started
     chaos.stop.set()
     await asyncio.to_thread(chaos.thread.join)
-    r = aioredis.Redis.from_url(stack.redis_url or "")
-    prefix = f"{namespace}:reply:"
     deadline = time.monotonic() + args.drain_s
-    answers = await _answers(r, prefix, accepted)
-    while time.monotonic() < deadline and any(not a for a in answers.values()):
+    while time.monotonic() < deadline and any(not seen.get(j) for j in accepted):
         await asyncio.sleep(2.0)
-        missing = [j for j, a in answers.items() if not a]
-        answers.update(await _answers(r, prefix, missing))
     await asyncio.sleep(2.0)  # a second answer would have arrived by now
-    answers = await _answers(r, prefix, accepted)
+    collecting.set()
+    await collector
+    final = await _answers(r, prefix, accepted)  # refusals read earlier may have expired since
+    answers = {j: max(seen.get(j, []), final[j], key=len) for j in accepted}
     await r.aclose()
     finals = [a[0] for a in answers.values() if a]
     admitted = [f for f in finals if f.error_code != "overloaded"]
