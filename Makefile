@@ -7,10 +7,12 @@ LINTED := common services loadtest tests diffserve tools benchmarks compose
 
 .PHONY: demo test test-fast lint up compose-test chart-test chart-smoke
 
-# Installs what a fresh machine lacks: redis-server (Debian), a venv with the pinned dependencies.
+# Installs what a fresh machine lacks: redis-server and faketime (Debian; the clock-skew tests move a service's
+# clock with libfaketime), a venv with the pinned dependencies.
 # The demo needs only the core (profiled backend, no torch); the tests also run the tiny real models.
 $(CORE): pyproject.toml constraints.txt
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+	command -v faketime >/dev/null || (apt-get update && apt-get install -y faketime)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(CORE)

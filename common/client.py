@@ -17,6 +17,12 @@ before the final result arrives.  ``cancel(job_id)`` stops a job that has not st
 ``LightReady.image_ref``; small images still come inline); ``await client.image(result)`` reads the bytes
 from the image store (``DIFFSERVE_BLOB_URL``, the queue Redis by default), ``release=True`` deletes them
 as it reads (otherwise they expire after ``--blob-ttl-s``).
+
+Each job carries a random ``reply_token`` that its answers echo; the reader accepts only an answer with
+the token of a job it still waits for, so whoever can write the reply stream but cannot read the jobs
+stream cannot forge one.  A submission whose reply was lost (the connection dropped after Redis took
+the entry) is sent again, the same bytes under the same id: the router recognises the retry and the one
+answer of the job comes back (design.md, "Retrying a job id").
 """
 
 from __future__ import annotations
@@ -24,21 +30,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from common.blobs import BlobStore, open_store
 from common.config import Keys, RedisSettings
-from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
-from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, add, connect
-from common.tenants import check_name, default_reply, scoped_id
+from common.messages import ENTRY_FIELD, Cancel, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
+from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, Backoff, add, connect
+from common.tenants import check_name, default_reply
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 200  # also how long close() may wait for the reader
+SUBMIT_ATTEMPTS = 5  # a submission that fails on the connection is sent again (same bytes) this often
 BLPOP_PIECE_S = SOCKET_TIMEOUT_S / 2  # one BLPOP must return before the socket timeout fires
 
 
@@ -71,9 +78,9 @@ class Client:
         self._waiting: dict[str, asyncio.Future[FinalResult]] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
         self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
-        # Answers still owed per job id put on our reply stream: anything else there was forged
-        # (or a duplicate) by someone who can write the stream, and is dropped.
-        self._owed: Counter[str] = Counter()
+        # job id -> the reply token of the answer still owed on our reply stream: anything else there
+        # (another id, a wrong or missing token, a second answer) was forged or duplicated, and is dropped.
+        self._owed: dict[str, str] = {}
         self.dropped = 0  # unclaimed results dropped because nobody read them
         self.rejected = 0  # results for job ids this client did not submit
         self._reader: asyncio.Task[None] | None = None
@@ -142,8 +149,10 @@ class Client:
         prompt's line in the prompt file (trace replays).  ``image_ref``: answer with a reference to the
         stored image (read it with ``image()``)."""
         reply_to = reply_to or (self.reply_stream if reply else None)
+        job_id = job_id or new_job_id()
+        ours = reply_to == self.reply_stream
         job = Job(
-            job_id=job_id or new_job_id(),
+            job_id=job_id,
             prompt=prompt,
             slo_ms=slo_ms,
             seed=seed,
@@ -155,11 +164,24 @@ class Client:
             partials=partials,
             prompt_index=prompt_index,
             image_ref=image_ref,
+            # A retry of an id still owed keeps its token: the same request, so the router serves it once.
+            reply_token=(self._owed.get(job_id) or secrets.token_hex(16)) if ours else None,
         )
-        if reply_to == self.reply_stream:
-            self._owed[job.job_id] += 1
+        if ours:
+            assert job.reply_token is not None
+            self._owed[job.job_id] = job.reply_token
             self._start_reader()
-        await add(self.redis, self.jobs_stream, job.encode())
+        payload, backoff = job.encode(), Backoff(base=0.2, cap=2.0)
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                await add(self.redis, self.jobs_stream, payload)
+                break
+            except TRANSIENT_ERRORS:
+                # Redis may have taken the entry before the connection broke: the same bytes again are a
+                # retry of the same request, which the router answers once.
+                if attempt == SUBMIT_ATTEMPTS - 1:
+                    raise
+                await backoff.wait()
         return job.job_id
 
     async def submit(
@@ -187,10 +209,14 @@ class Client:
 
     async def cancel(self, *job_ids: str, ttl_s: int = 3600) -> None:
         """Cancel jobs: one that has not started on a GPU is never run and ends with a
-        ``cancelled`` result; one already running finishes as usual."""
+        ``cancelled`` result; one already running finishes as usual. A tenant asks the router (a
+        ``cancel`` entry on its stream), which sets the flag for a job it admitted."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.set(self.keys.cancel(scoped_id(self.tenant, job_id)), 1, ex=ttl_s)
+                if self.tenant is None:
+                    pipe.set(self.keys.cancel(job_id), 1, ex=ttl_s)
+                else:
+                    pipe.xadd(self.jobs_stream, {ENTRY_FIELD: Cancel(job_id=job_id).encode()})
             await pipe.execute()
 
     async def submit_many(self, prompts: list[str], *, timeout: float = 600.0, **kwargs: Any) -> list[FinalResult]:
@@ -239,7 +265,8 @@ class Client:
                         if body.get("type") == LightReady.TYPE:
                             light = LightReady.from_dict(body)
                             callback = self._on_light.get(light.job_id)
-                            if callback:
+                            owed = self._owed.get(light.job_id)
+                            if callback and owed is not None and secrets.compare_digest(light.reply_token or "", owed):
                                 callback(light)
                             continue
                         result = FinalResult.from_dict(body)
@@ -248,14 +275,15 @@ class Client:
                     self._accept(result)
 
     def _accept(self, result: FinalResult) -> None:
-        if self._owed[result.job_id] <= 0:
-            del self._owed[result.job_id]
+        owed = self._owed.get(result.job_id)
+        if owed is None or not secrets.compare_digest(result.reply_token or "", owed):
             self.rejected += 1
-            log.warning("dropped a result for a job this client did not submit", extra={"job_id": result.job_id[:128]})
+            log.warning(
+                "dropped an answer this client does not owe (forged or a second one)",
+                extra={"job_id": result.job_id[:128]},
+            )
             return
-        self._owed[result.job_id] -= 1
-        if not self._owed[result.job_id]:
-            del self._owed[result.job_id]
+        del self._owed[result.job_id]
         future = self._waiting.get(result.job_id)
         if future is not None and not future.done():
             future.set_result(result)

@@ -164,7 +164,9 @@ class ServiceConfig(RedisSettings):
 
     metrics_port: int = option(0, "Prometheus metrics port (0: none)", env="METRICS_PORT")
     metrics_addr: str = option(
-        "0.0.0.0", "address the metrics port listens on (127.0.0.1 with host networking)", env="METRICS_ADDR"
+        "127.0.0.1",
+        "address the metrics port listens on: loopback unless set (compose sets 0.0.0.0 inside its network)",
+        env="METRICS_ADDR",
     )
     clock_skew_ms: float = option(
         0.0,
@@ -206,6 +208,9 @@ class Keys:
         self.cancel_prefix = f"{ns}:cancel:"  # set by a client to cancel a job that has not started
         self.gateway_prefix = f"{ns}:gateway:"  # the HTTP gateway's keys (limits, async jobs, image links)
         self.tenants = f"{ns}:tenants"  # set of tenant names: Redis-direct clients with keys of their own
+        # tenant name -> its epoch (from the counter below): a name removed and added again is a new tenant
+        self.tenant_epochs = f"{ns}:tenant-epochs"
+        self.tenant_epoch_counter = f"{ns}:tenant-epoch-counter"
         self.tenant_in_prefix = f"{ns}:in:"  # a tenant's submission stream (only it writes, only the router reads)
         self.tenant_out_prefix = f"{ns}:out:"  # a tenant's reply streams (only the router writes, only it reads)
         self.blob_prefix = f"{ns}:blob:"  # stored images in a Redis image store (common/blobs.py)

@@ -293,8 +293,8 @@ class ControlLoop:
         samples = list(self.peak.samples)
         if len(samples) < 2 * self.cfg.shift_ticks:
             return None
-        recent, last_at = samples[-self.cfg.shift_ticks:], samples[-1][0]
-        before = [rate for at, rate, _s in samples[:-self.cfg.shift_ticks] if at > last_at - self.cfg.hindsight_s]
+        recent, last_at = samples[-self.cfg.shift_ticks :], samples[-1][0]
+        before = [rate for at, rate, _s in samples[: -self.cfg.shift_ticks] if at > last_at - self.cfg.hindsight_s]
         if len(before) < self.cfg.shift_ticks:
             return None
         new, old = statistics.median(r for _at, r, _s in recent), statistics.median(before)

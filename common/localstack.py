@@ -177,6 +177,7 @@ class LocalStack:
         self.redis_url = spec.redis_url
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._commands: dict[str, list[str]] = {}
+        self._extra_env: dict[str, dict[str, str]] = {}  # process name -> settings of its own
         self.metrics_ports: dict[str, int] = {}  # process name -> its metrics (and readiness) port
         self._services: dict[str, str] = {}  # process name -> the service it runs (its readiness label)
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -226,16 +227,19 @@ class LocalStack:
             self.metrics_ports[name] = port
         return self.metrics_ports[name]
 
-    def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``python -m services.<module> args`` as ``name``; ``env``: settings for this process only
+        (kept for its restarts)."""
         self._commands[name] = [sys.executable, "-m", f"services.{module}", *args]
         self._services[name] = module
+        self._extra_env[name] = dict(env or {})
         return self._launch(name)
 
     def _launch(self, name: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             self._commands[name],
-            env=self._env(name),
+            env={**self._env(name), **self._extra_env.get(name, {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,

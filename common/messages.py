@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import types
 import typing
 import uuid
@@ -282,7 +283,7 @@ class Job(Message):
     """What a client puts on the jobs stream."""
 
     TYPE: ClassVar[str] = "job"
-    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref"})
+    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref", "reply_token"})
     job_id: str
     prompt: str
     slo_ms: float | None = None  # per-job SLO; the cascade default when absent
@@ -295,6 +296,27 @@ class Job(Message):
     partials: bool = False  # send a LightReady to reply_to when the light image goes on to the heavy model
     prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
     image_ref: bool = False  # answer with a reference to the stored image (FinalResult.image_ref), not its bytes
+    # A secret of the submitter, echoed in the job's answers: a reader of its reply stream accepts only
+    # answers that carry it (anyone who can write the stream but not read the jobs stream cannot forge one).
+    reply_token: str | None = None
+
+    def digest(self) -> str:
+        """What makes two submissions under one id the same request (an idempotent retry, design.md):
+        every field but the id and the informational ``submitted_ms``. The reply target is in it, so a
+        matching entry can never move the answer; a tenant's ids are its own, so no one else can match."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del fields["job_id"], fields["submitted_ms"]
+        packed: bytes = msgpack.packb(sorted(fields.items()), use_bin_type=True)
+        return hashlib.sha256(packed).hexdigest()[:32]
+
+
+@dataclass(kw_only=True)
+class Cancel(Message):
+    """On a submission stream: cancel a job of this submitter that has not started (tenants cancel this
+    way; the router sets the cancel flag, with a TTL, only for an id it admitted)."""
+
+    TYPE: ClassVar[str] = "cancel"
+    job_id: str
 
 
 @dataclass(kw_only=True)
@@ -302,7 +324,7 @@ class RoutedJob(Message):
     """A validated job, stamped by the router; the payload of the light and heavy queues."""
 
     TYPE: ClassVar[str] = "routed_job"
-    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref"})
+    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref", "reply_token"})
     REFS: ClassVar[frozenset[str]] = frozenset({"light_ref"})
     job_id: str
     prompt: str
@@ -320,6 +342,7 @@ class RoutedJob(Message):
     prompt_index: int | None = None
     image_ref: bool = False  # copied from Job
     light_ref: BlobRef | None = None  # the stored light image (instead of light_image)
+    reply_token: str | None = None  # copied from Job
 
     def blob_keys(self) -> list[str]:
         """The stored images of this job so far (what its final answer releases)."""
@@ -363,7 +386,7 @@ class Completion(Message):
     """A stage's final answer for one job, sent to the router's completion stream."""
 
     TYPE: ClassVar[str] = "completion"
-    LATER: ClassVar[frozenset[str]] = frozenset({"by_ref", "partials", "blobs", "light_reason"})
+    LATER: ClassVar[frozenset[str]] = frozenset({"by_ref", "partials", "blobs", "light_reason", "reply_token"})
     REFS: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
     arrival_ms: float
@@ -384,6 +407,7 @@ class Completion(Message):
     partials: bool = False  # copied from the job: its light image may have been sent (LightReady)
     blobs: list[str] = field(default_factory=list)  # keys of every stored image of the job
     light_reason: LightReason | None = None
+    reply_token: str | None = None  # copied from the job
 
     @classmethod
     def failure(cls, job: RoutedJob, code: str, message: str, worker_id: str = "") -> Self:
@@ -392,6 +416,7 @@ class Completion(Message):
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
+            reply_token=job.reply_token,
             status=Status.ERROR,
             error_code=code,
             error_message=message,
@@ -408,6 +433,7 @@ class Completion(Message):
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
+            reply_token=job.reply_token,
             status=Status.CANCELLED,
             error_code=E_CANCELLED,
             error_message="cancelled by the client before it ran",
@@ -440,6 +466,7 @@ class Completion(Message):
             arrival_ms=job.arrival_ms,
             deadline_ms=job.deadline_ms,
             reply_to=job.reply_to,
+            reply_token=job.reply_token,
             image=image if isinstance(image, bytes) else None,
             image_format=image_format,
             answered_by=answered_by,
@@ -467,7 +494,7 @@ class FinalResult(Message):
     """What the client receives, exactly once per accepted job."""
 
     TYPE: ClassVar[str] = "final_result"
-    LATER: ClassVar[frozenset[str]] = frozenset({"retry_after_ms", "light_reason"})
+    LATER: ClassVar[frozenset[str]] = frozenset({"retry_after_ms", "light_reason", "reply_token"})
     REFS: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
     status: Status
@@ -485,6 +512,7 @@ class FinalResult(Message):
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
     image_ref: BlobRef | None = None  # a job that asked image_ref: the stored image (read it with common.blobs)
     light_reason: LightReason | None = None  # answered_by light: confident, deadline or plan
+    reply_token: str | None = None  # the job's, so its submitter can tell this answer from a forged one
 
 
 @dataclass(kw_only=True)
@@ -494,6 +522,7 @@ class LightReady(Message):
     Consumers that predate it skip it (its ``type`` is not ``final_result``)."""
 
     TYPE: ClassVar[str] = "light_ready"
+    LATER: ClassVar[frozenset[str]] = frozenset({"reply_token"})
     REFS: ClassVar[frozenset[str]] = frozenset({"image_ref"})
     job_id: str
     image: bytes | None = None
@@ -502,6 +531,7 @@ class LightReady(Message):
     confidence: float | None = None
     ready_ms: float = 0.0
     image_ref: BlobRef | None = None  # a job that asked image_ref: the stored light image
+    reply_token: str | None = None  # the job's, as in FinalResult
 
 
 @dataclass(kw_only=True)

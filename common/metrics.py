@@ -65,6 +65,9 @@ GATEWAY_LATENCY = Histogram(
 KEY_REQUESTS = Counter(
     "diffserve_gateway_key_requests_total", "requests per API key (its name) by outcome", ["key", "outcome"]
 )
+CLOCK_OFFSET = Gauge(
+    "diffserve_clock_offset_seconds", "this host's wall clock minus Redis's (the one clock deadlines use)"
+)
 KEY_JOBS = Counter("diffserve_gateway_key_jobs_total", "jobs admitted per API key (its name)", ["key"])
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from common.clock import CLOCK
 from common.config import Keys
 from common.messages import MessageError, Plan
 from common.replay import ARRIVAL_BUCKET_MS, ArrivalHistory
@@ -57,7 +58,7 @@ class PlanWatcher:
 
 async def live_roles(r: aioredis.Redis, keys: Keys, timeout_s: float = 5.0) -> dict[str, str]:
     """worker id -> the role it reports, for every worker whose heartbeat is younger than ``timeout_s``."""
-    cutoff = time.time() * 1000.0 - timeout_s * 1000.0
+    cutoff = CLOCK.now_ms() - timeout_s * 1000.0
     ids = [m.decode() if isinstance(m, bytes) else str(m) for m in await r.zrangebyscore(keys.workers, cutoff, "+inf")]
     if not ids:
         return {}

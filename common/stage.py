@@ -74,11 +74,13 @@ def _undecodable(entry: Entry, exc: MessageError, keys: Keys, stream: str) -> tu
     job_id, arrival, deadline = job.get("job_id"), job.get("arrival_ms"), job.get("deadline_ms")
     if isinstance(job_id, str) and isinstance(arrival, (int, float)) and isinstance(deadline, (int, float)):
         reply_to = job.get("reply_to") if isinstance(job.get("reply_to"), str) else None
+        token = job.get("reply_token") if isinstance(job.get("reply_token"), str) else None
         completion = Completion(
             job_id=job_id,
             arrival_ms=float(arrival),
             deadline_ms=float(deadline),
             reply_to=reply_to,
+            reply_token=token,
             status=Status.ERROR,
             error_code=exc.code,
             error_message=str(exc),

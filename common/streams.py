@@ -104,21 +104,26 @@ class Entry:
     fields: dict[bytes, bytes]
     deliveries: int = 1  # > 1 when reclaimed from another consumer
     oversized: int = 0  # > 0: the entry's size; it was left in Redis, ``fields`` hold only its job_id/reply_to
+    stream: str = ""  # the stream it was read from (set by SubmissionReader, which reads many)
 
 
-def _entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Entry:
+def _entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None, stream: str = "") -> Entry:
     fields = fields or {}
-    return Entry(_s(entry_id), fields.get(ENTRY_FIELD), fields)
+    return Entry(_s(entry_id), fields.get(ENTRY_FIELD), fields, stream=stream)
 
 
-# A consumer with a size limit reads through this script: one entry at a time, and an entry over
+# The router reads the submission streams through this script: one entry at a time, and an entry over
 # ARGV[1] bytes (its ``m`` field, else the sum of its field names and values, as the router counts)
 # comes back as a stub: ``_oversized <size>`` plus its job_id (when short and valid) and reply_to
-# (when short), so no batch of big entries ever reaches the consumer's memory. It is the same
-# XREADGROUP/XAUTOCLAIM the consumer would send (same pending list, same delivery counter).
-# ARGV: limit, mode, group, consumer, count, then read: id (">" or a pending id); claim: min-idle, start.
+# (when short), so no batch of big entries ever reaches the router's memory. It is the same
+# XREADGROUP/XAUTOCLAIM the router would send (same pending list, same delivery counter), over many
+# streams (KEYS) in one round trip: at most ARGV[6] entries from each stream while any other stream
+# still has some (fair), then more from those that have, up to ARGV[5] in all.
+# ARGV: limit, mode, group, consumer, count, per_stream, then read: id (">" or "0": own pending);
+# claim: min-idle. Returns {{key index, entry}, ...}.
 BOUNDED_READ = """
-local limit, mode, group, consumer, count = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local limit, mode, group, consumer = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local count, per_stream = tonumber(ARGV[5]), tonumber(ARGV[6])
 local function get(fields, name)
   for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
 end
@@ -147,28 +152,51 @@ local function bound(entry)
   collectgarbage('step', 1024)
   return {entry[1], stub}
 end
-local out = {}
-if mode == 'read' then
-  local id = ARGV[6]
-  for _ = 1, count do
-    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[1], id)
-    if not reply then break end
-    local entry = reply[1][2][1]
-    if not entry then break end
-    table.insert(out, bound(entry))
-    if id ~= '>' then id = entry[1] end
+local out, taken, cursor = {}, {}, {}
+local function one(k)  -- the next entry of stream k, or nil when it has none for us
+  local entry
+  if mode == 'claim' then
+    local reply = redis.call('XAUTOCLAIM', KEYS[k], group, consumer, ARGV[7], cursor[k] or '0-0', 'COUNT', 1)
+    cursor[k], entry = reply[1], reply[2][1]
+    return entry
   end
-  return out
+  repeat
+    local from = cursor[k] or ARGV[7]
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[k], from)
+    entry = reply and reply[1][2][1]
+    if entry and ARGV[7] ~= '>' then cursor[k] = entry[1] end  -- own pending: walk the list
+    -- One of ours deleted since it was read (trimmed): nothing left to do for it.
+    if entry and not entry[2] then redis.call('XACK', KEYS[k], group, entry[1]) end
+  until not entry or entry[2]
+  return entry
 end
-local cursor, deleted = ARGV[7], {}
-for _ = 1, count do
-  local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[6], cursor, 'COUNT', 1)
-  cursor = reply[1]
-  for _, entry in ipairs(reply[2]) do table.insert(out, bound(entry)) end
-  for _, id in ipairs(reply[3] or {}) do table.insert(deleted, id) end
-  if cursor == '0-0' then break end
+local active = {}
+for k = 1, #KEYS do active[k] = k end
+local function sweep(cap)  -- one entry per stream per round, round after round
+  while #active > 0 and #out < count do
+    local still = {}
+    for _, k in ipairs(active) do
+      if #out < count and (taken[k] or 0) < cap then
+        local entry = one(k)
+        if entry then
+          table.insert(out, {k, bound(entry)})
+          taken[k] = (taken[k] or 0) + 1
+          table.insert(still, k)
+        end
+      elseif #out >= count or (taken[k] or 0) >= cap then
+        table.insert(still, k)
+      end
+    end
+    if #out >= count then break end
+    local progressed = false
+    for _, k in ipairs(still) do if (taken[k] or 0) < cap then progressed = true end end
+    active = still
+    if not progressed then break end
+  end
 end
-return {cursor, out, deleted}
+sweep(per_stream)
+sweep(count)
+return out
 """
 
 
@@ -185,19 +213,7 @@ def _stub_if_over(entry: Entry, limit: int) -> Entry:
             body = {}
         source = {k.encode(): v.encode() for k, v in body.items() if isinstance(v, str)}
     kept: dict[bytes, bytes] = {k: source[k] for k in (b"job_id", b"reply_to") if k in source}
-    return Entry(entry.id, None, kept, entry.deliveries, size)
-
-
-def _bounded_entries(items: Any) -> list[Entry]:
-    """The script's entries (raw ``[id, [k, v, ...]]``) as Entries, stubs marked ``oversized``."""
-    entries = []
-    for entry_id, flat in items or []:
-        if not flat:
-            continue  # deleted (trimmed) while pending
-        fields = dict(zip(flat[::2], flat[1::2]))
-        size = fields.pop(b"_oversized", None)
-        entries.append(_entry(entry_id, fields) if size is None else Entry(_s(entry_id), None, fields, 1, int(size)))
-    return entries
+    return Entry(entry.id, None, kept, entry.deliveries, size, entry.stream)
 
 
 def _s(value: object) -> str:
@@ -254,15 +270,10 @@ class StreamConsumer:
         *,
         reclaim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
-        max_entry_bytes: int | None = None,
     ):
-        """``max_entry_bytes``: entries larger than this are returned as stubs (``Entry.oversized``)
-        and never read whole, except the one a blocking read waits for (one entry at a time)."""
         self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
         self.reclaim_idle_ms = reclaim_idle_ms
         self.max_deliveries = max_deliveries
-        self.max_entry_bytes = max_entry_bytes
-        self._bounded = r.register_script(BOUNDED_READ) if max_entry_bytes is not None else None
         self._reclaim_cursor = "0-0"
         self._resume_own = True  # after a restart under the same name, first finish our own pending entries
         self._unacked = False  # the last batch read has not been acked yet
@@ -279,11 +290,8 @@ class StreamConsumer:
             self._resume_own = True
         try:
             if self._resume_own:
-                if self._bounded:
-                    own = _bounded_entries(await self._bounded_call("read", count, "0"))
-                else:
-                    reply: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
-                    own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
+                reply: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+                own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
                 if own:
                     # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
                     await self._set_deliveries(own)
@@ -295,21 +303,16 @@ class StreamConsumer:
                 entries = await self._reclaim(count)
                 if not entries:  # nothing stuck: look again a little later, not on every pull
                     self._next_reclaim = time.monotonic() + min(1.0, self.reclaim_idle_ms / 4000)
-            if len(entries) < count and self._bounded:
-                entries.extend(_bounded_entries(await self._bounded_call("read", count - len(entries), ">")))
-            if len(entries) < count and not (self._bounded and entries):
+            if len(entries) < count:
                 reply = await self.r.xreadgroup(
                     self.group,
                     self.consumer,
                     {self.stream: ">"},
-                    # With a size limit, only an idle wait reads directly: one entry, whatever its size.
-                    count=1 if self._bounded else count - len(entries),
+                    count=count - len(entries),
                     block=None if entries else block_ms,
                 )
                 for _stream, items in reply or []:
                     entries.extend(_entry(i, f) for i, f in items)
-                if self.max_entry_bytes is not None:
-                    entries = [_stub_if_over(e, self.max_entry_bytes) for e in entries]
             self._unacked = bool(entries)
             return entries
         except ResponseError as exc:
@@ -320,44 +323,20 @@ class StreamConsumer:
                 return []
             raise
 
-    async def _bounded_call(self, mode: str, count: int, *args: str | int) -> Any:
-        assert self._bounded is not None and self.max_entry_bytes is not None  # a size-limited consumer
-        return await self._bounded(
-            keys=[self.stream], args=[self.max_entry_bytes, mode, self.group, self.consumer, count, *args]
-        )
-
     async def _reclaim(self, count: int) -> list[Entry]:
-        if self._bounded:
-            cursor, claimed, _deleted = await self._bounded_call(
-                "claim", count, self.reclaim_idle_ms, self._reclaim_cursor
-            )
-            self._reclaim_cursor = _s(cursor)
-            entries = _bounded_entries(claimed)
-        else:
-            reply = await self.r.xautoclaim(
-                self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count
-            )
-            cursor, claimed = reply[0], reply[1]
-            self._reclaim_cursor = _s(cursor)
-            entries = [_entry(i, f) for i, f in claimed if f is not None]
+        reply = await self.r.xautoclaim(
+            self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count
+        )
+        cursor, claimed = reply[0], reply[1]
+        self._reclaim_cursor = _s(cursor)
+        entries = [_entry(i, f) for i, f in claimed if f is not None]
         if entries:
             await self._set_deliveries(entries)
             log.info("reclaimed entries", extra={"stream": self.stream, "count": len(entries)})
         return entries
 
     async def _set_deliveries(self, entries: list[Entry]) -> None:
-        """Redis's own times-delivered counter (XPENDING) for entries now pending on this consumer."""
-        pending = await self.r.xpending_range(
-            self.stream,
-            self.group,
-            min=entries[0].id,
-            max=entries[-1].id,
-            count=len(entries) * 2,
-            consumername=self.consumer,
-        )
-        counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        for e in entries:
-            e.deliveries = counts.get(e.id, 2)
+        await set_deliveries(self.r, self.stream, self.group, self.consumer, entries)
 
     async def ack(self, ids: Sequence[str]) -> None:
         if ids:
@@ -407,6 +386,152 @@ class StreamConsumer:
             done.set()
             if task:
                 await task
+
+
+async def set_deliveries(r: aioredis.Redis, stream: str, group: str, consumer: str, entries: list[Entry]) -> None:
+    """Redis's own times-delivered counter (XPENDING) for entries of ``stream`` now pending on ``consumer``."""
+    pending = await r.xpending_range(
+        stream, group, min=entries[0].id, max=entries[-1].id, count=len(entries) * 2, consumername=consumer
+    )
+    counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+    for e in entries:
+        e.deliveries = counts.get(e.id, 2)
+
+
+class SubmissionReader:
+    """The router's consumer of every submission stream (the shared jobs stream and each tenant's):
+    one consumer in one group on many streams, through ``BOUNDED_READ``.
+
+    - Its connections do not grow with the number of streams: a read is one script call over all of
+      them, and the idle wait one ``XREADGROUP BLOCK`` over all of them (Redis serves a blocked reader
+      as soon as one entry arrives, so that wait returns about one entry, read whole, then cut to a stub).
+    - Reads are fair: a read takes up to ``per_stream`` entries from each stream (starting at a
+      rotating stream) before it takes more from any, so a flooded stream cannot hide a quiet one.
+    - Reads are size-bounded: an entry over ``max_entry_bytes`` comes back as a stub (``Entry.oversized``).
+    - Crash safety as ``StreamConsumer``: own pending entries first (after a restart under the same
+      name, or a batch never acked), entries of a dead consumer reclaimed after ``reclaim_idle_ms``.
+    """
+
+    def __init__(
+        self,
+        r: aioredis.Redis,
+        group: str,
+        consumer: str,
+        *,
+        max_entry_bytes: int,
+        reclaim_idle_ms: int = 30_000,
+        per_stream: int = 16,
+    ):
+        self.r, self.group, self.consumer = r, group, consumer
+        self.max_entry_bytes, self.reclaim_idle_ms, self.per_stream = max_entry_bytes, reclaim_idle_ms, per_stream
+        self._script = r.register_script(BOUNDED_READ)
+        self.streams: list[str] = []
+        self._resume: set[str] = set()  # streams whose own pending entries come first
+        self._unacked: set[str] = set()  # streams of the last batch, until it is acked
+        self._next_reclaim = 0.0
+        self._rotation = 0
+
+    def set_streams(self, streams: Sequence[str]) -> None:
+        """Read these streams from now on (their groups must exist: ``ensure_group``)."""
+        added = set(streams) - set(self.streams)
+        self.streams = list(streams)
+        self._resume = (self._resume | added) & set(streams)
+        self._unacked &= set(streams)
+
+    async def ensure_group(self, stream: str) -> None:
+        await ensure_group(self.r, stream, self.group)
+
+    async def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
+        """Up to ``count`` entries, each with its ``stream``: own pending ones first, then reclaimed
+        ones, then new ones; waits up to ``block_ms`` when there are none."""
+        if not self.streams:
+            await asyncio.sleep(block_ms / 1000)
+            return []
+        self._resume |= self._unacked
+        try:
+            if self._resume:
+                resuming = sorted(self._resume)
+                own = await self._call("read", resuming, count, count, "0")
+                self._resume = {e.stream for e in own}
+                if own:
+                    await self._count_deliveries(own)
+                    self._unacked = self._resume
+                    return own
+            entries: list[Entry] = []
+            if time.monotonic() >= self._next_reclaim:
+                entries = await self._call("claim", self.streams, count, count, self.reclaim_idle_ms)
+                if entries:
+                    await self._count_deliveries(entries)
+                    log.info("reclaimed entries", extra={"count": len(entries)})
+                else:  # nothing stuck: look again a little later, not on every pull
+                    self._next_reclaim = time.monotonic() + min(1.0, self.reclaim_idle_ms / 4000)
+            if len(entries) < count:
+                self._rotation = (self._rotation + 1) % len(self.streams)
+                rotated = self.streams[self._rotation :] + self.streams[: self._rotation]
+                entries += await self._call("read", rotated, count - len(entries), self.per_stream, ">")
+            if not entries:
+                reply: Any = await self.r.xreadgroup(
+                    self.group, self.consumer, dict.fromkeys(self.streams, ">"), count=1, block=block_ms
+                )
+                entries = [
+                    _stub_if_over(_entry(i, f, _s(stream)), self.max_entry_bytes)
+                    for stream, items in reply or []
+                    for i, f in items
+                ]
+            self._unacked = {e.stream for e in entries}
+            return entries
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis restarted without persistence (or a stream was deleted)
+                log.warning("consumer group missing, recreating", extra={"group": self.group})
+                for stream in self.streams:
+                    await self.ensure_group(stream)
+                return []
+            raise
+
+    async def _call(self, mode: str, streams: list[str], count: int, per_stream: int, arg: str | int) -> list[Entry]:
+        reply = await self._script(
+            keys=streams,
+            args=[self.max_entry_bytes, mode, self.group, self.consumer, count, per_stream, arg],
+        )
+        entries = []
+        for index, (entry_id, flat) in reply or []:
+            fields = dict(zip(flat[::2], flat[1::2]))
+            size = fields.pop(b"_oversized", None)
+            stream = streams[int(index) - 1]
+            entries.append(
+                _entry(entry_id, fields, stream)
+                if size is None
+                else Entry(_s(entry_id), None, fields, 1, int(size), stream)
+            )
+        return entries
+
+    async def _count_deliveries(self, entries: list[Entry]) -> None:
+        by_stream: dict[str, list[Entry]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e)
+        for stream, group in by_stream.items():
+            await set_deliveries(self.r, stream, self.group, self.consumer, sorted(group, key=lambda e: _id_key(e.id)))
+
+    async def write_and_ack(
+        self,
+        entries: Sequence[Entry],
+        outputs: Iterable[tuple[str, bytes]],
+        extra: Callable[[aioredis.client.Pipeline], None] | None = None,
+    ) -> list[Any]:
+        """As ``StreamConsumer.write_and_ack``, acking each entry on its own stream."""
+        by_stream: dict[str, list[str]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e.id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            for stream, payload in outputs:
+                pipe.xadd(stream, {ENTRY_FIELD: payload})
+            if extra:
+                extra(pipe)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+            replies = await pipe.execute()
+        self._unacked = set()
+        return replies
 
 
 def _missing(exc: ResponseError) -> bool:

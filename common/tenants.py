@@ -1,10 +1,12 @@
 """Tenants: named Redis-direct clients whose keys nobody else can touch.
 
 A tenant ``NAME`` is an ACL user ``NAME`` that may only XADD to its own submission stream
-(``<ns>:in:NAME``, write-only), XREAD its own reply streams (``<ns>:out:NAME:*``, read-only) and SET
-cancel flags for its own jobs; it has no command on any shared key.  The router reads every tenant's
-stream, scopes the tenant's job ids (``NAME/<job_id>`` inside the pipeline: '/' is not allowed in a
-submitted id, so no one can name another's) and answers only under the tenant's ``out`` prefix.
+(``<ns>:in:NAME``, write-only: jobs, and cancel requests for them) and XREAD its own reply streams
+(``<ns>:out:NAME:*``, read-only); it has no command on any shared key.  The router reads every tenant's
+stream, scopes the tenant's job ids (``NAME.<epoch>/<job_id>`` inside the pipeline: '/' is not allowed in
+a submitted id, so no one can name another's) and answers only under the tenant's ``out`` prefix.  The
+epoch is given when the name is added: a name removed and added again is a new tenant, and nothing of
+the old one (markers, cancel flags, answers still in flight) reaches it.
 
 ``diffserve tenant add|remove|list`` (an admin Redis user: ACL SETUSER needs it) manages them.
 """
@@ -26,9 +28,21 @@ TENANT_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
 ROUTER_GROUP = "router"  # the router's consumer group on every submission stream
 
 
-def scoped_id(tenant: str | None, job_id: str) -> str:
-    """The pipeline's id of a job: its own id on the shared stream, ``tenant/job_id`` for a tenant's."""
-    return job_id if tenant is None else f"{tenant}/{job_id}"
+def scoped_id(tenant: str | None, job_id: str, epoch: int = 0) -> str:
+    """The pipeline's id of a job: its own id on the shared stream, ``tenant.epoch/job_id`` for a tenant's
+    (``tenant/job_id`` for a tenant added before epochs, epoch 0)."""
+    if tenant is None:
+        return job_id
+    return f"{tenant}.{epoch}/{job_id}" if epoch else f"{tenant}/{job_id}"
+
+
+def tenant_of(job_id: str) -> tuple[str, int] | None:
+    """(tenant, epoch) of a scoped id; None for a job of the shared stream."""
+    scope, slash, _rest = job_id.partition("/")
+    if not slash:
+        return None
+    name, _dot, epoch = scope.partition(".")
+    return name, int(epoch or 0)
 
 
 def client_job_id(job_id: str) -> str:
@@ -49,10 +63,8 @@ def acl_rules(keys: Keys, tenant: str, password: str) -> list[str]:
         f">{password}",
         f"%W~{keys.tenant_in(tenant)}",
         f"%R~{keys.tenant_out(tenant)}*",
-        f"%W~{keys.cancel(scoped_id(tenant, '*'))}",
         "+xadd",
         "+xread",
-        "+set",  # only its own cancel flags, write-only: SET ... GET needs read and is refused
         "+ping",
         "+client|setname",
     ]
@@ -61,6 +73,13 @@ def acl_rules(keys: Keys, tenant: str, password: str) -> list[str]:
 async def tenant_names(r: aioredis.Redis, keys: Keys) -> set[str]:
     """Registered tenants; a malformed name (someone SADDed it by hand) is ignored."""
     return {name for raw in await r.smembers(keys.tenants) if TENANT_RE.match(name := _s(raw))}
+
+
+async def tenant_epochs(r: aioredis.Redis, keys: Keys) -> dict[str, int]:
+    """Registered tenants and their epochs (0: added before epochs existed)."""
+    names = await tenant_names(r, keys)
+    epochs = {_s(k): _s(v) for k, v in (await r.hgetall(keys.tenant_epochs)).items()}
+    return {name: int(epochs[name]) if epochs.get(name, "").isdigit() else 0 for name in names}
 
 
 def _s(value: bytes | str) -> str:
@@ -86,22 +105,36 @@ async def add(r: aioredis.Redis, keys: Keys, tenant: str, password: str | None =
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-    await r.sadd(keys.tenants, tenant)
+    if not await r.sismember(keys.tenants, tenant):  # new (or removed before): a new epoch
+        epoch = await r.incr(keys.tenant_epoch_counter)
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.tenant_epochs, tenant, epoch)
+            pipe.sadd(keys.tenants, tenant)
+            await pipe.execute()
     return password
 
 
 async def remove(r: aioredis.Redis, keys: Keys, tenant: str) -> None:
     """Delete the user (Redis closes its connections), stop the router serving it, and drop its
-    queued jobs and answers: nobody could read those any more."""
+    queued jobs, answers, markers and cancel flags: nobody could read those any more, and a tenant
+    added later under the same name must inherit nothing (it gets a new epoch as well)."""
     check_name(tenant)
     if not await r.sismember(keys.tenants, tenant):
         raise ValueError(f"no tenant {tenant!r}")
-    await r.srem(keys.tenants, tenant)
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.srem(keys.tenants, tenant)
+        pipe.hdel(keys.tenant_epochs, tenant)
+        await pipe.execute()
     await r.acl_deluser(tenant)
     doomed = [keys.tenant_in(tenant)]
-    async for key in r.scan_iter(match=f"{keys.tenant_out(tenant)}*", count=1000):
-        doomed.append(key)
-    await r.delete(*doomed)
+    patterns = [f"{keys.tenant_out(tenant)}*"]
+    for prefix in (keys.cancel_prefix, keys.admitted_prefix, keys.done_prefix):
+        patterns += [f"{prefix}{tenant}/*", f"{prefix}{tenant}.*"]  # epoch 0, and every other epoch
+    for pattern in patterns:
+        async for key in r.scan_iter(match=pattern, count=1000):
+            doomed.append(key)
+    for start in range(0, len(doomed), 1000):
+        await r.delete(*doomed[start : start + 1000])
 
 
 async def _main(args: argparse.Namespace) -> None:

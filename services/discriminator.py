@@ -199,6 +199,7 @@ class Discriminator:
                                 model=result.model,
                                 confidence=confidence,
                                 ready_ms=now_ms(),
+                                reply_token=job.reply_token,
                             ).encode(),
                         )
                     )

@@ -61,7 +61,7 @@ from common.messages import (
     unpack,
 )
 from common.plan_store import load_plan
-from common.service import Service, now_ms, run
+from common.service import STOP_GRACE_S, Service, now_ms, run
 from common.streams import PIPELINE_GROUPS, TRANSIENT_ERRORS, backlog
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -900,7 +900,8 @@ async def serve(svc: Service[GatewayConfig]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run("gateway", GatewayConfig.from_args(argv, prog="diffserve gateway"), serve)
+    config = GatewayConfig.from_args(argv, prog="diffserve gateway")
+    run("gateway", config, serve, stop_grace_s=config.drain_s + STOP_GRACE_S)  # open requests get drain_s
 
 
 if __name__ == "__main__":

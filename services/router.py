@@ -9,7 +9,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
@@ -30,6 +29,7 @@ from common.messages import (
     E_PROMPT_TOO_LONG,
     E_UNKNOWN_MODEL,
     IMAGE_FORMATS,
+    Cancel,
     Completion,
     DeadLetter,
     FinalResult,
@@ -42,16 +42,28 @@ from common.messages import (
     unpack,
 )
 from common import admission
+from common.admission import FairShare
 from common.plan_store import PlanWatcher, StageWatcher, record_arrivals
 from common.routing import Decision, batch_times, direct_decision
 from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
-from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
-from common.tenants import client_job_id, default_reply, scoped_id, tenant_names
+from common.streams import (
+    PIPELINE_GROUPS,
+    Entry,
+    StreamConsumer,
+    SubmissionReader,
+    backlog,
+    run_forever,
+    trim_processed,
+)
+from common.tenants import ROUTER_GROUP, client_job_id, default_reply, scoped_id, tenant_epochs, tenant_of
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
-# so a completion retried after a crash can never produce a second result. ARGV[5] '0': the answer
+# so a completion retried after a crash can never produce a second result. A tenant's job (ARGV[6] its
+# name, ARGV[7] its epoch) is answered only while that tenant is still registered under that epoch
+# (KEYS[4] the epochs, KEYS[5] the tenant set): a removed tenant's answers, or ones meant for an earlier
+# tenant of the same name, are not written (returns 3). ARGV[5] '0': the answer
 # to a job refused before admission. It is always delivered, and leaves a short-lived marker (which
 # the gateway reads as "out of flight") only when no job with this id is in flight (KEYS[3]); an
 # admitted retry under the same id deletes that marker in its admission transaction.
@@ -62,6 +74,13 @@ DELIVER_ONCE = """
 local want = ARGV[3] == 'stream' and 'stream' or 'list'
 local kind = redis.call('TYPE', KEYS[2])['ok']
 local admitted = ARGV[5] == '1'
+if ARGV[6] ~= '' then
+  local epoch = redis.call('HGET', KEYS[4], ARGV[6]) or '0'
+  if redis.call('SISMEMBER', KEYS[5], ARGV[6]) == 0 or epoch ~= ARGV[7] then
+    if admitted then redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) end
+    return 3
+  end
+end
 if admitted then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 elseif redis.call('EXISTS', KEYS[3]) == 0 then
@@ -84,6 +103,7 @@ end
 return delivered
 """
 REPLACED = 2  # DELIVER_ONCE's reply when it replaced a wrong-typed target
+TENANT_GONE = 3  # DELIVER_ONCE's reply when the job's tenant was removed (or replaced) since
 # A removed tenant's stream, deleted once its loop has stopped (that loop's last read may have recreated
 # it), unless the tenant was added again meanwhile.
 FORGET_TENANT = """
@@ -91,6 +111,7 @@ if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return redis.call('DEL', 
 return 0
 """
 TENANT_POLL_S = 2.0  # how often the router looks for tenants added or removed
+CONNECTION_POLL_S = 0.5  # how often it counts tenants' connections
 
 QUEUE_POLL_S = 0.5
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -103,6 +124,7 @@ PLAIN_FIELDS = {
     "image_quality": int,
     "reply_to": str,
     "cascade": str,
+    "type": str,  # "cancel": a request to cancel the job with this id
 }
 
 
@@ -137,6 +159,29 @@ class RouterConfig(ServiceConfig, BackendSettings):
     trim_interval_s: float = option(
         5.0, "how often processed stream entries are trimmed", env="DIFFSERVE_TRIM_INTERVAL_S"
     )
+    per_stream_read: int = option(
+        16,
+        "entries a read takes from each submission stream before it takes more from any (fair reading)",
+        env="DIFFSERVE_PER_STREAM_READ",
+    )
+    fair_reserve: float = option(
+        0.25,
+        "share of each job's slack (and of --max-light-backlog) kept for sources under their fair share of "
+        "the recent admissions: a source over its share is admitted only into the rest (0: no fair share)",
+        env="DIFFSERVE_FAIR_RESERVE",
+    )
+    tenant_max_queued: int = option(
+        1000,
+        "a tenant's submission stream is cut to its newest this many entries (the older ones are never "
+        "read or answered): a tenant filling its own stream cannot fill Redis",
+        env="DIFFSERVE_TENANT_MAX_QUEUED",
+    )
+    tenant_max_connections: int = option(
+        32,
+        "Redis connections one tenant user may hold; the router closes the newest beyond it (needs "
+        "+client|list +client|kill; 0: no limit). Size Redis's maxclients for the services plus this x tenants",
+        env="DIFFSERVE_TENANT_MAX_CONNECTIONS",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,11 +189,22 @@ class RouterConfig(ServiceConfig, BackendSettings):
             raise ValueError(f"admission_headroom must be in (0, 1], not {self.admission_headroom}")
         if self.blob_ttl_s < self.result_ttl_s:  # an answer must not outlive the image it refers to
             raise ValueError(f"blob_ttl_s ({self.blob_ttl_s}) must be at least result_ttl_s ({self.result_ttl_s})")
+        if not 0 <= self.fair_reserve < 1:
+            raise ValueError(f"fair_reserve must be in [0, 1), not {self.fair_reserve}")
 
 
 def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> Job:
-    """Decode and validate one entry of the shared jobs stream (``tenant`` None) or of a tenant's
-    stream; MessageError (with the job id when one could be read) for anything unacceptable.
+    """Decode and validate one job entry of the shared jobs stream (``tenant`` None) or of a tenant's
+    stream; MessageError (with the job id when one could be read) for anything unacceptable."""
+    message = parse_entry(entry, cfg, keys, tenant)
+    if not isinstance(message, Job):
+        raise MessageError(E_MALFORMED, f"expected a job, got a {message.TYPE}", message.job_id)
+    return message
+
+
+def parse_entry(entry: Entry, cfg: RouterConfig, keys: Keys, tenant: str | None = None) -> Job | Cancel:
+    """Decode and validate one entry of a submission stream: a job, or a request to cancel one
+    (``type: cancel``); MessageError (with the job id when one could be read) for anything unacceptable.
     A tenant's job without ``reply_to`` is answered on its default reply stream."""
     if entry.oversized:  # left in Redis by the read: only its job id (and reply stream) came back
         job_id = entry.fields.get(b"job_id", b"").decode("utf-8", "replace")
@@ -173,6 +229,11 @@ def parse_job(entry: Entry, cfg: RouterConfig, keys: Keys, tenant: str | None = 
                     ) from None
     else:
         raise MessageError(E_MALFORMED, "empty entry")
+    if body.get("type") == Cancel.TYPE:
+        cancel = Cancel.from_dict(body)
+        if not JOB_ID_RE.match(cancel.job_id):
+            raise MessageError(E_INVALID, "job_id must be 1-128 characters of letters, digits, _ . : -")
+        return cancel
     job = Job.from_dict({**body, "type": Job.TYPE})
     validate_job(job, cfg, keys, tenant)
     if tenant is not None and job.reply_to is None:
@@ -220,6 +281,7 @@ def refusal(
     status: Status = Status.ERROR,
     *,
     retry_after_ms: float | None = None,
+    reply_token: str | None = None,
 ) -> FinalResult:
     """The answer to a job the router does not admit (invalid, cancelled, overloaded, duplicate)."""
     return FinalResult(
@@ -229,34 +291,65 @@ def refusal(
         error_message=message,
         finished_ms=finished_ms,
         retry_after_ms=retry_after_ms,
+        reply_token=reply_token,
     )
 
 
 @dataclass
-class JobSource:
+class Source:
     """A stream the router admits jobs from: the shared jobs stream (``tenant`` None) or a tenant's own."""
 
-    consumer: StreamConsumer
+    stream: str
     tenant: str | None = None
+    epoch: int = 0
+
+    @property
+    def share_key(self) -> str:
+        """Whose fair share its jobs count against (common/admission.FairShare)."""
+        return self.tenant or ""
 
 
 @dataclass
-class TenantLoop:
-    source: JobSource
-    stop: asyncio.Event
-    task: asyncio.Task[None]
+class Claim:
+    """An ``admitted`` marker: the entry admitted under a job id, and what that request was (Job.digest)."""
+
+    entry_id: str
+    digest: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str | None) -> Claim | None:
+        if raw is None:
+            return None
+        entry_id, _space, digest = _s(raw).partition(" ")  # a marker from before digests: no digest
+        return cls(entry_id, digest)
+
+    def encode(self) -> str:
+        return f"{self.entry_id} {self.digest}"
 
 
 class Router:
     def __init__(self, svc: Service[RouterConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
         self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
-        # Entries over the size limit stay in Redis (the consumer gets a stub): one read holds at most
-        # about batch x max_entry_bytes, whatever clients put on the stream.
-        self.jobs = self._consumer(self.keys.jobs, self.cfg.max_entry_bytes)
-        self.shared = JobSource(self.jobs)
-        self.tenants: dict[str, TenantLoop] = {}  # one admit loop per tenant stream
-        self.completions = self._consumer(self.keys.completions)
+        # Every submission stream (the shared one and each tenant's) through one reader: one read is at
+        # most batch entries of at most max_entry_bytes (bigger ones come back as stubs), and the
+        # connections it needs do not grow with the number of tenants.
+        self.submissions = SubmissionReader(
+            self.r,
+            ROUTER_GROUP,
+            self.cfg.instance_id,
+            max_entry_bytes=self.cfg.max_entry_bytes,
+            reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+            per_stream=self.cfg.per_stream_read,
+        )
+        self.sources: dict[str, Source] = {self.keys.jobs: Source(self.keys.jobs)}
+        self.submissions.set_streams([self.keys.jobs])
+        # Held while a batch is admitted and while the set of sources changes, so no batch sees half a change.
+        self._sources_lock = asyncio.Lock()
+        self.fair = FairShare()
+        self.completions = StreamConsumer(
+            self.r, self.keys.completions, "router", self.cfg.instance_id, reclaim_idle_ms=self.cfg.reclaim_idle_ms
+        )
         self.plans = PlanWatcher(self.r, self.keys)
         self.stages = StageWatcher(self.r, self.keys)
         self._profile: CascadeProfile | None = None
@@ -264,16 +357,7 @@ class Router:
         self.blobs = open_store(self.cfg, self.r)
         self._next_trim = 0.0
         self._rng = random.Random()
-
-    def _consumer(self, stream: str, max_entry_bytes: int | None = None) -> StreamConsumer:
-        return StreamConsumer(
-            self.r,
-            stream,
-            "router",
-            self.cfg.instance_id,
-            reclaim_idle_ms=self.cfg.reclaim_idle_ms,
-            max_entry_bytes=max_entry_bytes,
-        )
+        self._guard_connections = self.cfg.tenant_max_connections > 0
 
     @property
     def profile(self) -> CascadeProfile:
@@ -290,14 +374,17 @@ class Router:
         return self._times[role]
 
     # ---------- admission ----------
-    async def admit_batch(self, source: JobSource | None = None) -> None:
-        """Admit one batch from ``source`` (default: the shared jobs stream). A tenant's job ids are
-        scoped to it (``scoped_id``) from here on, so every key named after one is the tenant's own."""
-        source = source or self.shared
-        tenant = source.tenant
-        entries = await source.consumer.read(self.cfg.batch, block_ms=1000)
-        if not entries:
-            return
+    async def admit_batch(self) -> None:
+        """Admit one batch read from every submission stream at once: the one admission point, so every
+        job of the batch is counted into the stage it joins before the next is decided, whichever
+        stream it came from. A tenant's job ids are scoped to it (``scoped_id``) from here on, so every
+        key named after one is the tenant's own."""
+        async with self._sources_lock:
+            entries = await self.submissions.read(self.cfg.batch, block_ms=1000)
+            if entries:
+                await self._admit(entries)
+
+    async def _admit(self, entries: list[Entry]) -> None:
         plan = await self.plans.current()
         # The deadline rule's view of both stages: the heavy one as every stage predicts it (direct
         # routing), both at the admission headroom for admission by predicted wait.
@@ -308,23 +395,28 @@ class Router:
         discriminator_ms = self.times("discriminator")(plan.light_batch) / headroom
         outputs: list[tuple[str, bytes]] = []
         errors: list[tuple[str | None, FinalResult | DeadLetter]] = []
-        arrival = now_ms()
-        jobs: list[tuple[str, Job]] = []  # (jobs-stream entry id, job)
+        arrival, now_s = now_ms(), time.monotonic()
+        jobs: list[tuple[Entry, Source, Job, str]] = []  # (entry, its source, the job, its digest)
+        cancels: list[str] = []  # scoped ids a Cancel entry of this batch names
         for entry in entries:
+            source = self.sources.get(entry.stream)
+            if source is None:  # its tenant was removed since the read: acked below, answered to nobody
+                continue
             try:
-                job = parse_job(entry, self.cfg, self.keys, tenant)
+                message = parse_entry(entry, self.cfg, self.keys, source.tenant)
             except MessageError as exc:
                 metrics.ERRORS.labels("router", exc.code).inc()
                 # Only a valid id may name a key (result list, reply): anything else is a dead letter.
                 if exc.job_id and JOB_ID_RE.match(exc.job_id):
-                    reply_to = _reply_to_of(entry, self.keys, tenant, exc.job_id)
-                    errors.append((reply_to, refusal(scoped_id(tenant, exc.job_id), exc.code, str(exc), arrival)))
+                    reply_to, token = _reply_of(entry, self.keys, source.tenant, exc.job_id)
+                    job_id = scoped_id(source.tenant, exc.job_id, source.epoch)
+                    errors.append((reply_to, refusal(job_id, exc.code, str(exc), arrival, reply_token=token)))
                 else:
                     errors.append(
                         (
                             None,
                             DeadLetter(
-                                stream=source.consumer.stream,
+                                stream=entry.stream,
                                 entry_id=entry.id,
                                 error_code=exc.code,
                                 error_message=str(exc),
@@ -333,17 +425,54 @@ class Router:
                         )
                     )
                 continue
-            job.job_id = scoped_id(tenant, job.job_id)
-            jobs.append((entry.id, job))
+            if isinstance(message, Cancel):
+                cancels.append(scoped_id(source.tenant, message.job_id, source.epoch))
+                continue
+            digest = message.digest()
+            message.job_id = scoped_id(source.tenant, message.job_id, source.epoch)
+            jobs.append((entry, source, message, digest))
         offered = len(jobs)  # demand, as the controller's replay sees it: every valid job read
-        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _id, job in jobs])
-        for _id, job in jobs:
+        ids = [job.job_id for _e, _s, job, _d in jobs]
+        raw_claims = await self.r.mget([self.keys.admitted(i) for i in ids + cancels]) if ids or cancels else []
+        claims = {i: Claim.parse(raw) for i, raw in zip(ids + cancels, raw_claims)}
+        # A job id admitted before: the same entry read again (a router crash before its ack) goes on; the
+        # same request again (its submitter retrying a submission whose reply it lost) is already served
+        # and is answered once, where the first one is (same reply target); anything else is a duplicate.
+        fresh: list[tuple[Entry, Source, Job, str]] = []
+        in_batch: dict[str, str] = {}  # job id -> digest of its first entry in this batch
+        retried = 0
+        for entry, source, job, digest in jobs:
+            claim = claims.get(job.job_id)
+            if job.job_id in in_batch:  # a second entry of this batch under this id
+                claim = Claim("", in_batch[job.job_id])
+            else:
+                in_batch[job.job_id] = digest
+            if claim is None or claim.entry_id == entry.id:
+                fresh.append((entry, source, job, digest))
+            elif claim.digest == digest:
+                retried += 1
+            else:
+                errors.append((job.reply_to, self._duplicate(job, arrival)))
+        cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for _e, _s, job, _d in fresh])
+        cancelled |= set(cancels) & {job.job_id for _e, _s, job, _d in fresh}
+        # A Cancel sets the job's flag, always with a TTL: as long as the job's markers live for a job
+        # admitted earlier, --refused-ttl-s for one not seen yet (cancelled before it is submitted).
+        flags = {
+            i: self.cfg.result_ttl_s if claims.get(i) is not None else self.cfg.refused_ttl_s
+            for i in cancels
+            if i not in cancelled
+        }
+        for _entry, _source, job, _digest in fresh:
             if job.job_id in cancelled:  # cancelled before admission: answered here, never queued
-                message = "cancelled by the client before it ran"
-                errors.append((job.reply_to, refusal(job.job_id, E_CANCELLED, message, arrival, Status.CANCELLED)))
-        jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
+                why = "cancelled by the client before it ran"
+                answer = refusal(job.job_id, E_CANCELLED, why, arrival, Status.CANCELLED, reply_token=job.reply_token)
+                errors.append((job.reply_to, answer))
+        fresh = [item for item in fresh if item[2].job_id not in cancelled]
+        for _entry, source, _job, _digest in fresh:
+            self.fair.arrived(source.share_key, now_s)
+        active = self.fair.active(now_s)
         routes: dict[str, tuple[RoutedJob, Decision]] = {}  # entry id -> the admitted job and its route
-        for entry_id, job in jobs:
+        for entry, source, job, _digest in fresh:
             routed = RoutedJob(
                 job_id=job.job_id,
                 prompt=job.prompt,
@@ -355,7 +484,8 @@ class Router:
                 reply_to=job.reply_to,
                 partials=job.partials,
                 prompt_index=job.prompt_index,
-                image_ref=job.image_ref and tenant is None,  # a tenant's ACL reaches no image-store key
+                image_ref=job.image_ref and source.tenant is None,  # a tenant's ACL reaches no image-store key
+                reply_token=job.reply_token,
             )
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
@@ -365,6 +495,7 @@ class Router:
                     degrade_late=plan.degrade_late,
                     on_time=heavy_now.on_time(arrival, routed.deadline_ms),
                 )
+            over_share = self.fair.over_share(source.share_key, now_s, active)
             verdict = admission.admit(
                 plan,
                 decision,
@@ -374,11 +505,19 @@ class Router:
                 heavy=heavy,
                 discriminator_ms=discriminator_ms,
                 max_light_backlog=self.cfg.max_light_backlog,
+                budget=1.0 - self.cfg.fair_reserve if over_share else 1.0,
             )
             if not verdict.admitted:  # refused before admission: the id stays free for the retry
                 metrics.ERRORS.labels("router", E_OVERLOADED).inc()
-                message = f"overloaded: {verdict.reason}; retry later"
-                answer = refusal(job.job_id, E_OVERLOADED, message, arrival, retry_after_ms=verdict.retry_after_ms)
+                reason = f"{verdict.reason} (over this client's fair share)" if over_share else verdict.reason
+                answer = refusal(
+                    job.job_id,
+                    E_OVERLOADED,
+                    f"overloaded: {reason}; retry later",
+                    arrival,
+                    retry_after_ms=verdict.retry_after_ms,
+                    reply_token=job.reply_token,
+                )
                 errors.append((job.reply_to, answer))
                 continue
             # Counted now (a duplicate found below included: erring towards refusing), so the
@@ -388,27 +527,27 @@ class Router:
                 heavy_now.admit()
             else:
                 light.admit()
-            routes[entry_id] = (routed, decision)
-        jobs = [(entry_id, job) for entry_id, job in jobs if entry_id in routes]
-        duplicates = await self._claim_ids(jobs)
-        for entry_id, job in jobs:
-            if entry_id in duplicates:
-                metrics.ERRORS.labels("router", E_DUPLICATE).inc()
-                message = (
-                    f"a job with this id was admitted in the last {self.cfg.result_ttl_s} s (in flight or answered); "
-                    "use a new id"
-                )
-                errors.append((job.reply_to, refusal(job.job_id, E_DUPLICATE, message, arrival)))
+            self.fair.admitted(source.share_key, now_s)
+            routes[entry.id + entry.stream] = (routed, decision)
+        admitted = [item for item in fresh if item[0].id + item[0].stream in routes]
+        owners = await self._claim_ids(admitted)
+        admitted_ids: list[str] = []
+        for entry, _source, job, digest in admitted:
+            owner = owners.get(job.job_id)
+            if owner is not None and owner.entry_id != entry.id:
+                if owner.digest == digest:
+                    retried += 1
+                else:
+                    errors.append((job.reply_to, self._duplicate(job, arrival)))
                 continue
-            routed, decision = routes[entry_id]
+            routed, decision = routes[entry.id + entry.stream]
             if decision == Decision.HEAVY:
                 routed.routed_by = RoutedBy.DIRECT
                 outputs.append((self.keys.heavy_queue, routed.encode()))
             else:
                 routed.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
                 outputs.append((self.keys.light_queue, routed.encode()))
-
-        admitted_ids = [job.job_id for entry_id, job in jobs if entry_id not in duplicates]
+            admitted_ids.append(job.job_id)
 
         def deliver_errors(pipe: aioredis.client.Pipeline) -> None:
             for reply_to, message in errors:
@@ -418,27 +557,40 @@ class Router:
                     self._deliver(pipe, message, reply_to, admitted=False)
             for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
                 pipe.delete(self.keys.done(job_id))
+            for job_id, ttl in flags.items():
+                pipe.set(self.keys.cancel(job_id), 1, ex=ttl)
             if offered:  # last: the replies before these are counted by position
                 record_arrivals(pipe, self.keys, arrival, offered)
 
-        replies = await source.consumer.write_and_ack([e.id for e in entries], outputs, deliver_errors)
+        replies = await self.submissions.write_and_ack(entries, outputs, deliver_errors)
         _count_replaced(replies[len(outputs) : len(outputs) + len(errors)])
         metrics.PROCESSED.labels("router", "admitted").inc(len(outputs))
+        if retried:
+            metrics.PROCESSED.labels("router", "retried").inc(retried)
 
-    async def _claim_ids(self, jobs: list[tuple[str, Job]]) -> set[str]:
-        """Entry ids whose job id another entry was admitted under (within the result TTL).
-        The marker holds the admitted entry's id, so the same entry read again after a router
-        crash (before its ack) is admitted again, not refused as its own duplicate."""
+    def _duplicate(self, job: Job, arrival: float) -> FinalResult:
+        metrics.ERRORS.labels("router", E_DUPLICATE).inc()
+        message = (
+            f"a different job with this id was admitted in the last {self.cfg.result_ttl_s} s (in flight or "
+            "answered); use a new id"
+        )
+        return refusal(job.job_id, E_DUPLICATE, message, arrival, reply_token=job.reply_token)
+
+    async def _claim_ids(self, jobs: list[tuple[Entry, Source, Job, str]]) -> dict[str, Claim]:
+        """Mark each job's id admitted under its entry; returns the claims that were there before (an id
+        admitted under another entry: a duplicate or a retry). The marker names the admitted entry, so the
+        same entry read again after a router crash (before its ack) is admitted again, not refused."""
         if not jobs:
-            return set()
+            return {}
         async with self.r.pipeline(transaction=False) as pipe:
-            for entry_id, job in jobs:
-                pipe.set(self.keys.admitted(job.job_id), entry_id, nx=True, get=True, ex=self.cfg.result_ttl_s)
+            for entry, _source, job, digest in jobs:
+                marker = Claim(entry.id, digest).encode()
+                pipe.set(self.keys.admitted(job.job_id), marker, nx=True, get=True, ex=self.cfg.result_ttl_s)
             owners = await pipe.execute()
         return {
-            entry_id
-            for (entry_id, _job), owner in zip(jobs, owners)
-            if owner is not None and owner.decode() != entry_id
+            job.job_id: claim
+            for (_entry, _source, job, _digest), owner in zip(jobs, owners)
+            if (claim := Claim.parse(owner)) is not None
         }
 
     # ---------- delivery ----------
@@ -448,19 +600,24 @@ class Router:
         """Markers under the pipeline's (scoped) id; the answer carries the id its submitter used."""
         target, mode = (reply_to, "stream") if reply_to else (self.keys.result(result.job_id), "list")
         answer = replace(result, job_id=client_job_id(result.job_id))
+        tenant, epoch = tenant_of(result.job_id) or ("", 0)
         # Plain EVAL (not EVALSHA): inside MULTI there is no NOSCRIPT retry, and Redis caches it anyway.
         ttl = self.cfg.result_ttl_s if admitted else min(self.cfg.refused_ttl_s, self.cfg.result_ttl_s)
         pipe.eval(
             DELIVER_ONCE,
-            3,
+            5,
             self.keys.done(result.job_id),
             target,
             self.keys.admitted(result.job_id),
+            self.keys.tenant_epochs,
+            self.keys.tenants,
             answer.encode(),
             ttl,
             mode,
             self.cfg.reply_maxlen,
             "1" if admitted else "0",
+            tenant,
+            epoch,
         )
 
     async def deliver_batch(self) -> None:
@@ -485,6 +642,12 @@ class Router:
                     )
                 )
                 continue
+            if finished - c.arrival_ms > self.cfg.result_ttl_s * 1000:
+                # Admitted longer ago than the done marker lives (a worker stalled past --result-ttl-s):
+                # the job may have been answered already, and its id may be in use again. Never answered
+                # twice: dropped and counted instead.
+                metrics.ERRORS.labels("router", "stale_completion").inc()
+                continue
             latency = finished - c.arrival_ms
             slo_met = c.status == Status.OK and finished <= c.deadline_ms
             results.append(
@@ -506,6 +669,7 @@ class Router:
                         error_message=c.error_message,
                         finished_ms=finished,
                         image_ref=c.image_ref if c.by_ref else None,
+                        reply_token=c.reply_token,
                     ),
                 )
             )
@@ -530,6 +694,9 @@ class Router:
             if not fresh:
                 metrics.DUPLICATES.inc()
                 continue
+            if fresh == TENANT_GONE:
+                metrics.ERRORS.labels("router", "tenant_gone").inc()
+                continue
             if result.status == Status.CANCELLED:  # not served, so neither an SLO hit nor a miss
                 metrics.PROCESSED.labels("router", "cancelled").inc()
                 continue
@@ -549,47 +716,96 @@ class Router:
 
     # ---------- housekeeping ----------
     async def housekeeping(self) -> None:
-        """Measure every queue often (the queue-depth metrics); trim less often."""
+        """Measure every queue often (the queue-depth metrics) and cut tenant streams to their cap; trim
+        processed entries less often."""
         for attr, group in PIPELINE_GROUPS:
             metrics.QUEUE_DEPTH.labels(attr).set(await backlog(self.r, getattr(self.keys, attr), group))
         await self.blobs.maybe_sweep()  # S3: what outlived its TTL (Redis expires its own)
+        tenant_streams = [s.stream for s in self.sources.values() if s.tenant is not None]
+        if tenant_streams:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for stream in tenant_streams:
+                    pipe.xtrim(stream, maxlen=self.cfg.tenant_max_queued, approximate=False)
+                cut = await pipe.execute()
+            for stream, n in zip(tenant_streams, cut):
+                if n:
+                    metrics.ERRORS.labels("router", "tenant_stream_cut").inc(n)
+                    self.svc.log.warning("tenant stream cut to its cap", extra={"stream": stream, "dropped": n})
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.cfg.trim_interval_s
             for attr, _group in PIPELINE_GROUPS:
                 await trim_processed(self.r, getattr(self.keys, attr))
-            for loop in list(self.tenants.values()):
-                await trim_processed(self.r, loop.source.consumer.stream)
+            for stream in tenant_streams:
+                await trim_processed(self.r, stream)
         await self.svc.sleep(QUEUE_POLL_S)
 
     # ---------- tenants ----------
     async def watch_tenants(self) -> None:
-        """Start an admit loop for each tenant registered since the last look; stop removed tenants'."""
-        names = await tenant_names(self.r, self.keys)
-        for name in sorted(names - self.tenants.keys()):
-            source = JobSource(self._consumer(self.keys.tenant_in(name), self.cfg.max_entry_bytes), name)
-            try:
-                await source.consumer.ensure_group()
-            except ResponseError as exc:  # e.g. a key of another type under that name: the others still start
-                self.svc.log.error("cannot serve tenant", extra={"tenant": name, "error": str(exc)[:200]})
+        """Read the tenants registered since the last look (and their epochs); drop removed tenants' streams."""
+        wanted = {
+            self.keys.tenant_in(name): Source(self.keys.tenant_in(name), name, epoch)
+            for name, epoch in (await tenant_epochs(self.r, self.keys)).items()
+        }
+        ready: dict[str, Source] = {}
+        for stream, source in sorted(wanted.items()):
+            known = self.sources.get(stream)
+            if known is not None:
+                ready[stream] = source
                 continue
-            stop = asyncio.Event()
-            task = asyncio.create_task(run_forever(f"admit:{name}", partial(self.admit_batch, source), stop))
-            self.tenants[name] = TenantLoop(source, stop, task)
-            self.svc.log.info("serving tenant", extra={"tenant": name})
-        for name in sorted(self.tenants.keys() - names):
-            await self._stop_tenant(name)
-            await self.r.eval(FORGET_TENANT, 2, self.keys.tenants, self.keys.tenant_in(name), name)
-            self.svc.log.info("tenant removed", extra={"tenant": name})
+            try:
+                await self.submissions.ensure_group(stream)
+            except ResponseError as exc:  # e.g. a key of another type under that name: the others still start
+                self.svc.log.error("cannot serve tenant", extra={"tenant": source.tenant, "error": str(exc)[:200]})
+                continue
+            ready[stream] = source
+            self.svc.log.info("serving tenant", extra={"tenant": source.tenant, "epoch": source.epoch})
+        gone = [s for s in self.sources.values() if s.tenant is not None and s.stream not in wanted]
+        async with self._sources_lock:
+            self.sources = {self.keys.jobs: self.sources[self.keys.jobs], **ready}
+            self.submissions.set_streams(list(self.sources))
+        for source in gone:
+            # Its last read may have recreated the stream (a group recreated after its deletion).
+            await self.r.eval(FORGET_TENANT, 2, self.keys.tenants, source.stream, source.tenant or "")
+            self.svc.log.info("tenant removed", extra={"tenant": source.tenant})
         await self.svc.sleep(TENANT_POLL_S)
 
-    async def _stop_tenant(self, name: str) -> None:
-        loop = self.tenants.pop(name)
-        loop.stop.set()  # the loop ends after its current read (at most one BLOCK)
-        await loop.task
+    async def guard_connections(self) -> None:
+        """Close a tenant's Redis connections beyond ``--tenant-max-connections``, newest first: Redis has no
+        per-user connection limit, and one tenant holding every free connection would lock out every new
+        client, services included. Needs ``CLIENT LIST``/``CLIENT KILL``; without them it says so once."""
+        if self._guard_connections:
+            tenants = {s.tenant for s in self.sources.values() if s.tenant is not None}
+            try:
+                listing = await self.r.execute_command("CLIENT", "LIST", "TYPE", "normal")  # type: ignore[no-untyped-call]
+                excess = over_connection_cap(_s(listing), tenants, self.cfg.tenant_max_connections)
+                if excess:
+                    async with self.r.pipeline(transaction=False) as pipe:
+                        for client_id in excess:
+                            pipe.execute_command("CLIENT", "KILL", "ID", client_id)
+                        await pipe.execute(raise_on_error=False)
+                    metrics.ERRORS.labels("router", "tenant_connections_closed").inc(len(excess))
+                    self.svc.log.warning("closed tenant connections over the cap", extra={"closed": len(excess)})
+            except ResponseError as exc:
+                self._guard_connections = False
+                self.svc.log.error(
+                    "cannot enforce --tenant-max-connections: this Redis user needs +client|list +client|kill",
+                    extra={"error": str(exc)[:200]},
+                )
+        await self.svc.sleep(CONNECTION_POLL_S)
 
-    async def stop_tenants(self) -> None:
-        for name in list(self.tenants):
-            await self._stop_tenant(name)
+
+def over_connection_cap(listing: str, tenants: set[str], cap: int) -> list[str]:
+    """Ids of the connections (``CLIENT LIST`` output) that put a tenant user over ``cap``, newest first."""
+    held: dict[str, list[int]] = {}
+    for line in listing.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("user") in tenants and fields.get("id", "").isdigit():
+            held.setdefault(fields["user"], []).append(int(fields["id"]))
+    return [str(i) for ids in held.values() for i in sorted(ids, reverse=True)[: max(0, len(ids) - cap)]]
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _count_replaced(replies: list[Any]) -> None:
@@ -599,9 +815,9 @@ def _count_replaced(replies: list[Any]) -> None:
         metrics.ERRORS.labels("router", "reply_key_replaced").inc(replaced)
 
 
-def _reply_to_of(entry: Entry, keys: Keys, tenant: str | None, job_id: str) -> str | None:
-    """Where to answer an entry that failed validation: its reply stream when that is well-formed,
-    else the result list (shared stream) or the tenant's default reply stream."""
+def _reply_of(entry: Entry, keys: Keys, tenant: str | None, job_id: str) -> tuple[str | None, str | None]:
+    """Where to answer an entry that failed validation, and its reply token: its reply stream when that
+    is well-formed, else the result list (shared stream) or the tenant's default reply stream."""
     fallback = None if tenant is None else default_reply(keys, tenant, job_id)
     prefix = reply_prefix(keys, tenant)
     try:
@@ -611,24 +827,22 @@ def _reply_to_of(entry: Entry, keys: Keys, tenant: str | None, job_id: str) -> s
             else {k.decode(): v.decode() for k, v in entry.fields.items()}
         )
     except (MessageError, UnicodeDecodeError):
-        return fallback
-    reply_to = body.get("reply_to")
+        return fallback, None
+    reply_to, token = body.get("reply_to"), body.get("reply_token")
     valid = isinstance(reply_to, str) and reply_to.startswith(prefix) and len(reply_to) <= 200
-    return reply_to if valid else fallback
+    return reply_to if valid else fallback, token if isinstance(token, str) and len(token) <= 64 else None
 
 
 async def serve(svc: Service[RouterConfig]) -> None:
     router = Router(svc)
     svc.ready()
-    try:
-        await asyncio.gather(
-            run_forever("admit", router.admit_batch, svc.stop),
-            run_forever("deliver", router.deliver_batch, svc.stop),
-            run_forever("housekeeping", router.housekeeping, svc.stop),
-            run_forever("tenants", router.watch_tenants, svc.stop),
-        )
-    finally:
-        await router.stop_tenants()
+    await asyncio.gather(
+        run_forever("admit", router.admit_batch, svc.stop),
+        run_forever("deliver", router.deliver_batch, svc.stop),
+        run_forever("housekeeping", router.housekeeping, svc.stop),
+        run_forever("tenants", router.watch_tenants, svc.stop),
+        run_forever("connections", router.guard_connections, svc.stop),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from common import metrics
 from common.backends import BackendSettings, ImageModel, latency_scale, load_profile, make_model, require_backend
 from common.backends.profiled import fixed_image
 from common.blobs import HEAVY, LIGHT, THUMB, BlobUnavailable, blob_key, open_store
+from common.clock import CLOCK
 from common.config import ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import (
@@ -154,7 +155,8 @@ class Worker:
                     "model": self.model.name if self.model else "",
                     "switch_s": self.last_switch_s,
                     "switches": self.switches,
-                    "heartbeat_ms": now,
+                    "heartbeat_ms": now,  # Redis's clock (common/clock.py), whatever this host's says
+                    "clock_offset_ms": round(CLOCK.offset_ms, 1),
                     "backend": self.cfg.backend,
                 },
             )

@@ -89,3 +89,45 @@ def test_admissions_within_one_batch_count_against_the_next():
             light.admit()
         verdicts.append(verdict.admitted)
     assert verdicts == [True] * 193 + [False] * 107  # waits 0, 25, ..., 4800 ms fit a 200 ms batch in 5 s
+
+
+def test_a_source_over_its_share_gets_only_part_of_the_slack_and_of_the_cap():
+    """budget 0.75: the light queue may hold 0.75 of the 4800 ms slack (144 jobs at 25 ms), and of the cap."""
+
+    def admitted(backlog: int, budget: float, deadline: float = 5000.0) -> bool:
+        light = Stage(*L, backlog=backlog)
+        return admit(
+            CASCADE, LIGHT, 0.0, deadline, light=light, heavy=Stage(*H), discriminator_ms=0.0,
+            max_light_backlog=CAP, budget=budget,
+        ).admitted  # fmt: skip
+
+    assert [admitted(b, 0.75) for b in (143, 144, 145)] == [True, True, False]
+    assert [admitted(b, 1.0) for b in (144, 192, 193)] == [True, True, False]  # the full slack as before
+    assert admitted(749, 0.75, 10**7) and not admitted(750, 0.75, 10**7)  # 0.75 of the cap of 1000
+    assert admitted(0, 0.75, 100)  # too tight a deadline even when idle: best effort as before
+
+
+def test_fair_share_marks_the_source_with_more_than_its_share_of_recent_admissions():
+    from common.admission import FairShare
+
+    fair = FairShare(window_s=5.0)
+    for t in range(10):
+        fair.arrived("flood", t / 10)
+        fair.admitted("flood", t / 10)
+    assert not fair.over_share("flood", 1.0, fair.active(1.0))  # alone: everything is its share
+    fair.arrived("quiet", 1.0)
+    fair.admitted("quiet", 1.0)
+    active = fair.active(1.0)
+    assert active == 2 and fair.over_share("flood", 1.0, active) and not fair.over_share("quiet", 1.0, active)
+    assert fair.active(20.0) == 0  # both quiet for longer than the window: forgotten
+
+
+def test_the_router_closes_a_tenants_newest_connections_beyond_the_cap():
+    from services.router import over_connection_cap
+
+    listing = "\n".join(
+        [f"id={i} addr=127.0.0.1:{i} name= user=hog cmd=ping" for i in range(10, 15)]
+        + ["id=3 addr=127.0.0.1:3 name=router:router user=default cmd=xreadgroup", "id=4 user=other cmd=ping"]
+    )
+    assert over_connection_cap(listing, {"hog", "other"}, 2) == ["14", "13", "12"]
+    assert over_connection_cap(listing, {"other"}, 2) == []

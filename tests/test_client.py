@@ -27,21 +27,33 @@ def test_wait_result_waits_longer_than_the_socket_timeout(redis_server):
 
 
 def test_unclaimed_results_are_bounded_and_forged_ones_are_dropped(redis_server):
+    """Answers must carry the job's reply token: a forged one (for an id the client waits for, arriving
+    before the real answer; or for an id it never sent; or a second one) is dropped and counted, and
+    the real answer is still taken. Before tokens the first answer for an owed id won, forged or not."""
+
     async def go():
         async with Client(redis_url=redis_server.url, max_unclaimed=100) as client:
             ids = [await client.enqueue("a prompt", job_id=f"j{i}") for i in range(300)]
-            for job_id in ids:
-                await add(client.redis, client.reply_stream, FinalResult(job_id=job_id, status="ok").encode())
-            await add(client.redis, client.reply_stream, FinalResult(job_id="forged-1", status="ok").encode())
+            tokens = dict(client._owed)
+            await add(client.redis, client.reply_stream, FinalResult(job_id="j0", status="error").encode())
             await add(
-                client.redis, client.reply_stream, FinalResult(job_id="j0", status="ok").encode()
-            )  # a second, forged answer
+                client.redis,
+                client.reply_stream,
+                FinalResult(job_id="j0", status="error", reply_token="0" * 32).encode(),
+            )
+            for job_id in ids:
+                real = FinalResult(job_id=job_id, status="ok", reply_token=tokens[job_id])
+                await add(client.redis, client.reply_stream, real.encode())
+            await add(client.redis, client.reply_stream, FinalResult(job_id="forged-1", status="ok").encode())
+            second = FinalResult(job_id="j299", status="ok", reply_token=tokens["j299"])
+            await add(client.redis, client.reply_stream, second.encode())  # a second answer, token and all
             deadline = time.monotonic() + 10
-            while client.rejected < 2 and time.monotonic() < deadline:
+            while client.rejected < 4 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            kept = [client._unclaimed.get_nowait().job_id for _ in range(client._unclaimed.qsize())]
+            kept = [client._unclaimed.get_nowait() for _ in range(client._unclaimed.qsize())]
             return kept, client.dropped, client.rejected
 
     kept, dropped, rejected = asyncio.run(go())
-    assert kept == [f"j{i}" for i in range(200, 300)]  # the oldest were dropped
-    assert dropped == 200 and rejected == 2
+    assert [r.job_id for r in kept] == [f"j{i}" for i in range(200, 300)]  # the oldest were dropped
+    assert {r.status for r in kept} == {"ok"}
+    assert dropped == 200 and rejected == 4

@@ -18,6 +18,7 @@ from common.messages import (
     E_OVERLOADED,
     SCHEMA_VERSION,
     BlobRef,
+    Cancel,
     Completion,
     DeadLetter,
     FinalResult,
@@ -574,6 +575,15 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
         "66396639663966396639663966396639663966396639663966396639663966396639663966396639663966396639663966a17602"
         "a474797065ab6c696768745f7265616479",
     ),
+    # Added by issue 24: a cancel request on a submission stream, and an answer echoing its job's reply token.
+    (Cancel(job_id="j1"), "83a66a6f625f6964a26a31a17601a474797065a663616e63656c"),
+    (
+        FinalResult(job_id="j1", status=Status.OK, reply_token="ab12"),
+        "de0010a66a6f625f6964a26a31a6737461747573a26f6ba5696d616765c0ac696d6167655f666f726d6174c0ab616e7377657265"
+        "645f6279c0a56d6f64656cc0aa636f6e666964656e6365c0a86465677261646564c2aa6c6174656e63795f6d73c0a7736c6f5f6d"
+        "6574c0aa6572726f725f636f6465c0ad6572726f725f6d657373616765c0ab66696e69736865645f6d73cb0000000000000000ab"
+        "7265706c795f746f6b656ea461623132a17601a474797065ac66696e616c5f726573756c74",
+    ),
 ]
 
 
@@ -618,3 +628,21 @@ def test_a_malformed_blob_reference_is_refused_with_the_job_id():
         with pytest.raises(MessageError) as err:
             FinalResult.from_dict({**good, "image_ref": bad})
         assert err.value.code == E_INVALID and err.value.job_id == "j1"
+
+
+def test_a_job_digest_names_the_request_not_the_attempt():
+    """Same request sent again (another attempt, another ``submitted_ms``): same digest; any other field
+    (the reply target or token included) makes it another request."""
+    base = Job(job_id="j1", prompt="a cat", reply_to="diffserve:reply:x", reply_token="t1", submitted_ms=1.0)
+    assert Job(**{**base.__dict__, "submitted_ms": 2.0, "job_id": "other"}).digest() == base.digest()
+    for change in ({"prompt": "a dog"}, {"reply_to": "diffserve:reply:y"}, {"reply_token": "t2"}, {"seed": 1}):
+        assert Job(**{**base.__dict__, **change}).digest() != base.digest(), change
+
+
+def test_the_router_reads_a_cancel_request_in_either_form():
+    from services.router import parse_entry
+
+    for entry in (_entry(Cancel(job_id="c1").encode()), _entry(fields={b"type": b"cancel", b"job_id": b"c1"})):
+        assert parse_entry(entry, CFG, KEYS) == Cancel(job_id="c1")
+    with pytest.raises(MessageError):
+        parse_entry(_entry(fields={b"type": b"cancel", b"job_id": b"bad id!"}), CFG, KEYS)

@@ -8,7 +8,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.config import RedisSettings
-from common.streams import StreamConsumer, add, backlog, connect, ensure_group, run_forever, trim_processed
+from common.streams import (
+    StreamConsumer,
+    SubmissionReader,
+    add,
+    backlog,
+    connect,
+    ensure_group,
+    run_forever,
+    trim_processed,
+)
 
 
 def _run(coro):
@@ -267,13 +276,18 @@ def test_a_loop_step_that_raises_a_non_transient_error_is_logged_and_the_loop_go
     assert len(failures) == 1 and "NoPermissionError" in (failures[0].exc_text or "")
 
 
-def test_a_size_limited_consumer_gets_stubs_for_big_entries_on_every_read_path(redis_server):
+def test_the_submission_reader_gets_stubs_for_big_entries_on_every_read_path(redis_server):
     """New entries, its own pending ones after a restart and ones reclaimed from a dead consumer:
     an entry over the limit comes back as a stub with its size, job id and reply stream only, with
     Redis's delivery counter as for any entry; small entries come back whole."""
     import msgpack
 
     big = msgpack.packb({"job_id": "big-1", "prompt": "x" * 100_000, "reply_to": "diffserve:reply:r1"})
+
+    def reader(r, name, **kwargs):
+        reader = SubmissionReader(r, "g", name, max_entry_bytes=1000, **kwargs)
+        reader.set_streams(["s"])
+        return reader
 
     async def go():
         r = await _client(redis_server.url)
@@ -282,46 +296,47 @@ def test_a_size_limited_consumer_gets_stubs_for_big_entries_on_every_read_path(r
         await add(r, "s", big)
         await r.xadd("s", {"job_id": "plain-1", "prompt": "y" * 100_000})
         await r.xadd("s", {"job_id": "bad id!", "prompt": "y" * 100_000})
-        first = StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000, reclaim_idle_ms=100)
-        fresh = await first.read(10, block_ms=100)
-        again = await StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000).read(10)  # restarted, same name
+        fresh = await reader(r, "c1", reclaim_idle_ms=100).read(10, block_ms=100)
+        again = await reader(r, "c1").read(10)  # restarted, same name
         await asyncio.sleep(0.2)
-        reclaimed = await StreamConsumer(r, "s", "g", "c2", max_entry_bytes=1000, reclaim_idle_ms=100).read(10)
+        reclaimed = await reader(r, "c2", reclaim_idle_ms=100).read(10)
         await r.aclose()
         return fresh, again, reclaimed
 
     fresh, again, reclaimed = _run(go())
     for batch, deliveries in ((fresh, 1), (again, 2), (reclaimed, 3)):
         assert [e.oversized > 0 for e in batch] == [False, True, True, True]
-        assert batch[0].payload == b"small"
+        assert batch[0].payload == b"small" and {e.stream for e in batch} == {"s"}
         assert batch[1].oversized == len(big) and batch[1].payload is None
         assert batch[1].fields == {b"job_id": b"big-1", b"reply_to": b"diffserve:reply:r1"}
         assert batch[2].fields == {b"job_id": b"plain-1"} and batch[3].fields == {}
         assert [e.deliveries for e in batch] == [deliveries] * 4
 
 
-def test_a_size_limited_consumer_waits_for_new_entries_and_acks_as_usual(redis_server):
+def test_the_submission_reader_waits_for_new_entries_and_acks_as_usual(redis_server):
     import msgpack
 
     async def go():
         r = await _client(redis_server.url)
-        c = StreamConsumer(r, "s", "g", "c1", max_entry_bytes=1000)
-        await c.ensure_group()
+        c = SubmissionReader(r, "g", "c1", max_entry_bytes=1000)
+        for stream in ("s", "t"):
+            await c.ensure_group(stream)
+        c.set_streams(["s", "t"])
         assert await c.read(10, block_ms=50) == []
 
         async def later():
             await asyncio.sleep(0.1)
             for i in range(3):
-                await add(r, "s", f"p{i}".encode())
+                await add(r, "t", f"p{i}".encode())
 
         writer = asyncio.create_task(later())
         first = await c.read(10, block_ms=2000)  # woken by the first entry
         await writer
-        await c.ack([e.id for e in first])
+        await c.write_and_ack(first, [])
         rest = await c.read(10, block_ms=50)
-        await c.ack([e.id for e in rest])
+        await c.write_and_ack(rest, [])
         assert [e.payload for e in first + rest] == [b"p0", b"p1", b"p2"]
-        assert await backlog(r, "s", "g") == 0
+        assert await backlog(r, "t", "g") == 0
 
         async def big_later():  # the one entry an idle wait reads whole is cut to a stub all the same
             await asyncio.sleep(0.1)
@@ -330,7 +345,39 @@ def test_a_size_limited_consumer_waits_for_new_entries_and_acks_as_usual(redis_s
         writer = asyncio.create_task(big_later())
         (big,) = await c.read(10, block_ms=2000)
         await writer
-        assert (big.oversized, big.payload, big.fields) == (5024, None, {b"job_id": b"big-2"})
+        assert (big.oversized, big.payload, big.fields, big.stream) == (5024, None, {b"job_id": b"big-2"}, "s")
         await r.aclose()
 
     _run(go())
+
+
+def test_the_submission_reader_reads_many_streams_fairly_on_one_connection(redis_server):
+    """A flooded stream and 300 quiet ones: one read takes each quiet stream's entry before more of
+    the flood, and the reader uses one connection whatever the number of streams."""
+
+    async def go():
+        r = await _client(redis_server.url)
+        streams = ["flood"] + [f"quiet-{i}" for i in range(300)]
+        c = SubmissionReader(r, "g", "c1", max_entry_bytes=1000, per_stream=4)
+        for stream in streams:
+            await c.ensure_group(stream)
+        c.set_streams(streams)
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(2000):
+                pipe.xadd("flood", {"m": b"f%d" % i})
+            for stream in streams[1:]:
+                pipe.xadd(stream, {"m": stream.encode()})
+            await pipe.execute()
+        batch = await c.read(400)
+        connections = len(r.connection_pool._in_use_connections) + len(r.connection_pool._available_connections)
+        await r.aclose()
+        return batch, connections
+
+    batch, connections = _run(go())
+    per_stream = {}
+    for e in batch:
+        per_stream[e.stream] = per_stream.get(e.stream, 0) + 1
+    assert len(batch) == 400
+    assert all(per_stream.get(f"quiet-{i}") == 1 for i in range(300))
+    assert per_stream["flood"] == 100  # 4 in the fair pass, then the rest of the read's room
+    assert connections == 1

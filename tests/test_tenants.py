@@ -56,7 +56,7 @@ def admin_server():
         server.stop()
 
 
-def test_a_tenant_can_touch_nothing_but_its_own_stream_replies_and_cancel_flags(admin_server):
+def test_a_tenant_can_touch_nothing_but_its_own_stream_and_replies(admin_server):
     server = admin_server
     alice_pw, bob_pw = add_tenant(server, "alice"), add_tenant(server, "bob")
     admin = redis.Redis(host="127.0.0.1", port=server.port, password=ADMIN_PASSWORD)
@@ -94,7 +94,9 @@ def test_a_tenant_can_touch_nothing_but_its_own_stream_replies_and_cancel_flags(
         "squat its own done marker": lambda: alice.set(KEYS.done("alice/j1"), "1"),
         "cancel bob's job": lambda: alice.set(KEYS.cancel("bob/j1"), "1"),
         "cancel a shared job": lambda: alice.set(KEYS.cancel("j1"), "1"),
-        "read a cancel flag": lambda: alice.set(KEYS.cancel("alice/j1"), "1", get=True),
+        "set its own cancel flag (a flag without a TTL would stay forever)": lambda: alice.set(
+            KEYS.cancel("alice/j1"), "1"
+        ),
         "XREAD its own submissions": lambda: alice.xread({KEYS.tenant_in("alice"): "0"}),
         "the plan": lambda: alice.get(KEYS.plan),
         "the light queue": lambda: alice.xadd(KEYS.light_queue, {"m": b"x"}),
@@ -108,10 +110,10 @@ def test_a_tenant_can_touch_nothing_but_its_own_stream_replies_and_cancel_flags(
             attempt()
             pytest.fail(f"{what} was allowed")
 
-    # What it may do: submit to its own stream, read its own replies, cancel its own jobs.
+    # What it may do: submit to its own stream (jobs, and cancel requests), read its own replies.
     assert alice.xadd(KEYS.tenant_in("alice"), {"job_id": "j1", "prompt": "p"})
+    assert alice.xadd(KEYS.tenant_in("alice"), {"type": "cancel", "job_id": "j1"})
     assert alice.xread({f"{KEYS.tenant_out('alice')}r1": "0"}) == []
-    assert alice.set(KEYS.cancel("alice/j1"), "1", ex=60)
     assert alice.ping()
     # Nothing the refused attempts touched changed.
     assert admin.xlen(KEYS.jobs) == 1 and admin.llen(KEYS.result("shared-1")) == 1
@@ -119,8 +121,8 @@ def test_a_tenant_can_touch_nothing_but_its_own_stream_replies_and_cancel_flags(
     # The ACL is exactly the documented one.
     bob = admin.acl_getuser("bob")
     assert bob["categories"] == ["-@all"] and bob["channels"] == [] and bob["selectors"] == []
-    assert sorted(bob["commands"]) == ["+client|setname", "+ping", "+set", "+xadd", "+xread"]
-    assert sorted(bob["keys"]) == ["%R~diffserve:out:bob:*", "%W~diffserve:cancel:bob/*", "%W~diffserve:in:bob"]
+    assert sorted(bob["commands"]) == ["+client|setname", "+ping", "+xadd", "+xread"]
+    assert sorted(bob["keys"]) == ["%R~diffserve:out:bob:*", "%W~diffserve:in:bob"]
     assert bob_pw not in str(bob)  # stored hashed
 
 
@@ -447,3 +449,55 @@ def test_a_tenants_job_may_only_name_its_own_reply_keys():
         assert (refused.value.code, refused.value.job_id) == (E_INVALID, "j1")
     with pytest.raises(MessageError):  # nor may a shared-stream job name a tenant's key
         parse_job(entry(job_id="j1", reply_to="diffserve:out:alice:r"), cfg, KEYS)
+
+
+@pytest.mark.slow
+def test_a_tenants_cancel_flags_expire(stack):
+    """A tenant cancels through its own stream; the router sets the flag, always with a TTL (a tenant
+    could SET its flags without one, and they stayed in Redis for good)."""
+    server = stack
+    pw = add_tenant(server, "flagger")
+    admin = _admin(server)
+
+    async def go():
+        async with Client(tenant_settings(server, pw), tenant="flagger") as c:
+            await c.cancel("later-1")  # not submitted yet
+            done = await c.submit("a fox", job_id="f1", timeout=60)
+            await c.cancel("f1")  # already answered
+            await asyncio.sleep(1.0)
+            return done
+
+    assert asyncio.run(go()).status == "ok"
+    flags = admin.keys(f"{KEYS.cancel_prefix}flagger*")
+    assert len(flags) == 2 and all(0 < admin.ttl(key) <= 3600 for key in flags)
+
+
+@pytest.mark.slow
+def test_a_name_removed_and_added_again_inherits_nothing(stack):
+    """The same name, removed and added again, is a new tenant: the old one's cancel flags and admitted
+    ids used to cancel or refuse the new one's jobs (duplicate_job_id)."""
+    server = stack
+    admin = _admin(server)
+
+    async def first_life(pw: str):
+        async with Client(tenant_settings(server, pw), tenant="phoenix") as c:
+            answered = await c.submit("a fox", job_id="p1", timeout=60)
+            await c.cancel("p2")
+            await asyncio.sleep(1.0)
+        r = connect(_admin_settings(server))
+        try:
+            await remove(r, KEYS, "phoenix")
+        finally:
+            await r.aclose()
+        return answered
+
+    async def second_life(pw: str):
+        await asyncio.sleep(2.5)  # the router sees the new tenant
+        async with Client(tenant_settings(server, pw), tenant="phoenix") as c:
+            return await _submit_all(c, ["p1", "p2"])
+
+    assert asyncio.run(first_life(add_tenant(server, "phoenix"))).status == "ok"
+    leftovers = [k for p in ("cancel", "admitted", "done") for k in admin.keys(f"diffserve:{p}:phoenix*")]
+    assert leftovers == []
+    results = asyncio.run(second_life(add_tenant(server, "phoenix")))
+    assert [(r.job_id, r.status, r.error_code) for r in results] == [("p1", "ok", None), ("p2", "ok", None)]
