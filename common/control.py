@@ -174,8 +174,10 @@ class ControlSettings:
     hindsight_tie: float = 0.005  # ... a plan must beat the solver's (or the better one) by this much quality
     hindsight_keep: bool = True  # ... the plan in force is the one to beat
     hop_ms: float = HOP_MS  # ... each service's CPU per batch, in this clock
+    traffic_settle_s: float = 2.0  # after an idle tick, re-plan this long after traffic starts
     shift_ticks: int = 3  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
-    max_threshold_step: float = 0.05
+    max_threshold_step: float = 0.02
+    shift_threshold_step: float = 0.1  # ... and once the load has moved to another level (level_shift)
     threshold_margin: float = 0.05
     worker_margin: int = 1
     max_switch_fraction: float = 0.25
@@ -225,6 +227,13 @@ class ControlLoop:
         self.proposal: tuple[int, int, int] | None = None  # a role change seen once, awaiting confirmation
         self.fixed = settings.fixed_plan if self.spec.fixed else None
 
+    @property
+    def idle(self) -> bool:
+        """The last tick measured no demand: the first arrivals after it are planned for
+        ``traffic_settle_s`` after they start, not an interval later (the plan for no demand is the
+        cascade's threshold for low demand, which a busy small cluster cannot carry)."""
+        return self.demand.smoothed == 0.0
+
     def observe(self, jobs_added: int, at_s: float) -> float:
         """Feed the jobs counter; returns the demand to plan for."""
         self.demand.update(jobs_added, at_s)
@@ -246,7 +255,8 @@ class ControlLoop:
         window = None
         center = self.smoothed_from(stored, current)
         if center is not None:
-            window = (center - self.cfg.max_threshold_step, center + self.cfg.max_threshold_step)
+            step = self.threshold_step()
+            window = (center - step, center + step)
         return plan(
             self.profile,
             demand,
@@ -302,6 +312,11 @@ class ControlLoop:
             return None
         started = recent[0][0] - recent[0][2]
         return new / old, last_at - started
+
+    def threshold_step(self) -> float:
+        """How far t may move this tick: a small step while the load holds its level (the replay of a few
+        minutes is noisy, and a burst is the deadline rule's to carry), a larger one once it moved."""
+        return self.cfg.max_threshold_step if self.level_shift() is None else self.cfg.shift_threshold_step
 
     def light_floor(self, workers: int) -> int:
         """Two light workers in a cluster of four or more until the history shows the light stage's
@@ -400,7 +415,7 @@ class ControlLoop:
         target = quality_threshold(self.profile) or 1.0
         smoothed = self.smoothed_from(stored, result.roles)
         center = result.threshold if smoothed is None else smoothed
-        step = 1.0 if smoothed is None else cfg.max_threshold_step
+        step = 1.0 if smoothed is None else self.threshold_step()
         grid = [t for t in THRESHOLD_GRID if center - step - 1e-9 <= t <= min(target, center + step) + 1e-9] or [
             result.threshold
         ]

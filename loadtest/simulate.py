@@ -151,6 +151,7 @@ class Simulation:
         self.loop = ControlLoop(profile, settings)
         # the arrivals the router's histogram would hold: 100-ms buckets of a live stack's wall clock
         self.history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS / cfg.time_scale)
+        self.early_tick = False  # a tick is due soon: traffic arrived after an idle one
         self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
         self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
@@ -200,7 +201,8 @@ class Simulation:
             "heavy": len(self.queues["heavy"]) + busy["heavy"],
         }
 
-    def tick(self) -> None:
+    def tick(self, periodic: bool = True) -> None:
+        self.early_tick = False
         demand = self.loop.observe(self.arrived, self.now / 1000.0)
         planned = self.stored.roles if self.stored is not None else {}
         views = [
@@ -220,7 +222,7 @@ class Simulation:
         message.demand_qps = demand
         self.stored = message
         self.at(self.now + self.plan_delay_ms, self.publish, message)
-        if self.outstanding or self.now < self.trace.duration_s * 1000.0:
+        if periodic and (self.outstanding or self.now < self.trace.duration_s * 1000.0):
             self.at(self.now + self.cfg.interval_s * 1000.0, self.tick)
 
     def publish(self, message: Plan) -> None:
@@ -271,6 +273,9 @@ class Simulation:
         """The router: validation, direct routing (split policies) and admission by predicted wait."""
         self.arrived += 1
         self.history.add(rec.arrival_ms)
+        if self.cfg.controller and self.loop.idle and not self.early_tick:  # traffic after an idle tick
+            self.early_tick = True
+            self.at(self.now + self.loop.cfg.traffic_settle_s * 1000.0, self.tick, False)
         if rec.blank_prompt:  # the router refuses an empty prompt
             self.finish_error(rec, ErrorCode.INVALID, "prompt is empty")
             return

@@ -121,7 +121,7 @@ class ControllerConfig(ServiceConfig, BackendSettings):
         env="DIFFSERVE_HINDSIGHT_S",
     )
     max_threshold_step: float = option(
-        0.05,
+        ControlSettings.max_threshold_step,
         "largest change of the threshold from one plan to the next, unless nothing that close is feasible",
         env="DIFFSERVE_MAX_THRESHOLD_STEP",
     )
@@ -168,6 +168,7 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
         hindsight_s=cfg.hindsight_s * scale,
         hindsight_min_s=ControlSettings.hindsight_min_s * scale,
         hindsight_halflife_s=ControlSettings.hindsight_halflife_s * scale,
+        traffic_settle_s=ControlSettings.traffic_settle_s * scale,
         max_threshold_step=cfg.max_threshold_step,
         threshold_margin=cfg.threshold_margin,
         worker_margin=cfg.worker_margin,
@@ -384,14 +385,21 @@ class Controller:
         (a worker joined, left or died) and then held still for ``settle_s`` is re-planned at once."""
         if self.ticks == 0:
             await self.wait_for_workers()
-        started = time.monotonic()
+        started, ticked_ms = time.monotonic(), now_ms()
         await self.tick()
         changed_at: float | None = None
+        traffic_at: float | None = None
         while not self.svc.stop.is_set():
             left = self.interval_s - (time.monotonic() - started)
             if left <= 0:
                 return
             await self.svc.sleep(min(left, self.watch_s))
+            if self.loop.idle:  # traffic after an idle tick is planned for soon after it starts
+                if traffic_at is None and (await load_arrivals(self.r, self.keys, ticked_ms, now_ms())).counts:
+                    traffic_at = time.monotonic()
+                if traffic_at is not None and time.monotonic() - traffic_at >= self.loop.cfg.traffic_settle_s:
+                    self.log.info("traffic after an idle spell: re-planning")
+                    return  # the next step ticks now
             ids = await self.live_ids()
             if ids == self.planned_for:
                 changed_at = None

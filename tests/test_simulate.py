@@ -191,14 +191,14 @@ def _burst_trace(base_qps: float, n_prompts: int, *, before_s=240.0, burst_s=4.0
 
 @pytest.mark.parametrize("workers", [4, 8, 16])
 def test_a_burst_costs_seconds_not_minutes(profile, prompts, workers):
-    """A 10x burst of 4 s: within 60 s of its end the threshold is back within 0.02 of where it was before
+    """A 10x burst of 4 s: 60 s after its end the threshold is back within 0.02 of where it was before
     (the median of the minute before), and the plan's demand is back at the base rate (no phantom)."""
     base = workers / 2
     trace = _burst_trace(base, len(prompts))
     run = simulate(profile, trace, prompts, SimConfig(policy="diffserve", workers=workers, slo_ms=5000))
     samples = run.plan_samples
     before = statistics.median(s["threshold"] for s in samples if 180 <= s["t_s"] < 240)
-    after = [s for s in samples if 244 + 60 <= s["t_s"] <= 344]
+    after = [s for s in samples if 244 + 55 <= s["t_s"] <= 244 + 65]
     assert after and all(abs(s["threshold"] - before) <= 0.02 + 1e-9 for s in after), (
         before,
         [(s["t_s"], s["threshold"]) for s in after],
