@@ -175,7 +175,7 @@ class ControlSettings:
     hindsight_keep: bool = True  # ... the plan in force is the one to beat
     hop_ms: float = HOP_MS  # ... each service's CPU per batch, in this clock
     traffic_settle_s: float = 2.0  # after an idle tick, re-plan this long after traffic starts
-    shift_ticks: int = 3  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
+    shift_ticks: int = 4  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
     max_threshold_step: float = 0.02
     shift_threshold_step: float = 0.1  # ... and once the load has moved to another level (level_shift)
     threshold_margin: float = 0.05
@@ -283,10 +283,12 @@ class ControlLoop:
     def smoothed_from(self, stored: Plan | None, current: dict[str, str]) -> float | None:
         """The threshold (split policies: heavy fraction) the next plan stays within
         ``max_threshold_step`` of, or None when it may move freely: smoothing holds from a plan made
-        for these same workers, under this policy, from a measured demand (the first plan with
-        traffic, a changed cluster and an idle spell re-plan freely)."""
+        for these same workers, under this policy, from a measured demand, once the loop has measured
+        ``hindsight_min_s`` of traffic (the first plans with traffic, a changed cluster and an idle
+        spell re-plan freely)."""
         if (
-            stored is None
+            self.peak.span_s < self.cfg.hindsight_min_s
+            or stored is None
             or not stored.roles
             or set(stored.roles) != set(current)
             or stored.policy != self.cfg.policy
