@@ -31,7 +31,8 @@ from common.localstack import LocalStack, RedisServer, StackSpec, free_port
 from common.messages import FinalResult, Plan
 from common.plan_store import store_plan
 from common.profiles import load_prompts
-from services.gateway import hash_key, result_error
+from services.gateway.images import result_error
+from services.gateway.keys import hash_key
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
