@@ -11,7 +11,10 @@ permission on any shared key (``diffserve tenant add NAME`` makes such a user).
 
 ``submit(..., on_light=f)`` asks for the light image of a job that goes on to the heavy
 model: the discriminator puts a ``LightReady`` on the reply stream and ``f`` gets it
-before the final result arrives.  ``cancel(job_id)`` stops a job that has not started.
+before the final result arrives.  ``submit(..., on_event=g)`` asks for where the job stands:
+``g`` gets the router's ``Admitted`` (the queue it joined, jobs ahead) and the heavy model's
+``Progress`` (denoising steps).  ``cancel(job_id)`` stops a job that has not started, and one the
+heavy model is running once every job in its batch is cancelled (else its result is dropped).
 """
 
 from __future__ import annotations
@@ -26,7 +29,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from common.config import Keys, RedisSettings
-from common.messages import ENTRY_FIELD, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
+from common.messages import (
+    ENTRY_FIELD,
+    EVENT_TYPES,
+    Admitted,
+    FinalResult,
+    Job,
+    LightReady,
+    MessageError,
+    Progress,
+    new_job_id,
+    unpack,
+)
 from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, add, connect
 from common.tenants import check_name, default_reply, scoped_id
 
@@ -46,8 +60,9 @@ class Client:
         tenant: str | None = None,
     ):
         """``max_unclaimed``: results nobody awaits that are kept for ``results()``; past it the
-        oldest are dropped (counted in ``dropped``). ``tenant``: submit as this tenant (its Redis
-        user defaults to the tenant's name)."""
+        oldest are dropped (counted in ``dropped``); 0 keeps none (a caller that only ever waits
+        with ``submit``, like the gateway: an answer whose caller gave up is dropped on arrival).
+        ``tenant``: submit as this tenant (its Redis user defaults to the tenant's name)."""
         settings = settings or RedisSettings()
         if redis_url:
             settings.redis_url = redis_url
@@ -62,7 +77,8 @@ class Client:
         self.reply_stream = f"{replies}{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future[FinalResult]] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
-        self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
+        self._on_event: dict[str, Callable[[Admitted | Progress], None]] = {}
+        self._unclaimed: asyncio.Queue[FinalResult] | None = asyncio.Queue(max_unclaimed) if max_unclaimed > 0 else None
         # Answers still owed per job id put on our reply stream: anything else there was forged
         # (or a duplicate) by someone who can write the stream, and is dropped.
         self._owed: Counter[str] = Counter()
@@ -104,6 +120,8 @@ class Client:
         partials: bool = False,
         cascade: str | None = None,
         prompt_index: int | None = None,
+        negative_prompt: str | None = None,
+        progress: bool = False,
     ) -> str:
         """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``,
         or on ``reply_to`` (a stream named ``<ns>:reply:...``) when given.  ``prompt_index``: the
@@ -121,6 +139,8 @@ class Client:
             cascade=cascade,
             partials=partials,
             prompt_index=prompt_index,
+            negative_prompt=negative_prompt,
+            progress=progress,
         )
         if reply_to == self.reply_stream:
             self._owed[job.job_id] += 1
@@ -134,22 +154,28 @@ class Client:
         *,
         timeout: float = 120.0,
         on_light: Callable[[LightReady], None] | None = None,
+        on_event: Callable[[Admitted | Progress], None] | None = None,
         **kwargs: Any,
     ) -> FinalResult:
         """Enqueue and wait for the result; ``on_light`` is called with the light image first
-        when the job goes on to the heavy model."""
+        when the job goes on to the heavy model, ``on_event`` with its admission and progress."""
         self._start_reader()
         job_id = kwargs.pop("job_id", None) or new_job_id()
         future: asyncio.Future[FinalResult] = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = future
         if on_light:
             self._on_light[job_id] = on_light
+        if on_event:
+            self._on_event[job_id] = on_event
         try:
-            await self.enqueue(prompt, job_id=job_id, partials=on_light is not None, **kwargs)
+            await self.enqueue(
+                prompt, job_id=job_id, partials=on_light is not None, progress=on_event is not None, **kwargs
+            )
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(job_id, None)
             self._on_light.pop(job_id, None)
+            self._on_event.pop(job_id, None)
 
     async def cancel(self, *job_ids: str, ttl_s: int = 3600) -> None:
         """Cancel jobs: one that has not started on a GPU is never run and ends with a
@@ -164,6 +190,8 @@ class Client:
 
     async def results(self) -> AsyncIterator[FinalResult]:
         """Results of jobs nobody is awaiting with ``submit`` (what ``enqueue`` sent), as they arrive."""
+        if self._unclaimed is None:
+            raise RuntimeError("this client keeps no unclaimed results (max_unclaimed=0)")
         self._start_reader()
         while True:
             yield await self._unclaimed.get()
@@ -202,16 +230,24 @@ class Client:
                     last_id = entry_id
                     try:
                         body = unpack(fields[ENTRY_FIELD])
-                        if body.get("type") == LightReady.TYPE:
-                            light = LightReady.from_dict(body)
-                            callback = self._on_light.get(light.job_id)
-                            if callback:
-                                callback(light)
+                        kind = EVENT_TYPES.get(body.get("type", ""))
+                        if kind is not None:  # before the answer: the light image, admission, progress
+                            self._event(kind.from_dict(body))
                             continue
                         result = FinalResult.from_dict(body)
                     except (MessageError, KeyError):
                         continue
                     self._accept(result)
+
+    def _event(self, event: object) -> None:
+        if isinstance(event, LightReady):
+            on_light = self._on_light.get(event.job_id)
+            if on_light:
+                on_light(event)
+        elif isinstance(event, (Admitted, Progress)):
+            on_event = self._on_event.get(event.job_id)
+            if on_event:
+                on_event(event)
 
     def _accept(self, result: FinalResult) -> None:
         if self._owed[result.job_id] <= 0:
@@ -225,6 +261,9 @@ class Client:
         future = self._waiting.get(result.job_id)
         if future is not None and not future.done():
             future.set_result(result)
+            return
+        if self._unclaimed is None:  # its caller gave up (hung up, timed out): nobody will read it
+            self.dropped += 1
             return
         if self._unclaimed.full():
             self._unclaimed.get_nowait()

@@ -161,6 +161,19 @@ class ServiceConfig(RedisSettings):
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass
+class ReplySettings:
+    """How long answers are kept: the router delivers them, the heavy workers send progress onto the
+    same reply streams, the gateway keeps url images and async jobs as long."""
+
+    result_ttl_s: int = option(
+        3600,
+        "how long results, done markers and reply streams are kept (the gateway: url images and async jobs)",
+        env="DIFFSERVE_RESULT_TTL_S",
+    )
+    reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
+
+
 class Keys:
     """Every Redis key and stream name, in one place."""
 

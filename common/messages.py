@@ -5,6 +5,12 @@ Every stream entry carries a single field ``m`` whose value is a msgpack map wit
 Nothing on the wire is ever pickled.  Unknown fields are ignored so that a newer
 producer can talk to an older consumer; a missing required field or a wrong type
 raises :class:`MessageError`, which the services turn into an error result.
+
+Fields added to a type after its first release are listed in its ``LATER_FIELDS`` and left off
+the wire while they hold their default, so a message that does not use them keeps its exact
+bytes (``tests/test_messages.py`` pins them) and older readers never see them.  New message types
+on a reply stream (``light_ready``, ``admitted``, ``progress``) are skipped by readers that
+predate them: their ``type`` is not ``final_result``.
 """
 
 from __future__ import annotations
@@ -95,9 +101,14 @@ def new_job_id() -> str:
 @dataclass(kw_only=True)
 class Message:
     TYPE: ClassVar[str] = ""
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset()  # absent from the wire while at their default
 
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
+        if self.LATER_FIELDS:
+            for f in dataclasses.fields(self):
+                if f.name in self.LATER_FIELDS and body[f.name] == f.default:
+                    del body[f.name]
         body["v"] = SCHEMA_VERSION
         body["type"] = self.TYPE
         return body
@@ -184,6 +195,7 @@ class Job(Message):
     """What a client puts on the jobs stream."""
 
     TYPE: ClassVar[str] = "job"
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"negative_prompt", "progress"})
     job_id: str
     prompt: str
     slo_ms: float | None = None  # per-job SLO; the cascade default when absent
@@ -195,6 +207,9 @@ class Job(Message):
     cascade: str | None = None  # optional: refused unless it is the cascade this deployment serves
     partials: bool = False  # send a LightReady to reply_to when the light image goes on to the heavy model
     prompt_index: int | None = None  # line of the prompt file (trace replays: recorded confidences by line)
+    negative_prompt: str | None = None  # what the image should not show (real models; placeholders ignore it)
+    # Send an Admitted (queue position) and the heavy model's Progress (denoising steps) to reply_to.
+    progress: bool = False
 
 
 @dataclass(kw_only=True)
@@ -202,6 +217,7 @@ class RoutedJob(Message):
     """A validated job, stamped by the router; the payload of the light and heavy queues."""
 
     TYPE: ClassVar[str] = "routed_job"
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"negative_prompt", "progress"})
     job_id: str
     prompt: str
     arrival_ms: float
@@ -216,6 +232,8 @@ class RoutedJob(Message):
     routed_by: RoutedBy = RoutedBy.CASCADE
     partials: bool = False  # copied from Job
     prompt_index: int | None = None
+    negative_prompt: str | None = None  # copied from Job
+    progress: bool = False  # copied from Job
 
 
 @dataclass(kw_only=True)
@@ -232,6 +250,11 @@ class LightResult(Message):
     model: str = ""
     batch_size: int = 0
     light_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body["job"] = {k: v for k, v in self.job.to_dict().items() if k not in ("v", "type")}  # its LATER_FIELDS too
+        return body
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Self:
@@ -275,7 +298,9 @@ class Completion(Message):
         )
 
     @classmethod
-    def cancelled(cls, job: RoutedJob, worker_id: str = "") -> Self:
+    def cancelled(
+        cls, job: RoutedJob, worker_id: str = "", message: str = "cancelled by the client before it ran"
+    ) -> Self:
         return cls(
             job_id=job.job_id,
             arrival_ms=job.arrival_ms,
@@ -283,7 +308,7 @@ class Completion(Message):
             reply_to=job.reply_to,
             status=Status.CANCELLED,
             error_code=E_CANCELLED,
-            error_message="cancelled by the client before it ran",
+            error_message=message,
             worker_id=worker_id,
         )
 
@@ -319,6 +344,7 @@ class FinalResult(Message):
     """What the client receives, exactly once per accepted job."""
 
     TYPE: ClassVar[str] = "final_result"
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"retry_after_ms"})
     job_id: str
     status: Status
     image: bytes | None = None
@@ -334,12 +360,6 @@ class FinalResult(Message):
     finished_ms: float = 0.0
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
 
-    def to_dict(self) -> dict[str, Any]:
-        body = super().to_dict()
-        if body["retry_after_ms"] is None:  # added later: absent unless set, so older answers keep their bytes
-            del body["retry_after_ms"]
-        return body
-
 
 @dataclass(kw_only=True)
 class LightReady(Message):
@@ -354,6 +374,35 @@ class LightReady(Message):
     model: str = ""
     confidence: float | None = None
     ready_ms: float = 0.0
+
+
+@dataclass(kw_only=True)
+class Admitted(Message):
+    """Router -> a job's reply stream, only for jobs that asked (``progress``), in the transaction
+    that queues the job: it was admitted, with ``ahead`` jobs in the queue it joined and a
+    predicted wait there.  Not a result; the FinalResult follows."""
+
+    TYPE: ClassVar[str] = "admitted"
+    job_id: str
+    queue: Role = Role.LIGHT
+    ahead: int = 0
+    wait_ms: float = 0.0
+
+
+@dataclass(kw_only=True)
+class Progress(Message):
+    """Heavy worker -> a job's reply stream, only for jobs that asked (``progress``): denoising
+    step ``step`` of ``steps`` is done (sent at most a few times a second).  Not a result."""
+
+    TYPE: ClassVar[str] = "progress"
+    job_id: str
+    step: int
+    steps: int
+    model: str = ""
+
+
+# What a job's reply stream carries before its FinalResult, by ``type``.
+EVENT_TYPES: dict[str, type[Message]] = {t.TYPE: t for t in (LightReady, Admitted, Progress)}
 
 
 @dataclass(kw_only=True)

@@ -60,7 +60,7 @@ class Service(Generic[C]):
 
 def run(name: str, config: C, serve: Callable[[Service[C]], Awaitable[None]]) -> None:
     logs.setup(name, config.log_level)
-    metrics.serve(config.metrics_port, config.metrics_addr)
+    metrics.serve(name, config.metrics_port, config.metrics_addr)
 
     async def main() -> None:
         service = Service(name, config)

@@ -114,7 +114,7 @@ class Discriminator:
             ]
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
-        metrics.THRESHOLD.set(threshold)
+        metrics.DISCRIMINATOR_THRESHOLD.set(threshold)
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage("heavy", plan, self.heavy_ms(plan.heavy_batch)) if degrade_late else None
         now = now_ms()

@@ -17,8 +17,9 @@ from redis.exceptions import ResponseError
 from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
-from common.config import Keys, ServiceConfig, option
+from common.config import Keys, ReplySettings, ServiceConfig, option
 from common.messages import (
+    Admitted,
     E_CANCELLED,
     E_DUPLICATE,
     E_INVALID,
@@ -44,7 +45,15 @@ from common.routing import Decision, direct_decision
 from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
-from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, backlog, run_forever, trim_processed
+from common.streams import (
+    PIPELINE_GROUPS,
+    Entry,
+    StreamConsumer,
+    backlog,
+    notify,
+    run_forever,
+    trim_processed,
+)
 from common.tenants import client_job_id, default_reply, scoped_id, tenant_names
 
 # Atomic "deliver once": the done marker and the result are written together or not at all,
@@ -100,11 +109,12 @@ PLAIN_FIELDS = {
     "image_quality": int,
     "reply_to": str,
     "cascade": str,
+    "negative_prompt": str,
 }
 
 
 @dataclass
-class RouterConfig(ServiceConfig, BackendSettings):
+class RouterConfig(ServiceConfig, BackendSettings, ReplySettings):
     """diffserve router: admission, validation and exactly-once delivery of results."""
 
     slo_ms: float | None = option(None, "default SLO in ms (default: the cascade's)", env="DIFFSERVE_SLO_MS")
@@ -122,11 +132,9 @@ class RouterConfig(ServiceConfig, BackendSettings):
         "per-batch overheads: a queue packed to exactly the deadline would miss it)",
         env="DIFFSERVE_ADMISSION_HEADROOM",
     )
-    result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
     refused_ttl_s: int = option(
         300, "how long the answer to a job refused before admission is kept", env="DIFFSERVE_REFUSED_TTL_S"
     )
-    reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
     batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
     reclaim_idle_ms: int = option(
         10000, "take over entries idle this long on a dead router", env="DIFFSERVE_RECLAIM_IDLE_MS"
@@ -192,6 +200,10 @@ def validate_job(job: Job, cfg: RouterConfig, keys: Keys, tenant: str | None = N
         bad(E_PROMPT_TOO_LONG, f"prompt longer than {cfg.max_prompt_chars} characters")
     if "\x00" in job.prompt:
         bad(E_INVALID, "prompt contains a NUL character")
+    if job.negative_prompt is not None and (
+        len(job.negative_prompt) > cfg.max_prompt_chars or "\x00" in job.negative_prompt
+    ):
+        bad(E_INVALID, f"negative_prompt must be at most {cfg.max_prompt_chars} characters, without NUL")
     if job.slo_ms is not None and not (0 < job.slo_ms <= 600_000):
         bad(E_INVALID, "slo_ms must be in (0, 600000]")
     if job.seed is not None and not (0 <= job.seed < 2**63):
@@ -326,6 +338,7 @@ class Router:
                 errors.append((job.reply_to, refusal(job.job_id, E_CANCELLED, message, arrival, Status.CANCELLED)))
         jobs = [(entry_id, job) for entry_id, job in jobs if job.job_id not in cancelled]
         routes: dict[str, tuple[RoutedJob, Decision]] = {}  # entry id -> the admitted job and its route
+        waiting: dict[str, Admitted] = {}  # entry id -> what a job that asked for progress is told
         for entry_id, job in jobs:
             routed = RoutedJob(
                 job_id=job.job_id,
@@ -338,6 +351,8 @@ class Router:
                 reply_to=job.reply_to,
                 partials=job.partials,
                 prompt_index=job.prompt_index,
+                negative_prompt=job.negative_prompt,
+                progress=job.progress,
             )
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
@@ -365,7 +380,13 @@ class Router:
                 continue
             # Counted now (a duplicate found below included: erring towards refusing), so the
             # rest of this batch sees the queue with this job in it.
-            (heavy if decision == Decision.HEAVY else light).admit()
+            stage = heavy if decision == Decision.HEAVY else light
+            if job.progress and job.reply_to:  # where it stands, for whoever shows a waiting user
+                joined = Role.HEAVY if decision == Decision.HEAVY else Role.LIGHT
+                waiting[entry_id] = Admitted(
+                    job_id=client_job_id(job.job_id), queue=joined, ahead=stage.backlog, wait_ms=stage.wait_ms()
+                )
+            stage.admit()
             routes[entry_id] = (routed, decision)
         jobs = [(entry_id, job) for entry_id, job in jobs if entry_id in routes]
         duplicates = await self._claim_ids(jobs)
@@ -396,6 +417,10 @@ class Router:
                     self._deliver(pipe, message, reply_to, admitted=False)
             for job_id in admitted_ids:  # after the refusals above: one in this batch may share the id
                 pipe.delete(self.keys.done(job_id))
+            for entry_id, job in jobs:
+                if entry_id in waiting and entry_id not in duplicates and job.reply_to:
+                    payload = waiting[entry_id].encode()
+                    notify(pipe, job.reply_to, payload, maxlen=self.cfg.reply_maxlen, ttl_s=self.cfg.result_ttl_s)
 
         replies = await source.consumer.write_and_ack([e.id for e in entries], outputs, deliver_errors)
         _count_replaced(replies[len(outputs) : len(outputs) + len(errors)])

@@ -1,16 +1,21 @@
 """The profiled backend: profiled timing, placeholder images, calibrated confidences.
 
-It exists so the serving system can be load-tested at GPU-like timing on a CPU box;
-its images are flat placeholders, and results from it are labelled as profiled.
+It exists so the serving system can be load-tested at GPU-like timing on a CPU box; its
+images are placeholders at the model's resolution that say which model made them, the seed
+and the prompt (so the playground and the demo show the cascade at work), and results from
+it are labelled as profiled.
 """
 
 from __future__ import annotations
 
+import textwrap
+import threading
 import time
 from collections.abc import Sequence
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+from common.backends import StepCallback
 from common.profiles import ConfidenceCurve, LatencyTable, uniform_from_text
 
 # Disk -> GPU and host -> GPU load times measured on the H100 (common/data/h100/README.md).
@@ -24,12 +29,44 @@ def _sleep(seconds: float) -> None:
         time.sleep(seconds)
 
 
+_FONT_LOCK = threading.Lock()
+_FONT: ImageFont.ImageFont | None = None
+
+
+def _font() -> ImageFont.ImageFont:
+    global _FONT
+    with _FONT_LOCK:
+        if _FONT is None:
+            _FONT = ImageFont.load_default_imagefont()  # Pillow's bitmap font: no FreeType, ~0.1 ms a line
+        return _FONT
+
+
+def placeholder(role: str, model: str, prompt: str, seed: int, size: int) -> Image.Image:
+    """A flat image of ``size`` x ``size`` that names the model and shows the seed and the prompt.
+
+    Cheap at high rates (measured: ~0.1 ms to draw, ~0.5 ms to encode as PNG at 512 px): a two-colour
+    palette image drawn at half size with a bitmap font and scaled up (the text stays legible in the
+    playground), which PNG stores at one byte a pixel and compresses to a few KiB."""
+    half = max(16, size // 2)
+    image = Image.new("P", (half, half), 0)
+    image.putpalette([*_COLOURS.get(role, (128, 128, 128)), 30, 30, 30])
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    width = max(8, (half - 16) // 6)  # the bitmap font is 6 px a character
+    lines = [f"{role}: {model}", f"seed {seed}", "placeholder (profiled)", ""]
+    lines += textwrap.wrap(prompt, width, max_lines=max(1, (half - 80) // 12), placeholder="...")
+    for i, line in enumerate(lines):
+        # the bitmap font has latin-1 glyphs only
+        draw.text((8, 8 + 12 * i), line.encode("latin-1", "replace").decode("latin-1"), font=font, fill=1)
+    return image.resize((size, size), Image.Resampling.NEAREST)
+
+
 class ProfiledModel:
     backend = "profiled"
 
-    def __init__(self, name: str, role: str, table: LatencyTable, time_scale: float):
+    def __init__(self, name: str, role: str, table: LatencyTable, time_scale: float, resolution: int, steps: int):
         self.name, self.role, self.table, self.time_scale = name, role, table, time_scale
-        self._image = Image.new("RGB", (64, 64), _COLOURS.get(role, (128, 128, 128)))
+        self.resolution, self.steps = resolution, steps
 
     def load(self, source: str = "disk") -> float:
         seconds = LOAD_SECONDS[source].get(self.name, DEFAULT_LOAD_SECONDS[source]) * self.time_scale
@@ -42,9 +79,26 @@ class ProfiledModel:
     def unload(self) -> None:
         pass
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
-        return [self._image] * len(prompts)
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        negative_prompts: Sequence[str | None] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Sleeps the profiled batch time; with ``on_step``, in one slice per denoising step (so
+        progress and an interrupt behave as with a real pipeline)."""
+        seconds = self.table.latency_ms(len(prompts)) * self.time_scale / 1000
+        if on_step is None:
+            _sleep(seconds)
+        else:
+            end = time.monotonic()
+            for step in range(1, self.steps + 1):
+                end += seconds / self.steps
+                _sleep(end - time.monotonic())
+                on_step(step, self.steps)  # raises Interrupted to stop the batch
+        return [placeholder(self.role, self.name, p, s, self.resolution) for p, s in zip(prompts, seeds)]
 
 
 def confidences_by_text(overrides: dict[int, float], prompts: list[str]) -> dict[str, float]:

@@ -13,21 +13,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import MaxConnectionsError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from common import metrics
-from common.cascades import MODELS, cascade
 from common.client import Client
-from common.messages import E_OVERLOADED
+from common.messages import E_OVERLOADED, Plan
 from common.plan_store import load_plan
 from common.service import Service, now_ms, run
-from common.streams import PIPELINE_GROUPS, TRANSIENT_ERRORS, backlog
+from common.streams import PIPELINE_GROUPS, TRANSIENT_ERRORS, backlog, connect
 from services.gateway.config import GatewayConfig
-from services.gateway.http import ApiError, CountRequests, api_error, http_error
-from services.gateway.images import ImagesApi
-from services.gateway.jobs import JobsApi
+from services.gateway.http import ApiError, CountRequests, api_error, guarded_protocol, http_error
+from services.gateway.images import ImagesApi, native_size
+from services.gateway.jobs import EventHub, JobsApi
 from services.gateway.keys import Limits
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -36,18 +37,23 @@ PLAYGROUND = Path(__file__).with_name("playground.html")
 class Gateway:
     def __init__(self, svc: Service[GatewayConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
-        self.client = Client(self.cfg)
+        # Keeps no answer nobody waits for: a caller that hung up or timed out leaves nothing behind.
+        self.client = Client(self.cfg, max_unclaimed=0)
         self.limits = Limits(self.cfg, self.keys, self.r)
-        spec = cascade(self.cfg.cascade)
-        self.size = f"{MODELS[spec.heavy].resolution}x{MODELS[spec.heavy].resolution}"
+        side = native_size(self.cfg.cascade)
+        self.size = f"{side}x{side}"
         self.playground = PLAYGROUND.read_text(encoding="utf-8")
+        # Its own connection: one blocking read for every open event stream (jobs.EventHub).
+        self.hub = EventHub(connect(self.cfg, client_name=f"gateway-events:{self.cfg.instance_id}"))
         images = ImagesApi(self.cfg, self.keys, self.r, self.client, self.limits, self.size)
-        jobs = JobsApi(self.cfg, self.keys, self.r, self.client, self.limits, self.size)
+        jobs = JobsApi(self.cfg, self.keys, self.r, self.client, self.limits, self.size, self.hub)
         routes = [
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics),
+            Route("/v1/models", images.models),
+            Route("/v1/models/{model}", images.model),
             Route("/v1/images/generations", images.generations, methods=["POST"]),
             Route("/v1/images/files/{token}", images.image_file),
             Route("/v1/jobs", jobs.create_job, methods=["POST"]),
@@ -63,7 +69,18 @@ class Gateway:
             **{cls: self._no_redis for cls in TRANSIENT_ERRORS},
             MaxConnectionsError: self._pool_full,
         }
-        self.app = CountRequests(Starlette(routes=routes, exception_handlers=handlers))
+        middleware = []
+        if self.cfg.cors_origins:  # opt-in: browser apps on these origins may call the API
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=self.cfg.cors_origins,
+                    allow_methods=["GET", "POST", "DELETE"],
+                    allow_headers=["Authorization", "Content-Type"],
+                    max_age=600,
+                )
+            )
+        self.app = CountRequests(Starlette(routes=routes, exception_handlers=handlers, middleware=middleware))
 
     async def _no_redis(self, _request: Request, exc: Exception) -> JSONResponse:
         self.svc.log.warning("redis unavailable", extra={"error": str(exc)[:200]})
@@ -98,12 +115,15 @@ class Gateway:
         ready = checks["redis"] and checks["plan"] and checks["workers"] > 0
         return JSONResponse({"ready": ready, **checks}, 200 if ready else 503)
 
-    async def metrics(self, _request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, request: Request) -> Response:
+        """The gateway's metrics on its API port: with keys on, for a key, and never the per-key
+        families (they name the keys; the operator's --metrics-port has them)."""
+        await self.limits.read(request, self.limits.authenticate(request))
+        return Response(generate_latest(metrics.registry("gateway", public=True)), media_type=CONTENT_TYPE_LATEST)
 
     async def status(self, request: Request) -> Response:
         """What the playground's live panel shows: the plan in force, queue depths, live workers."""
-        self.limits.authenticate(request)
+        await self.limits.read(request, self.limits.authenticate(request))
         plan = await load_plan(self.r, self.keys)
         queues = {attr: await backlog(self.r, getattr(self.keys, attr), group) for attr, group in PIPELINE_GROUPS}
         alive: Any = await self.r.zrangebyscore(self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000, "+inf")
@@ -123,6 +143,7 @@ class Gateway:
                 "light_workers": plan.light_workers,
                 "heavy_workers": plan.heavy_workers,
                 "demand_qps": plan.demand_qps,
+                "heavy_off": heavy_off(plan),
             }
         )
         return JSONResponse(
@@ -132,12 +153,22 @@ class Gateway:
                 "plan": plan_view,
                 "queues": queues,
                 "workers": roles,
-                "keys_required": bool(self.limits.api_keys),
+                "keys_required": self.limits.required,
             }
         )
 
-    async def index(self, _request: Request) -> Response:
+    async def index(self, request: Request) -> Response:
+        await self.limits.read(request)
         return HTMLResponse(self.playground)
+
+
+def heavy_off(plan: Plan) -> str | None:
+    """Why the plan sends no job to the heavy model, or None when it may."""
+    if plan.heavy_workers == 0:
+        return "the plan has no heavy worker: every answer is the light model's"
+    if plan.heavy_fraction <= 0 and (not plan.discriminator_routes or plan.threshold <= 0):
+        return "the plan answers every job with the light image (the heavy model is not used)"
+    return None
 
 
 class _Server(uvicorn.Server):
@@ -157,10 +188,14 @@ async def serve(svc: Service[GatewayConfig]) -> None:
             log_config=None,
             access_log=False,
             lifespan="off",
-            # annotated int, but it is an asyncio.wait_for timeout: fractions of a second work
+            http=guarded_protocol(cfg.header_timeout_s, cfg.max_connections),
+            # annotated int, but both are asyncio timeouts: fractions of a second work
             timeout_graceful_shutdown=cfg.drain_s,  # type: ignore[arg-type]
+            timeout_keep_alive=cfg.keep_alive_s,  # type: ignore[arg-type]
         )
     )
+    hub_stop = asyncio.Event()
+    hub = asyncio.ensure_future(gateway.hub.run(hub_stop))
     task = asyncio.ensure_future(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
@@ -171,8 +206,13 @@ async def serve(svc: Service[GatewayConfig]) -> None:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True  # stop accepting; open requests get drain_s to finish
         stop.cancel()
-    await task
-    await gateway.client.close()
+    try:
+        await task
+    finally:
+        hub_stop.set()
+        await hub
+        await gateway.hub.r.aclose()
+        await gateway.client.close()
 
 
 def main(argv: list[str] | None = None) -> None:
