@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
+import json
 import os
 import re
 import shutil
@@ -25,10 +27,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from PIL import Image
+from prometheus_client import generate_latest
 
 from common.config import Keys
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
-from common.messages import FinalResult, Plan
+from common import metrics
+from common.messages import FinalResult, Plan, RoutedJob
 from common.plan_store import store_plan
 from common.profiles import load_prompts
 from services.gateway.images import result_error
@@ -54,12 +58,37 @@ class Stack:
     def http(self, key: str | None = ALICE) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
 
+    def metrics(self, name: str) -> str:
+        """The /metrics text of a process of the stack, from its metrics port."""
+        port = self.stack.metrics_ports[name]
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def sample(self, name: str, sample: str) -> float:
+        """One sample (``family{labels}`` as exposed) of a process's metrics, 0 when absent."""
+        match = re.search(rf"^{re.escape(sample)} (\S+)$", self.metrics(name), re.M)
+        return float(match.group(1)) if match else 0.0
+
     def processed(self, worker: str, outcome: str) -> float:
         """A worker's diffserve_processed_total{service="worker", outcome=...} (worker-0 is light)."""
-        port = self.metrics_base + 2 + int(worker.split("-")[1])
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        match = re.search(rf'diffserve_processed_total{{outcome="{outcome}",service="worker"}} (\S+)', text)
-        return float(match.group(1)) if match else 0.0
+        return self.sample(worker, f'diffserve_processed_total{{outcome="{outcome}",service="worker"}}')
+
+    def fill_light_queue(self, n: int) -> None:
+        """Queue n light jobs nobody waits for (the light worker paused: they stay queued)."""
+        before = self.light_backlog()
+        for _ in range(n):
+            self.redis.xadd(KEYS.jobs, {"job_id": f"filler-{time.monotonic_ns()}", "prompt": LIGHT_PROMPT})
+        deadline = time.monotonic() + 5
+        while self.light_backlog() < before + n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def drained(self) -> None:
+        """Wait until the light queue is empty again (what a test queued has been served)."""
+        deadline = time.monotonic() + 30
+        while self.light_backlog() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def light_backlog(self) -> int:
+        return int(httpx.get(self.open_url + "/v1/status", timeout=5).json()["queues"]["light_queue"])
 
     def pause(self, name: str):
         """SIGSTOP a service until the block ends: what it has not started, it starts only after."""
@@ -95,7 +124,12 @@ def stack(tmp_path_factory):
         time_scale=0.25,
         gateway_port=port,
         metrics_base_port=metrics_base,
-        env={"DIFFSERVE_CONFIDENCE_FILE": str(confidence), "DIFFSERVE_BATCH": "1"},
+        env={
+            "DIFFSERVE_CONFIDENCE_FILE": str(confidence),
+            "DIFFSERVE_BATCH": "1",
+            "DIFFSERVE_WATCH_S": "0.05",  # the heavy worker reads cancel flags and sends progress this often
+            "DIFFSERVE_MAX_LIGHT_BACKLOG": "4",  # overload on demand: 4 queued light jobs and the next is refused
+        },
         gateway_args=key_args,
     )
     local = LocalStack(spec, str(tmp / "logs"))
@@ -103,7 +137,9 @@ def stack(tmp_path_factory):
         local.start()
         # A second replica with the same keys (limits are shared through Redis), and one without
         # keys (as `diffserve up` runs it) for the playground.
-        local.spawn("gateway-replica", "gateway", "--port", str(replica_port), *key_args)
+        local.spawn(
+            "gateway-replica", "gateway", "--port", str(replica_port), "--cors-origins", "http://app.example", *key_args
+        )
         local.spawn("gateway-open", "gateway", "--port", str(open_port))
         local.wait_ready(["gateway-replica", "gateway-open"])
         yield Stack(local, port, open_port, replica_port, metrics_base)
@@ -176,6 +212,113 @@ def test_stream_light_answered_job_yields_only_completed(stack):
 def test_stream_without_partials_asked_sends_no_partial(stack):
     events = list(stack.sdk().images.generate(prompt=HEAVY_PROMPT, stream=True, partial_images=0))
     assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_models_list_names_the_cascade_with_its_slo_and_sizes(stack):
+    sdk = stack.sdk()
+    models = sdk.models.list()
+    assert [m.id for m in models.data] == ["sdturbo-sdv15"] and models.data[0].owned_by == "diffserve"
+    ours = models.data[0].model_extra["diffserve"]
+    assert ours["light"] == "sdturbo" and ours["heavy"] == "sdv15" and ours["slo_ms"] == 5000
+    assert ours["sizes"] == ["512x512"] and ours["steps"] == {"light": 1, "heavy": 50}
+    assert sdk.models.retrieve("sdturbo-sdv15").id == "sdturbo-sdv15"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("dall-e-3")
+
+
+def test_the_placeholder_is_at_the_size_the_response_says(stack):
+    resp = stack.sdk().images.generate(prompt=HEAVY_PROMPT, extra_body={"seed": 7})
+    image = _decode(resp.data[0].b64_json)
+    assert resp.size == "512x512" and image.size == (512, 512)
+    assert resp.data[0].model_extra["diffserve"]["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("quality", "bogus"),
+        ("background", "bogus"),
+        ("background", "transparent"),  # valid for OpenAI, but these images are opaque
+        ("style", "bogus"),
+        ("moderation", "bogus"),
+    ],
+)
+def test_bad_values_of_openai_enum_fields_are_a_400_naming_the_field(stack, field, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.sdk().images.generate(prompt=LIGHT_PROMPT, **{field: value})
+    assert caught.value.status_code == 400 and caught.value.body["param"] == field
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"width": 256}, "width"),
+        ({"height": 768}, "height"),
+        ({"steps": 10}, "steps"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"negative_prompt": 5}, "negative_prompt"),
+        ({"slo_ms": 0}, "slo_ms"),
+        ({"cascade": "other"}, "cascade"),
+    ],
+)
+def test_our_fields_are_honoured_or_refused_never_ignored(stack, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.sdk().images.generate(prompt=LIGHT_PROMPT, extra_body=extra)
+    assert caught.value.body["param"] == param
+
+
+def test_a_streamed_request_under_overload_is_a_429_that_the_sdk_retries(stack):
+    refused = 'diffserve_gateway_requests_total{endpoint="generations",status="429"}'
+    before = stack.sample("gateway", refused)
+    retrying = openai.OpenAI(base_url=stack.url + "/v1", api_key=ALICE, max_retries=5, timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with stack.pause("worker-0"):
+            stack.fill_light_queue(4)  # the light queue is full: the next job is refused at admission
+            with pytest.raises(openai.RateLimitError) as caught:  # the status, not a bare APIError mid-stream
+                list(stack.sdk().images.generate(prompt=LIGHT_PROMPT, stream=True))
+            assert caught.value.status_code == 429 and int(caught.value.response.headers["retry-after"]) >= 1
+            assert caught.value.body["code"] == "overloaded"
+            streamed = pool.submit(lambda: list(retrying.images.generate(prompt=LIGHT_PROMPT, stream=True)))
+            time.sleep(0.5)  # refused at least once more, then the worker resumes and the queue drains
+        events = streamed.result(timeout=60)
+    stack.drained()
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert stack.sample("gateway", refused) >= before + 2
+
+
+def test_a_partly_refused_request_answers_at_once(stack):
+    with stack.pause("worker-0"):
+        stack.fill_light_queue(2)  # room for two of the three jobs
+        started = time.monotonic()
+        with stack.http() as http:
+            r = http.post("/v1/images/generations", json={"prompt": LIGHT_PROMPT, "n": 3})
+        took = time.monotonic() - started
+        time.sleep(1.0)  # the worker stays paused: a request waiting for its two admitted jobs would still wait
+    stack.drained()
+    assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+    assert took < 1.0
+
+
+def test_a_request_keeps_the_images_made_when_another_of_its_jobs_fails(stack):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with stack.pause("worker-0"):
+            since = f"{int(time.time() * 1000)}-0"
+            request = pool.submit(
+                lambda: stack.http().post("/v1/images/generations", json={"prompt": LIGHT_PROMPT, "n": 2})
+            )
+            deadline = time.monotonic() + 10
+            while len(queued := stack.redis.xrange(KEYS.light_queue, min=since)) < 2:
+                assert time.monotonic() < deadline, request.result().text
+                time.sleep(0.02)
+            jobs = [RoutedJob.decode(fields[b"m"]).job_id for _id, fields in queued]
+            stack.redis.set(KEYS.cancel(jobs[1]), 1)  # one of the two fails (cancelled), the other is made
+        r = request.result(timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["diffserve"]["job_id"] for d in body["data"]] == [jobs[0]]
+    (missing,) = body["diffserve"]["errors"]
+    assert missing["error"]["code"] == "cancelled" and missing["index"] == 1 - body["data"][0]["diffserve"]["index"]
 
 
 # ---------------------------------------------------------------- errors, keys, limits
@@ -315,6 +458,79 @@ def test_jobs_api_light_answered_and_unknown_job(stack):
         assert http.post("/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 400
     with stack.http(BOB) as other:  # someone else's job is not found either
         assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_jobs_api_reports_its_seed(stack):
+    with stack.http() as http:
+        created = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT, "seed": 1234}).json()
+        assert created["seed"] == 1234
+        view = _wait_status(http, created["id"], {"done"})
+        random_seed = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT}).json()["seed"]
+    assert view["seed"] == 1234 and view["data"][0]["diffserve"]["seed"] == 1234
+    assert isinstance(random_seed, int)
+
+
+def test_heavy_progress_is_streamed_and_a_cancel_stops_the_heavy_model_mid_run(stack):
+    freed = 'diffserve_worker_cancel_freed_seconds_total{model="sdv15",when="during"}'
+    before = stack.sample("worker-1", freed)
+    events: list[tuple[str, dict]] = []
+    with stack.http() as http, stack.http() as other:
+        job_id = http.post("/v1/jobs", json={"prompt": HEAVY_PROMPT}).json()["id"]
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as s:
+            name = None
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if name == "progress" and sum(n == "progress" for n, _ in events) == 1:
+                        assert other.delete(f"/v1/jobs/{job_id}").status_code == 202  # the heavy model is running
+    names = [n for n, _ in events]
+    assert names[:2] == ["queued", "admitted"] and "light_ready" in names and names[-1] == "done", names
+    admitted = events[1][1]["queue"]
+    assert admitted["name"] == "light" and admitted["ahead"] >= 0
+    progress = events[names.index("progress")][1]["progress"]
+    assert progress["steps"] == 50 and 1 <= progress["step"] < 50 and progress["model"] == "sdv15"
+    final = events[-1][1]
+    assert final["status"] == "cancelled" and "stopped after step" in final["error"]["message"], final
+    assert stack.sample("worker-1", freed) > before
+
+
+def test_each_service_exports_only_its_own_metric_families(stack):
+    def families(text: str) -> set[str]:  # a counter's _created series belongs to it
+        return {f for f in re.findall(r"^# TYPE (diffserve_\S+) ", text, re.M) if not f.endswith("_created")}
+
+    for name, service in [
+        ("router", "router"),
+        ("discriminator", "discriminator"),
+        ("worker-0", "worker"),
+        ("gateway", "gateway"),
+    ]:
+        exported = families(stack.metrics(name))
+        assert exported == families(generate_latest(metrics.registry(service)).decode()), name
+    assert not any(f.startswith("diffserve_gateway_") for f in families(stack.metrics("router")))
+    assert "diffserve_threshold" not in families(stack.metrics("worker-0"))
+    # one meaning per name: the discriminator's last-batch threshold is not the plan's
+    assert "diffserve_threshold" not in families(stack.metrics("discriminator"))
+    assert "diffserve_discriminator_threshold" in families(stack.metrics("discriminator"))
+
+
+def test_a_wrong_method_is_a_405_with_allow_and_a_code(stack):
+    r = httpx.put(stack.url + "/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_cors_is_opt_in_per_origin(stack):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    allowed = httpx.options(stack.replica_url + "/v1/images/generations", headers=preflight)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.options(
+        stack.replica_url + "/v1/images/generations", headers={**preflight, "Origin": "http://evil.example"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    default = httpx.options(stack.url + "/v1/images/generations", headers=preflight)  # no --cors-origins
+    assert "access-control-allow-origin" not in default.headers
 
 
 def _one_final(stack: Stack, job_id: str) -> None:
