@@ -666,7 +666,19 @@ def _chromium() -> tuple[str, str]:
     return shutil.which("chromium"), shutil.which("chromedriver")
 
 
-def test_playground_shows_the_light_image_then_the_final_one(stack, tmp_path):
+def _store_heavy_off_plan(stack: Stack) -> None:
+    async def put():
+        r = aioredis.Redis.from_url(stack.stack.redis_url)
+        await store_plan(r, KEYS, Plan(version=8, threshold=0.5, light_workers=2, heavy_workers=0))
+        await r.aclose()
+
+    asyncio.run(put())
+
+
+def test_playground_preview_progress_final_cancel_history(stack, tmp_path):
+    """A user's session in Chromium: the light preview (marked) with the heavy model's progress, then the
+    final image; a queued job cancelled; the history with downloads; the panel for a plan without the
+    heavy model.  A screenshot of each state is written to this test's tmp dir."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
@@ -676,31 +688,72 @@ def test_playground_shows_the_light_image_then_the_final_one(stack, tmp_path):
     _store_plan(stack)
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,800"):
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=DriverService(driver_path), options=options)
+    shots = []
+
+    def shot(name: str) -> None:
+        path = tmp_path / f"playground-{name}.png"
+        driver.save_screenshot(str(path))
+        shots.append(path)
+
+    def card(js: str) -> object:  # evaluated on the first card
+        return driver.execute_script(f"const c = document.querySelector('.card'); return c && {js};")
+
     try:
         driver.get(stack.open_url + "/")
-        # Record every stage the image shows (the light preview may be on screen for ~0.5 s only).
+        wait = WebDriverWait(driver, 30, poll_frequency=0.02)
+        # Record every stage the frame shows (the preview is on screen for ~0.4 s only).
         driver.execute_script("""window.seen = [];
-            new MutationObserver(() => window.seen.push(document.getElementById('image').dataset.stage))
-              .observe(document.getElementById('image'), {attributes: true, attributeFilter: ['data-stage']});""")
+            new MutationObserver(() => { const f = document.querySelector('.card .frame');
+                                         if (f) window.seen.push(f.dataset.stage); })
+              .observe(document.getElementById('cards'), {attributes: true, subtree: true, childList: true,
+                                                           attributeFilter: ['data-stage']});""")
         driver.find_element(By.ID, "prompt").send_keys(HEAVY_PROMPT)
+        driver.find_element(By.ID, "seed").send_keys("77")
         driver.find_element(By.ID, "go").click()
-        wait = WebDriverWait(driver, 30, poll_frequency=0.05)
-        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("data-stage") == "final")
-        seen = driver.execute_script("return window.seen")
+        wait.until(lambda d: card("c.querySelector('.frame').dataset.stage") == "light")
+        assert card("getComputedStyle(c.querySelector('.frame .tag')).display") == "block"  # marked as preview
+        shot("preview")
+        wait.until(lambda d: card("c.querySelector('progress').value") or card("c.dataset.answeredBy"))
+        if not card("c.dataset.answeredBy"):
+            assert "sdv15 step" in card("c.querySelector('.state').textContent")
+            shot("progress")
+        wait.until(lambda d: card("c.querySelector('.frame').dataset.stage") == "final")
+        seen = [x for x in driver.execute_script("return window.seen") if x in ("light", "final")]
         assert seen[0] == "light" and seen[-1] == "final", seen
-        label = driver.find_element(By.ID, "label").text
+        label = card("c.querySelector('.label').textContent")
         assert "answered by heavy (sdv15)" in label and " ms" in label and "not degraded" in label
+        assert "seed 77" in label
+        assert card("getComputedStyle(c.querySelector('.frame img')).imageRendering") != "pixelated"
         wait.until(lambda d: "threshold" in d.find_element(By.ID, "plan").text)
         assert "heavy_queue" in driver.find_element(By.ID, "queues").text
-        driver.save_screenshot(str(tmp_path / "playground.png"))
-        assert Image.open(tmp_path / "playground.png").size[0] > 0
+        history = driver.find_elements(By.CSS_SELECTOR, "#history li a[download]")
+        assert len(history) == 1 and history[0].get_attribute("href").startswith("data:image/png;base64,")
+        shot("final")
         if os.environ.get("DIFFSERVE_SCREENSHOT"):  # how docs/playground.png is made
-            shutil.copy(tmp_path / "playground.png", os.environ["DIFFSERVE_SCREENSHOT"])
+            shutil.copy(shots[-1], os.environ["DIFFSERVE_SCREENSHOT"])
+
+        with stack.pause("worker-0"):  # a queued job, cancelled from the page
+            prompt = driver.find_element(By.ID, "prompt")
+            prompt.clear()
+            prompt.send_keys(LIGHT_PROMPT)
+            driver.find_element(By.ID, "go").click()
+            wait.until(lambda d: "ahead" in (card("c.querySelector('.state').textContent") or ""))
+            shot("queued")
+            driver.find_element(By.CSS_SELECTOR, ".card button.cancel").click()
+        wait.until(lambda d: (card("c.querySelector('.state').textContent") or "").startswith("cancelled"))
+        shot("cancelled")
+
+        _store_heavy_off_plan(stack)  # the panel that says the heavy model is off
+        wait.until(lambda d: d.find_element(By.ID, "heavy-off").is_displayed())
+        assert "no heavy worker" in driver.find_element(By.ID, "heavy-off").text
+        shot("heavy-off")
     finally:
         driver.quit()
+        _store_plan(stack)
+    assert all(Image.open(path).size[0] > 0 for path in shots)
 
 
 # ---------------------------------------------------------------- no Redis
