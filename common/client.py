@@ -28,6 +28,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError, RedisError
+
+from common import stackfile
 from common.config import Keys, RedisSettings
 from common.messages import (
     ENTRY_FIELD,
@@ -48,6 +52,43 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 200  # also how long close() may wait for the reader
 BLPOP_PIECE_S = SOCKET_TIMEOUT_S / 2  # one BLPOP must return before the socket timeout fires
+
+
+async def router_connected(r: aioredis.Redis) -> bool | None:
+    """Whether a router process holds a connection to this Redis (services name theirs
+    ``router:<instance>``); None when this user may not list connections (a tenant)."""
+    try:
+        clients: Any = await r.client_list(_type="normal")
+    except NoPermissionError:
+        return None
+    return any(str(c.get("name", "")).startswith("router:") for c in clients)
+
+
+async def preflight(client: Client, redis_url: str, timeout_s: float = 5.0) -> str | None:
+    """One line saying why jobs sent through ``client`` would never be answered (no Redis there, or no
+    router serving it), within ``timeout_s``; None when a router is connected (or when this user may
+    not look: a tenant)."""
+    where = _redacted(redis_url)
+    try:
+        alive = await asyncio.wait_for(router_connected(client.redis), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        return f"Redis at {where} did not answer within {timeout_s:g} s"
+    except (RedisError, OSError) as exc:
+        hint = " (start a local stack with `diffserve up`)" if stackfile.find() is None else ""
+        return f"cannot reach Redis at {where}: {str(exc).splitlines()[0][:200]}{hint}"
+    if alive is False:
+        return (
+            f"no router is serving Redis at {where} (namespace {client.keys.jobs.rsplit(':', 1)[0]}): "
+            "start a stack with `diffserve up`, or pass the URL of one with --redis-url"
+        )
+    return None
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{auth.split(':')[0] + ':***@' if at else ''}{host}"
 
 
 class Client:

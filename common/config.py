@@ -112,8 +112,12 @@ class RedisSettings:
                 )
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Self:
-        """CLI value if given, else env, else the documented default."""
+    def from_namespace(
+        cls, ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None, *, local_stack: bool = False
+    ) -> Self:
+        """CLI value if given, else env, else the documented default.  ``local_stack``: a command that
+        talks to a stack (submit, tenant, loadtest, the gateway) defaults to the one ``diffserve up``
+        recorded (common/stackfile.py) when no Redis URL is given."""
         env = os.environ if env is None else env
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
@@ -126,16 +130,23 @@ class RedisSettings:
                 if choices and value not in choices:
                     raise SystemExit(f"{_env_name(f)}={value!r}: choose one of {', '.join(choices)}")
                 kwargs[f.name] = value
+        if local_stack and "redis_url" not in kwargs:
+            from common import stackfile
+
+            found = stackfile.find()
+            if found is not None:
+                kwargs["redis_url"] = found["redis_url"]
+                kwargs.setdefault("namespace", found.get("namespace", "diffserve"))
         try:
             return cls(**kwargs)
         except ValueError as exc:  # a setting that contradicts another: one line, not a traceback
             raise SystemExit(f"{cls.__name__}: {exc}") from None
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None, prog: str | None = None) -> Self:
+    def from_args(cls, argv: list[str] | None = None, prog: str | None = None, *, local_stack: bool = False) -> Self:
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         cls.add_arguments(parser)
-        return cls.from_namespace(parser.parse_args(argv))
+        return cls.from_namespace(parser.parse_args(argv), local_stack=local_stack)
 
 
 @dataclass

@@ -216,7 +216,8 @@ async def serve(svc: Service[GatewayConfig]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run("gateway", GatewayConfig.from_args(argv, prog="diffserve gateway"), serve)
+    # Without a Redis URL, the stack `diffserve up` recorded (then on its own port, not up's).
+    run("gateway", GatewayConfig.from_args(argv, prog="diffserve gateway", local_stack=True), serve)
 
 
 if __name__ == "__main__":
