@@ -104,11 +104,16 @@ class Message:
     LATER_FIELDS: ClassVar[frozenset[str]] = frozenset()  # absent from the wire while at their default
 
     def to_dict(self) -> dict[str, Any]:
-        body = dataclasses.asdict(self)
-        if self.LATER_FIELDS:
-            for f in dataclasses.fields(self):
-                if f.name in self.LATER_FIELDS and body[f.name] == f.default:
-                    del body[f.name]
+        """The wire map: the fields (a nested message as its own map, without ``v``/``type``), then ``v``
+        and ``type``.  Shallow (it is packed at once): dataclasses.asdict's deep copy cost more than the packing."""
+        body: dict[str, Any] = {}
+        for f in _fields(type(self)):
+            value = getattr(self, f.name)
+            if f.name in self.LATER_FIELDS and value == f.default:
+                continue
+            if isinstance(value, Message):
+                value = {k: v for k, v in value.to_dict().items() if k not in ("v", "type")}
+            body[f.name] = value
         body["v"] = SCHEMA_VERSION
         body["type"] = self.TYPE
         return body
@@ -160,6 +165,13 @@ def _job_id_of(body: dict[str, Any]) -> str | None:
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
+_FIELDS: dict[type, tuple[dataclasses.Field[Any], ...]] = {}
+
+
+def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    if cls not in _FIELDS:
+        _FIELDS[cls] = dataclasses.fields(cls)
+    return _FIELDS[cls]
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -250,11 +262,6 @@ class LightResult(Message):
     model: str = ""
     batch_size: int = 0
     light_ms: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        body = super().to_dict()
-        body["job"] = {k: v for k, v in self.job.to_dict().items() if k not in ("v", "type")}  # its LATER_FIELDS too
-        return body
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Self:

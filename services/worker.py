@@ -355,8 +355,6 @@ class Worker:
         outputs: list[tuple[str, bytes]] = []
         dropped: set[str] = set()
         if running is not None:  # cancelled while it ran, alongside jobs that were not: its result is dropped
-            with contextlib.suppress(*TRANSIENT_ERRORS):
-                await running.poll()
             dropped = running.cancelled
             metrics.PROCESSED.labels("worker", "cancelled").inc(len(dropped))
         for job, future, thumb in zip(jobs, futures, thumbs):

@@ -18,6 +18,8 @@ from common.config import option
 if TYPE_CHECKING:
     from PIL import Image
 
+    from common.imaging import PngImage
+
     from common.profiles import CascadeProfile
 
 BACKENDS = ("diffusers", "tiny", "profiled")
@@ -59,8 +61,9 @@ class ImageModel(Protocol):
         *,
         negative_prompts: Sequence[str | None] | None = None,
         on_step: StepCallback | None = None,
-    ) -> list[Image.Image]:
-        """One image per prompt, in order; ``on_step(step, steps)`` after each denoising step."""
+    ) -> Sequence[Image.Image | PngImage]:
+        """One image per prompt, in order (a PIL image, or PNG bytes a model made itself);
+        ``on_step(step, steps)`` after each denoising step."""
         ...
 
 

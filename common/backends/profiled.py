@@ -8,14 +8,17 @@ it are labelled as profiled.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from common.backends import StepCallback
+from common.imaging import PngImage, png_palette
 from common.profiles import ConfidenceCurve, LatencyTable, uniform_from_text
 
 # Disk -> GPU and host -> GPU load times measured on the H100 (common/data/h100/README.md).
@@ -31,34 +34,54 @@ def _sleep(seconds: float) -> None:
 
 _FONT_LOCK = threading.Lock()
 _FONT: ImageFont.ImageFont | None = None
+# Each byte of packed 1-bit pixels with every bit doubled (a row scaled up 2x), as two big-endian bytes.
+_DOUBLED = np.array([int("".join(bit * 2 for bit in f"{b:08b}"), 2) for b in range(256)], dtype=">u2")
 
 
 def _font() -> ImageFont.ImageFont:
     global _FONT
     with _FONT_LOCK:
         if _FONT is None:
-            _FONT = ImageFont.load_default_imagefont()  # Pillow's bitmap font: no FreeType, ~0.1 ms a line
+            _FONT = ImageFont.load_default_imagefont()  # Pillow's bitmap font: no FreeType
         return _FONT
 
 
-def placeholder(role: str, model: str, prompt: str, seed: int, size: int) -> Image.Image:
-    """A flat image of ``size`` x ``size`` that names the model and shows the seed and the prompt.
+@functools.lru_cache(maxsize=4096)
+def _text_bits(lines: tuple[str, ...], width: int) -> np.ndarray:
+    """``lines`` drawn with the bitmap font on a 1-bit band ``width`` px wide, 12 px a line: its rows of
+    packed bits (read-only; cached, since load tests replay the same prompts and the same models)."""
+    band = Image.new("1", (width, 12 * len(lines)), 0)
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):  # the bitmap font has latin-1 glyphs only
+        draw.text((8, 12 * i), line.encode("latin-1", "replace").decode("latin-1"), font=_font(), fill=1)
+    bits = np.frombuffer(band.tobytes(), dtype=np.uint8).reshape(band.height, -1)
+    bits.flags.writeable = False
+    return bits
 
-    Cheap at high rates (measured: ~0.1 ms to draw, ~0.5 ms to encode as PNG at 512 px): a two-colour
-    palette image drawn at half size with a bitmap font and scaled up (the text stays legible in the
-    playground), which PNG stores at one byte a pixel and compresses to a few KiB."""
+
+def placeholder(role: str, model: str, prompt: str, seed: int, size: int) -> PngImage:
+    """A flat ``size`` x ``size`` PNG that names the model and shows the seed and the prompt.
+
+    Cheap at high rates: the text is drawn at half size with a bitmap font into 1-bit bands (the model's
+    and the prompt's cached), scaled up 2x in their packed bits, and written as a two-colour palette PNG
+    (1 bit a pixel, a few KiB) without Pillow's encoder, which costs ~0.5 ms per 512-px image."""
     half = max(16, size // 2)
-    image = Image.new("P", (half, half), 0)
-    image.putpalette([*_COLOURS.get(role, (128, 128, 128)), 30, 30, 30])
-    draw = ImageDraw.Draw(image)
-    font = _font()
     width = max(8, (half - 16) // 6)  # the bitmap font is 6 px a character
-    lines = [f"{role}: {model}", f"seed {seed}", "placeholder (profiled)", ""]
-    lines += textwrap.wrap(prompt, width, max_lines=max(1, (half - 80) // 12), placeholder="...")
-    for i, line in enumerate(lines):
-        # the bitmap font has latin-1 glyphs only
-        draw.text((8, 8 + 12 * i), line.encode("latin-1", "replace").decode("latin-1"), font=font, fill=1)
-    return image.resize((size, size), Image.Resampling.NEAREST)
+    prompt_lines = textwrap.wrap(prompt, width, max_lines=max(1, (half - 80) // 12), placeholder="...")
+    packed = np.vstack(
+        [
+            np.zeros((8, (half + 7) // 8), dtype=np.uint8),  # top margin
+            _text_bits((f"{role}: {model}",), half),
+            _text_bits((f"seed {seed}",), half),
+            _text_bits(("placeholder (profiled)", ""), half),
+            _text_bits(tuple(prompt_lines), half),
+        ]
+    )[:half]
+    stride = (size + 7) // 8
+    doubled = _DOUBLED[packed].view(np.uint8).reshape(packed.shape[0], -1)[:, :stride]
+    rows = np.zeros((size, stride + 1), dtype=np.uint8)  # filter byte 0, then the row's bits
+    rows[: 2 * packed.shape[0], 1 : 1 + doubled.shape[1]] = np.repeat(doubled, 2, axis=0)[:size]
+    return png_palette(rows.tobytes(), size, size, 1, [_COLOURS.get(role, (128, 128, 128)), (30, 30, 30)])
 
 
 class ProfiledModel:
@@ -86,11 +109,11 @@ class ProfiledModel:
         *,
         negative_prompts: Sequence[str | None] | None = None,
         on_step: StepCallback | None = None,
-    ) -> list[Image.Image]:
+    ) -> list[PngImage]:
         """Sleeps the profiled batch time; with ``on_step``, in one slice per denoising step (so
         progress and an interrupt behave as with a real pipeline)."""
         seconds = self.table.latency_ms(len(prompts)) * self.time_scale / 1000
-        if on_step is None:
+        if on_step is None or seconds <= 0:  # nothing to report or to stop between steps
             _sleep(seconds)
         else:
             end = time.monotonic()
