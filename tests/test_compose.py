@@ -449,6 +449,10 @@ def test_dashboard_uses_only_real_metrics_and_has_the_key_panels():
         "Workers per role",
         "Queue depths",
         "Batch latency",
+        "Gateway requests by status",
+        "Gateway 429s and limits",
+        "Per-key use",
+        "Gateway latency",
     ):
         assert title in titles
 
