@@ -11,7 +11,8 @@ same trace against each, so one command gives a side-by-side comparison::
 With ``--redis-url`` it drives an already-running deployment once (no stack started).
 ``--policies none`` runs the stack with fixed roles (half light, half heavy) and no controller.
 ``--serving-bench`` runs :mod:`loadtest.serving_bench` instead (its own flags follow);
-``--gateway-bench`` runs :mod:`loadtest.gateway_bench` (the HTTP gateway over the direct client).
+``--gateway-bench`` runs :mod:`loadtest.gateway_bench` (the HTTP gateway over the direct client),
+``--gateway-abuse`` :mod:`loadtest.gateway_abuse` (its memory and fairness under abuse).
 
 Outputs in ``--out``: report.json, summary.md, the plots (PNG), trace.csv, jobs/<policy>.csv (one line
 per job) and logs/<policy>/ (service logs).
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         from loadtest import serving_bench
 
         return serving_bench.main(argv)
+    if "--gateway-abuse" in argv:
+        argv.remove("--gateway-abuse")
+        from loadtest import gateway_abuse
+
+        return gateway_abuse.main(argv)
     if "--gateway-bench" in argv:
         argv.remove("--gateway-bench")
         from loadtest import gateway_bench
