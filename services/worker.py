@@ -263,14 +263,14 @@ class Worker:
                 for job in jobs
                 if job.job_id in cancelled
             ]
-            jobs = [job for job in jobs if job.job_id not in cancelled]
             metrics.PROCESSED.labels("worker", "cancelled").inc(len(cancelled))
+            # their share of the batch they would have run in
+            share_s = self.estimate_ms(len(jobs)) / len(jobs) / 1000
+            metrics.CANCEL_FREED.labels(self.loaded.name, "before").inc(share_s * len(cancelled))
+            jobs = [job for job in jobs if job.job_id not in cancelled]
         if self.role == Role.HEAVY and degrades_late(self.cfg.late_policy, plan.degrade_late):
             jobs, late = self._split_late(jobs)
             outputs += late
-        if cancelled:
-            share = self.estimate_ms(len(jobs) + len(cancelled)) / (len(jobs) + len(cancelled)) / 1000
-            metrics.CANCEL_FREED.labels(self.loaded.name, "before").inc(share * len(cancelled))
         if jobs:
             async with consumer.keep_claimed([e.id for e in entries]):
                 outputs += await self._run(jobs)

@@ -46,10 +46,9 @@ def _font() -> ImageFont.ImageFont:
         return _FONT
 
 
-@functools.lru_cache(maxsize=4096)
-def _text_bits(lines: tuple[str, ...], width: int) -> np.ndarray:
+def _draw(lines: tuple[str, ...], width: int) -> np.ndarray:
     """``lines`` drawn with the bitmap font on a 1-bit band ``width`` px wide, 12 px a line: its rows of
-    packed bits (read-only; cached, since load tests replay the same prompts and the same models)."""
+    packed bits."""
     band = Image.new("1", (width, 12 * len(lines)), 0)
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):  # the bitmap font has latin-1 glyphs only
@@ -59,6 +58,19 @@ def _text_bits(lines: tuple[str, ...], width: int) -> np.ndarray:
     return bits
 
 
+# Cached: load tests replay the same prompts on the same models (a seed is drawn every time instead:
+# random seeds would only push the prompts out).
+@functools.lru_cache(maxsize=4096)
+def _prompt_bits(prompt: str, width: int) -> np.ndarray:
+    columns = max(8, (width - 16) // 6)  # the bitmap font is 6 px a character
+    return _draw(tuple(textwrap.wrap(prompt, columns, max_lines=max(1, (width - 80) // 12), placeholder="...")), width)
+
+
+@functools.lru_cache(maxsize=64)
+def _header_bits(role: str, model: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+    return _draw((f"{role}: {model}",), width), _draw(("placeholder (profiled)", ""), width)
+
+
 def placeholder(role: str, model: str, prompt: str, seed: int, size: int) -> PngImage:
     """A flat ``size`` x ``size`` PNG that names the model and shows the seed and the prompt.
 
@@ -66,15 +78,14 @@ def placeholder(role: str, model: str, prompt: str, seed: int, size: int) -> Png
     and the prompt's cached), scaled up 2x in their packed bits, and written as a two-colour palette PNG
     (1 bit a pixel, a few KiB) without Pillow's encoder, which costs ~0.5 ms per 512-px image."""
     half = max(16, size // 2)
-    width = max(8, (half - 16) // 6)  # the bitmap font is 6 px a character
-    prompt_lines = textwrap.wrap(prompt, width, max_lines=max(1, (half - 80) // 12), placeholder="...")
+    title, note = _header_bits(role, model, half)
     packed = np.vstack(
         [
             np.zeros((8, (half + 7) // 8), dtype=np.uint8),  # top margin
-            _text_bits((f"{role}: {model}",), half),
-            _text_bits((f"seed {seed}",), half),
-            _text_bits(("placeholder (profiled)", ""), half),
-            _text_bits(tuple(prompt_lines), half),
+            title,
+            _draw((f"seed {seed}",), half),
+            note,
+            _prompt_bits(prompt, half),
         ]
     )[:half]
     stride = (size + 7) // 8
