@@ -11,7 +11,10 @@ permission on any shared key (``diffserve tenant add NAME`` makes such a user).
 
 ``submit(..., on_light=f)`` asks for the light image of a job that goes on to the heavy
 model: the discriminator puts a ``LightReady`` on the reply stream and ``f`` gets it
-before the final result arrives.  ``cancel(job_id)`` stops a job that has not started.
+before the final result arrives.  ``submit(..., on_event=g)`` asks for where the job stands:
+``g`` gets the router's ``Admitted`` (the queue it joined, jobs ahead) and the heavy model's
+``Progress`` (denoising steps).  ``cancel(job_id)`` stops a job that has not started, and one the
+heavy model is running once every job in its batch is cancelled (else its result is dropped).
 
 ``submit(..., image_ref=True)`` asks for references instead of image bytes (``FinalResult.image_ref``,
 ``LightReady.image_ref``; small images still come inline); ``await client.image(result)`` reads the bytes
@@ -36,9 +39,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError, RedisError
+
+from common import stackfile
 from common.blobs import BlobStore, open_store
 from common.config import Keys, RedisSettings
-from common.messages import ENTRY_FIELD, Cancel, FinalResult, Job, LightReady, MessageError, new_job_id, unpack
+from common.messages import (
+    ENTRY_FIELD,
+    EVENT_TYPES,
+    Admitted,
+    Cancel,
+    FinalResult,
+    Job,
+    LightReady,
+    MessageError,
+    Progress,
+    new_job_id,
+    unpack,
+)
 from common.streams import SOCKET_TIMEOUT_S, TRANSIENT_ERRORS, Backoff, add, connect
 from common.tenants import check_name, default_reply
 
@@ -47,6 +66,43 @@ log = logging.getLogger(__name__)
 READ_BLOCK_MS = 200  # also how long close() may wait for the reader
 SUBMIT_ATTEMPTS = 5  # a submission that fails on the connection is sent again (same bytes) this often
 BLPOP_PIECE_S = SOCKET_TIMEOUT_S / 2  # one BLPOP must return before the socket timeout fires
+
+
+async def router_connected(r: aioredis.Redis) -> bool | None:
+    """Whether a router process holds a connection to this Redis (services name theirs
+    ``router:<instance>``); None when this user may not list connections (a tenant)."""
+    try:
+        clients: Any = await r.client_list(_type="normal")
+    except NoPermissionError:
+        return None
+    return any(str(c.get("name", "")).startswith("router:") for c in clients)
+
+
+async def preflight(client: Client, redis_url: str, timeout_s: float = 5.0) -> str | None:
+    """One line saying why jobs sent through ``client`` would never be answered (no Redis there, or no
+    router serving it), within ``timeout_s``; None when a router is connected (or when this user may
+    not look: a tenant)."""
+    where = _redacted(redis_url)
+    try:
+        alive = await asyncio.wait_for(router_connected(client.redis), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        return f"Redis at {where} did not answer within {timeout_s:g} s"
+    except (RedisError, OSError) as exc:
+        hint = " (start a local stack with `diffserve up`)" if stackfile.find() is None else ""
+        return f"cannot reach Redis at {where}: {str(exc).splitlines()[0][:200]}{hint}"
+    if alive is False:
+        return (
+            f"no router is serving Redis at {where} (namespace {client.keys.jobs.rsplit(':', 1)[0]}): "
+            "start a stack with `diffserve up`, or pass the URL of one with --redis-url"
+        )
+    return None
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{auth.split(':')[0] + ':***@' if at else ''}{host}"
 
 
 class Client:
@@ -59,8 +115,9 @@ class Client:
         tenant: str | None = None,
     ):
         """``max_unclaimed``: results nobody awaits that are kept for ``results()``; past it the
-        oldest are dropped (counted in ``dropped``). ``tenant``: submit as this tenant (its Redis
-        user defaults to the tenant's name)."""
+        oldest are dropped (counted in ``dropped``); 0 keeps none (a caller that only ever waits
+        with ``submit``, like the gateway: an answer whose caller gave up is dropped on arrival).
+        ``tenant``: submit as this tenant (its Redis user defaults to the tenant's name)."""
         settings = settings or RedisSettings()
         if redis_url:
             settings.redis_url = redis_url
@@ -77,7 +134,8 @@ class Client:
         self.reply_stream = f"{replies}{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future[FinalResult]] = {}
         self._on_light: dict[str, Callable[[LightReady], None]] = {}
-        self._unclaimed: asyncio.Queue[FinalResult] = asyncio.Queue(max_unclaimed)
+        self._on_event: dict[str, Callable[[Admitted | Progress], None]] = {}
+        self._unclaimed: asyncio.Queue[FinalResult] | None = asyncio.Queue(max_unclaimed) if max_unclaimed > 0 else None
         # job id -> the reply token of the answer still owed on our reply stream: anything else there
         # (another id, a wrong or missing token, a second answer) was forged or duplicated, and is dropped.
         self._owed: dict[str, str] = {}
@@ -143,6 +201,8 @@ class Client:
         cascade: str | None = None,
         prompt_index: int | None = None,
         image_ref: bool = False,
+        negative_prompt: str | None = None,
+        progress: bool = False,
     ) -> str:
         """Put one job on the jobs stream; returns its id. Results arrive via ``results()``/``submit``,
         or on ``reply_to`` (a stream named ``<ns>:reply:...``) when given.  ``prompt_index``: the
@@ -166,6 +226,8 @@ class Client:
             image_ref=image_ref,
             # A retry of an id still owed keeps its token: the same request, so the router serves it once.
             reply_token=(self._owed.get(job_id) or secrets.token_hex(16)) if ours else None,
+            negative_prompt=negative_prompt,
+            progress=progress,
         )
         if ours:
             assert job.reply_token is not None
@@ -190,22 +252,28 @@ class Client:
         *,
         timeout: float = 120.0,
         on_light: Callable[[LightReady], None] | None = None,
+        on_event: Callable[[Admitted | Progress], None] | None = None,
         **kwargs: Any,
     ) -> FinalResult:
         """Enqueue and wait for the result; ``on_light`` is called with the light image first
-        when the job goes on to the heavy model."""
+        when the job goes on to the heavy model, ``on_event`` with its admission and progress."""
         self._start_reader()
         job_id = kwargs.pop("job_id", None) or new_job_id()
         future: asyncio.Future[FinalResult] = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = future
         if on_light:
             self._on_light[job_id] = on_light
+        if on_event:
+            self._on_event[job_id] = on_event
         try:
-            await self.enqueue(prompt, job_id=job_id, partials=on_light is not None, **kwargs)
+            await self.enqueue(
+                prompt, job_id=job_id, partials=on_light is not None, progress=on_event is not None, **kwargs
+            )
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(job_id, None)
             self._on_light.pop(job_id, None)
+            self._on_event.pop(job_id, None)
 
     async def cancel(self, *job_ids: str, ttl_s: int = 3600) -> None:
         """Cancel jobs: one that has not started on a GPU is never run and ends with a
@@ -224,6 +292,8 @@ class Client:
 
     async def results(self) -> AsyncIterator[FinalResult]:
         """Results of jobs nobody is awaiting with ``submit`` (what ``enqueue`` sent), as they arrive."""
+        if self._unclaimed is None:
+            raise RuntimeError("this client keeps no unclaimed results (max_unclaimed=0)")
         self._start_reader()
         while True:
             yield await self._unclaimed.get()
@@ -262,17 +332,30 @@ class Client:
                     last_id = entry_id
                     try:
                         body = unpack(fields[ENTRY_FIELD])
-                        if body.get("type") == LightReady.TYPE:
-                            light = LightReady.from_dict(body)
-                            callback = self._on_light.get(light.job_id)
-                            owed = self._owed.get(light.job_id)
-                            if callback and owed is not None and secrets.compare_digest(light.reply_token or "", owed):
-                                callback(light)
+                        kind = EVENT_TYPES.get(body.get("type", ""))
+                        if kind is not None:  # before the answer: the light image, admission, progress
+                            self._event(kind.from_dict(body))
                             continue
                         result = FinalResult.from_dict(body)
                     except (MessageError, KeyError):
                         continue
                     self._accept(result)
+
+    def _event(self, event: object) -> None:
+        """A LightReady, Admitted or Progress on our reply stream: passed on only with the token of a job
+        still owed (whoever can write the stream but not read the jobs stream cannot forge one)."""
+        job_id, token = getattr(event, "job_id", ""), getattr(event, "reply_token", None)
+        owed = self._owed.get(job_id)
+        if owed is None or not secrets.compare_digest(token or "", owed):
+            return
+        if isinstance(event, LightReady):
+            on_light = self._on_light.get(event.job_id)
+            if on_light:
+                on_light(event)
+        elif isinstance(event, (Admitted, Progress)):
+            on_event = self._on_event.get(event.job_id)
+            if on_event:
+                on_event(event)
 
     def _accept(self, result: FinalResult) -> None:
         owed = self._owed.get(result.job_id)
@@ -287,6 +370,9 @@ class Client:
         future = self._waiting.get(result.job_id)
         if future is not None and not future.done():
             future.set_result(result)
+            return
+        if self._unclaimed is None:  # its caller gave up (hung up, timed out): nobody will read it
+            self.dropped += 1
             return
         if self._unclaimed.full():
             self._unclaimed.get_nowait()

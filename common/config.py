@@ -132,8 +132,12 @@ class RedisSettings:
                 )
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Self:
-        """CLI value if given, else env, else the documented default."""
+    def from_namespace(
+        cls, ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None, *, local_stack: bool = False
+    ) -> Self:
+        """CLI value if given, else env, else the documented default.  ``local_stack``: a command that
+        talks to a stack (submit, tenant, loadtest, the gateway) defaults to the one ``diffserve up``
+        recorded (common/stackfile.py) when no Redis URL is given."""
         env = os.environ if env is None else env
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
@@ -146,16 +150,23 @@ class RedisSettings:
                 if choices and value not in choices:
                     raise SystemExit(f"{_env_name(f)}={value!r}: choose one of {', '.join(choices)}")
                 kwargs[f.name] = value
+        if local_stack and "redis_url" not in kwargs:
+            from common import stackfile
+
+            found = stackfile.find()
+            if found is not None:
+                kwargs["redis_url"] = found["redis_url"]
+                kwargs.setdefault("namespace", found.get("namespace", "diffserve"))
         try:
             return cls(**kwargs)
         except ValueError as exc:  # a setting that contradicts another: one line, not a traceback
             raise SystemExit(f"{cls.__name__}: {exc}") from None
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None, prog: str | None = None) -> Self:
+    def from_args(cls, argv: list[str] | None = None, prog: str | None = None, *, local_stack: bool = False) -> Self:
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         cls.add_arguments(parser)
-        return cls.from_namespace(parser.parse_args(argv))
+        return cls.from_namespace(parser.parse_args(argv), local_stack=local_stack)
 
 
 @dataclass
@@ -181,6 +192,19 @@ class ServiceConfig(RedisSettings):
         super().__post_init__()
         if not self.instance_id:
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class ReplySettings:
+    """How long answers are kept: the router delivers them, the heavy workers send progress onto the
+    same reply streams, the gateway keeps url images and async jobs as long."""
+
+    result_ttl_s: int = option(
+        3600,
+        "how long results, done markers and reply streams are kept (the gateway: url images and async jobs)",
+        env="DIFFSERVE_RESULT_TTL_S",
+    )
+    reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
 
 
 class Keys:

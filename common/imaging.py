@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import time
+import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,9 +29,37 @@ class Encoded:
     digest: str = ""  # sha256 hex of data (blob references carry it)
 
 
-def encode(image: Image.Image, fmt: str = "png", quality: int = 90) -> bytes:
+class PngImage(bytes):
+    """An image a model made already encoded as PNG (the profiled backend's placeholders, which it writes
+    far cheaper than Pillow encodes them): asked for as PNG it passes through, another format decodes it."""
+
+
+def png_palette(
+    raw_rows: bytes, width: int, height: int, bit_depth: int, palette: list[tuple[int, int, int]]
+) -> PngImage:
+    """A palette PNG from its raw scanlines (each: filter byte 0, then the packed indices)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 3, 0, 0, 0)  # colour type 3: palette
+    colours = b"".join(bytes(c) for c in palette)
+    return PngImage(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", colours)
+        + chunk(b"IDAT", zlib.compress(raw_rows, 1))
+        + chunk(b"IEND", b"")
+    )
+
+
+def encode(image: Image.Image | PngImage, fmt: str = "png", quality: int = 90) -> bytes:
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"unsupported image format {fmt!r}; use one of {', '.join(IMAGE_FORMATS)}")
+    if isinstance(image, PngImage):
+        if fmt == "png":
+            return bytes(image)
+        image = decode(image)
     buf = io.BytesIO()
     if fmt == "png":
         image.save(buf, format="PNG", compress_level=1)  # level 6 costs more and saves little on noisy images
@@ -45,8 +76,10 @@ def decode(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
-def thumbnail_rgb(image: Image.Image, size: int) -> bytes:
+def thumbnail_rgb(image: Image.Image | PngImage, size: int) -> bytes:
     """Raw RGB8 bytes at size x size: what the discriminator consumes, no PNG decode needed."""
+    if isinstance(image, PngImage):
+        image = decode(image)
     return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR).tobytes()
 
 
@@ -64,7 +97,7 @@ class EncoderPool:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
         self.fixed = fixed
 
-    def _one(self, image: Image.Image, fmt: str, quality: int) -> Encoded:
+    def _one(self, image: Image.Image | PngImage, fmt: str, quality: int) -> Encoded:
         start = time.perf_counter()
         try:
             data = encode(image, fmt, quality)
@@ -75,7 +108,7 @@ class EncoderPool:
         metrics.ENCODE_TIME.labels(fmt).observe(seconds)
         return Encoded(data, fmt, None, seconds, sha)
 
-    def submit(self, images: list[Image.Image], formats: list[tuple[str, int]]) -> list[Future[Encoded]]:
+    def submit(self, images: Sequence[Image.Image | PngImage], formats: list[tuple[str, int]]) -> list[Future[Encoded]]:
         """Start encoding; returns futures in job order (await with ``asyncio.wrap_future``)."""
         if self.fixed is not None:
             done: Future[Encoded] = Future()
@@ -83,7 +116,7 @@ class EncoderPool:
             return [done] * len(images)
         return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats)]
 
-    def encode_all(self, images: list[Image.Image], formats: list[tuple[str, int]]) -> list[Encoded]:
+    def encode_all(self, images: Sequence[Image.Image | PngImage], formats: list[tuple[str, int]]) -> list[Encoded]:
         return [f.result() for f in self.submit(images, formats)]
 
     def close(self) -> None:

@@ -5,6 +5,12 @@ Every stream entry carries a single field ``m`` whose value is a msgpack map wit
 Nothing on the wire is ever pickled.  Unknown fields are ignored so that a newer
 producer can talk to an older consumer; a missing required field or a wrong type
 raises :class:`MessageError`, which the services turn into an error result.
+
+Fields added to a type after its first release are listed in its ``LATER`` and left off the wire
+while they hold their default (a set ``REFS`` one, a blob reference, makes the message v2), so a
+message that does not use them keeps its exact bytes (``tests/test_messages.py`` pins them) and
+older readers never see them.  New message types on a reply stream (``light_ready``, ``admitted``,
+``progress``) are skipped by readers that predate them: their ``type`` is not ``final_result``.
 """
 
 from __future__ import annotations
@@ -283,7 +289,7 @@ class Job(Message):
     """What a client puts on the jobs stream."""
 
     TYPE: ClassVar[str] = "job"
-    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref", "reply_token"})
+    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref", "reply_token", "negative_prompt", "progress"})
     job_id: str
     prompt: str
     slo_ms: float | None = None  # per-job SLO; the cascade default when absent
@@ -299,6 +305,9 @@ class Job(Message):
     # A secret of the submitter, echoed in the job's answers: a reader of its reply stream accepts only
     # answers that carry it (anyone who can write the stream but not read the jobs stream cannot forge one).
     reply_token: str | None = None
+    negative_prompt: str | None = None  # what the image should not show (real models; placeholders ignore it)
+    # Send an Admitted (queue position) and the heavy model's Progress (denoising steps) to reply_to.
+    progress: bool = False
 
     def digest(self) -> str:
         """What makes two submissions under one id the same request (an idempotent retry, design.md):
@@ -324,7 +333,7 @@ class RoutedJob(Message):
     """A validated job, stamped by the router; the payload of the light and heavy queues."""
 
     TYPE: ClassVar[str] = "routed_job"
-    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref", "reply_token"})
+    LATER: ClassVar[frozenset[str]] = frozenset({"image_ref", "reply_token", "negative_prompt", "progress"})
     REFS: ClassVar[frozenset[str]] = frozenset({"light_ref"})
     job_id: str
     prompt: str
@@ -343,6 +352,8 @@ class RoutedJob(Message):
     image_ref: bool = False  # copied from Job
     light_ref: BlobRef | None = None  # the stored light image (instead of light_image)
     reply_token: str | None = None  # copied from Job
+    negative_prompt: str | None = None  # copied from Job
+    progress: bool = False  # copied from Job
 
     def blob_keys(self) -> list[str]:
         """The stored images of this job so far (what its final answer releases)."""
@@ -427,7 +438,9 @@ class Completion(Message):
         )
 
     @classmethod
-    def cancelled(cls, job: RoutedJob, worker_id: str = "") -> Self:
+    def cancelled(
+        cls, job: RoutedJob, worker_id: str = "", message: str = "cancelled by the client before it ran"
+    ) -> Self:
         return cls(
             job_id=job.job_id,
             arrival_ms=job.arrival_ms,
@@ -436,7 +449,7 @@ class Completion(Message):
             reply_token=job.reply_token,
             status=Status.CANCELLED,
             error_code=E_CANCELLED,
-            error_message="cancelled by the client before it ran",
+            error_message=message,
             worker_id=worker_id,
             by_ref=job.image_ref,
             partials=job.partials,
@@ -532,6 +545,39 @@ class LightReady(Message):
     ready_ms: float = 0.0
     image_ref: BlobRef | None = None  # a job that asked image_ref: the stored light image
     reply_token: str | None = None  # the job's, as in FinalResult
+
+
+@dataclass(kw_only=True)
+class Admitted(Message):
+    """Router -> a job's reply stream, only for jobs that asked (``progress``), in the transaction
+    that queues the job: it was admitted, with ``ahead`` jobs in the queue it joined and a
+    predicted wait there.  Not a result; the FinalResult follows."""
+
+    TYPE: ClassVar[str] = "admitted"
+    LATER: ClassVar[frozenset[str]] = frozenset({"reply_token"})
+    job_id: str
+    queue: Role = Role.LIGHT
+    ahead: int = 0
+    wait_ms: float = 0.0
+    reply_token: str | None = None  # the job's, as in FinalResult
+
+
+@dataclass(kw_only=True)
+class Progress(Message):
+    """Heavy worker -> a job's reply stream, only for jobs that asked (``progress``): denoising
+    step ``step`` of ``steps`` is done (sent at most a few times a second).  Not a result."""
+
+    TYPE: ClassVar[str] = "progress"
+    LATER: ClassVar[frozenset[str]] = frozenset({"reply_token"})
+    job_id: str
+    step: int
+    steps: int
+    model: str = ""
+    reply_token: str | None = None  # the job's, as in FinalResult
+
+
+# What a job's reply stream carries before its FinalResult, by ``type``.
+EVENT_TYPES: dict[str, type[Message]] = {t.TYPE: t for t in (LightReady, Admitted, Progress)}
 
 
 @dataclass(kw_only=True)

@@ -1195,9 +1195,11 @@ def explain(result: PlanResult, light_floor: int) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _table(result: PlanResult) -> str:
+def _table(result: PlanResult, quality: QualityCurve | None = None) -> str:
     lat = result.latency
     q = "-" if result.estimated_quality is None else f"{result.estimated_quality:.2f}"
+    if quality is not None and result.estimated_quality is not None:  # say what the number is
+        q = f"{quality.metric.upper()} {q} ({'lower' if quality.lower_is_better else 'higher'} is better)"
     rows = [
         ("policy / objective", f"{result.policy} / {result.objective}"),
         ("feasible", str(result.feasible)),
@@ -1285,7 +1287,7 @@ def plan_main(argv: list[str] | None = None) -> None:
         json.dump(body, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(_table(result))
+        print(_table(result, profile.quality))
 
 
 if __name__ == "__main__":

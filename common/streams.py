@@ -258,6 +258,23 @@ async def add(r: aioredis.Redis, stream: str, payload: bytes, *, maxlen: int | N
     return _s(await r.xadd(stream, {ENTRY_FIELD: payload}, **kwargs))
 
 
+# An event on a client's reply stream before its answer (Admitted, Progress): added only to a stream
+# (a key of another type under that name is left to the answer's delivery, which replaces it),
+# trimmed, and given the answer's TTL unless it has one.
+NOTIFY = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and kind ~= 'stream' then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+return 1
+"""
+
+
+def notify(pipe: aioredis.client.Pipeline, stream: str, payload: bytes, *, maxlen: int, ttl_s: int) -> None:
+    """Queue a NOTIFY of ``payload`` on ``stream`` in ``pipe`` (plain EVAL: it may run inside MULTI)."""
+    pipe.eval(NOTIFY, 1, stream, payload, maxlen, ttl_s)
+
+
 class StreamConsumer:
     """One consumer in one group of one stream."""
 

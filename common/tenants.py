@@ -140,7 +140,7 @@ async def remove(r: aioredis.Redis, keys: Keys, tenant: str) -> None:
 async def _main(args: argparse.Namespace) -> None:
     from common.streams import connect
 
-    settings = RedisSettings.from_namespace(args)  # flags, else REDIS_* / DIFFSERVE_NAMESPACE env
+    settings = RedisSettings.from_namespace(args, local_stack=True)  # flags, env, else `diffserve up`'s stack
     keys, r = Keys(settings.namespace), connect(settings, client_name="tenant-admin")
     try:
         if args.action == "add":

@@ -18,6 +18,7 @@ COMMANDS = {
     "up": ("diffserve.local:up_main", "start a local stack (own redis-server unless REDIS_URL)"),
     "demo": ("diffserve.local:demo_main", "local profiled stack + a burst of DiffusionDB prompts + summary"),
     "submit": ("diffserve.local:submit_main", "submit one prompt and save the image"),
+    "stack": ("diffserve.local:stack_main", "where the stack `diffserve up` started is (--redis-url: its URL)"),
     "plan": ("common.planner:plan_main", "print the plan the solver would choose (no Redis)"),
     "cascades": ("diffserve.local:cascades_main", "list the known cascades and their models"),
     "tenant": ("common.tenants:main", "add, remove or list tenants (Redis-direct clients with keys of their own)"),
@@ -31,9 +32,23 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("diffserve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: diffserve <command> [options]   (diffserve <command> --help)", "", "commands:"]
+    lines = [
+        "usage: diffserve <command> [options]   (diffserve <command> --help, diffserve --version)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, (_target, text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -42,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"diffserve {version()}")
         return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -1,26 +1,32 @@
-"""Operator commands that need no service code: ``up``, ``demo``, ``submit``, ``cascades``,
+"""Operator commands that need no service code: ``up``, ``demo``, ``submit``, ``stack``, ``cascades``,
 ``make-tiny-models``. The stack itself runs as separate processes (common.localstack)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
+import socket
 import statistics
 import sys
 import time
 from collections import Counter
+from typing import Any
 
+from common import stackfile
 from common.backends import BACKENDS, require_backend, require_models_extra
 from common.localstack import LocalStack, StackSpec
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default=os.environ.get("DIFFSERVE_BACKEND", "profiled"), choices=BACKENDS)
-    parser.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"))
+    parser.add_argument(
+        "--backend", default=os.environ.get("DIFFSERVE_BACKEND", "profiled"), choices=BACKENDS, help="model backend"
+    )
+    parser.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"), help="cascade")
     parser.add_argument("--workers", type=int, default=4, help="GPU workers (the controller splits them)")
-    parser.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
+    parser.add_argument("--light-workers", type=int, default=None, help="initial light workers (none: half)")
     parser.add_argument("--policy", default="diffserve", help="controller policy")
     parser.add_argument("--no-controller", action="store_true", help="fixed roles, threshold 0.5")
     parser.add_argument(
@@ -29,23 +35,39 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
         default=float(os.environ.get("DIFFSERVE_TIME_SCALE", 1.0)),
         help="profiled backend: multiply every profiled latency by this",
     )
-    parser.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"))
+    parser.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"), help="tiny/diffusers models")
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis instead of starting a redis-server"
     )
-    parser.add_argument("--log-dir", default=None, help="service logs (default: a temp folder)")
+    parser.add_argument("--log-dir", default=None, help="service logs (none: a temp folder)")
     parser.add_argument(
         "--metrics-base-port",
         type=int,
         default=0,
-        help="metrics ports from here up (default: free loopback ports, printed at start)",
+        help="metrics ports from here up (0: free loopback ports, printed at start)",
     )
     parser.add_argument(
         "--gateway-port",
         type=int,
-        default=8000,
+        default=int(os.environ.get("DIFFSERVE_GATEWAY_PORT", 8000)),
         help="HTTP gateway and playground on 127.0.0.1:PORT, no API keys (0: no gateway)",
     )
+
+
+def _parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """`up` and `demo` differ in their defaults: --help shows each one's."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _spec(args: argparse.Namespace) -> StackSpec:
@@ -67,17 +89,37 @@ def _spec(args: argparse.Namespace) -> StackSpec:
 
 
 def up_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="diffserve up", description="start a local DiffServe stack")
+    parser = _parser("diffserve up", "start a local DiffServe stack")
     _stack_arguments(parser)
     args = parser.parse_args(argv)
+    if args.gateway_port and _port_taken(args.gateway_port):  # before anything starts
+        raise SystemExit(
+            f"diffserve up: port {args.gateway_port} is taken: choose another with --gateway-port (0: no gateway)"
+        )
     stack = LocalStack(_spec(args), args.log_dir)
     stack.start()
+    gateway = f"http://127.0.0.1:{stack.spec.gateway_port}/" if stack.spec.gateway_port else None
+    recorded = stackfile.record(
+        {
+            "redis_url": stack.redis_url,
+            "namespace": stack.spec.namespace,
+            "gateway": gateway,
+            "workers": stack.spec.light_workers + stack.spec.heavy_workers,
+            "backend": stack.spec.backend,
+            "log_dir": str(stack.log_dir),
+        }
+    )
+    port = (stack.redis_url or "").rsplit(":", 1)[-1].split("/")[0]
     print(f"DiffServe is up: REDIS_URL={stack.redis_url}  logs: {stack.log_dir}", flush=True)
-    print("submit with: diffserve submit --redis-url " + stack.redis_url + ' "a prompt" -o out.png', flush=True)
+    print(f"recorded in {recorded}: submit, tenant, loadtest --redis-url and gateway find it", flush=True)
+    print("try:", flush=True)
+    print('  diffserve submit "a watercolor fox" -o fox.png', flush=True)
+    print(f"  redis-cli -p {port} XADD diffserve:jobs '*' job_id j1 prompt \"a lighthouse at dusk\"", flush=True)
+    print(f"  redis-cli -p {port} --raw BLPOP diffserve:result:j1 60", flush=True)
     ports = "  ".join(f"{name}={port}" for name, port in stack.metrics_ports.items())
     print(f"metrics (and readiness) on 127.0.0.1: {ports}", flush=True)
-    if stack.spec.gateway_port:
-        print(f"playground and OpenAI images API: http://127.0.0.1:{stack.spec.gateway_port}/", flush=True)
+    if gateway:
+        print(f"playground and OpenAI images API: {gateway}", flush=True)
     stopping = False
 
     def on_signal(*_):
@@ -94,12 +136,13 @@ def up_main(argv: list[str] | None = None) -> None:
                 break
             time.sleep(0.5)
     finally:
+        stackfile.forget()
         stack.stop()
 
 
 def demo_main(argv: list[str] | None = None) -> None:
     """The embedded default: a profiled stack, a burst of real DiffusionDB prompts, a summary."""
-    parser = argparse.ArgumentParser(prog="diffserve demo", description=demo_main.__doc__)
+    parser = _parser("diffserve demo", demo_main.__doc__)
     _stack_arguments(parser)
     parser.add_argument("--prompts", type=int, default=200, help="how many DiffusionDB prompts to send")
     parser.add_argument("--rate", type=float, default=40.0, help="prompts per second in the burst")
@@ -163,11 +206,16 @@ def _summary(results, wall_s: float, spec: StackSpec) -> str:
 
 
 def submit_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="diffserve submit", description="submit one prompt, wait for the image")
+    parser = argparse.ArgumentParser(
+        prog="diffserve submit",
+        description="submit one prompt, wait for the image (to the stack `diffserve up` recorded unless "
+        "--redis-url/REDIS_URL says where)",
+    )
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", default=None, help="write the image here")
     parser.add_argument("--slo-ms", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--negative-prompt", default=None, help="what the image should not show")
     parser.add_argument("--format", default="png", choices=("png", "webp", "jpeg"))
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument(
@@ -175,20 +223,31 @@ def submit_main(argv: list[str] | None = None) -> None:
         default=os.environ.get("DIFFSERVE_TENANT"),
         help="submit as this tenant (its Redis user: --redis-username, default the tenant's name)",
     )
-    from common.client import Client
+    from common.client import Client, preflight
     from common.config import RedisSettings
 
     RedisSettings.add_arguments(parser)
     args = parser.parse_args(argv)
-    settings = RedisSettings.from_namespace(args)
+    settings = RedisSettings.from_namespace(args, local_stack=True)
 
-    async def go():
+    async def go() -> Any:
         async with Client(settings, tenant=args.tenant) as client:
+            problem = await preflight(client, settings.redis_url)
+            if problem:
+                raise SystemExit(f"diffserve submit: {problem}")
             return await client.submit(
-                args.prompt, slo_ms=args.slo_ms, seed=args.seed, image_format=args.format, timeout=args.timeout
+                args.prompt,
+                slo_ms=args.slo_ms,
+                seed=args.seed,
+                negative_prompt=args.negative_prompt,
+                image_format=args.format,
+                timeout=args.timeout,
             )
 
-    result = asyncio.run(go())
+    try:
+        result = asyncio.run(go())
+    except (asyncio.TimeoutError, TimeoutError):
+        raise SystemExit(f"diffserve submit: no answer within {args.timeout:g} s (--timeout)") from None
     if result.status != "ok":
         print(f"error {result.error_code}: {result.error_message}", file=sys.stderr)
         raise SystemExit(1)
@@ -201,6 +260,22 @@ def submit_main(argv: list[str] | None = None) -> None:
         f"{result.latency_ms:.0f} ms, SLO {'met' if result.slo_met else 'missed'}"
         + (f", saved {args.output}" if args.output else "")
     )
+
+
+def stack_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="diffserve stack", description="where the stack `diffserve up` started is (its runtime file)"
+    )
+    parser.add_argument("--redis-url", action="store_true", help="print only its Redis URL (for redis-cli -u)")
+    args = parser.parse_args(argv)
+    found = stackfile.find()
+    if found is None:
+        raise SystemExit(f"diffserve stack: no running `diffserve up` recorded in {stackfile.path()}")
+    if args.redis_url:
+        print(found["redis_url"])
+        return
+    for key in ("redis_url", "namespace", "gateway", "workers", "backend", "log_dir", "pid"):
+        print(f"{key}: {found.get(key)}")
 
 
 def cascades_main(argv: list[str] | None = None) -> None:

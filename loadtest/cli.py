@@ -11,7 +11,8 @@ same trace against each, so one command gives a side-by-side comparison::
 With ``--redis-url`` it drives an already-running deployment once (no stack started).
 ``--policies none`` runs the stack with fixed roles (half light, half heavy) and no controller.
 ``--serving-bench`` runs :mod:`loadtest.serving_bench` instead (its own flags follow);
-``--gateway-bench`` runs :mod:`loadtest.gateway_bench` (the HTTP gateway over the direct client).
+``--gateway-bench`` runs :mod:`loadtest.gateway_bench` (the HTTP gateway over the direct client),
+``--gateway-abuse`` :mod:`loadtest.gateway_abuse` (its memory and fairness under abuse).
 
 Outputs in ``--out``: report.json, summary.md, the plots (PNG), trace.csv, jobs/<policy>.csv (one line
 per job) and logs/<policy>/ (service logs).
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from common.backends import BACKENDS
+from common import stackfile
 from common.config import RedisSettings
 from common.control import ControlSettings, static_plan
 from common.planner import POLICIES
@@ -36,6 +38,9 @@ from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_p
 
 from loadtest import report as report_mod
 from loadtest.traces import DEFAULT_RATE, TRACES, Trace, generate, read_trace, write_trace
+
+
+LOCAL_STACK = "local"  # --redis-url without a value: the stack `diffserve up` recorded
 
 
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,9 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--redis-url",
+        nargs="?",
+        const=LOCAL_STACK,
         default=None,
         help="drive this running deployment instead (one run, no stack started; REDIS_USERNAME, REDIS_PASSWORD, "
-        "REDIS_TLS_* as for the services)",
+        "REDIS_TLS_* as for the services); alone, the stack `diffserve up` recorded. Its live workers are "
+        "counted (--workers is ignored)",
     )
     s.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
     o = p.add_argument_group("run and output")
@@ -158,6 +166,18 @@ def _policies(args: argparse.Namespace) -> list[str]:
     return policies
 
 
+async def _live_workers(settings: RedisSettings) -> int:
+    """The deployment's live workers; exits with one line when no router serves it (or no Redis is there)."""
+    from common.client import Client, preflight
+    from common.plan_store import live_roles
+
+    async with Client(settings) as client:
+        problem = await preflight(client, settings.redis_url)
+        if problem:
+            raise SystemExit(f"diffserve loadtest: {problem}")
+        return len(await live_roles(client.redis, client.keys))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--serving-bench" in argv:
@@ -165,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         from loadtest import serving_bench
 
         return serving_bench.main(argv)
+    if "--gateway-abuse" in argv:
+        argv.remove("--gateway-abuse")
+        from loadtest import gateway_abuse
+
+        return gateway_abuse.main(argv)
     if "--gateway-bench" in argv:
         argv.remove("--gateway-bench")
         from loadtest import gateway_bench
@@ -173,6 +198,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.time_scale <= 0:
         raise SystemExit("--time-scale must be > 0")
+    # A running deployment is reached like the services reach it: user, password and TLS from
+    # REDIS_USERNAME, REDIS_PASSWORD and REDIS_TLS_* (common/config.py RedisSettings).
+    deployment = None
+    if args.redis_url:
+        deployment = RedisSettings.from_namespace(None, local_stack=args.redis_url == LOCAL_STACK)
+        if args.redis_url == LOCAL_STACK:
+            if stackfile.find() is None:
+                raise SystemExit(
+                    f"diffserve loadtest: --redis-url alone needs a running `diffserve up` ({stackfile.path()})"
+                )
+        else:
+            deployment = dataclasses.replace(deployment, redis_url=args.redis_url, namespace=args.namespace)
+        args.workers = asyncio.run(_live_workers(deployment))  # the stack's, not the flag's
     policies = _policies(args)
     from common.cascades import cascade
 
@@ -195,13 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     # static's fixed plan: the one given, else the solver's for the trace's mean demand (the simulator's too)
     static = args.static_plan or str(
         static_plan(profile, trace.mean_rate, args.workers, ControlSettings(slo_ms=slo_ms))
-    )
-    # A running deployment is reached like the services reach it: user, password and TLS from
-    # REDIS_USERNAME, REDIS_PASSWORD and REDIS_TLS_* (common/config.py RedisSettings).
-    deployment = (
-        dataclasses.replace(RedisSettings.from_namespace(None), redis_url=args.redis_url, namespace=args.namespace)
-        if args.redis_url
-        else None
     )
     entries = []
     for policy in policies:

@@ -162,7 +162,7 @@ class Discriminator:
             return failures, []
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
-        metrics.THRESHOLD.set(threshold)
+        metrics.DISCRIMINATOR_THRESHOLD.set(threshold)
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage(Role.HEAVY, plan, self.heavy_times) if degrade_late else None
         now = now_ms()

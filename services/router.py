@@ -18,8 +18,9 @@ from common import metrics
 from common.cascades import cascade
 from common.backends import BackendSettings, latency_scale, load_profile
 from common.blobs import inline_images, open_store
-from common.config import Keys, ServiceConfig, option
+from common.config import Keys, ReplySettings, ServiceConfig, option
 from common.messages import (
+    Admitted,
     E_CANCELLED,
     E_DUPLICATE,
     E_INTERNAL,
@@ -54,6 +55,7 @@ from common.streams import (
     StreamConsumer,
     SubmissionReader,
     backlog,
+    notify,
     run_forever,
     trim_processed,
 )
@@ -125,11 +127,12 @@ PLAIN_FIELDS = {
     "reply_to": str,
     "cascade": str,
     "type": str,  # "cancel": a request to cancel the job with this id
+    "negative_prompt": str,
 }
 
 
 @dataclass
-class RouterConfig(ServiceConfig, BackendSettings):
+class RouterConfig(ServiceConfig, BackendSettings, ReplySettings):
     """diffserve router: admission, validation and exactly-once delivery of results."""
 
     slo_ms: float | None = option(None, "default SLO in ms (default: the cascade's)", env="DIFFSERVE_SLO_MS")
@@ -147,11 +150,9 @@ class RouterConfig(ServiceConfig, BackendSettings):
         "per-batch overheads: a queue packed to exactly the deadline would miss it)",
         env="DIFFSERVE_ADMISSION_HEADROOM",
     )
-    result_ttl_s: int = option(3600, "how long results and done markers are kept", env="DIFFSERVE_RESULT_TTL_S")
     refused_ttl_s: int = option(
         300, "how long the answer to a job refused before admission is kept", env="DIFFSERVE_REFUSED_TTL_S"
     )
-    reply_maxlen: int = option(100000, "approximate cap of a client's reply stream", env="DIFFSERVE_REPLY_MAXLEN")
     batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
     reclaim_idle_ms: int = option(
         10000, "take over entries idle this long on a dead router", env="DIFFSERVE_RECLAIM_IDLE_MS"
@@ -258,6 +259,10 @@ def validate_job(job: Job, cfg: RouterConfig, keys: Keys, tenant: str | None = N
         bad(E_PROMPT_TOO_LONG, f"prompt longer than {cfg.max_prompt_chars} characters")
     if "\x00" in job.prompt:
         bad(E_INVALID, "prompt contains a NUL character")
+    if job.negative_prompt is not None and (
+        len(job.negative_prompt) > cfg.max_prompt_chars or "\x00" in job.negative_prompt
+    ):
+        bad(E_INVALID, f"negative_prompt must be at most {cfg.max_prompt_chars} characters, without NUL")
     if job.slo_ms is not None and not (0 < job.slo_ms <= 600_000):
         bad(E_INVALID, "slo_ms must be in (0, 600000]")
     if job.seed is not None and not (0 <= job.seed < 2**63):
@@ -472,6 +477,8 @@ class Router:
             self.fair.arrived(source.share_key, now_s)
         active = self.fair.active(now_s)
         routes: dict[str, tuple[RoutedJob, Decision]] = {}  # entry id -> the admitted job and its route
+        waiting: dict[str, Admitted] = {}  # entry key -> what a job that asked for progress is told
+        notices: list[tuple[str, bytes]] = []  # (reply stream, Admitted) of the jobs admitted
         for entry, source, job, _digest in fresh:
             routed = RoutedJob(
                 job_id=job.job_id,
@@ -486,6 +493,8 @@ class Router:
                 prompt_index=job.prompt_index,
                 image_ref=job.image_ref and source.tenant is None,  # a tenant's ACL reaches no image-store key
                 reply_token=job.reply_token,
+                negative_prompt=job.negative_prompt,
+                progress=job.progress,
             )
             decision = Decision.LIGHT
             if plan.heavy_fraction > 0:
@@ -522,11 +531,19 @@ class Router:
                 continue
             # Counted now (a duplicate found below included: erring towards refusing), so the
             # rest of this batch sees the queue with this job in it.
+            stage = heavy if decision == Decision.HEAVY else light
+            if job.progress and job.reply_to:  # where it stands, for whoever shows a waiting user
+                joined = Role.HEAVY if decision == Decision.HEAVY else Role.LIGHT
+                waiting[entry.id + entry.stream] = Admitted(
+                    job_id=client_job_id(job.job_id),
+                    queue=joined,
+                    ahead=stage.backlog,
+                    wait_ms=stage.wait_ms(),
+                    reply_token=job.reply_token,
+                )
+            stage.admit()
             if decision == Decision.HEAVY:
-                heavy.admit()
                 heavy_now.admit()
-            else:
-                light.admit()
             self.fair.admitted(source.share_key, now_s)
             routes[entry.id + entry.stream] = (routed, decision)
         admitted = [item for item in fresh if item[0].id + item[0].stream in routes]
@@ -548,6 +565,9 @@ class Router:
                 routed.routed_by = RoutedBy.FALLBACK if decision == Decision.LATE else RoutedBy.CASCADE
                 outputs.append((self.keys.light_queue, routed.encode()))
             admitted_ids.append(job.job_id)
+            notice = waiting.get(entry.id + entry.stream)
+            if notice is not None and job.reply_to:
+                notices.append((job.reply_to, notice.encode()))
 
         def deliver_errors(pipe: aioredis.client.Pipeline) -> None:
             for reply_to, message in errors:
@@ -559,6 +579,8 @@ class Router:
                 pipe.delete(self.keys.done(job_id))
             for job_id, ttl in flags.items():
                 pipe.set(self.keys.cancel(job_id), 1, ex=ttl)
+            for reply_to, payload in notices:
+                notify(pipe, reply_to, payload, maxlen=self.cfg.reply_maxlen, ttl_s=self.cfg.result_ttl_s)
             if offered:  # last: the replies before these are counted by position
                 record_arrivals(pipe, self.keys, arrival, offered)
 

@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
 from common import metrics
-from common.backends import BackendSettings, ImageModel, latency_scale, load_profile, make_model, require_backend
+from common.backends import (
+    BackendSettings,
+    ImageModel,
+    Interrupted,
+    latency_scale,
+    load_profile,
+    make_model,
+    require_backend,
+)
 from common.backends.profiled import fixed_image
 from common.blobs import HEAVY, LIGHT, THUMB, BlobUnavailable, blob_key, open_store
 from common.clock import CLOCK
-from common.config import ServiceConfig, option
+from common.config import Keys, ReplySettings, ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import (
     E_INTERNAL,
@@ -22,6 +34,7 @@ from common.messages import (
     Completion,
     LightReason,
     LightResult,
+    Progress,
     Role,
     RoutedBy,
     RoutedJob,
@@ -31,7 +44,8 @@ from common.planner import default_plan
 from common.routing import LATE_POLICIES, Stage, batch_times, degrades_late
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids, one_per_input, split_batch
-from common.streams import TRANSIENT_ERRORS, StreamConsumer, run_forever
+from common.streams import TRANSIENT_ERRORS, StreamConsumer, notify, run_forever
+from common.tenants import client_job_id
 
 ROLES = tuple(Role)
 DEFAULT_THUMBNAIL_SIZE = 224  # EfficientNet-V2-S input size
@@ -39,7 +53,7 @@ CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
-class WorkerConfig(ServiceConfig, BackendSettings):
+class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings):
     """diffserve worker: runs the light or the heavy model of the cascade."""
 
     role: str = option(
@@ -66,6 +80,78 @@ class WorkerConfig(ServiceConfig, BackendSettings):
     )
     max_deliveries: int = option(5, "fail a job whose batch crashed this many workers", env="DIFFSERVE_MAX_DELIVERIES")
     heartbeat_s: float = option(1.0, "heartbeat interval", env="DIFFSERVE_HEARTBEAT_S")
+    watch_s: float = option(
+        0.25,
+        "while a heavy batch runs: how often its jobs' cancel flags are read and their progress sent",
+        env="DIFFSERVE_WATCH_S",
+    )
+
+
+class RunningBatch:
+    """A heavy batch on the GPU.  While it runs, its jobs' cancel flags are read every ``watch_s``:
+    once every job in it is cancelled it stops at the next denoising step (``on_step`` raises
+    Interrupted in the model's thread); a job cancelled alongside others runs to the end and its
+    result is dropped.  The jobs that asked (``progress``) are sent the step reached."""
+
+    def __init__(self, r: aioredis.Redis, keys: Keys, cfg: WorkerConfig, jobs: list[RoutedJob], model: str):
+        self.r, self.keys, self.cfg, self.jobs, self.model = r, keys, cfg, jobs, model
+        self.cancelled: set[str] = set()
+        self.stop = threading.Event()
+        self.step = self.steps = self._sent = 0
+
+    def on_step(self, step: int, steps: int) -> None:  # in the model's thread
+        self.step, self.steps = step, steps
+        if self.stop.is_set():
+            raise Interrupted(step, steps)
+
+    async def poll(self) -> None:
+        """One look at the cancel flags; progress to whoever asked, when it moved."""
+        self.cancelled |= await cancelled_ids(
+            self.r, self.keys, [j.job_id for j in self.jobs if j.job_id not in self.cancelled]
+        )
+        if len(self.cancelled) == len(self.jobs):
+            self.stop.set()
+        step, steps = self.step, self.steps
+        asking = [j for j in self.jobs if j.progress and j.reply_to and j.job_id not in self.cancelled]
+        if step > self._sent and asking:
+            self._sent = step
+            async with self.r.pipeline(transaction=False) as pipe:
+                for job in asking:
+                    payload = Progress(
+                        job_id=client_job_id(job.job_id),
+                        step=step,
+                        steps=steps,
+                        model=self.model,
+                        reply_token=job.reply_token,
+                    )
+                    notify(
+                        pipe,
+                        job.reply_to or "",
+                        payload.encode(),
+                        maxlen=self.cfg.reply_maxlen,
+                        ttl_s=self.cfg.result_ttl_s,
+                    )
+                await pipe.execute()
+
+    @contextlib.asynccontextmanager
+    async def watched(self) -> AsyncIterator[None]:
+        done = asyncio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), self.cfg.watch_s)
+                if not done.is_set():
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        await self.poll()
+
+        # Stopped by a flag, not cancel(): redis-py can swallow a cancel that lands mid-command.
+        task = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            done.set()
+            await task
 
 
 class Worker:
@@ -204,8 +290,11 @@ class Worker:
                 for job in jobs
                 if job.job_id in cancelled
             ]
-            jobs = [job for job in jobs if job.job_id not in cancelled]
             metrics.PROCESSED.labels("worker", "cancelled").inc(len(cancelled))
+            # their share of the batch they would have run in
+            share_s = self.estimate_ms(len(jobs)) / len(jobs) / 1000
+            metrics.CANCEL_FREED.labels(self.loaded.name, "before").inc(share_s * len(cancelled))
+            jobs = [job for job in jobs if job.job_id not in cancelled]
         if self.role == Role.HEAVY and degrades_late(self.cfg.late_policy, plan.degrade_late):
             jobs, late = self._split_late(jobs)
             outputs += late
@@ -253,13 +342,24 @@ class Worker:
     async def _run(self, jobs: list[RoutedJob]) -> list[tuple[str, bytes]]:
         model = self.loaded
         model_name = model.name
+        running = RunningBatch(self.r, self.keys, self.cfg, jobs, model_name) if self.role == Role.HEAVY else None
         start = time.perf_counter()
         try:
-            images = one_per_input(
-                await asyncio.to_thread(model.generate, [j.prompt for j in jobs], [j.seed for j in jobs]),
-                jobs,
-                "the model",
-            )
+            async with running.watched() if running else contextlib.nullcontext():
+                generated = await asyncio.to_thread(
+                    model.generate,
+                    [j.prompt for j in jobs],
+                    [j.seed for j in jobs],
+                    negative_prompts=[j.negative_prompt for j in jobs],
+                    on_step=running.on_step if running else None,
+                )
+            images = one_per_input(generated, jobs, "the model")
+        except Interrupted as stop:  # every job in the batch was cancelled while it ran
+            elapsed = time.perf_counter() - start
+            metrics.CANCEL_FREED.labels(model_name, "during").inc(elapsed * (stop.steps / stop.step - 1))
+            metrics.PROCESSED.labels("worker", "cancelled").inc(len(jobs))
+            message = f"cancelled by the client while it ran: stopped after step {stop.step} of {stop.steps}"
+            return [(self.keys.completions, Completion.cancelled(j, self.id, message).encode()) for j in jobs]
         except Exception as exc:  # report per job, keep serving
             self.svc.log.exception("model failed", extra={"model": model_name, "batch": len(jobs)})
             metrics.ERRORS.labels("worker", E_MODEL).inc(len(jobs))
@@ -282,11 +382,19 @@ class Worker:
             else [None] * len(jobs)
         )
         encoded = [await asyncio.wrap_future(future) for future in futures]
+        dropped: set[str] = set()
+        if running is not None:  # cancelled while it ran, alongside jobs that were not: its result is dropped
+            dropped = running.cancelled
+            metrics.PROCESSED.labels("worker", "cancelled").inc(len(dropped))
         # Each image is written once (the big ones to the image store, in one round for the batch).
         kind = LIGHT if self.role == Role.LIGHT else HEAVY
         try:
             kept = await self.blobs.keep(
-                [(blob_key(j.job_id, kind), e.data, e.format, e.digest) for j, e in zip(jobs, encoded) if e.data]
+                [
+                    (blob_key(j.job_id, kind), e.data, e.format, e.digest)
+                    for j, e in zip(jobs, encoded)
+                    if e.data and j.job_id not in dropped
+                ]
             )
             thumbs = await self.blobs.keep(
                 [(blob_key(j.job_id, THUMB), t, "rgb", "") for j, t in zip(jobs, raw_thumbs) if t]
@@ -301,6 +409,10 @@ class Worker:
         outputs: list[tuple[str, bytes]] = []
         for job, done, raw_thumb in zip(jobs, encoded, raw_thumbs):
             thumb = next(thumbs_out) if raw_thumb else None
+            if job.job_id in dropped:
+                message = "cancelled by the client while it ran (with others in its batch): result dropped"
+                outputs.append((self.keys.completions, Completion.cancelled(job, self.id, message).encode()))
+                continue
             if done.data is None:  # the encoder failed (and says why)
                 error = done.error or "image encoding failed"
                 outputs.append((self.keys.completions, Completion.failure(job, E_MODEL, error, self.id).encode()))
@@ -334,7 +446,7 @@ class Worker:
                         ).encode(),
                     )
                 )
-        metrics.PROCESSED.labels("worker", self.role).inc(len(jobs))
+        metrics.PROCESSED.labels("worker", self.role).inc(len(jobs) - len(dropped))
         return outputs
 
     async def close(self) -> None:

@@ -14,7 +14,7 @@ from services.worker import Worker, WorkerConfig
 class ShortModel:
     name = "short"
 
-    def generate(self, prompts, seeds):
+    def generate(self, prompts, seeds, *, negative_prompts=None, on_step=None):
         return []  # a backend bug: nothing back for a batch of three
 
     def score(self, prompts, images, prompt_indices=None):

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import msgpack
+import openai
 import pytest
 import redis
 from PIL import Image
@@ -138,12 +139,33 @@ def test_malformed_inputs_get_error_results_and_services_keep_running(redis_serv
 
 
 @pytest.mark.slow
-def test_tiny_backend_renders_real_images(redis_server, tmp_path, tiny_models):
+def test_tiny_backend_renders_real_images_and_seeds_reproduce_over_http(redis_server, tmp_path, tiny_models):
     prompts = ["a red cube on a table", "a watercolor fox", "an old map of a harbour", "neon city at night"]
+    port = free_port()
     with _stack(
-        redis_server, tmp_path, backend="tiny", model_dir=tiny_models, light_workers=1, heavy_workers=1, env={}
+        redis_server,
+        tmp_path,
+        backend="tiny",
+        model_dir=tiny_models,
+        light_workers=1,
+        heavy_workers=1,
+        env={},
+        gateway_port=port,
     ):  # default thumbnails (224 px) on a real backend
         results, delivered = asyncio.run(_submit_and_count(redis_server.url, prompts, rate=50))
+        # The openai SDK through the gateway: the same seed gives the same bytes, another seed others.
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="any", max_retries=0, timeout=120)
+
+        # A deadline nothing misses on a busy machine: the same model answers each time, not a degraded light one.
+        def image(seed: int):
+            body = {"seed": seed, "slo_ms": 600_000}
+            return sdk.images.generate(prompt="a red fox in the snow", extra_body=body).data[0]
+
+        images = {seed: image(seed) for seed in (42, 43)}
+        again = image(42)
+    assert images[42].model_extra["diffserve"]["seed"] == 42
+    assert again.model_extra["diffserve"]["answered_by"] == images[42].model_extra["diffserve"]["answered_by"]
+    assert again.b64_json == images[42].b64_json != images[43].b64_json
     assert delivered == len(prompts)
     for result in results:
         assert result.status == "ok", result.error_message

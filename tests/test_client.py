@@ -57,3 +57,24 @@ def test_unclaimed_results_are_bounded_and_forged_ones_are_dropped(redis_server)
     assert [r.job_id for r in kept] == [f"j{i}" for i in range(200, 300)]  # the oldest were dropped
     assert {r.status for r in kept} == {"ok"}
     assert dropped == 200 and rejected == 4
+
+
+def test_a_client_that_keeps_no_unclaimed_results_drops_answers_whose_caller_gave_up(redis_server):
+    """What the gateway runs (issue 24.3): an answer that arrives after its caller hung up or timed out is
+    dropped on arrival, so abandoned answers (images included) cannot pile up in the process."""
+
+    async def go():
+        async with Client(redis_url=redis_server.url, max_unclaimed=0) as client:
+            with pytest.raises(asyncio.TimeoutError):  # no router here: nobody answers in time
+                await client.submit("a prompt", job_id="gave-up", timeout=0.2)
+            token = client._owed["gave-up"]  # the genuine late answer carries the job's reply token
+            late = FinalResult(job_id="gave-up", status="ok", image=b"\x89PNG" + b"\0" * 100_000, reply_token=token)
+            await add(client.redis, client.reply_stream, late.encode())
+            deadline = time.monotonic() + 10
+            while client.dropped < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            held = client._unclaimed.qsize() if client._unclaimed is not None else 0
+            return client.dropped, client.rejected, held
+
+    dropped, rejected, held = asyncio.run(go())
+    assert (dropped, rejected, held) == (1, 0, 0)

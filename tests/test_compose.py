@@ -290,7 +290,7 @@ def test_download_models_lists_the_cascade_hub_ids(capsys, monkeypatch):
 
 def known_env_vars() -> tuple[set[str], bool]:
     from services.discriminator import DiscriminatorConfig
-    from services.gateway import GatewayConfig
+    from services.gateway.config import GatewayConfig
     from services.router import RouterConfig
     from services.worker import WorkerConfig
 
@@ -346,7 +346,7 @@ def test_env_file_values_parse_and_every_line_is_documented():
 def test_env_values_reach_the_configs_as_valid_options():
     """What compose hands each service parses with the service's own config class."""
     from services.discriminator import DiscriminatorConfig
-    from services.gateway import GatewayConfig
+    from services.gateway.config import GatewayConfig
     from services.router import RouterConfig
     from services.worker import WorkerConfig
 
@@ -452,6 +452,10 @@ def test_dashboard_uses_only_real_metrics_and_has_the_key_panels():
         "Queue depths",
         "Batch latency",
         "Workers wanted",
+        "Gateway requests by status",
+        "Gateway 429s and limits",
+        "Per-key use",
+        "Gateway latency",
     ):
         assert title in titles
 

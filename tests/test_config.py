@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
+from common.config import RedisSettings
 from services.worker import WorkerConfig
 
 
@@ -44,3 +46,28 @@ def test_bad_values_are_refused():
         _config([], {"DIFFSERVE_HOST_CACHE": "maybe"})
     with pytest.raises(SystemExit):
         _config(["--role", "medium"], {})
+
+
+def test_commands_find_the_stack_diffserve_up_recorded(tmp_path, monkeypatch):
+    """submit, tenant, loadtest and the gateway default to the stack `up` recorded; a URL given wins,
+    and a record whose `up` is gone is ignored."""
+    from common import stackfile
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("DIFFSERVE_NAMESPACE", raising=False)
+    assert RedisSettings.from_namespace(local_stack=True).redis_url == "redis://127.0.0.1:6379/0"
+    written = stackfile.record({"redis_url": "redis://127.0.0.1:4321/0", "namespace": "mine"})
+    assert written == tmp_path / "diffserve" / "stack.json" and (written.stat().st_mode & 0o777) == 0o600
+    found = RedisSettings.from_namespace(local_stack=True)
+    assert (found.redis_url, found.namespace) == ("redis://127.0.0.1:4321/0", "mine")
+    assert RedisSettings.from_namespace().redis_url == "redis://127.0.0.1:6379/0"  # services do not look
+    monkeypatch.setenv("REDIS_URL", "redis://10.0.0.1:6379/0")
+    assert RedisSettings.from_namespace(local_stack=True).redis_url == "redis://10.0.0.1:6379/0"
+    monkeypatch.delenv("REDIS_URL")
+    data = json.loads(written.read_text())
+    written.write_text(json.dumps({**data, "pid": 2**22 + 12345}))  # no such process
+    assert RedisSettings.from_namespace(local_stack=True).redis_url == "redis://127.0.0.1:6379/0"
+    written.write_text(json.dumps(data))
+    stackfile.forget()
+    assert not written.exists()

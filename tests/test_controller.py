@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
+from common import metrics
 
 from common.config import Keys
 from common.localstack import RedisServer
@@ -133,8 +133,10 @@ def test_controller_plans_for_live_workers_and_tracks_demand(redis_url):
                 assert plan.light_workers + plan.heavy_workers == 4
                 assert set(plan.roles.values()) <= {"light", "heavy"}
                 assert plan.demand_qps == pytest.approx(achieved, rel=0.35)
-                assert REGISTRY.get_sample_value("diffserve_demand_qps") == pytest.approx(plan.demand_qps, rel=0.5)
-                assert REGISTRY.get_sample_value("diffserve_plan_infeasible") == 0
+                assert metrics.registry("controller").get_sample_value("diffserve_demand_qps") == pytest.approx(
+                    plan.demand_qps, rel=0.5
+                )
+                assert metrics.registry("controller").get_sample_value("diffserve_plan_infeasible") == 0
                 # steady demand: roles do not flip from tick to tick
                 before = plan
                 await _produce(r, keys, 8.0, 2.0)
@@ -170,7 +172,7 @@ def test_infeasible_demand_and_time_scale(redis_url):
             async with InProcess(redis_url, ns, time_scale=time_scale):
                 await _produce(r, keys, 30.0, 3.5)
                 plan = await load_plan(r, keys)
-                infeasible = REGISTRY.get_sample_value("diffserve_plan_infeasible")
+                infeasible = metrics.registry("controller").get_sample_value("diffserve_plan_infeasible")
         finally:
             stop.set()
             await beats

@@ -211,3 +211,36 @@ def test_discriminator_scores_and_wraps_a_model(tiny_dir):
     assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
     wrapped = TimmDiscriminator.from_model(disc.model, disc.meta, "cpu")
     assert wrapped.score(["p"] * 3, images) == pytest.approx(scores)
+
+
+def test_progress_after_each_step_and_an_interrupt_stops_the_batch(tiny_dir):
+    """The heavy model reports step i of N (diffusers' callback_on_step_end); an Interrupted raised
+    there stops the batch between steps, before the rest of the denoising and the VAE decode."""
+    from common.backends import Interrupted
+
+    model = _model(tiny_dir, "sdv15")
+    model.load()
+    steps_seen: list[tuple[int, int]] = []
+    images = model.generate(PROMPTS[:2], SEEDS[:2], on_step=lambda step, steps: steps_seen.append((step, steps)))
+    n = model.spec.steps
+    assert n > 1 and steps_seen == [(i, n) for i in range(1, n + 1)] and len(images) == 2
+
+    rows = _rows_seen(model)
+
+    def stop_after_two(step: int, steps: int) -> None:
+        if step == 2:
+            raise Interrupted(step, steps)
+
+    with pytest.raises(Interrupted) as caught:
+        model.generate(PROMPTS[:2], SEEDS[:2], on_step=stop_after_two)
+    assert (caught.value.step, caught.value.steps) == (2, n)
+    assert len(rows) == 2  # two UNet calls (both guidance halves in one batch each), then nothing
+
+
+def test_negative_prompt_changes_the_image_and_none_keeps_it(tiny_dir):
+    model = _model(tiny_dir, "sdv15")
+    model.load()
+    plain = _arrays(model.generate(PROMPTS[:1], SEEDS[:1]))
+    assert np.array_equal(plain, _arrays(model.generate(PROMPTS[:1], SEEDS[:1], negative_prompts=[None])))
+    negative = _arrays(model.generate(PROMPTS[:1], SEEDS[:1], negative_prompts=["blurry, low quality"]))
+    assert not np.array_equal(plain, negative)

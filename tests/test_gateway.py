@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
+import json
 import os
 import re
 import shutil
@@ -25,13 +27,16 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from PIL import Image
+from prometheus_client import generate_latest
 
 from common.config import Keys
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
-from common.messages import FinalResult, Plan
+from common import metrics
+from common.messages import FinalResult, Plan, RoutedJob
 from common.plan_store import store_plan
 from common.profiles import load_prompts
-from services.gateway import hash_key, result_error
+from services.gateway.images import result_error
+from services.gateway.keys import hash_key
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -53,12 +58,37 @@ class Stack:
     def http(self, key: str | None = ALICE) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
 
+    def metrics(self, name: str) -> str:
+        """The /metrics text of a process of the stack, from its metrics port."""
+        port = self.stack.metrics_ports[name]
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def sample(self, name: str, sample: str) -> float:
+        """One sample (``family{labels}`` as exposed) of a process's metrics, 0 when absent."""
+        match = re.search(rf"^{re.escape(sample)} (\S+)$", self.metrics(name), re.M)
+        return float(match.group(1)) if match else 0.0
+
     def processed(self, worker: str, outcome: str) -> float:
         """A worker's diffserve_processed_total{service="worker", outcome=...} (worker-0 is light)."""
-        port = self.metrics_base + 2 + int(worker.split("-")[1])
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        match = re.search(rf'diffserve_processed_total{{outcome="{outcome}",service="worker"}} (\S+)', text)
-        return float(match.group(1)) if match else 0.0
+        return self.sample(worker, f'diffserve_processed_total{{outcome="{outcome}",service="worker"}}')
+
+    def fill_light_queue(self, n: int) -> None:
+        """Queue n light jobs nobody waits for (the light worker paused: they stay queued)."""
+        before = self.light_backlog()
+        for _ in range(n):
+            self.redis.xadd(KEYS.jobs, {"job_id": f"filler-{time.monotonic_ns()}", "prompt": LIGHT_PROMPT})
+        deadline = time.monotonic() + 5
+        while self.light_backlog() < before + n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def drained(self) -> None:
+        """Wait until the light queue is empty again (what a test queued has been served)."""
+        deadline = time.monotonic() + 30
+        while self.light_backlog() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def light_backlog(self) -> int:
+        return int(httpx.get(self.open_url + "/v1/status", timeout=5).json()["queues"]["light_queue"])
 
     def pause(self, name: str):
         """SIGSTOP a service until the block ends: what it has not started, it starts only after."""
@@ -84,7 +114,7 @@ def stack(tmp_path_factory):
     keys_file = tmp / "keys.json"
     keys_file.write_text(
         '{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
-        ' {"name": "bob", "sha256": "%s", "rpm": 2}]}' % (hash_key(ALICE), hash_key(BOB))
+        ' {"name": "bob", "sha256": "%s", "rpm": 2, "burst": 2}]}' % (hash_key(ALICE), hash_key(BOB))
     )
     server = RedisServer().start()
     port, open_port, replica_port, metrics_base = free_port(), free_port(), free_port(), free_port()
@@ -94,7 +124,12 @@ def stack(tmp_path_factory):
         time_scale=0.25,
         gateway_port=port,
         metrics_base_port=metrics_base,
-        env={"DIFFSERVE_CONFIDENCE_FILE": str(confidence), "DIFFSERVE_BATCH": "1"},
+        env={
+            "DIFFSERVE_CONFIDENCE_FILE": str(confidence),
+            "DIFFSERVE_BATCH": "1",
+            "DIFFSERVE_WATCH_S": "0.05",  # the heavy worker reads cancel flags and sends progress this often
+            "DIFFSERVE_MAX_LIGHT_BACKLOG": "4",  # overload on demand: 4 queued light jobs and the next is refused
+        },
         gateway_args=key_args,
     )
     local = LocalStack(spec, str(tmp / "logs"))
@@ -102,7 +137,9 @@ def stack(tmp_path_factory):
         local.start()
         # A second replica with the same keys (limits are shared through Redis), and one without
         # keys (as `diffserve up` runs it) for the playground.
-        local.spawn("gateway-replica", "gateway", "--port", str(replica_port), *key_args)
+        local.spawn(
+            "gateway-replica", "gateway", "--port", str(replica_port), "--cors-origins", "http://app.example", *key_args
+        )
         local.spawn("gateway-open", "gateway", "--port", str(open_port))
         local.wait_ready(["gateway-replica", "gateway-open"])
         yield Stack(local, port, open_port, replica_port, metrics_base)
@@ -163,7 +200,7 @@ def test_stream_escalated_job_yields_partial_then_completed(stack):
     assert completed.model_extra["diffserve"]["answered_by"] == "heavy"
     assert completed.size == "512x512" and completed.output_format == "png" and completed.usage.total_tokens == 0
     light, heavy = _decode(partial.b64_json), _decode(completed.b64_json)
-    assert light.getpixel((0, 0)) != heavy.getpixel((0, 0))  # the profiled models paint different colours
+    assert light.convert("RGB").getpixel((0, 0)) != heavy.convert("RGB").getpixel((0, 0))  # different colours
 
 
 def test_stream_light_answered_job_yields_only_completed(stack):
@@ -175,6 +212,113 @@ def test_stream_light_answered_job_yields_only_completed(stack):
 def test_stream_without_partials_asked_sends_no_partial(stack):
     events = list(stack.sdk().images.generate(prompt=HEAVY_PROMPT, stream=True, partial_images=0))
     assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_models_list_names_the_cascade_with_its_slo_and_sizes(stack):
+    sdk = stack.sdk()
+    models = sdk.models.list()
+    assert [m.id for m in models.data] == ["sdturbo-sdv15"] and models.data[0].owned_by == "diffserve"
+    ours = models.data[0].model_extra["diffserve"]
+    assert ours["light"] == "sdturbo" and ours["heavy"] == "sdv15" and ours["slo_ms"] == 5000
+    assert ours["sizes"] == ["512x512"] and ours["steps"] == {"light": 1, "heavy": 50}
+    assert sdk.models.retrieve("sdturbo-sdv15").id == "sdturbo-sdv15"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("dall-e-3")
+
+
+def test_the_placeholder_is_at_the_size_the_response_says(stack):
+    resp = stack.sdk().images.generate(prompt=HEAVY_PROMPT, extra_body={"seed": 7})
+    image = _decode(resp.data[0].b64_json)
+    assert resp.size == "512x512" and image.size == (512, 512)
+    assert resp.data[0].model_extra["diffserve"]["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("quality", "bogus"),
+        ("background", "bogus"),
+        ("background", "transparent"),  # valid for OpenAI, but these images are opaque
+        ("style", "bogus"),
+        ("moderation", "bogus"),
+    ],
+)
+def test_bad_values_of_openai_enum_fields_are_a_400_naming_the_field(stack, field, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.sdk().images.generate(prompt=LIGHT_PROMPT, **{field: value})
+    assert caught.value.status_code == 400 and caught.value.body["param"] == field
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"width": 256}, "width"),
+        ({"height": 768}, "height"),
+        ({"steps": 10}, "steps"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"negative_prompt": 5}, "negative_prompt"),
+        ({"slo_ms": 0}, "slo_ms"),
+        ({"cascade": "other"}, "cascade"),
+    ],
+)
+def test_our_fields_are_honoured_or_refused_never_ignored(stack, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.sdk().images.generate(prompt=LIGHT_PROMPT, extra_body=extra)
+    assert caught.value.body["param"] == param
+
+
+def test_a_streamed_request_under_overload_is_a_429_that_the_sdk_retries(stack):
+    refused = 'diffserve_gateway_requests_total{endpoint="generations",status="429"}'
+    before = stack.sample("gateway", refused)
+    retrying = openai.OpenAI(base_url=stack.url + "/v1", api_key=ALICE, max_retries=5, timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with stack.pause("worker-0"):
+            stack.fill_light_queue(4)  # the light queue is full: the next job is refused at admission
+            with pytest.raises(openai.RateLimitError) as caught:  # the status, not a bare APIError mid-stream
+                list(stack.sdk().images.generate(prompt=LIGHT_PROMPT, stream=True))
+            assert caught.value.status_code == 429 and int(caught.value.response.headers["retry-after"]) >= 1
+            assert caught.value.body["code"] == "overloaded"
+            streamed = pool.submit(lambda: list(retrying.images.generate(prompt=LIGHT_PROMPT, stream=True)))
+            time.sleep(0.5)  # refused at least once more, then the worker resumes and the queue drains
+        events = streamed.result(timeout=60)
+    stack.drained()
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert stack.sample("gateway", refused) >= before + 2
+
+
+def test_a_partly_refused_request_answers_at_once(stack):
+    with stack.pause("worker-0"):
+        stack.fill_light_queue(2)  # room for two of the three jobs
+        started = time.monotonic()
+        with stack.http() as http:
+            r = http.post("/v1/images/generations", json={"prompt": LIGHT_PROMPT, "n": 3})
+        took = time.monotonic() - started
+        time.sleep(1.0)  # the worker stays paused: a request waiting for its two admitted jobs would still wait
+    stack.drained()
+    assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+    assert took < 1.0
+
+
+def test_a_request_keeps_the_images_made_when_another_of_its_jobs_fails(stack):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with stack.pause("worker-0"):
+            since = f"{int(time.time() * 1000)}-0"
+            request = pool.submit(
+                lambda: stack.http().post("/v1/images/generations", json={"prompt": LIGHT_PROMPT, "n": 2})
+            )
+            deadline = time.monotonic() + 10
+            while len(queued := stack.redis.xrange(KEYS.light_queue, min=since)) < 2:
+                assert time.monotonic() < deadline, request.result().text
+                time.sleep(0.02)
+            jobs = [RoutedJob.decode(fields[b"m"]).job_id for _id, fields in queued]
+            stack.redis.set(KEYS.cancel(jobs[1]), 1)  # one of the two fails (cancelled), the other is made
+        r = request.result(timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["diffserve"]["job_id"] for d in body["data"]] == [jobs[0]]
+    (missing,) = body["diffserve"]["errors"]
+    assert missing["error"]["code"] == "cancelled" and missing["index"] == 1 - body["data"][0]["diffserve"]["index"]
 
 
 # ---------------------------------------------------------------- errors, keys, limits
@@ -220,16 +364,22 @@ def test_an_overloaded_answer_is_a_429_whose_retry_after_is_the_routers_hint():
     assert plain.status_code == 429 and plain.headers["retry-after"] == "1"
 
 
-def test_bad_json_and_size_message_and_counted(stack):
+def test_bad_json_and_size_message_and_counted_and_metrics_need_a_key(stack):
     with stack.http() as http:
         r = http.post("/v1/images/generations", content=b"{not json", headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
         r = http.post("/v1/images/generations", json={"prompt": "x", "size": "256x256"})
         assert "512x512" in r.json()["error"]["message"]
         metrics = http.get("/metrics").text
+    with stack.http(None) as anonymous:  # keys on: the API port's /metrics is for key holders
+        assert anonymous.get("/metrics").status_code == 401
     assert re.search(r'diffserve_errors_total{code="invalid_request",service="gateway"} [1-9]', metrics)
-    assert "diffserve_gateway_key_requests_total" in metrics
-    assert LIGHT_PROMPT not in metrics  # never prompt text in metrics
+    # ... and names no key: the per-key families are on the operator's metrics port only
+    assert "diffserve_gateway_key_" not in metrics and "alice" not in metrics and "bob" not in metrics
+    port = stack.stack.metrics_ports["gateway"]
+    operator = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'diffserve_gateway_key_requests_total{key="alice"' in operator
+    assert LIGHT_PROMPT not in metrics and LIGHT_PROMPT not in operator  # never prompt text in metrics
 
 
 def test_missing_or_wrong_key_is_401(stack):
@@ -245,15 +395,13 @@ def test_missing_or_wrong_key_is_401(stack):
 
 def test_key_over_its_rate_limit_gets_429_with_retry_after_on_every_replica(stack):
     one, other = stack.sdk(BOB), stack.sdk(BOB, stack.replica_url)
-    if time.time() % 60 > 50:  # the limit counts per clock minute: start well inside one
-        time.sleep(61 - time.time() % 60)
     one.images.generate(prompt=LIGHT_PROMPT)
     other.images.generate(prompt=LIGHT_PROMPT)  # bob's 2 requests a minute, spent across two replicas
     for sdk in (one, other):
         with pytest.raises(openai.RateLimitError) as caught:
             sdk.images.generate(prompt=LIGHT_PROMPT)
         retry_after = int(caught.value.response.headers["retry-after"])
-        assert 1 <= retry_after <= 60
+        assert 1 <= retry_after <= 30  # a token every 30 s
         assert caught.value.body["code"] == "rate_limit_exceeded"
     stack.sdk(ALICE).images.generate(prompt=LIGHT_PROMPT)  # the limit is bob's, not the gateway's
 
@@ -291,7 +439,8 @@ def test_jobs_api_events_light_ready_then_done(stack):
         job_id = r.json()["id"]
         with http.stream("GET", f"/v1/jobs/{job_id}/events") as s:
             events = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
-        assert events == ["queued", "light_ready", "done"]
+        assert events[0] == "queued" and events[1] == "admitted" and events[-1] == "done"
+        assert "light_ready" in events
         view = http.get(f"/v1/jobs/{job_id}").json()
     assert view["status"] == "done" and view["light_image"]["model"] == "sdturbo"
     assert _decode(view["data"][0]["b64_json"]).format == "WEBP"
@@ -309,6 +458,79 @@ def test_jobs_api_light_answered_and_unknown_job(stack):
         assert http.post("/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 400
     with stack.http(BOB) as other:  # someone else's job is not found either
         assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_jobs_api_reports_its_seed(stack):
+    with stack.http() as http:
+        created = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT, "seed": 1234}).json()
+        assert created["seed"] == 1234
+        view = _wait_status(http, created["id"], {"done"})
+        random_seed = http.post("/v1/jobs", json={"prompt": LIGHT_PROMPT}).json()["seed"]
+    assert view["seed"] == 1234 and view["data"][0]["diffserve"]["seed"] == 1234
+    assert isinstance(random_seed, int)
+
+
+def test_heavy_progress_is_streamed_and_a_cancel_stops_the_heavy_model_mid_run(stack):
+    freed = 'diffserve_worker_cancel_freed_seconds_total{model="sdv15",when="during"}'
+    before = stack.sample("worker-1", freed)
+    events: list[tuple[str, dict]] = []
+    with stack.http() as http, stack.http() as other:
+        job_id = http.post("/v1/jobs", json={"prompt": HEAVY_PROMPT}).json()["id"]
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as s:
+            name = None
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if name == "progress" and sum(n == "progress" for n, _ in events) == 1:
+                        assert other.delete(f"/v1/jobs/{job_id}").status_code == 202  # the heavy model is running
+    names = [n for n, _ in events]
+    assert names[:2] == ["queued", "admitted"] and "light_ready" in names and names[-1] == "done", names
+    admitted = events[1][1]["queue"]
+    assert admitted["name"] == "light" and admitted["ahead"] >= 0
+    progress = events[names.index("progress")][1]["progress"]
+    assert progress["steps"] == 50 and 1 <= progress["step"] < 50 and progress["model"] == "sdv15"
+    final = events[-1][1]
+    assert final["status"] == "cancelled" and "stopped after step" in final["error"]["message"], final
+    assert stack.sample("worker-1", freed) > before
+
+
+def test_each_service_exports_only_its_own_metric_families(stack):
+    def families(text: str) -> set[str]:  # a counter's _created series belongs to it
+        return {f for f in re.findall(r"^# TYPE (diffserve_\S+) ", text, re.M) if not f.endswith("_created")}
+
+    for name, service in [
+        ("router", "router"),
+        ("discriminator", "discriminator"),
+        ("worker-0", "worker"),
+        ("gateway", "gateway"),
+    ]:
+        exported = families(stack.metrics(name))
+        assert exported == families(generate_latest(metrics.registry(service)).decode()), name
+    assert not any(f.startswith("diffserve_gateway_") for f in families(stack.metrics("router")))
+    assert "diffserve_threshold" not in families(stack.metrics("worker-0"))
+    # one meaning per name: the discriminator's last-batch threshold is not the plan's
+    assert "diffserve_threshold" not in families(stack.metrics("discriminator"))
+    assert "diffserve_discriminator_threshold" in families(stack.metrics("discriminator"))
+
+
+def test_a_wrong_method_is_a_405_with_allow_and_a_code(stack):
+    r = httpx.put(stack.url + "/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_cors_is_opt_in_per_origin(stack):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    allowed = httpx.options(stack.replica_url + "/v1/images/generations", headers=preflight)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.options(
+        stack.replica_url + "/v1/images/generations", headers={**preflight, "Origin": "http://evil.example"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    default = httpx.options(stack.url + "/v1/images/generations", headers=preflight)  # no --cors-origins
+    assert "access-control-allow-origin" not in default.headers
 
 
 def _one_final(stack: Stack, job_id: str) -> None:
@@ -444,7 +666,19 @@ def _chromium() -> tuple[str, str]:
     return shutil.which("chromium"), shutil.which("chromedriver")
 
 
-def test_playground_shows_the_light_image_then_the_final_one(stack, tmp_path):
+def _store_heavy_off_plan(stack: Stack) -> None:
+    async def put():
+        r = aioredis.Redis.from_url(stack.stack.redis_url)
+        await store_plan(r, KEYS, Plan(version=8, threshold=0.5, light_workers=2, heavy_workers=0))
+        await r.aclose()
+
+    asyncio.run(put())
+
+
+def test_playground_preview_progress_final_cancel_history(stack, tmp_path):
+    """A user's session in Chromium: the light preview (marked) with the heavy model's progress, then the
+    final image; a queued job cancelled; the history with downloads; the panel for a plan without the
+    heavy model.  A screenshot of each state is written to this test's tmp dir."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
@@ -454,31 +688,72 @@ def test_playground_shows_the_light_image_then_the_final_one(stack, tmp_path):
     _store_plan(stack)
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,800"):
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=DriverService(driver_path), options=options)
+    shots = []
+
+    def shot(name: str) -> None:
+        path = tmp_path / f"playground-{name}.png"
+        driver.save_screenshot(str(path))
+        shots.append(path)
+
+    def card(js: str) -> object:  # evaluated on the first card
+        return driver.execute_script(f"const c = document.querySelector('.card'); return c && {js};")
+
     try:
         driver.get(stack.open_url + "/")
-        # Record every stage the image shows (the light preview may be on screen for ~0.5 s only).
+        wait = WebDriverWait(driver, 30, poll_frequency=0.02)
+        # Record every stage the frame shows (the preview is on screen for ~0.4 s only).
         driver.execute_script("""window.seen = [];
-            new MutationObserver(() => window.seen.push(document.getElementById('image').dataset.stage))
-              .observe(document.getElementById('image'), {attributes: true, attributeFilter: ['data-stage']});""")
+            new MutationObserver(() => { const f = document.querySelector('.card .frame');
+                                         if (f) window.seen.push(f.dataset.stage); })
+              .observe(document.getElementById('cards'), {attributes: true, subtree: true, childList: true,
+                                                           attributeFilter: ['data-stage']});""")
         driver.find_element(By.ID, "prompt").send_keys(HEAVY_PROMPT)
+        driver.find_element(By.ID, "seed").send_keys("77")
         driver.find_element(By.ID, "go").click()
-        wait = WebDriverWait(driver, 30, poll_frequency=0.05)
-        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("data-stage") == "final")
-        seen = driver.execute_script("return window.seen")
+        wait.until(lambda d: card("c.querySelector('.frame').dataset.stage") == "light")
+        assert card("getComputedStyle(c.querySelector('.frame .tag')).display") == "block"  # marked as preview
+        shot("preview")
+        wait.until(lambda d: card("c.querySelector('progress').value") or card("c.dataset.answeredBy"))
+        if not card("c.dataset.answeredBy"):
+            assert "sdv15 step" in card("c.querySelector('.state').textContent")
+            shot("progress")
+        wait.until(lambda d: card("c.querySelector('.frame').dataset.stage") == "final")
+        seen = [x for x in driver.execute_script("return window.seen") if x in ("light", "final")]
         assert seen[0] == "light" and seen[-1] == "final", seen
-        label = driver.find_element(By.ID, "label").text
+        label = card("c.querySelector('.label').textContent")
         assert "answered by heavy (sdv15)" in label and " ms" in label and "not degraded" in label
+        assert "seed 77" in label
+        assert card("getComputedStyle(c.querySelector('.frame img')).imageRendering") != "pixelated"
         wait.until(lambda d: "threshold" in d.find_element(By.ID, "plan").text)
         assert "heavy_queue" in driver.find_element(By.ID, "queues").text
-        driver.save_screenshot(str(tmp_path / "playground.png"))
-        assert Image.open(tmp_path / "playground.png").size[0] > 0
-        if os.environ.get("DIFFSERVE_SCREENSHOT"):  # how docs/playground.png is made
-            shutil.copy(tmp_path / "playground.png", os.environ["DIFFSERVE_SCREENSHOT"])
+        history = driver.find_elements(By.CSS_SELECTOR, "#history li a[download]")
+        assert len(history) == 1 and history[0].get_attribute("href").startswith("data:image/png;base64,")
+        shot("final")
+        if os.environ.get("DIFFSERVE_SCREENSHOT"):  # how docs/playground.png is made: the preview at work
+            shutil.copy(shots[1 if len(shots) > 2 else 0], os.environ["DIFFSERVE_SCREENSHOT"])
+
+        with stack.pause("worker-0"):  # a queued job, cancelled from the page
+            prompt = driver.find_element(By.ID, "prompt")
+            prompt.clear()
+            prompt.send_keys(LIGHT_PROMPT)
+            driver.find_element(By.ID, "go").click()
+            wait.until(lambda d: "ahead" in (card("c.querySelector('.state').textContent") or ""))
+            shot("queued")
+            driver.find_element(By.CSS_SELECTOR, ".card button.cancel").click()
+        wait.until(lambda d: (card("c.querySelector('.state').textContent") or "").startswith("cancelled"))
+        shot("cancelled")
+
+        _store_heavy_off_plan(stack)  # the panel that says the heavy model is off
+        wait.until(lambda d: d.find_element(By.ID, "heavy-off").is_displayed())
+        assert "no heavy worker" in driver.find_element(By.ID, "heavy-off").text
+        shot("heavy-off")
     finally:
         driver.quit()
+        _store_plan(stack)
+    assert all(Image.open(path).size[0] > 0 for path in shots)
 
 
 # ---------------------------------------------------------------- no Redis

@@ -97,3 +97,22 @@ def test_decode_refuses_garbage():
     buf = io.BytesIO()
     _noise(8).save(buf, format="PNG")
     assert decode(buf.getvalue()).mode == "RGB"
+
+
+def test_the_profiled_placeholder_is_a_png_at_the_models_size_showing_model_seed_and_prompt():
+    from common.backends.profiled import placeholder
+    from common.imaging import PngImage
+
+    png = placeholder("heavy", "sdv15", "a lighthouse at dusk", 42, 512)
+    assert isinstance(png, PngImage) and len(png) < 8 << 10
+    image = decode(png)
+    assert image.size == (512, 512) and image.getpixel((511, 511)) == (220, 150, 90)  # the heavy colour
+    colours = dict((c, n) for n, c in image.getcolors())
+    assert set(colours) == {(220, 150, 90), (30, 30, 30)} and colours[(30, 30, 30)] > 500  # text is drawn
+    assert placeholder("heavy", "sdv15", "a lighthouse at dusk", 42, 512) == png  # same seed, same bytes
+    assert placeholder("heavy", "sdv15", "a lighthouse at dusk", 43, 512) != png
+    assert placeholder("light", "sdturbo", "a lighthouse at dusk", 42, 512) != png
+    assert encode(png, "png") == bytes(png)  # passes through
+    for fmt in ("jpeg", "webp"):
+        assert decode(encode(png, fmt, 80)).size == (512, 512)
+    assert decode(placeholder("light", "sdturbo", "é 中文 " * 200, 1, 1024)).size == (1024, 1024)

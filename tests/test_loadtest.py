@@ -118,6 +118,26 @@ def _result(job_id, by="light", ok=True, latency=100.0, slo=True, degraded=False
     )
 
 
+def test_a_blank_line_of_the_prompt_file_is_no_slo_miss():
+    """Replay by line keeps the shipped file's blank line (its index is its line); the router refuses the
+    empty prompt, and that refusal is not counted as the system missing its SLO."""
+    from common.profiles import load_prompts
+
+    prompts = load_prompts()
+    blank = prompts.index("")
+    assert len(prompts) == 5000 and prompts[blank + 1]  # the lines keep their numbers
+    trace = Trace([0, 1000], [blank, blank + 1], "t", 2.0)
+    jobs = [
+        JobRecord(f"j{i}", index, ms, sent_s=ms / 1000, blank_prompt=not prompts[index])
+        for i, (ms, index) in enumerate(zip(trace.arrivals_ms, trace.prompt_indices))
+    ]
+    for job, result in zip(jobs, [_result("j0", ok=False, code="invalid_request"), _result("j1", "light", 50)]):
+        job.result, job.received_s = result, job.sent_s + 0.05
+    e = report.summarize(RunRecord("p", 1.0, trace, jobs, duplicates=0), slo_ms=2500)
+    assert e["blank_prompts"] == 1 and e["errors"] == {"invalid_request": 1}
+    assert e["slo_violation_ratio"] == 0.0
+
+
 def test_summarize_counts_every_job():
     x = 0.1
     trace = Trace([0, 1000, 2000, 3000, 4000, 9000], [0, 1, 2, 3, 4, 5], "t", 10.0)

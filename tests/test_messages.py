@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from common.config import Keys
 from common.messages import (
+    Admitted,
     LightReason,
     E_INVALID,
     E_MALFORMED,
@@ -28,6 +29,7 @@ from common.messages import (
     Message,
     MessageError,
     Plan,
+    Progress,
     Role,
     RoutedBy,
     RoutedJob,
@@ -71,6 +73,12 @@ def test_round_trip_of_every_message_type():
         Job(job_id="j2", prompt="a dog", reply_to="diffserve:reply:x", partials=True),
         LightReady(job_id="j1", image=b"\x89PNG", image_format="png", model="sdturbo", confidence=0.2, ready_ms=5.0),
         Completion.cancelled(job, "w1"),
+        Job(job_id="j3", prompt="a fox", negative_prompt="blur", progress=True, reply_to="diffserve:reply:x"),
+        RoutedJob(
+            job_id="j3", prompt="a fox", arrival_ms=1.0, deadline_ms=2.0, seed=1, negative_prompt="blur", progress=True
+        ),
+        Admitted(job_id="j3", queue="heavy", ahead=4, wait_ms=120.5),
+        Progress(job_id="j3", step=12, steps=50, model="sdv15"),
     ]
     ref = BlobRef(key="j1/light", size=524288, format="png", digest="ab" * 32)
     by_ref = RoutedJob(
@@ -99,6 +107,17 @@ def test_round_trip_of_every_message_type():
         carries_ref = b"digest" in message.encode()
         assert unpack(message.encode())["v"] == (SCHEMA_VERSION if carries_ref else 1)
     assert Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo").blobs == ["j1/light"]
+
+
+def test_fields_added_later_are_on_the_wire_only_when_used():
+    """Job/RoutedJob negative_prompt and progress, like FinalResult.retry_after_ms: absent at their default
+    (older messages keep their bytes, older readers never see them), present when set."""
+    plain = unpack(Job(job_id="j1", prompt="a cat").encode())
+    assert "negative_prompt" not in plain and "progress" not in plain
+    used = unpack(Job(job_id="j1", prompt="a cat", negative_prompt="dog", progress=True).encode())
+    assert used["negative_prompt"] == "dog" and used["progress"] is True
+    nested = unpack(LightResult(job=_JOB, image=b"x", image_format="png").encode())["job"]
+    assert "progress" not in nested and "v" not in nested
 
 
 def test_unknown_fields_are_ignored_and_newer_versions_refused():

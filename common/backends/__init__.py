@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,11 +18,25 @@ from common.config import option
 if TYPE_CHECKING:
     from PIL import Image
 
+    from common.imaging import PngImage
+
     from common.profiles import CascadeProfile
 
 BACKENDS = ("diffusers", "tiny", "profiled")
 # What the `models` extra installs; the control plane and the profiled backend run without it.
 MODEL_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm")
+
+
+# Called by a model after each denoising step with (step, steps); it may raise Interrupted.
+StepCallback = Callable[[int, int], None]
+
+
+class Interrupted(Exception):
+    """Raised by a StepCallback to stop a batch between denoising steps (every job in it was cancelled)."""
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"stopped after step {step} of {steps}")
+        self.step, self.steps = step, steps
 
 
 class ImageModel(Protocol):
@@ -40,8 +54,16 @@ class ImageModel(Protocol):
 
     def unload(self) -> None: ...
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        """One image per prompt, in order."""
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        negative_prompts: Sequence[str | None] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Sequence[Image.Image | PngImage]:
+        """One image per prompt, in order (a PIL image, or PNG bytes a model made itself);
+        ``on_step(step, steps)`` after each denoising step."""
         ...
 
 
@@ -166,7 +188,9 @@ def make_model(settings: BackendSettings, role: str) -> ImageModel:
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledModel
 
-        return ProfiledModel(name, role, load_profile(settings).table(role), settings.time_scale)
+        spec = MODELS[name]
+        table = load_profile(settings).table(role)
+        return ProfiledModel(name, role, table, settings.time_scale, spec.resolution, spec.steps)
     require_backend(settings.backend)
     from common.backends.diffusion import DiffusersModel, local_spec, resolve_device, tiny_spec
 

@@ -26,6 +26,7 @@ from typing import Any, Self
 
 from PIL import Image
 
+from common.backends import StepCallback
 from common.cascades import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -492,26 +493,50 @@ class DiffusersModel:
             if host and hasattr(torch, "accelerator") and hasattr(torch.accelerator, "empty_host_cache"):
                 torch.accelerator.empty_host_cache()  # cached pinned host memory too
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        negative_prompts: Sequence[str | None] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[Image.Image]:
         """One image per prompt. With a pad grid, the batch is padded up to the next grid size
         (repeating the last row) and the padded rows are dropped: every row has its own
-        generator, so an image does not depend on what it was batched with."""
+        generator, so an image does not depend on what it was batched with.  ``on_step`` runs
+        after each denoising step (diffusers' ``callback_on_step_end``); an Interrupted it raises
+        stops the batch there."""
         import torch
 
         n = len(prompts)
         size = pad_to_grid(n, self.pad_grid) if self.pad_grid else n
         prompts = list(prompts) + [prompts[-1]] * (size - n)
         seeds = list(seeds) + [seeds[-1]] * (size - n)
+        negatives: list[str] | None = None
+        if negative_prompts is not None and any(negative_prompts):
+            negatives = [text or "" for text in negative_prompts]  # "" is what diffusers uses for none
+            negatives += [negatives[-1]] * (size - n)
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        steps = self.spec.steps
+        extra: dict[str, Any] = {}
+        if on_step is not None:
+
+            def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(index + 1, steps)
+                return tensors
+
+            extra["callback_on_step_end"] = step_end
         with torch.inference_mode():
             images: list[Image.Image] = self.pipe(
                 prompt=prompts,
-                num_inference_steps=self.spec.steps,
+                negative_prompt=negatives,
+                num_inference_steps=steps,
                 guidance_scale=self.spec.guidance,
                 height=self.spec.resolution,
                 width=self.spec.resolution,
                 generator=generators,
                 output_type="pil",
+                **extra,
             ).images
         return images[:n]
 

@@ -1,0 +1,510 @@
+"""The OpenAI images API: ``POST /v1/images/generations`` (also streamed: the light image first),
+the ``url`` images it links to, and ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from common import metrics
+from common.blobs import BlobUnavailable
+from common.cascades import MODELS, cascade
+from common.client import Client
+from common.config import Keys
+from common.messages import (
+    E_CANCELLED,
+    E_DEADLINE,
+    E_INTERNAL,
+    E_INVALID,
+    E_OVERLOADED,
+    E_PROMPT_TOO_LONG,
+    E_UNKNOWN_MODEL,
+    IMAGE_FORMATS,
+    Admitted,
+    FinalResult,
+    LightReady,
+    Progress,
+    Role,
+    Status,
+    new_job_id,
+)
+from common.streams import TRANSIENT_ERRORS
+from services.gateway.config import GatewayConfig
+from services.gateway.http import ApiError, disconnected, invalid, read_json, sse
+from services.gateway.keys import ApiKey, Limits
+
+log = logging.getLogger("gateway")
+
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_SEED = 2**63  # what the router accepts
+# How long a streamed request waits for the router to admit its jobs before the 200: a refusal
+# then is a plain 429.  A router that predates Admitted never sends one: the stream starts anyway.
+ADMISSION_WAIT_S = 5.0
+# OpenAI's enumerations of the fields we take but have one answer for; anything else is a 400.
+ENUMS: dict[str, tuple[str, ...]] = {
+    "quality": ("auto", "standard", "hd", "low", "medium", "high"),
+    "background": ("auto", "opaque"),  # "transparent" is a valid OpenAI value we cannot make
+    "style": ("vivid", "natural"),
+    "moderation": ("auto", "low"),
+}
+
+
+def native_size(cascade_name: str) -> int:
+    """The cascade's image size (its heavy model's; the light one renders the same)."""
+    return MODELS[cascade(cascade_name).heavy].resolution
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    n: int
+    output_format: str
+    quality: int
+    response_format: str
+    stream: bool
+    partials: bool
+    seed: int | None = None
+    negative_prompt: str | None = None
+    slo_ms: float | None = None
+
+    def seeds(self) -> list[int]:
+        """n seeds: ``seed``, ``seed + 1``, ... when one was given (reproducible), else n distinct random ones."""
+        if self.seed is not None:
+            return [(self.seed + i) % MAX_SEED for i in range(self.n)]
+        return secrets.SystemRandom().sample(range(2**31), self.n)
+
+
+def parse_image_request(body: object, cfg: GatewayConfig, *, jobs_api: bool = False) -> ImageRequest:
+    """The OpenAI images.generate fields, and ours (``seed``, ``negative_prompt``, ``slo_ms``,
+    ``cascade``); unknown fields are ignored, a wrong type or value is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+
+    fields: dict[str, Any] = body
+
+    def get(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = fields.get(name)
+        if value is None:
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no int
+            raise invalid(f"'{name}' must be of type {'/'.join(k.__name__ for k in kinds)}", name)
+        return value
+
+    def text(name: str, value: Any) -> None:
+        if len(value) > cfg.max_prompt_chars:
+            metrics.ERRORS.labels("gateway", E_PROMPT_TOO_LONG).inc()
+            raise ApiError(
+                400, f"'{name}' is longer than {cfg.max_prompt_chars} characters", param=name, code=E_PROMPT_TOO_LONG
+            )
+        if "\x00" in value:
+            raise invalid(f"'{name}' contains a NUL character", name)
+
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise invalid("'prompt' is required: a non-empty string", "prompt")
+    text("prompt", prompt)
+    for name in ("model", "cascade"):  # `cascade` is our name for the same thing
+        model = get(name, str, cfg.cascade)
+        if model != cfg.cascade:
+            metrics.ERRORS.labels("gateway", E_UNKNOWN_MODEL).inc()
+            raise ApiError(
+                400, f"model {model!r} is not served here; models: {cfg.cascade}", param=name, code=E_UNKNOWN_MODEL
+            )
+    n = get("n", int, 1)
+    if not 1 <= n <= (1 if jobs_api else 10):
+        raise invalid("'n' must be 1 for a job" if jobs_api else "'n' must be between 1 and 10", "n")
+    side = native_size(cfg.cascade)
+    requested = get("size", str, "auto")
+    if requested not in ("auto", f"{side}x{side}"):
+        raise invalid(f"size {requested!r} is not supported; sizes: auto, {side}x{side}", "size")
+    for name in ("width", "height"):
+        if get(name, int, side) != side:
+            raise invalid(f"'{name}' must be {side}: this cascade renders {side}x{side} images", name)
+    heavy_steps = MODELS[cascade(cfg.cascade).heavy].steps
+    if get("steps", int, heavy_steps) != heavy_steps:
+        light_steps = MODELS[cascade(cfg.cascade).light].steps
+        raise invalid(f"'steps' is set by the cascade: light {light_steps}, heavy {heavy_steps}", "steps")
+    for name, allowed in ENUMS.items():
+        if get(name, str, allowed[0]) not in allowed:
+            raise invalid(f"'{name}' must be one of {', '.join(allowed)}", name)
+    output_format = get("output_format", str, "png")
+    if output_format not in IMAGE_FORMATS:
+        raise invalid(f"'output_format' must be one of {', '.join(IMAGE_FORMATS)}", "output_format")
+    quality = get("output_compression", int, 90)
+    if not 0 <= quality <= 100:
+        raise invalid("'output_compression' must be between 0 and 100", "output_compression")
+    response_format = get("response_format", str, "b64_json")
+    if response_format not in ("b64_json", "url"):
+        raise invalid("'response_format' must be b64_json or url", "response_format")
+    stream = get("stream", bool, False)
+    partial_images = get("partial_images", int, 0)
+    if not 0 <= partial_images <= 3:
+        raise invalid("'partial_images' must be between 0 and 3", "partial_images")
+    get("user", str, None)
+    seed = get("seed", int, None)
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise invalid("'seed' must be in [0, 2**63)", "seed")
+    negative_prompt = get("negative_prompt", str, None)
+    if negative_prompt is not None:
+        text("negative_prompt", negative_prompt)
+    slo_ms = get("slo_ms", (int, float), None)
+    if slo_ms is not None and not 0 < slo_ms <= 600_000:
+        raise invalid("'slo_ms' must be in (0, 600000]", "slo_ms")
+    return ImageRequest(
+        prompt,
+        n,
+        output_format,
+        max(1, quality),
+        response_format,
+        stream,
+        partial_images > 0,
+        seed=seed,
+        negative_prompt=negative_prompt or None,
+        slo_ms=None if slo_ms is None else float(slo_ms),
+    )
+
+
+def result_error(result: FinalResult) -> ApiError:
+    """A final result that carries no image, as the HTTP error it means."""
+    code = result.error_code or "internal_error"
+    statuses: dict[str, int] = {
+        E_OVERLOADED: 429,
+        E_DEADLINE: 504,
+        E_INVALID: 400,
+        E_PROMPT_TOO_LONG: 400,
+        E_UNKNOWN_MODEL: 400,
+        E_CANCELLED: 409,
+    }
+    status = statuses.get(code, 500)
+    retry_after = None
+    if status == 429:  # the router's hint (the predicted time until a retry fits), else a second
+        retry_after = result.retry_after_ms / 1000 if result.retry_after_ms else 1
+    return ApiError(status, result.error_message or code, code=code, retry_after=retry_after)
+
+
+def extra(result: FinalResult, seed: int | None = None, index: int = 0) -> dict[str, Any]:
+    """Our own fields beside each OpenAI image object."""
+    return {
+        "job_id": result.job_id,
+        "index": index,
+        "seed": seed,
+        "answered_by": result.answered_by,
+        "model": result.model,
+        "confidence": result.confidence,
+        "degraded": result.degraded,
+        "latency_ms": result.latency_ms,
+        "slo_met": result.slo_met,
+    }
+
+
+def models_view(cfg: GatewayConfig) -> dict[str, Any]:
+    """The cascade as an OpenAI model object, with what it is made of."""
+    spec = cascade(cfg.cascade)
+    side = native_size(cfg.cascade)
+    return {
+        "id": cfg.cascade,
+        "object": "model",
+        "created": 0,
+        "owned_by": "diffserve",
+        "diffserve": {
+            "light": spec.light,
+            "heavy": spec.heavy,
+            "slo_ms": spec.slo_ms,
+            "sizes": [f"{side}x{side}"],
+            "steps": {"light": MODELS[spec.light].steps, "heavy": MODELS[spec.heavy].steps},
+            "output_formats": list(IMAGE_FORMATS),
+        },
+    }
+
+
+class ImagesApi:
+    def __init__(self, cfg: GatewayConfig, keys: Keys, r: aioredis.Redis, client: Client, limits: Limits, size: str):
+        self.cfg, self.keys, self.r, self.client, self.limits, self.size = cfg, keys, r, client, limits, size
+
+    async def models(self, request: Request) -> Response:
+        await self.limits.read(request, self.limits.authenticate(request))
+        return JSONResponse({"object": "list", "data": [models_view(self.cfg)]})
+
+    async def model(self, request: Request) -> Response:
+        await self.limits.read(request, self.limits.authenticate(request))
+        if request.path_params["model"] != self.cfg.cascade:
+            raise ApiError(
+                404, f"no model {request.path_params['model']!r}; models: {self.cfg.cascade}", code="not_found"
+            )
+        return JSONResponse(models_view(self.cfg))
+
+    async def generations(self, request: Request) -> Response:
+        key = self.limits.authenticate(request)
+        req = parse_image_request(await read_json(request, self.cfg.body_timeout_s), self.cfg)
+        job_ids = [new_job_id() for _ in range(req.n)]
+        await self.limits.admit(key, job_ids)
+        seeds = req.seeds()
+        if req.stream:
+            return await self._stream(key, req, job_ids, seeds)
+        try:
+            return await self._wait(request, req, job_ids, seeds)
+        finally:
+            await self.limits.release(key, job_ids)
+
+    def _submit(
+        self,
+        req: ImageRequest,
+        job_id: str,
+        seed: int,
+        on_light: Any = None,
+        on_event: Any = None,
+    ) -> asyncio.Task[FinalResult]:
+        return asyncio.ensure_future(
+            self.client.submit(
+                req.prompt,
+                job_id=job_id,
+                seed=seed,
+                image_format=req.output_format,
+                image_quality=req.quality,
+                timeout=self.cfg.timeout_s,
+                on_light=on_light,
+                on_event=on_event,
+                cascade=self.cfg.cascade,
+                negative_prompt=req.negative_prompt,
+                slo_ms=req.slo_ms,
+                image_ref=True,  # the bytes come from the image store, not through the queues
+            )
+        )
+
+    async def _wait(self, request: Request, req: ImageRequest, job_ids: list[str], seeds: list[int]) -> Response:
+        """Wait for every job's answer, but no longer than it helps: once a job is refused as
+        overloaded the others are cancelled and the request answers at once (the caller retries all
+        of it), keeping the images already made; a caller who hangs up cancels its jobs."""
+        tasks: dict[asyncio.Future[Any], int] = {
+            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds))
+        }
+        gone = asyncio.ensure_future(disconnected(request))
+        done: dict[int, FinalResult] = {}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        try:
+            pending: set[asyncio.Future[Any]] = {*tasks, gone}
+            while len(done) < len(job_ids):
+                finished, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
+                if gone in finished:  # the caller hung up: its jobs are not worth a GPU any more
+                    await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                if not finished:
+                    break  # the gateway's timeout
+                for task in finished:
+                    try:
+                        done[tasks[task]] = task.result()
+                    except asyncio.TimeoutError:
+                        pass  # answered below as not within the timeout
+                if any(r.error_code == E_OVERLOADED for r in done.values()):
+                    break
+        finally:
+            for task in [*tasks, gone]:
+                task.cancel()
+        refused = any(r.error_code == E_OVERLOADED for r in done.values())
+        left = [j for i, j in enumerate(job_ids) if i not in done]
+        if left:  # cancelled alongside a refused one, or past the timeout: nothing waits for them any more
+            await self.client.cancel(*left, ttl_s=self.cfg.result_ttl_s)
+            if not refused:
+                metrics.ERRORS.labels("gateway", E_DEADLINE).inc(len(left))
+        errors: list[tuple[int, ApiError]] = []
+        for i in range(len(job_ids)):
+            if i not in done:
+                errors.append(
+                    (i, ApiError(409, "cancelled: another image of this request was refused", code=E_CANCELLED))
+                    if refused
+                    else (i, ApiError(504, f"no image within {self.cfg.timeout_s:g} s", code=E_DEADLINE))
+                )
+            elif done[i].status != Status.OK:
+                errors.append((i, result_error(done[i])))
+        made = sorted(i for i, r in done.items() if r.status == Status.OK)
+        if not made:  # a refusal first: its 429 and Retry-After tell the caller when to come back
+            raise min(errors, key=lambda pair: pair[1].status != 429)[1]
+        body: dict[str, Any] = {
+            "created": int(time.time()),
+            "data": [await self._image_object(request, req, done[i], seeds[i], i) for i in made],
+            "output_format": req.output_format,
+            "size": self.size,
+            "background": "opaque",
+            "quality": "auto",
+        }
+        if errors:  # a partial answer: the images that were made, and why the others are missing
+            body["diffserve"] = {"errors": [{"index": i, **error.body()} for i, error in errors]}
+        return JSONResponse(body)
+
+    async def _image_object(
+        self, request: Request, req: ImageRequest, result: FinalResult, seed: int, index: int
+    ) -> dict[str, Any]:
+        if req.response_format == "url":
+            # The stored image itself: presigned when the store can sign (S3), else a link to this gateway
+            # (its key holds the small answer; the bytes stay in the store until they expire).
+            signed = result.image_ref and await self.client.blobs.url(result.image_ref, self.cfg.result_ttl_s)
+            if signed:
+                image = {"url": signed}
+            else:
+                token = secrets.token_urlsafe(18)
+                key = f"{self.keys.gateway_prefix}image:{token}"
+                await self.r.set(key, result.encode(), ex=self.cfg.result_ttl_s)
+                image = {"url": str(request.url_for("image_file", token=f"{token}.{result.image_format}"))}
+        else:
+            image = {"b64_json": base64.b64encode(await self.client.image(result, release=True)).decode()}
+        return {**image, "revised_prompt": None, "diffserve": extra(result, seed, index)}
+
+    async def _stream(self, key: ApiKey, req: ImageRequest, job_ids: list[str], seeds: list[int]) -> Response:
+        """SSE: per job, its light image as image_generation.partial_image when it goes on to the heavy
+        model (and partials were asked for), then image_generation.completed with the answer.  The jobs
+        are admitted before the 200: a refusal is a plain 429 with Retry-After, as without streaming."""
+        events: asyncio.Queue[LightReady | FinalResult] = asyncio.Queue()
+        admitted: set[str] = set()
+        first_answer: dict[str, FinalResult] = {}
+        decided = asyncio.Event()
+        index = {job_id: i for i, job_id in enumerate(job_ids)}
+
+        def on_event(event: Admitted | Progress) -> None:
+            if isinstance(event, Admitted):
+                admitted.add(event.job_id)
+                if len(admitted | first_answer.keys()) == len(job_ids):
+                    decided.set()
+
+        async def one(job_id: str, seed: int) -> None:
+            on_light = (lambda light: events.put_nowait(light)) if req.partials else None
+            try:
+                result = await self._submit(req, job_id, seed, on_light, on_event)
+            except asyncio.TimeoutError:
+                result = FinalResult(
+                    job_id=job_id,
+                    status=Status.ERROR,
+                    error_code=E_DEADLINE,
+                    error_message=f"no image within {self.cfg.timeout_s:g} s",
+                )
+            if job_id not in admitted:
+                first_answer[job_id] = result
+                if len(admitted | first_answer.keys()) == len(job_ids):
+                    decided.set()
+            events.put_nowait(result)
+
+        tasks = [asyncio.ensure_future(one(j, s)) for j, s in zip(job_ids, seeds)]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(decided.wait(), ADMISSION_WAIT_S)
+        refused = [r for r in first_answer.values() if r.error_code == E_OVERLOADED]
+        if refused:  # not streaming yet: the whole request is refused, the others cancelled
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
+                await self.limits.release(key, job_ids)
+            raise result_error(refused[0])
+        return StreamingResponse(
+            self._events(key, req, job_ids, seeds, index, events, tasks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(
+        self,
+        key: ApiKey,
+        req: ImageRequest,
+        job_ids: list[str],
+        seeds: list[int],
+        index: dict[str, int],
+        events: asyncio.Queue[LightReady | FinalResult],
+        tasks: list[asyncio.Task[None]],
+    ) -> AsyncIterator[bytes]:
+        finished: set[str] = set()
+        common = {"background": "opaque", "output_format": req.output_format, "quality": "auto", "size": self.size}
+        try:
+            while len(finished) < len(job_ids):
+                message = await events.get()
+                ok = isinstance(message, LightReady) or message.status == Status.OK
+                data = await self._image_bytes(message) if ok else b""
+                if isinstance(message, LightReady):
+                    if data is None:  # a preview the store cannot give is skipped; the answer follows
+                        continue
+                    yield sse(
+                        "image_generation.partial_image",
+                        {
+                            "type": "image_generation.partial_image",
+                            **common,
+                            "created_at": int(time.time()),
+                            "b64_json": base64.b64encode(data).decode(),
+                            "partial_image_index": 0,
+                            "diffserve": {
+                                "job_id": message.job_id,
+                                "index": index[message.job_id],
+                                "answered_by": Role.LIGHT,
+                                "model": message.model,
+                                "confidence": message.confidence,
+                            },
+                        },
+                    )
+                    continue
+                finished.add(message.job_id)
+                if message.status != Status.OK:
+                    yield sse("error", result_error(message).body())
+                    continue
+                if data is None:
+                    yield sse("error", ApiError(500, "the image could not be read", code=E_INTERNAL).body())
+                    continue
+                i = index[message.job_id]
+                yield sse(
+                    "image_generation.completed",
+                    {
+                        "type": "image_generation.completed",
+                        **common,
+                        "created_at": int(time.time()),
+                        "b64_json": base64.b64encode(data).decode(),
+                        "usage": {
+                            "input_tokens": 0,
+                            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                            "output_tokens": 0,
+                            "total_tokens": 0,
+                        },
+                        "diffserve": extra(message, seeds[i], i),
+                    },
+                )
+        finally:  # done, or the caller hung up (Starlette cancels us): cancel what is still pending
+            pending = [j for j in job_ids if j not in finished]
+            for task in tasks:
+                task.cancel()
+            # Shielded: Starlette cancels through an anyio scope, which would cancel these awaits too.
+            with anyio.CancelScope(shield=True), contextlib.suppress(*TRANSIENT_ERRORS):
+                if pending:
+                    await self.client.cancel(*pending, ttl_s=self.cfg.result_ttl_s)
+                await self.limits.release(key, job_ids)
+
+    async def _image_bytes(self, message: FinalResult | LightReady) -> bytes | None:
+        """The image of a streamed message (read and deleted from the image store when stored); None when
+        the store cannot give it (counted)."""
+        try:
+            return await self.client.image(message, release=True)
+        except (BlobUnavailable, LookupError) as exc:
+            metrics.ERRORS.labels("gateway", E_INTERNAL).inc()
+            log.warning("streamed image unavailable", extra={"error": str(exc)[:200]})
+            return None
+
+    async def image_file(self, request: Request) -> Response:
+        await self.limits.read(request)
+        token, _, _ext = request.path_params["token"].partition(".")
+        raw: Any = await self.r.get(f"{self.keys.gateway_prefix}image:{token}")
+        if raw is None:
+            raise ApiError(404, "no such image (links expire with the result TTL)", code="not_found")
+        result = FinalResult.decode(raw)
+        data = await self.client.image(result)
+        return Response(data, media_type=MIME.get(result.image_format or "", "application/octet-stream"))
