@@ -283,11 +283,11 @@ class ControlLoop:
     def smoothed_from(self, stored: Plan | None, current: dict[str, str]) -> float | None:
         """The threshold (split policies: heavy fraction) the next plan stays within
         ``max_threshold_step`` of, or None when it may move freely: smoothing holds from a plan made
-        for these same workers, under this policy, from a measured demand, once the loop has measured
-        ``hindsight_min_s`` of traffic (the first plans with traffic, a changed cluster and an idle
-        spell re-plan freely)."""
+        for these same workers, under this policy, from a measured demand, except while the loop's own
+        measurements cover less than ``hindsight_min_s`` (the first plans with traffic, a changed cluster
+        and an idle spell re-plan freely)."""
         if (
-            self.peak.span_s < self.cfg.hindsight_min_s
+            (self.peak.samples and self.peak.span_s < self.cfg.hindsight_min_s)
             or stored is None
             or not stored.roles
             or set(stored.roles) != set(current)

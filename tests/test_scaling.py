@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
+from common import metrics
 
 from common import planner as P
 from common.config import Keys
@@ -114,7 +114,7 @@ def test_controller_publishes_workers_wanted(sdturbo):
                             pipe.xadd(keys.jobs, {"job_id": f"j{tick}-{i}", "prompt": "a cat"})
                         await pipe.execute()
                 await controller.tick()
-                seen.append(REGISTRY.get_sample_value("diffserve_workers_wanted"))
+                seen.append(metrics.registry("controller").get_sample_value("diffserve_workers_wanted"))
                 demand = controller.last.demand_qps
                 expect = workers_wanted(
                     sdturbo,
@@ -124,10 +124,12 @@ def test_controller_publishes_workers_wanted(sdturbo):
                     queues=await controller.queue_stats(),
                 )
                 assert seen[-1] == expect.workers
-                assert REGISTRY.get_sample_value("diffserve_estimated_quality", {"workers": "wanted"}) == (
-                    pytest.approx(expect.estimated_quality)
+                assert metrics.registry("controller").get_sample_value(
+                    "diffserve_estimated_quality", {"workers": "wanted"}
+                ) == (pytest.approx(expect.estimated_quality))
+                live = metrics.registry("controller").get_sample_value(
+                    "diffserve_estimated_quality", {"workers": "live"}
                 )
-                live = REGISTRY.get_sample_value("diffserve_estimated_quality", {"workers": "live"})
                 assert live == pytest.approx(controller.last_result.estimated_quality)
                 await asyncio.sleep(0.1)
         finally:
