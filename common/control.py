@@ -208,6 +208,8 @@ def static_plan(profile: CascadeProfile, demand: float, workers: int, settings: 
         headroom=settings.headroom,
         spare_util=settings.spare_util,
         current={f"w{i}": "" for i in range(workers)},
+        # a plan fixed before the load is seen keeps the light reserve the controller starts with
+        light_floor=settings.light_reserve if workers >= LIGHT_RESERVE_FROM else 1,
     )
     return FixedPlan(
         threshold=result.threshold,
