@@ -50,7 +50,9 @@ def test_200_prompts_come_back_exactly_once_through_both_models(redis_server, tm
     with _stack(
         redis_server, tmp_path, light_workers=2, heavy_workers=2, time_scale=0.02, env={"DIFFSERVE_SLO_MS": "100"}
     ):
-        results, delivered = asyncio.run(_submit_and_count(redis_server.url, prompts, rate=400))
+        # 200 q/s: at time scale 0.02 each service's per-batch CPU is most of a batch's time, and a faster
+        # pace on a busy 2-core machine gets jobs refused by admission (correctly), which is not this test
+        results, delivered = asyncio.run(_submit_and_count(redis_server.url, prompts, rate=200))
     assert delivered == 200
     assert len({r.job_id for r in results}) == 200
     assert all(r.status == "ok" for r in results), [r.error_message for r in results if r.status != "ok"][:3]
