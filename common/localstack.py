@@ -18,11 +18,19 @@ from pathlib import Path
 from common import health
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port nothing listens on now, and not one this process handed out before (two ports asked
+    for in a row, before either is bound, must differ)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class RedisServer:
@@ -220,10 +228,7 @@ class LocalStack:
             if self.spec.metrics_base_port:
                 port = self.spec.metrics_base_port + len(self.metrics_ports)
             else:
-                taken = set(self.metrics_ports.values())
                 port = free_port()
-                while port in taken:
-                    port = free_port()
             self.metrics_ports[name] = port
         return self.metrics_ports[name]
 

@@ -46,8 +46,8 @@ LIGHT_PROMPT, HEAVY_PROMPT = PROMPTS[0], PROMPTS[1]
 
 
 class Stack:
-    def __init__(self, stack: LocalStack, port: int, open_port: int, replica_port: int, metrics_base: int):
-        self.stack, self.port, self.open_port, self.metrics_base = stack, port, open_port, metrics_base
+    def __init__(self, stack: LocalStack, port: int, open_port: int, replica_port: int):
+        self.stack, self.port, self.open_port = stack, port, open_port
         self.url, self.open_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{open_port}"
         self.replica_url = f"http://127.0.0.1:{replica_port}"
         self.redis = redis.Redis.from_url(stack.redis_url)
@@ -117,13 +117,12 @@ def stack(tmp_path_factory):
         ' {"name": "bob", "sha256": "%s", "rpm": 2, "burst": 2}]}' % (hash_key(ALICE), hash_key(BOB))
     )
     server = RedisServer().start()
-    port, open_port, replica_port, metrics_base = free_port(), free_port(), free_port(), free_port()
+    port, open_port, replica_port = free_port(), free_port(), free_port()
     key_args = ["--api-keys-file", str(keys_file), "--api-keys", f"carol:{hash_key(CAROL)}:0:1"]
     spec = StackSpec(
         redis_url=server.url,
         time_scale=0.25,
         gateway_port=port,
-        metrics_base_port=metrics_base,
         env={
             "DIFFSERVE_CONFIDENCE_FILE": str(confidence),
             "DIFFSERVE_BATCH": "1",
@@ -142,7 +141,7 @@ def stack(tmp_path_factory):
         )
         local.spawn("gateway-open", "gateway", "--port", str(open_port))
         local.wait_ready(["gateway-replica", "gateway-open"])
-        yield Stack(local, port, open_port, replica_port, metrics_base)
+        yield Stack(local, port, open_port, replica_port)
     finally:
         local.stop()
         server.stop()
