@@ -54,6 +54,8 @@ from common.planner import (
 from common.profiles import BATCH_GRID, CascadeProfile
 from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, relevel, search
 
+# The role-switch time assumed for a worker that has not switched yet (unscaled seconds).
+DEFAULT_SWITCH_S = 5.0
 LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
 SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
 

@@ -205,11 +205,6 @@ class LocalStack:
         }
         if self.spec.model_dir:
             env["DIFFSERVE_MODEL_DIR"] = self.spec.model_dir
-        if self.spec.backend == "profiled" and self.spec.time_scale != 1.0 and "DIFFSERVE_SLO_MS" not in env:
-            # Deadlines scale with the simulated latencies, so an SLO hit means what it means at full speed.
-            from common.cascades import cascade
-
-            env["DIFFSERVE_SLO_MS"] = f"{cascade(self.spec.cascade).slo_ms * self.spec.time_scale:g}"
         env.setdefault("METRICS_ADDR", "127.0.0.1")  # a local stack: nothing to serve to other hosts
         env["METRICS_PORT"] = str(self._metrics_port(name))
         return env

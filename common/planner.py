@@ -1224,13 +1224,13 @@ def _table(result: PlanResult, quality: QualityCurve | None = None) -> str:
 def plan_main(argv: list[str] | None = None) -> None:
     """``diffserve plan``: print the plan the solver would choose, without Redis."""
     from common.cascades import CASCADES, DEFAULT_CASCADE
-    from common.profiles import HARDWARE, load_cascade_profile
+    from common.profiles import DEFAULT_HARDWARE, HARDWARE, load_cascade_profile
 
     p = argparse.ArgumentParser(prog="diffserve plan", description=plan_main.__doc__)
     p.add_argument("--demand", type=float, required=True, help="queries per second")
     p.add_argument("--workers", type=int, required=True, help="workers (GPUs)")
     p.add_argument("--cascade", default=DEFAULT_CASCADE, choices=sorted(CASCADES))
-    p.add_argument("--hardware", default="a100", choices=sorted(HARDWARE))
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE, choices=sorted(HARDWARE))
     p.add_argument(
         "--objective",
         default=None,

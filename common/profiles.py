@@ -26,6 +26,7 @@ DOES_NOT_FIT_MS = 100000  # the artifact's marker for "this batch size does not 
 BATCH_GRID = (1, 2, 4, 8, 16, 32)
 DISCRIMINATOR_ROW = "efficientnetv2_s"
 HARDWARE = {"a100": ("onnxruntime_gpu_ampere", ARTIFACT_DIR), "h100": ("h100_fp16_eager", H100_DIR)}
+DEFAULT_HARDWARE = "a100"  # the paper's tables: what a profiled run and the planning tools use unless told
 
 
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -190,7 +191,7 @@ class CascadeProfile:
 
 def load_cascade_profile(
     name: str,
-    hardware: str = "a100",
+    hardware: str = DEFAULT_HARDWARE,
     *,
     latency_file: str | None = None,
     latency_accel: str | None = None,

@@ -14,6 +14,9 @@ from common.config import Keys
 from common.messages import E_INTERNAL, Completion, DeadLetter, MessageError, RoutedJob, Status, unpack
 from common.streams import Entry
 
+# The discriminator scores at most this many light images at once (its --batch; the simulator models it).
+DISCRIMINATOR_BATCH = 32
+
 M = TypeVar("M")
 T = TypeVar("T")
 

@@ -551,7 +551,7 @@ class SubmissionReader:
         return replies
 
 
-def _missing(exc: ResponseError) -> bool:
+def missing(exc: ResponseError) -> bool:
     """The errors that mean "nothing there yet" (a stream or group not created yet, or gone after a
     flush), as opposed to ones that must surface (an ACL user without permission, a wrong type)."""
     text = str(exc)
@@ -567,7 +567,7 @@ async def backlog(r: aioredis.Redis, stream: str, group: str) -> int:
                 lag = g.get("lag")
                 return int(lag or 0) + int(g["pending"])
     except ResponseError as exc:
-        if not _missing(exc):
+        if not missing(exc):
             raise
     return 0
 
@@ -589,7 +589,7 @@ async def trim_processed(r: aioredis.Redis, stream: str) -> int:
                     candidate = min(candidate, _s(summary["min"]), key=_id_key)
             keep_from = candidate if keep_from is None else min(keep_from, candidate, key=_id_key)
     except ResponseError as exc:
-        if not _missing(exc):
+        if not missing(exc):
             raise
         return 0  # the stream or a group went away between the reads (a flush): nothing to trim
     return int(await r.xtrim(stream, minid=keep_from, approximate=False))

@@ -29,18 +29,19 @@ import sys
 import time
 from pathlib import Path
 
-from common.backends import BACKENDS
 from common import stackfile
-from common.config import RedisSettings
+from common.backends import BackendSettings, load_profile
+from common.config import RedisSettings, WorkerRegistrySettings
 from common.control import ControlSettings, static_plan
 from common.planner import POLICIES
-from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
+from common.profiles import PROMPTS_FILE, load_prompts
 
 from loadtest import report as report_mod
 from loadtest.traces import DEFAULT_RATE, TRACES, Trace, generate, read_trace, write_trace
 
 
 LOCAL_STACK = "local"  # --redis-url without a value: the stack `diffserve up` recorded
+STACK_BACKEND_OPTIONS = ("backend", "cascade", "hardware", "model_dir")
 
 
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,15 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=8, help="workers of each run (the controller splits them)")
     s.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
-    s.add_argument("--backend", choices=BACKENDS, default=os.environ.get("DIFFSERVE_BACKEND", "profiled"))
-    s.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"))
-    s.add_argument(
-        "--hardware",
-        choices=tuple(HARDWARE),
-        default=os.environ.get("DIFFSERVE_HARDWARE", "a100"),
-        help="profile set for the profiled backend and the planner",
-    )
-    s.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"), help="tiny/diffusers models")
+    # The services' own options (env and default as theirs): the stack runs with what they say.
+    BackendSettings.add_arguments(s, only=STACK_BACKEND_OPTIONS)
     s.add_argument(
         "--time-scale",
         type=float,
@@ -140,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REDIS_TLS_* as for the services); alone, the stack `diffserve up` recorded. Its live workers are "
         "counted (--workers is ignored)",
     )
-    s.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
+    RedisSettings.add_arguments(s, only=("namespace",))
     o = p.add_argument_group("run and output")
     o.add_argument("--out", default="out/loadtest", help="output folder")
     o.add_argument(
@@ -175,7 +169,9 @@ async def _live_workers(settings: RedisSettings) -> int:
         problem = await preflight(client, settings.redis_url)
         if problem:
             raise SystemExit(f"diffserve loadtest: {problem}")
-        return len(await live_roles(client.redis, client.keys))
+        return len(
+            await live_roles(client.redis, client.keys, WorkerRegistrySettings.from_namespace().worker_timeout_s)
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
 
         return gateway_bench.main(argv)
     args = build_parser().parse_args(argv)
+    backend = BackendSettings.from_namespace(args)
+    for name in STACK_BACKEND_OPTIONS:  # resolved (flag, env, default) as the services resolve them
+        setattr(args, name, getattr(backend, name))
+    args.namespace = RedisSettings.from_namespace(args).namespace
     if args.time_scale <= 0:
         raise SystemExit("--time-scale must be > 0")
     # A running deployment is reached like the services reach it: user, password and TLS from
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_trace(trace, out / "trace.csv")
-    profile = load_cascade_profile(args.cascade, args.hardware)
+    profile = load_profile(backend)
     print(
         f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s) "
         f"at time scale {args.time_scale:g} -> ~{trace.duration_s * args.time_scale:.1f} s wall per run; "
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": trace.duration_s,
         "backend": args.backend,
         "cascade": args.cascade,
-        "hardware": args.hardware,
+        "hardware": profile.hardware,
         "workers": args.workers,
         "time_scale": args.time_scale,
         "slo_ms": slo_ms,

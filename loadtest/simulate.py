@@ -46,13 +46,15 @@ from common.backends.profiled import (
     load_confidence_overrides,
 )
 from common.cascades import CASCADES, DEFAULT_CASCADE
-from common.control import ControlLoop, ControlSettings, WorkerView, static_plan
+from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlSettings, WorkerView, static_plan
 from common import admission
 from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKLOG
 from common.messages import ErrorCode, FinalResult, LightReason, Plan, Role, RoutedBy, Status
 from common.planner import POLICIES, FixedPlan, Policy, QueueStats, default_plan, policy_spec, warm_up
-from common.profiles import HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
+from common.plan_store import PLAN_REFRESH_S
+from common.profiles import DEFAULT_HARDWARE, HARDWARE, CascadeProfile, load_cascade_profile, load_prompts
 from common.replay import ARRIVAL_BUCKET_MS, HOP_MS, RECENT_CONFIDENCES, ArrivalHistory
+from common.stage import DISCRIMINATOR_BATCH
 from common.routing import (
     Decision,
     Stage,
@@ -66,10 +68,6 @@ from common.routing import (
 from loadtest.report import summarize
 from loadtest.runner import JobRecord, RunRecord
 from loadtest.traces import Trace
-
-DISCRIMINATOR_BATCH = 32  # the discriminator service's default batch
-PLAN_REFRESH_S = 0.5  # every service re-reads the plan at most this often (wall clock)
-DEFAULT_SWITCH_S = 5.0  # the controller's assumption for a worker that has not switched yet
 
 
 @dataclass
@@ -98,7 +96,7 @@ class SimConfig:
     workers: int
     slo_ms: float  # full speed
     light_workers: int | None = None  # at the start; default half
-    interval_s: float = 10.0  # controller interval, full speed
+    interval_s: float = ControlSettings.interval_s  # controller interval, full speed
     time_scale: float = 1.0  # of the live stack modelled (its wall-clock constants)
     controller: bool = True
     sample_interval_s: float = 1.0
@@ -549,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", default="16", help="workers; a comma-separated list gives one row per cluster size")
     c.add_argument("--light-workers", type=int, default=None, help="light workers at the start (default: half)")
     c.add_argument("--cascade", default=DEFAULT_CASCADE, choices=sorted(CASCADES))
-    c.add_argument("--hardware", default="a100", choices=sorted(HARDWARE))
+    c.add_argument("--hardware", default=DEFAULT_HARDWARE, choices=sorted(HARDWARE))
     c.add_argument("--slo-ms", type=float, default=None, help="SLO (default: the cascade's)")
     c.add_argument(
         "--confidence-file",
@@ -562,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="t=0.02,light=4x16,heavy=12x4",
         help="the static policy's fixed plan; default: the solver's plan for the trace's mean demand",
     )
-    c.add_argument("--controller-interval-s", type=float, default=10.0, help="re-plan interval (full-speed s)")
+    c.add_argument(
+        "--controller-interval-s", type=float, default=SimConfig.interval_s, help="re-plan interval (full-speed s)"
+    )
     c.add_argument(
         "--time-scale",
         type=float,

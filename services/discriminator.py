@@ -12,15 +12,15 @@ from PIL import Image
 from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator, require_backend
 from common.blobs import BlobUnavailable, open_store
-from common.config import ServiceConfig, option
+from common.config import ConsumerSettings, ServiceConfig, WorkerRegistrySettings, option
 from common.imaging import decode, from_thumbnail
 from common.messages import E_INTERNAL, E_MODEL, BlobRef, Completion, LightReady, LightResult, Role, RoutedBy
 from common.plan_store import PlanWatcher, StageWatcher
 from common.planner import default_plan
 from common.replay import RECENT_CONFIDENCES
 from common.routing import (
-    LATE_POLICIES,
     Decision,
+    LatePolicySettings,
     batch_times,
     cascade_decision,
     decision_order,
@@ -28,31 +28,18 @@ from common.routing import (
     light_reason,
 )
 from common.service import Service, now_ms, run
-from common.stage import one_per_input, split_batch
+from common.stage import DISCRIMINATOR_BATCH, one_per_input, split_batch
 from common.streams import StreamConsumer, run_forever
 from common.tenants import client_job_id
 
 
 @dataclass
-class DiscriminatorConfig(ServiceConfig, BackendSettings):
+class DiscriminatorConfig(ServiceConfig, BackendSettings, ConsumerSettings, LatePolicySettings, WorkerRegistrySettings):
     """diffserve discriminator: routes each light image to the client or to the heavy model."""
 
-    batch: int = option(32, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
+    batch: int = option(DISCRIMINATOR_BATCH, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
     threshold: float | None = option(
         None, "fixed threshold (default: the plan's, 0.5 without a plan)", env="DIFFSERVE_THRESHOLD"
-    )
-    late_policy: str = option(
-        "plan",
-        "a job the heavy model cannot finish before its deadline: as the plan "
-        "says (plan), answered with its light image (light) or sent on anyway (heavy)",
-        env="DIFFSERVE_LATE_POLICY",
-        choices=LATE_POLICIES,
-    )
-    reclaim_idle_ms: int = option(
-        10000, "take over entries idle this long on a dead discriminator", env="DIFFSERVE_RECLAIM_IDLE_MS"
-    )
-    max_deliveries: int = option(
-        5, "fail a job whose batch crashed this many discriminators", env="DIFFSERVE_MAX_DELIVERIES"
     )
 
 
@@ -70,7 +57,7 @@ class Discriminator:
             max_deliveries=self.cfg.max_deliveries,
         )
         self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
-        self.heavy = StageWatcher(self.r, self.keys)
+        self.heavy = StageWatcher(self.r, self.keys, self.cfg.worker_timeout_s)
         self.heavy_times = batch_times(self.profile, Role.HEAVY, latency_scale(self.cfg))
         self.needs_images = self.cfg.backend != "profiled"
         self.blobs = open_store(self.cfg, self.r)

@@ -15,10 +15,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import metrics
-from common.cascades import cascade
-from common.backends import BackendSettings, latency_scale, load_profile
+from common.backends import BackendSettings, SloSettings, effective_slo_ms, latency_scale, load_profile
 from common.blobs import inline_images, open_store
-from common.config import Keys, ReplySettings, ServiceConfig, option
+from common.config import (
+    ConsumerSettings,
+    Keys,
+    ReplySettings,
+    RequestLimits,
+    ServiceConfig,
+    WorkerRegistrySettings,
+    option,
+)
 from common.messages import (
     Admitted,
     E_CANCELLED,
@@ -45,7 +52,7 @@ from common.messages import (
 from common import admission
 from common.admission import FairShare
 from common.plan_store import PlanWatcher, StageWatcher, record_arrivals
-from common.routing import Decision, batch_times, direct_decision
+from common.routing import Decision, LatePolicySettings, batch_times, degrades_late, direct_decision
 from common.profiles import CascadeProfile, uniform_from_text
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids
@@ -132,11 +139,18 @@ PLAIN_FIELDS = {
 
 
 @dataclass
-class RouterConfig(ServiceConfig, BackendSettings, ReplySettings):
+class RouterConfig(
+    ServiceConfig,
+    BackendSettings,
+    ReplySettings,
+    SloSettings,
+    RequestLimits,
+    ConsumerSettings,
+    LatePolicySettings,
+    WorkerRegistrySettings,
+):
     """diffserve router: admission, validation and exactly-once delivery of results."""
 
-    slo_ms: float | None = option(None, "default SLO in ms (default: the cascade's)", env="DIFFSERVE_SLO_MS")
-    max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
     max_entry_bytes: int = option(65536, "largest job entry accepted", env="DIFFSERVE_MAX_ENTRY_BYTES")
     max_light_backlog: int = option(
         admission.DEFAULT_MAX_LIGHT_BACKLOG,
@@ -154,9 +168,6 @@ class RouterConfig(ServiceConfig, BackendSettings, ReplySettings):
         300, "how long the answer to a job refused before admission is kept", env="DIFFSERVE_REFUSED_TTL_S"
     )
     batch: int = option(128, "entries read per pull", env="DIFFSERVE_ROUTER_BATCH")
-    reclaim_idle_ms: int = option(
-        10000, "take over entries idle this long on a dead router", env="DIFFSERVE_RECLAIM_IDLE_MS"
-    )
     trim_interval_s: float = option(
         5.0, "how often processed stream entries are trimmed", env="DIFFSERVE_TRIM_INTERVAL_S"
     )
@@ -335,7 +346,7 @@ class Claim:
 class Router:
     def __init__(self, svc: Service[RouterConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
-        self.default_slo_ms = self.cfg.slo_ms or cascade(self.cfg.cascade).slo_ms
+        self.default_slo_ms = effective_slo_ms(self.cfg, self.cfg.slo_ms)
         # Every submission stream (the shared one and each tenant's) through one reader: one read is at
         # most batch entries of at most max_entry_bytes (bigger ones come back as stubs), and the
         # connections it needs do not grow with the number of tenants.
@@ -353,10 +364,15 @@ class Router:
         self._sources_lock = asyncio.Lock()
         self.fair = FairShare()
         self.completions = StreamConsumer(
-            self.r, self.keys.completions, "router", self.cfg.instance_id, reclaim_idle_ms=self.cfg.reclaim_idle_ms
+            self.r,
+            self.keys.completions,
+            "router",
+            self.cfg.instance_id,
+            reclaim_idle_ms=self.cfg.reclaim_idle_ms,
+            max_deliveries=self.cfg.max_deliveries,
         )
         self.plans = PlanWatcher(self.r, self.keys)
-        self.stages = StageWatcher(self.r, self.keys)
+        self.stages = StageWatcher(self.r, self.keys, self.cfg.worker_timeout_s)
         self._profile: CascadeProfile | None = None
         self._times: dict[str, Callable[[int], float]] = {}
         self.blobs = open_store(self.cfg, self.r)
@@ -391,6 +407,8 @@ class Router:
 
     async def _admit(self, entries: list[Entry]) -> None:
         plan = await self.plans.current()
+        # The deadline rule as this deployment applies it (--late-policy may override the plan's).
+        plan = replace(plan, degrade_late=degrades_late(self.cfg.late_policy, plan.degrade_late))
         # The deadline rule's view of both stages: the heavy one as every stage predicts it (direct
         # routing), both at the admission headroom for admission by predicted wait.
         headroom = self.cfg.admission_headroom

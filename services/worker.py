@@ -25,7 +25,7 @@ from common.backends import (
 from common.backends.profiled import fixed_image
 from common.blobs import HEAVY, LIGHT, THUMB, BlobUnavailable, blob_key, open_store
 from common.clock import CLOCK
-from common.config import Keys, ReplySettings, ServiceConfig, option
+from common.config import ConsumerSettings, Keys, ReplySettings, ServiceConfig, option
 from common.imaging import EncoderPool, thumbnail_rgb
 from common.messages import (
     E_INTERNAL,
@@ -41,7 +41,7 @@ from common.messages import (
 )
 from common.plan_store import PlanWatcher
 from common.planner import default_plan
-from common.routing import LATE_POLICIES, Stage, batch_times, degrades_late
+from common.routing import LatePolicySettings, Stage, batch_times, degrades_late
 from common.service import Service, now_ms, run
 from common.stage import cancelled_ids, one_per_input, split_batch
 from common.streams import TRANSIENT_ERRORS, StreamConsumer, notify, run_forever
@@ -53,20 +53,13 @@ CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
-class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings):
+class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings, ConsumerSettings, LatePolicySettings):
     """diffserve worker: runs the light or the heavy model of the cascade."""
 
     role: str = option(
         "light", "starting role; the controller's plan may change it", env="DIFFSERVE_ROLE", choices=ROLES
     )
     batch: int = option(0, "fixed batch size (0: the plan's)", env="DIFFSERVE_BATCH")
-    late_policy: str = option(
-        "plan",
-        "heavy jobs that cannot make their deadline: as the plan says (plan), "
-        "answered with the light image (light) or run anyway (heavy)",
-        env="DIFFSERVE_LATE_POLICY",
-        choices=LATE_POLICIES,
-    )
     thumbnail_size: int = option(
         -1,
         "attach an RGB thumbnail of this size to light results, so the "
@@ -75,10 +68,6 @@ class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings):
         env="DIFFSERVE_THUMBNAIL_SIZE",
     )
     encode_threads: int = option(4, "image-encoding threads", env="DIFFSERVE_ENCODE_THREADS")
-    reclaim_idle_ms: int = option(
-        15000, "take over entries idle this long on a dead worker", env="DIFFSERVE_RECLAIM_IDLE_MS"
-    )
-    max_deliveries: int = option(5, "fail a job whose batch crashed this many workers", env="DIFFSERVE_MAX_DELIVERIES")
     heartbeat_s: float = option(1.0, "heartbeat interval", env="DIFFSERVE_HEARTBEAT_S")
     watch_s: float = option(
         0.25,

@@ -109,8 +109,34 @@ def test_rate_estimator_smooths_and_looks_ahead():
     est.update(10 * 10 + 30, 11.0)  # a jump to 30/s: the trend is extrapolated one interval
     assert est.smoothed == pytest.approx(20.0, rel=0.01)
     assert est.forecast() > est.smoothed
-    est.update(0, 12.0)  # counter restarted: no negative rate
-    assert est.smoothed >= 0
+    est.update(5, 12.0)  # the stream was recreated: its counter restarted, the 5 jobs are new ones
+    assert est.raw == pytest.approx(5.0)  # (``smoothed`` clamps at 0, so it could not show a negative rate)
+
+
+def test_a_stream_the_controller_may_not_read_is_an_error_not_zero_demand(redis_server):
+    """Only a missing stream counts as no arrivals: a Redis user without permission on the jobs stream
+    gets NOPERM from the demand measurement (not a demand of 0, which would plan the cluster for idle)."""
+    from redis.exceptions import NoPermissionError
+
+    from services.controller import Controller
+
+    ns = _namespace()
+    redis_server.cli("ACL", "SETUSER", "narrow", "on", ">pw", f"~{ns}:in:*", "+@all")
+    cfg = ControllerConfig(
+        redis_url=redis_server.url, redis_username="narrow", redis_password="pw", namespace=ns, backend="profiled"
+    )
+
+    async def go() -> int:
+        svc = Service("controller", cfg)
+        try:
+            controller = Controller(svc)
+            with pytest.raises(NoPermissionError):
+                await controller.entries_added(svc.keys.jobs)
+            return await controller.entries_added(svc.keys.tenant_in("nobody-yet"))  # allowed, not created
+        finally:
+            await svc.redis.aclose()
+
+    assert asyncio.run(go()) == 0
 
 
 @pytest.mark.slow

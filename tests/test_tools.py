@@ -70,7 +70,7 @@ def _train_args(data, out, *extra):
 def test_train_discriminator_saves_a_loadable_checkpoint_and_resumes(image_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from common.backends.diffusion import TimmDiscriminator
+    from common.backends.discriminator import TimmDiscriminator
     from tools import train_discriminator
 
     out = tmp_path / "ckpt"
@@ -261,7 +261,8 @@ def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(
     (the confidences equal scoring the same light images locally through the same path)."""
     import asyncio
 
-    from common.backends.diffusion import DiffusersModel, TimmDiscriminator, tiny_spec
+    from common.backends.diffusion import DiffusersModel, tiny_spec
+    from common.backends.discriminator import TimmDiscriminator
     from common.cascades import MODELS
     from common.imaging import from_thumbnail, thumbnail_rgb
     from common.localstack import LocalStack, StackSpec

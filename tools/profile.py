@@ -176,7 +176,8 @@ def build_random_pipeline(name: str, device: str = "cpu", dtype=None, seed: int 
 
 def random_model(name: str, role: str, device: str = "auto", **kwargs):
     """A DiffusersModel whose load() builds the random-weight pipeline (no files)."""
-    from common.backends.diffusion import DiffusersModel, resolve_device
+    from common.backends.devices import resolve_device
+    from common.backends.diffusion import DiffusersModel
 
     device = resolve_device(device)
     spec = MODELS[name]
@@ -186,7 +187,7 @@ def random_model(name: str, role: str, device: str = "auto", **kwargs):
 
 
 def random_discriminator(device: str = "auto", arch: str = DISCRIMINATOR_ARCH, input_size: int = DISCRIMINATOR_INPUT):
-    from common.backends.diffusion import TimmDiscriminator, build_discriminator_model, discriminator_meta
+    from common.backends.discriminator import TimmDiscriminator, build_discriminator_model, discriminator_meta
 
     return TimmDiscriminator.from_model(build_discriminator_model(arch), discriminator_meta(arch, input_size), device)
 
@@ -196,7 +197,7 @@ def discriminator_row(arch: str) -> str:
 
 
 def accel_name(device: str, mode: str, dtype_name: str | None = None) -> str:
-    from common.backends.diffusion import device_slug, resolve_device
+    from common.backends.devices import device_slug, resolve_device
 
     device = resolve_device(device)
     dtype_name = dtype_name or ("fp16" if device.startswith("cuda") else "fp32")
@@ -266,7 +267,7 @@ def _make_model(args, name: str, role: str, graph: bool, grid: tuple[int, ...]):
 
 
 def _make_discriminator(args):
-    from common.backends.diffusion import TimmDiscriminator
+    from common.backends.discriminator import TimmDiscriminator
 
     checkpoint = args.discriminator_checkpoint or (
         str(Path(args.model_dir) / "discriminator") if args.model_dir else None
@@ -393,7 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from common.backends import require_backend
-    from common.backends.diffusion import resolve_device
+    from common.backends.devices import resolve_device
 
     args = parse_args(argv)
     require_backend(args.backend)

@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 from common.backends import require_models_extra
-from common.backends.diffusion import (
+from common.backends.devices import resolve_device
+from common.backends.discriminator import (
     DISCRIMINATOR_WEIGHTS,
     build_discriminator_model,
     discriminator_meta,
-    resolve_device,
     save_discriminator,
 )
 
@@ -82,7 +82,7 @@ class ImageDataset:
         import torch
         from PIL import Image
 
-        from common.backends.diffusion import preprocess
+        from common.backends.discriminator import preprocess
 
         path, label = self.items[index]
         with Image.open(path) as img:

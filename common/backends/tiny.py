@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.backends.diffusion import build_discriminator_model, discriminator_meta, save_discriminator
+from common.backends.discriminator import build_discriminator_model, discriminator_meta, save_discriminator
 
 TINY_DISCRIMINATOR_ARCH = "test_efficientnet"  # timm's tiny EfficientNet, same code path as EfficientNet-V2
 TINY_DISCRIMINATOR_INPUT = 32

@@ -23,7 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chart_check as C  # noqa: E402
 
-from common.config import Keys, _env_name  # noqa: E402
+from common.config import Keys, env_name  # noqa: E402
 from common.streams import PIPELINE_GROUPS  # noqa: E402
 
 ROOT = C.HELM_DIR.parent.parent
@@ -109,7 +109,7 @@ def config_classes() -> dict[str, type]:
 
 
 def options(cls: type) -> set[str]:
-    return {_env_name(f) for f in dataclasses.fields(cls)}
+    return {env_name(f) for f in dataclasses.fields(cls)}
 
 
 # ---------------------------------------------------------------- GPUs and scheduling
