@@ -34,15 +34,6 @@ REFS_VERSION = 2
 ENTRY_FIELD = b"m"
 
 
-class MessageError(ValueError):
-    """A payload that cannot be decoded into the expected message."""
-
-    def __init__(self, code: str, message: str, job_id: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.job_id = job_id
-
-
 # The finite sets on the wire.  StrEnum members are str, so they pack as their plain string (msgpack
 # accepts str subclasses) and compare equal to it; decoding turns the string back into the member.
 class ErrorCode(enum.StrEnum):
@@ -71,6 +62,15 @@ E_UNKNOWN_MODEL = ErrorCode.UNKNOWN_MODEL
 E_INTERNAL = ErrorCode.INTERNAL
 E_DUPLICATE = ErrorCode.DUPLICATE
 E_CANCELLED = ErrorCode.CANCELLED
+
+
+class MessageError(ValueError):
+    """A payload that cannot be decoded into the expected message."""
+
+    def __init__(self, code: ErrorCode, message: str, job_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.job_id = job_id
 
 
 class Status(enum.StrEnum):
