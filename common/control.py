@@ -32,7 +32,7 @@ import dataclasses
 import math
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.messages import Plan
@@ -246,7 +246,7 @@ class ControlLoop:
     def solve(
         self,
         demand: float,
-        current: dict[str, str],
+        current: Mapping[str, str],
         queues: QueueStats,
         stored: Plan | None,
         *,
@@ -282,7 +282,7 @@ class ControlLoop:
             fixed=self.fixed,
         )
 
-    def smoothed_from(self, stored: Plan | None, current: dict[str, str]) -> float | None:
+    def smoothed_from(self, stored: Plan | None, current: Mapping[str, str]) -> float | None:
         """The threshold (split policies: heavy fraction) the next plan stays within
         ``max_threshold_step`` of, or None when it may move freely: smoothing holds from a plan made
         for these same workers, under this policy, from a measured demand, except while the loop's own
@@ -332,7 +332,7 @@ class ControlLoop:
         return self.cfg.light_reserve
 
     def with_switch_backlog(
-        self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float], demand: float
+        self, result: PlanResult, current: Mapping[str, str], switch_s: dict[str, float], demand: float
     ) -> dict[str, float] | None:
         """The jobs the switching workers' new stage receives for them while they load (their
         share of that stage's planned arrivals); None when nobody switches."""
