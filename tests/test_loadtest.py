@@ -334,7 +334,7 @@ def test_replay_is_faithful_per_line(redis_server, tmp_path):
     for its own line, and the blank line is sent, answered as an empty prompt and counted."""
     from common.localstack import LocalStack, StackSpec
     from loadtest.runner import replay
-    from loadtest.simulate import SimConfig, simulate
+    from loadtest.simulation import SimConfig, simulate
 
     lines = ["a cat", "", "a dog", "a cat", "a bird", "a dog"]
     prompts_file = tmp_path / "prompts.txt"

@@ -17,7 +17,8 @@ import pytest
 from common.planner import FixedPlan
 from common.profiles import load_cascade_profile, load_prompts
 from loadtest.report import summarize
-from loadtest.simulate import SimConfig, search_static, simulate
+from loadtest.simulation import SimConfig, simulate
+from loadtest.static_search import search_static
 from loadtest.traces import Trace, generate
 
 ROOT = Path(__file__).resolve().parent.parent
