@@ -231,14 +231,14 @@ class LocalStack:
         return self._launch(name)
 
     def _launch(self, name: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            self._commands[name],
-            env={**self._env(name), **self._extra_env.get(name, {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the process has its own copy of the file
+            proc = subprocess.Popen(
+                self._commands[name],
+                env={**self._env(name), **self._extra_env.get(name, {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
         self.procs[name] = proc
         self._watch(proc.pid)
         return proc
