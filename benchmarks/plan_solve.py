@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.profiles import load_cascade_profile  # noqa: E402
 from common.planner import OBJECTIVES, plan, warm_up  # noqa: E402
+from common.profiles import load_cascade_profile  # noqa: E402
 
 SIZES = (16, 128, 1024)
 LOAD_PER_WORKER = (0.25, 1.0, 25.0)  # queries/s per worker: plenty, tight, more than the cluster can do

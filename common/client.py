@@ -86,7 +86,7 @@ async def preflight(client: Client, redis_url: str, timeout_s: float = 5.0) -> s
     where = _redacted(redis_url)
     try:
         alive = await asyncio.wait_for(router_connected(client.redis), timeout_s)
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         return f"Redis at {where} did not answer within {timeout_s:g} s"
     except (RedisError, OSError) as exc:
         hint = " (start a local stack with `diffserve up`)" if stackfile.find() is None else ""
@@ -145,7 +145,7 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from common.messages import Plan
 from common.planner import (
     DEFAULT_HEADROOM,
-    THRESHOLD_GRID,
     ROLES,
+    THRESHOLD_GRID,
     AimdState,
     FixedPlan,
     PlanResult,

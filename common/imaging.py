@@ -114,7 +114,7 @@ class EncoderPool:
             done: Future[Encoded] = Future()
             done.set_result(self.fixed)
             return [done] * len(images)
-        return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats)]
+        return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats, strict=False)]
 
     def encode_all(self, images: Sequence[Image.Image | PngImage], formats: list[tuple[str, int]]) -> list[Encoded]:
         return [f.result() for f in self.submit(images, formats)]

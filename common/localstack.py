@@ -52,7 +52,7 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         listen = (
             [
                 "--port",
@@ -182,7 +182,7 @@ class LocalStack:
         self._services: dict[str, str] = {}  # process name -> the service it runs (its readiness label)
         self._watchdog: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -254,7 +254,7 @@ class LocalStack:
         with open(self.log_dir / "stack.pids", "a") as fh:
             fh.write(f"{pid}\n")
 
-    def start(self, ready_timeout: float = 120.0) -> "LocalStack":
+    def start(self, ready_timeout: float = 120.0) -> LocalStack:
         if not self.redis_url:
             self.redis = RedisServer().start()
             self.redis_url = self.redis.url

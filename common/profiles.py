@@ -56,7 +56,7 @@ class LatencyTable:
     def batches(self) -> list[int]:
         return sorted(self.batch_ms)
 
-    def scaled(self, factor: float) -> "LatencyTable":
+    def scaled(self, factor: float) -> LatencyTable:
         return LatencyTable(self.model, {b: ms * factor for b, ms in self.batch_ms.items()}, self.source)
 
 
@@ -127,7 +127,7 @@ def write_confidence_curve(path: str | Path, curve: ConfidenceCurve) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["", "t", "f_t"])
-        for i, (t, f) in enumerate(zip(curve.ts, curve.fs)):
+        for i, (t, f) in enumerate(zip(curve.ts, curve.fs, strict=False)):
             w.writerow([i, round(t, 4), round(f, 6)])
 
 

@@ -299,7 +299,7 @@ class Replay:
             return None
         total = weights = 0.0
         cost = self.costs[draw]
-        for jobs, weight in zip(self.windows[draw], self.weights):  # most confident first
+        for jobs, weight in zip(self.windows[draw], self.weights, strict=False):  # most confident first
             answered = [j for j in jobs if state[j] != REFUSED]
             if not answered:
                 continue

@@ -59,7 +59,7 @@ class Service(Generic[C]):
         """Sleep, but wake at once when the service is asked to stop."""
         try:
             await asyncio.wait_for(self.stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def follow_clock(self) -> None:

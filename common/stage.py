@@ -27,7 +27,7 @@ async def cancelled_ids(r: aioredis.Redis, keys: Keys, job_ids: list[str]) -> se
     if not job_ids:
         return set()
     flags = await r.mget([keys.cancel(job_id) for job_id in job_ids])
-    return {job_id for job_id, flag in zip(job_ids, flags) if flag is not None}
+    return {job_id for job_id, flag in zip(job_ids, flags, strict=False) if flag is not None}
 
 
 def split_batch(

@@ -300,7 +300,7 @@ class StreamConsumer:
             while not done.is_set():
                 try:
                     await asyncio.wait_for(done.wait(), interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     with contextlib.suppress(*TRANSIENT_ERRORS):
                         await self.r.xclaim(self.stream, self.group, self.consumer, 0, list(ids), justid=True)
 
@@ -421,7 +421,7 @@ class SubmissionReader:
         )
         entries = []
         for index, (entry_id, flat) in reply or []:
-            fields = dict(zip(flat[::2], flat[1::2]))
+            fields = dict(zip(flat[::2], flat[1::2], strict=False))
             size = fields.pop(b"_oversized", None)
             stream = streams[int(index) - 1]
             entries.append(

@@ -140,7 +140,7 @@ def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
         del tree["services"]["grafana"]
         notes.append(f"grafana ({GRAFANA_WHY})")
     del tree["services"]["models"]  # profile `setup`, one-shot model download: nothing to download here
-    for name, svc in tree["services"].items():
+    for svc in tree["services"].values():
         if svc.get("build", {}).get("target") != "control":
             continue
         svc["environment"].update(DIFFSERVE_TIME_SCALE=TIME_SCALE, DIFFSERVE_RECLAIM_IDLE_MS=RECLAIM_IDLE_MS)

@@ -17,8 +17,8 @@ from typing import Any
 from common import stackfile
 from common.backends import BackendSettings, require_backend, require_models_extra
 from common.config import GatewayAddress, RedisSettings, TenantSettings
-from common.messages import IMAGE_FORMATS
 from common.localstack import LocalStack, StackSpec
+from common.messages import IMAGE_FORMATS, FinalResult, Plan, Role
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +116,7 @@ def up_main(argv: list[str] | None = None) -> None:
         print(f"playground and OpenAI images API: {gateway}", flush=True)
     stopping = False
 
-    def on_signal(*_):
+    def on_signal(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
@@ -153,6 +153,7 @@ def demo_main(argv: list[str] | None = None) -> None:
     )
     with LocalStack(spec, args.log_dir) as stack:
         started = time.perf_counter()
+        assert stack.redis_url is not None  # set by start()
         results, plan = asyncio.run(_burst(stack.redis_url, prompts, args.rate))
         wall = time.perf_counter() - started
     print(_summary(results, wall, spec))
@@ -164,31 +165,30 @@ def demo_main(argv: list[str] | None = None) -> None:
         )
 
 
-async def _burst(redis_url: str, prompts: list[str], rate: float):
+async def _burst(redis_url: str, prompts: list[str], rate: float) -> tuple[list[FinalResult], Plan | None]:
     from common.client import Client
-
     from common.plan_store import load_plan
 
     async with Client(redis_url=redis_url) as client:
 
-        async def one(i: int, prompt: str):
+        async def one(i: int, prompt: str) -> FinalResult:
             await asyncio.sleep(i / rate)
             return await client.submit(prompt, timeout=300)
 
         results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        return results, await load_plan(client.redis, client.keys)
+        return list(results), await load_plan(client.redis, client.keys)
 
 
-def _summary(results, wall_s: float, spec: StackSpec) -> str:
+def _summary(results: list[FinalResult], wall_s: float, spec: StackSpec) -> str:
     ok = [r for r in results if r.status == "ok"]
     by = Counter(r.answered_by for r in ok)
-    lat = sorted(r.latency_ms / max(spec.time_scale, 1e-9) for r in ok)  # back to full-speed ms
+    lat = sorted((r.latency_ms or 0.0) / max(spec.time_scale, 1e-9) for r in ok)  # back to full-speed ms
     slo_hits = sum(bool(r.slo_met) for r in ok)
     lines = [
         f"served {len(results)} prompts in {wall_s:.1f} s wall ({spec.backend} backend, time scale {spec.time_scale})",
         f"  ok {len(ok)}, errors {len(results) - len(ok)}, unique job ids {len({r.job_id for r in results})}",
-        f"  answered by light {by.get('light', 0)} (of which degraded {sum(r.degraded for r in ok)}), "
-        f"heavy {by.get('heavy', 0)}",
+        f"  answered by light {by.get(Role.LIGHT, 0)} (of which degraded {sum(r.degraded for r in ok)}), "
+        f"heavy {by.get(Role.HEAVY, 0)}",
         f"  SLO met {slo_hits}/{len(results)} ({100 * slo_hits / max(1, len(results)):.1f} %)",
     ]
     if lat:
@@ -235,7 +235,7 @@ def submit_main(argv: list[str] | None = None) -> None:
 
     try:
         result = asyncio.run(go())
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         raise SystemExit(f"diffserve submit: no answer within {args.timeout:g} s (--timeout)") from None
     if result.status != "ok":
         print(f"error {result.error_code}: {result.error_message}", file=sys.stderr)

@@ -35,10 +35,8 @@ from common.config import RedisSettings, WorkerRegistrySettings
 from common.control import ControlSettings, static_plan
 from common.planner import POLICIES
 from common.profiles import PROMPTS_FILE, load_prompts
-
 from loadtest import report as report_mod
 from loadtest.traces import DEFAULT_RATE, TRACES, Trace, generate, read_trace, write_trace
-
 
 LOCAL_STACK = "local"  # --redis-url without a value: the stack `diffserve up` recorded
 STACK_BACKEND_OPTIONS = ("backend", "cascade", "hardware", "model_dir")

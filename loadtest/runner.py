@@ -29,7 +29,6 @@ from common.config import Keys, RedisSettings
 from common.messages import FinalResult, Status, new_job_id
 from common.plan_store import load_plan
 from common.streams import backlog, connect
-
 from loadtest.traces import Trace
 
 if TYPE_CHECKING:
@@ -261,7 +260,7 @@ async def replay(
             all_answered.set()
         try:
             await asyncio.wait_for(all_answered.wait(), drain_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             run.drained = False
         await asyncio.sleep(0.5)  # a duplicate would arrive by now
         run.wall_s = loop.time() - t0

@@ -48,7 +48,6 @@ from common.localstack import LocalStack, RedisServer, StackSpec
 from common.messages import FinalResult, Status, new_job_id
 from common.profiles import load_prompts
 from common.streams import PIPELINE_GROUPS, backlog, connect
-
 from loadtest.report import percentiles
 from loadtest.runner import close_client, stop_task
 
@@ -152,7 +151,7 @@ async def offered_step(
     send_s = loop.time() - t0
     try:
         await asyncio.wait_for(done.wait(), drain_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await stop_task(collector)
     for task in list(reads):

@@ -355,7 +355,7 @@ class Simulation:
         plan = self.plan
         heavy = self.stage("heavy") if plan.degrade_late else None
         scores = [self.scorer.confidence(job.prompt, job.record.prompt_index) for job in jobs]
-        for job, score in zip(jobs, scores):
+        for job, score in zip(jobs, scores, strict=False):
             job.confidence = score
         self.scored.extend(scores)
         onward = []

@@ -38,7 +38,6 @@ from common.config import ServiceConfig, WorkerRegistrySettings, option
 from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlSettings, WorkerView
 from common.messages import Plan
 from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
-from common.scaling import workers_wanted
 from common.planner import (
     OBJECTIVES,
     POLICIES,
@@ -50,6 +49,7 @@ from common.planner import (
     count_changes,
     warm_up,
 )
+from common.scaling import workers_wanted
 from common.service import Service, now_ms, run
 from common.streams import backlog, missing, run_forever
 from common.tenants import tenant_names

@@ -207,7 +207,7 @@ class Discriminator:
             except BlobUnavailable as exc:
                 self.svc.log.warning("light previews skipped", extra={"count": len(fetch), "error": str(exc)[:200]})
                 return previews
-            previews.update({i: data for i, data in zip(fetch, read) if data is not None})
+            previews.update({i: data for i, data in zip(fetch, read, strict=False) if data is not None})
         return previews
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ServiceConfig, _env_name
+from common.config import ServiceConfig, env_name
 from diffserve.cli import COMMANDS
 from tools.compose_files import absolute_paths, load, merge
 
@@ -308,7 +308,7 @@ def known_env_vars() -> tuple[set[str], bool]:
         ]
         controller = bool(found)
         classes += found
-    names = {_env_name(f) for cls in classes for f in dataclasses.fields(cls)}
+    names = {env_name(f) for cls in classes for f in dataclasses.fields(cls)}
     return names, controller
 
 

@@ -24,9 +24,9 @@ def _loop(profile, **kw) -> ControlLoop:
     return ControlLoop(profile, ControlSettings(slo_ms=5000.0, **kw))
 
 
-def _stored(loop, workers, demand, queues=QueueStats()):
+def _stored(loop, workers, demand, queues=None):
     """The plan a controller in this situation would have stored (its first plan)."""
-    result, _ = loop.decide(None, demand, workers, queues)
+    result, _ = loop.decide(None, demand, workers, queues or QueueStats())
     return result.to_message(1, result.roles)
 
 
@@ -100,7 +100,7 @@ def test_threshold_converges_under_a_sustained_rise(profile):
         result, _ = loop.decide(stored, 28.0, workers, QueueStats())
         stored = result.to_message(version, result.roles)
         seen.append(stored.threshold)
-    steps = [b - a for a, b in zip(seen, seen[1:])]
+    steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
     assert all(abs(s) <= 0.05 + 1e-9 for s in steps)
     assert seen[-1] < seen[0] and seen[-1] == seen[-2] == seen[-3]  # moved, then settled
     assert seen[-1] > 0.0  # never all-light while the heavy stage can take some

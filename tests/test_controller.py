@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
-from common import metrics
 
+from common import metrics
 from common.config import Keys
+from common.control import RateEstimator
 from common.localstack import RedisServer
 from common.messages import Plan
 from common.plan_store import load_plan
 from common.service import Service, now_ms
-from common.control import RateEstimator
 from services.controller import ControllerConfig, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ async def _heartbeats(
             await r.hset(keys.worker_info(w), mapping={"role": role, "switch_s": 0.05, "heartbeat_ms": now_ms()})
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

@@ -72,7 +72,7 @@ def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server,
     assert all(x.status == "ok" for x in results), {x.error_code for x in results}
     plans = [(phase, p) for phase, p in plans if len(p.roles) == 6]  # plans made before every worker registered
     thresholds = [p.threshold for _phase, p in plans]
-    steps = [abs(b - a) for a, b in zip(thresholds, thresholds[1:])]
+    steps = [abs(b - a) for a, b in zip(thresholds, thresholds[1:], strict=False)]
     assert max(steps) <= 0.05 + 1e-9, thresholds  # smooth: at most one step per tick, never a flip
 
     def phase(i):

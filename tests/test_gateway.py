@@ -29,9 +29,9 @@ import redis.asyncio as aioredis
 from PIL import Image
 from prometheus_client import generate_latest
 
+from common import metrics
 from common.config import Keys
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
-from common import metrics
 from common.messages import FinalResult, Plan, RoutedJob
 from common.plan_store import store_plan
 from common.profiles import load_prompts
@@ -113,8 +113,8 @@ def stack(tmp_path_factory):
     confidence.write_text("prompt_index,confidence\n0,0.99\n1,0.01\n")
     keys_file = tmp / "keys.json"
     keys_file.write_text(
-        '{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
-        ' {"name": "bob", "sha256": "%s", "rpm": 2, "burst": 2}]}' % (hash_key(ALICE), hash_key(BOB))
+        f'{{"keys": [{{"name": "alice", "sha256": "{hash_key(ALICE)}", "rpm": 10000, "max_in_flight": 100}},'
+        f' {{"name": "bob", "sha256": "{hash_key(BOB)}", "rpm": 2, "burst": 2}}]}}'
     )
     server = RedisServer().start()
     port, open_port, replica_port, metrics_base = free_port(), free_port(), free_port(), free_port()

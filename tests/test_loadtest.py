@@ -58,7 +58,7 @@ def test_trace_file_round_trip(tmp_path):
     write_trace(t, path)
     back = read_trace(path, n_prompts=50)
     assert back.prompt_indices == t.prompt_indices
-    assert all(abs(a - b) < 1e-3 for a, b in zip(back.arrivals_ms, t.arrivals_ms))
+    assert all(abs(a - b) < 1e-3 for a, b in zip(back.arrivals_ms, t.arrivals_ms, strict=False))
     assert back.duration_s == math.ceil(t.arrivals_ms[-1] / 1000)
     hand = tmp_path / "hand.csv"
     hand.write_text("# recorded\n250,3\n0,1\n\n1000.5,2\n")
@@ -129,9 +129,11 @@ def test_a_blank_line_of_the_prompt_file_is_no_slo_miss():
     trace = Trace([0, 1000], [blank, blank + 1], "t", 2.0)
     jobs = [
         JobRecord(f"j{i}", index, ms, sent_s=ms / 1000, blank_prompt=not prompts[index])
-        for i, (ms, index) in enumerate(zip(trace.arrivals_ms, trace.prompt_indices))
+        for i, (ms, index) in enumerate(zip(trace.arrivals_ms, trace.prompt_indices, strict=False))
     ]
-    for job, result in zip(jobs, [_result("j0", ok=False, code="invalid_request"), _result("j1", "light", 50)]):
+    for job, result in zip(
+        jobs, [_result("j0", ok=False, code="invalid_request"), _result("j1", "light", 50)], strict=False
+    ):
         job.result, job.received_s = result, job.sent_s + 0.05
     e = report.summarize(RunRecord("p", 1.0, trace, jobs, duplicates=0), slo_ms=2500)
     assert e["blank_prompts"] == 1 and e["errors"] == {"invalid_request": 1}
@@ -150,7 +152,7 @@ def test_summarize_counts_every_job():
         _result("j4", "heavy", latency=200),
         None,
     ]  # j5 is lost
-    for j, r in zip(jobs, outcomes):
+    for j, r in zip(jobs, outcomes, strict=False):
         if r is not None:
             j.result, j.received_s = r, j.sent_s + r.latency_ms / 1000
     run = RunRecord("p", x, trace, jobs, duplicates=0)

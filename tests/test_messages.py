@@ -11,13 +11,12 @@ from hypothesis import strategies as st
 
 from common.config import Keys
 from common.messages import (
-    Admitted,
-    LightReason,
     E_INVALID,
     E_MALFORMED,
     E_MODEL,
     E_OVERLOADED,
     SCHEMA_VERSION,
+    Admitted,
     BlobRef,
     Cancel,
     Completion,
@@ -25,6 +24,7 @@ from common.messages import (
     FinalResult,
     Job,
     LightReady,
+    LightReason,
     LightResult,
     Message,
     MessageError,

@@ -69,7 +69,7 @@ def test_readme_first_commands_reach_the_stack_up_started(tmp_path):
         runs = [
             subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, timeout=120) for line in lines
         ]
-        for line, run in zip(lines, runs):
+        for line, run in zip(lines, runs, strict=False):
             assert run.returncode == 0, (line, run.stdout[-500:], run.stderr[-2000:])
         assert b"answered by" in runs[0].stdout
         image = Image.open(io.BytesIO((work / "fox.png").read_bytes()))

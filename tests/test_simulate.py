@@ -5,9 +5,9 @@ each query as the live profiled stack does."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -215,7 +215,12 @@ def test_two_tenants_with_the_same_job_ids_each_get_exactly_their_answers(stack)
             await asyncio.sleep(0.5)  # a second answer, if there were one, would be on the streams by now
             admin = _admin(server)  # a tenant may not even XLEN its own reply stream
             lengths = {name: admin.xlen(c.reply_stream) for name, c in clients.items() if name != "shared"}
-            return dict(zip(clients, results)), lights, lengths, {name: c.rejected for name, c in clients.items()}
+            return (
+                dict(zip(clients, results, strict=False)),
+                lights,
+                lengths,
+                {name: c.rejected for name, c in clients.items()},
+            )
         finally:
             for c in clients.values():
                 await c.close()

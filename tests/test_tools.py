@@ -162,7 +162,7 @@ def test_calibrate_writes_a_monotone_curve(tiny_dir, tmp_path):
     curve = load_confidence_curve(out)
     assert curve.ts[0] == 0.0 and curve.ts[-1] == 1.0 and len(curve.ts) == 21
     assert curve.fs[0] == 0.0 and curve.fs[-1] == 1.0
-    assert all(a <= b for a, b in zip(curve.fs, curve.fs[1:]))
+    assert all(a <= b for a, b in zip(curve.fs, curve.fs[1:], strict=False))
     counts = [int(line.split(",")[2]) for line in hist.read_text().splitlines()[1:]]
     assert sum(counts) == 20 and len(counts) == 20
     lines = conf.read_text().splitlines()
@@ -295,4 +295,4 @@ async def _submit_seeded(redis_url, prompts, seeds):
     from common.client import Client
 
     async with Client(redis_url=redis_url) as client:
-        return [await client.submit(p, seed=s, timeout=120) for p, s in zip(prompts, seeds)]
+        return [await client.submit(p, seed=s, timeout=120) for p, s in zip(prompts, seeds, strict=False)]

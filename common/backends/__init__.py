@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from common.imaging import PngImage
-
     from common.profiles import CascadeProfile
 
 BACKENDS = ("diffusers", "tiny", "profiled")
@@ -244,7 +243,6 @@ def make_model(settings: BackendSettings, role: str) -> ImageModel:
 def make_discriminator(settings: BackendSettings) -> DiscriminatorModel:
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledDiscriminator, confidences_by_text, load_confidence_overrides
-
         from common.profiles import load_prompts
 
         overrides = load_confidence_overrides(settings.confidence_file) if settings.confidence_file else {}

@@ -65,7 +65,7 @@ def copy_to_host(tensors: list[Any], pin: bool, buffer: Any = None) -> tuple[lis
     if buffer is None or buffer.numel() < total or buffer.is_pinned() != pin:
         buffer = torch.empty(total, dtype=torch.uint8, device="cpu", pin_memory=pin)
     out = []
-    for t, offset in zip(tensors, offsets):
+    for t, offset in zip(tensors, offsets, strict=False):
         view = buffer[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         view.copy_(t, non_blocking=pin)
         out.append(view)
@@ -86,9 +86,9 @@ def move_modules(pipe: Any, device: str, *, pin: bool, buffer: Any = None) -> An
             moved, buffer = copy_to_host(sources, pin, buffer)
         else:
             moved = [t.to(target, non_blocking=pin) for t in sources]
-        for p, t in zip(params, moved):
+        for p, t in zip(params, moved, strict=False):
             p.data = t
-        for (_b, owners), t in zip(buffers, moved[len(params) :]):
+        for (_b, owners), t in zip(buffers, moved[len(params) :], strict=False):
             for sub, name in owners:
                 sub._buffers[name] = t
     if torch.cuda.is_available():

@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.backends import StepCallback
 from common.imaging import Encoded, PngImage, png_palette
-
 from common.profiles import ConfidenceCurve, LatencyTable, uniform_from_text
 
 # Disk -> GPU and host -> GPU load times measured on the H100 (common/data/h100/README.md).
@@ -137,7 +136,7 @@ class ProfiledModel:
                 end += seconds / self.steps
                 _sleep(end - time.monotonic())
                 on_step(step, self.steps)  # raises Interrupted to stop the batch
-        return [placeholder(self.role, self.name, p, s, self.resolution) for p, s in zip(prompts, seeds)]
+        return [placeholder(self.role, self.name, p, s, self.resolution) for p, s in zip(prompts, seeds, strict=False)]
 
 
 def fixed_image(kib: int, seed: int = 0) -> Encoded:
@@ -226,4 +225,4 @@ class ProfiledDiscriminator:
     ) -> list[float]:
         _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
         indices = prompt_indices or [None] * len(prompts)
-        return [self.confidence(p, i) for p, i in zip(prompts, indices)]
+        return [self.confidence(p, i) for p, i in zip(prompts, indices, strict=False)]

@@ -26,7 +26,7 @@ def _byte_unicode_map() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=False))
 
 
 def _tiny_tokenizer(folder: Path) -> Any:

@@ -210,7 +210,7 @@ def pod_names(docs: list[dict[str, Any]]) -> list[str]:
 def probes(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
     """container name (podman's: <pod>-<container>) -> its readiness probe command."""
     out = {}
-    for doc, pod in zip([d for d in docs if d["kind"] in ("Pod", "Deployment")], pod_names(docs)):
+    for doc, pod in zip([d for d in docs if d["kind"] in ("Pod", "Deployment")], pod_names(docs), strict=False):
         spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
         for c in spec["containers"]:
             out[f"{pod}-{c['name']}"] = c["readinessProbe"]["exec"]["command"]

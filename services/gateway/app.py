@@ -20,8 +20,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from common import metrics
-from common.client import Client
 from common.blobs import BlobUnavailable
+from common.client import Client
 from common.messages import E_INTERNAL, E_OVERLOADED, Plan
 from common.plan_store import live_ids, live_workers, load_plan
 from common.service import STOP_GRACE_S, Service, run

@@ -292,7 +292,7 @@ class ImagesApi:
         overloaded the others are cancelled and the request answers at once (the caller retries all
         of it), keeping the images already made; a caller who hangs up cancels its jobs."""
         tasks: dict[asyncio.Future[Any], int] = {
-            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds))
+            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds, strict=False))
         }
         gone = asyncio.ensure_future(disconnected(request))
         done: dict[int, FinalResult] = {}
@@ -311,7 +311,7 @@ class ImagesApi:
                 for task in finished:
                     try:
                         done[tasks[task]] = task.result()
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass  # answered below as not within the timeout
                 if any(r.error_code == E_OVERLOADED for r in done.values()):
                     break
@@ -387,7 +387,7 @@ class ImagesApi:
             on_light = (lambda light: events.put_nowait(light)) if req.partials else None
             try:
                 result = await self._submit(req, job_id, seed, on_light, on_event)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 result = FinalResult(
                     job_id=job_id,
                     status=Status.ERROR,
@@ -400,7 +400,7 @@ class ImagesApi:
                     decided.set()
             events.put_nowait(result)
 
-        tasks = [asyncio.ensure_future(one(j, s)) for j, s in zip(job_ids, seeds)]
+        tasks = [asyncio.ensure_future(one(j, s)) for j, s in zip(job_ids, seeds, strict=False)]
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(decided.wait(), ADMISSION_WAIT_S)
         refused = [r for r in first_answer.values() if r.error_code == E_OVERLOADED]

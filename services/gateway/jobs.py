@@ -248,7 +248,7 @@ class JobsApi:
                             return
                     try:
                         entry_id, fields = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                     event = decode_event(fields)
                     backlog = [(entry_id, event)] if event is not None else []

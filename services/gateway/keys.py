@@ -64,7 +64,7 @@ def load_keys(cfg: GatewayConfig) -> list[ApiKey]:
             {
                 "name": parts[0],
                 "sha256": parts[1] if len(parts) > 1 else "",
-                **{name: int(value) for name, value in zip(fields, parts[2:])},
+                **{name: int(value) for name, value in zip(fields, parts[2:], strict=False)},
             }
         )
     keys = []
