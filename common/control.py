@@ -29,6 +29,7 @@ disappear are (re)assigned.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import statistics
 from collections import deque
@@ -144,6 +145,65 @@ class RecurringPeak:
             if covered >= need - 1e-9:
                 return rate
         return 0.0
+
+
+class ControlReason(enum.StrEnum):
+    """Why a tick's plan has the roles it has (the hysteresis on role changes)."""
+
+    NO_ROLE_CHANGE = "no role change"
+    FIRST_PLAN = "first plan"
+    POLICY_CHANGED = "policy changed"
+    FIXED_REASSIGNED = "fixed plan: workers (re)assigned"
+    MUST_CHANGE = "current allocation cannot serve demand"
+    WITHIN_MARGINS = "within margins: roles kept"
+    SLOW_SWITCH = "switch slower than half an interval: roles kept"
+    PROPOSED = "change proposed: confirming next interval"
+    CONFIRMED = "plan moved beyond margins (confirmed)"
+    PARTIAL_INFEASIBLE = "partial move infeasible: roles kept"
+    SWITCH_COST = "switch cost makes the change infeasible: roles kept"
+
+    @property
+    def deferred(self) -> bool:
+        """A role change the free plan wanted was not made (yet)."""
+        return self in _DEFERRED
+
+
+_DEFERRED = frozenset(
+    {
+        ControlReason.WITHIN_MARGINS,
+        ControlReason.SLOW_SWITCH,
+        ControlReason.PROPOSED,
+        ControlReason.PARTIAL_INFEASIBLE,
+        ControlReason.SWITCH_COST,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Why:
+    """A tick's reason, and what follows it in the log (a partial move's steps, the hindsight replay)."""
+
+    reason: ControlReason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason}{self.detail}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Tick:
+    """What one tick decides from."""
+
+    demand: float
+    current: dict[str, str]  # worker id -> its role now
+    switch_s: dict[str, float]
+    queues: QueueStats
+    stored: Plan | None
+    aimd: AimdState | None
+
+    def flipping(self, plan: PlanResult) -> list[str]:
+        """The workers ``plan`` moves from the role they have."""
+        return [w for w, r in plan.roles.items() if self.current.get(w) in ROLES and self.current[w] != r]
 
 
 @dataclass
@@ -357,20 +417,20 @@ class ControlLoop:
         history: ArrivalHistory | None = None,
         now_ms: float = 0.0,
         confidences: Sequence[float] | None = None,
-    ) -> tuple[PlanResult, str]:
+    ) -> tuple[PlanResult, Why]:
         """The plan to write and why (logged): the solver's plan under the hysteresis on roles, its
         threshold and batch sizes then re-chosen by replaying the recent arrivals (``history``, in the
         caller's ms, up to ``now_ms``) when the policy plans a threshold for quality."""
-        result, reason = self._decide(stored, demand, workers, queues, aimd)
+        result, why = self._decide(stored, demand, workers, queues, aimd)
         if history is not None:
             hindsight = self.hindsight(result, stored, history, now_ms, confidences)
             if hindsight:
-                reason += f"; {hindsight}"
+                why = dataclasses.replace(why, detail=f"{why.detail}; {hindsight}")
         if not self.fixed:
             result.reason = "; ".join(
-                part for part in (explain(result, self.light_floor(len(workers))), reason) if part
+                part for part in (explain(result, self.light_floor(len(workers))), str(why)) if part
             )
-        return result, reason
+        return result, why
 
     def hindsight(
         self,
@@ -479,7 +539,7 @@ class ControlLoop:
         workers: list[WorkerView],
         queues: QueueStats,
         aimd: AimdState | None = None,
-    ) -> tuple[PlanResult, str]:
+    ) -> tuple[PlanResult, Why]:
         if (
             self.spec.fixed
             and self.cfg.fixed_plan is None
@@ -489,73 +549,97 @@ class ControlLoop:
         ):
             # Solved once for the cluster as it is; again only if workers join or leave.
             self.fixed = static_plan(self.profile, self.cfg.static_demand or demand, len(workers), self.cfg)
-        current = {w.worker_id: w.role for w in workers}
-        switch_s = {w.worker_id: w.switch_s for w in workers}
-        new = self.solve(demand, current, queues, stored, aimd=aimd, switch_s=switch_s)
+        tick = _Tick(
+            demand=demand,
+            current={w.worker_id: w.role for w in workers},
+            switch_s={w.worker_id: w.switch_s for w in workers},
+            queues=queues,
+            stored=stored,
+            aimd=aimd,
+        )
+        new = self._solve(tick, tick.current)
         proposal, self.proposal = self.proposal, None  # kept only while a change awaits confirmation
-        if not current or new.role_changes == 0:
-            return new, "no role change"
+        if not tick.current or new.role_changes == 0:
+            return new, Why(ControlReason.NO_ROLE_CHANGE)
         if stored is None or stored.policy != self.cfg.policy:
-            return new, "first plan" if stored is None else "policy changed"
+            return new, Why(ControlReason.FIRST_PLAN if stored is None else ControlReason.POLICY_CHANGED)
         if self.fixed is not None:
-            return new, "fixed plan: workers (re)assigned"
-        keep = self.solve(demand, current, queues, stored, keep_roles=True, aimd=aimd, switch_s=switch_s)
-        target, stepped = current, False  # the roles the final plan is solved from (a partial move: those)
-        flipping = [w for w, r in new.roles.items() if current.get(w) in ROLES and current[w] != r]
+            return new, Why(ControlReason.FIXED_REASSIGNED)
+        keep = self._solve(tick, tick.current, keep_roles=True)
         if not keep.feasible:
-            reason = "current allocation cannot serve demand"
-        else:
-            differs = (
-                abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
-                or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
-                or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin
-            )
-            if not differs:
-                return keep, "within margins: roles kept"
-            slow = [w for w in flipping if switch_s.get(w, 0.0) > self.cfg.interval_s / 2]
-            if slow:
-                return keep, "switch slower than half an interval: roles kept"
-            # Noise damping: a move the current roles can live with must be proposed by two
-            # consecutive ticks before workers reload models for it.
-            move = (
-                _sign(new.light_workers - keep.light_workers),
-                _sign(new.threshold - keep.threshold),
-                _sign(new.heavy_fraction - keep.heavy_fraction),
-            )  # the direction, not the exact plan
-            if move != proposal:
-                self.proposal = move
-                return keep, "change proposed: confirming next interval"
-            self.proposal = move  # the next tick may continue the same move without waiting
-            reason = "plan moved beyond margins (confirmed)"
-            # A move the current roles can live with is taken in steps (fastest switchers
-            # first), so a burst does not swing the whole cluster between models.
-            step = max(1, math.ceil(self.cfg.max_switch_fraction * len(current)))
-            if len(flipping) > step:
-                partial = dict(current)
-                for w in sorted(flipping, key=lambda w: switch_s.get(w, 0.0))[:step]:
-                    partial[w] = new.roles[w]
-                partial_plan = self.solve(
-                    demand, partial, queues, stored, keep_roles=True, aimd=aimd, switch_s=switch_s
-                )
-                if not partial_plan.feasible:
-                    return keep, "partial move infeasible: roles kept"
-                partial_plan.solve_ms += new.solve_ms
-                partial_plan.role_changes = count_changes(current, partial_plan.roles)
-                new, target, stepped = partial_plan, partial, True
-                reason += f", {step} of {len(flipping)} role changes this tick"
-        extra = self.with_switch_backlog(new, current, switch_s, demand)
-        if extra:
-            # The plan must also absorb the jobs that queue up while the switching workers load.
-            loaded = dataclasses.replace(
-                queues,
-                light_backlog=queues.light_backlog + round(extra["light"]),
-                heavy_backlog=queues.heavy_backlog + round(extra["heavy"]),
-            )
-            again = self.solve(demand, target, loaded, stored, keep_roles=stepped, aimd=aimd, switch_s=switch_s)
-            again.role_changes = count_changes(current, again.roles)
-            if again.feasible and again.role_changes:
-                again.solve_ms += new.solve_ms
-                new = again
-            elif keep.feasible and not again.feasible:
-                return keep, "switch cost makes the change infeasible: roles kept"
-        return new, reason
+            return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.MUST_CHANGE))
+        kept = self._hysteresis(tick, new, keep, proposal)
+        if kept is not None:
+            return keep, Why(kept)
+        return self._move(tick, new, keep)
+
+    def _solve(self, tick: _Tick, roles: dict[str, str], *, keep_roles: bool = False) -> PlanResult:
+        return self.solve(
+            tick.demand, roles, tick.queues, tick.stored, keep_roles=keep_roles, aimd=tick.aimd, switch_s=tick.switch_s
+        )
+
+    def _hysteresis(
+        self, tick: _Tick, new: PlanResult, keep: PlanResult, proposal: tuple[int, int, int] | None
+    ) -> ControlReason | None:
+        """Why the current roles stay though they could carry the demand (None: the free plan's move goes on).
+        A move must differ from the keep-roles plan beyond the margins, its workers must switch fast
+        enough, and (noise damping) two consecutive ticks must propose it before workers reload models."""
+        differs = (
+            abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
+            or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
+            or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin
+        )
+        if not differs:
+            return ControlReason.WITHIN_MARGINS
+        if any(tick.switch_s.get(w, 0.0) > self.cfg.interval_s / 2 for w in tick.flipping(new)):
+            return ControlReason.SLOW_SWITCH
+        move = (
+            _sign(new.light_workers - keep.light_workers),
+            _sign(new.threshold - keep.threshold),
+            _sign(new.heavy_fraction - keep.heavy_fraction),
+        )  # the direction, not the exact plan
+        self.proposal = move  # once confirmed, the next tick may continue the same move without waiting
+        return ControlReason.PROPOSED if move != proposal else None
+
+    def _move(self, tick: _Tick, new: PlanResult, keep: PlanResult) -> tuple[PlanResult, Why]:
+        """A confirmed move the current roles can live with, taken in steps of at most
+        ``max_switch_fraction`` of the workers (fastest switchers first), so a burst does not swing the
+        whole cluster between models."""
+        flipping = tick.flipping(new)
+        step = max(1, math.ceil(self.cfg.max_switch_fraction * len(tick.current)))
+        if len(flipping) <= step:
+            return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.CONFIRMED))
+        partial = dict(tick.current)
+        for w in sorted(flipping, key=lambda w: tick.switch_s.get(w, 0.0))[:step]:
+            partial[w] = new.roles[w]
+        partial_plan = self._solve(tick, partial, keep_roles=True)
+        if not partial_plan.feasible:
+            return keep, Why(ControlReason.PARTIAL_INFEASIBLE)
+        partial_plan.solve_ms += new.solve_ms
+        partial_plan.role_changes = count_changes(tick.current, partial_plan.roles)
+        why = Why(ControlReason.CONFIRMED, f", {step} of {len(flipping)} role changes this tick")
+        return self._with_switch_cost(tick, partial_plan, keep, partial, True, why)
+
+    def _with_switch_cost(
+        self, tick: _Tick, new: PlanResult, keep: PlanResult, target: dict[str, str], stepped: bool, why: Why
+    ) -> tuple[PlanResult, Why]:
+        """The plan solved again (from ``target``'s roles) with the jobs that queue up while the switching
+        workers load added to its stages' backlog."""
+        extra = self.with_switch_backlog(new, tick.current, tick.switch_s, tick.demand)
+        if not extra:
+            return new, why
+        loaded = dataclasses.replace(
+            tick.queues,
+            light_backlog=tick.queues.light_backlog + round(extra["light"]),
+            heavy_backlog=tick.queues.heavy_backlog + round(extra["heavy"]),
+        )
+        again = self.solve(
+            tick.demand, target, loaded, tick.stored, keep_roles=stepped, aimd=tick.aimd, switch_s=tick.switch_s
+        )
+        again.role_changes = count_changes(tick.current, again.roles)
+        if again.feasible and again.role_changes:
+            again.solve_ms += new.solve_ms
+            return again, why
+        if keep.feasible and not again.feasible:
+            return keep, Why(ControlReason.SWITCH_COST)
+        return new, why

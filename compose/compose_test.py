@@ -99,11 +99,10 @@ class Dockerd:
             log("using the Docker engine that is already running")
             return
         log("starting dockerd --bridge=none --iptables=false")
-        self.proc = subprocess.Popen(
-            ["dockerd", "--bridge=none", "--iptables=false"],
-            stdout=open(self.workdir / "dockerd.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.workdir / "dockerd.log", "w") as dockerd_log:  # dockerd has its own copy
+            self.proc = subprocess.Popen(
+                ["dockerd", "--bridge=none", "--iptables=false"], stdout=dockerd_log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 60
         while sh("docker", "info", check=False).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 from common import metrics
 from common.backends import BackendSettings, SloSettings, effective_slo_ms, latency_scale, load_profile
 from common.config import ServiceConfig, WorkerRegistrySettings, option
-from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlSettings, WorkerView
+from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlReason, ControlSettings, Why, WorkerView
 from common.messages import Plan
 from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
 from common.planner import (
@@ -283,7 +283,7 @@ class Controller:
         span_ms = self.loop.cfg.hindsight_s * 1000.0
         history = await load_arrivals(self.r, self.keys, now - span_ms, now) if span_ms > 0 else None
         confidences = await load_confidences(self.r, self.keys) if span_ms > 0 else None
-        result, reason = self.loop.decide(
+        result, why = self.loop.decide(
             stored, self.demand, workers, queues, aimd, history=history, now_ms=now, confidences=confidences
         )
         version = (stored.version if stored is not None else 0) + 1
@@ -298,7 +298,7 @@ class Controller:
         for at, quality in (("live", result.estimated_quality), ("wanted", wanted.estimated_quality)):
             if quality is not None:
                 metrics.ESTIMATED_QUALITY.labels(at).set(quality)
-        self.report(stored, message, result, reason, workers)
+        self.report(stored, message, result, why, workers)
         self.last, self.last_result = message, result
         return message
 
@@ -311,7 +311,7 @@ class Controller:
         metrics.SOLVE_TIME.observe(result.solve_ms / 1000.0)
 
     def report(
-        self, stored: Plan | None, message: Plan, result: PlanResult, reason: str, workers: list[WorkerView]
+        self, stored: Plan | None, message: Plan, result: PlanResult, why: Why, workers: list[WorkerView]
     ) -> None:
         changed = stored is None or any(
             getattr(stored, f) != getattr(message, f)
@@ -322,10 +322,12 @@ class Controller:
                 "demand exceeds capacity: maximum-throughput plan",
                 extra={"demand_qps": round(message.demand_qps, 3), "workers": len(workers), "slo_ms": result.slo_ms},
             )
-        if not changed and reason.endswith("roles kept") or reason.startswith("change proposed"):
+        # A role change the free plan wanted, kept back (logged while the plan is otherwise unchanged), or
+        # proposed and awaiting confirmation.
+        if why.reason.deferred and (not changed or why.reason == ControlReason.PROPOSED):
             self.log.info(
                 "role change deferred",
-                extra={"version": message.version, "reason": reason, "demand_qps": round(message.demand_qps, 3)},
+                extra={"version": message.version, "reason": str(why), "demand_qps": round(message.demand_qps, 3)},
             )
         if changed:
             current = {w.worker_id: w.role for w in workers}
@@ -349,7 +351,7 @@ class Controller:
                     "predicted_ms": round(result.latency.total_ms, 1),
                     "slo_ms": result.slo_ms,
                     "solve_ms": round(result.solve_ms, 2),
-                    "reason": reason,
+                    "reason": str(why),
                 },
             )
 

@@ -691,17 +691,17 @@ def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
             if command[0] == "gateway":  # its HTTP port remapped too; a key where compose interpolates one
                 command[command.index("--port") + 1] = str(_free_port())
                 env["DIFFSERVE_API_KEYS"] = "test:" + "0" * 64
-            log = open(tmp_path / f"{name}.log", "w")
-            procs[name] = (
-                subprocess.Popen(
-                    [sys.executable, "-m", "diffserve", *command],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                int(env["METRICS_PORT"]),
-            )
+            with open(tmp_path / f"{name}.log", "w") as log:  # the process has its own copy
+                procs[name] = (
+                    subprocess.Popen(
+                        [sys.executable, "-m", "diffserve", *command],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    int(env["METRICS_PORT"]),
+                )
         deadline = time.monotonic() + 120
         for name, (proc, metrics_port) in procs.items():
             while True:

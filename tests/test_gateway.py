@@ -51,12 +51,23 @@ class Stack:
         self.url, self.open_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{open_port}"
         self.replica_url = f"http://127.0.0.1:{replica_port}"
         self.redis = redis.Redis.from_url(stack.redis_url)
+        self.clients: list[openai.OpenAI | httpx.Client] = []  # closed with the stack (their connections)
 
     def sdk(self, key: str = ALICE, url: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
 
     def http(self, key: str | None = ALICE) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.redis.close()
 
     def metrics(self, name: str) -> str:
         """The /metrics text of a process of the stack, from its metrics port."""
@@ -142,7 +153,9 @@ def stack(tmp_path_factory):
         )
         local.spawn("gateway-open", "gateway", "--port", str(open_port))
         local.wait_ready(["gateway-replica", "gateway-open"])
-        yield Stack(local, port, open_port, replica_port, metrics_base)
+        gateway = Stack(local, port, open_port, replica_port, metrics_base)
+        yield gateway
+        gateway.close()
     finally:
         local.stop()
         server.stop()
@@ -753,7 +766,9 @@ def test_playground_preview_progress_final_cancel_history(stack, tmp_path):
     finally:
         driver.quit()
         _store_plan(stack)
-    assert all(Image.open(path).size[0] > 0 for path in shots)
+    for path in shots:
+        with Image.open(path) as shot:
+            assert shot.size[0] > 0
 
 
 # ---------------------------------------------------------------- no Redis
@@ -763,14 +778,14 @@ def test_redis_gone_is_a_503_and_the_gateway_keeps_running(tmp_path):
     server = RedisServer().start()
     port = free_port()
     env = {**os.environ, "REDIS_URL": server.url, "DIFFSERVE_INSTANCE_ID": "gw"}
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=log,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    with open(tmp_path / "gateway.log", "wb") as log:  # the process has its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # up and connected, by its own health endpoint (no workers here)

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ def native_size(cascade_name: str) -> int:
 # ---------------------------------------------------------------- request parsing
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageRequest:
     prompt: str
     n: int
@@ -89,16 +89,14 @@ class ImageRequest:
         return secrets.SystemRandom().sample(range(2**31), self.n)
 
 
-def parse_image_request(body: object, cfg: GatewayConfig, *, jobs_api: bool = False) -> ImageRequest:
-    """The OpenAI images.generate fields, and ours (``seed``, ``negative_prompt``, ``slo_ms``,
-    ``cascade``); unknown fields are ignored, a wrong type or value is a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
+class _Fields:
+    """A request body's fields, each read with its type checked (a 400 naming the field when wrong)."""
 
-    fields: dict[str, Any] = body
+    def __init__(self, body: dict[str, Any], cfg: GatewayConfig):
+        self.body, self.cfg = body, cfg
 
-    def get(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        value = fields.get(name)
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = self.body.get(name)
         if value is None:
             return default
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -106,74 +104,104 @@ def parse_image_request(body: object, cfg: GatewayConfig, *, jobs_api: bool = Fa
             raise invalid(f"'{name}' must be of type {'/'.join(k.__name__ for k in kinds)}", name)
         return value
 
-    def text(name: str, value: Any) -> None:
-        if len(value) > cfg.max_prompt_chars:
+    def checked(
+        self, name: str, kind: type | tuple[type, ...], default: Any, ok: Callable[[Any], bool], message: str
+    ) -> Any:
+        """The field (or ``default``), refused with ``message`` unless absent or ``ok``."""
+        value = self.get(name, kind, default)
+        if value is not None and not ok(value):
+            raise invalid(message, name)
+        return value
+
+    def text(self, name: str, value: str) -> None:
+        limit = self.cfg.max_prompt_chars
+        if len(value) > limit:
             metrics.ERRORS.labels("gateway", E_PROMPT_TOO_LONG).inc()
-            raise ApiError(
-                400, f"'{name}' is longer than {cfg.max_prompt_chars} characters", param=name, code=E_PROMPT_TOO_LONG
-            )
+            raise ApiError(400, f"'{name}' is longer than {limit} characters", param=name, code=E_PROMPT_TOO_LONG)
         if "\x00" in value:
             raise invalid(f"'{name}' contains a NUL character", name)
 
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise invalid("'prompt' is required: a non-empty string", "prompt")
-    text("prompt", prompt)
-    for name in ("model", "cascade"):  # `cascade` is our name for the same thing
-        model = get(name, str, cfg.cascade)
-        if model != cfg.cascade:
-            metrics.ERRORS.labels("gateway", E_UNKNOWN_MODEL).inc()
-            raise ApiError(
-                400, f"model {model!r} is not served here; models: {cfg.cascade}", param=name, code=E_UNKNOWN_MODEL
-            )
-    n = get("n", int, 1)
-    if not 1 <= n <= (1 if jobs_api else 10):
-        raise invalid("'n' must be 1 for a job" if jobs_api else "'n' must be between 1 and 10", "n")
-    side = native_size(cfg.cascade)
-    requested = get("size", str, "auto")
-    if requested not in ("auto", f"{side}x{side}"):
-        raise invalid(f"size {requested!r} is not supported; sizes: auto, {side}x{side}", "size")
-    for name in ("width", "height"):
-        if get(name, int, side) != side:
-            raise invalid(f"'{name}' must be {side}: this cascade renders {side}x{side} images", name)
-    heavy_steps = MODELS[cascade(cfg.cascade).heavy].steps
-    if get("steps", int, heavy_steps) != heavy_steps:
-        light_steps = MODELS[cascade(cfg.cascade).light].steps
-        raise invalid(f"'steps' is set by the cascade: light {light_steps}, heavy {heavy_steps}", "steps")
-    for name, allowed in ENUMS.items():
-        if get(name, str, allowed[0]) not in allowed:
-            raise invalid(f"'{name}' must be one of {', '.join(allowed)}", name)
-    output_format = get("output_format", str, "png")
-    if output_format not in IMAGE_FORMATS:
-        raise invalid(f"'output_format' must be one of {', '.join(IMAGE_FORMATS)}", "output_format")
-    quality = get("output_compression", int, 90)
-    if not 0 <= quality <= 100:
-        raise invalid("'output_compression' must be between 0 and 100", "output_compression")
-    response_format = get("response_format", str, "b64_json")
-    if response_format not in ("b64_json", "url"):
-        raise invalid("'response_format' must be b64_json or url", "response_format")
-    stream = get("stream", bool, False)
-    partial_images = get("partial_images", int, 0)
-    if not 0 <= partial_images <= 3:
-        raise invalid("'partial_images' must be between 0 and 3", "partial_images")
-    get("user", str, None)
-    seed = get("seed", int, None)
-    if seed is not None and not 0 <= seed < MAX_SEED:
-        raise invalid("'seed' must be in [0, 2**63)", "seed")
-    negative_prompt = get("negative_prompt", str, None)
+    def prompt(self) -> str:
+        prompt = self.body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise invalid("'prompt' is required: a non-empty string", "prompt")
+        self.text("prompt", prompt)
+        return prompt
+
+    def check_model(self) -> None:
+        served = self.cfg.cascade
+        for name in ("model", "cascade"):  # `cascade` is our name for the same thing
+            model = self.get(name, str, served)
+            if model != served:
+                metrics.ERRORS.labels("gateway", E_UNKNOWN_MODEL).inc()
+                raise ApiError(
+                    400, f"model {model!r} is not served here; models: {served}", param=name, code=E_UNKNOWN_MODEL
+                )
+
+    def check_shape(self) -> None:
+        """Size and steps are the cascade's: asking for exactly those is fine, anything else is refused."""
+        side = native_size(self.cfg.cascade)
+        requested = self.get("size", str, "auto")
+        if requested not in ("auto", f"{side}x{side}"):
+            raise invalid(f"size {requested!r} is not supported; sizes: auto, {side}x{side}", "size")
+        for name in ("width", "height"):
+            if self.get(name, int, side) != side:
+                raise invalid(f"'{name}' must be {side}: this cascade renders {side}x{side} images", name)
+        spec = cascade(self.cfg.cascade)
+        heavy_steps = MODELS[spec.heavy].steps
+        if self.get("steps", int, heavy_steps) != heavy_steps:
+            light_steps = MODELS[spec.light].steps
+            raise invalid(f"'steps' is set by the cascade: light {light_steps}, heavy {heavy_steps}", "steps")
+        for name, allowed in ENUMS.items():
+            if self.get(name, str, allowed[0]) not in allowed:
+                raise invalid(f"'{name}' must be one of {', '.join(allowed)}", name)
+
+
+def parse_image_request(body: object, cfg: GatewayConfig, *, jobs_api: bool = False) -> ImageRequest:
+    """The OpenAI images.generate fields, and ours (``seed``, ``negative_prompt``, ``slo_ms``,
+    ``cascade``); unknown fields are ignored, a wrong type or value is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    f = _Fields(body, cfg)
+    prompt = f.prompt()
+    f.check_model()
+    most = 1 if jobs_api else 10
+    n = f.checked(
+        "n", int, 1, lambda n: 1 <= n <= most, "'n' must be 1 for a job" if jobs_api else "'n' must be between 1 and 10"
+    )
+    f.check_shape()
+    formats = ", ".join(IMAGE_FORMATS)
+    output_format = f.checked(
+        "output_format", str, "png", lambda v: v in IMAGE_FORMATS, f"'output_format' must be one of {formats}"
+    )
+    quality = f.checked(
+        "output_compression", int, 90, lambda q: 0 <= q <= 100, "'output_compression' must be between 0 and 100"
+    )
+    response_format = f.checked(
+        "response_format",
+        str,
+        "b64_json",
+        lambda v: v in ("b64_json", "url"),
+        "'response_format' must be b64_json or url",
+    )
+    stream = f.get("stream", bool, False)
+    partial_images = f.checked(
+        "partial_images", int, 0, lambda p: 0 <= p <= 3, "'partial_images' must be between 0 and 3"
+    )
+    f.get("user", str, None)
+    seed = f.checked("seed", int, None, lambda s: 0 <= s < MAX_SEED, "'seed' must be in [0, 2**63)")
+    negative_prompt = f.get("negative_prompt", str, None)
     if negative_prompt is not None:
-        text("negative_prompt", negative_prompt)
-    slo_ms = get("slo_ms", (int, float), None)
-    if slo_ms is not None and not 0 < slo_ms <= 600_000:
-        raise invalid("'slo_ms' must be in (0, 600000]", "slo_ms")
+        f.text("negative_prompt", negative_prompt)
+    slo_ms = f.checked("slo_ms", (int, float), None, lambda v: 0 < v <= 600_000, "'slo_ms' must be in (0, 600000]")
     return ImageRequest(
-        prompt,
-        n,
-        output_format,
-        max(1, quality),
-        response_format,
-        stream,
-        partial_images > 0,
+        prompt=prompt,
+        n=n,
+        output_format=output_format,
+        quality=max(1, quality),
+        response_format=response_format,
+        stream=stream,
+        partials=partial_images > 0,
         seed=seed,
         negative_prompt=negative_prompt or None,
         slo_ms=None if slo_ms is None else float(slo_ms),
@@ -291,49 +319,17 @@ class ImagesApi:
         """Wait for every job's answer, but no longer than it helps: once a job is refused as
         overloaded the others are cancelled and the request answers at once (the caller retries all
         of it), keeping the images already made; a caller who hangs up cancels its jobs."""
-        tasks: dict[asyncio.Future[Any], int] = {
-            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds, strict=False))
-        }
-        gone = asyncio.ensure_future(disconnected(request))
-        done: dict[int, FinalResult] = {}
-        deadline = time.monotonic() + self.cfg.timeout_s
-        try:
-            pending: set[asyncio.Future[Any]] = {*tasks, gone}
-            while len(done) < len(job_ids):
-                finished, pending = await asyncio.wait(
-                    pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-                )
-                if gone in finished:  # the caller hung up: its jobs are not worth a GPU any more
-                    await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
-                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-                if not finished:
-                    break  # the gateway's timeout
-                for task in finished:
-                    try:
-                        done[tasks[task]] = task.result()
-                    except TimeoutError:
-                        pass  # answered below as not within the timeout
-                if any(r.error_code == E_OVERLOADED for r in done.values()):
-                    break
-        finally:
-            for task in [*tasks, gone]:
-                task.cancel()
+        done = await self._answers(request, req, job_ids, seeds)
+        if done is None:  # the caller hung up: its jobs are not worth a GPU any more
+            await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         refused = any(r.error_code == E_OVERLOADED for r in done.values())
         left = [j for i, j in enumerate(job_ids) if i not in done]
         if left:  # cancelled alongside a refused one, or past the timeout: nothing waits for them any more
             await self.client.cancel(*left, ttl_s=self.cfg.result_ttl_s)
             if not refused:
                 metrics.ERRORS.labels("gateway", E_DEADLINE).inc(len(left))
-        errors: list[tuple[int, ApiError]] = []
-        for i in range(len(job_ids)):
-            if i not in done:
-                errors.append(
-                    (i, ApiError(409, "cancelled: another image of this request was refused", code=E_CANCELLED))
-                    if refused
-                    else (i, ApiError(504, f"no image within {self.cfg.timeout_s:g} s", code=E_DEADLINE))
-                )
-            elif done[i].status != Status.OK:
-                errors.append((i, result_error(done[i])))
+        errors = self._errors(done, len(job_ids), refused)
         made = sorted(i for i, r in done.items() if r.status == Status.OK)
         if not made:  # a refusal first: its 429 and Retry-After tell the caller when to come back
             raise min(errors, key=lambda pair: pair[1].status != 429)[1]
@@ -348,6 +344,53 @@ class ImagesApi:
         if errors:  # a partial answer: the images that were made, and why the others are missing
             body["diffserve"] = {"errors": [{"index": i, **error.body()} for i, error in errors]}
         return JSONResponse(body)
+
+    async def _answers(
+        self, request: Request, req: ImageRequest, job_ids: list[str], seeds: list[int]
+    ) -> dict[int, FinalResult] | None:
+        """Each job's answer by its index, until all came, one was refused as overloaded or the timeout
+        passed; None when the caller hung up first."""
+        tasks: dict[asyncio.Future[Any], int] = {
+            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds, strict=True))
+        }
+        gone = asyncio.ensure_future(disconnected(request))
+        done: dict[int, FinalResult] = {}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        try:
+            pending: set[asyncio.Future[Any]] = {*tasks, gone}
+            while len(done) < len(job_ids):
+                finished, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
+                if gone in finished:
+                    return None
+                if not finished:
+                    break  # the gateway's timeout
+                for task in finished:
+                    try:
+                        done[tasks[task]] = task.result()
+                    except TimeoutError:
+                        pass  # answered as not within the timeout
+                if any(r.error_code == E_OVERLOADED for r in done.values()):
+                    break
+        finally:
+            for task in [*tasks, gone]:
+                task.cancel()
+        return done
+
+    def _errors(self, done: dict[int, FinalResult], n: int, refused: bool) -> list[tuple[int, ApiError]]:
+        """Why each image that was not made is missing."""
+        errors: list[tuple[int, ApiError]] = []
+        for i in range(n):
+            if i not in done:
+                errors.append(
+                    (i, ApiError(409, "cancelled: another image of this request was refused", code=E_CANCELLED))
+                    if refused
+                    else (i, ApiError(504, f"no image within {self.cfg.timeout_s:g} s", code=E_DEADLINE))
+                )
+            elif done[i].status != Status.OK:
+                errors.append((i, result_error(done[i])))
+        return errors
 
     async def _image_object(
         self, request: Request, req: ImageRequest, result: FinalResult, seed: int, index: int
