@@ -32,17 +32,18 @@ import dataclasses
 import enum
 import math
 import statistics
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from common.demand import RateEstimator, RecurringPeak
+from common.hindsight import rechoose
 from common.messages import Plan
 from common.planner import (
     DEFAULT_HEADROOM,
     ROLES,
-    THRESHOLD_GRID,
     AimdState,
     FixedPlan,
+    OptionKind,
     PlanResult,
     Policy,
     QueueStats,
@@ -50,101 +51,14 @@ from common.planner import (
     explain,
     plan,
     policy_spec,
-    quality_threshold,
 )
 from common.profiles import BATCH_GRID, CascadeProfile
-from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, relevel, search
+from common.replay import HOP_MS, ArrivalHistory, relevel
 
 # The role-switch time assumed for a worker that has not switched yet (unscaled seconds).
 DEFAULT_SWITCH_S = 5.0
 LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
 SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
-
-
-class RateEstimator:
-    """Rate of a monotonic counter: EWMA of per-tick deltas, plus a look-ahead of one
-    interval's trend while it rises.  Slow to believe a fall, but not after ``settle`` ticks that
-    all stayed below it: then the estimate is their largest rate (a burst has ended; an idle
-    cluster reports no demand)."""
-
-    def __init__(
-        self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None, settle: int = 3
-    ):
-        self.alpha = alpha
-        self.alpha_down = alpha if alpha_down is None else alpha_down
-        self.count: int | None = None
-        self.at: float | None = None
-        self.rate: float | None = initial  # smoothed
-        self.previous: float | None = None  # smoothed rate one tick ago
-        self.raw: float | None = None
-        self.span: float = 0.0  # seconds the last raw rate was measured over
-        self.recent: deque[float] = deque(maxlen=max(1, settle))
-
-    def update(self, count: int, at: float) -> None:
-        if self.count is not None and self.at is not None and at > self.at:
-            delta = count - self.count
-            if delta < 0:  # the stream was deleted and recreated: its counter restarted
-                delta = count
-            self.span = at - self.at
-            self.raw = delta / self.span
-            self.recent.append(self.raw)
-            self.previous = self.rate
-            if self.rate is None:
-                self.rate = self.raw
-            else:  # quick to follow a rise, slow to believe a fall
-                alpha = self.alpha if self.raw >= self.rate else self.alpha_down
-                self.rate = alpha * self.raw + (1 - alpha) * self.rate
-                if len(self.recent) == self.recent.maxlen:
-                    self.rate = min(self.rate, max(self.recent))
-        self.count, self.at = count, at
-
-    @property
-    def smoothed(self) -> float:
-        return max(0.0, self.rate or 0.0)
-
-    def forecast(self) -> float:
-        """The smoothed rate, extrapolated one interval ahead while it is rising."""
-        rate = self.smoothed
-        if self.previous is not None and rate > self.previous:
-            rate += rate - self.previous
-        return rate
-
-
-class RecurringPeak:
-    """The light stage's demand: the highest arrival rate that the last ``window_s`` seconds
-    exceeded for at least ``share`` of their length.  A burst that recurs counts; a one-off burst
-    of a few seconds in a long quiet window does not, so it costs no quality once it is over."""
-
-    def __init__(self, window_s: float, share: float):
-        self.window_s, self.share = window_s, share
-        self.samples: deque[tuple[float, float, float]] = deque()  # (at, rate, seconds)
-        self.first_at: float | None = None
-
-    def update(self, rate: float, at: float, seconds: float) -> None:
-        if self.first_at is None:
-            self.first_at = at - seconds
-        self.samples.append((at, rate, seconds))
-        while self.samples and self.samples[0][0] <= at - self.window_s:
-            self.samples.popleft()
-
-    @property
-    def span_s(self) -> float:
-        """How much of the window the samples cover."""
-        return sum(s for _at, _r, s in self.samples)
-
-    def known(self, at: float) -> bool:
-        """Whether the history already covers a whole window."""
-        return self.first_at is not None and at - self.first_at >= self.window_s
-
-    @property
-    def value(self) -> float:
-        need = self.share * min(self.window_s, self.span_s)
-        covered = 0.0
-        for rate, seconds in sorted(((r, s) for _at, r, s in self.samples), reverse=True):
-            covered += seconds
-            if covered >= need - 1e-9:
-                return rate
-        return 0.0
 
 
 class ControlReason(enum.StrEnum):
@@ -441,12 +355,11 @@ class ControlLoop:
         confidences: Sequence[float] | None = None,
     ) -> str:
         """Re-choose ``result``'s threshold and batch sizes for its roles by replaying the last
-        ``hindsight_s`` of arrivals (common/replay.py); returns what it did ("" when it did not run)."""
-        cfg = self.cfg
-        spec = self.spec
+        ``hindsight_s`` of arrivals (common/hindsight.py); returns what it did ("" when it did not run)."""
+        cfg, spec = self.cfg, self.spec
         if (
             cfg.hindsight_s <= 0
-            or spec.options != "threshold"
+            or spec.options != OptionKind.THRESHOLD
             or spec.fixed
             or spec.aimd
             or not result.feasible
@@ -465,27 +378,7 @@ class ControlLoop:
         if shift is not None:  # replay the history at the level the load has moved to
             ratio, age_s = shift
             arrivals = relevel(arrivals, span_ms - age_s * 1000.0, ratio)
-        arrivals = arrivals[-cfg.hindsight_max_jobs :]
-        replay = Replay(
-            [a - arrivals[0] for a in arrivals],
-            profile=self.profile,
-            latency_scale=cfg.latency_scale,
-            slo_ms=cfg.slo_ms,
-            halflife_ms=cfg.hindsight_halflife_s * 1000.0 if cfg.hindsight_halflife_s > 0 else None,
-            confidences=confidences,
-            draws=cfg.hindsight_draws,
-            hop_ms=cfg.hop_ms,
-        )
-        target = quality_threshold(self.profile) or 1.0
         smoothed = self.smoothed_from(stored, result.roles)
-        center = result.threshold if smoothed is None else smoothed
-        step = 1.0 if smoothed is None else self.threshold_step()
-        grid = [t for t in THRESHOLD_GRID if center - step - 1e-9 <= t <= min(target, center + step) + 1e-9] or [
-            result.threshold
-        ]
-        slo = cfg.slo_ms
-        first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)
-        heavy_batches = [b for b in cfg.batch_grid if first_light + replay.batch_ms("heavy", b) <= slo]
         # The plan in force keeps ties (hysteresis: a replay of a few hundred jobs is noisy), when it was
         # made for these roles; else the solver's plan.
         same_roles = (
@@ -493,44 +386,16 @@ class ControlLoop:
             and stored is not None
             and (stored.light_workers, stored.heavy_workers) == (result.light_workers, result.heavy_workers)
         )
-        keep = stored if same_roles and stored is not None and cfg.hindsight_keep else None
-        base = Candidate(
-            threshold=min(max(keep.threshold if keep else result.threshold, grid[0]), grid[-1]),
-            light_workers=result.light_workers,
-            light_batch=result.light_batch,
-            heavy_workers=result.heavy_workers,
-            heavy_batch=keep.heavy_batch if keep else result.heavy_batch,
+        return rechoose(
+            result,
+            arrivals[-cfg.hindsight_max_jobs :],
+            profile=self.profile,
+            settings=cfg,
+            center=result.threshold if smoothed is None else smoothed,
+            step=1.0 if smoothed is None else self.threshold_step(),
+            keep=stored if same_roles and cfg.hindsight_keep else None,
+            confidences=confidences,
         )
-        best, tried = search(
-            replay,
-            base,
-            thresholds=grid,
-            # the light batch stays the solver's (the most capacity within the SLO): a quiet replay window
-            # cannot tell what a smaller one would cost in the next burst
-            light_batches=[result.light_batch],
-            heavy_batches=heavy_batches or [result.heavy_batch],
-            tie=cfg.hindsight_tie,
-        )
-        chosen = best.candidate
-        note = (
-            f"hindsight over {len(arrivals)} arrivals ({tried} plans replayed): t={chosen.threshold:g}, "
-            f"batches {chosen.light_batch}/{chosen.heavy_batch}, est. {self.profile.quality.metric} "
-            f"{best.quality:.2f}, {100 * best.misses:.1f} % missed"
-        )
-        result.notes.append(note)
-        if (chosen.threshold, chosen.light_batch, chosen.heavy_batch) != (
-            result.threshold,
-            result.light_batch,
-            result.heavy_batch,
-        ):
-            f = self.profile.curve.f(chosen.threshold)
-            result.threshold = chosen.threshold
-            result.light_batch, result.heavy_batch = chosen.light_batch, chosen.heavy_batch
-            result.light_share = 1.0 - f
-            result.estimated_quality = self.profile.quality.score(1.0 - f)
-            if result.objective == "quality":
-                result.objective_value = result.estimated_quality
-        return note
 
     def _decide(
         self,

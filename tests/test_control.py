@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.control import ControlLoop, ControlReason, ControlSettings, RateEstimator, RecurringPeak, WorkerView
+from common.control import ControlLoop, ControlReason, ControlSettings, WorkerView
+from common.demand import RateEstimator, RecurringPeak
 from common.planner import FixedPlan, QueueStats
 from common.profiles import load_cascade_profile
 

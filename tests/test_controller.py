@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from common import metrics
 from common.config import Keys
-from common.control import RateEstimator
+from common.demand import RateEstimator
 from common.localstack import RedisServer
 from common.messages import Plan
 from common.plan_store import load_plan

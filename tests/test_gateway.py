@@ -35,8 +35,8 @@ from common.localstack import LocalStack, RedisServer, StackSpec, free_port
 from common.messages import FinalResult, Plan, RoutedJob
 from common.plan_store import store_plan
 from common.profiles import load_prompts
-from services.gateway.images import result_error
 from services.gateway.keys import hash_key
+from services.gateway.request import result_error
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()

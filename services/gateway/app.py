@@ -28,9 +28,10 @@ from common.service import STOP_GRACE_S, Service, run
 from common.streams import PIPELINE_GROUPS, TRANSIENT_ERRORS, backlog, connect
 from services.gateway.config import GatewayConfig
 from services.gateway.http import ApiError, CountRequests, api_error, guarded_protocol, http_error
-from services.gateway.images import ImagesApi, native_size
+from services.gateway.images import ImagesApi
 from services.gateway.jobs import EventHub, JobsApi
 from services.gateway.keys import Limits
+from services.gateway.request import native_size
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
