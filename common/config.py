@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import re
 import socket
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from common.cascades import DEFAULT_CASCADE
+from common.messages import Role
 
 
 def option(
@@ -93,7 +95,10 @@ class Settings:
                 continue
             hint = hints[f.name]
             default = cls.resolved(f.name) if resolved else None
-            shown = "" if resolved else f"; default {_default(f)!r}"  # resolved: the formatter shows it
+            default_value = _default(f)
+            if isinstance(default_value, enum.Enum):  # as it is typed: its value
+                default_value = default_value.value
+            shown = "" if resolved else f"; default {default_value!r}"  # resolved: the formatter shows it
             helptext = f"{f.metadata['help']} [env {env_name(f)}{shown}]"
             flag = "--" + f.name.replace("_", "-")
             if hint is bool:
@@ -373,8 +378,8 @@ class Keys:
         self.tenant_out_prefix = f"{ns}:out:"  # a tenant's reply streams (only the router writes, only it reads)
         self.blob_prefix = f"{ns}:blob:"  # stored images in a Redis image store (common/blobs.py)
 
-    def queue_for(self, role: str) -> str:
-        return {"light": self.light_queue, "heavy": self.heavy_queue}[role]
+    def queue_for(self, role: Role) -> str:
+        return {Role.LIGHT: self.light_queue, Role.HEAVY: self.heavy_queue}[role]
 
     def arrivals(self, page: int) -> str:
         return f"{self.arrivals_prefix}{page}"

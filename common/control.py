@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from common.demand import RateEstimator, RecurringPeak
 from common.hindsight import rechoose
-from common.messages import Plan
+from common.messages import Objective, Plan
 from common.planner import (
     DEFAULT_HEADROOM,
     ROLES,
@@ -131,8 +131,8 @@ class WorkerView:
 class ControlSettings:
     """The control law's knobs; every time is in the controller's (wall-clock) seconds."""
 
-    policy: str = "diffserve"
-    objective: str | None = None  # None: quality where the cascade has a quality curve
+    policy: Policy = Policy.DIFFSERVE
+    objective: Objective | None = None  # None: quality where the cascade has a quality curve
     slo_ms: float
     latency_scale: float = 1.0
     interval_s: float = 10.0

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from common.clock import CLOCK
 from common.config import Keys
-from common.messages import MessageError, Plan
+from common.messages import MessageError, Plan, Role
 from common.replay import ARRIVAL_BUCKET_MS, ArrivalHistory
 from common.routing import Stage
 from common.streams import backlog
@@ -115,7 +115,7 @@ class StageWatcher:
         self.workers: dict[str, int] = {}
         self._counted_at = -1e9
 
-    async def stage(self, role: str, plan: Plan, times: Callable[[int], float]) -> Stage:
+    async def stage(self, role: Role, plan: Plan, times: Callable[[int], float]) -> Stage:
         """``times``: batch size -> ms on this stage (common/routing.batch_times)."""
         now = time.monotonic()
         if now - self._counted_at >= self.refresh_s:

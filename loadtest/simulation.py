@@ -396,7 +396,7 @@ class Simulation:
         )
         self.outstanding -= 1
 
-    def finish_error(self, rec: JobRecord, code: str, message: str) -> None:
+    def finish_error(self, rec: JobRecord, code: ErrorCode, message: str) -> None:
         rec.received_s = self.now / 1000.0
         rec.result = FinalResult(
             job_id=rec.job_id, status=Status.ERROR, error_code=code, error_message=message, finished_ms=self.now

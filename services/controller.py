@@ -36,7 +36,7 @@ from common import metrics
 from common.backends import BackendSettings, SloSettings, effective_slo_ms, latency_scale, load_profile
 from common.config import ServiceConfig, WorkerRegistrySettings, option
 from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlReason, ControlSettings, Why, WorkerView
-from common.messages import Plan
+from common.messages import Objective, Plan, Policy
 from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
 from common.planner import (
     OBJECTIVES,
@@ -151,8 +151,8 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
 
 def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interval_s: float) -> ControlSettings:
     return ControlSettings(
-        policy=cfg.policy,
-        objective=None if cfg.objective == "auto" else cfg.objective,
+        policy=Policy(cfg.policy),
+        objective=None if cfg.objective == "auto" else Objective(cfg.objective),
         slo_ms=slo_ms,
         latency_scale=scale,
         interval_s=interval_s,

@@ -157,10 +157,10 @@ class Discriminator:
                 answer = Completion.answer(
                     job,
                     result.image_ref or result.image or b"",
-                    result.image_format,
-                    Role.LIGHT,
-                    result.model,
-                    confidence,
+                    image_format=result.image_format,
+                    answered_by=Role.LIGHT,
+                    model=result.model,
+                    confidence=confidence,
                     worker_id=self.cfg.instance_id,
                     light_reason=reason,
                 )

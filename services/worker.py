@@ -314,10 +314,10 @@ class Worker:
                         Completion.answer(
                             job,
                             light,
-                            job.light_image_format or "png",
-                            Role.LIGHT,
-                            self.profile.spec.light,
-                            job.confidence,
+                            image_format=job.light_image_format or "png",
+                            answered_by=Role.LIGHT,
+                            model=self.profile.spec.light,
+                            confidence=job.confidence,
                             worker_id=self.id,
                             light_reason=LightReason.DEADLINE,
                         ).encode(),
@@ -421,7 +421,13 @@ class Worker:
         model_name = self.loaded.name
         if self.role == Role.HEAVY:
             answer = Completion.answer(
-                job, image, image_format, Role.HEAVY, model_name, job.confidence, worker_id=self.id
+                job,
+                image,
+                image_format=image_format,
+                answered_by=Role.HEAVY,
+                model=model_name,
+                confidence=job.confidence,
+                worker_id=self.id,
             )
             return self.keys.completions, answer.encode()
         light = LightResult(

@@ -3,7 +3,10 @@ ports, Prometheus targets, GPU reservations, the dashboard's metric names, the i
 pins; plus ``diffserve healthcheck`` against a real Prometheus client endpoint.
 
 No Docker engine is needed: the files are parsed with PyYAML, and ``docker-compose
-config`` / ``docker compose config`` validates them where such a binary exists."""
+config`` / ``docker compose config`` validates them where such a binary exists.
+
+Longer than 500 lines on purpose: the compose files are read once and every check of them against the
+code sits beside the others (a split would only move the shared parsing helpers)."""
 
 from __future__ import annotations
 

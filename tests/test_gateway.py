@@ -3,7 +3,10 @@ the official openai SDK for the images API, httpx for the jobs API, a real Chrom
 the playground.
 
 Which job goes on to the heavy model is fixed by a confidence file: prompt 0 of the prompt
-set scores 0.99 (answered by the light model), prompt 1 scores 0.01 (escalated)."""
+set scores 0.99 (answered by the light model), prompt 1 scores 0.01 (escalated).
+
+Longer than 500 lines on purpose: every test here shares one started stack (a module-scoped fixture of
+three gateways); starting it is the cost a split would double."""
 
 from __future__ import annotations
 

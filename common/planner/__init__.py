@@ -69,19 +69,10 @@ Modules, by idea: ``policies`` (what each policy means, :data:`POLICY_TABLE`; fi
 ``cli`` (``diffserve plan``). The names the rest of the code uses are imported here.
 """
 
+from common.messages import Objective, Policy
 from common.planner.allocation import assign_roles, count_changes
 from common.planner.milp import solve_milp, warm_up
-from common.planner.policies import (
-    OBJECTIVES,
-    POLICIES,
-    POLICY_TABLE,
-    FixedPlan,
-    Objective,
-    OptionKind,
-    Policy,
-    PolicySpec,
-    policy_spec,
-)
+from common.planner.policies import OBJECTIVES, POLICIES, POLICY_TABLE, FixedPlan, OptionKind, PolicySpec, policy_spec
 from common.planner.problem import (
     DEFAULT_HEADROOM,
     ROLES,

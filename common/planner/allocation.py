@@ -8,8 +8,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 
-from common.messages import Role
-from common.planner.policies import OptionKind, Policy, policy_spec
+from common.messages import Policy, Role
+from common.planner.policies import OptionKind, policy_spec
 from common.planner.problem import ROLES, AimdState, Choice, Evaluation, Option, Problem, evaluate
 
 

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from common.planner.policies import OBJECTIVES, POLICIES, FixedPlan, Policy
+from common.messages import Policy
+from common.planner.policies import OBJECTIVES, POLICIES, FixedPlan
 from common.planner.result import PlanResult
 from common.planner.solve import SOLVERS, plan
 from common.profiles import QualityCurve

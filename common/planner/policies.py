@@ -7,6 +7,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from common.messages import Objective, Policy
+
 
 class OptionKind(enum.StrEnum):
     """What a policy's routing knob is (its plans' options)."""
@@ -15,13 +17,6 @@ class OptionKind(enum.StrEnum):
     SPLIT = "split"  # a fraction h of the jobs straight to heavy
     LIGHT = "light"  # the light model alone
     HEAVY = "heavy"  # the heavy model alone
-
-
-class Objective(enum.StrEnum):
-    """What the planner maximises among the plans that serve the demand."""
-
-    QUALITY = "quality"  # the best estimated quality (FID) of the light share
-    THRESHOLD = "threshold"  # the largest threshold (the paper)
 
 
 OBJECTIVES = tuple(Objective)
@@ -38,18 +33,6 @@ class PolicySpec:
     fixed: bool = False  # planned once, never changed
     aimd: bool = False  # batch sizes by additive increase / multiplicative decrease on SLO misses
     summary: str = ""
-
-
-class Policy(enum.StrEnum):
-    """The serving policies (``--policy``); what each one means is its POLICY_TABLE entry."""
-
-    DIFFSERVE = "diffserve"
-    DIFFSERVE_THRESHOLD = "diffserve-threshold"
-    STATIC = "static"
-    CLIPPER_LIGHT = "clipper-light"
-    CLIPPER_HEAVY = "clipper-heavy"
-    PROTEUS = "proteus"
-    AIMD = "aimd"
 
 
 POLICY_TABLE: dict[Policy, PolicySpec] = {

@@ -8,8 +8,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.messages import Plan, Role
-from common.planner.policies import OBJECTIVES, Objective, OptionKind, Policy, policy_spec, spec_uses_light
+from common.messages import Objective, Plan, Policy, Role
+from common.planner.policies import OBJECTIVES, OptionKind, policy_spec, spec_uses_light
 from common.profiles import BATCH_GRID, CascadeProfile, LatencyTable, QualityCurve
 
 ROLES = tuple(Role)

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.messages import Plan, Role
-from common.planner.policies import Objective, Policy, policy_spec
+from common.messages import Objective, Plan, Policy, Role
+from common.planner.policies import policy_spec
 
 
 @dataclass

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from common.messages import Objective, Policy
 from common.planner.allocation import (
     aimd_batches,
     assign_roles,
@@ -18,7 +19,7 @@ from common.planner.allocation import (
     refit_batches,
 )
 from common.planner.milp import solve_milp, warm_up
-from common.planner.policies import FixedPlan, Objective, OptionKind, Policy, PolicySpec, policy_spec
+from common.planner.policies import FixedPlan, OptionKind, PolicySpec, policy_spec
 from common.planner.problem import (
     DEFAULT_DRAIN_S,
     DEFAULT_HEADROOM,

@@ -30,7 +30,9 @@ What ``podman kube play`` (4.3) lacks, and what this script does instead (the sh
 On this kernel (cgroup v1 with a v2 hierarchy mounted: "hybrid") Debian's crun 1.8 refuses to start
 containers, so the script's containers.conf selects runc; it also raises the ulimits podman would copy
 from the host.  Prints a summary; exits non-zero on any failure.
-"""
+
+One script on purpose (over 500 lines): the opt-in smoke run, read top to bottom, like
+compose/compose_test.py."""
 
 from __future__ import annotations
 
