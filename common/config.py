@@ -186,7 +186,7 @@ class Settings:
 _URL_PASSWORD = re.compile(r"(://[^:/@,]*:)[^@/,]*@")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RedisSettings(Settings):
     """How every service reaches Redis and the image store. Password/ACL user and TLS (``rediss://``) work."""
 
@@ -240,7 +240,7 @@ class RedisSettings(Settings):
             )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServiceConfig(RedisSettings):
     """Fields every service has."""
 
@@ -265,7 +265,7 @@ class ServiceConfig(RedisSettings):
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReplySettings(Settings):
     """How long answers are kept: the router delivers them, the heavy workers send progress onto the
     same reply streams, the gateway keeps url images and async jobs as long."""
@@ -282,7 +282,7 @@ class ReplySettings(Settings):
 WORKER_TIMEOUT_S = 5.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WorkerRegistrySettings(Settings):
     """Which workers are alive: one window for everyone who counts them (the controller's plans, the
     router's and discriminator's view of the stages, the gateway's readiness; common/plan_store.py)."""
@@ -294,7 +294,7 @@ class WorkerRegistrySettings(Settings):
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConsumerSettings(Settings):
     """How the consumers of one stage share its stream (router, workers, discriminator; common/streams.py)."""
 
@@ -309,14 +309,14 @@ class ConsumerSettings(Settings):
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RequestLimits(Settings):
     """What a submitted job may hold (the router checks it; the gateway refuses it at the door)."""
 
     max_prompt_chars: int = option(2000, "longest prompt accepted", env="DIFFSERVE_MAX_PROMPT_CHARS")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GatewayAddress(Settings):
     """Where the HTTP gateway listens (the gateway, and ``diffserve up`` that starts one)."""
 
@@ -324,7 +324,7 @@ class GatewayAddress(Settings):
     port: int = option(8000, "HTTP port", env="DIFFSERVE_GATEWAY_PORT")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TenantSettings(Settings):
     """Whom a command-line client submits as (``diffserve submit``)."""
 
@@ -335,7 +335,7 @@ class TenantSettings(Settings):
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CascadeSettings(Settings):
     """Which cascade the deployment serves."""
 

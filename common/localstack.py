@@ -129,7 +129,7 @@ class RedisServer:
         self.start()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StackSpec:
     backend: str = "profiled"
     cascade: str = "sdturbo-sdv15"

@@ -169,7 +169,7 @@ def load_quality_curve(
     return QualityCurve(shares, scores, metric, lower_is_better, f"{Path(path).name}:{column}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CascadeProfile:
     spec: CascadeSpec
     light: LatencyTable
@@ -241,7 +241,17 @@ def load_cascade_profile(
         quality = load_quality_curve(quality_file, spec.quality_column or name)
     elif spec.quality_column:
         quality = load_quality_curve(ARTIFACT_DIR / "fid_vs_light_share.csv", spec.quality_column)
-    return CascadeProfile(spec, light, heavy, disc, curve, quality, slo_ms or spec.slo_ms, hardware, notes)
+    return CascadeProfile(
+        spec=spec,
+        light=light,
+        heavy=heavy,
+        discriminator=disc,
+        curve=curve,
+        quality=quality,
+        slo_ms=slo_ms or spec.slo_ms,
+        hardware=hardware,
+        notes=notes,
+    )
 
 
 def load_slo_ms(cascade_json: str | Path) -> float:

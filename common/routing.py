@@ -151,7 +151,7 @@ def degrades_late(late_policy: str, plan_degrade_late: bool) -> bool:
     return plan_degrade_late if late_policy == "plan" else late_policy == "light"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LatePolicySettings(Settings):
     """The deadline rule's override, the same for every stage that applies it (the router's direct routing
     and admission, the discriminator, the heavy worker)."""

@@ -60,7 +60,7 @@ WATCH_S = 0.25  # wall-clock seconds between looks at the worker set
 SETTLE_S = 0.5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegistrySettings):
     """diffserve controller: re-plans threshold, batch sizes and worker roles."""
 

@@ -33,7 +33,7 @@ from common.streams import Entry, StreamConsumer, run_forever
 from common.tenants import client_job_id
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiscriminatorConfig(ServiceConfig, BackendSettings, ConsumerSettings, LatePolicySettings, WorkerRegistrySettings):
     """diffserve discriminator: routes each light image to the client or to the heavy model."""
 

@@ -57,7 +57,7 @@ DEFAULT_THUMBNAIL_SIZE = 224  # EfficientNet-V2-S input size
 CLOSE_TIMEOUT_S = 2.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings, ConsumerSettings, LatePolicySettings):
     """diffserve worker: runs the light or the heavy model of the cascade."""
 

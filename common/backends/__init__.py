@@ -84,7 +84,7 @@ class DiscriminatorModel(Protocol):
         ...
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BackendSettings(CascadeSettings):
     """Which models run, on what, with which profile (the cascade's, from ``CascadeSettings``)."""
 
@@ -160,7 +160,7 @@ def require_backend(backend: str) -> None:
         require_models_extra(f"--backend {backend}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SloSettings(Settings):
     """The latency SLO the router stamps as each job's deadline and the controller plans for."""
 

@@ -157,7 +157,7 @@ def fixed_image(kib: int, seed: int = 0) -> Encoded:
         pad = target - len(png) - 12
         chunk = b"dsPd" + b"\0" * pad  # ancillary, private (lower-case first letters): decoders skip it
         png = png[:-12] + struct.pack(">I", pad) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[-12:]
-    return Encoded(png, "png", digest=hashlib.sha256(png).hexdigest())
+    return Encoded(data=png, format="png", digest=hashlib.sha256(png).hexdigest())
 
 
 def confidences_by_text(overrides: dict[int, float], prompts: list[str]) -> dict[str, float]:

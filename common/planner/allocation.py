@@ -79,7 +79,7 @@ def refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, refit: bool = 
         best = None
         for b1 in b1s:
             for b2 in b2s:
-                cand = Choice(ch.option, b1, b2, x1, x2)
+                cand = Choice(option=ch.option, b1=b1, b2=b2, x1=x1, x2=x2)
                 ev = evaluate(relaxed, cand)
                 if ev.feasible:
                     rho = sorted(
@@ -94,7 +94,7 @@ def refit_batches(problem: Problem, ch: Choice, x1: int, x2: int, refit: bool = 
                         best = (key, cand, ev)
         if best is not None:
             return best[1], best[2]
-    cand = Choice(ch.option, ch.b1, ch.b2, x1, x2)
+    cand = Choice(option=ch.option, b1=ch.b1, b2=ch.b2, x1=x1, x2=x2)
     return cand, evaluate(relaxed, cand)
 
 
@@ -176,12 +176,11 @@ def fallback(problem: Problem, policy: Policy) -> tuple[Choice, Evaluation]:
     light_paths = {b: problem.light_path_ms(b) for b in problem.b1s}
     if policy_spec(policy).options == OptionKind.HEAVY:
         b2 = best_batch(problem, {b: problem.heavy_path_ms(b) for b in problem.b2s}, problem.p2)
-        ch = Choice(0, problem.b1s[0], b2, problem.min_light, S - problem.min_light)
+        ch = Choice(option=0, b1=problem.b1s[0], b2=b2, x1=problem.min_light, x2=S - problem.min_light)
     else:  # every worker light, t = 0 (or h = 0)
         k = min(range(len(problem.options)), key=lambda i: (problem.options[i].heavy_factor, problem.options[i].value))
-        ch = Choice(
-            k, best_batch(problem, light_paths, problem.p1), problem.b2s[0], S - problem.min_heavy, problem.min_heavy
-        )
+        b1 = best_batch(problem, light_paths, problem.p1)
+        ch = Choice(option=k, b1=b1, b2=problem.b2s[0], x1=S - problem.min_heavy, x2=problem.min_heavy)
     return ch, evaluate(dataclasses.replace(problem, keep_roles=False), ch)
 
 

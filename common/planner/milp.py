@@ -156,7 +156,8 @@ def _solution(problem: Problem, v: _Model) -> tuple[Choice, Evaluation] | None:
     k = max(v.opts, key=lambda i: v.z[i].x)
     b1 = max(problem.b1s, key=lambda b: v.y1[b].x)
     b2 = max(problem.b2s, key=lambda b: v.y2[b].x)
-    ch = Choice(k, b1, b2, int(round(sum(x.x for x in v.x1.values()))), int(round(sum(x.x for x in v.x2.values()))))
+    x1, x2 = (int(round(sum(x.x for x in xs.values()))) for xs in (v.x1, v.x2))
+    ch = Choice(option=k, b1=b1, b2=b2, x1=x1, x2=x2)
     if not problem.options[k].uses_light:
         ch.x1 = 0
     if not problem.options[k].uses_heavy:

@@ -38,7 +38,7 @@ class AimdState:
     slo_miss: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Option:
     """One choice of the routing knob: threshold t (cascade) or heavy fraction h (split)."""
 
@@ -109,7 +109,7 @@ class Problem:
         return (1 + WAIT_BATCHES) * self.e2[b2]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Choice:
     option: int
     b1: int
@@ -118,7 +118,7 @@ class Choice:
     x2: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Evaluation:
     feasible: bool
     light_ms: float = 0.0
@@ -186,13 +186,19 @@ def build_options(
     spec = policy_spec(policy)
     f = profile.curve.f
     if spec.options == OptionKind.LIGHT:
-        opts = [Option(0.0, 1.0, 0.0, 1.0, False)]
+        opts = [Option(value=0.0, light_factor=1.0, heavy_factor=0.0, light_share=1.0, split=False)]
     elif spec.options == OptionKind.HEAVY:
-        opts = [Option(1.0, 0.0, 1.0, 0.0, True)]
+        opts = [Option(value=1.0, light_factor=0.0, heavy_factor=1.0, light_share=0.0, split=True)]
     elif spec.options == OptionKind.SPLIT:
-        opts = [Option(float(h), 1.0 - h, float(h), 1.0 - h, True) for h in threshold_grid]
+        opts = [
+            Option(value=float(h), light_factor=1.0 - h, heavy_factor=float(h), light_share=1.0 - h, split=True)
+            for h in threshold_grid
+        ]
     else:
-        opts = [Option(float(t), 1.0, f(t), 1.0 - f(t), False) for t in threshold_grid]
+        opts = [
+            Option(value=float(t), light_factor=1.0, heavy_factor=f(t), light_share=1.0 - f(t), split=False)
+            for t in threshold_grid
+        ]
     if threshold_window is not None and len(opts) > 1:
         lo, hi = threshold_window
         opts = [o for o in opts if lo - 1e-9 <= o.value <= hi + 1e-9] or opts
@@ -277,7 +283,7 @@ def evaluate(problem: Problem, choice: Choice) -> Evaluation:
     o = problem.options[choice.option]
     slo = problem.slo_ms
     b1, b2, x1, x2 = choice.b1, choice.b2, choice.x1, choice.x2
-    ev = Evaluation(True)
+    ev = Evaluation(feasible=True)
     ev.changes = max(0, x1 - problem.current_light, x2 - problem.current_heavy)
 
     def fail(reason: str) -> Evaluation:
@@ -334,7 +340,7 @@ def brute_force(problem: Problem, *, exhaustive: bool = True) -> tuple[Choice, E
                 else:
                     pairs = [(lo1, lo2)]
                 for x1, x2 in pairs:
-                    ch = Choice(k, b1, b2, x1, x2)
+                    ch = Choice(option=k, b1=b1, b2=b2, x1=x1, x2=x2)
                     ev = evaluate(problem, ch)
                     if not ev.feasible:
                         continue

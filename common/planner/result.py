@@ -12,7 +12,7 @@ from common.messages import Objective, Plan, Policy, Role
 from common.planner.policies import policy_spec
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LatencyBreakdown:
     light_ms: float = 0.0
     discriminator_ms: float = 0.0

@@ -254,11 +254,11 @@ def _fixed_result(req: PlanRequest, fixed: FixedPlan) -> PlanResult:
         light_batches=[fixed.light_batch],
         heavy_batches=[fixed.heavy_batch],
     )
-    ch = Choice(0, problem.b1s[0], problem.b2s[0], fixed.light_workers, fixed.heavy_workers)
+    ch = Choice(option=0, b1=problem.b1s[0], b2=problem.b2s[0], x1=fixed.light_workers, x2=fixed.heavy_workers)
     ev = evaluate(problem, ch)
     result = _result(
         req,
-        Choice(0, fixed.light_batch, fixed.heavy_batch, fixed.light_workers, fixed.heavy_workers),
+        Choice(option=0, b1=fixed.light_batch, b2=fixed.heavy_batch, x1=fixed.light_workers, x2=fixed.heavy_workers),
         ev,
         threshold=fixed.threshold,
         heavy_fraction=0.0,
@@ -279,7 +279,7 @@ def _fixed_result(req: PlanRequest, fixed: FixedPlan) -> PlanResult:
 def _no_workers(req: PlanRequest, problem: Problem, solve_ms: float) -> PlanResult:
     result = _result(
         req,
-        Choice(0, problem.b1s[0], problem.b2s[0], 0, 0),
+        Choice(option=0, b1=problem.b1s[0], b2=problem.b2s[0], x1=0, x2=0),
         None,
         threshold=0.0,
         heavy_fraction=0.0,
@@ -312,7 +312,12 @@ def _result(
     lat = LatencyBreakdown()
     if ev is not None:
         lat = LatencyBreakdown(
-            ev.light_ms, ev.discriminator_ms, ev.heavy_ms, ev.light_queue_ms, ev.heavy_queue_ms, ev.total_ms
+            light_ms=ev.light_ms,
+            discriminator_ms=ev.discriminator_ms,
+            heavy_ms=ev.heavy_ms,
+            light_queue_ms=ev.light_queue_ms,
+            heavy_queue_ms=ev.heavy_queue_ms,
+            total_ms=ev.total_ms,
         )
     return PlanResult(
         policy=req.policy,

@@ -15,7 +15,7 @@ from common.config import (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GatewayConfig(
     ServiceConfig, GatewayAddress, ReplySettings, CascadeSettings, RequestLimits, WorkerRegistrySettings
 ):

@@ -34,7 +34,7 @@ ADMIT = _BUCKET + script("services", "gateway/admit.lua")
 TAKE = _BUCKET + script("services", "gateway/take.lua")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ApiKey:
     name: str
     sha256: str  # hex digest of the secret; the secret itself is never stored
@@ -44,7 +44,7 @@ class ApiKey:
     read_rpm: int = 0  # every other request, per minute (0: no limit)
 
 
-ANONYMOUS = ApiKey("anonymous", "", 0, 0)  # keys off: no limits
+ANONYMOUS = ApiKey(name="anonymous", sha256="", rpm=0, max_in_flight=0)  # keys off: no limits
 
 
 def default_burst(rpm: int) -> int:
@@ -75,12 +75,12 @@ def load_keys(cfg: GatewayConfig) -> list[ApiKey]:
         rpm = int(e.get("rpm", cfg.rate_limit_rpm))
         keys.append(
             ApiKey(
-                str(e["name"]),
-                digest,
-                rpm,
-                int(e.get("max_in_flight", cfg.max_in_flight)),
-                int(e.get("burst", default_burst(rpm))),
-                int(e.get("read_rpm", cfg.read_rate_limit_rpm)),
+                name=str(e["name"]),
+                sha256=digest,
+                rpm=rpm,
+                max_in_flight=int(e.get("max_in_flight", cfg.max_in_flight)),
+                burst=int(e.get("burst", default_burst(rpm))),
+                read_rpm=int(e.get("read_rpm", cfg.read_rate_limit_rpm)),
             )
         )
     return keys

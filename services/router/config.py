@@ -17,7 +17,7 @@ from common.config import (
 from common.routing import LatePolicySettings
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RouterConfig(
     ServiceConfig,
     BackendSettings,
