@@ -263,3 +263,44 @@ def test_controller_process_stops_and_plan_stays(redis_url):
     last = Plan.decode(stored)
     assert last.version >= plan.version and set(last.roles) == {"a", "b"}
     r.close()
+
+
+def test_every_stage_counts_the_same_live_workers(redis_server):
+    """One alive window (WorkerRegistrySettings.worker_timeout_s, the same option in every service) and one
+    registry reader: the controller's plan, the router's and discriminator's view of a stage and the
+    gateway's readiness count the same workers."""
+    from common.messages import Role
+    from common.plan_store import StageWatcher, live_ids, live_roles
+    from services.controller import Controller
+    from services.gateway.config import GatewayConfig
+    from services.router import RouterConfig
+
+    cfg = ControllerConfig(redis_url=redis_server.url, namespace=_namespace(), backend="profiled")
+    windows = {c.__name__: c(redis_url=redis_server.url).worker_timeout_s for c in (RouterConfig, GatewayConfig)}
+    assert windows == {"RouterConfig": cfg.worker_timeout_s, "GatewayConfig": cfg.worker_timeout_s}
+
+    async def go() -> tuple[set[str], list[str], dict[str, str], set[str], int]:
+        svc = Service("controller", cfg)
+        keys, r = svc.keys, svc.redis
+        try:
+            now = now_ms()
+            ages_s = {"fresh": 1.0, "stale": cfg.worker_timeout_s + 2.0}  # the gateway used to count 10 s
+            for worker, age in ages_s.items():
+                await r.zadd(keys.workers, {worker: now - age * 1000})
+                await r.hset(keys.worker_info(worker), mapping={"role": "light", "switch_s": 0.5})
+            controller = Controller(svc)
+            views = await controller.live_workers(None)
+            stage = await StageWatcher(r, keys, cfg.worker_timeout_s).stage(Role.LIGHT, Plan(), lambda n: 100.0)
+            return (
+                await controller.live_ids(),
+                [v.worker_id for v in views],
+                await live_roles(r, keys, cfg.worker_timeout_s),
+                await live_ids(r, keys, cfg.worker_timeout_s),
+                stage.workers,
+            )
+        finally:
+            await r.aclose()
+
+    ids, views, roles, gateway_ids, stage_workers = asyncio.run(go())
+    assert ids == {"fresh"} and views == ["fresh"] and roles == {"fresh": "light"}
+    assert gateway_ids == ids and stage_workers == 1
