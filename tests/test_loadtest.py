@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import importlib.util
+import io
 import json
 import math
 
@@ -227,7 +228,7 @@ def test_replay_two_policies_against_real_stacks(tmp_path):
         assert e["timeline"]["plan"], "the plan/roles were sampled"
         # Latencies are full-speed: far above the wall-clock values of a 20x replay.
         assert e["latency_ms"]["p50"] > 100
-        rows = list(csv.DictReader(open(out / "jobs" / f"{policy}.csv")))
+        rows = list(csv.DictReader(io.StringIO((out / "jobs" / f"{policy}.csv").read_text())))
         assert len(rows) == len(trace) and len({r["job_id"] for r in rows}) == len(rows)
         for r in rows:  # the recorded confidence of each prompt came back with its answer
             assert r["status"] == "ok", r
@@ -238,7 +239,9 @@ def test_replay_two_policies_against_real_stacks(tmp_path):
     if HAS_CONTROLLER:
         assert any(s.get("threshold") is not None for s in rep["policies"]["diffserve"]["timeline"]["plan"])
     # Fixed threshold 0.5 without a controller: only the unconfident prompts (0.05) may go heavy.
-    heavy = [r for r in csv.DictReader(open(out / "jobs" / "none.csv")) if r["answered_by"] == "heavy"]
+    heavy = [
+        r for r in csv.DictReader(io.StringIO((out / "jobs" / "none.csv").read_text())) if r["answered_by"] == "heavy"
+    ]
     assert heavy and all(confidences[int(r["prompt_index"])] < 0.5 for r in heavy)
     for name in PLOTS:
         data = (out / name).read_bytes()
