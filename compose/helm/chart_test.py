@@ -95,7 +95,7 @@ def read_env_file() -> dict[str, str]:
 def config_classes() -> dict[str, type]:
     from services.controller import ControllerConfig
     from services.discriminator import DiscriminatorConfig
-    from services.gateway import GatewayConfig
+    from services.gateway.config import GatewayConfig
     from services.router import RouterConfig
     from services.worker import WorkerConfig
 
