@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.profiles import CascadeProfile, load_cascade_profile  # noqa: E402
 from common.planner import OBJECTIVES, plan, warm_up  # noqa: E402
+from common.profiles import CascadeProfile, load_cascade_profile  # noqa: E402
 from common.replay import Candidate, Replay, search  # noqa: E402
 
 SIZES = (16, 128, 1024)

@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, image in images.items():
         png = encode(image, "png")
         thumb = thumbnail_rgb(image, args.size)
-        enc = _median_ms(lambda: encode(image, "png"), args.repeats)
-        dec = _median_ms(lambda: decode(png).resize((args.size, args.size), Image.BILINEAR), args.repeats)
-        make = _median_ms(lambda: thumbnail_rgb(image, args.size), args.repeats)
-        unpack = _median_ms(lambda: from_thumbnail(thumb, args.size), args.repeats)
+        # each timed call binds this iteration's image (run before the next one)
+        enc = _median_ms(lambda image=image: encode(image, "png"), args.repeats)
+        dec = _median_ms(lambda png=png: decode(png).resize((args.size, args.size), Image.BILINEAR), args.repeats)
+        make = _median_ms(lambda image=image: thumbnail_rgb(image, args.size), args.repeats)
+        unpack = _median_ms(lambda thumb=thumb: from_thumbnail(thumb, args.size), args.repeats)
         print(
             f"{name:8} {enc:11.2f} {len(png) / 1024:8.0f} {dec:20.2f} {make:18.2f} {unpack:13.3f} "
             f"{len(thumb) / 1024:10.0f}"

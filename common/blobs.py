@@ -137,7 +137,7 @@ class BlobStore:
         keys = [r.key for r in refs]
         got = await self._retrying("get", lambda: self._get(keys, take))
         metrics.BLOB_BYTES.labels("get").inc(sum(len(d) for d in got if d))
-        return [d if d is not None and len(d) == r.size else None for d, r in zip(got, refs)]
+        return [d if d is not None and len(d) == r.size else None for d, r in zip(got, refs, strict=False)]
 
     async def discard(self, keys: Sequence[str]) -> None:
         """Delete what nobody will read again, best effort: one try of at most a second; what a failure
@@ -204,7 +204,7 @@ class RedisBlobs(BlobStore):
                     values = await pipe.execute()
             else:
                 values = await self.shards[shard].mget(names)
-            for i, value in zip(positions, values):
+            for i, value in zip(positions, values, strict=False):
                 out[i] = value
 
         await asyncio.gather(*(one(s, p) for s, p in self._by_shard(keys).items()))
@@ -287,7 +287,7 @@ class S3Blobs(BlobStore):
         return str(signed)
 
     async def _sweep(self) -> int:
-        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=self.ttl_s)
+        cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=self.ttl_s)
         old = [str(m["path"]) for chunk in await self._list() for m in chunk if m["last_modified"] < cutoff]
         for start in range(0, len(old), 1000):
             await self._delete(old[start : start + 1000])
@@ -306,7 +306,7 @@ async def inline_images(store: BlobStore, answers: list[tuple[FinalResult, BlobR
     except BlobUnavailable as exc:
         read, why = [None] * len(answers), str(exc)
     failed = 0
-    for (answer, _ref), data in zip(answers, read):
+    for (answer, _ref), data in zip(answers, read, strict=False):
         if data is not None:
             answer.image = data
             continue

@@ -5,9 +5,10 @@ there exactly once, and one background reader hands results to the waiting calle
 Jobs pushed without ``reply_to`` get their result in the list ``<ns>:result:<job_id>``
 instead (``wait_result``), which is what a plain ``XADD`` user reads with BLPOP.
 
-A **tenant** client (``tenant="NAME"``, or ``DIFFSERVE_TENANT``; Redis user ``NAME`` by default) submits
-to its own stream ``<ns>:in:NAME`` and reads its own reply streams ``<ns>:out:NAME:*`` only: it needs no
-permission on any shared key (``diffserve tenant add NAME`` makes such a user).
+A **tenant** client (``tenant="NAME"``, which ``diffserve submit`` takes from ``DIFFSERVE_TENANT``; Redis
+user ``NAME`` by default) submits to its own stream ``<ns>:in:NAME`` and reads its own reply streams
+``<ns>:out:NAME:*`` only: it needs no permission on any shared key (``diffserve tenant add NAME`` makes such
+a user).
 
 ``submit(..., on_light=f)`` asks for the light image of a job that goes on to the heavy
 model: the discriminator puts a ``LightReady`` on the reply stream and ``f`` gets it
@@ -85,7 +86,7 @@ async def preflight(client: Client, redis_url: str, timeout_s: float = 5.0) -> s
     where = _redacted(redis_url)
     try:
         alive = await asyncio.wait_for(router_connected(client.redis), timeout_s)
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         return f"Redis at {where} did not answer within {timeout_s:g} s"
     except (RedisError, OSError) as exc:
         hint = " (start a local stack with `diffserve up`)" if stackfile.find() is None else ""
@@ -144,7 +145,7 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -29,19 +29,21 @@ disappear are (re)assigned.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import statistics
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.messages import Plan
+from common.demand import RateEstimator, RecurringPeak
+from common.hindsight import rechoose
+from common.messages import Objective, Plan
 from common.planner import (
     DEFAULT_HEADROOM,
-    THRESHOLD_GRID,
     ROLES,
     AimdState,
     FixedPlan,
+    OptionKind,
     PlanResult,
     Policy,
     QueueStats,
@@ -49,99 +51,73 @@ from common.planner import (
     explain,
     plan,
     policy_spec,
-    quality_threshold,
 )
 from common.profiles import BATCH_GRID, CascadeProfile
-from common.replay import HOP_MS, ArrivalHistory, Candidate, Replay, relevel, search
+from common.replay import HOP_MS, ArrivalHistory, relevel
 
+# The role-switch time assumed for a worker that has not switched yet (unscaled seconds).
+DEFAULT_SWITCH_S = 5.0
 LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
 SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
 
 
-class RateEstimator:
-    """Rate of a monotonic counter: EWMA of per-tick deltas, plus a look-ahead of one
-    interval's trend while it rises.  Slow to believe a fall, but not after ``settle`` ticks that
-    all stayed below it: then the estimate is their largest rate (a burst has ended; an idle
-    cluster reports no demand)."""
+class ControlReason(enum.StrEnum):
+    """Why a tick's plan has the roles it has (the hysteresis on role changes)."""
 
-    def __init__(
-        self, alpha: float = 0.5, initial: float | None = None, alpha_down: float | None = None, settle: int = 3
-    ):
-        self.alpha = alpha
-        self.alpha_down = alpha if alpha_down is None else alpha_down
-        self.count: int | None = None
-        self.at: float | None = None
-        self.rate: float | None = initial  # smoothed
-        self.previous: float | None = None  # smoothed rate one tick ago
-        self.raw: float | None = None
-        self.span: float = 0.0  # seconds the last raw rate was measured over
-        self.recent: deque[float] = deque(maxlen=max(1, settle))
-
-    def update(self, count: int, at: float) -> None:
-        if self.count is not None and self.at is not None and at > self.at:
-            delta = count - self.count
-            if delta < 0:  # the stream was deleted and recreated: its counter restarted
-                delta = count
-            self.span = at - self.at
-            self.raw = delta / self.span
-            self.recent.append(self.raw)
-            self.previous = self.rate
-            if self.rate is None:
-                self.rate = self.raw
-            else:  # quick to follow a rise, slow to believe a fall
-                alpha = self.alpha if self.raw >= self.rate else self.alpha_down
-                self.rate = alpha * self.raw + (1 - alpha) * self.rate
-                if len(self.recent) == self.recent.maxlen:
-                    self.rate = min(self.rate, max(self.recent))
-        self.count, self.at = count, at
+    NO_ROLE_CHANGE = "no role change"
+    FIRST_PLAN = "first plan"
+    POLICY_CHANGED = "policy changed"
+    FIXED_REASSIGNED = "fixed plan: workers (re)assigned"
+    MUST_CHANGE = "current allocation cannot serve demand"
+    WITHIN_MARGINS = "within margins: roles kept"
+    SLOW_SWITCH = "switch slower than half an interval: roles kept"
+    PROPOSED = "change proposed: confirming next interval"
+    CONFIRMED = "plan moved beyond margins (confirmed)"
+    PARTIAL_INFEASIBLE = "partial move infeasible: roles kept"
+    SWITCH_COST = "switch cost makes the change infeasible: roles kept"
 
     @property
-    def smoothed(self) -> float:
-        return max(0.0, self.rate or 0.0)
-
-    def forecast(self) -> float:
-        """The smoothed rate, extrapolated one interval ahead while it is rising."""
-        rate = self.smoothed
-        if self.previous is not None and rate > self.previous:
-            rate += rate - self.previous
-        return rate
+    def deferred(self) -> bool:
+        """A role change the free plan wanted was not made (yet)."""
+        return self in _DEFERRED
 
 
-class RecurringPeak:
-    """The light stage's demand: the highest arrival rate that the last ``window_s`` seconds
-    exceeded for at least ``share`` of their length.  A burst that recurs counts; a one-off burst
-    of a few seconds in a long quiet window does not, so it costs no quality once it is over."""
+_DEFERRED = frozenset(
+    {
+        ControlReason.WITHIN_MARGINS,
+        ControlReason.SLOW_SWITCH,
+        ControlReason.PROPOSED,
+        ControlReason.PARTIAL_INFEASIBLE,
+        ControlReason.SWITCH_COST,
+    }
+)
 
-    def __init__(self, window_s: float, share: float):
-        self.window_s, self.share = window_s, share
-        self.samples: deque[tuple[float, float, float]] = deque()  # (at, rate, seconds)
-        self.first_at: float | None = None
 
-    def update(self, rate: float, at: float, seconds: float) -> None:
-        if self.first_at is None:
-            self.first_at = at - seconds
-        self.samples.append((at, rate, seconds))
-        while self.samples and self.samples[0][0] <= at - self.window_s:
-            self.samples.popleft()
+@dataclass(frozen=True)
+class Why:
+    """A tick's reason, and what follows it in the log (a partial move's steps, the hindsight replay)."""
 
-    @property
-    def span_s(self) -> float:
-        """How much of the window the samples cover."""
-        return sum(s for _at, _r, s in self.samples)
+    reason: ControlReason
+    detail: str = ""
 
-    def known(self, at: float) -> bool:
-        """Whether the history already covers a whole window."""
-        return self.first_at is not None and at - self.first_at >= self.window_s
+    def __str__(self) -> str:
+        return f"{self.reason}{self.detail}"
 
-    @property
-    def value(self) -> float:
-        need = self.share * min(self.window_s, self.span_s)
-        covered = 0.0
-        for rate, seconds in sorted(((r, s) for _at, r, s in self.samples), reverse=True):
-            covered += seconds
-            if covered >= need - 1e-9:
-                return rate
-        return 0.0
+
+@dataclass(frozen=True, kw_only=True)
+class _Tick:
+    """What one tick decides from."""
+
+    demand: float
+    current: dict[str, str]  # worker id -> its role now
+    switch_s: dict[str, float]
+    queues: QueueStats
+    stored: Plan | None
+    aimd: AimdState | None
+
+    def flipping(self, plan: PlanResult) -> list[str]:
+        """The workers ``plan`` moves from the role they have."""
+        return [w for w, r in plan.roles.items() if self.current.get(w) in ROLES and self.current[w] != r]
 
 
 @dataclass
@@ -155,8 +131,8 @@ class WorkerView:
 class ControlSettings:
     """The control law's knobs; every time is in the controller's (wall-clock) seconds."""
 
-    policy: str = "diffserve"
-    objective: str | None = None  # None: quality where the cascade has a quality curve
+    policy: Policy = Policy.DIFFSERVE
+    objective: Objective | None = None  # None: quality where the cascade has a quality curve
     slo_ms: float
     latency_scale: float = 1.0
     interval_s: float = 10.0
@@ -246,7 +222,7 @@ class ControlLoop:
     def solve(
         self,
         demand: float,
-        current: dict[str, str],
+        current: Mapping[str, str],
         queues: QueueStats,
         stored: Plan | None,
         *,
@@ -282,7 +258,7 @@ class ControlLoop:
             fixed=self.fixed,
         )
 
-    def smoothed_from(self, stored: Plan | None, current: dict[str, str]) -> float | None:
+    def smoothed_from(self, stored: Plan | None, current: Mapping[str, str]) -> float | None:
         """The threshold (split policies: heavy fraction) the next plan stays within
         ``max_threshold_step`` of, or None when it may move freely: smoothing holds from a plan made
         for these same workers, under this policy, from a measured demand, except while the loop's own
@@ -332,7 +308,7 @@ class ControlLoop:
         return self.cfg.light_reserve
 
     def with_switch_backlog(
-        self, result: PlanResult, current: dict[str, str], switch_s: dict[str, float], demand: float
+        self, result: PlanResult, current: Mapping[str, str], switch_s: dict[str, float], demand: float
     ) -> dict[str, float] | None:
         """The jobs the switching workers' new stage receives for them while they load (their
         share of that stage's planned arrivals); None when nobody switches."""
@@ -357,20 +333,20 @@ class ControlLoop:
         history: ArrivalHistory | None = None,
         now_ms: float = 0.0,
         confidences: Sequence[float] | None = None,
-    ) -> tuple[PlanResult, str]:
+    ) -> tuple[PlanResult, Why]:
         """The plan to write and why (logged): the solver's plan under the hysteresis on roles, its
         threshold and batch sizes then re-chosen by replaying the recent arrivals (``history``, in the
         caller's ms, up to ``now_ms``) when the policy plans a threshold for quality."""
-        result, reason = self._decide(stored, demand, workers, queues, aimd)
+        result, why = self._decide(stored, demand, workers, queues, aimd)
         if history is not None:
             hindsight = self.hindsight(result, stored, history, now_ms, confidences)
             if hindsight:
-                reason += f"; {hindsight}"
+                why = dataclasses.replace(why, detail=f"{why.detail}; {hindsight}")
         if not self.fixed:
             result.reason = "; ".join(
-                part for part in (explain(result, self.light_floor(len(workers))), reason) if part
+                part for part in (explain(result, self.light_floor(len(workers))), str(why)) if part
             )
-        return result, reason
+        return result, why
 
     def hindsight(
         self,
@@ -381,12 +357,11 @@ class ControlLoop:
         confidences: Sequence[float] | None = None,
     ) -> str:
         """Re-choose ``result``'s threshold and batch sizes for its roles by replaying the last
-        ``hindsight_s`` of arrivals (common/replay.py); returns what it did ("" when it did not run)."""
-        cfg = self.cfg
-        spec = self.spec
+        ``hindsight_s`` of arrivals (common/hindsight.py); returns what it did ("" when it did not run)."""
+        cfg, spec = self.cfg, self.spec
         if (
             cfg.hindsight_s <= 0
-            or spec.options != "threshold"
+            or spec.options != OptionKind.THRESHOLD
             or spec.fixed
             or spec.aimd
             or not result.feasible
@@ -405,27 +380,7 @@ class ControlLoop:
         if shift is not None:  # replay the history at the level the load has moved to
             ratio, age_s = shift
             arrivals = relevel(arrivals, span_ms - age_s * 1000.0, ratio)
-        arrivals = arrivals[-cfg.hindsight_max_jobs :]
-        replay = Replay(
-            [a - arrivals[0] for a in arrivals],
-            profile=self.profile,
-            latency_scale=cfg.latency_scale,
-            slo_ms=cfg.slo_ms,
-            halflife_ms=cfg.hindsight_halflife_s * 1000.0 if cfg.hindsight_halflife_s > 0 else None,
-            confidences=confidences,
-            draws=cfg.hindsight_draws,
-            hop_ms=cfg.hop_ms,
-        )
-        target = quality_threshold(self.profile) or 1.0
         smoothed = self.smoothed_from(stored, result.roles)
-        center = result.threshold if smoothed is None else smoothed
-        step = 1.0 if smoothed is None else self.threshold_step()
-        grid = [t for t in THRESHOLD_GRID if center - step - 1e-9 <= t <= min(target, center + step) + 1e-9] or [
-            result.threshold
-        ]
-        slo = cfg.slo_ms
-        first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)
-        heavy_batches = [b for b in cfg.batch_grid if first_light + replay.batch_ms("heavy", b) <= slo]
         # The plan in force keeps ties (hysteresis: a replay of a few hundred jobs is noisy), when it was
         # made for these roles; else the solver's plan.
         same_roles = (
@@ -433,44 +388,16 @@ class ControlLoop:
             and stored is not None
             and (stored.light_workers, stored.heavy_workers) == (result.light_workers, result.heavy_workers)
         )
-        keep = stored if same_roles and stored is not None and cfg.hindsight_keep else None
-        base = Candidate(
-            threshold=min(max(keep.threshold if keep else result.threshold, grid[0]), grid[-1]),
-            light_workers=result.light_workers,
-            light_batch=result.light_batch,
-            heavy_workers=result.heavy_workers,
-            heavy_batch=keep.heavy_batch if keep else result.heavy_batch,
+        return rechoose(
+            result,
+            arrivals[-cfg.hindsight_max_jobs :],
+            profile=self.profile,
+            settings=cfg,
+            center=result.threshold if smoothed is None else smoothed,
+            step=1.0 if smoothed is None else self.threshold_step(),
+            keep=stored if same_roles and cfg.hindsight_keep else None,
+            confidences=confidences,
         )
-        best, tried = search(
-            replay,
-            base,
-            thresholds=grid,
-            # the light batch stays the solver's (the most capacity within the SLO): a quiet replay window
-            # cannot tell what a smaller one would cost in the next burst
-            light_batches=[result.light_batch],
-            heavy_batches=heavy_batches or [result.heavy_batch],
-            tie=cfg.hindsight_tie,
-        )
-        chosen = best.candidate
-        note = (
-            f"hindsight over {len(arrivals)} arrivals ({tried} plans replayed): t={chosen.threshold:g}, "
-            f"batches {chosen.light_batch}/{chosen.heavy_batch}, est. {self.profile.quality.metric} "
-            f"{best.quality:.2f}, {100 * best.misses:.1f} % missed"
-        )
-        result.notes.append(note)
-        if (chosen.threshold, chosen.light_batch, chosen.heavy_batch) != (
-            result.threshold,
-            result.light_batch,
-            result.heavy_batch,
-        ):
-            f = self.profile.curve.f(chosen.threshold)
-            result.threshold = chosen.threshold
-            result.light_batch, result.heavy_batch = chosen.light_batch, chosen.heavy_batch
-            result.light_share = 1.0 - f
-            result.estimated_quality = self.profile.quality.score(1.0 - f)
-            if result.objective == "quality":
-                result.objective_value = result.estimated_quality
-        return note
 
     def _decide(
         self,
@@ -479,7 +406,7 @@ class ControlLoop:
         workers: list[WorkerView],
         queues: QueueStats,
         aimd: AimdState | None = None,
-    ) -> tuple[PlanResult, str]:
+    ) -> tuple[PlanResult, Why]:
         if (
             self.spec.fixed
             and self.cfg.fixed_plan is None
@@ -489,73 +416,97 @@ class ControlLoop:
         ):
             # Solved once for the cluster as it is; again only if workers join or leave.
             self.fixed = static_plan(self.profile, self.cfg.static_demand or demand, len(workers), self.cfg)
-        current = {w.worker_id: w.role for w in workers}
-        switch_s = {w.worker_id: w.switch_s for w in workers}
-        new = self.solve(demand, current, queues, stored, aimd=aimd, switch_s=switch_s)
+        tick = _Tick(
+            demand=demand,
+            current={w.worker_id: w.role for w in workers},
+            switch_s={w.worker_id: w.switch_s for w in workers},
+            queues=queues,
+            stored=stored,
+            aimd=aimd,
+        )
+        new = self._solve(tick, tick.current)
         proposal, self.proposal = self.proposal, None  # kept only while a change awaits confirmation
-        if not current or new.role_changes == 0:
-            return new, "no role change"
+        if not tick.current or new.role_changes == 0:
+            return new, Why(ControlReason.NO_ROLE_CHANGE)
         if stored is None or stored.policy != self.cfg.policy:
-            return new, "first plan" if stored is None else "policy changed"
+            return new, Why(ControlReason.FIRST_PLAN if stored is None else ControlReason.POLICY_CHANGED)
         if self.fixed is not None:
-            return new, "fixed plan: workers (re)assigned"
-        keep = self.solve(demand, current, queues, stored, keep_roles=True, aimd=aimd, switch_s=switch_s)
-        target, stepped = current, False  # the roles the final plan is solved from (a partial move: those)
-        flipping = [w for w, r in new.roles.items() if current.get(w) in ROLES and current[w] != r]
+            return new, Why(ControlReason.FIXED_REASSIGNED)
+        keep = self._solve(tick, tick.current, keep_roles=True)
         if not keep.feasible:
-            reason = "current allocation cannot serve demand"
-        else:
-            differs = (
-                abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
-                or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
-                or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin
-            )
-            if not differs:
-                return keep, "within margins: roles kept"
-            slow = [w for w in flipping if switch_s.get(w, 0.0) > self.cfg.interval_s / 2]
-            if slow:
-                return keep, "switch slower than half an interval: roles kept"
-            # Noise damping: a move the current roles can live with must be proposed by two
-            # consecutive ticks before workers reload models for it.
-            move = (
-                _sign(new.light_workers - keep.light_workers),
-                _sign(new.threshold - keep.threshold),
-                _sign(new.heavy_fraction - keep.heavy_fraction),
-            )  # the direction, not the exact plan
-            if move != proposal:
-                self.proposal = move
-                return keep, "change proposed: confirming next interval"
-            self.proposal = move  # the next tick may continue the same move without waiting
-            reason = "plan moved beyond margins (confirmed)"
-            # A move the current roles can live with is taken in steps (fastest switchers
-            # first), so a burst does not swing the whole cluster between models.
-            step = max(1, math.ceil(self.cfg.max_switch_fraction * len(current)))
-            if len(flipping) > step:
-                partial = dict(current)
-                for w in sorted(flipping, key=lambda w: switch_s.get(w, 0.0))[:step]:
-                    partial[w] = new.roles[w]
-                partial_plan = self.solve(
-                    demand, partial, queues, stored, keep_roles=True, aimd=aimd, switch_s=switch_s
-                )
-                if not partial_plan.feasible:
-                    return keep, "partial move infeasible: roles kept"
-                partial_plan.solve_ms += new.solve_ms
-                partial_plan.role_changes = count_changes(current, partial_plan.roles)
-                new, target, stepped = partial_plan, partial, True
-                reason += f", {step} of {len(flipping)} role changes this tick"
-        extra = self.with_switch_backlog(new, current, switch_s, demand)
-        if extra:
-            # The plan must also absorb the jobs that queue up while the switching workers load.
-            loaded = dataclasses.replace(
-                queues,
-                light_backlog=queues.light_backlog + round(extra["light"]),
-                heavy_backlog=queues.heavy_backlog + round(extra["heavy"]),
-            )
-            again = self.solve(demand, target, loaded, stored, keep_roles=stepped, aimd=aimd, switch_s=switch_s)
-            again.role_changes = count_changes(current, again.roles)
-            if again.feasible and again.role_changes:
-                again.solve_ms += new.solve_ms
-                new = again
-            elif keep.feasible and not again.feasible:
-                return keep, "switch cost makes the change infeasible: roles kept"
-        return new, reason
+            return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.MUST_CHANGE))
+        kept = self._hysteresis(tick, new, keep, proposal)
+        if kept is not None:
+            return keep, Why(kept)
+        return self._move(tick, new, keep)
+
+    def _solve(self, tick: _Tick, roles: dict[str, str], *, keep_roles: bool = False) -> PlanResult:
+        return self.solve(
+            tick.demand, roles, tick.queues, tick.stored, keep_roles=keep_roles, aimd=tick.aimd, switch_s=tick.switch_s
+        )
+
+    def _hysteresis(
+        self, tick: _Tick, new: PlanResult, keep: PlanResult, proposal: tuple[int, int, int] | None
+    ) -> ControlReason | None:
+        """Why the current roles stay though they could carry the demand (None: the free plan's move goes on).
+        A move must differ from the keep-roles plan beyond the margins, its workers must switch fast
+        enough, and (noise damping) two consecutive ticks must propose it before workers reload models."""
+        differs = (
+            abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
+            or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
+            or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin
+        )
+        if not differs:
+            return ControlReason.WITHIN_MARGINS
+        if any(tick.switch_s.get(w, 0.0) > self.cfg.interval_s / 2 for w in tick.flipping(new)):
+            return ControlReason.SLOW_SWITCH
+        move = (
+            _sign(new.light_workers - keep.light_workers),
+            _sign(new.threshold - keep.threshold),
+            _sign(new.heavy_fraction - keep.heavy_fraction),
+        )  # the direction, not the exact plan
+        self.proposal = move  # once confirmed, the next tick may continue the same move without waiting
+        return ControlReason.PROPOSED if move != proposal else None
+
+    def _move(self, tick: _Tick, new: PlanResult, keep: PlanResult) -> tuple[PlanResult, Why]:
+        """A confirmed move the current roles can live with, taken in steps of at most
+        ``max_switch_fraction`` of the workers (fastest switchers first), so a burst does not swing the
+        whole cluster between models."""
+        flipping = tick.flipping(new)
+        step = max(1, math.ceil(self.cfg.max_switch_fraction * len(tick.current)))
+        if len(flipping) <= step:
+            return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.CONFIRMED))
+        partial = dict(tick.current)
+        for w in sorted(flipping, key=lambda w: tick.switch_s.get(w, 0.0))[:step]:
+            partial[w] = new.roles[w]
+        partial_plan = self._solve(tick, partial, keep_roles=True)
+        if not partial_plan.feasible:
+            return keep, Why(ControlReason.PARTIAL_INFEASIBLE)
+        partial_plan.solve_ms += new.solve_ms
+        partial_plan.role_changes = count_changes(tick.current, partial_plan.roles)
+        why = Why(ControlReason.CONFIRMED, f", {step} of {len(flipping)} role changes this tick")
+        return self._with_switch_cost(tick, partial_plan, keep, partial, True, why)
+
+    def _with_switch_cost(
+        self, tick: _Tick, new: PlanResult, keep: PlanResult, target: dict[str, str], stepped: bool, why: Why
+    ) -> tuple[PlanResult, Why]:
+        """The plan solved again (from ``target``'s roles) with the jobs that queue up while the switching
+        workers load added to its stages' backlog."""
+        extra = self.with_switch_backlog(new, tick.current, tick.switch_s, tick.demand)
+        if not extra:
+            return new, why
+        loaded = dataclasses.replace(
+            tick.queues,
+            light_backlog=tick.queues.light_backlog + round(extra["light"]),
+            heavy_backlog=tick.queues.heavy_backlog + round(extra["heavy"]),
+        )
+        again = self.solve(
+            tick.demand, target, loaded, tick.stored, keep_roles=stepped, aimd=tick.aimd, switch_s=tick.switch_s
+        )
+        again.role_changes = count_changes(tick.current, again.roles)
+        if again.feasible and again.role_changes:
+            again.solve_ms += new.solve_ms
+            return again, why
+        if keep.feasible and not again.feasible:
+            return keep, Why(ControlReason.SWITCH_COST)
+        return new, why

@@ -20,7 +20,7 @@ from common.messages import IMAGE_FORMATS
 MAX_IMAGE_BYTES = 32 << 20  # refuse to decode anything larger
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Encoded:
     data: bytes | None
     format: str
@@ -102,11 +102,11 @@ class EncoderPool:
         try:
             data = encode(image, fmt, quality)
         except Exception as exc:  # one bad request must not fail the batch
-            return Encoded(None, fmt, f"{type(exc).__name__}: {exc}")
+            return Encoded(data=None, format=fmt, error=f"{type(exc).__name__}: {exc}")
         sha = hashlib.sha256(data).hexdigest()  # here, off the event loop (hashlib releases the GIL)
         seconds = time.perf_counter() - start
         metrics.ENCODE_TIME.labels(fmt).observe(seconds)
-        return Encoded(data, fmt, None, seconds, sha)
+        return Encoded(data=data, format=fmt, seconds=seconds, digest=sha)
 
     def submit(self, images: Sequence[Image.Image | PngImage], formats: list[tuple[str, int]]) -> list[Future[Encoded]]:
         """Start encoding; returns futures in job order (await with ``asyncio.wrap_future``)."""
@@ -114,7 +114,7 @@ class EncoderPool:
             done: Future[Encoded] = Future()
             done.set_result(self.fixed)
             return [done] * len(images)
-        return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats)]
+        return [self._pool.submit(self._one, img, fmt, q) for img, (fmt, q) in zip(images, formats, strict=False)]
 
     def encode_all(self, images: Sequence[Image.Image | PngImage], formats: list[tuple[str, int]]) -> list[Encoded]:
         return [f.result() for f in self.submit(images, formats)]

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from common import health
 
-
 _HANDED_OUT: set[int] = set()
 
 
@@ -60,7 +59,7 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         listen = (
             [
                 "--port",
@@ -137,7 +136,7 @@ class RedisServer:
         self.start()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StackSpec:
     backend: str = "profiled"
     cascade: str = "sdturbo-sdv15"
@@ -190,7 +189,7 @@ class LocalStack:
         self._services: dict[str, str] = {}  # process name -> the service it runs (its readiness label)
         self._watchdog: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -213,11 +212,6 @@ class LocalStack:
         }
         if self.spec.model_dir:
             env["DIFFSERVE_MODEL_DIR"] = self.spec.model_dir
-        if self.spec.backend == "profiled" and self.spec.time_scale != 1.0 and "DIFFSERVE_SLO_MS" not in env:
-            # Deadlines scale with the simulated latencies, so an SLO hit means what it means at full speed.
-            from common.cascades import cascade
-
-            env["DIFFSERVE_SLO_MS"] = f"{cascade(self.spec.cascade).slo_ms * self.spec.time_scale:g}"
         env.setdefault("METRICS_ADDR", "127.0.0.1")  # a local stack: nothing to serve to other hosts
         env["METRICS_PORT"] = str(self._metrics_port(name))
         return env
@@ -241,14 +235,14 @@ class LocalStack:
         return self._launch(name)
 
     def _launch(self, name: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            self._commands[name],
-            env={**self._env(name), **self._extra_env.get(name, {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the process has its own copy of the file
+            proc = subprocess.Popen(
+                self._commands[name],
+                env={**self._env(name), **self._extra_env.get(name, {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
         self.procs[name] = proc
         self._watch(proc.pid)
         return proc
@@ -264,7 +258,7 @@ class LocalStack:
         with open(self.log_dir / "stack.pids", "a") as fh:
             fh.write(f"{pid}\n")
 
-    def start(self, ready_timeout: float = 120.0) -> "LocalStack":
+    def start(self, ready_timeout: float = 120.0) -> LocalStack:
         if not self.redis_url:
             self.redis = RedisServer().start()
             self.redis_url = self.redis.url

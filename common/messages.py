@@ -11,7 +11,9 @@ while they hold their default (a set ``REFS`` one, a blob reference, makes the m
 message that does not use them keeps its exact bytes (``tests/test_messages.py`` pins them) and
 older readers never see them.  New message types on a reply stream (``light_ready``, ``admitted``,
 ``progress``) are skipped by readers that predate them: their ``type`` is not ``final_result``.
-"""
+
+Longer than 500 lines on purpose: the one serialization module (every wire type, its version rule and
+its one encoding), so a wire change is one file to review."""
 
 from __future__ import annotations
 
@@ -32,15 +34,6 @@ import msgpack
 SCHEMA_VERSION = 2
 REFS_VERSION = 2
 ENTRY_FIELD = b"m"
-
-
-class MessageError(ValueError):
-    """A payload that cannot be decoded into the expected message."""
-
-    def __init__(self, code: str, message: str, job_id: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.job_id = job_id
 
 
 # The finite sets on the wire.  StrEnum members are str, so they pack as their plain string (msgpack
@@ -73,6 +66,15 @@ E_DUPLICATE = ErrorCode.DUPLICATE
 E_CANCELLED = ErrorCode.CANCELLED
 
 
+class MessageError(ValueError):
+    """A payload that cannot be decoded into the expected message."""
+
+    def __init__(self, code: ErrorCode, message: str, job_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.job_id = job_id
+
+
 class Status(enum.StrEnum):
     """How a job ended (Completion, FinalResult)."""
 
@@ -102,6 +104,26 @@ class LightReason(enum.StrEnum):
     CONFIDENT = "confident"  # the discriminator's confidence is at or above the threshold the cascade wants
     DEADLINE = "deadline"  # the heavy model could not have answered by the deadline (the deadline rule)
     PLAN = "plan"  # the plan in force had no heavy capacity for it: below the cascade's preferred threshold
+
+
+class Objective(enum.StrEnum):
+    """What the planner maximises among the plans that serve the demand."""
+
+    QUALITY = "quality"  # the best estimated quality (FID) of the light share
+    THRESHOLD = "threshold"  # the largest threshold (the paper)
+
+
+class Policy(enum.StrEnum):
+    """The serving policies (``--policy``, Plan.policy); what each one means is its entry in
+    common/planner/policies.POLICY_TABLE."""
+
+    DIFFSERVE = "diffserve"
+    DIFFSERVE_THRESHOLD = "diffserve-threshold"
+    STATIC = "static"
+    CLIPPER_LIGHT = "clipper-light"
+    CLIPPER_HEAVY = "clipper-heavy"
+    PROTEUS = "proteus"
+    AIMD = "aimd"
 
 
 IMAGE_FORMATS = ("png", "webp", "jpeg")
@@ -240,8 +262,8 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 def _check_type(name: str, value: Any, hint: Any, body: dict[str, Any]) -> Any:
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for t in allowed:
-        t = typing.get_origin(t) or t
+    for member in allowed:
+        t = typing.get_origin(member) or member
         if t is type(None) and value is None:
             return value
         if t is float and isinstance(value, int) and not isinstance(value, bool):
@@ -260,8 +282,21 @@ def _check_type(name: str, value: Any, hint: Any, body: dict[str, Any]) -> Any:
                 return _blob_ref(name, value, body)
             continue
         if t is not type(None) and isinstance(value, t):
-            return value
+            return _enum_values(name, value, typing.get_args(member), body) if t is dict else value
     raise MessageError(E_INVALID, f"field {name!r} has the wrong type ({type(value).__name__})", _job_id_of(body))
+
+
+def _enum_values(name: str, value: dict[Any, Any], args: tuple[Any, ...], body: dict[str, Any]) -> dict[Any, Any]:
+    """A map whose values are a wire enum (``Plan.roles``): each value turned into its member."""
+    kind = args[1] if len(args) == 2 else None
+    if not (isinstance(kind, type) and issubclass(kind, enum.StrEnum)):
+        return value
+    try:
+        return {k: kind(v) for k, v in value.items()}
+    except (ValueError, TypeError):
+        raise MessageError(
+            E_INVALID, f"field {name!r} holds a value that is no {kind.__name__}", _job_id_of(body)
+        ) from None
 
 
 def _blob_ref(name: str, value: dict[str, Any], body: dict[str, Any]) -> BlobRef:
@@ -410,7 +445,7 @@ class Completion(Message):
     model: str | None = None
     confidence: float | None = None
     degraded: bool = False  # a light answer for a job the cascade wanted the heavy model for (light_reason says why)
-    error_code: str | None = None
+    error_code: ErrorCode | None = None
     error_message: str | None = None
     worker_id: str = ""
     image_ref: BlobRef | None = None  # the answer's stored image (instead of image)
@@ -421,7 +456,7 @@ class Completion(Message):
     reply_token: str | None = None  # copied from the job
 
     @classmethod
-    def failure(cls, job: RoutedJob, code: str, message: str, worker_id: str = "") -> Self:
+    def failure(cls, job: RoutedJob, code: ErrorCode, message: str, worker_id: str = "") -> Self:
         return cls(
             job_id=job.job_id,
             arrival_ms=job.arrival_ms,
@@ -461,6 +496,7 @@ class Completion(Message):
         cls,
         job: RoutedJob,
         image: bytes | BlobRef,
+        *,
         image_format: str,
         answered_by: Role,
         model: str,
@@ -519,7 +555,7 @@ class FinalResult(Message):
     degraded: bool = False
     latency_ms: float | None = None
     slo_met: bool | None = None
-    error_code: str | None = None
+    error_code: ErrorCode | None = None
     error_message: str | None = None
     finished_ms: float = 0.0
     retry_after_ms: float | None = None  # with error_code overloaded: when a retry is predicted to be admitted
@@ -587,7 +623,7 @@ class DeadLetter(Message):
     TYPE: ClassVar[str] = "dead_letter"
     stream: str
     entry_id: str
-    error_code: str
+    error_code: ErrorCode
     error_message: str
     raw: bytes = b""
 
@@ -598,17 +634,19 @@ class Plan(Message):
 
     TYPE: ClassVar[str] = "plan"
     version: int = 0
-    policy: str = "diffserve"
+    # Informational on the wire (any name: the data plane reads the plan's explicit fields, never this),
+    # so a plan from a controller with other policy or objective names still decodes.
+    policy: str = Policy.DIFFSERVE
     threshold: float = 0.5
     light_batch: int = 4
     heavy_batch: int = 1
     light_workers: int = 0
     heavy_workers: int = 0
     heavy_fraction: float = 0.0  # share of jobs the router sends straight to heavy (split policies)
-    roles: dict[str, str] = field(default_factory=dict)  # worker_id -> light | heavy
+    roles: dict[str, Role] = field(default_factory=dict)  # worker_id -> its role
     demand_qps: float = 0.0
     feasible: bool = True
-    objective: str = "quality"
+    objective: str = Objective.QUALITY
     estimated_quality: float | None = None
     created_ms: float = 0.0
     # What the data plane does with it (common/planner.py POLICY_TABLE says per policy):

@@ -157,7 +157,7 @@ FAMILIES: dict[str, tuple[Collector, ...]] = {
         ENCODE_TIME,
         CANCEL_FREED,
     ),
-    "discriminator": (*_EVERY, *_IMAGES, BATCH_SIZE, BATCH_LATENCY, ROUTED, DISCRIMINATOR_THRESHOLD),
+    "discriminator": (*_EVERY, *_IMAGES, RECLAIMED, BATCH_SIZE, BATCH_LATENCY, ROUTED, DISCRIMINATOR_THRESHOLD),
     "controller": (
         *_EVERY,
         THRESHOLD,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from common.clock import CLOCK
 from common.config import Keys
-from common.messages import MessageError, Plan
+from common.messages import MessageError, Plan, Role
 from common.replay import ARRIVAL_BUCKET_MS, ArrivalHistory
 from common.routing import Stage
 from common.streams import backlog
@@ -38,10 +39,14 @@ async def store_plan(r: aioredis.Redis, keys: Keys, plan: Plan) -> None:
         await pipe.execute()
 
 
+# Every service re-reads the plan at most this often (wall clock); the simulator models the same delay.
+PLAN_REFRESH_S = 0.5
+
+
 class PlanWatcher:
     """The plan in force, re-read from Redis at most every ``refresh_s``."""
 
-    def __init__(self, r: aioredis.Redis, keys: Keys, refresh_s: float = 0.5, default: Plan | None = None):
+    def __init__(self, r: aioredis.Redis, keys: Keys, refresh_s: float = PLAN_REFRESH_S, default: Plan | None = None):
         self.r, self.keys, self.refresh_s = r, keys, refresh_s
         self.plan = default or Plan()
         self._read_at = 0.0
@@ -56,17 +61,48 @@ class PlanWatcher:
         return self.plan
 
 
-async def live_roles(r: aioredis.Redis, keys: Keys, timeout_s: float = 5.0) -> dict[str, str]:
-    """worker id -> the role it reports, for every worker whose heartbeat is younger than ``timeout_s``."""
-    cutoff = CLOCK.now_ms() - timeout_s * 1000.0
-    ids = [m.decode() if isinstance(m, bytes) else str(m) for m in await r.zrangebyscore(keys.workers, cutoff, "+inf")]
+@dataclass(frozen=True, kw_only=True)
+class WorkerRecord:
+    """What a live worker's heartbeat says about it (its ``worker_info`` hash)."""
+
+    worker_id: str
+    role: str  # as it reports it ("" when its info hash is gone)
+    switch_s: float  # its last measured role switch (0: none yet)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def live_ids(r: aioredis.Redis, keys: Keys, alive_s: float) -> set[str]:
+    """The workers whose heartbeat is younger than ``alive_s`` (WorkerRegistrySettings.worker_timeout_s):
+    the one worker-alive rule, for the controller, the router, the discriminator and the gateway."""
+    cutoff = CLOCK.now_ms() - alive_s * 1000.0
+    return {_text(m) for m in await r.zrangebyscore(keys.workers, cutoff, "+inf")}
+
+
+async def live_workers(r: aioredis.Redis, keys: Keys, alive_s: float) -> list[WorkerRecord]:
+    """Every live worker (:func:`live_ids`) with what its info hash says, by id."""
+    ids = sorted(await live_ids(r, keys, alive_s))
     if not ids:
-        return {}
+        return []
     async with r.pipeline(transaction=False) as pipe:
         for w in ids:
-            pipe.hget(keys.worker_info(w), "role")
-        roles = await pipe.execute()
-    return {w: (role.decode() if isinstance(role, bytes) else role or "") for w, role in zip(ids, roles)}
+            pipe.hmget(keys.worker_info(w), ["role", "switch_s"])
+        infos = await pipe.execute()
+    out = []
+    for w, (role, switch) in zip(ids, infos, strict=True):
+        try:
+            switch_s = float(_text(switch)) if switch is not None else 0.0
+        except ValueError:
+            switch_s = 0.0
+        out.append(WorkerRecord(worker_id=w, role=_text(role) if role is not None else "", switch_s=switch_s))
+    return out
+
+
+async def live_roles(r: aioredis.Redis, keys: Keys, alive_s: float) -> dict[str, str]:
+    """worker id -> the role it reports, for every live worker."""
+    return {w.worker_id: w.role for w in await live_workers(r, keys, alive_s)}
 
 
 class StageWatcher:
@@ -74,17 +110,17 @@ class StageWatcher:
     (re-counted at most every ``refresh_s``) and its queue's backlog (read on every call, since
     it is what changes between batches)."""
 
-    def __init__(self, r: aioredis.Redis, keys: Keys, refresh_s: float = 1.0):
-        self.r, self.keys, self.refresh_s = r, keys, refresh_s
+    def __init__(self, r: aioredis.Redis, keys: Keys, alive_s: float, refresh_s: float = 1.0):
+        self.r, self.keys, self.alive_s, self.refresh_s = r, keys, alive_s, refresh_s
         self.workers: dict[str, int] = {}
         self._counted_at = -1e9
 
-    async def stage(self, role: str, plan: Plan, times: Callable[[int], float]) -> Stage:
+    async def stage(self, role: Role, plan: Plan, times: Callable[[int], float]) -> Stage:
         """``times``: batch size -> ms on this stage (common/routing.batch_times)."""
         now = time.monotonic()
         if now - self._counted_at >= self.refresh_s:
             self._counted_at = now
-            roles = list((await live_roles(self.r, self.keys)).values())
+            roles = list((await live_roles(self.r, self.keys, self.alive_s)).values())
             self.workers = {name: roles.count(name) for name in ("light", "heavy")}
         batch = max(1, plan.light_batch if role == "light" else plan.heavy_batch)
         return Stage(

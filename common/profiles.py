@@ -26,6 +26,7 @@ DOES_NOT_FIT_MS = 100000  # the artifact's marker for "this batch size does not 
 BATCH_GRID = (1, 2, 4, 8, 16, 32)
 DISCRIMINATOR_ROW = "efficientnetv2_s"
 HARDWARE = {"a100": ("onnxruntime_gpu_ampere", ARTIFACT_DIR), "h100": ("h100_fp16_eager", H100_DIR)}
+DEFAULT_HARDWARE = "a100"  # the paper's tables: what a profiled run and the planning tools use unless told
 
 
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -55,7 +56,7 @@ class LatencyTable:
     def batches(self) -> list[int]:
         return sorted(self.batch_ms)
 
-    def scaled(self, factor: float) -> "LatencyTable":
+    def scaled(self, factor: float) -> LatencyTable:
         return LatencyTable(self.model, {b: ms * factor for b, ms in self.batch_ms.items()}, self.source)
 
 
@@ -126,7 +127,7 @@ def write_confidence_curve(path: str | Path, curve: ConfidenceCurve) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["", "t", "f_t"])
-        for i, (t, f) in enumerate(zip(curve.ts, curve.fs)):
+        for i, (t, f) in enumerate(zip(curve.ts, curve.fs, strict=False)):
             w.writerow([i, round(t, 4), round(f, 6)])
 
 
@@ -168,7 +169,7 @@ def load_quality_curve(
     return QualityCurve(shares, scores, metric, lower_is_better, f"{Path(path).name}:{column}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CascadeProfile:
     spec: CascadeSpec
     light: LatencyTable
@@ -190,7 +191,7 @@ class CascadeProfile:
 
 def load_cascade_profile(
     name: str,
-    hardware: str = "a100",
+    hardware: str = DEFAULT_HARDWARE,
     *,
     latency_file: str | None = None,
     latency_accel: str | None = None,
@@ -240,7 +241,17 @@ def load_cascade_profile(
         quality = load_quality_curve(quality_file, spec.quality_column or name)
     elif spec.quality_column:
         quality = load_quality_curve(ARTIFACT_DIR / "fid_vs_light_share.csv", spec.quality_column)
-    return CascadeProfile(spec, light, heavy, disc, curve, quality, slo_ms or spec.slo_ms, hardware, notes)
+    return CascadeProfile(
+        spec=spec,
+        light=light,
+        heavy=heavy,
+        discriminator=disc,
+        curve=curve,
+        quality=quality,
+        slo_ms=slo_ms or spec.slo_ms,
+        hardware=hardware,
+        notes=notes,
+    )
 
 
 def load_slo_ms(cascade_json: str | Path) -> float:

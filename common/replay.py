@@ -189,95 +189,9 @@ class Replay:
         )
 
     def _run(self, cand: Candidate, draw: int) -> Outcome:
-        n = len(self.arrivals)
-        state = [REFUSED] * n
-        done_ms = [math.inf] * n
-        slo = self.slo_ms
-        conf = self.draws[draw]
-        b1, b2 = max(1, cand.light_batch), max(1, cand.heavy_batch)
-        hop = self.hop_ms
-        plan = Plan(threshold=cand.threshold, light_batch=b1, heavy_batch=b2)
-        # the stages as the router and the discriminator see them (admission at its headroom)
-        light = at_headroom(self.stage("light", cand.light_workers, b1), DEFAULT_ADMISSION_HEADROOM)
-        heavy = self.stage("heavy", cand.heavy_workers, b2)  # admission does not look at it: late jobs degrade
-        disc_ms = self.batch_ms("discriminator", b1) / DEFAULT_ADMISSION_HEADROOM
-        light_q: deque[int] = deque()
-        heavy_q: deque[int] = deque()
-        idle = {"light": cand.light_workers, "heavy": cand.heavy_workers}
-        events: list[tuple[float, int, int, list[int]]] = []
-        seq = 0
-
-        def start_light(now: float) -> None:
-            nonlocal seq
-            while idle["light"] > 0 and light_q:
-                batch = [light_q.popleft() for _ in range(min(b1, len(light_q)))]
-                idle["light"] -= 1
-                seq += 1
-                heapq.heappush(events, (now + self.batch_ms("light", len(batch)) + hop, seq, _LIGHT_DONE, batch))
-
-        def start_heavy(now: float) -> None:
-            nonlocal seq
-            while idle["heavy"] > 0 and heavy_q:
-                taken = [heavy_q.popleft() for _ in range(min(b2, len(heavy_q)))]
-                # the heavy worker's last check: the deadline rule with nothing ahead of this batch
-                check = Stage(workers=1, batch=len(taken), batch_ms=self.batch_ms("heavy", len(taken)))
-                batch = []
-                for j in taken:
-                    if check.on_time(now, self.arrivals[j] + slo):
-                        batch.append(j)
-                    else:
-                        state[j], done_ms[j] = DEGRADED, now + hop
-                        heavy.backlog -= 1
-                if batch:
-                    idle["heavy"] -= 1
-                    seq += 1
-                    heapq.heappush(events, (now + self.batch_ms("heavy", len(batch)) + hop, seq, _HEAVY_DONE, batch))
-
-        i = 0
-        while i < n or events:
-            if i < n and (not events or self.arrivals[i] + hop <= events[0][0]):
-                now = self.arrivals[i] + hop  # the router's pass
-                verdict = admit(
-                    plan,
-                    Decision.LIGHT,
-                    now,
-                    self.arrivals[i] + slo,
-                    light=light,
-                    heavy=heavy,
-                    discriminator_ms=disc_ms,
-                    max_light_backlog=self.max_light_backlog,
-                )
-                if verdict.admitted:
-                    light_q.append(i)
-                    light.admit()
-                    start_light(now)
-                i += 1
-                continue
-            now, _seq, kind, batch = heapq.heappop(events)
-            if kind == _LIGHT_DONE:
-                idle["light"] += 1
-                light.backlog -= len(batch)
-                seq += 1
-                heapq.heappush(events, (now + self.batch_ms("discriminator", len(batch)) + hop, seq, _SCORED, batch))
-                start_light(now)
-            elif kind == _SCORED:
-                for j in sorted(batch, key=lambda j: conf[j]):  # the least confident claim heavy first
-                    if conf[j] >= cand.threshold:
-                        state[j], done_ms[j] = LIGHT, now + hop
-                    elif heavy.on_time(now, self.arrivals[j] + slo):
-                        state[j] = HEAVY
-                        heavy_q.append(j)
-                        heavy.admit()
-                    else:
-                        state[j], done_ms[j] = DEGRADED, now + hop
-                start_heavy(now)
-            else:
-                idle["heavy"] += 1
-                heavy.backlog -= len(batch)
-                for j in batch:
-                    done_ms[j] = now + hop
-                start_heavy(now)
-        return self._outcome(cand, state, done_ms, draw)
+        run = _Run(self, cand, self.draws[draw])
+        run.replay()
+        return self._outcome(cand, run.state, run.done_ms, draw)
 
     def _outcome(self, cand: Candidate, state: list[int], done_ms: list[float], draw: int) -> Outcome:
         refused = sum(s == REFUSED for s in state)
@@ -299,7 +213,7 @@ class Replay:
             return None
         total = weights = 0.0
         cost = self.costs[draw]
-        for jobs, weight in zip(self.windows[draw], self.weights):  # most confident first
+        for jobs, weight in zip(self.windows[draw], self.weights, strict=False):  # most confident first
             answered = [j for j in jobs if state[j] != REFUSED]
             if not answered:
                 continue
@@ -377,3 +291,110 @@ def search(
     for t in grid[max(0, k - 2) : k + 3]:
         run(with_(top, threshold=t))
     return best(), len(tried)
+
+
+class _Run:
+    """One replay of every arrival under a candidate plan and one confidence draw: discrete events, the
+    stages as the router, the discriminator and the heavy workers see them."""
+
+    def __init__(self, replay: Replay, cand: Candidate, conf: list[float]):
+        self.r, self.cand, self.conf = replay, cand, conf
+        n = len(replay.arrivals)
+        self.state = [REFUSED] * n
+        self.done_ms = [math.inf] * n
+        self.b1, self.b2 = max(1, cand.light_batch), max(1, cand.heavy_batch)
+        self.plan = Plan(threshold=cand.threshold, light_batch=self.b1, heavy_batch=self.b2)
+        # the stages as the router and the discriminator see them (admission at its headroom)
+        self.light = at_headroom(replay.stage("light", cand.light_workers, self.b1), DEFAULT_ADMISSION_HEADROOM)
+        self.heavy = replay.stage("heavy", cand.heavy_workers, self.b2)  # not admission's: late jobs degrade
+        self.disc_ms = replay.batch_ms("discriminator", self.b1) / DEFAULT_ADMISSION_HEADROOM
+        self.light_q: deque[int] = deque()
+        self.heavy_q: deque[int] = deque()
+        self.idle = {"light": cand.light_workers, "heavy": cand.heavy_workers}
+        self.events: list[tuple[float, int, int, list[int]]] = []
+        self.seq = 0
+
+    def replay(self) -> None:
+        arrivals, hop, events = self.r.arrivals, self.r.hop_ms, self.events
+        n, i = len(arrivals), 0
+        while i < n or events:
+            if i < n and (not events or arrivals[i] + hop <= events[0][0]):
+                self.arrive(i, arrivals[i] + hop)  # the router's pass
+                i += 1
+                continue
+            now, _seq, kind, batch = heapq.heappop(events)
+            if kind == _LIGHT_DONE:
+                self.light_done(now, batch)
+            elif kind == _SCORED:
+                self.scored(now, batch)
+            else:
+                self.heavy_done(now, batch)
+
+    def at(self, t: float, kind: int, batch: list[int]) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, batch))
+
+    def arrive(self, i: int, now: float) -> None:
+        verdict = admit(
+            self.plan,
+            Decision.LIGHT,
+            now,
+            self.r.arrivals[i] + self.r.slo_ms,
+            light=self.light,
+            heavy=self.heavy,
+            discriminator_ms=self.disc_ms,
+            max_light_backlog=self.r.max_light_backlog,
+        )
+        if verdict.admitted:
+            self.light_q.append(i)
+            self.light.admit()
+            self.start_light(now)
+
+    def start_light(self, now: float) -> None:
+        while self.idle["light"] > 0 and self.light_q:
+            batch = [self.light_q.popleft() for _ in range(min(self.b1, len(self.light_q)))]
+            self.idle["light"] -= 1
+            self.at(now + self.r.batch_ms("light", len(batch)) + self.r.hop_ms, _LIGHT_DONE, batch)
+
+    def start_heavy(self, now: float) -> None:
+        r, slo = self.r, self.r.slo_ms
+        while self.idle["heavy"] > 0 and self.heavy_q:
+            taken = [self.heavy_q.popleft() for _ in range(min(self.b2, len(self.heavy_q)))]
+            # the heavy worker's last check: the deadline rule with nothing ahead of this batch
+            check = Stage(workers=1, batch=len(taken), batch_ms=r.batch_ms("heavy", len(taken)))
+            batch = []
+            for j in taken:
+                if check.on_time(now, r.arrivals[j] + slo):
+                    batch.append(j)
+                else:
+                    self.state[j], self.done_ms[j] = DEGRADED, now + r.hop_ms
+                    self.heavy.backlog -= 1
+            if batch:
+                self.idle["heavy"] -= 1
+                self.at(now + r.batch_ms("heavy", len(batch)) + r.hop_ms, _HEAVY_DONE, batch)
+
+    def light_done(self, now: float, batch: list[int]) -> None:
+        self.idle["light"] += 1
+        self.light.backlog -= len(batch)
+        self.at(now + self.r.batch_ms("discriminator", len(batch)) + self.r.hop_ms, _SCORED, batch)
+        self.start_light(now)
+
+    def scored(self, now: float, batch: list[int]) -> None:
+        conf, hop, slo = self.conf, self.r.hop_ms, self.r.slo_ms
+        for j in sorted(batch, key=lambda j: conf[j]):  # the least confident claim heavy first
+            if conf[j] >= self.cand.threshold:
+                self.state[j], self.done_ms[j] = LIGHT, now + hop
+            elif self.heavy.on_time(now, self.r.arrivals[j] + slo):
+                self.state[j] = HEAVY
+                self.heavy_q.append(j)
+                self.heavy.admit()
+            else:
+                self.state[j], self.done_ms[j] = DEGRADED, now + hop
+        self.start_heavy(now)
+
+    def heavy_done(self, now: float, batch: list[int]) -> None:
+        self.idle["heavy"] += 1
+        self.heavy.backlog -= len(batch)
+        for j in batch:
+            self.done_ms[j] = now + self.r.hop_ms
+        self.start_heavy(now)

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.config import Settings, option
 from common.messages import LightReason
 from common.profiles import CascadeProfile
 
@@ -148,6 +149,20 @@ LATE_POLICIES = ("plan", "light", "heavy")  # a stage's override of the plan's d
 def degrades_late(late_policy: str, plan_degrade_late: bool) -> bool:
     """Whether the deadline rule applies: as the plan says, or forced on (light) or off (heavy)."""
     return plan_degrade_late if late_policy == "plan" else late_policy == "light"
+
+
+@dataclass(kw_only=True)
+class LatePolicySettings(Settings):
+    """The deadline rule's override, the same for every stage that applies it (the router's direct routing
+    and admission, the discriminator, the heavy worker)."""
+
+    late_policy: str = option(
+        "plan",
+        "a job the heavy model cannot finish by its deadline: as the plan says (plan), answered with its "
+        "light image (light) or sent on and run anyway (heavy)",
+        env="DIFFSERVE_LATE_POLICY",
+        choices=LATE_POLICIES,
+    )
 
 
 def decision_order(confidences: list[float]) -> list[int]:

@@ -59,7 +59,7 @@ class Service(Generic[C]):
         """Sleep, but wake at once when the service is asked to stop."""
         try:
             await asyncio.wait_for(self.stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def follow_clock(self) -> None:
@@ -79,7 +79,7 @@ def run(
 ) -> None:
     """Run ``serve`` as service ``name`` until SIGTERM/SIGINT; ``stop_grace_s``: how long it may then take to
     wind down before what it awaits is cancelled (a service that drains open requests asks for more)."""
-    logs.setup(name, config.log_level)
+    logs.setup(name, config.log_level).info("configuration", extra={"config": config.effective()})
     metrics.serve(name, config.metrics_port, config.metrics_addr)
 
     async def main() -> None:

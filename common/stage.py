@@ -1,18 +1,22 @@
 """Shared by the pipeline stages (router, workers, discriminator): turning a pulled batch
-into decoded messages, anything undecodable or poisonous into an answer, and finding
-the jobs their clients cancelled."""
+into decoded messages, anything undecodable or poisonous into an answer, finding the jobs
+their clients cancelled, and the one batch cycle of the model stages (:func:`run_batch`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from common import metrics
 from common.config import Keys
-from common.messages import E_INTERNAL, Completion, DeadLetter, MessageError, RoutedJob, Status, unpack
-from common.streams import Entry
+from common.messages import E_INTERNAL, Completion, DeadLetter, ErrorCode, MessageError, RoutedJob, Status, unpack
+from common.streams import Entry, StreamConsumer
+
+# The discriminator scores at most this many light images at once (its --batch; the simulator models it).
+DISCRIMINATOR_BATCH = 32
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -23,7 +27,7 @@ async def cancelled_ids(r: aioredis.Redis, keys: Keys, job_ids: list[str]) -> se
     if not job_ids:
         return set()
     flags = await r.mget([keys.cancel(job_id) for job_id in job_ids])
-    return {job_id for job_id, flag in zip(job_ids, flags) if flag is not None}
+    return {job_id for job_id, flag in zip(job_ids, flags, strict=False) if flag is not None}
 
 
 def split_batch(
@@ -99,3 +103,54 @@ def one_per_input(outputs: Iterable[T], inputs: list[Any], what: str) -> list[T]
     if len(outputs) != len(inputs):
         raise RuntimeError(f"{what} returned {len(outputs)} outputs for a batch of {len(inputs)}")
     return outputs
+
+
+Outputs = list[tuple[str, bytes]]  # (stream, payload) written with the batch's ack
+
+
+def failures(keys: Keys, jobs: Iterable[RoutedJob], code: ErrorCode, message: str, worker_id: str) -> Outputs:
+    """Each job answered with the same error (a model that failed, an image store out of reach)."""
+    return [(keys.completions, Completion.failure(j, code, message, worker_id).encode()) for j in jobs]
+
+
+@dataclass(kw_only=True)
+class Processed:
+    """What a stage made of a batch: the outputs, and more for the same transaction (``extra``)."""
+
+    outputs: Outputs = field(default_factory=list)
+    extra: Callable[[Any], None] | None = None  # (a redis-py pipeline) -> None
+
+
+async def run_batch(
+    consumer: StreamConsumer,
+    count: int,
+    decode: Callable[[bytes], M],
+    process: Callable[[list[Entry], list[M]], Awaitable[Processed]],
+    *,
+    keys: Keys,
+    service: str,
+    job_of: Callable[[M], RoutedJob],
+    block_ms: int = 250,
+) -> list[M]:
+    """One cycle of a model stage (workers, discriminator): read up to ``count`` entries, decode them (the
+    bad and the poisonous answered, :func:`split_batch`), ``process`` the rest, then write every output and
+    ack the batch in one transaction. Returns the messages processed."""
+    entries = await consumer.read(max(1, count), block_ms=block_ms)
+    if not entries:
+        return []
+    reclaimed = sum(e.deliveries > 1 for e in entries)
+    if reclaimed:
+        metrics.RECLAIMED.labels(service).inc(reclaimed)
+    good, outputs = split_batch(
+        entries,
+        decode,
+        keys=keys,
+        stream=consumer.stream,
+        service=service,
+        max_deliveries=consumer.max_deliveries,
+        job_of=job_of,
+    )
+    messages = [message for _entry, message in good]
+    done = await process(entries, messages) if messages else Processed()
+    await consumer.write_and_ack([e.id for e in entries], outputs + done.outputs, done.extra)
+    return messages

@@ -99,11 +99,10 @@ class Dockerd:
             log("using the Docker engine that is already running")
             return
         log("starting dockerd --bridge=none --iptables=false")
-        self.proc = subprocess.Popen(
-            ["dockerd", "--bridge=none", "--iptables=false"],
-            stdout=open(self.workdir / "dockerd.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.workdir / "dockerd.log", "w") as dockerd_log:  # dockerd has its own copy
+            self.proc = subprocess.Popen(
+                ["dockerd", "--bridge=none", "--iptables=false"], stdout=dockerd_log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 60
         while sh("docker", "info", check=False).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -140,7 +139,7 @@ def stack_file(workdir: Path, images: set[str]) -> tuple[Path, list[str]]:
         del tree["services"]["grafana"]
         notes.append(f"grafana ({GRAFANA_WHY})")
     del tree["services"]["models"]  # profile `setup`, one-shot model download: nothing to download here
-    for name, svc in tree["services"].items():
+    for svc in tree["services"].values():
         if svc.get("build", {}).get("target") != "control":
             continue
         svc["environment"].update(DIFFSERVE_TIME_SCALE=TIME_SCALE, DIFFSERVE_RECLAIM_IDLE_MS=RECLAIM_IDLE_MS)
@@ -269,19 +268,7 @@ def main() -> int:
         busy = [p for p in (8000, 9090, 9101, 9102, 9103, 9104, 9110, 9111) if port_busy(p)]
         if busy:
             raise SystemExit(f"compose-test: metrics ports {busy} are in use on 127.0.0.1")
-        t = time.monotonic()
-        build = sh(str(COMPOSE / "build-offline.sh"), cwd=ROOT, timeout=1800)
-        (workdir / "build.log").write_text(build.stdout + build.stderr)
-        built = [
-            line.split(": ", 1)[1]
-            for line in build.stdout.splitlines()
-            if line.startswith("build-offline: ") and line.endswith(" MB")
-        ]
-        summary["images"] = ", ".join(built) + f" (build {time.monotonic() - t:.0f} s)"
-        images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
-        file, notes = stack_file(workdir, images)
-        for note in notes:
-            log(f"not run: {note}")
+        file, notes = build(workdir, summary)
         password, redis_port = secrets.token_hex(16), free_port()
         env_file = workdir / ".env"
         env_file.write_text(
@@ -297,72 +284,7 @@ def main() -> int:
         stack.wait_healthy(services)
         summary["healthy"] = f"{len(services)} services healthy {time.monotonic() - t:.1f} s after up"
         log(summary["healthy"])
-
-        url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
-        r = redis.Redis.from_url(url)
-        sent = answered = 0
-        # 1. redis-cli XADD from the host, plain fields, answers on the result lists.
-        cli_ids = [f"e2e-cli-{i}" for i in range(20)]
-        for job_id in cli_ids:
-            sh(
-                "redis-cli",
-                "-p",
-                str(redis_port),
-                "--no-auth-warning",
-                "-a",
-                password,
-                "XADD",
-                "diffserve:jobs",
-                "*",
-                "job_id",
-                job_id,
-                "prompt",
-                f"a lighthouse at dusk, number {job_id}",
-            )
-        sent += len(cli_ids)
-        answered += list_answers(r, cli_ids, 120, problems)
-
-        # 2. The Python client: reply streams.
-        async def through_client() -> list[FinalResult]:
-            async with Client(redis_url=url) as client:
-                return await client.submit_many([f"a watercolor fox {i}" for i in range(20)], timeout=120)
-
-        results = asyncio.run(through_client())
-        sent += 20
-        answered += sum(check_result(res, res.job_id, problems) for res in results)
-        if len({res.job_id for res in results}) != 20:
-            problems.append("the client got duplicate or missing job ids")
-
-        # 3. A burst, and the light worker's container killed while it holds entries.
-        async def enqueue(n: int) -> list[str]:
-            async with Client(redis_url=url) as client:
-                return [await client.enqueue(f"a city in the rain {i}", reply=False) for i in range(n)]
-
-        burst = asyncio.run(enqueue(60))
-        sent += len(burst)
-        deadline = time.monotonic() + 30
-        while (held := pending_of(r, LIGHT_QUEUE, "worker-0")) == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        victim = stack.containers()["worker-0"]
-        sh("docker", "kill", victim)
-        log(f"killed worker-0 holding {held} light entries")
-        time.sleep(2)
-        restarted = "by its restart policy"
-        if sh("docker", "inspect", "--format", "{{.State.Running}}", victim).stdout.strip() != "true":
-            stack.compose("start", "worker-0")  # what a supervisor does after a crash
-            restarted = "with docker-compose start"
-        answered += list_answers(r, burst, 180, problems)
-        if held == 0:
-            problems.append("worker-0 held no entries when killed: the reclaim path was not exercised")
-        left = pending_of(r, LIGHT_QUEUE, "worker-0")
-        if left:
-            problems.append(f"worker-0 still has {left} pending light entries")
-        summary["kill"] = f"worker-0 killed holding {held} light entries, restarted {restarted}, " + (
-            "all reclaimed" if held and not left else f"{left} left pending"
-        )
-        lost = sent - answered
-        summary["jobs"] = f"sent {sent}, answered {answered}, lost {lost}"
-        r.close()
+        exercise(stack, password, redis_port, summary, problems)
         if "prometheus" in services:
             summary["prometheus"] = scraped(problems)
         summary["not run"] = "; ".join(notes) or "nothing"
@@ -383,6 +305,99 @@ def main() -> int:
         f"({summary.get('jobs', 'no jobs run')}; logs in {workdir})"
     )
     return 0 if ok else 1
+
+
+def build(workdir: Path, summary: dict[str, str]) -> tuple[Path, list[str]]:
+    """The images, built offline, and the compose file of what can run here (and what cannot, why)."""
+    t = time.monotonic()
+    built_log = sh(str(COMPOSE / "build-offline.sh"), cwd=ROOT, timeout=1800)
+    (workdir / "build.log").write_text(built_log.stdout + built_log.stderr)
+    built = [
+        line.split(": ", 1)[1]
+        for line in built_log.stdout.splitlines()
+        if line.startswith("build-offline: ") and line.endswith(" MB")
+    ]
+    summary["images"] = ", ".join(built) + f" (build {time.monotonic() - t:.0f} s)"
+    images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
+    file, notes = stack_file(workdir, images)
+    for note in notes:
+        log(f"not run: {note}")
+    return file, notes
+
+
+def exercise(stack: Stack, password: str, redis_port: int, summary: dict[str, str], problems: list[str]) -> None:
+    """Jobs three ways (redis-cli, the client, a burst with the light worker killed), every one answered once."""
+    url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
+    r = redis.Redis.from_url(url)
+    sent = answered = 0
+    # 1. redis-cli XADD from the host, plain fields, answers on the result lists.
+    cli_ids = [f"e2e-cli-{i}" for i in range(20)]
+    for job_id in cli_ids:
+        sh(
+            "redis-cli",
+            "-p",
+            str(redis_port),
+            "--no-auth-warning",
+            "-a",
+            password,
+            "XADD",
+            "diffserve:jobs",
+            "*",
+            "job_id",
+            job_id,
+            "prompt",
+            f"a lighthouse at dusk, number {job_id}",
+        )
+    sent += len(cli_ids)
+    answered += list_answers(r, cli_ids, 120, problems)
+
+    # 2. The Python client: reply streams.
+    async def through_client() -> list[FinalResult]:
+        async with Client(redis_url=url) as client:
+            return await client.submit_many([f"a watercolor fox {i}" for i in range(20)], timeout=120)
+
+    results = asyncio.run(through_client())
+    sent += 20
+    answered += sum(check_result(res, res.job_id, problems) for res in results)
+    if len({res.job_id for res in results}) != 20:
+        problems.append("the client got duplicate or missing job ids")
+    burst_sent, burst_answered = kill_a_worker_in_a_burst(stack, r, url, summary, problems)
+    sent, answered = sent + burst_sent, answered + burst_answered
+    summary["jobs"] = f"sent {sent}, answered {answered}, lost {sent - answered}"
+    r.close()
+
+
+def kill_a_worker_in_a_burst(
+    stack: Stack, r: redis.Redis, url: str, summary: dict[str, str], problems: list[str]
+) -> tuple[int, int]:
+    """3. A burst, and the light worker's container killed while it holds entries: (sent, answered)."""
+
+    async def enqueue(n: int) -> list[str]:
+        async with Client(redis_url=url) as client:
+            return [await client.enqueue(f"a city in the rain {i}", reply=False) for i in range(n)]
+
+    burst = asyncio.run(enqueue(60))
+    deadline = time.monotonic() + 30
+    while (held := pending_of(r, LIGHT_QUEUE, "worker-0")) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim = stack.containers()["worker-0"]
+    sh("docker", "kill", victim)
+    log(f"killed worker-0 holding {held} light entries")
+    time.sleep(2)
+    restarted = "by its restart policy"
+    if sh("docker", "inspect", "--format", "{{.State.Running}}", victim).stdout.strip() != "true":
+        stack.compose("start", "worker-0")  # what a supervisor does after a crash
+        restarted = "with docker-compose start"
+    answered = list_answers(r, burst, 180, problems)
+    if held == 0:
+        problems.append("worker-0 held no entries when killed: the reclaim path was not exercised")
+    left = pending_of(r, LIGHT_QUEUE, "worker-0")
+    if left:
+        problems.append(f"worker-0 still has {left} pending light entries")
+    summary["kill"] = f"worker-0 killed holding {held} light entries, restarted {restarted}, " + (
+        "all reclaimed" if held and not left else f"{left} left pending"
+    )
+    return len(burst), answered
 
 
 if __name__ == "__main__":

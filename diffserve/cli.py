@@ -19,7 +19,7 @@ COMMANDS = {
     "demo": ("diffserve.local:demo_main", "local profiled stack + a burst of DiffusionDB prompts + summary"),
     "submit": ("diffserve.local:submit_main", "submit one prompt and save the image"),
     "stack": ("diffserve.local:stack_main", "where the stack `diffserve up` started is (--redis-url: its URL)"),
-    "plan": ("common.planner:plan_main", "print the plan the solver would choose (no Redis)"),
+    "plan": ("common.planner.cli:plan_main", "print the plan the solver would choose (no Redis)"),
     "cascades": ("diffserve.local:cascades_main", "list the known cascades and their models"),
     "tenant": ("common.tenants:main", "add, remove or list tenants (Redis-direct clients with keys of their own)"),
     "healthcheck": ("common.health:main", "exit 0 when a service's metrics endpoint says ready"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import os
 import signal
 import socket
 import statistics
@@ -16,28 +15,23 @@ from collections import Counter
 from typing import Any
 
 from common import stackfile
-from common.backends import BACKENDS, require_backend, require_models_extra
+from common.backends import BackendSettings, require_backend, require_models_extra
+from common.config import GatewayAddress, RedisSettings, TenantSettings
 from common.localstack import LocalStack, StackSpec
+from common.messages import IMAGE_FORMATS, FinalResult, Plan, Role
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--backend", default=os.environ.get("DIFFSERVE_BACKEND", "profiled"), choices=BACKENDS, help="model backend"
-    )
-    parser.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"), help="cascade")
+    # The services' own options, with the env and defaults they have (the stack runs with what they say).
+    BackendSettings.add_arguments(parser, only=("backend", "cascade", "time_scale", "model_dir"), resolved=True)
     parser.add_argument("--workers", type=int, default=4, help="GPU workers (the controller splits them)")
     parser.add_argument("--light-workers", type=int, default=None, help="initial light workers (none: half)")
     parser.add_argument("--policy", default="diffserve", help="controller policy")
     parser.add_argument("--no-controller", action="store_true", help="fixed roles, threshold 0.5")
     parser.add_argument(
-        "--time-scale",
-        type=float,
-        default=float(os.environ.get("DIFFSERVE_TIME_SCALE", 1.0)),
-        help="profiled backend: multiply every profiled latency by this",
-    )
-    parser.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"), help="tiny/diffusers models")
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis instead of starting a redis-server"
+        "--redis-url",
+        default=RedisSettings.env_value("redis_url"),
+        help="use this Redis instead of starting a redis-server [env REDIS_URL]",
     )
     parser.add_argument("--log-dir", default=None, help="service logs (none: a temp folder)")
     parser.add_argument(
@@ -49,8 +43,8 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway-port",
         type=int,
-        default=int(os.environ.get("DIFFSERVE_GATEWAY_PORT", 8000)),
-        help="HTTP gateway and playground on 127.0.0.1:PORT, no API keys (0: no gateway)",
+        default=GatewayAddress.resolved("port"),
+        help="HTTP gateway and playground on 127.0.0.1:PORT, no API keys (0: no gateway) [env DIFFSERVE_GATEWAY_PORT]",
     )
 
 
@@ -122,7 +116,7 @@ def up_main(argv: list[str] | None = None) -> None:
         print(f"playground and OpenAI images API: {gateway}", flush=True)
     stopping = False
 
-    def on_signal(*_):
+    def on_signal(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
@@ -159,6 +153,7 @@ def demo_main(argv: list[str] | None = None) -> None:
     )
     with LocalStack(spec, args.log_dir) as stack:
         started = time.perf_counter()
+        assert stack.redis_url is not None  # set by start()
         results, plan = asyncio.run(_burst(stack.redis_url, prompts, args.rate))
         wall = time.perf_counter() - started
     print(_summary(results, wall, spec))
@@ -170,31 +165,30 @@ def demo_main(argv: list[str] | None = None) -> None:
         )
 
 
-async def _burst(redis_url: str, prompts: list[str], rate: float):
+async def _burst(redis_url: str, prompts: list[str], rate: float) -> tuple[list[FinalResult], Plan | None]:
     from common.client import Client
-
     from common.plan_store import load_plan
 
     async with Client(redis_url=redis_url) as client:
 
-        async def one(i: int, prompt: str):
+        async def one(i: int, prompt: str) -> FinalResult:
             await asyncio.sleep(i / rate)
             return await client.submit(prompt, timeout=300)
 
         results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        return results, await load_plan(client.redis, client.keys)
+        return list(results), await load_plan(client.redis, client.keys)
 
 
-def _summary(results, wall_s: float, spec: StackSpec) -> str:
+def _summary(results: list[FinalResult], wall_s: float, spec: StackSpec) -> str:
     ok = [r for r in results if r.status == "ok"]
     by = Counter(r.answered_by for r in ok)
-    lat = sorted(r.latency_ms / max(spec.time_scale, 1e-9) for r in ok)  # back to full-speed ms
+    lat = sorted((r.latency_ms or 0.0) / max(spec.time_scale, 1e-9) for r in ok)  # back to full-speed ms
     slo_hits = sum(bool(r.slo_met) for r in ok)
     lines = [
         f"served {len(results)} prompts in {wall_s:.1f} s wall ({spec.backend} backend, time scale {spec.time_scale})",
         f"  ok {len(ok)}, errors {len(results) - len(ok)}, unique job ids {len({r.job_id for r in results})}",
-        f"  answered by light {by.get('light', 0)} (of which degraded {sum(r.degraded for r in ok)}), "
-        f"heavy {by.get('heavy', 0)}",
+        f"  answered by light {by.get(Role.LIGHT, 0)} (of which degraded {sum(r.degraded for r in ok)}), "
+        f"heavy {by.get(Role.HEAVY, 0)}",
         f"  SLO met {slo_hits}/{len(results)} ({100 * slo_hits / max(1, len(results)):.1f} %)",
     ]
     if lat:
@@ -216,15 +210,10 @@ def submit_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slo-ms", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--negative-prompt", default=None, help="what the image should not show")
-    parser.add_argument("--format", default="png", choices=("png", "webp", "jpeg"))
+    parser.add_argument("--format", default="png", choices=IMAGE_FORMATS)
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument(
-        "--tenant",
-        default=os.environ.get("DIFFSERVE_TENANT"),
-        help="submit as this tenant (its Redis user: --redis-username, default the tenant's name)",
-    )
+    TenantSettings.add_arguments(parser, resolved=True)
     from common.client import Client, preflight
-    from common.config import RedisSettings
 
     RedisSettings.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -246,7 +235,7 @@ def submit_main(argv: list[str] | None = None) -> None:
 
     try:
         result = asyncio.run(go())
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         raise SystemExit(f"diffserve submit: no answer within {args.timeout:g} s (--timeout)") from None
     if result.status != "ok":
         print(f"error {result.error_code}: {result.error_message}", file=sys.stderr)

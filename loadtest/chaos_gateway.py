@@ -30,7 +30,6 @@ from common.cascades import cascade
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
 from common.messages import ENTRY_FIELD, FinalResult, Status, unpack
 from common.profiles import load_cascade_profile, load_prompts
-
 from loadtest.overload import capacity_qps
 from loadtest.report import percentiles
 
@@ -86,7 +85,7 @@ async def _answers(r: aioredis.Redis, prefix: str, ids: list[str]) -> dict[str, 
             for job_id in chunk:
                 pipe.xrange(f"{prefix}job-{job_id}")
             replies = await pipe.execute()
-        for job_id, entries in zip(chunk, replies):
+        for job_id, entries in zip(chunk, replies, strict=False):
             finals = [unpack(f[ENTRY_FIELD]) for _i, f in entries]
             out[job_id] = [FinalResult.from_dict(b) for b in finals if b.get("type") == FinalResult.TYPE]
     return out
@@ -105,7 +104,7 @@ async def _collect_forever(
             pass
         try:
             await asyncio.wait_for(done.wait(), 3.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

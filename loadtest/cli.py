@@ -23,24 +23,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.backends import BACKENDS
 from common import stackfile
-from common.config import RedisSettings
+from common.backends import BackendSettings, load_profile
+from common.config import RedisSettings, WorkerRegistrySettings
 from common.control import ControlSettings, static_plan
 from common.planner import POLICIES
-from common.profiles import HARDWARE, PROMPTS_FILE, load_cascade_profile, load_prompts
-
+from common.profiles import PROMPTS_FILE, load_prompts
 from loadtest import report as report_mod
 from loadtest.traces import DEFAULT_RATE, TRACES, Trace, generate, read_trace, write_trace
 
+if TYPE_CHECKING:
+    from loadtest.runner import RunRecord
 
 LOCAL_STACK = "local"  # --redis-url without a value: the stack `diffserve up` recorded
+STACK_BACKEND_OPTIONS = ("backend", "cascade", "hardware", "model_dir")
 
 
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,15 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=8, help="workers of each run (the controller splits them)")
     s.add_argument("--light-workers", type=int, default=None, help="initial light workers (default: half)")
-    s.add_argument("--backend", choices=BACKENDS, default=os.environ.get("DIFFSERVE_BACKEND", "profiled"))
-    s.add_argument("--cascade", default=os.environ.get("DIFFSERVE_CASCADE", "sdturbo-sdv15"))
-    s.add_argument(
-        "--hardware",
-        choices=tuple(HARDWARE),
-        default=os.environ.get("DIFFSERVE_HARDWARE", "a100"),
-        help="profile set for the profiled backend and the planner",
-    )
-    s.add_argument("--model-dir", default=os.environ.get("DIFFSERVE_MODEL_DIR"), help="tiny/diffusers models")
+    # The services' own options (env and default as theirs): the stack runs with what they say.
+    BackendSettings.add_arguments(s, only=STACK_BACKEND_OPTIONS)
     s.add_argument(
         "--time-scale",
         type=float,
@@ -140,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REDIS_TLS_* as for the services); alone, the stack `diffserve up` recorded. Its live workers are "
         "counted (--workers is ignored)",
     )
-    s.add_argument("--namespace", default=os.environ.get("DIFFSERVE_NAMESPACE", "diffserve"))
+    RedisSettings.add_arguments(s, only=("namespace",))
     o = p.add_argument_group("run and output")
     o.add_argument("--out", default="out/loadtest", help="output folder")
     o.add_argument(
@@ -175,41 +172,30 @@ async def _live_workers(settings: RedisSettings) -> int:
         problem = await preflight(client, settings.redis_url)
         if problem:
             raise SystemExit(f"diffserve loadtest: {problem}")
-        return len(await live_roles(client.redis, client.keys))
+        return len(
+            await live_roles(client.redis, client.keys, WorkerRegistrySettings.from_namespace().worker_timeout_s)
+        )
+
+
+SUB_TOOLS = {"--serving-bench": "serving_bench", "--gateway-abuse": "gateway_abuse", "--gateway-bench": "gateway_bench"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--serving-bench" in argv:
-        argv.remove("--serving-bench")
-        from loadtest import serving_bench
-
-        return serving_bench.main(argv)
-    if "--gateway-abuse" in argv:
-        argv.remove("--gateway-abuse")
-        from loadtest import gateway_abuse
-
-        return gateway_abuse.main(argv)
-    if "--gateway-bench" in argv:
-        argv.remove("--gateway-bench")
-        from loadtest import gateway_bench
-
-        return gateway_bench.main(argv)
+    for flag, module in SUB_TOOLS.items():
+        if flag in argv:  # a tool of its own, with its own flags
+            argv.remove(flag)
+            importlib.import_module(f"loadtest.{module}").main(argv)
+            return
     args = build_parser().parse_args(argv)
+    backend = BackendSettings.from_namespace(args)
+    for name in STACK_BACKEND_OPTIONS:  # resolved (flag, env, default) as the services resolve them
+        setattr(args, name, getattr(backend, name))
+    args.namespace = RedisSettings.from_namespace(args).namespace
     if args.time_scale <= 0:
         raise SystemExit("--time-scale must be > 0")
-    # A running deployment is reached like the services reach it: user, password and TLS from
-    # REDIS_USERNAME, REDIS_PASSWORD and REDIS_TLS_* (common/config.py RedisSettings).
-    deployment = None
-    if args.redis_url:
-        deployment = RedisSettings.from_namespace(None, local_stack=args.redis_url == LOCAL_STACK)
-        if args.redis_url == LOCAL_STACK:
-            if stackfile.find() is None:
-                raise SystemExit(
-                    f"diffserve loadtest: --redis-url alone needs a running `diffserve up` ({stackfile.path()})"
-                )
-        else:
-            deployment = dataclasses.replace(deployment, redis_url=args.redis_url, namespace=args.namespace)
+    deployment = _deployment(args)
+    if deployment is not None:
         args.workers = asyncio.run(_live_workers(deployment))  # the stack's, not the flag's
     policies = _policies(args)
     from common.cascades import cascade
@@ -220,16 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_trace(trace, out / "trace.csv")
-    profile = load_cascade_profile(args.cascade, args.hardware)
+    profile = load_profile(backend)
     print(
         f"trace {trace.name}: {len(trace)} queries over {trace.duration_s:g} s (mean {trace.mean_rate:.1f} q/s) "
         f"at time scale {args.time_scale:g} -> ~{trace.duration_s * args.time_scale:.1f} s wall per run; "
         f"SLO {slo_ms:g} ms (wall {slo_ms * args.time_scale:g} ms); policies: {', '.join(policies)}",
         flush=True,
     )
-
-    from loadtest import runner
-
     # static's fixed plan: the one given, else the solver's for the trace's mean demand (the simulator's too)
     static = args.static_plan or str(
         static_plan(profile, trace.mean_rate, args.workers, ControlSettings(slo_ms=slo_ms))
@@ -237,44 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     entries = []
     for policy in policies:
         started = time.perf_counter()
-        if deployment is not None:
-            run = asyncio.run(
-                runner.replay(
-                    deployment,
-                    trace,
-                    prompts,
-                    time_scale=args.time_scale,
-                    policy=policy,
-                    progress=not args.no_progress,
-                    drain_timeout_s=args.drain_timeout_s,
-                    sample_interval_s=args.sample_interval_s or runner.default_sample_interval_s(args.time_scale),
-                )
-            )
-        else:
-            spec = runner.stack_spec(
-                policy=policy,
-                workers=args.workers,
-                backend=args.backend,
-                cascade=args.cascade,
-                hardware=args.hardware,
-                time_scale=args.time_scale,
-                slo_ms=slo_ms,
-                static_plan=static,
-                confidence_file=os.path.abspath(args.confidence_file) if args.confidence_file else None,
-                controller_interval_s=args.controller_interval_s,
-                model_dir=args.model_dir,
-                light_workers=args.light_workers,
-            )
-            spec.namespace = args.namespace
-            run = runner.run_policy(
-                spec,
-                trace,
-                prompts,
-                log_dir=str(out / "logs" / policy),
-                progress=not args.no_progress,
-                drain_timeout_s=args.drain_timeout_s,
-                sample_interval_s=args.sample_interval_s,
-            )
+        run = _run(args, policy, deployment, trace, prompts, slo_ms=slo_ms, static=static, out=out)
         entry = report_mod.summarize(
             run, slo_ms=slo_ms, backend=args.backend, curve=profile.quality, confidence_curve=profile.curve
         )
@@ -294,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": trace.duration_s,
         "backend": args.backend,
         "cascade": args.cascade,
-        "hardware": args.hardware,
+        "hardware": profile.hardware,
         "workers": args.workers,
         "time_scale": args.time_scale,
         "slo_ms": slo_ms,
@@ -307,6 +253,72 @@ def main(argv: list[str] | None = None) -> None:
         "units": "latencies and times at full speed (wall / time_scale)",
     }
     report_mod.publish(out, entries, meta, plots=not args.no_plots)
+
+
+def _deployment(args: argparse.Namespace) -> RedisSettings | None:
+    """The running deployment ``--redis-url`` names (None: start a stack per policy). It is reached like the
+    services reach it: user, password and TLS from REDIS_USERNAME, REDIS_PASSWORD and REDIS_TLS_*."""
+    if not args.redis_url:
+        return None
+    deployment = RedisSettings.from_namespace(None, local_stack=args.redis_url == LOCAL_STACK)
+    if args.redis_url != LOCAL_STACK:
+        return dataclasses.replace(deployment, redis_url=args.redis_url, namespace=args.namespace)
+    if stackfile.find() is None:
+        raise SystemExit(f"diffserve loadtest: --redis-url alone needs a running `diffserve up` ({stackfile.path()})")
+    return deployment
+
+
+def _run(
+    args: argparse.Namespace,
+    policy: str,
+    deployment: RedisSettings | None,
+    trace: Trace,
+    prompts: list[str],
+    *,
+    slo_ms: float,
+    static: str,
+    out: Path,
+) -> RunRecord:
+    """One policy's run: against the deployment, else on a stack of its own."""
+    from loadtest import runner
+
+    if deployment is not None:
+        return asyncio.run(
+            runner.replay(
+                deployment,
+                trace,
+                prompts,
+                time_scale=args.time_scale,
+                policy=policy,
+                progress=not args.no_progress,
+                drain_timeout_s=args.drain_timeout_s,
+                sample_interval_s=args.sample_interval_s or runner.default_sample_interval_s(args.time_scale),
+            )
+        )
+    spec = runner.stack_spec(
+        policy=policy,
+        workers=args.workers,
+        backend=args.backend,
+        cascade=args.cascade,
+        hardware=args.hardware,
+        time_scale=args.time_scale,
+        slo_ms=slo_ms,
+        static_plan=static,
+        confidence_file=os.path.abspath(args.confidence_file) if args.confidence_file else None,
+        controller_interval_s=args.controller_interval_s,
+        model_dir=args.model_dir,
+        light_workers=args.light_workers,
+    )
+    spec.namespace = args.namespace
+    return runner.run_policy(
+        spec,
+        trace,
+        prompts,
+        log_dir=str(out / "logs" / policy),
+        progress=not args.no_progress,
+        drain_timeout_s=args.drain_timeout_s,
+        sample_interval_s=args.sample_interval_s,
+    )
 
 
 if __name__ == "__main__":

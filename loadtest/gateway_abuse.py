@@ -42,7 +42,6 @@ import httpx
 
 from common.localstack import LocalStack, StackSpec, free_port
 from common.profiles import load_prompts
-
 from loadtest.serving_bench import write_bench
 
 KEYS = {name: f"sk-{name}-bench-0123456789" for name in ("abuser", "holder", "other")}

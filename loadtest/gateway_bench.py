@@ -37,7 +37,6 @@ from common.client import Client
 from common.localstack import LocalStack, StackSpec, free_port
 from common.messages import Status
 from common.profiles import load_prompts
-
 from loadtest.report import percentiles
 from loadtest.runner import close_client
 from loadtest.serving_bench import write_bench

@@ -15,17 +15,15 @@ far above what they serve): jobs per second its stages complete at full speed.
 
 from __future__ import annotations
 
-from typing import Any
-
 import argparse
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from common.cascades import cascade
 from common.planner import plan, policy_spec
 from common.profiles import CascadeProfile, load_cascade_profile, load_prompts
-
 from loadtest import runner
 from loadtest.report import percentiles
 from loadtest.traces import generate

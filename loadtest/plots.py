@@ -42,7 +42,7 @@ def demand_vs_throughput(report: dict[str, Any], path: Path) -> Path:
     """One panel per policy: offered load (the same trace) and answers completed per second."""
     entries = _policies(report)
     fig, axes = _grid(len(entries))
-    for ax, e in zip(axes.flat, entries):
+    for ax, e in zip(axes.flat, entries, strict=False):
         tl = e["timeline"]
         ax.plot(tl["t_s"], tl["offered_qps"], color="black", lw=1.6, label="demand")
         ax.plot(tl["t_s"], tl["throughput_qps"], color="#1f77b4", lw=1.1, label="throughput")
@@ -60,9 +60,9 @@ def slo_miss_over_time(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for e in _policies(report):
         tl = e["timeline"]
-        pts = [(t, 100 * m) for t, m in zip(tl["t_s"], tl["slo_miss_ratio"]) if m is not None]
+        pts = [(t, 100 * m) for t, m in zip(tl["t_s"], tl["slo_miss_ratio"], strict=False) if m is not None]
         if pts:
-            ax.plot(*zip(*pts), lw=1.2, label=e["policy"])
+            ax.plot(*zip(*pts, strict=False), lw=1.2, label=e["policy"])
     ax.set_xlabel("arrival time (s, full speed)")
     ax.set_ylabel("SLO miss (%)")
     ax.set_ylim(-2, 102)
@@ -79,13 +79,13 @@ def threshold_over_time(report: dict[str, Any], path: Path) -> Path:
         samples = e["timeline"]["plan"]
         pts = [(s["t_s"], s["threshold"]) for s in samples if s.get("threshold") is not None]
         if pts:
-            (line,) = ax.step(*zip(*pts), where="post", lw=1.2, label=e["policy"])
+            (line,) = ax.step(*zip(*pts, strict=False), where="post", lw=1.2, label=e["policy"])
             drawn = True
             # proteus splits by a heavy fraction instead of a threshold: draw it dashed
             frac = [(s["t_s"], s.get("heavy_fraction") or 0.0) for s in samples if s.get("threshold") is not None]
             if any(f for _t, f in frac):
                 ax.step(
-                    *zip(*frac),
+                    *zip(*frac, strict=False),
                     where="post",
                     lw=1.2,
                     ls="--",
@@ -109,7 +109,7 @@ def threshold_over_time(report: dict[str, Any], path: Path) -> Path:
 def workers_over_time(report: dict[str, Any], path: Path) -> Path:
     entries = _policies(report)
     fig, axes = _grid(len(entries))
-    for ax, e in zip(axes.flat, entries):
+    for ax, e in zip(axes.flat, entries, strict=False):
         samples = e["timeline"]["plan"]
         t = [s["t_s"] for s in samples]
         # Actual roles from the workers' heartbeats; the plan's counts where no heartbeat was read.
@@ -141,7 +141,7 @@ def compare_policies(report: dict[str, Any], path: Path) -> Path:
         panels.append(("mean light confidence", [e["quality"].get("mean_light_confidence") or 0 for e in entries]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, values) in zip(axes, panels):
+    for ax, (title, values) in zip(axes, panels, strict=False):
         bars = ax.bar(range(len(names)), values, color=[colours[i % len(colours)] for i in range(len(names))])
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)

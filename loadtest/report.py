@@ -171,8 +171,8 @@ def timeline(run: RunRecord, bin_s: float) -> dict[str, Any]:
         "t_s": [i * bin_s for i in range(n)],
         "offered_qps": [c / bin_s for c in offered],
         "throughput_qps": [c / bin_s for c in done],
-        "slo_miss_ratio": [None if o == 0 else round(1 - m / o, 4) for o, m in zip(offered, arrived_ok)],
-        "heavy_share": [None if a == 0 else round(h / a, 4) for a, h in zip(answered, heavy)],
+        "slo_miss_ratio": [None if o == 0 else round(1 - m / o, 4) for o, m in zip(offered, arrived_ok, strict=False)],
+        "heavy_share": [None if a == 0 else round(h / a, 4) for a, h in zip(answered, heavy, strict=False)],
         "plan": samples,
     }
 

@@ -29,7 +29,6 @@ from common.config import Keys, RedisSettings
 from common.messages import FinalResult, Status, new_job_id
 from common.plan_store import load_plan
 from common.streams import backlog, connect
-
 from loadtest.traces import Trace
 
 if TYPE_CHECKING:
@@ -185,101 +184,129 @@ async def replay(
     """Send every query of ``trace`` at its (scaled) time, collect every result, sample the plan."""
     if time_scale <= 0:
         raise ValueError("time_scale must be > 0 for a trace replay")
-    keys = Keys(settings.namespace)
-    jobs: list[JobRecord] = []
-    by_id: dict[str, JobRecord] = {}
-    run = RunRecord(policy, time_scale, trace, jobs)
-    counts = {"answered": 0, "misses": 0}
-    all_answered = asyncio.Event()
-    sending_done = False
-    bar = _Progress(len(trace), policy or "replay", progress)
-    sampler_redis = connect(settings, client_name="loadtest-sampler")
-    loop = asyncio.get_running_loop()
-    client = Client(settings)
-    t0 = loop.time()
+    replayer = _Replayer(settings, trace, prompts, time_scale=time_scale, policy=policy, progress=progress)
+    return await replayer.run(drain_timeout_s, sample_interval_s)
 
-    async def collect() -> None:
-        async for result in client.results():
-            now = loop.time() - t0
-            rec = by_id.get(result.job_id)
+
+class _Replayer:
+    """One trace replay: the sender, the result collector and the plan sampler, sharing the run's record."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        trace: Trace,
+        prompts: list[str],
+        *,
+        time_scale: float,
+        policy: str,
+        progress: bool,
+    ):
+        self.trace, self.prompts, self.time_scale = trace, prompts, time_scale
+        self.keys = Keys(settings.namespace)
+        self.jobs: list[JobRecord] = []
+        self.by_id: dict[str, JobRecord] = {}
+        self.run_record = RunRecord(policy, time_scale, trace, self.jobs)
+        self.answered = self.misses = 0
+        self.all_answered = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.sending_done = False
+        self.bar = _Progress(len(trace), policy or "replay", progress)
+        self.sampler_redis = connect(settings, client_name="loadtest-sampler")
+        self.loop = asyncio.get_running_loop()
+        self.client = Client(settings)
+        self.t0 = self.loop.time()
+
+    async def run(self, drain_timeout_s: float, sample_interval_s: float) -> RunRecord:
+        run = self.run_record
+        collector = asyncio.create_task(self.collect())
+        sampler = asyncio.create_task(self.sample(sample_interval_s))
+        try:
+            await self.send_all()
+            try:
+                await asyncio.wait_for(self.all_answered.wait(), drain_timeout_s)
+            except TimeoutError:
+                run.drained = False
+            await asyncio.sleep(0.5)  # a duplicate would arrive by now
+            run.wall_s = self.loop.time() - self.t0
+            run.duplicates += self.client.rejected  # a second answer for an id: the client drops it, but counts it
+            with contextlib.suppress(Exception):
+                run.reply_entries = await self.client.redis.xlen(self.client.reply_stream)
+        finally:
+            self.stopping.set()
+            await stop_task(sampler)
+            await stop_task(collector)
+            self.bar.update(len(self.jobs), self.answered, self.misses, force=True)
+            self.bar.close()
+            await close_client(self.client)
+            await self.sampler_redis.aclose()
+        # A duplicate the reader missed (e.g. delivered after we stopped reading) still shows in the stream.
+        answered = sum(j.result is not None for j in self.jobs)
+        run.duplicates = max(run.duplicates, run.reply_entries - answered - run.unknown_results)
+        return run
+
+    async def collect(self) -> None:
+        run = self.run_record
+        async for result in self.client.results():
+            now = self.loop.time() - self.t0
+            rec = self.by_id.get(result.job_id)
             if rec is None:
                 run.unknown_results += 1
             elif rec.result is not None:
                 run.duplicates += 1
             else:
                 rec.result, rec.received_s = _strip(result), now
-                counts["answered"] += 1
-                counts["misses"] += not (result.status == Status.OK and result.slo_met)
-                if sending_done and counts["answered"] >= len(jobs):
-                    all_answered.set()
+                self.answered += 1
+                self.misses += not (result.status == Status.OK and result.slo_met)
+                if self.sending_done and self.answered >= len(self.jobs):
+                    self.all_answered.set()
 
-    stopping = asyncio.Event()
-
-    async def sample() -> None:
-        while not stopping.is_set():
+    async def sample(self, interval_s: float) -> None:
+        while not self.stopping.is_set():
             with contextlib.suppress(Exception):
-                run.plan_samples.append(await _sample(sampler_redis, keys, loop.time() - t0))
-            bar.update(len(jobs), counts["answered"], counts["misses"])
+                self.run_record.plan_samples.append(
+                    await _sample(self.sampler_redis, self.keys, self.loop.time() - self.t0)
+                )
+            self.bar.update(len(self.jobs), self.answered, self.misses)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), sample_interval_s)
+                await asyncio.wait_for(self.stopping.wait(), interval_s)
 
-    collector = asyncio.create_task(collect())
-    sampler = asyncio.create_task(sample())
-    try:
-        t0 = loop.time()
-        pending = list(trace)
+    async def send_all(self) -> None:
+        """Every query at its time: everything due by now goes out together (concurrent XADDs), so a busy
+        machine falls behind the trace as little as possible."""
+        self.t0 = self.loop.time()
+        pending, scale = list(self.trace), self.time_scale
         i = 0
         while i < len(pending):
-            delay = t0 + pending[i][0] * time_scale / 1000 - loop.time()
+            delay = self.t0 + pending[i][0] * scale / 1000 - self.loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            # Everything due by now goes out together (concurrent XADDs), so a busy machine
-            # falls behind the trace as little as possible.
-            now = loop.time() - t0
+            now = self.loop.time() - self.t0
             due: list[tuple[float, int]] = []
-            while (
-                i < len(pending)
-                and len(due) < MAX_CONCURRENT_SENDS
-                and pending[i][0] * time_scale / 1000 <= now + 0.0005
-            ):
+            while i < len(pending) and len(due) < MAX_CONCURRENT_SENDS and pending[i][0] * scale / 1000 <= now + 0.0005:
                 due.append(pending[i])
                 i += 1
-            recs = []
-            for arrival_ms, index in due:
-                rec = JobRecord(new_job_id(), index, arrival_ms, sent_s=now, blank_prompt=not prompts[index])
-                by_id[rec.job_id] = rec
-                jobs.append(rec)
-                recs.append(rec)
-                run.max_send_lag_s = max(run.max_send_lag_s, now - arrival_ms * time_scale / 1000)
-            # The prompt of the trace's line, and the line itself, so recorded confidences replay per line.
-            await asyncio.gather(
-                *(client.enqueue(prompts[r.prompt_index], job_id=r.job_id, prompt_index=r.prompt_index) for r in recs)
+            await self.send(due, now)
+        self.run_record.send_wall_s = self.loop.time() - self.t0
+        self.sending_done = True
+        if self.answered >= len(self.jobs):
+            self.all_answered.set()
+
+    async def send(self, due: list[tuple[float, int]], now: float) -> None:
+        recs = []
+        for arrival_ms, index in due:
+            rec = JobRecord(new_job_id(), index, arrival_ms, sent_s=now, blank_prompt=not self.prompts[index])
+            self.by_id[rec.job_id] = rec
+            self.jobs.append(rec)
+            recs.append(rec)
+            lag = now - arrival_ms * self.time_scale / 1000
+            self.run_record.max_send_lag_s = max(self.run_record.max_send_lag_s, lag)
+        # The prompt of the trace's line, and the line itself, so recorded confidences replay per line.
+        await asyncio.gather(
+            *(
+                self.client.enqueue(self.prompts[r.prompt_index], job_id=r.job_id, prompt_index=r.prompt_index)
+                for r in recs
             )
-        run.send_wall_s = loop.time() - t0
-        sending_done = True
-        if counts["answered"] >= len(jobs):
-            all_answered.set()
-        try:
-            await asyncio.wait_for(all_answered.wait(), drain_timeout_s)
-        except asyncio.TimeoutError:
-            run.drained = False
-        await asyncio.sleep(0.5)  # a duplicate would arrive by now
-        run.wall_s = loop.time() - t0
-        run.duplicates += client.rejected  # a second answer for an id: the client drops it, but counts it
-        with contextlib.suppress(Exception):
-            run.reply_entries = await client.redis.xlen(client.reply_stream)
-    finally:
-        stopping.set()
-        await stop_task(sampler)
-        await stop_task(collector)
-        bar.update(len(jobs), counts["answered"], counts["misses"], force=True)
-        bar.close()
-        await close_client(client)
-        await sampler_redis.aclose()
-    # A duplicate the reader missed (e.g. delivered after we stopped reading) still shows in the stream.
-    answered = sum(j.result is not None for j in jobs)
-    run.duplicates = max(run.duplicates, run.reply_entries - answered - run.unknown_results)
-    return run
+        )
 
 
 def stack_spec(

@@ -48,7 +48,6 @@ from common.localstack import LocalStack, RedisServer, StackSpec
 from common.messages import FinalResult, Status, new_job_id
 from common.profiles import load_prompts
 from common.streams import PIPELINE_GROUPS, backlog, connect
-
 from loadtest.report import percentiles
 from loadtest.runner import close_client, stop_task
 
@@ -102,72 +101,79 @@ async def offered_step(
 ) -> dict[str, Any]:
     """Send ``rate`` q/s for ``seconds`` (uniform spacing), wait up to ``drain_s`` for the rest. An answer
     that refers to its image counts when the bytes have been read from the image store (and deleted)."""
+    step = _Step(client, max(1, int(rate * seconds)))
     loop = asyncio.get_running_loop()
-    n = max(1, int(rate * seconds))
-    sent_at: dict[str, float] = {}
-    latency: list[float] = []
-    router_ms: list[float] = []
-    errors = 0
-    done = asyncio.Event()
-    reads: set[asyncio.Task[None]] = set()
-
-    def finish(start: float, ok: bool) -> None:
-        nonlocal errors
-        latency.append((loop.time() - start) * 1000)
-        errors += not ok
-        if len(latency) >= n:
-            done.set()
-
-    async def read_image(res: FinalResult, start: float) -> None:
-        try:
-            await client.image(res, release=True)
-        except Exception:  # counted as an error: an answer whose image cannot be read is no answer
-            finish(start, False)
-            return
-        finish(start, True)
-
-    async def collect() -> None:
-        async for res in client.results():
-            start = sent_at.pop(res.job_id, None)
-            if start is None:
-                continue
-            if res.latency_ms is not None:
-                router_ms.append(res.latency_ms)
-            if res.status == Status.OK and res.image_ref is not None:
-                task = asyncio.create_task(read_image(res, start))
-                reads.add(task)
-                task.add_done_callback(reads.discard)
-                continue
-            finish(start, res.status == Status.OK)
-
-    collector = asyncio.create_task(collect())
+    collector = asyncio.create_task(step.collect())
     t0 = loop.time()
-    for i in range(n):
+    for i in range(step.n):
         delay = t0 + i / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         job_id = new_job_id()
-        sent_at[job_id] = loop.time()
+        step.sent_at[job_id] = loop.time()
         await client.enqueue(prompts[i % len(prompts)], job_id=job_id, image_ref=image_ref)
     send_s = loop.time() - t0
     try:
-        await asyncio.wait_for(done.wait(), drain_s)
-    except asyncio.TimeoutError:
+        await asyncio.wait_for(step.done.wait(), drain_s)
+    except TimeoutError:
         pass
     await stop_task(collector)
-    for task in list(reads):
+    for task in list(step.reads):
         await stop_task(task)
+    n = step.n
     return {
         "rate": rate,
         "sent": n,
-        "answered": len(latency),
-        "unanswered": n - len(latency),
-        "errors": errors,
+        "answered": len(step.latency),
+        "unanswered": n - len(step.latency),
+        "errors": step.errors,
         "achieved_send_qps": round(n / send_s, 1) if send_s else None,
-        "e2e_ms": percentiles(latency, 3),
-        "router_ms": percentiles(router_ms, 3),
+        "e2e_ms": percentiles(step.latency, 3),
+        "router_ms": percentiles(step.router_ms, 3),
         "wall_s": round(loop.time() - t0, 2),
     }
+
+
+class _Step:
+    """The answers of one offered-load step of ``n`` jobs, as they come."""
+
+    def __init__(self, client: Client, n: int):
+        self.client, self.n = client, n
+        self.loop = asyncio.get_running_loop()
+        self.sent_at: dict[str, float] = {}
+        self.latency: list[float] = []
+        self.router_ms: list[float] = []
+        self.errors = 0
+        self.done = asyncio.Event()
+        self.reads: set[asyncio.Task[None]] = set()
+
+    def finish(self, start: float, ok: bool) -> None:
+        self.latency.append((self.loop.time() - start) * 1000)
+        self.errors += not ok
+        if len(self.latency) >= self.n:
+            self.done.set()
+
+    async def read_image(self, res: FinalResult, start: float) -> None:
+        try:
+            await self.client.image(res, release=True)
+        except Exception:  # counted as an error: an answer whose image cannot be read is no answer
+            self.finish(start, False)
+            return
+        self.finish(start, True)
+
+    async def collect(self) -> None:
+        async for res in self.client.results():
+            start = self.sent_at.pop(res.job_id, None)
+            if start is None:
+                continue
+            if res.latency_ms is not None:
+                self.router_ms.append(res.latency_ms)
+            if res.status == Status.OK and res.image_ref is not None:
+                task = asyncio.create_task(self.read_image(res, start))
+                self.reads.add(task)
+                task.add_done_callback(self.reads.discard)
+                continue
+            self.finish(start, res.status == Status.OK)
 
 
 async def bench(url: str, args: argparse.Namespace, blob_url: str = "") -> dict[str, Any]:

@@ -41,7 +41,7 @@ class Trace:
         return len(self.arrivals_ms)
 
     def __iter__(self) -> Iterator[tuple[float, int]]:
-        return iter(zip(self.arrivals_ms, self.prompt_indices))
+        return iter(zip(self.arrivals_ms, self.prompt_indices, strict=False))
 
     @property
     def mean_rate(self) -> float:

@@ -33,14 +33,12 @@ from dataclasses import dataclass
 from redis.exceptions import ResponseError
 
 from common import metrics
-from common.backends import BackendSettings, latency_scale, load_profile
-from common.config import ServiceConfig, option
-from common.control import ControlLoop, ControlSettings, WorkerView
-from common.messages import Plan
-from common.plan_store import load_arrivals, load_confidences, load_plan, store_plan
-from common.scaling import workers_wanted
+from common.backends import BackendSettings, SloSettings, effective_slo_ms, latency_scale, load_profile
+from common.config import ServiceConfig, WorkerRegistrySettings, option
+from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlReason, ControlSettings, Why, WorkerView
+from common.messages import Objective, Plan, Policy
+from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
 from common.planner import (
-    DEFAULT_HEADROOM,
     OBJECTIVES,
     POLICIES,
     ROLES,
@@ -51,27 +49,28 @@ from common.planner import (
     count_changes,
     warm_up,
 )
+from common.scaling import workers_wanted
 from common.service import Service, now_ms, run
-from common.streams import backlog, run_forever
+from common.streams import backlog, missing, run_forever
 from common.tenants import tenant_names
 
-DEFAULT_INTERVAL_S = 10.0  # full-speed seconds between plans
+DEFAULT = ControlSettings(slo_ms=0.0)  # the control law's defaults (its knobs' one declaration)
 MIN_INTERVAL_S = 0.25
 WATCH_S = 0.25  # wall-clock seconds between looks at the worker set
 SETTLE_S = 0.5
 
 
-@dataclass
-class ControllerConfig(ServiceConfig, BackendSettings):
+@dataclass(kw_only=True)
+class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegistrySettings):
     """diffserve controller: re-plans threshold, batch sizes and worker roles."""
 
     interval_s: float | None = option(
         None,
-        "seconds between plans (default: 10 s of full-speed time, so "
-        "10 x time_scale on the profiled backend, at least 0.25 s)",
+        f"seconds between plans (default: {DEFAULT.interval_s:g} s of full-speed time, so "
+        f"{DEFAULT.interval_s:g} x time_scale on the profiled backend, at least {MIN_INTERVAL_S} s)",
         env="DIFFSERVE_INTERVAL_S",
     )
-    policy: str = option("diffserve", "serving policy", env="DIFFSERVE_POLICY", choices=POLICIES)
+    policy: str = option(DEFAULT.policy, "serving policy", env="DIFFSERVE_POLICY", choices=POLICIES)
     objective: str = option(
         "auto",
         "quality (best estimated FID) or threshold (max t, the paper); auto: "
@@ -90,73 +89,70 @@ class ControllerConfig(ServiceConfig, BackendSettings):
         "demand (q/s, wall clock) the static plan is solved for (default: the first demand measured)",
         env="DIFFSERVE_STATIC_DEMAND",
     )
-    slo_ms: float | None = option(
-        None,
-        "SLO in wall-clock ms, as the router stamps deadlines (default: the "
-        "cascade's, x time_scale on the profiled backend)",
-        env="DIFFSERVE_SLO_MS",
-    )
-    worker_timeout_s: float = option(
-        5.0, "a worker without a heartbeat for this long is not counted", env="DIFFSERVE_WORKER_TIMEOUT_S"
-    )
     ewma_alpha: float = option(
-        0.5, "weight of the newest rate sample in the demand estimate while it rises", env="DIFFSERVE_EWMA_ALPHA"
+        DEFAULT.ewma_alpha,
+        "weight of the newest rate sample in the demand estimate while it rises",
+        env="DIFFSERVE_EWMA_ALPHA",
     )
     ewma_alpha_down: float = option(
-        0.2,
+        DEFAULT.ewma_alpha_down,
         "... and while it falls: slow decay, so a bursty load is not planned for its lulls",
         env="DIFFSERVE_EWMA_ALPHA_DOWN",
     )
     peak_window_s: float = option(
-        300.0,
+        DEFAULT.peak_window_s,
         "the light stage is provisioned for the highest demand this many full-speed seconds of history "
         "exceeded for --peak-share of the time (recurring bursts count, a one-off does not)",
         env="DIFFSERVE_PEAK_WINDOW_S",
     )
-    peak_share: float = option(0.1, "see --peak-window-s", env="DIFFSERVE_PEAK_SHARE")
+    peak_share: float = option(DEFAULT.peak_share, "see --peak-window-s", env="DIFFSERVE_PEAK_SHARE")
     hindsight_s: float = option(
-        120.0,
+        DEFAULT.hindsight_s,
         "replay this many full-speed seconds of recent arrivals under candidate plans to choose the "
         "threshold and batch sizes (0: the solver's alone)",
         env="DIFFSERVE_HINDSIGHT_S",
     )
     max_threshold_step: float = option(
-        ControlSettings.max_threshold_step,
+        DEFAULT.max_threshold_step,
         "largest change of the threshold from one plan to the next, unless nothing that close is feasible",
         env="DIFFSERVE_MAX_THRESHOLD_STEP",
     )
     headroom: float = option(
-        DEFAULT_HEADROOM,
+        DEFAULT.headroom,
         "plan every stage at most this busy (the profiled latencies are means)",
         env="DIFFSERVE_HEADROOM",
     )
     threshold_margin: float = option(
-        0.05,
+        DEFAULT.threshold_margin,
         "keep the current roles unless the new plan's threshold differs by more than this",
         env="DIFFSERVE_THRESHOLD_MARGIN",
     )
     worker_margin: int = option(
-        1, "... or its light/heavy split by more than this many workers", env="DIFFSERVE_WORKER_MARGIN"
+        DEFAULT.worker_margin,
+        "... or its light/heavy split by more than this many workers",
+        env="DIFFSERVE_WORKER_MARGIN",
     )
     default_switch_s: float = option(
-        5.0,
+        DEFAULT_SWITCH_S,
         "role-switch time assumed for a worker that has not switched yet (unscaled)",
         env="DIFFSERVE_DEFAULT_SWITCH_S",
     )
     max_switch_fraction: float = option(
-        0.25,
+        DEFAULT.max_switch_fraction,
         "at most this share of the workers change role per tick unless the current allocation cannot serve demand",
         env="DIFFSERVE_MAX_SWITCH_FRACTION",
     )
     spare_util: float = option(
-        0.5, "spare workers go to the busiest stage while its utilisation is above this", env="DIFFSERVE_SPARE_UTIL"
+        DEFAULT.spare_util,
+        "spare workers go to the busiest stage while its utilisation is above this",
+        env="DIFFSERVE_SPARE_UTIL",
     )
 
 
 def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interval_s: float) -> ControlSettings:
     return ControlSettings(
-        policy=cfg.policy,
-        objective=None if cfg.objective == "auto" else cfg.objective,
+        policy=Policy(cfg.policy),
+        objective=None if cfg.objective == "auto" else Objective(cfg.objective),
         slo_ms=slo_ms,
         latency_scale=scale,
         interval_s=interval_s,
@@ -186,10 +182,8 @@ class Controller:
         self.log = svc.log
         self.profile = load_profile(self.cfg)
         self.scale = latency_scale(self.cfg)
-        # DIFFSERVE_SLO_MS means the same for every service: the wall-clock budget the router
-        # stamps as the deadline. Only the cascade's default is scaled for a time-scaled run.
-        self.slo_ms = self.cfg.slo_ms or self.profile.slo_ms * self.scale
-        self.interval_s = self.cfg.interval_s or max(MIN_INTERVAL_S, DEFAULT_INTERVAL_S * self.scale)
+        self.slo_ms = effective_slo_ms(self.cfg, self.cfg.slo_ms)
+        self.interval_s = self.cfg.interval_s or max(MIN_INTERVAL_S, DEFAULT.interval_s * self.scale)
         self.loop = ControlLoop(self.profile, control_settings(self.cfg, self.slo_ms, self.scale, self.interval_s))
         self.slo_counts: tuple[int, int] | None = None
         self.last: Plan | None = None
@@ -223,39 +217,23 @@ class Controller:
     async def entries_added(self, stream: str) -> int:
         try:
             info = await self.r.xinfo_stream(stream)
-        except ResponseError:  # no such stream yet
-            return 0
+        except ResponseError as exc:
+            if missing(exc):  # no such stream yet; anything else (NOPERM, a wrong type) must surface
+                return 0
+            raise
         added = info.get("entries-added")
         return int(added if added is not None else info.get("length", 0))
 
     async def live_workers(self, stored: Plan | None) -> list[WorkerView]:
-        cutoff = now_ms() - self.cfg.worker_timeout_s * 1000.0
-        members = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
-        ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-        if not ids:
-            return []
-        async with self.r.pipeline(transaction=False) as pipe:
-            for w in ids:
-                pipe.hgetall(self.keys.worker_info(w))
-            infos = await pipe.execute()
+        """The live workers (common/plan_store.py), each with its planned role where the stored plan has one."""
         planned = stored.roles if stored is not None else {}
+        default_switch_s = self.cfg.default_switch_s * self.scale
         out = []
-        for w, info in zip(ids, infos):
-            info = {
-                (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in (info or {}).items()
-            }
-            reported = info.get("role", "")
-            try:
-                switch_s = float(info.get("switch_s") or 0.0)
-            except ValueError:
-                switch_s = 0.0
-            role = planned.get(w) if planned.get(w) in ROLES else reported
+        for w in await live_workers(self.r, self.keys, self.cfg.worker_timeout_s):
+            role = planned.get(w.worker_id) if planned.get(w.worker_id) in ROLES else w.role
             out.append(
                 WorkerView(
-                    w,
-                    role if role in ROLES else "",
-                    switch_s if switch_s > 0 else self.cfg.default_switch_s * self.scale,
+                    w.worker_id, role if role in ROLES else "", w.switch_s if w.switch_s > 0 else default_switch_s
                 )
             )
         return out
@@ -305,7 +283,7 @@ class Controller:
         span_ms = self.loop.cfg.hindsight_s * 1000.0
         history = await load_arrivals(self.r, self.keys, now - span_ms, now) if span_ms > 0 else None
         confidences = await load_confidences(self.r, self.keys) if span_ms > 0 else None
-        result, reason = self.loop.decide(
+        result, why = self.loop.decide(
             stored, self.demand, workers, queues, aimd, history=history, now_ms=now, confidences=confidences
         )
         version = (stored.version if stored is not None else 0) + 1
@@ -320,7 +298,7 @@ class Controller:
         for at, quality in (("live", result.estimated_quality), ("wanted", wanted.estimated_quality)):
             if quality is not None:
                 metrics.ESTIMATED_QUALITY.labels(at).set(quality)
-        self.report(stored, message, result, reason, workers)
+        self.report(stored, message, result, why, workers)
         self.last, self.last_result = message, result
         return message
 
@@ -333,7 +311,7 @@ class Controller:
         metrics.SOLVE_TIME.observe(result.solve_ms / 1000.0)
 
     def report(
-        self, stored: Plan | None, message: Plan, result: PlanResult, reason: str, workers: list[WorkerView]
+        self, stored: Plan | None, message: Plan, result: PlanResult, why: Why, workers: list[WorkerView]
     ) -> None:
         changed = stored is None or any(
             getattr(stored, f) != getattr(message, f)
@@ -344,10 +322,12 @@ class Controller:
                 "demand exceeds capacity: maximum-throughput plan",
                 extra={"demand_qps": round(message.demand_qps, 3), "workers": len(workers), "slo_ms": result.slo_ms},
             )
-        if not changed and reason.endswith("roles kept") or reason.startswith("change proposed"):
+        # A role change the free plan wanted, kept back (logged while the plan is otherwise unchanged), or
+        # proposed and awaiting confirmation.
+        if why.reason.deferred and (not changed or why.reason == ControlReason.PROPOSED):
             self.log.info(
                 "role change deferred",
-                extra={"version": message.version, "reason": reason, "demand_qps": round(message.demand_qps, 3)},
+                extra={"version": message.version, "reason": str(why), "demand_qps": round(message.demand_qps, 3)},
             )
         if changed:
             current = {w.worker_id: w.role for w in workers}
@@ -371,14 +351,12 @@ class Controller:
                     "predicted_ms": round(result.latency.total_ms, 1),
                     "slo_ms": result.slo_ms,
                     "solve_ms": round(result.solve_ms, 2),
-                    "reason": reason,
+                    "reason": str(why),
                 },
             )
 
     async def live_ids(self) -> set[str]:
-        cutoff = now_ms() - self.cfg.worker_timeout_s * 1000.0
-        members = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+        return await live_ids(self.r, self.keys, self.cfg.worker_timeout_s)
 
     async def step(self) -> None:
         """One interval: a tick, then watching the worker set until the next one; a set that changed

@@ -12,15 +12,15 @@ from PIL import Image
 from common import metrics
 from common.backends import BackendSettings, latency_scale, load_profile, make_discriminator, require_backend
 from common.blobs import BlobUnavailable, open_store
-from common.config import ServiceConfig, option
+from common.config import ConsumerSettings, ServiceConfig, WorkerRegistrySettings, option
 from common.imaging import decode, from_thumbnail
-from common.messages import E_INTERNAL, E_MODEL, BlobRef, Completion, LightReady, LightResult, Role, RoutedBy
+from common.messages import E_INTERNAL, E_MODEL, BlobRef, Completion, LightReady, LightResult, Plan, Role, RoutedBy
 from common.plan_store import PlanWatcher, StageWatcher
 from common.planner import default_plan
 from common.replay import RECENT_CONFIDENCES
 from common.routing import (
-    LATE_POLICIES,
     Decision,
+    LatePolicySettings,
     batch_times,
     cascade_decision,
     decision_order,
@@ -28,31 +28,18 @@ from common.routing import (
     light_reason,
 )
 from common.service import Service, now_ms, run
-from common.stage import one_per_input, split_batch
-from common.streams import StreamConsumer, run_forever
+from common.stage import DISCRIMINATOR_BATCH, Outputs, Processed, failures, one_per_input, run_batch
+from common.streams import Entry, StreamConsumer, run_forever
 from common.tenants import client_job_id
 
 
-@dataclass
-class DiscriminatorConfig(ServiceConfig, BackendSettings):
+@dataclass(kw_only=True)
+class DiscriminatorConfig(ServiceConfig, BackendSettings, ConsumerSettings, LatePolicySettings, WorkerRegistrySettings):
     """diffserve discriminator: routes each light image to the client or to the heavy model."""
 
-    batch: int = option(32, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
+    batch: int = option(DISCRIMINATOR_BATCH, "light results scored per batch", env="DIFFSERVE_DISCRIMINATOR_BATCH")
     threshold: float | None = option(
         None, "fixed threshold (default: the plan's, 0.5 without a plan)", env="DIFFSERVE_THRESHOLD"
-    )
-    late_policy: str = option(
-        "plan",
-        "a job the heavy model cannot finish before its deadline: as the plan "
-        "says (plan), answered with its light image (light) or sent on anyway (heavy)",
-        env="DIFFSERVE_LATE_POLICY",
-        choices=LATE_POLICIES,
-    )
-    reclaim_idle_ms: int = option(
-        10000, "take over entries idle this long on a dead discriminator", env="DIFFSERVE_RECLAIM_IDLE_MS"
-    )
-    max_deliveries: int = option(
-        5, "fail a job whose batch crashed this many discriminators", env="DIFFSERVE_MAX_DELIVERIES"
     )
 
 
@@ -70,7 +57,7 @@ class Discriminator:
             max_deliveries=self.cfg.max_deliveries,
         )
         self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
-        self.heavy = StageWatcher(self.r, self.keys)
+        self.heavy = StageWatcher(self.r, self.keys, self.cfg.worker_timeout_s)
         self.heavy_times = batch_times(self.profile, Role.HEAVY, latency_scale(self.cfg))
         self.needs_images = self.cfg.backend != "profiled"
         self.blobs = open_store(self.cfg, self.r)
@@ -93,23 +80,20 @@ class Discriminator:
         return images
 
     async def step(self) -> None:
-        entries = await self.consumer.read(self.cfg.batch, block_ms=250)
-        if not entries:
-            return
-        good, outputs = split_batch(
-            entries,
+        scored = await run_batch(
+            self.consumer,
+            self.cfg.batch,
             LightResult.decode,
+            self._process,
             keys=self.keys,
-            stream=self.consumer.stream,
             service="discriminator",
-            max_deliveries=self.consumer.max_deliveries,
             job_of=LightResult.routed,
         )
-        results = [r for _entry, r in good]
-        scores: list[float] = []
-        if results:
-            routed, scores = await self.route(results)
-            outputs += routed
+        # Scored: the thumbnails are done with (one that is left behind expires).
+        await self.blobs.discard([r.thumbnail_ref.key for r in scored if r.thumbnail_ref])
+
+    async def _process(self, _entries: list[Entry], results: list[LightResult]) -> Processed:
+        outputs, scores = await self.route(results)
 
         def publish_scores(pipe: aioredis.client.Pipeline) -> None:
             # The controller's replay draws confidences from the recent ones (common/replay.py).
@@ -117,11 +101,9 @@ class Discriminator:
                 pipe.rpush(self.keys.confidences, *(round(c, 4) for c in scores))
                 pipe.ltrim(self.keys.confidences, -RECENT_CONFIDENCES, -1)
 
-        await self.consumer.write_and_ack([e.id for e in entries], outputs, publish_scores)
-        # Scored: the thumbnails are done with (one that is left behind expires).
-        await self.blobs.discard([r.thumbnail_ref.key for r in results if r.thumbnail_ref])
+        return Processed(outputs=outputs, extra=publish_scores)
 
-    async def route(self, results: list[LightResult]) -> tuple[list[tuple[str, bytes]], list[float]]:
+    async def route(self, results: list[LightResult]) -> tuple[Outputs, list[float]]:
         """Score one batch: the outputs it sends on, and the confidences."""
         plan = await self.plans.current()
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
@@ -131,14 +113,7 @@ class Discriminator:
         except (BlobUnavailable, ValueError) as exc:  # answered: nothing to score them on
             self.svc.log.error("light images unavailable", extra={"batch": len(results), "error": str(exc)[:200]})
             metrics.ERRORS.labels("discriminator", E_INTERNAL).inc(len(results))
-            unavailable = [
-                (
-                    self.keys.completions,
-                    Completion.failure(r.routed(), E_INTERNAL, str(exc), self.cfg.instance_id).encode(),
-                )
-                for r in results
-            ]
-            return unavailable, []
+            return failures(self.keys, [r.routed() for r in results], E_INTERNAL, str(exc), self.cfg.instance_id), []
         try:
             scores = one_per_input(
                 await asyncio.to_thread(
@@ -150,23 +125,19 @@ class Discriminator:
         except Exception as exc:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
             metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))
-            failures = [
-                (
-                    self.keys.completions,
-                    Completion.failure(
-                        r.routed(), E_MODEL, f"{type(exc).__name__}: {exc}", self.cfg.instance_id
-                    ).encode(),
-                )
-                for r in results
-            ]
-            return failures, []
+            message = f"{type(exc).__name__}: {exc}"
+            return failures(self.keys, [r.routed() for r in results], E_MODEL, message, self.cfg.instance_id), []
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
         metrics.DISCRIMINATOR_THRESHOLD.set(threshold)
+        return await self._decide(plan, results, scores, threshold), scores
+
+    async def _decide(self, plan: Plan, results: list[LightResult], scores: list[float], threshold: float) -> Outputs:
+        """Each scored light image: the answer, or the job on to the heavy model (least confident first)."""
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage(Role.HEAVY, plan, self.heavy_times) if degrade_late else None
         now = now_ms()
-        outputs: list[tuple[str, bytes]] = []
+        outputs: Outputs = []
         previews = await self._previews(results, scores, threshold)
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
@@ -181,45 +152,38 @@ class Discriminator:
                 on_time=on_time,
             )
             metrics.ROUTED.labels(decision).inc()
-            if decision == Decision.HEAVY:
-                if heavy is not None:
-                    heavy.admit()
-                job.confidence = confidence
-                outputs.append((self.keys.heavy_queue, job.encode()))
-                preview = previews.get(i)
-                if preview is not None and job.reply_to:  # the client shows the light image while heavy runs
-                    outputs.append(
-                        (
-                            job.reply_to,
-                            LightReady(  # under the id the client submitted (a tenant's job is scoped)
-                                job_id=client_job_id(job.job_id),
-                                image=preview if isinstance(preview, bytes) else None,
-                                image_ref=preview if isinstance(preview, BlobRef) else None,
-                                image_format=result.image_format,
-                                model=result.model,
-                                confidence=confidence,
-                                ready_ms=now_ms(),
-                                reply_token=job.reply_token,
-                            ).encode(),
-                        )
-                    )
-            else:
-                outputs.append(
-                    (
-                        self.keys.completions,
-                        Completion.answer(
-                            job,
-                            result.image_ref or result.image or b"",
-                            result.image_format,
-                            Role.LIGHT,
-                            result.model,
-                            confidence,
-                            worker_id=self.cfg.instance_id,
-                            light_reason=light_reason(decision, confidence, plan.target_threshold),
-                        ).encode(),
-                    )
+            if decision != Decision.HEAVY:
+                reason = light_reason(decision, confidence, plan.target_threshold)
+                answer = Completion.answer(
+                    job,
+                    result.image_ref or result.image or b"",
+                    image_format=result.image_format,
+                    answered_by=Role.LIGHT,
+                    model=result.model,
+                    confidence=confidence,
+                    worker_id=self.cfg.instance_id,
+                    light_reason=reason,
                 )
-        return outputs, scores
+                outputs.append((self.keys.completions, answer.encode()))
+                continue
+            if heavy is not None:
+                heavy.admit()
+            job.confidence = confidence
+            outputs.append((self.keys.heavy_queue, job.encode()))
+            preview = previews.get(i)
+            if preview is not None and job.reply_to:  # the client shows the light image while heavy runs
+                ready = LightReady(  # under the id the client submitted (a tenant's job is scoped)
+                    job_id=client_job_id(job.job_id),
+                    image=preview if isinstance(preview, bytes) else None,
+                    image_ref=preview if isinstance(preview, BlobRef) else None,
+                    image_format=result.image_format,
+                    model=result.model,
+                    confidence=confidence,
+                    ready_ms=now_ms(),
+                    reply_token=job.reply_token,
+                )
+                outputs.append((job.reply_to, ready.encode()))
+        return outputs
 
     async def _previews(
         self, results: list[LightResult], scores: list[float], threshold: float
@@ -243,7 +207,7 @@ class Discriminator:
             except BlobUnavailable as exc:
                 self.svc.log.warning("light previews skipped", extra={"count": len(fetch), "error": str(exc)[:200]})
                 return previews
-            previews.update({i: data for i, data in zip(fetch, read) if data is not None})
+            previews.update({i: data for i, data in zip(fetch, read, strict=False) if data is not None})
         return previews
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
@@ -25,8 +26,8 @@ from common.backends import (
 from common.backends.profiled import fixed_image
 from common.blobs import HEAVY, LIGHT, THUMB, BlobUnavailable, blob_key, open_store
 from common.clock import CLOCK
-from common.config import Keys, ReplySettings, ServiceConfig, option
-from common.imaging import EncoderPool, thumbnail_rgb
+from common.config import ConsumerSettings, Keys, ReplySettings, ServiceConfig, option
+from common.imaging import Encoded, EncoderPool, PngImage, thumbnail_rgb
 from common.messages import (
     E_INTERNAL,
     E_MODEL,
@@ -34,6 +35,7 @@ from common.messages import (
     Completion,
     LightReason,
     LightResult,
+    Plan,
     Progress,
     Role,
     RoutedBy,
@@ -41,32 +43,28 @@ from common.messages import (
 )
 from common.plan_store import PlanWatcher
 from common.planner import default_plan
-from common.routing import LATE_POLICIES, Stage, batch_times, degrades_late
+from common.routing import LatePolicySettings, Stage, batch_times, degrades_late
 from common.service import Service, now_ms, run
-from common.stage import cancelled_ids, one_per_input, split_batch
-from common.streams import TRANSIENT_ERRORS, StreamConsumer, notify, run_forever
+from common.stage import Outputs, Processed, cancelled_ids, failures, one_per_input, run_batch
+from common.streams import TRANSIENT_ERRORS, Entry, StreamConsumer, notify, run_forever
 from common.tenants import client_job_id
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ROLES = tuple(Role)
 DEFAULT_THUMBNAIL_SIZE = 224  # EfficientNet-V2-S input size
 CLOSE_TIMEOUT_S = 2.0
 
 
-@dataclass
-class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings):
+@dataclass(kw_only=True)
+class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings, ConsumerSettings, LatePolicySettings):
     """diffserve worker: runs the light or the heavy model of the cascade."""
 
     role: str = option(
         "light", "starting role; the controller's plan may change it", env="DIFFSERVE_ROLE", choices=ROLES
     )
     batch: int = option(0, "fixed batch size (0: the plan's)", env="DIFFSERVE_BATCH")
-    late_policy: str = option(
-        "plan",
-        "heavy jobs that cannot make their deadline: as the plan says (plan), "
-        "answered with the light image (light) or run anyway (heavy)",
-        env="DIFFSERVE_LATE_POLICY",
-        choices=LATE_POLICIES,
-    )
     thumbnail_size: int = option(
         -1,
         "attach an RGB thumbnail of this size to light results, so the "
@@ -75,10 +73,6 @@ class WorkerConfig(ServiceConfig, BackendSettings, ReplySettings):
         env="DIFFSERVE_THUMBNAIL_SIZE",
     )
     encode_threads: int = option(4, "image-encoding threads", env="DIFFSERVE_ENCODE_THREADS")
-    reclaim_idle_ms: int = option(
-        15000, "take over entries idle this long on a dead worker", env="DIFFSERVE_RECLAIM_IDLE_MS"
-    )
-    max_deliveries: int = option(5, "fail a job whose batch crashed this many workers", env="DIFFSERVE_MAX_DELIVERIES")
     heartbeat_s: float = option(1.0, "heartbeat interval", env="DIFFSERVE_HEARTBEAT_S")
     watch_s: float = option(
         0.25,
@@ -266,23 +260,20 @@ class Worker:
         if wanted != self.role and wanted in ROLES:
             await self.switch(Role(wanted))
         batch = self.cfg.batch or (plan.light_batch if self.role == Role.LIGHT else plan.heavy_batch)
-        consumer = self.consumers[self.role]
-        entries = await consumer.read(max(1, batch), block_ms=250)
-        if not entries:
-            return
-        reclaimed = sum(e.deliveries > 1 for e in entries)
-        if reclaimed:
-            metrics.RECLAIMED.labels("worker").inc(reclaimed)
-        good, outputs = split_batch(
-            entries,
+        await run_batch(
+            self.consumers[self.role],
+            batch,
             RoutedJob.decode,
+            lambda entries, jobs: self._process(plan, entries, jobs),
             keys=self.keys,
-            stream=consumer.stream,
             service="worker",
-            max_deliveries=consumer.max_deliveries,
             job_of=lambda j: j,
         )
-        jobs = [job for _entry, job in good]
+
+    async def _process(self, plan: Plan, entries: list[Entry], jobs: list[RoutedJob]) -> Processed:
+        """A batch's jobs: those cancelled before it started answered, late heavy ones degraded (the deadline
+        rule), the rest run (their entries kept claimed while the model runs)."""
+        outputs: Outputs = []
         cancelled = await cancelled_ids(self.r, self.keys, [job.job_id for job in jobs])
         if cancelled:  # cancelled by their clients before this batch started: answered, never run
             outputs += [
@@ -299,9 +290,9 @@ class Worker:
             jobs, late = self._split_late(jobs)
             outputs += late
         if jobs:
-            async with consumer.keep_claimed([e.id for e in entries]):
+            async with self.consumers[self.role].keep_claimed([e.id for e in entries]):
                 outputs += await self._run(jobs)
-        await consumer.write_and_ack([e.id for e in entries], outputs)
+        return Processed(outputs=outputs)
 
     def _split_late(self, jobs: list[RoutedJob]) -> tuple[list[RoutedJob], list[tuple[str, bytes]]]:
         """Jobs that would finish after their deadline even if started now (the deadline rule
@@ -323,10 +314,10 @@ class Worker:
                         Completion.answer(
                             job,
                             light,
-                            job.light_image_format or "png",
-                            Role.LIGHT,
-                            self.profile.spec.light,
-                            job.confidence,
+                            image_format=job.light_image_format or "png",
+                            answered_by=Role.LIGHT,
+                            model=self.profile.spec.light,
+                            confidence=job.confidence,
                             worker_id=self.id,
                             light_reason=LightReason.DEADLINE,
                         ).encode(),
@@ -339,21 +330,13 @@ class Worker:
             metrics.PROCESSED.labels("worker", "degraded").inc(len(late))
         return on_time, late
 
-    async def _run(self, jobs: list[RoutedJob]) -> list[tuple[str, bytes]]:
-        model = self.loaded
-        model_name = model.name
+    async def _run(self, jobs: list[RoutedJob]) -> Outputs:
+        """Run the model on a batch and answer each job (heavy), or send its light image on (light)."""
+        model_name = self.loaded.name
         running = RunningBatch(self.r, self.keys, self.cfg, jobs, model_name) if self.role == Role.HEAVY else None
         start = time.perf_counter()
         try:
-            async with running.watched() if running else contextlib.nullcontext():
-                generated = await asyncio.to_thread(
-                    model.generate,
-                    [j.prompt for j in jobs],
-                    [j.seed for j in jobs],
-                    negative_prompts=[j.negative_prompt for j in jobs],
-                    on_step=running.on_step if running else None,
-                )
-            images = one_per_input(generated, jobs, "the model")
+            images = await self._generate(jobs, running)
         except Interrupted as stop:  # every job in the batch was cancelled while it ran
             elapsed = time.perf_counter() - start
             metrics.CANCEL_FREED.labels(model_name, "during").inc(elapsed * (stop.steps / stop.step - 1))
@@ -363,25 +346,12 @@ class Worker:
         except Exception as exc:  # report per job, keep serving
             self.svc.log.exception("model failed", extra={"model": model_name, "batch": len(jobs)})
             metrics.ERRORS.labels("worker", E_MODEL).inc(len(jobs))
-            return [
-                (
-                    self.keys.completions,
-                    Completion.failure(j, E_MODEL, f"{type(exc).__name__}: {exc}", self.id).encode(),
-                )
-                for j in jobs
-            ]
+            return failures(self.keys, jobs, E_MODEL, f"{type(exc).__name__}: {exc}", self.id)
         elapsed = time.perf_counter() - start
         self.batch_ms[len(jobs)] = 0.7 * self.batch_ms.get(len(jobs), elapsed * 1000) + 0.3 * elapsed * 1000
         metrics.BATCH_SIZE.labels("worker", model_name).observe(len(jobs))
         metrics.BATCH_LATENCY.labels("worker", model_name).observe(elapsed)
-        futures = self.encoder.submit(images, [(j.image_format, j.image_quality) for j in jobs])
-        size = self.thumbnail_size
-        raw_thumbs: list[bytes | None] = (
-            await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
-            if self.role == Role.LIGHT and size
-            else [None] * len(jobs)
-        )
-        encoded = [await asyncio.wrap_future(future) for future in futures]
+        encoded, raw_thumbs = await self._encode(jobs, images)
         dropped: set[str] = set()
         if running is not None:  # cancelled while it ran, alongside jobs that were not: its result is dropped
             dropped = running.cancelled
@@ -392,62 +362,88 @@ class Worker:
             kept = await self.blobs.keep(
                 [
                     (blob_key(j.job_id, kind), e.data, e.format, e.digest)
-                    for j, e in zip(jobs, encoded)
+                    for j, e in zip(jobs, encoded, strict=True)
                     if e.data and j.job_id not in dropped
                 ]
             )
             thumbs = await self.blobs.keep(
-                [(blob_key(j.job_id, THUMB), t, "rgb", "") for j, t in zip(jobs, raw_thumbs) if t]
+                [(blob_key(j.job_id, THUMB), t, "rgb", "") for j, t in zip(jobs, raw_thumbs, strict=True) if t]
             )
         except BlobUnavailable as exc:  # the jobs are answered, the worker goes on with the next batch
             self.svc.log.error("image store unavailable", extra={"batch": len(jobs), "error": str(exc)[:200]})
             metrics.ERRORS.labels("worker", E_INTERNAL).inc(len(jobs))
-            return [
-                (self.keys.completions, Completion.failure(j, E_INTERNAL, str(exc), self.id).encode()) for j in jobs
-            ]
+            return failures(self.keys, jobs, E_INTERNAL, str(exc), self.id)
         images_out, thumbs_out = iter(kept), iter(thumbs)
-        outputs: list[tuple[str, bytes]] = []
-        for job, done, raw_thumb in zip(jobs, encoded, raw_thumbs):
+        outputs: Outputs = []
+        for job, done, raw_thumb in zip(jobs, encoded, raw_thumbs, strict=True):
             thumb = next(thumbs_out) if raw_thumb else None
             if job.job_id in dropped:
                 message = "cancelled by the client while it ran (with others in its batch): result dropped"
                 outputs.append((self.keys.completions, Completion.cancelled(job, self.id, message).encode()))
-                continue
-            if done.data is None:  # the encoder failed (and says why)
-                error = done.error or "image encoding failed"
-                outputs.append((self.keys.completions, Completion.failure(job, E_MODEL, error, self.id).encode()))
-                continue
-            image = next(images_out)
-            if self.role == Role.LIGHT:
-                outputs.append(
-                    (
-                        self.keys.light_results,
-                        LightResult(
-                            job=job,
-                            image=image if isinstance(image, bytes) else None,
-                            image_ref=image if isinstance(image, BlobRef) else None,
-                            image_format=done.format,
-                            thumbnail=thumb if isinstance(thumb, bytes) else None,
-                            thumbnail_ref=thumb if isinstance(thumb, BlobRef) else None,
-                            thumbnail_size=size if thumb else 0,
-                            worker_id=self.id,
-                            model=model_name,
-                            batch_size=len(jobs),
-                            light_ms=elapsed * 1000,
-                        ).encode(),
-                    )
-                )
+            elif done.data is None:  # the encoder failed (and says why)
+                outputs += failures(self.keys, [job], E_MODEL, done.error or "image encoding failed", self.id)
             else:
-                outputs.append(
-                    (
-                        self.keys.completions,
-                        Completion.answer(
-                            job, image, done.format, Role.HEAVY, model_name, job.confidence, worker_id=self.id
-                        ).encode(),
-                    )
-                )
+                outputs.append(self._output(job, next(images_out), done.format, thumb, len(jobs), elapsed))
         metrics.PROCESSED.labels("worker", self.role).inc(len(jobs) - len(dropped))
         return outputs
+
+    async def _generate(self, jobs: list[RoutedJob], running: RunningBatch | None) -> list[Image.Image | PngImage]:
+        """One image per job from the model (in its thread; a heavy batch watched for cancels meanwhile)."""
+        model = self.loaded
+        async with running.watched() if running else contextlib.nullcontext():
+            generated = await asyncio.to_thread(
+                model.generate,
+                [j.prompt for j in jobs],
+                [j.seed for j in jobs],
+                negative_prompts=[j.negative_prompt for j in jobs],
+                on_step=running.on_step if running else None,
+            )
+        return one_per_input(generated, jobs, "the model")
+
+    async def _encode(
+        self, jobs: list[RoutedJob], images: list[Image.Image | PngImage]
+    ) -> tuple[list[Encoded], list[bytes | None]]:
+        """Each image in the format its job asked for (the encoder's threads), and a light image's thumbnail
+        for the discriminator (meanwhile, off the event loop)."""
+        futures = self.encoder.submit(images, [(j.image_format, j.image_quality) for j in jobs])
+        size = self.thumbnail_size
+        raw_thumbs: list[bytes | None] = (
+            await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
+            if self.role == Role.LIGHT and size
+            else [None] * len(jobs)
+        )
+        return [await asyncio.wrap_future(future) for future in futures], raw_thumbs
+
+    def _output(
+        self, job: RoutedJob, image: bytes | BlobRef, image_format: str, thumb: bytes | BlobRef | None, n: int, s: float
+    ) -> tuple[str, bytes]:
+        """A light image on to the discriminator, or a heavy one as the job's answer (``n`` jobs in ``s``)."""
+        model_name = self.loaded.name
+        if self.role == Role.HEAVY:
+            answer = Completion.answer(
+                job,
+                image,
+                image_format=image_format,
+                answered_by=Role.HEAVY,
+                model=model_name,
+                confidence=job.confidence,
+                worker_id=self.id,
+            )
+            return self.keys.completions, answer.encode()
+        light = LightResult(
+            job=job,
+            image=image if isinstance(image, bytes) else None,
+            image_ref=image if isinstance(image, BlobRef) else None,
+            image_format=image_format,
+            thumbnail=thumb if isinstance(thumb, bytes) else None,
+            thumbnail_ref=thumb if isinstance(thumb, BlobRef) else None,
+            thumbnail_size=self.thumbnail_size if thumb else 0,
+            worker_id=self.id,
+            model=model_name,
+            batch_size=n,
+            light_ms=s * 1000,
+        )
+        return self.keys.light_results, light.encode()
 
     async def close(self) -> None:
         # Deregistering is a courtesy (the controller stops counting a worker whose heartbeat stops):

@@ -131,3 +131,42 @@ def test_the_router_closes_a_tenants_newest_connections_beyond_the_cap():
     )
     assert over_connection_cap(listing, {"hog", "other"}, 2) == ["14", "13", "12"]
     assert over_connection_cap(listing, {"other"}, 2) == []
+
+
+@pytest.mark.parametrize("late_policy,queued", [("plan", "light"), ("heavy", None)])
+def test_the_router_applies_late_policy_like_the_other_stages(redis_server, late_policy, queued):
+    """DIFFSERVE_LATE_POLICY reaches the router's direct routing and admission too: a job a split plan sends
+    straight to a heavy stage that cannot take it in time goes to the light model under ``plan`` (the plan
+    degrades late jobs), and stays heavy (here: refused, no heavy worker) under ``heavy``."""
+    import asyncio
+
+    from common.messages import FinalResult, Role
+    from common.plan_store import store_plan
+    from common.service import Service, now_ms
+    from services.router import RouterConfig
+    from services.router.app import Router
+
+    cfg = RouterConfig(redis_url=redis_server.url, late_policy=late_policy, instance_id="r")
+
+    async def go() -> tuple[int, int, FinalResult | None]:
+        svc = Service("router", cfg)
+        try:
+            await svc.wait_for_redis()
+            keys, r = svc.keys, svc.redis
+            await r.zadd(keys.workers, {"w0": now_ms()})  # one live light worker, no heavy one
+            await r.hset(keys.worker_info("w0"), mapping={"role": Role.LIGHT})
+            await store_plan(r, keys, Plan(version=1, policy="proteus", heavy_fraction=1.0, degrade_late=True))
+            await r.xadd(keys.jobs, {"job_id": "j1", "prompt": "a lighthouse at dusk"})
+            await Router(svc).admission.admit_batch()
+            answer = await r.lpop(keys.result("j1"))
+            result = FinalResult.decode(answer) if isinstance(answer, bytes) else None
+            return await r.xlen(keys.light_queue), await r.xlen(keys.heavy_queue), result
+        finally:
+            await svc.redis.aclose()
+
+    light, heavy, result = asyncio.run(go())
+    if queued == "light":
+        assert (light, heavy, result) == (1, 0, None)
+    else:
+        assert (light, heavy) == (0, 0) and result is not None and result.error_code == "overloaded"
+        assert "no live heavy worker" in (result.error_message or "")

@@ -93,7 +93,7 @@ def test_redis_shards_hold_each_image_once_with_an_expiry_and_small_ones_stay_in
         assert left == sorted(r.key for r in refs[:5] + refs[10:])
         per_shard = [[k for k in redis.Redis.from_url(s.url).scan_iter("diffserve:blob:*")] for s in servers]
         assert all(per_shard) and sum(map(len, per_shard)) == 15  # both shards used, each key on one
-        for server, names in zip(servers, per_shard):
+        for server, names in zip(servers, per_shard, strict=False):
             assert all(0 < redis.Redis.from_url(server.url).ttl(n) <= 600 for n in names)
     finally:
         for s in servers:

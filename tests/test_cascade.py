@@ -227,7 +227,7 @@ def _hostile_entries(rng) -> list[tuple[str | None, dict]]:
     """(job id if one is readable, XADD fields): garbage, wrong types, unicode edge cases, huge and
     negative params, invalid UTF-8 inside msgpack strings, oversized entries."""
     out: list[tuple[str | None, dict]] = []
-    for i in range(25):  # random bytes: nothing readable
+    for _ in range(25):  # random bytes: nothing readable
         out.append((None, {"m": bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))}))
     odd_values = [
         None,

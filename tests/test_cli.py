@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import socket
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,62 @@ def test_up_with_the_gateway_port_taken_says_so_in_one_line():
 def test_plan_says_what_its_quality_number_is():
     out = _diffserve("plan", "--demand", "20", "--workers", "16")
     assert out.returncode == 0 and re.search(r"FID \d+\.\d+ \(lower is better\)", out.stdout), out.stdout
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """Every command of README's command table: (its module for ``python -m``, else "diffserve"; argv)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    found: list[tuple[str, list[str]]] = []
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        first_cell = row[2:].split(" | ", 1)[0]
+        for span in re.findall(r"`([^`]+)`", first_cell):
+            words = span.replace("\\|", "|").split()
+            if words[:2] == ["python", "-m"]:
+                found.append((words[2], ["--help"]))
+                continue
+            name = words[1] if words[0] == "diffserve" else words[0]  # `calibrate` in a list of diffserve tools
+            if name.startswith("-"):  # --version
+                found.append(("diffserve", [name]))
+            else:
+                found += [("diffserve", [alternative, "--help"]) for alternative in name.split("|")]
+    return found
+
+
+README_COMMANDS = _readme_commands()
+
+
+def test_the_readme_table_lists_every_command():
+    listed = {argv[0] for program, argv in README_COMMANDS if program == "diffserve" and argv[0] in COMMANDS}
+    assert len(README_COMMANDS) >= 20 and len(listed) >= 17, README_COMMANDS
+
+
+@pytest.mark.parametrize("program,argv", README_COMMANDS, ids=[" ".join([p, *a]) for p, a in README_COMMANDS])
+def test_every_readme_command_runs_its_help(program, argv, capsys):
+    """What README's command table shows runs: its --help (in this process: the same code path as the
+    console script, without a process start per command)."""
+    from diffserve.cli import main
+
+    run = main if program == "diffserve" else importlib.import_module(program).main
+    try:
+        run(argv)
+    except SystemExit as done:
+        assert done.code in (0, None), (program, argv, done.code)
+    out = capsys.readouterr().out
+    assert out.strip(), (program, argv)
+    if argv[-1] == "--help":
+        assert "usage:" in out
+
+
+def test_the_files_code_reads_at_run_time_ship_in_the_wheel():
+    """Every Lua script and page the code loads from its package is matched by pyproject's package-data,
+    so an installed wheel has it (a wheel built from this tree listed them all)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {path for package, globs in data.items() for pattern in globs for path in (root / package).glob(pattern)}
+    loaded = [path for package in data for suffix in ("*.lua", "*.html") for path in (root / package).rglob(suffix)]
+    assert loaded and not [str(path.relative_to(root)) for path in loaded if path not in shipped]

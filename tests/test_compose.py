@@ -3,7 +3,10 @@ ports, Prometheus targets, GPU reservations, the dashboard's metric names, the i
 pins; plus ``diffserve healthcheck`` against a real Prometheus client endpoint.
 
 No Docker engine is needed: the files are parsed with PyYAML, and ``docker-compose
-config`` / ``docker compose config`` validates them where such a binary exists."""
+config`` / ``docker compose config`` validates them where such a binary exists.
+
+Longer than 500 lines on purpose: the compose files are read once and every check of them against the
+code sits beside the others (a split would only move the shared parsing helpers)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ServiceConfig, _env_name
+from common.config import ServiceConfig, env_name
 from diffserve.cli import COMMANDS
 from tools.compose_files import absolute_paths, load, merge
 
@@ -308,7 +311,7 @@ def known_env_vars() -> tuple[set[str], bool]:
         ]
         controller = bool(found)
         classes += found
-    names = {_env_name(f) for cls in classes for f in dataclasses.fields(cls)}
+    names = {env_name(f) for cls in classes for f in dataclasses.fields(cls)}
     return names, controller
 
 
@@ -691,17 +694,17 @@ def test_cpu_stack_environment_runs_and_turns_healthy(tmp_path):
             if command[0] == "gateway":  # its HTTP port remapped too; a key where compose interpolates one
                 command[command.index("--port") + 1] = str(_free_port())
                 env["DIFFSERVE_API_KEYS"] = "test:" + "0" * 64
-            log = open(tmp_path / f"{name}.log", "w")
-            procs[name] = (
-                subprocess.Popen(
-                    [sys.executable, "-m", "diffserve", *command],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                int(env["METRICS_PORT"]),
-            )
+            with open(tmp_path / f"{name}.log", "w") as log:  # the process has its own copy
+                procs[name] = (
+                    subprocess.Popen(
+                        [sys.executable, "-m", "diffserve", *command],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    int(env["METRICS_PORT"]),
+                )
         deadline = time.monotonic() + 120
         for name, (proc, metrics_port) in procs.items():
             while True:

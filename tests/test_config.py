@@ -71,3 +71,102 @@ def test_commands_find_the_stack_diffserve_up_recorded(tmp_path, monkeypatch):
     written.write_text(json.dumps(data))
     stackfile.forget()
     assert not written.exists()
+
+
+# ----------------------------------------------------------------------------- one declaration per setting
+PACKAGES = ("common", "services", "loadtest", "diffserve", "tools")
+
+
+def _config_classes() -> list[type]:
+    """Every option group and config class in the code (each module imported, every Settings subclass)."""
+    import importlib
+    import pkgutil
+
+    from common.config import Settings
+
+    for package in PACKAGES:
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls] + [s for sub in cls.__subclasses__() for s in subclasses(sub)]
+
+    return sorted(set(subclasses(Settings)) - {Settings}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+
+
+def _declarations(classes: list[type]) -> dict[str, list[tuple[str, object]]]:
+    """env name -> (class, default) of every option field a class declares itself (not inherits)."""
+    import dataclasses
+
+    from common.config import env_name
+
+    found: dict[str, list[tuple[str, object]]] = {}
+    for cls in classes:
+        own = cls.__dict__.get("__annotations__", {})
+        for f in dataclasses.fields(cls):
+            if f.name in own and f.metadata.get("help"):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                found.setdefault(env_name(f), []).append((f"{cls.__module__}.{cls.__qualname__}", default))
+    return found
+
+
+def _duplicates(classes: list[type]) -> dict[str, list[tuple[str, object]]]:
+    return {env: where for env, where in _declarations(classes).items() if len(where) > 1}
+
+
+def test_every_setting_is_declared_once():
+    """A setting several services read is one option in a shared group, not a field per service: an env
+    name declared by two classes (whatever their defaults) fails here, with where and which defaults."""
+    classes = _config_classes()
+    assert len(classes) >= 10, [c.__name__ for c in classes]  # the walk found the services' classes
+    assert _duplicates(classes) == {}
+
+
+def test_the_duplicate_check_catches_a_second_declaration():
+    """The check itself: a scratch class that declares an existing env name again, with another default."""
+    import dataclasses
+
+    from common.config import ConsumerSettings, Settings, option
+
+    @dataclasses.dataclass
+    class Scratch(Settings):
+        idle: int = option(10000, "a second reclaim time", env="DIFFSERVE_RECLAIM_IDLE_MS")
+
+    found = _duplicates([ConsumerSettings, Scratch])
+    assert list(found) == ["DIFFSERVE_RECLAIM_IDLE_MS"]
+    assert sorted(default for _where, default in found["DIFFSERVE_RECLAIM_IDLE_MS"]) == [10000, 15000]
+
+
+def test_settings_are_read_only_through_the_config_classes():
+    """No module reads a DIFFSERVE_*/REDIS_* variable itself (a second, undocumented declaration)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"""(environ(\.get)?|getenv)\s*[\[(]\s*["'](DIFFSERVE_|REDIS_)""")
+    readers = [
+        str(path.relative_to(root))
+        for package in PACKAGES
+        for path in (root / package).rglob("*.py")
+        if pattern.search(path.read_text())
+    ]
+    assert readers == []
+
+
+def test_the_effective_configuration_hides_secrets():
+    from services.gateway.config import GatewayConfig
+
+    cfg = GatewayConfig.from_namespace(
+        env={
+            "REDIS_URL": "redis://svc:hunter2@10.0.0.1:6379/0",
+            "REDIS_PASSWORD": "hunter3",
+            "DIFFSERVE_BLOB_URL": "redis://a:pw1@10.0.0.2:6379/0,redis://b:pw2@10.0.0.3:6379/0",
+            "DIFFSERVE_API_KEYS": "alice:" + "0" * 64,
+        }
+    )
+    shown = cfg.effective()
+    text = json.dumps(shown, default=str)
+    assert not any(secret in text for secret in ("hunter2", "hunter3", "pw1", "pw2", "0" * 64)), text
+    assert shown["redis_url"] == "redis://svc:***@10.0.0.1:6379/0" and shown["redis_password"] == "***"
+    assert shown["port"] == 8000 and shown["worker_timeout_s"] == 5.0  # everything else as in force

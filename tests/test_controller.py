@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
-from common import metrics
 
+from common import metrics
 from common.config import Keys
+from common.demand import RateEstimator
 from common.localstack import RedisServer
 from common.messages import Plan
 from common.plan_store import load_plan
 from common.service import Service, now_ms
-from common.control import RateEstimator
 from services.controller import ControllerConfig, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ async def _heartbeats(
             await r.hset(keys.worker_info(w), mapping={"role": role, "switch_s": 0.05, "heartbeat_ms": now_ms()})
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -109,8 +109,34 @@ def test_rate_estimator_smooths_and_looks_ahead():
     est.update(10 * 10 + 30, 11.0)  # a jump to 30/s: the trend is extrapolated one interval
     assert est.smoothed == pytest.approx(20.0, rel=0.01)
     assert est.forecast() > est.smoothed
-    est.update(0, 12.0)  # counter restarted: no negative rate
-    assert est.smoothed >= 0
+    est.update(5, 12.0)  # the stream was recreated: its counter restarted, the 5 jobs are new ones
+    assert est.raw == pytest.approx(5.0)  # (``smoothed`` clamps at 0, so it could not show a negative rate)
+
+
+def test_a_stream_the_controller_may_not_read_is_an_error_not_zero_demand(redis_server):
+    """Only a missing stream counts as no arrivals: a Redis user without permission on the jobs stream
+    gets NOPERM from the demand measurement (not a demand of 0, which would plan the cluster for idle)."""
+    from redis.exceptions import NoPermissionError
+
+    from services.controller import Controller
+
+    ns = _namespace()
+    redis_server.cli("ACL", "SETUSER", "narrow", "on", ">pw", f"~{ns}:in:*", "+@all")
+    cfg = ControllerConfig(
+        redis_url=redis_server.url, redis_username="narrow", redis_password="pw", namespace=ns, backend="profiled"
+    )
+
+    async def go() -> int:
+        svc = Service("controller", cfg)
+        try:
+            controller = Controller(svc)
+            with pytest.raises(NoPermissionError):
+                await controller.entries_added(svc.keys.jobs)
+            return await controller.entries_added(svc.keys.tenant_in("nobody-yet"))  # allowed, not created
+        finally:
+            await svc.redis.aclose()
+
+    assert asyncio.run(go()) == 0
 
 
 @pytest.mark.slow
@@ -237,3 +263,44 @@ def test_controller_process_stops_and_plan_stays(redis_url):
     last = Plan.decode(stored)
     assert last.version >= plan.version and set(last.roles) == {"a", "b"}
     r.close()
+
+
+def test_every_stage_counts_the_same_live_workers(redis_server):
+    """One alive window (WorkerRegistrySettings.worker_timeout_s, the same option in every service) and one
+    registry reader: the controller's plan, the router's and discriminator's view of a stage and the
+    gateway's readiness count the same workers."""
+    from common.messages import Role
+    from common.plan_store import StageWatcher, live_ids, live_roles
+    from services.controller import Controller
+    from services.gateway.config import GatewayConfig
+    from services.router import RouterConfig
+
+    cfg = ControllerConfig(redis_url=redis_server.url, namespace=_namespace(), backend="profiled")
+    windows = {c.__name__: c(redis_url=redis_server.url).worker_timeout_s for c in (RouterConfig, GatewayConfig)}
+    assert windows == {"RouterConfig": cfg.worker_timeout_s, "GatewayConfig": cfg.worker_timeout_s}
+
+    async def go() -> tuple[set[str], list[str], dict[str, str], set[str], int]:
+        svc = Service("controller", cfg)
+        keys, r = svc.keys, svc.redis
+        try:
+            now = now_ms()
+            ages_s = {"fresh": 1.0, "stale": cfg.worker_timeout_s + 2.0}  # the gateway used to count 10 s
+            for worker, age in ages_s.items():
+                await r.zadd(keys.workers, {worker: now - age * 1000})
+                await r.hset(keys.worker_info(worker), mapping={"role": "light", "switch_s": 0.5})
+            controller = Controller(svc)
+            views = await controller.live_workers(None)
+            stage = await StageWatcher(r, keys, cfg.worker_timeout_s).stage(Role.LIGHT, Plan(), lambda n: 100.0)
+            return (
+                await controller.live_ids(),
+                [v.worker_id for v in views],
+                await live_roles(r, keys, cfg.worker_timeout_s),
+                await live_ids(r, keys, cfg.worker_timeout_s),
+                stage.workers,
+            )
+        finally:
+            await r.aclose()
+
+    ids, views, roles, gateway_ids, stage_workers = asyncio.run(go())
+    assert ids == {"fresh"} and views == ["fresh"] and roles == {"fresh": "light"}
+    assert gateway_ids == ids and stage_workers == 1

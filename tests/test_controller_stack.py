@@ -73,7 +73,7 @@ def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server,
     assert all(x.status == "ok" for x in results), {x.error_code for x in results}
     plans = [(phase, p) for phase, p in plans if len(p.roles) == 6]  # plans made before every worker registered
     thresholds = [p.threshold for _phase, p in plans]
-    steps = [abs(b - a) for a, b in zip(thresholds, thresholds[1:])]
+    steps = [abs(b - a) for a, b in zip(thresholds, thresholds[1:], strict=False)]
     # smooth: bounded steps, never a flip (a larger step only once the load moved to another level)
     assert max(steps) <= ControlSettings.shift_threshold_step + 1e-9, thresholds
 
@@ -83,7 +83,7 @@ def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server,
     steady = phase(0)[5:]  # after the first plans have placed the roles (a move is confirmed, then loads)
     assert steady and min(p.threshold for p in steady) > 0, [p.threshold for p in steady]
     assert max(p.threshold for p in steady) - min(p.threshold for p in steady) <= 0.05
-    held = [abs(b.threshold - a.threshold) for a, b in zip(steady, steady[1:])]
+    held = [abs(b.threshold - a.threshold) for a, b in zip(steady, steady[1:], strict=False)]
     assert max(held, default=0.0) <= ControlSettings.max_threshold_step + 1e-9, [p.threshold for p in steady]
     high = phase(1)
     assert high[-1].threshold < steady[-1].threshold  # the step moved it

@@ -12,13 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.backends import diffusion  # noqa: E402
-from common.backends.diffusion import (
-    DiffusersModel,
-    TimmDiscriminator,
-    pad_to_grid,  # noqa: E402
-    tiny_spec,
-)
+from common.backends import cuda_graphs, devices, host_memory  # noqa: E402
+from common.backends.diffusion import DiffusersModel, pad_to_grid, tiny_spec  # noqa: E402
+from common.backends.discriminator import TimmDiscriminator  # noqa: E402
 from common.cascades import MODELS  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "an oil painting of a lighthouse", "a bowl of ramen, studio light"]
@@ -106,19 +102,19 @@ def test_flat_host_copy_keeps_the_weights(tiny_dir):
     model = _model(tiny_dir)
     model.load()
     before = _arrays(model.generate(PROMPTS[:1], SEEDS[:1]))
-    params, buffers = diffusion._collect_tensors(model.pipe)
+    params, buffers = host_memory.collect_tensors(model.pipe)
     first = params[0].data.data_ptr()
-    buffer = diffusion._move_modules(model.pipe, "cpu", pin=False)
-    params2, _ = diffusion._collect_tensors(model.pipe)
+    buffer = host_memory.move_modules(model.pipe, "cpu", pin=False)
+    params2, _ = host_memory.collect_tensors(model.pipe)
     assert params2[0].data.data_ptr() != first  # really copied
     base = buffer.untyped_storage().data_ptr()
     assert all(p.data.untyped_storage().data_ptr() == base for p in params2)  # one flat buffer
-    assert all(b.untyped_storage().data_ptr() == base for b, _owners in diffusion._collect_tensors(model.pipe)[1])
+    assert all(b.untyped_storage().data_ptr() == base for b, _owners in host_memory.collect_tensors(model.pipe)[1])
     assert np.abs(_arrays(model.generate(PROMPTS[:1], SEEDS[:1])) - before).max() == 0
     # the next offload reuses the buffer (here: copy the weights out of it first, as a load would)
     for p in params2:
         p.data = p.data.clone()
-    assert diffusion._move_modules(model.pipe, "cpu", pin=False, buffer=buffer) is buffer
+    assert host_memory.move_modules(model.pipe, "cpu", pin=False, buffer=buffer) is buffer
     assert np.abs(_arrays(model.generate(PROMPTS[:1], SEEDS[:1])) - before).max() == 0
     assert buffers
     model.unload()
@@ -135,14 +131,13 @@ def test_graph_mode_on_cpu_falls_back_to_eager(tiny_dir, caplog):
     model.unload()
 
 
-def test_pin_setting(monkeypatch):
-    monkeypatch.setenv(diffusion.PIN_ENV, "off")
-    assert diffusion._pin_setting(None) is False
-    monkeypatch.setenv(diffusion.PIN_ENV, "1")
-    assert diffusion._pin_setting(None) is True
-    monkeypatch.setenv(diffusion.PIN_ENV, "auto")
-    assert diffusion._pin_setting(None) is None
-    assert diffusion._pin_setting(False) is False
+def test_pin_setting_is_read_by_the_config():
+    from common.backends import BackendSettings
+
+    def pin(raw: str) -> bool | None:
+        return BackendSettings.from_namespace(env={"DIFFSERVE_PIN_HOST_MEMORY": raw}).pin_host_memory
+
+    assert (pin("off"), pin("1"), pin("auto"), BackendSettings().pin_host_memory) == (False, True, None, None)
 
 
 class _StandInGraph:
@@ -169,7 +164,7 @@ def test_graph_replay_plumbing_matches_eager(tiny_dir, monkeypatch, name):
     import torch
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(diffusion.CudaGraphs, "_capture", _stand_in_capture)
+    monkeypatch.setattr(cuda_graphs.CudaGraphs, "_capture", _stand_in_capture)
     model = _model(tiny_dir, name)
     model.load()
     reference = _arrays(model.generate(PROMPTS, SEEDS))
@@ -197,8 +192,8 @@ def test_graph_replay_plumbing_matches_eager(tiny_dir, monkeypatch, name):
 
 
 def test_hardware_names_on_cpu():
-    assert diffusion.detect_hardware("cpu") == "a100"
-    assert diffusion.device_slug("cpu") == "cpu"
+    assert devices.detect_hardware("cpu") == "a100"
+    assert devices.device_slug("cpu") == "cpu"
 
 
 def test_discriminator_scores_and_wraps_a_model(tiny_dir):

@@ -276,7 +276,7 @@ def test_a_job_id_refused_before_admission_can_be_retried_and_a_duplicate_in_fli
 
 @pytest.mark.slow
 def test_after_a_redis_restart_batches_in_flight_are_resumed_without_waiting_for_the_reclaim_time(tmp_path):
-    """Default reclaim times (workers 15 s, router 10 s): a batch whose write failed during the
+    """Default reclaim times (15 s): a batch whose write failed during the
     outage is taken up again by its own consumer as soon as Redis is back."""
     server = RedisServer(appendonly=True).start()
     prompts = load_prompts()[:40]

@@ -3,7 +3,10 @@ the official openai SDK for the images API, httpx for the jobs API, a real Chrom
 the playground.
 
 Which job goes on to the heavy model is fixed by a confidence file: prompt 0 of the prompt
-set scores 0.99 (answered by the light model), prompt 1 scores 0.01 (escalated)."""
+set scores 0.99 (answered by the light model), prompt 1 scores 0.01 (escalated).
+
+Longer than 500 lines on purpose: every test here shares one started stack (a module-scoped fixture of
+three gateways); starting it is the cost a split would double."""
 
 from __future__ import annotations
 
@@ -29,14 +32,14 @@ import redis.asyncio as aioredis
 from PIL import Image
 from prometheus_client import generate_latest
 
+from common import metrics
 from common.config import Keys
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
-from common import metrics
 from common.messages import FinalResult, Plan, RoutedJob
 from common.plan_store import store_plan
 from common.profiles import load_prompts
-from services.gateway.images import result_error
 from services.gateway.keys import hash_key
+from services.gateway.request import result_error
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -51,12 +54,23 @@ class Stack:
         self.url, self.open_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{open_port}"
         self.replica_url = f"http://127.0.0.1:{replica_port}"
         self.redis = redis.Redis.from_url(stack.redis_url)
+        self.clients: list[openai.OpenAI | httpx.Client] = []  # closed with the stack (their connections)
 
     def sdk(self, key: str = ALICE, url: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=key, max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
 
     def http(self, key: str | None = ALICE) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.redis.close()
 
     def metrics(self, name: str) -> str:
         """The /metrics text of a process of the stack, from its metrics port."""
@@ -113,8 +127,8 @@ def stack(tmp_path_factory):
     confidence.write_text("prompt_index,confidence\n0,0.99\n1,0.01\n")
     keys_file = tmp / "keys.json"
     keys_file.write_text(
-        '{"keys": [{"name": "alice", "sha256": "%s", "rpm": 10000, "max_in_flight": 100},'
-        ' {"name": "bob", "sha256": "%s", "rpm": 2, "burst": 2}]}' % (hash_key(ALICE), hash_key(BOB))
+        f'{{"keys": [{{"name": "alice", "sha256": "{hash_key(ALICE)}", "rpm": 10000, "max_in_flight": 100}},'
+        f' {{"name": "bob", "sha256": "{hash_key(BOB)}", "rpm": 2, "burst": 2}}]}}'
     )
     server = RedisServer().start()
     port, open_port, replica_port = free_port(), free_port(), free_port()
@@ -141,7 +155,9 @@ def stack(tmp_path_factory):
         )
         local.spawn("gateway-open", "gateway", "--port", str(open_port))
         local.wait_ready(["gateway-replica", "gateway-open"])
-        yield Stack(local, port, open_port, replica_port)
+        gateway = Stack(local, port, open_port, replica_port)
+        yield gateway
+        gateway.close()
     finally:
         local.stop()
         server.stop()
@@ -752,7 +768,9 @@ def test_playground_preview_progress_final_cancel_history(stack, tmp_path):
     finally:
         driver.quit()
         _store_plan(stack)
-    assert all(Image.open(path).size[0] > 0 for path in shots)
+    for path in shots:
+        with Image.open(path) as shot:
+            assert shot.size[0] > 0
 
 
 # ---------------------------------------------------------------- no Redis
@@ -762,14 +780,14 @@ def test_redis_gone_is_a_503_and_the_gateway_keeps_running(tmp_path):
     server = RedisServer().start()
     port = free_port()
     env = {**os.environ, "REDIS_URL": server.url, "DIFFSERVE_INSTANCE_ID": "gw"}
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=log,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    with open(tmp_path / "gateway.log", "wb") as log:  # the process has its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # up and connected, by its own health endpoint (no workers here)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import importlib.util
+import io
 import json
 import math
 
@@ -58,7 +59,7 @@ def test_trace_file_round_trip(tmp_path):
     write_trace(t, path)
     back = read_trace(path, n_prompts=50)
     assert back.prompt_indices == t.prompt_indices
-    assert all(abs(a - b) < 1e-3 for a, b in zip(back.arrivals_ms, t.arrivals_ms))
+    assert all(abs(a - b) < 1e-3 for a, b in zip(back.arrivals_ms, t.arrivals_ms, strict=False))
     assert back.duration_s == math.ceil(t.arrivals_ms[-1] / 1000)
     hand = tmp_path / "hand.csv"
     hand.write_text("# recorded\n250,3\n0,1\n\n1000.5,2\n")
@@ -129,9 +130,11 @@ def test_a_blank_line_of_the_prompt_file_is_no_slo_miss():
     trace = Trace([0, 1000], [blank, blank + 1], "t", 2.0)
     jobs = [
         JobRecord(f"j{i}", index, ms, sent_s=ms / 1000, blank_prompt=not prompts[index])
-        for i, (ms, index) in enumerate(zip(trace.arrivals_ms, trace.prompt_indices))
+        for i, (ms, index) in enumerate(zip(trace.arrivals_ms, trace.prompt_indices, strict=False))
     ]
-    for job, result in zip(jobs, [_result("j0", ok=False, code="invalid_request"), _result("j1", "light", 50)]):
+    for job, result in zip(
+        jobs, [_result("j0", ok=False, code="invalid_request"), _result("j1", "light", 50)], strict=False
+    ):
         job.result, job.received_s = result, job.sent_s + 0.05
     e = report.summarize(RunRecord("p", 1.0, trace, jobs, duplicates=0), slo_ms=2500)
     assert e["blank_prompts"] == 1 and e["errors"] == {"invalid_request": 1}
@@ -150,7 +153,7 @@ def test_summarize_counts_every_job():
         _result("j4", "heavy", latency=200),
         None,
     ]  # j5 is lost
-    for j, r in zip(jobs, outcomes):
+    for j, r in zip(jobs, outcomes, strict=False):
         if r is not None:
             j.result, j.received_s = r, j.sent_s + r.latency_ms / 1000
     run = RunRecord("p", x, trace, jobs, duplicates=0)
@@ -225,7 +228,7 @@ def test_replay_two_policies_against_real_stacks(tmp_path):
         assert e["timeline"]["plan"], "the plan/roles were sampled"
         # Latencies are full-speed: far above the wall-clock values of a 20x replay.
         assert e["latency_ms"]["p50"] > 100
-        rows = list(csv.DictReader(open(out / "jobs" / f"{policy}.csv")))
+        rows = list(csv.DictReader(io.StringIO((out / "jobs" / f"{policy}.csv").read_text())))
         assert len(rows) == len(trace) and len({r["job_id"] for r in rows}) == len(rows)
         for r in rows:  # the recorded confidence of each prompt came back with its answer
             assert r["status"] == "ok", r
@@ -236,7 +239,9 @@ def test_replay_two_policies_against_real_stacks(tmp_path):
     if HAS_CONTROLLER:
         assert any(s.get("threshold") is not None for s in rep["policies"]["diffserve"]["timeline"]["plan"])
     # Fixed threshold 0.5 without a controller: only the unconfident prompts (0.05) may go heavy.
-    heavy = [r for r in csv.DictReader(open(out / "jobs" / "none.csv")) if r["answered_by"] == "heavy"]
+    heavy = [
+        r for r in csv.DictReader(io.StringIO((out / "jobs" / "none.csv").read_text())) if r["answered_by"] == "heavy"
+    ]
     assert heavy and all(confidences[int(r["prompt_index"])] < 0.5 for r in heavy)
     for name in PLOTS:
         data = (out / name).read_bytes()
@@ -334,7 +339,7 @@ def test_replay_is_faithful_per_line(redis_server, tmp_path):
     for its own line, and the blank line is sent, answered as an empty prompt and counted."""
     from common.localstack import LocalStack, StackSpec
     from loadtest.runner import replay
-    from loadtest.simulate import SimConfig, simulate
+    from loadtest.simulation import SimConfig, simulate
 
     lines = ["a cat", "", "a dog", "a cat", "a bird", "a dog"]
     prompts_file = tmp_path / "prompts.txt"

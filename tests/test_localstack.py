@@ -45,3 +45,5 @@ def test_a_local_stack_goes_away_when_its_parent_is_sigkilled(tmp_path):
         assert not [p for p in pids if _alive(p)]
     finally:
         parent.kill()
+        parent.wait()
+        parent.stdout.close()

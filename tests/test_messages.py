@@ -1,4 +1,7 @@
-"""Message schemas and the router's decoder/validation, including a hypothesis fuzz."""
+"""Message schemas and the router's decoder/validation, including a hypothesis fuzz.
+
+Longer than 500 lines on purpose: every message type's pinned bytes, its fuzz and the router's decoder
+in one place, so a wire change is reviewed against all of them at once."""
 
 from __future__ import annotations
 
@@ -11,13 +14,12 @@ from hypothesis import strategies as st
 
 from common.config import Keys
 from common.messages import (
-    Admitted,
-    LightReason,
     E_INVALID,
     E_MALFORMED,
     E_MODEL,
     E_OVERLOADED,
     SCHEMA_VERSION,
+    Admitted,
     BlobRef,
     Cancel,
     Completion,
@@ -25,6 +27,7 @@ from common.messages import (
     FinalResult,
     Job,
     LightReady,
+    LightReason,
     LightResult,
     Message,
     MessageError,
@@ -57,7 +60,7 @@ def test_round_trip_of_every_message_type():
         LightResult(
             job=job, image=b"\x89PNG", image_format="png", thumbnail=b"\x00" * 12, thumbnail_size=2, model="sdturbo"
         ),
-        Completion.answer(job, b"img", "png", "heavy", "sdv15", 0.2),
+        Completion.answer(job, b"img", image_format="png", answered_by=Role.HEAVY, model="sdv15", confidence=0.2),
         FinalResult(
             job_id="j1",
             status="ok",
@@ -95,7 +98,7 @@ def test_round_trip_of_every_message_type():
         Job(job_id="j1", prompt="a cat", image_ref=True),
         by_ref,
         LightResult(job=by_ref, image_format="png", image_ref=ref, thumbnail_ref=ref, thumbnail_size=224),
-        Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo", 0.9),
+        Completion.answer(by_ref, ref, image_format="png", answered_by=Role.LIGHT, model="sdturbo", confidence=0.9),
         Completion.failure(by_ref, E_MODEL, "boom"),
         FinalResult(job_id="j1", status=Status.OK, image_ref=ref, image_format="png"),
         LightReady(job_id="j1", image_format="png", image_ref=ref),
@@ -106,7 +109,9 @@ def test_round_trip_of_every_message_type():
         # Written at the lowest version that carries it: a blob reference anywhere makes it v2.
         carries_ref = b"digest" in message.encode()
         assert unpack(message.encode())["v"] == (SCHEMA_VERSION if carries_ref else 1)
-    assert Completion.answer(by_ref, ref, "png", Role.LIGHT, "sdturbo").blobs == ["j1/light"]
+    assert Completion.answer(by_ref, ref, image_format="png", answered_by=Role.LIGHT, model="sdturbo").blobs == [
+        "j1/light"
+    ]
 
 
 def test_fields_added_later_are_on_the_wire_only_when_used():
@@ -352,7 +357,10 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
     ),
     (
         dataclasses.replace(
-            Completion.answer(_JOB, b"img", "png", Role.HEAVY, "sdv15", 0.2, worker_id="w2"), degraded=True
+            Completion.answer(
+                _JOB, b"img", image_format="png", answered_by=Role.HEAVY, model="sdv15", confidence=0.2, worker_id="w2"
+            ),
+            degraded=True,
         ),
         # completion_answer
         "de0010a66a6f625f6964a26a31aa6172726976616c5f6d73cb3ff0000000000000ab646561646c696e655f6d73cb40b389000000"
@@ -463,7 +471,14 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
     # Fields added later (Message.LATER) are on the wire only when set; these pin them.
     (
         Completion.answer(
-            _JOB, b"img", "png", Role.LIGHT, "sdturbo", 0.12, worker_id="d1", light_reason=LightReason.PLAN
+            _JOB,
+            b"img",
+            image_format="png",
+            answered_by=Role.LIGHT,
+            model="sdturbo",
+            confidence=0.12,
+            worker_id="d1",
+            light_reason=LightReason.PLAN,
         ),
         # completion_light_reason
         "de0011a66a6f625f6964a26a31aa6172726976616c5f6d73cb3ff0000000000000ab646561646c696e655f6d73cb40b3890000000000"
@@ -552,7 +567,9 @@ FIXED_SAMPLES: list[tuple[Message, str]] = [
         "4c00a6666f726d6174a3726762a6646967657374a0a17602a474797065ac6c696768745f726573756c74",
     ),
     (
-        Completion.answer(_BY_REF, _HEAVY, "png", Role.HEAVY, "sdv15", 0.25, worker_id="w2"),
+        Completion.answer(
+            _BY_REF, _HEAVY, image_format="png", answered_by=Role.HEAVY, model="sdv15", confidence=0.25, worker_id="w2"
+        ),
         # completion_ref
         "de0014a66a6f625f6964a26a32aa6172726976616c5f6d73cb4004000000000000ab646561646c696e655f6d73cb40a770000000"
         "0000a87265706c795f746fb16469666673657276653a7265706c793a79a6737461747573a26f6ba5696d616765c0ac696d616765"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.profiles import load_cascade_profile
 from common import planner as P
+from common.profiles import load_cascade_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -69,7 +69,7 @@ def test_readme_first_commands_reach_the_stack_up_started(tmp_path):
         runs = [
             subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, timeout=120) for line in lines
         ]
-        for line, run in zip(lines, runs):
+        for line, run in zip(lines, runs, strict=False):
             assert run.returncode == 0, (line, run.stdout[-500:], run.stderr[-2000:])
         assert b"answered by" in runs[0].stdout
         image = Image.open(io.BytesIO((work / "fox.png").read_bytes()))
@@ -95,6 +95,7 @@ def test_readme_first_commands_reach_the_stack_up_started(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
+        proc.stdout.close()
     # What up printed is the same redis-cli lines, with its port instead of the lookup.
     port = re.search(r"REDIS_URL=redis://127\.0\.0\.1:(\d+)/0", "".join(printed)).group(1)
     shown = [line.strip() for line in printed if line.strip().startswith(("diffserve submit", "redis-cli"))]

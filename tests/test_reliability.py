@@ -76,7 +76,7 @@ class CuttingProxy:
     def cut(self) -> int:
         return len(self.seen)
 
-    async def start(self) -> "CuttingProxy":
+    async def start(self) -> CuttingProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

@@ -10,7 +10,7 @@ from common.planner import FixedPlan
 from common.profiles import load_cascade_profile, load_prompts
 from common.replay import ArrivalHistory, Candidate, Replay, search
 from loadtest.report import summarize
-from loadtest.simulate import SimConfig, simulate
+from loadtest.simulation import SimConfig, simulate
 from loadtest.traces import generate
 
 

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from common import metrics
 
+from common import metrics
 from common import planner as P
 from common.config import Keys
 from common.control import ControlSettings

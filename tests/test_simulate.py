@@ -5,9 +5,9 @@ each query as the live profiled stack does."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +17,8 @@ import pytest
 from common.planner import FixedPlan
 from common.profiles import load_cascade_profile, load_prompts
 from loadtest.report import summarize
-from loadtest.simulate import SimConfig, search_static, simulate
+from loadtest.simulation import SimConfig, simulate
+from loadtest.static_search import search_static
 from loadtest.traces import Trace, generate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,9 @@
 """Tenants: Redis-direct clients isolated by construction. Every abuse a client's Redis user could do
 with the old shared-key ACL is tried as a tenant against a real redis-server with real ACL users, and
-the stack (real router, discriminator and workers) is shown to answer everyone else regardless."""
+the stack (real router, discriminator and workers) is shown to answer everyone else regardless.
+
+Longer than 500 lines on purpose: every abuse shares the module's ACL-backed redis-server and stack
+fixtures, which are what a split would start twice."""
 
 from __future__ import annotations
 
@@ -215,7 +218,12 @@ def test_two_tenants_with_the_same_job_ids_each_get_exactly_their_answers(stack)
             await asyncio.sleep(0.5)  # a second answer, if there were one, would be on the streams by now
             admin = _admin(server)  # a tenant may not even XLEN its own reply stream
             lengths = {name: admin.xlen(c.reply_stream) for name, c in clients.items() if name != "shared"}
-            return dict(zip(clients, results)), lights, lengths, {name: c.rejected for name, c in clients.items()}
+            return (
+                dict(zip(clients, results, strict=False)),
+                lights,
+                lengths,
+                {name: c.rejected for name, c in clients.items()},
+            )
         finally:
             for c in clients.values():
                 await c.close()

@@ -70,7 +70,7 @@ def answers(admin: redis.Redis, wanted: dict[str, list[str]], timeout: float) ->
         with admin.pipeline(transaction=False) as pipe:
             for tenant, job_id in todo:
                 pipe.xrange(f"{KEYS.tenant_out(tenant)}job:{job_id}", count=2)
-            for key, entries in zip(todo, pipe.execute()):
+            for key, entries in zip(todo, pipe.execute(), strict=False):
                 if entries:
                     assert len(entries) == 1, key  # exactly one answer
                     got[key] = FinalResult.decode(entries[0][1][ENTRY_FIELD])

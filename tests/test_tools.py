@@ -70,7 +70,7 @@ def _train_args(data, out, *extra):
 def test_train_discriminator_saves_a_loadable_checkpoint_and_resumes(image_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from common.backends.diffusion import TimmDiscriminator
+    from common.backends.discriminator import TimmDiscriminator
     from tools import train_discriminator
 
     out = tmp_path / "ckpt"
@@ -162,7 +162,7 @@ def test_calibrate_writes_a_monotone_curve(tiny_dir, tmp_path):
     curve = load_confidence_curve(out)
     assert curve.ts[0] == 0.0 and curve.ts[-1] == 1.0 and len(curve.ts) == 21
     assert curve.fs[0] == 0.0 and curve.fs[-1] == 1.0
-    assert all(a <= b for a, b in zip(curve.fs, curve.fs[1:]))
+    assert all(a <= b for a, b in zip(curve.fs, curve.fs[1:], strict=False))
     counts = [int(line.split(",")[2]) for line in hist.read_text().splitlines()[1:]]
     assert sum(counts) == 20 and len(counts) == 20
     lines = conf.read_text().splitlines()
@@ -261,7 +261,8 @@ def test_tiny_stack_serves_with_a_trained_discriminator_from_its_checkpoint(
     (the confidences equal scoring the same light images locally through the same path)."""
     import asyncio
 
-    from common.backends.diffusion import DiffusersModel, TimmDiscriminator, tiny_spec
+    from common.backends.diffusion import DiffusersModel, tiny_spec
+    from common.backends.discriminator import TimmDiscriminator
     from common.cascades import MODELS
     from common.imaging import from_thumbnail, thumbnail_rgb
     from common.localstack import LocalStack, StackSpec
@@ -294,4 +295,4 @@ async def _submit_seeded(redis_url, prompts, seeds):
     from common.client import Client
 
     async with Client(redis_url=redis_url) as client:
-        return [await client.submit(p, seed=s, timeout=120) for p, s in zip(prompts, seeds)]
+        return [await client.submit(p, seed=s, timeout=120) for p, s in zip(prompts, seeds, strict=False)]

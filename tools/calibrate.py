@@ -48,7 +48,7 @@ def histogram(confidences: list[float], bins: int = 20) -> list[tuple[float, flo
     return [(round(i / bins, 4), round((i + 1) / bins, 4), k, round(k / n, 6)) for i, k in enumerate(counts)]
 
 
-def write_histogram(path: str | Path, rows) -> None:
+def write_histogram(path: str | Path, rows: list[tuple[float, float, int, float]]) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["bin_low", "bin_high", "count", "share"])
@@ -88,11 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_cascade_light(args, prompts: list[tuple[int, str]]) -> list[tuple[int, float]]:
+def run_cascade_light(args: argparse.Namespace, prompts: list[tuple[int, str]]) -> list[tuple[int, float]]:
     """(prompt index, confidence) for each prompt: light model, then discriminator."""
     from tqdm import tqdm
 
     from common.backends import BackendSettings, make_discriminator, make_model
+    from common.imaging import PngImage, decode
 
     settings = BackendSettings(
         backend=args.backend,
@@ -112,8 +113,8 @@ def run_cascade_light(args, prompts: list[tuple[int, str]]) -> list[tuple[int, f
             chunk = prompts[start : start + args.batch_size]
             texts = [text for _i, text in chunk]
             images = model.generate(texts, [args.seed + i for i, _text in chunk])
-            scores = disc.score(texts, images)
-            out += [(i, float(c)) for (i, _text), c in zip(chunk, scores)]
+            scores = disc.score(texts, [decode(img) if isinstance(img, PngImage) else img for img in images])
+            out += [(i, float(c)) for (i, _text), c in zip(chunk, scores, strict=False)]
             bar.update(len(chunk))
             bar.set_postfix(mean=f"{sum(c for _i, c in out) / len(out):.3f}")
     model.unload()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -13,18 +14,18 @@ class Reset:
     """Compose's ``!reset`` tag (v2.24+): drop the value of the files before."""
 
 
-class ComposeLoader(yaml.SafeLoader):
+class ComposeLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no annotations
     pass
 
 
 class Override:
     """Compose's ``!override`` tag (v2.24.4+): this value replaces the files' before, unmerged."""
 
-    def __init__(self, value):
+    def __init__(self, value: Any):
         self.value = value
 
 
-def _override(loader, node):
+def _override(loader: ComposeLoader, node: Any) -> Override:
     return Override(
         loader.construct_sequence(node, deep=True)
         if isinstance(node, yaml.SequenceNode)
@@ -36,16 +37,17 @@ ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
 ComposeLoader.add_constructor("!override", _override)
 
 
-def load(path: Path) -> dict:
+def load(path: Path) -> dict[str, Any]:
     with open(path) as f:
-        return yaml.load(f, Loader=ComposeLoader)
+        tree: dict[str, Any] = yaml.load(f, Loader=ComposeLoader)
+        return tree
 
 
 # Compose replaces these sequences instead of appending (compose-spec "merge" rules).
 _REPLACED = {("command",), ("entrypoint",), ("healthcheck", "test")}
 
 
-def merge(base, override, path: tuple = ()):
+def merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
     """Merge two compose trees as ``docker compose -f base -f override`` does (the parts we use)."""
     if isinstance(override, Reset):
         return None
@@ -71,7 +73,7 @@ def merge(base, override, path: tuple = ()):
     return copy.deepcopy(override)
 
 
-def absolute_paths(tree: dict, compose_dir: Path) -> dict:
+def absolute_paths(tree: dict[str, Any], compose_dir: Path) -> dict[str, Any]:
     """A merged tree written elsewhere must keep pointing at compose/'s files."""
     tree = copy.deepcopy(tree)
     for svc in tree["services"].values():

@@ -28,10 +28,16 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from common.cascades import MODELS, cascade
 from common.profiles import BATCH_GRID, DOES_NOT_FIT_MS, LatencyTable, load_prompts, write_latency_table
+
+if TYPE_CHECKING:  # the models extra: imported where used
+    from common.backends.diffusion import DiffusersModel
+    from common.backends.discriminator import TimmDiscriminator
 
 log = logging.getLogger("diffserve.profile")
 
@@ -111,11 +117,13 @@ RANDOM_ARCHITECTURES = {"sdturbo": (SD21_UNET, OPENCLIP_H_TEXT), "sdv15": (SD15_
 PARAMETER_COUNTS = {"sdturbo": (865910724, 83653863, 340387840), "sdv15": (859520964, 83653863, 123060480)}
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype: Any) -> str:
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[str(dtype).replace("torch.", "")]
 
 
-def build_random_components(name: str, device: str = "cpu", dtype=None, token_ids: dict | None = None):
+def build_random_components(
+    name: str, device: str = "cpu", dtype: Any = None, token_ids: dict[str, int] | None = None
+) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) of ``name`` with random weights, built on ``device``
     (``meta`` builds shapes only); ``token_ids``: bos/eos/pad ids of the tokenizer used."""
     import torch
@@ -135,7 +143,7 @@ def build_random_components(name: str, device: str = "cpu", dtype=None, token_id
     return unet, vae, text
 
 
-def build_random_pipeline(name: str, device: str = "cpu", dtype=None, seed: int = 0):
+def build_random_pipeline(name: str, device: str = "cpu", dtype: Any = None, seed: int = 0) -> Any:
     """A full-size StableDiffusionPipeline of ``name`` (sdturbo or sdv15) with random weights
     and a small byte-level tokenizer (prompts still pad to 77 tokens, as with CLIP's)."""
     import torch
@@ -174,9 +182,10 @@ def build_random_pipeline(name: str, device: str = "cpu", dtype=None, seed: int 
     return pipe
 
 
-def random_model(name: str, role: str, device: str = "auto", **kwargs):
+def random_model(name: str, role: str, device: str = "auto", **kwargs: Any) -> DiffusersModel:
     """A DiffusersModel whose load() builds the random-weight pipeline (no files)."""
-    from common.backends.diffusion import DiffusersModel, resolve_device
+    from common.backends.devices import resolve_device
+    from common.backends.diffusion import DiffusersModel
 
     device = resolve_device(device)
     spec = MODELS[name]
@@ -185,8 +194,10 @@ def random_model(name: str, role: str, device: str = "auto", **kwargs):
     return model
 
 
-def random_discriminator(device: str = "auto", arch: str = DISCRIMINATOR_ARCH, input_size: int = DISCRIMINATOR_INPUT):
-    from common.backends.diffusion import TimmDiscriminator, build_discriminator_model, discriminator_meta
+def random_discriminator(
+    device: str = "auto", arch: str = DISCRIMINATOR_ARCH, input_size: int = DISCRIMINATOR_INPUT
+) -> TimmDiscriminator:
+    from common.backends.discriminator import TimmDiscriminator, build_discriminator_model, discriminator_meta
 
     return TimmDiscriminator.from_model(build_discriminator_model(arch), discriminator_meta(arch, input_size), device)
 
@@ -196,7 +207,7 @@ def discriminator_row(arch: str) -> str:
 
 
 def accel_name(device: str, mode: str, dtype_name: str | None = None) -> str:
-    from common.backends.diffusion import device_slug, resolve_device
+    from common.backends.devices import device_slug, resolve_device
 
     device = resolve_device(device)
     dtype_name = dtype_name or ("fp16" if device.startswith("cuda") else "fp32")
@@ -210,7 +221,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def time_batches(
-    run, batches: list[int], repeats: int, warmup: int = 1, label: str = "", progress: bool = True
+    run: Callable[[int, int], object],
+    batches: list[int],
+    repeats: int,
+    warmup: int = 1,
+    label: str = "",
+    progress: bool = True,
 ) -> dict[int, float]:
     """Median ms of ``run(batch, repeat)`` per batch size; a batch that runs out of memory
     (and every larger one) is marked as not fitting."""
@@ -255,7 +271,7 @@ def _prompt_batch(prompts: list[str], b: int, r: int) -> list[str]:
     return [prompts[(r * b + i) % len(prompts)] for i in range(b)]
 
 
-def _make_model(args, name: str, role: str, graph: bool, grid: tuple[int, ...]):
+def _make_model(args: argparse.Namespace, name: str, role: str, graph: bool, grid: tuple[int, ...]) -> DiffusersModel:
     from common.backends.diffusion import DiffusersModel, local_spec, tiny_spec
 
     if args.random_weights:
@@ -265,8 +281,8 @@ def _make_model(args, name: str, role: str, graph: bool, grid: tuple[int, ...]):
     return DiffusersModel(spec, role, args.device, cuda_graphs=graph, pad_grid=grid if graph else ())
 
 
-def _make_discriminator(args):
-    from common.backends.diffusion import TimmDiscriminator
+def _make_discriminator(args: argparse.Namespace) -> TimmDiscriminator:
+    from common.backends.discriminator import TimmDiscriminator
 
     checkpoint = args.discriminator_checkpoint or (
         str(Path(args.model_dir) / "discriminator") if args.model_dir else None
@@ -281,7 +297,9 @@ def _make_discriminator(args):
     return disc
 
 
-def profile_model(args, name: str, role: str, modes: list[str], prompts: list[str]) -> dict[str, LatencyTable]:
+def profile_model(
+    args: argparse.Namespace, name: str, role: str, modes: list[str], prompts: list[str]
+) -> dict[str, LatencyTable]:
     """Eager and/or graph tables of one model, loaded once."""
     graph_first = modes == ["graph"]
     grid = tuple(sorted(args.batches))
@@ -295,7 +313,7 @@ def profile_model(args, name: str, role: str, modes: list[str], prompts: list[st
             capture_s = model.capture()
             print(f"{name}: CUDA graphs captured in {capture_s:.2f} s")
 
-        def run(b, r):
+        def run(b: int, r: int) -> None:
             model.generate(_prompt_batch(prompts, b, r), list(range(r * b, r * b + b)))
 
         ms = time_batches(run, args.batches, args.repeats, args.warmup, f"{name} {mode}", not args.quiet)
@@ -305,7 +323,7 @@ def profile_model(args, name: str, role: str, modes: list[str], prompts: list[st
     return tables
 
 
-def profile_discriminator(args, resolution: int) -> LatencyTable:
+def profile_discriminator(args: argparse.Namespace, resolution: int) -> LatencyTable:
     import numpy as np
     from PIL import Image
 
@@ -313,7 +331,7 @@ def profile_discriminator(args, resolution: int) -> LatencyTable:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
 
-    def run(b, r):
+    def run(b: int, r: int) -> None:
         disc.score([""] * b, [image] * b)
 
     ms = time_batches(run, args.batches, args.repeats, max(args.warmup, 1), "discriminator", not args.quiet)
@@ -322,7 +340,8 @@ def profile_discriminator(args, resolution: int) -> LatencyTable:
 
 def _merge(path: Path, parts: list[tuple[list[LatencyTable], str]]) -> None:
     """One file with several accel labels: each part through write_latency_table, rows renumbered."""
-    rows, header = [], None
+    rows: list[list[str]] = []
+    header: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (tables, accel) in enumerate(parts):
             part = Path(tmp) / f"{i}.csv"
@@ -393,7 +412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from common.backends import require_backend
-    from common.backends.diffusion import resolve_device
+    from common.backends.devices import resolve_device
 
     args = parse_args(argv)
     require_backend(args.backend)

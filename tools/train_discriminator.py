@@ -32,14 +32,16 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common.backends import require_models_extra
-from common.backends.diffusion import (
+from common.backends.devices import resolve_device
+from common.backends.discriminator import (
     DISCRIMINATOR_WEIGHTS,
     build_discriminator_model,
     discriminator_meta,
-    resolve_device,
     save_discriminator,
 )
 
@@ -62,9 +64,8 @@ def list_images(data_dir: str | Path) -> list[tuple[Path, int]]:
         items += [(p, label) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     counts = [sum(1 for _p, y in items if y == label) for label in range(len(CLASSES))]
     if min(counts) == 0:
-        raise SystemExit(
-            f"train-discriminator: need images in both DIR/real and DIR/generated; found {dict(zip(CLASSES, counts))}"
-        )
+        found = dict(zip(CLASSES, counts, strict=True))
+        raise SystemExit(f"train-discriminator: need images in both DIR/real and DIR/generated; found {found}")
     return items
 
 
@@ -72,27 +73,29 @@ class ImageDataset:
     """Resize to the input size (as serving does), random horizontal flip when training,
     normalise with the checkpoint's mean/std."""
 
-    def __init__(self, items: list[tuple[Path, int]], meta: dict, train: bool):
+    def __init__(self, items: list[tuple[Path, int]], meta: dict[str, Any], train: bool):
         self.items, self.meta, self.train = items, meta, train
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         import torch
         from PIL import Image
 
-        from common.backends.diffusion import preprocess
+        from common.backends.discriminator import preprocess
 
         path, label = self.items[index]
         with Image.open(path) as img:
             image = img.convert("RGB")
         if self.train and random.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return preprocess([image], self.meta)[0], torch.tensor(label)
 
 
-def split_items(items, val_fraction: float, seed: int):
+def split_items(
+    items: list[tuple[Path, int]], val_fraction: float, seed: int
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     rng = random.Random(seed)
     shuffled = items[:]
     rng.shuffle(shuffled)
@@ -104,7 +107,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order: list[int] = torch.randperm(n, generator=g).tolist()
+    return order
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
@@ -117,11 +121,12 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> flo
 
 
 # --- optimizer state without pickle: tensors -> safetensors, the rest -> JSON ----------------
-def save_optimizer(optimizer, out_dir: Path) -> dict:
+def save_optimizer(optimizer: Any, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors: dict[str, Any] = {}
+    scalars: dict[str, Any] = {}
     for pid, entry in state["state"].items():
         for key, value in entry.items():
             if hasattr(value, "shape"):
@@ -133,10 +138,10 @@ def save_optimizer(optimizer, out_dir: Path) -> dict:
     return {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def load_optimizer(optimizer, out_dir: Path, saved: dict) -> None:
+def load_optimizer(optimizer: Any, out_dir: Path, saved: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
-    entries: dict[int, dict] = {}
+    entries: dict[int, dict[str, Any]] = {}
     for name, tensor in load_file(str(out_dir / OPTIMIZER_FILE)).items():
         pid, key = name.split(".", 1)
         entries.setdefault(int(pid), {})[key] = tensor
@@ -150,7 +155,9 @@ def load_optimizer(optimizer, out_dir: Path, saved: dict) -> None:
     optimizer.load_state_dict({"state": entries, "param_groups": groups})
 
 
-def save_checkpoint(model, optimizer, out_dir: Path, meta: dict, train_state: dict) -> None:
+def save_checkpoint(
+    model: Any, optimizer: Any, out_dir: Path, meta: dict[str, Any], train_state: dict[str, Any]
+) -> None:
     save_discriminator(model, out_dir, {**meta, "trained_steps": train_state["step"]})
     train_state = {**train_state, "optimizer": save_optimizer(optimizer, out_dir)}
     tmp = out_dir / (STATE_FILE + ".tmp")
@@ -158,7 +165,7 @@ def save_checkpoint(model, optimizer, out_dir: Path, meta: dict, train_state: di
     tmp.replace(out_dir / STATE_FILE)
 
 
-def evaluate(model, loader, device: str, autocast) -> dict:
+def evaluate(model: Any, loader: Any, device: str, autocast: Callable[[], Any]) -> dict[str, Any]:
     import torch
 
     model.eval()
@@ -201,128 +208,161 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train(args: argparse.Namespace) -> dict:
-    import contextlib
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) to the step the arguments ask for; returns the final training state."""
+    return Trainer(args).run()
 
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
-    device = resolve_device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+class Trainer:
+    """One training run: its data split, model, optimizer and step counter, saved at every checkpoint."""
 
-    state_path = out_dir / STATE_FILE
-    saved = json.loads(state_path.read_text()) if args.resume and state_path.exists() else None
-    if args.resume and saved is None:
-        log.info("no %s in %s: starting fresh", STATE_FILE, out_dir)
-    if saved:  # the architecture and input come from the checkpoint being resumed
-        args.arch, args.input_size = saved["arch"], saved["input_size"]
-    meta = discriminator_meta(args.arch, args.input_size)
+    def __init__(self, args: argparse.Namespace):
+        import torch
 
-    items = list_images(args.data)
-    train_items, val_items = split_items(items, args.val_fraction, args.seed)
-    if saved and saved.get("n_train") != len(train_items):
-        log.warning(
-            "the data set changed since the checkpoint (%s -> %d training images): the epoch order differs",
-            saved.get("n_train"),
-            len(train_items),
-        )
-    counts = [sum(1 for _p, y in train_items if y == c) for c in range(len(CLASSES))]
-    class_weight = torch.tensor([len(train_items) / (len(CLASSES) * max(1, k)) for k in counts], device=device)
+        self.args, self.device = args, resolve_device(args.device)
+        self.out_dir = Path(args.out)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        state_path = self.out_dir / STATE_FILE
+        saved = json.loads(state_path.read_text()) if args.resume and state_path.exists() else None
+        if args.resume and saved is None:
+            log.info("no %s in %s: starting fresh", STATE_FILE, self.out_dir)
+        if saved:  # the architecture and input come from the checkpoint being resumed
+            args.arch, args.input_size = saved["arch"], saved["input_size"]
+        self.meta = discriminator_meta(args.arch, args.input_size)
+        self.train_items, self.val_items = split_items(list_images(args.data), args.val_fraction, args.seed)
+        if saved and saved.get("n_train") != len(self.train_items):
+            log.warning(
+                "the data set changed since the checkpoint (%s -> %d training images): the epoch order differs",
+                saved.get("n_train"),
+                len(self.train_items),
+            )
+        self.counts = [sum(1 for _p, y in self.train_items if y == c) for c in range(len(CLASSES))]
+        weights = [len(self.train_items) / (len(CLASSES) * max(1, k)) for k in self.counts]
+        self.class_weight = torch.tensor(weights, device=self.device)
+        self.model, self.optimizer = self._model(saved)
+        self.steps_per_epoch = math.ceil(len(self.train_items) / args.batch_size)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps) if args.epochs else args.max_steps
+        self.step: int = saved["step"] if saved else 0
+        self.history: list[dict[str, Any]] = saved.get("history", []) if saved else []
 
-    model = build_discriminator_model(args.arch, len(CLASSES), pretrained=args.pretrained and not saved)
-    if saved:
-        from safetensors.torch import load_file
+    def _model(self, saved: dict[str, Any] | None) -> tuple[Any, Any]:
+        """The model and its optimizer: fresh (timm's ImageNet weights with --pretrained), or resumed."""
+        import torch
 
-        model.load_state_dict(load_file(str(out_dir / DISCRIMINATOR_WEIGHTS)))
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if saved:
-        load_optimizer(optimizer, out_dir, saved["optimizer"])
+        args = self.args
+        model = build_discriminator_model(args.arch, len(CLASSES), pretrained=args.pretrained and not saved)
+        if saved:
+            from safetensors.torch import load_file
 
-    steps_per_epoch = math.ceil(len(train_items) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps) if args.epochs else args.max_steps
-    step = saved["step"] if saved else 0
-    history = saved.get("history", []) if saved else []
-    use_amp = device.startswith("cuda")
+            model.load_state_dict(load_file(str(self.out_dir / DISCRIMINATOR_WEIGHTS)))
+        model.to(self.device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        if saved:
+            load_optimizer(optimizer, self.out_dir, saved["optimizer"])
+        return model, optimizer
 
-    def autocast():
-        if use_amp:
+    def autocast(self) -> Any:
+        """bfloat16 autocast on CUDA; nothing on a CPU."""
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda"):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    train_set = ImageDataset(train_items, meta, train=True)
-    val_loader = (
-        DataLoader(ImageDataset(val_items, meta, train=False), batch_size=args.batch_size, num_workers=args.workers)
-        if val_items
-        else None
-    )
-
-    def state(epoch: int) -> dict:
+    def state(self, epoch: int) -> dict[str, Any]:
+        args = self.args
         return {
-            "step": step,
+            "step": self.step,
             "epoch": epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
             "arch": args.arch,
             "input_size": args.input_size,
-            "n_train": len(train_items),
-            "n_val": len(val_items),
+            "n_train": len(self.train_items),
+            "n_val": len(self.val_items),
             "seed": args.seed,
             "lr": args.lr,
             "batch_size": args.batch_size,
-            "class_counts": dict(zip(CLASSES, counts)),
-            "history": history,
+            "class_counts": dict(zip(CLASSES, self.counts, strict=True)),
+            "history": self.history,
         }
 
-    if step >= total_steps:
-        log.info("already at step %d of %d: nothing to do", step, total_steps)
-        return state(step // max(1, steps_per_epoch))
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=args.quiet)
-    start_time = time.perf_counter()
-    loss_value = float("nan")
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train_items), args.seed, epoch)
-        batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)][done_in_epoch:]
-        loader = DataLoader(
-            train_set, batch_sampler=batches, num_workers=args.workers, pin_memory=device.startswith("cuda")
+    def run(self) -> dict[str, Any]:
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+
+        args = self.args
+        if self.step >= self.total_steps:
+            log.info("already at step %d of %d: nothing to do", self.step, self.total_steps)
+            return self.state(self.step // max(1, self.steps_per_epoch))
+        val_loader = (
+            DataLoader(
+                ImageDataset(self.val_items, self.meta, train=False),
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+            )
+            if self.val_items
+            else None
         )
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=args.quiet)
+        start_time = time.perf_counter()
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            loss_value = self._epoch(bar)
+            if self.step % self.steps_per_epoch == 0:  # the epoch is done
+                record = {"epoch": epoch, "step": self.step, "train_loss": loss_value}
+                if val_loader is not None:
+                    record.update(evaluate(self.model, val_loader, self.device, self.autocast))
+                self.history.append(record)
+                log.info("epoch %d done: %s", epoch, record)
+            save_checkpoint(
+                self.model, self.optimizer, self.out_dir, self.meta, self.state(self.step // self.steps_per_epoch)
+            )
+        bar.close()
+        final = self.state(self.step // self.steps_per_epoch)
+        took = time.perf_counter() - start_time
+        log.info("trained to step %d in %.1f s; checkpoint in %s", self.step, took, self.out_dir)
+        return final
+
+    def _epoch(self, bar: Any) -> float:
+        """The rest of the current epoch (in its seeded order), or up to the total; the last loss."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        args = self.args
+        epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_items), args.seed, epoch)
+        batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)][done_in_epoch:]
+        train_set = ImageDataset(self.train_items, self.meta, train=True)
+        loader = DataLoader(
+            train_set, batch_sampler=batches, num_workers=args.workers, pin_memory=self.device.startswith("cuda")
+        )
+        loss_value = float("nan")
         for x, y in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), y, weight=class_weight)
-            optimizer.zero_grad(set_to_none=True)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, self.total_steps, args.lr, args.warmup_steps, args.schedule)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y, weight=self.class_weight)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            step += 1
+            self.optimizer.step()
+            self.step += 1
             loss_value = loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
-            if step >= total_steps:
+            if self.step >= self.total_steps:
                 break
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(model, optimizer, out_dir, meta, state(epoch))
-        epoch_done = step % steps_per_epoch == 0
-        if epoch_done:
-            record = {"epoch": epoch, "step": step, "train_loss": loss_value}
-            if val_loader is not None:
-                record.update(evaluate(model, val_loader, device, autocast))
-            history.append(record)
-            log.info("epoch %d done: %s", epoch, record)
-        save_checkpoint(model, optimizer, out_dir, meta, state(step // steps_per_epoch))
-    bar.close()
-    final = state(step // steps_per_epoch)
-    log.info("trained to step %d in %.1f s; checkpoint in %s", step, time.perf_counter() - start_time, out_dir)
-    return final
+            if args.save_every and self.step % args.save_every == 0:
+                save_checkpoint(self.model, self.optimizer, self.out_dir, self.meta, self.state(epoch))
+        return loss_value
 
 
 def main(argv: list[str] | None = None) -> None:

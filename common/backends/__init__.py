@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from common.config import option
+from common.config import CascadeSettings, Settings, option
+from common.profiles import DEFAULT_HARDWARE
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from common.imaging import PngImage
-
     from common.profiles import CascadeProfile
 
 BACKENDS = ("diffusers", "tiny", "profiled")
@@ -84,10 +84,11 @@ class DiscriminatorModel(Protocol):
         ...
 
 
-@dataclass
-class BackendSettings:
+@dataclass(kw_only=True)
+class BackendSettings(CascadeSettings):
+    """Which models run, on what, with which profile (the cascade's, from ``CascadeSettings``)."""
+
     backend: str = option("profiled", "model backend", env="DIFFSERVE_BACKEND", choices=BACKENDS)
-    cascade: str = option("sdturbo-sdv15", "cascade (see `diffserve cascades`)", env="DIFFSERVE_CASCADE")
     hardware: str = option(
         "auto",
         "shipped profile set: a100 (the paper's), h100 (ours), or auto: h100 on an H100, else a100",
@@ -119,6 +120,11 @@ class BackendSettings:
     )
     cuda_graphs: bool = option(
         True, "capture a CUDA graph of the UNet step per batch size (CUDA only)", env="DIFFSERVE_CUDA_GRAPHS"
+    )
+    pin_host_memory: bool | None = option(
+        None,
+        "keep a parked pipeline in pinned host memory (on, off; auto: on CUDA while host memory allows)",
+        env="DIFFSERVE_PIN_HOST_MEMORY",
     )
     confidence_file: str | None = option(
         None,
@@ -154,6 +160,26 @@ def require_backend(backend: str) -> None:
         require_models_extra(f"--backend {backend}")
 
 
+@dataclass(kw_only=True)
+class SloSettings(Settings):
+    """The latency SLO the router stamps as each job's deadline and the controller plans for."""
+
+    slo_ms: float | None = option(
+        None,
+        "SLO in wall-clock ms, as the router stamps deadlines (default: the cascade's, x time_scale on the "
+        "profiled backend)",
+        env="DIFFSERVE_SLO_MS",
+    )
+
+
+def effective_slo_ms(settings: BackendSettings, given: float | None) -> float:
+    """The one SLO rule every service uses: DIFFSERVE_SLO_MS means the wall-clock budget the router stamps
+    as the deadline; unset, the cascade's SLO in this deployment's clock (only the default is scaled)."""
+    from common.cascades import cascade
+
+    return given or cascade(settings.cascade).slo_ms * latency_scale(settings)
+
+
 def latency_scale(settings: BackendSettings) -> float:
     """Factor from profiled latencies to this deployment's clock: the profiled backend runs at
     ``time_scale``; real models run at the profile's own speed."""
@@ -165,9 +191,9 @@ def resolve_hardware(settings: BackendSettings) -> str:
     if settings.hardware != "auto":
         return settings.hardware
     if settings.backend == "profiled":
-        return "a100"
+        return DEFAULT_HARDWARE
     require_backend(settings.backend)
-    from common.backends.diffusion import detect_hardware
+    from common.backends.devices import detect_hardware
 
     return detect_hardware(settings.device)
 
@@ -192,7 +218,8 @@ def make_model(settings: BackendSettings, role: str) -> ImageModel:
         table = load_profile(settings).table(role)
         return ProfiledModel(name, role, table, settings.time_scale, spec.resolution, spec.steps)
     require_backend(settings.backend)
-    from common.backends.diffusion import DiffusersModel, local_spec, resolve_device, tiny_spec
+    from common.backends.devices import resolve_device
+    from common.backends.diffusion import DiffusersModel, local_spec, tiny_spec
 
     spec = MODELS[name]
     if settings.backend == "tiny":
@@ -209,13 +236,13 @@ def make_model(settings: BackendSettings, role: str) -> ImageModel:
         settings.device,
         pad_grid=tuple(settings.batch_grid) if graphs else (),
         cuda_graphs=settings.cuda_graphs,
+        pin_host_memory=settings.pin_host_memory,
     )
 
 
 def make_discriminator(settings: BackendSettings) -> DiscriminatorModel:
     if settings.backend == "profiled":
         from common.backends.profiled import ProfiledDiscriminator, confidences_by_text, load_confidence_overrides
-
         from common.profiles import load_prompts
 
         overrides = load_confidence_overrides(settings.confidence_file) if settings.confidence_file else {}
@@ -225,7 +252,7 @@ def make_discriminator(settings: BackendSettings) -> DiscriminatorModel:
     require_backend(settings.backend)
     from pathlib import Path
 
-    from common.backends.diffusion import TimmDiscriminator
+    from common.backends.discriminator import TimmDiscriminator
 
     checkpoint = settings.discriminator_checkpoint
     if not checkpoint and settings.model_dir:

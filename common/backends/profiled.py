@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.backends import StepCallback
 from common.imaging import Encoded, PngImage, png_palette
-
 from common.profiles import ConfidenceCurve, LatencyTable, uniform_from_text
 
 # Disk -> GPU and host -> GPU load times measured on the H100 (common/data/h100/README.md).
@@ -137,7 +136,7 @@ class ProfiledModel:
                 end += seconds / self.steps
                 _sleep(end - time.monotonic())
                 on_step(step, self.steps)  # raises Interrupted to stop the batch
-        return [placeholder(self.role, self.name, p, s, self.resolution) for p, s in zip(prompts, seeds)]
+        return [placeholder(self.role, self.name, p, s, self.resolution) for p, s in zip(prompts, seeds, strict=False)]
 
 
 def fixed_image(kib: int, seed: int = 0) -> Encoded:
@@ -158,7 +157,7 @@ def fixed_image(kib: int, seed: int = 0) -> Encoded:
         pad = target - len(png) - 12
         chunk = b"dsPd" + b"\0" * pad  # ancillary, private (lower-case first letters): decoders skip it
         png = png[:-12] + struct.pack(">I", pad) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[-12:]
-    return Encoded(png, "png", digest=hashlib.sha256(png).hexdigest())
+    return Encoded(data=png, format="png", digest=hashlib.sha256(png).hexdigest())
 
 
 def confidences_by_text(overrides: dict[int, float], prompts: list[str]) -> dict[str, float]:
@@ -226,4 +225,4 @@ class ProfiledDiscriminator:
     ) -> list[float]:
         _sleep(self.table.latency_ms(len(prompts)) * self.time_scale / 1000)
         indices = prompt_indices or [None] * len(prompts)
-        return [self.confidence(p, i) for p, i in zip(prompts, indices)]
+        return [self.confidence(p, i) for p, i in zip(prompts, indices, strict=False)]

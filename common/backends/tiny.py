@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.backends.diffusion import build_discriminator_model, discriminator_meta, save_discriminator
+from common.backends.discriminator import build_discriminator_model, discriminator_meta, save_discriminator
 
 TINY_DISCRIMINATOR_ARCH = "test_efficientnet"  # timm's tiny EfficientNet, same code path as EfficientNet-V2
 TINY_DISCRIMINATOR_INPUT = 32
@@ -26,7 +26,7 @@ def _byte_unicode_map() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=False))
 
 
 def _tiny_tokenizer(folder: Path) -> Any:

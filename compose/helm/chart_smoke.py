@@ -30,7 +30,9 @@ What ``podman kube play`` (4.3) lacks, and what this script does instead (the sh
 On this kernel (cgroup v1 with a v2 hierarchy mounted: "hybrid") Debian's crun 1.8 refuses to start
 containers, so the script's containers.conf selects runc; it also raises the ulimits podman would copy
 from the host.  Prints a summary; exits non-zero on any failure.
-"""
+
+One script on purpose (over 500 lines): the opt-in smoke run, read top to bottom, like
+compose/compose_test.py."""
 
 from __future__ import annotations
 
@@ -210,7 +212,7 @@ def pod_names(docs: list[dict[str, Any]]) -> list[str]:
 def probes(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
     """container name (podman's: <pod>-<container>) -> its readiness probe command."""
     out = {}
-    for doc, pod in zip([d for d in docs if d["kind"] in ("Pod", "Deployment")], pod_names(docs)):
+    for doc, pod in zip([d for d in docs if d["kind"] in ("Pod", "Deployment")], pod_names(docs), strict=False):
         spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
         for c in spec["containers"]:
             out[f"{pod}-{c['name']}"] = c["readinessProbe"]["exec"]["command"]
@@ -388,6 +390,19 @@ def through_gateway(smoke: Smoke, n: int, problems: list[str]) -> int:
     return asyncio.run(generate())
 
 
+def holding_worker(smoke: Smoke, r: redis.Redis, *, deadline: float) -> tuple[str, int, str]:
+    """(worker pod, entries it holds, queue) of the first worker seen holding entries; ("", 0, "") by the deadline."""
+    keys = smoke.keys
+    while time.monotonic() < deadline:
+        for i in range(len(smoke.worker_ports)):
+            name = f"{smoke.release}-diffserve-worker-{i}"
+            for stream in (keys.light_queue, keys.heavy_queue):
+                if (count := pending_of(r, stream, name)) > 0:
+                    return name, count, stream
+        time.sleep(0.02)
+    return "", 0, ""
+
+
 def run_jobs(smoke: Smoke, summary: dict[str, str], problems: list[str]) -> None:
     url = f"redis://:{smoke.password}@127.0.0.1:{smoke.redis_port}/0"  # the admin (default) user
     r = redis.Redis.from_url(url)
@@ -418,19 +433,7 @@ def run_jobs(smoke: Smoke, summary: dict[str, str], problems: list[str]) -> None
 
     burst = asyncio.run(enqueue(60))
     sent += len(burst)
-    victim, held, queue = "", 0, ""
-    deadline = time.monotonic() + 30
-    while not held and time.monotonic() < deadline:
-        for i in range(len(smoke.worker_ports)):
-            name = f"{smoke.release}-diffserve-worker-{i}"
-            for stream in (keys.light_queue, keys.heavy_queue):
-                if (count := pending_of(r, stream, name)) > 0:
-                    victim, held, queue = name, count, stream
-                    break
-            if held:
-                break
-        else:
-            time.sleep(0.02)
+    victim, held, queue = holding_worker(smoke, r, deadline=time.monotonic() + 30)
     if not held:
         problems.append("no worker held entries during the burst: the reclaim path was not exercised")
     else:

@@ -23,7 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chart_check as C  # noqa: E402
 
-from common.config import Keys, _env_name  # noqa: E402
+from common.config import Keys, env_name  # noqa: E402
 from common.streams import PIPELINE_GROUPS  # noqa: E402
 
 ROOT = C.HELM_DIR.parent.parent
@@ -109,7 +109,7 @@ def config_classes() -> dict[str, type]:
 
 
 def options(cls: type) -> set[str]:
-    return {_env_name(f) for f in dataclasses.fields(cls)}
+    return {env_name(f) for f in dataclasses.fields(cls)}
 
 
 # ---------------------------------------------------------------- GPUs and scheduling
@@ -140,7 +140,7 @@ def test_one_gpu_per_worker_pod_and_none_with_cpu_values(rendered):
 def test_every_consumer_is_named_by_its_pod(rendered):
     for case, objs in rendered.items():
         seen = set()
-        for workload, container in diffserve_containers(objs):
+        for _workload, container in diffserve_containers(objs):
             instance = env_of(container)["DIFFSERVE_INSTANCE_ID"]
             assert instance["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, (case, container["name"])
             seen.add(container["args"][0])
@@ -202,7 +202,7 @@ def test_settings_keys_are_compose_env_keys_and_service_options(rendered):
         assert set(config_map["data"]) >= set(env_file), f"[{case}] a compose/diffserve.env key is missing"
         unknown = set(config_map["data"]) - known
         assert not unknown, f"[{case}] settings no service reads: {sorted(unknown)}"
-        for workload, container in diffserve_containers(objs):
+        for _workload, container in diffserve_containers(objs):
             assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
     # the chart's settings are compose's, key for key and value for value (extraSettings add options)
     values = yaml.safe_load((C.CHART / "values.yaml").read_text())
@@ -213,7 +213,7 @@ def test_container_env_is_options_of_the_service_it_runs(rendered):
     classes = config_classes()
     for case, objs in rendered.items():
         config_map = next(c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-settings"))
-        for workload, container in diffserve_containers(objs):
+        for _workload, container in diffserve_containers(objs):
             service = container["args"][0]
             allowed = options(classes[service])
             extra = set(env_of(container)) - allowed - NOT_OPTIONS

@@ -10,7 +10,8 @@ Starlette on uvicorn, not FastAPI: the OpenAI contract wants its own error bodie
 layer would only be bypassed; Starlette is the routing/SSE core FastAPI itself runs on.
 
 Modules, by API: ``config`` (GatewayConfig), ``http`` (errors, bodies, SSE, the request counter),
-``keys`` (API keys and their shared limits), ``images`` (the OpenAI images API), ``jobs`` (the jobs
+``keys`` (API keys and their shared limits, with the token-bucket scripts ``*.lua``), ``request`` (what an
+image request may ask, shared by both APIs), ``images`` (the OpenAI images API), ``jobs`` (the jobs
 API), ``app`` (routes, health, status, the playground, ``main``).
 """
 

@@ -20,17 +20,18 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from common import metrics
-from common.client import Client
 from common.blobs import BlobUnavailable
+from common.client import Client
 from common.messages import E_INTERNAL, E_OVERLOADED, Plan
-from common.plan_store import load_plan
-from common.service import STOP_GRACE_S, Service, now_ms, run
+from common.plan_store import live_ids, live_workers, load_plan
+from common.service import STOP_GRACE_S, Service, run
 from common.streams import PIPELINE_GROUPS, TRANSIENT_ERRORS, backlog, connect
 from services.gateway.config import GatewayConfig
 from services.gateway.http import ApiError, CountRequests, api_error, guarded_protocol, http_error
-from services.gateway.images import ImagesApi, native_size
+from services.gateway.images import ImagesApi
 from services.gateway.jobs import EventHub, JobsApi
 from services.gateway.keys import Limits
+from services.gateway.request import native_size
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -116,9 +117,7 @@ class Gateway:
             await self.r.ping()
             checks["redis"] = True
             checks["plan"] = await load_plan(self.r, self.keys) is not None
-            checks["workers"] = await self.r.zcount(
-                self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000, "+inf"
-            )
+            checks["workers"] = len(await live_ids(self.r, self.keys, self.cfg.worker_timeout_s))
         ready = checks["redis"] and checks["plan"] and checks["workers"] > 0
         return JSONResponse({"ready": ready, **checks}, 200 if ready else 503)
 
@@ -133,11 +132,9 @@ class Gateway:
         await self.limits.read(request, self.limits.authenticate(request))
         plan = await load_plan(self.r, self.keys)
         queues = {attr: await backlog(self.r, getattr(self.keys, attr), group) for attr, group in PIPELINE_GROUPS}
-        alive: Any = await self.r.zrangebyscore(self.keys.workers, now_ms() - self.cfg.worker_alive_s * 1000, "+inf")
         roles: dict[str, int] = {}
-        for worker in alive:
-            role: Any = await self.r.hget(self.keys.worker_info(worker.decode()), "role")
-            roles[(role or b"unknown").decode()] = roles.get((role or b"unknown").decode(), 0) + 1
+        for worker in await live_workers(self.r, self.keys, self.cfg.worker_timeout_s):
+            roles[worker.role or "unknown"] = roles.get(worker.role or "unknown", 0) + 1
         plan_view = (
             None
             if plan is None

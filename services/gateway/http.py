@@ -168,64 +168,74 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+class GuardedProtocol(H11Protocol):
     """uvicorn's h11 protocol with what it lacks against slow and idle clients: a connection must
     send a whole request head within ``header_timeout_s`` of opening or of its last response (uvicorn
     only times out idle keep-alive connections, and only after a first response), and one more
-    than ``max_connections`` is closed at once.  Bodies are timed by ``read_json``."""
+    than ``max_connections`` is closed at once.  Bodies are timed by ``read_json``.  Made for a
+    gateway's settings by :func:`guarded_protocol`."""
 
-    class Guarded(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-        _counted = False
-        _got_bytes = False
+    header_timeout_s: float = 10.0
+    max_connections: int = 2048
+    _head_timer: asyncio.TimerHandle | None = None
+    _counted = False
+    _got_bytes = False
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                metrics.GATEWAY_CLOSED.labels("over_cap").inc()
-                transport.abort()
-                return
-            self._counted = True
-            metrics.GATEWAY_CONNECTIONS.inc()
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            metrics.GATEWAY_CLOSED.labels("over_cap").inc()
+            transport.abort()
+            return
+        self._counted = True
+        metrics.GATEWAY_CONNECTIONS.inc()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._counted:
+            self._counted = False
+            metrics.GATEWAY_CONNECTIONS.dec()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # a whole request head arrived
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
             self._arm()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            if self._counted:
-                self._counted = False
-                metrics.GATEWAY_CONNECTIONS.dec()
-            super().connection_lost(exc)
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            metrics.GATEWAY_CLOSED.labels("keep_alive").inc()
+        super().timeout_keep_alive_handler()
 
-        def data_received(self, data: bytes) -> None:
-            self._got_bytes = True
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # a whole request head arrived
-                self._disarm()
+    def _arm(self) -> None:
+        self._disarm()
+        self._got_bytes = False
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def timeout_keep_alive_handler(self) -> None:
-            if not self.transport.is_closing():
-                metrics.GATEWAY_CLOSED.labels("keep_alive").inc()
-            super().timeout_keep_alive_handler()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._got_bytes = False
-            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timeout(self) -> None:
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                metrics.GATEWAY_CLOSED.labels("slow_header" if self._got_bytes else "idle").inc()
-                self.transport.close()
 
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            metrics.GATEWAY_CLOSED.labels("slow_header" if self._got_bytes else "idle").inc()
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """:class:`GuardedProtocol` with these limits (uvicorn takes a protocol class, not an instance)."""
+
+    class Guarded(GuardedProtocol):
+        pass
+
+    Guarded.header_timeout_s, Guarded.max_connections = header_timeout_s, max_connections
     return Guarded

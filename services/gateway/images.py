@@ -10,7 +10,6 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -27,10 +26,7 @@ from common.messages import (
     E_CANCELLED,
     E_DEADLINE,
     E_INTERNAL,
-    E_INVALID,
     E_OVERLOADED,
-    E_PROMPT_TOO_LONG,
-    E_UNKNOWN_MODEL,
     IMAGE_FORMATS,
     Admitted,
     FinalResult,
@@ -42,175 +38,16 @@ from common.messages import (
 )
 from common.streams import TRANSIENT_ERRORS
 from services.gateway.config import GatewayConfig
-from services.gateway.http import ApiError, disconnected, invalid, read_json, sse
+from services.gateway.http import ApiError, disconnected, read_json, sse
 from services.gateway.keys import ApiKey, Limits
+from services.gateway.request import ImageRequest, extra, native_size, parse_image_request, result_error
 
 log = logging.getLogger("gateway")
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-MAX_SEED = 2**63  # what the router accepts
 # How long a streamed request waits for the router to admit its jobs before the 200: a refusal
 # then is a plain 429.  A router that predates Admitted never sends one: the stream starts anyway.
 ADMISSION_WAIT_S = 5.0
-# OpenAI's enumerations of the fields we take but have one answer for; anything else is a 400.
-ENUMS: dict[str, tuple[str, ...]] = {
-    "quality": ("auto", "standard", "hd", "low", "medium", "high"),
-    "background": ("auto", "opaque"),  # "transparent" is a valid OpenAI value we cannot make
-    "style": ("vivid", "natural"),
-    "moderation": ("auto", "low"),
-}
-
-
-def native_size(cascade_name: str) -> int:
-    """The cascade's image size (its heavy model's; the light one renders the same)."""
-    return MODELS[cascade(cascade_name).heavy].resolution
-
-
-# ---------------------------------------------------------------- request parsing
-
-
-@dataclass
-class ImageRequest:
-    prompt: str
-    n: int
-    output_format: str
-    quality: int
-    response_format: str
-    stream: bool
-    partials: bool
-    seed: int | None = None
-    negative_prompt: str | None = None
-    slo_ms: float | None = None
-
-    def seeds(self) -> list[int]:
-        """n seeds: ``seed``, ``seed + 1``, ... when one was given (reproducible), else n distinct random ones."""
-        if self.seed is not None:
-            return [(self.seed + i) % MAX_SEED for i in range(self.n)]
-        return secrets.SystemRandom().sample(range(2**31), self.n)
-
-
-def parse_image_request(body: object, cfg: GatewayConfig, *, jobs_api: bool = False) -> ImageRequest:
-    """The OpenAI images.generate fields, and ours (``seed``, ``negative_prompt``, ``slo_ms``,
-    ``cascade``); unknown fields are ignored, a wrong type or value is a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-
-    fields: dict[str, Any] = body
-
-    def get(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        value = fields.get(name)
-        if value is None:
-            return default
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no int
-            raise invalid(f"'{name}' must be of type {'/'.join(k.__name__ for k in kinds)}", name)
-        return value
-
-    def text(name: str, value: Any) -> None:
-        if len(value) > cfg.max_prompt_chars:
-            metrics.ERRORS.labels("gateway", E_PROMPT_TOO_LONG).inc()
-            raise ApiError(
-                400, f"'{name}' is longer than {cfg.max_prompt_chars} characters", param=name, code=E_PROMPT_TOO_LONG
-            )
-        if "\x00" in value:
-            raise invalid(f"'{name}' contains a NUL character", name)
-
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise invalid("'prompt' is required: a non-empty string", "prompt")
-    text("prompt", prompt)
-    for name in ("model", "cascade"):  # `cascade` is our name for the same thing
-        model = get(name, str, cfg.cascade)
-        if model != cfg.cascade:
-            metrics.ERRORS.labels("gateway", E_UNKNOWN_MODEL).inc()
-            raise ApiError(
-                400, f"model {model!r} is not served here; models: {cfg.cascade}", param=name, code=E_UNKNOWN_MODEL
-            )
-    n = get("n", int, 1)
-    if not 1 <= n <= (1 if jobs_api else 10):
-        raise invalid("'n' must be 1 for a job" if jobs_api else "'n' must be between 1 and 10", "n")
-    side = native_size(cfg.cascade)
-    requested = get("size", str, "auto")
-    if requested not in ("auto", f"{side}x{side}"):
-        raise invalid(f"size {requested!r} is not supported; sizes: auto, {side}x{side}", "size")
-    for name in ("width", "height"):
-        if get(name, int, side) != side:
-            raise invalid(f"'{name}' must be {side}: this cascade renders {side}x{side} images", name)
-    heavy_steps = MODELS[cascade(cfg.cascade).heavy].steps
-    if get("steps", int, heavy_steps) != heavy_steps:
-        light_steps = MODELS[cascade(cfg.cascade).light].steps
-        raise invalid(f"'steps' is set by the cascade: light {light_steps}, heavy {heavy_steps}", "steps")
-    for name, allowed in ENUMS.items():
-        if get(name, str, allowed[0]) not in allowed:
-            raise invalid(f"'{name}' must be one of {', '.join(allowed)}", name)
-    output_format = get("output_format", str, "png")
-    if output_format not in IMAGE_FORMATS:
-        raise invalid(f"'output_format' must be one of {', '.join(IMAGE_FORMATS)}", "output_format")
-    quality = get("output_compression", int, 90)
-    if not 0 <= quality <= 100:
-        raise invalid("'output_compression' must be between 0 and 100", "output_compression")
-    response_format = get("response_format", str, "b64_json")
-    if response_format not in ("b64_json", "url"):
-        raise invalid("'response_format' must be b64_json or url", "response_format")
-    stream = get("stream", bool, False)
-    partial_images = get("partial_images", int, 0)
-    if not 0 <= partial_images <= 3:
-        raise invalid("'partial_images' must be between 0 and 3", "partial_images")
-    get("user", str, None)
-    seed = get("seed", int, None)
-    if seed is not None and not 0 <= seed < MAX_SEED:
-        raise invalid("'seed' must be in [0, 2**63)", "seed")
-    negative_prompt = get("negative_prompt", str, None)
-    if negative_prompt is not None:
-        text("negative_prompt", negative_prompt)
-    slo_ms = get("slo_ms", (int, float), None)
-    if slo_ms is not None and not 0 < slo_ms <= 600_000:
-        raise invalid("'slo_ms' must be in (0, 600000]", "slo_ms")
-    return ImageRequest(
-        prompt,
-        n,
-        output_format,
-        max(1, quality),
-        response_format,
-        stream,
-        partial_images > 0,
-        seed=seed,
-        negative_prompt=negative_prompt or None,
-        slo_ms=None if slo_ms is None else float(slo_ms),
-    )
-
-
-def result_error(result: FinalResult) -> ApiError:
-    """A final result that carries no image, as the HTTP error it means."""
-    code = result.error_code or "internal_error"
-    statuses: dict[str, int] = {
-        E_OVERLOADED: 429,
-        E_DEADLINE: 504,
-        E_INVALID: 400,
-        E_PROMPT_TOO_LONG: 400,
-        E_UNKNOWN_MODEL: 400,
-        E_CANCELLED: 409,
-    }
-    status = statuses.get(code, 500)
-    retry_after = None
-    if status == 429:  # the router's hint (the predicted time until a retry fits), else a second
-        retry_after = result.retry_after_ms / 1000 if result.retry_after_ms else 1
-    return ApiError(status, result.error_message or code, code=code, retry_after=retry_after)
-
-
-def extra(result: FinalResult, seed: int | None = None, index: int = 0) -> dict[str, Any]:
-    """Our own fields beside each OpenAI image object."""
-    return {
-        "job_id": result.job_id,
-        "index": index,
-        "seed": seed,
-        "answered_by": result.answered_by,
-        "model": result.model,
-        "confidence": result.confidence,
-        "degraded": result.degraded,
-        "latency_ms": result.latency_ms,
-        "slo_met": result.slo_met,
-    }
 
 
 def models_view(cfg: GatewayConfig) -> dict[str, Any]:
@@ -291,49 +128,17 @@ class ImagesApi:
         """Wait for every job's answer, but no longer than it helps: once a job is refused as
         overloaded the others are cancelled and the request answers at once (the caller retries all
         of it), keeping the images already made; a caller who hangs up cancels its jobs."""
-        tasks: dict[asyncio.Future[Any], int] = {
-            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds))
-        }
-        gone = asyncio.ensure_future(disconnected(request))
-        done: dict[int, FinalResult] = {}
-        deadline = time.monotonic() + self.cfg.timeout_s
-        try:
-            pending: set[asyncio.Future[Any]] = {*tasks, gone}
-            while len(done) < len(job_ids):
-                finished, pending = await asyncio.wait(
-                    pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-                )
-                if gone in finished:  # the caller hung up: its jobs are not worth a GPU any more
-                    await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
-                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-                if not finished:
-                    break  # the gateway's timeout
-                for task in finished:
-                    try:
-                        done[tasks[task]] = task.result()
-                    except asyncio.TimeoutError:
-                        pass  # answered below as not within the timeout
-                if any(r.error_code == E_OVERLOADED for r in done.values()):
-                    break
-        finally:
-            for task in [*tasks, gone]:
-                task.cancel()
+        done = await self._answers(request, req, job_ids, seeds)
+        if done is None:  # the caller hung up: its jobs are not worth a GPU any more
+            await self.client.cancel(*job_ids, ttl_s=self.cfg.result_ttl_s)
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         refused = any(r.error_code == E_OVERLOADED for r in done.values())
         left = [j for i, j in enumerate(job_ids) if i not in done]
         if left:  # cancelled alongside a refused one, or past the timeout: nothing waits for them any more
             await self.client.cancel(*left, ttl_s=self.cfg.result_ttl_s)
             if not refused:
                 metrics.ERRORS.labels("gateway", E_DEADLINE).inc(len(left))
-        errors: list[tuple[int, ApiError]] = []
-        for i in range(len(job_ids)):
-            if i not in done:
-                errors.append(
-                    (i, ApiError(409, "cancelled: another image of this request was refused", code=E_CANCELLED))
-                    if refused
-                    else (i, ApiError(504, f"no image within {self.cfg.timeout_s:g} s", code=E_DEADLINE))
-                )
-            elif done[i].status != Status.OK:
-                errors.append((i, result_error(done[i])))
+        errors = self._errors(done, len(job_ids), refused)
         made = sorted(i for i, r in done.items() if r.status == Status.OK)
         if not made:  # a refusal first: its 429 and Retry-After tell the caller when to come back
             raise min(errors, key=lambda pair: pair[1].status != 429)[1]
@@ -348,6 +153,53 @@ class ImagesApi:
         if errors:  # a partial answer: the images that were made, and why the others are missing
             body["diffserve"] = {"errors": [{"index": i, **error.body()} for i, error in errors]}
         return JSONResponse(body)
+
+    async def _answers(
+        self, request: Request, req: ImageRequest, job_ids: list[str], seeds: list[int]
+    ) -> dict[int, FinalResult] | None:
+        """Each job's answer by its index, until all came, one was refused as overloaded or the timeout
+        passed; None when the caller hung up first."""
+        tasks: dict[asyncio.Future[Any], int] = {
+            self._submit(req, j, s): i for i, (j, s) in enumerate(zip(job_ids, seeds, strict=True))
+        }
+        gone = asyncio.ensure_future(disconnected(request))
+        done: dict[int, FinalResult] = {}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        try:
+            pending: set[asyncio.Future[Any]] = {*tasks, gone}
+            while len(done) < len(job_ids):
+                finished, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
+                if gone in finished:
+                    return None
+                if not finished:
+                    break  # the gateway's timeout
+                for task in finished:
+                    try:
+                        done[tasks[task]] = task.result()
+                    except TimeoutError:
+                        pass  # answered as not within the timeout
+                if any(r.error_code == E_OVERLOADED for r in done.values()):
+                    break
+        finally:
+            for task in [*tasks, gone]:
+                task.cancel()
+        return done
+
+    def _errors(self, done: dict[int, FinalResult], n: int, refused: bool) -> list[tuple[int, ApiError]]:
+        """Why each image that was not made is missing."""
+        errors: list[tuple[int, ApiError]] = []
+        for i in range(n):
+            if i not in done:
+                errors.append(
+                    (i, ApiError(409, "cancelled: another image of this request was refused", code=E_CANCELLED))
+                    if refused
+                    else (i, ApiError(504, f"no image within {self.cfg.timeout_s:g} s", code=E_DEADLINE))
+                )
+            elif done[i].status != Status.OK:
+                errors.append((i, result_error(done[i])))
+        return errors
 
     async def _image_object(
         self, request: Request, req: ImageRequest, result: FinalResult, seed: int, index: int
@@ -387,7 +239,7 @@ class ImagesApi:
             on_light = (lambda light: events.put_nowait(light)) if req.partials else None
             try:
                 result = await self._submit(req, job_id, seed, on_light, on_event)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 result = FinalResult(
                     job_id=job_id,
                     status=Status.ERROR,
@@ -400,7 +252,7 @@ class ImagesApi:
                     decided.set()
             events.put_nowait(result)
 
-        tasks = [asyncio.ensure_future(one(j, s)) for j, s in zip(job_ids, seeds)]
+        tasks = [asyncio.ensure_future(one(j, s)) for j, s in zip(job_ids, seeds, strict=False)]
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(decided.wait(), ADMISSION_WAIT_S)
         refused = [r for r in first_answer.values() if r.error_code == E_OVERLOADED]

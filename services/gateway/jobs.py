@@ -39,8 +39,8 @@ from common.messages import (
 from common.streams import TRANSIENT_ERRORS
 from services.gateway.config import GatewayConfig
 from services.gateway.http import ApiError, read_json, sse
-from services.gateway.images import extra, parse_image_request, result_error
 from services.gateway.keys import Limits
+from services.gateway.request import extra, parse_image_request, result_error
 
 HUB_BLOCK_MS = 100  # a stream watched while a read blocks joins the next read, at most this much later
 HUB_COUNT = 64  # entries per stream per read
@@ -248,7 +248,7 @@ class JobsApi:
                             return
                     try:
                         entry_id, fields = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                     event = decode_event(fields)
                     backlog = [(entry_id, event)] if event is not None else []

@@ -19,63 +19,22 @@ from starlette.requests import Request
 
 from common import metrics
 from common.config import Keys
+from common.lua import script
 from common.service import now_ms
 from services.gateway.config import GatewayConfig
 from services.gateway.http import ApiError, invalid
 
-# GCRA on KEYS[bucket]: ARGV interval (ms per request), burst, now (ms).  Sets `wait` (ms until the
-# request would fit, 0 when it fits) and `tat` (the bucket's new value, to store when admitted).
-_BUCKET = """
-local function bucket(key, interval, burst, now)
-  if interval <= 0 then return 0, nil end
-  local tat = math.max(tonumber(redis.call('GET', key) or '0'), now)
-  local wait = tat + interval - now - burst * interval
-  if wait > 0 then return wait, nil end
-  return 0, tat + interval
-end
-local function spend(key, tat, now)
-  if tat then redis.call('SET', key, tostring(tat), 'PX', math.max(1, math.ceil(tat - now))) end
-end
-"""
+# The token bucket (GCRA) both scripts below start with.
+_BUCKET = script("services", "gateway/bucket.lua")
 
-# One atomic admission for a request of n jobs, shared by every gateway replica: the key's rate
-# (KEYS[2]) and its jobs in flight (KEYS[1]: a zset of job ids scored by when the entry expires, so
-# a crashed gateway cannot leak slots; a job is out of flight once the router's done marker for it
-# exists).  ARGV: interval, burst, cap, now, expire_at, done prefix, job ids.  Returns {0, 0}
-# admitted, {1, retry_ms} over the rate, {2, retry_ms} too many in flight.
-ADMIT = (
-    _BUCKET
-    + """
-local interval, burst, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now, expire_at = tonumber(ARGV[4]), tonumber(ARGV[5])
-local wait, tat = bucket(KEYS[2], interval, burst, now)
-if wait > 0 then return {1, math.ceil(wait)} end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('EXISTS', ARGV[6] .. id) == 1 then redis.call('ZREM', KEYS[1], id) end
-end
-if cap > 0 and redis.call('ZCARD', KEYS[1]) + #ARGV - 6 > cap then return {2, 1000} end
-spend(KEYS[2], tat, now)
-for i = 7, #ARGV do redis.call('ZADD', KEYS[1], expire_at, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], math.ceil(expire_at - now))
-return {0, 0}
-"""
-)
+# One atomic admission for a request of n jobs, shared by every gateway replica (rate and jobs in flight).
+ADMIT = _BUCKET + script("services", "gateway/admit.lua")
 
-# One request against a bucket alone (reads): ARGV interval, burst, now.  Returns ms to wait (0: admitted).
-TAKE = (
-    _BUCKET
-    + """
-local now = tonumber(ARGV[3])
-local wait, tat = bucket(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
-if wait > 0 then return math.ceil(wait) end
-spend(KEYS[1], tat, now)
-return 0
-"""
-)
+# One request against a bucket alone (reads).
+TAKE = _BUCKET + script("services", "gateway/take.lua")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ApiKey:
     name: str
     sha256: str  # hex digest of the secret; the secret itself is never stored
@@ -85,7 +44,7 @@ class ApiKey:
     read_rpm: int = 0  # every other request, per minute (0: no limit)
 
 
-ANONYMOUS = ApiKey("anonymous", "", 0, 0)  # keys off: no limits
+ANONYMOUS = ApiKey(name="anonymous", sha256="", rpm=0, max_in_flight=0)  # keys off: no limits
 
 
 def default_burst(rpm: int) -> int:
@@ -105,7 +64,7 @@ def load_keys(cfg: GatewayConfig) -> list[ApiKey]:
             {
                 "name": parts[0],
                 "sha256": parts[1] if len(parts) > 1 else "",
-                **{name: int(value) for name, value in zip(fields, parts[2:])},
+                **{name: int(value) for name, value in zip(fields, parts[2:], strict=False)},
             }
         )
     keys = []
@@ -116,12 +75,12 @@ def load_keys(cfg: GatewayConfig) -> list[ApiKey]:
         rpm = int(e.get("rpm", cfg.rate_limit_rpm))
         keys.append(
             ApiKey(
-                str(e["name"]),
-                digest,
-                rpm,
-                int(e.get("max_in_flight", cfg.max_in_flight)),
-                int(e.get("burst", default_burst(rpm))),
-                int(e.get("read_rpm", cfg.read_rate_limit_rpm)),
+                name=str(e["name"]),
+                sha256=digest,
+                rpm=rpm,
+                max_in_flight=int(e.get("max_in_flight", cfg.max_in_flight)),
+                burst=int(e.get("burst", default_burst(rpm))),
+                read_rpm=int(e.get("read_rpm", cfg.read_rate_limit_rpm)),
             )
         )
     return keys

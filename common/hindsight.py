@@ -1,0 +1,88 @@
+"""The controller's replay of recent arrivals (common/replay.py): among the thresholds the smoothing
+allows and the heavy batches that fit the SLO, the plan that would have served them best, for the roles
+the solver chose."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from common.messages import Plan
+from common.planner import THRESHOLD_GRID, Objective, PlanResult, quality_threshold
+from common.profiles import CascadeProfile
+from common.replay import Candidate, Replay, search
+
+if TYPE_CHECKING:
+    from common.control import ControlSettings
+
+
+def rechoose(
+    result: PlanResult,
+    arrivals: list[float],
+    *,
+    profile: CascadeProfile,
+    settings: ControlSettings,
+    center: float,
+    step: float,
+    keep: Plan | None,
+    confidences: Sequence[float] | None,
+) -> str:
+    """Replay ``arrivals`` (ms) under candidate plans around ``center`` (within ``step``, below the cascade's
+    preferred threshold) and apply the best to ``result``; ``keep``: the plan in force, which wins ties.
+    Returns what it did, in words."""
+    cfg = settings
+    replay = Replay(
+        [a - arrivals[0] for a in arrivals],
+        profile=profile,
+        latency_scale=cfg.latency_scale,
+        slo_ms=cfg.slo_ms,
+        halflife_ms=cfg.hindsight_halflife_s * 1000.0 if cfg.hindsight_halflife_s > 0 else None,
+        confidences=confidences,
+        draws=cfg.hindsight_draws,
+        hop_ms=cfg.hop_ms,
+    )
+    target = quality_threshold(profile) or 1.0
+    grid = [t for t in THRESHOLD_GRID if center - step - 1e-9 <= t <= min(target, center + step) + 1e-9] or [
+        result.threshold
+    ]
+    first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)
+    heavy_batches = [b for b in cfg.batch_grid if first_light + replay.batch_ms("heavy", b) <= cfg.slo_ms]
+    base = Candidate(
+        threshold=min(max(keep.threshold if keep else result.threshold, grid[0]), grid[-1]),
+        light_workers=result.light_workers,
+        light_batch=result.light_batch,
+        heavy_workers=result.heavy_workers,
+        heavy_batch=keep.heavy_batch if keep else result.heavy_batch,
+    )
+    best, tried = search(
+        replay,
+        base,
+        thresholds=grid,
+        # the light batch stays the solver's (the most capacity within the SLO): a quiet replay window
+        # cannot tell what a smaller one would cost in the next burst
+        light_batches=[result.light_batch],
+        heavy_batches=heavy_batches or [result.heavy_batch],
+        tie=cfg.hindsight_tie,
+    )
+    chosen = best.candidate
+    quality = profile.quality
+    assert quality is not None  # the controller replays only for a cascade with a quality curve
+    note = (
+        f"hindsight over {len(arrivals)} arrivals ({tried} plans replayed): t={chosen.threshold:g}, "
+        f"batches {chosen.light_batch}/{chosen.heavy_batch}, est. {quality.metric} "
+        f"{best.quality:.2f}, {100 * best.misses:.1f} % missed"
+    )
+    result.notes.append(note)
+    if (chosen.threshold, chosen.light_batch, chosen.heavy_batch) != (
+        result.threshold,
+        result.light_batch,
+        result.heavy_batch,
+    ):
+        f = profile.curve.f(chosen.threshold)
+        result.threshold = chosen.threshold
+        result.light_batch, result.heavy_batch = chosen.light_batch, chosen.heavy_batch
+        result.light_share = 1.0 - f
+        result.estimated_quality = quality.score(1.0 - f)
+        if result.objective == Objective.QUALITY:
+            result.objective_value = result.estimated_quality
+    return note
