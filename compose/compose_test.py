@@ -26,18 +26,8 @@ import redis
 import yaml
 
 from common.config import Keys
+from tools import smoke
 from tools.compose_files import absolute_paths, load, merge
-from tools.smoke import (
-    enqueue,
-    free_port,
-    install_missing,
-    list_answers,
-    log,
-    pending_of,
-    port_busy,
-    report,
-    through_client,
-)
 
 COMPOSE = Path(__file__).resolve().parent
 ROOT = COMPOSE.parent
@@ -78,9 +68,9 @@ class Dockerd:
 
     def up(self) -> None:
         if sh("docker", "info", check=False).returncode == 0:
-            log(NAME, "using the Docker engine that is already running")
+            smoke.log(NAME, "using the Docker engine that is already running")
             return
-        log(NAME, "starting dockerd --bridge=none --iptables=false")
+        smoke.log(NAME, "starting dockerd --bridge=none --iptables=false")
         with open(self.workdir / "dockerd.log", "w") as dockerd_log:  # dockerd has its own copy
             self.proc = subprocess.Popen(
                 ["dockerd", "--bridge=none", "--iptables=false"], stdout=dockerd_log, stderr=subprocess.STDOUT
@@ -203,16 +193,16 @@ def main() -> int:
     summary: dict[str, str] = {}
     problems: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="diffserve-compose-test."))
-    install_missing(NAME, PACKAGES)
+    smoke.install_missing(NAME, PACKAGES)
     dockerd = Dockerd(workdir)
     stack = None
     try:
         dockerd.up()
-        busy = [p for p in (8000, 9090, 9101, 9102, 9103, 9104, 9110, 9111) if port_busy(p)]
+        busy = [p for p in (8000, 9090, 9101, 9102, 9103, 9104, 9110, 9111) if smoke.port_busy(p)]
         if busy:
             raise SystemExit(f"compose-test: metrics ports {busy} are in use on 127.0.0.1")
         file, notes = build(workdir, summary)
-        password, redis_port = secrets.token_hex(16), free_port()
+        password, redis_port = secrets.token_hex(16), smoke.free_port()
         env_file = workdir / ".env"
         env_file.write_text(
             f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
@@ -226,7 +216,7 @@ def main() -> int:
         stack.compose("up", "-d", "--no-build")
         stack.wait_healthy(services)
         summary["healthy"] = f"{len(services)} services healthy {time.monotonic() - t:.1f} s after up"
-        log(NAME, summary["healthy"])
+        smoke.log(NAME, summary["healthy"])
         exercise(stack, password, redis_port, summary, problems)
         if "prometheus" in services:
             summary["prometheus"] = scraped(problems)
@@ -237,7 +227,7 @@ def main() -> int:
             if down.returncode != 0:
                 problems.append(f"docker-compose down -v failed: {down.stderr[-500:]}")
         dockerd.down()
-    return report(NAME, started, summary, problems, workdir)
+    return smoke.report(NAME, started, summary, problems, workdir)
 
 
 def build(workdir: Path, summary: dict[str, str]) -> tuple[Path, list[str]]:
@@ -254,7 +244,7 @@ def build(workdir: Path, summary: dict[str, str]) -> tuple[Path, list[str]]:
     images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
     file, notes = stack_file(workdir, images)
     for note in notes:
-        log(NAME, f"not run: {note}")
+        smoke.log(NAME, f"not run: {note}")
     return file, notes
 
 
@@ -282,9 +272,9 @@ def exercise(stack: Stack, password: str, redis_port: int, summary: dict[str, st
             f"a lighthouse at dusk, number {job_id}",
         )
     sent += len(cli_ids)
-    answered += list_answers(r, KEYS, cli_ids, 120, problems)
+    answered += smoke.list_answers(r, KEYS, cli_ids, 120, problems)
     # 2. The Python client: reply streams.
-    answered += through_client(url, 20, problems)
+    answered += smoke.through_client(url, 20, problems)
     sent += 20
     burst_sent, burst_answered = kill_a_worker_in_a_burst(stack, r, url, summary, problems)
     sent, answered = sent + burst_sent, answered + burst_answered
@@ -296,22 +286,22 @@ def kill_a_worker_in_a_burst(
     stack: Stack, r: redis.Redis, url: str, summary: dict[str, str], problems: list[str]
 ) -> tuple[int, int]:
     """3. A burst, and the light worker's container killed while it holds entries: (sent, answered)."""
-    burst = enqueue(url, 60)
+    burst = smoke.enqueue(url, 60)
     deadline = time.monotonic() + 30
-    while (held := pending_of(r, KEYS.light_queue, "worker-0")) == 0 and time.monotonic() < deadline:
+    while (held := smoke.pending_of(r, KEYS.light_queue, "worker-0")) == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     victim = stack.containers()["worker-0"]
     sh("docker", "kill", victim)
-    log(NAME, f"killed worker-0 holding {held} light entries")
+    smoke.log(NAME, f"killed worker-0 holding {held} light entries")
     time.sleep(2)
     restarted = "by its restart policy"
     if sh("docker", "inspect", "--format", "{{.State.Running}}", victim).stdout.strip() != "true":
         stack.compose("start", "worker-0")  # what a supervisor does after a crash
         restarted = "with docker-compose start"
-    answered = list_answers(r, KEYS, burst, 180, problems)
+    answered = smoke.list_answers(r, KEYS, burst, 180, problems)
     if held == 0:
         problems.append("worker-0 held no entries when killed: the reclaim path was not exercised")
-    left = pending_of(r, KEYS.light_queue, "worker-0")
+    left = smoke.pending_of(r, KEYS.light_queue, "worker-0")
     if left:
         problems.append(f"worker-0 still has {left} pending light entries")
     summary["kill"] = f"worker-0 killed holding {held} light entries, restarted {restarted}, " + (

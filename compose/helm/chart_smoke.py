@@ -63,18 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import chart_check as C  # noqa: E402
 
+import tools.smoke  # noqa: E402  # used qualified: `smoke` here names the run
 from common.config import Keys  # noqa: E402
-from tools.smoke import (  # noqa: E402
-    enqueue,
-    free_port,
-    install_missing,
-    list_answers,
-    log,
-    pending_of,
-    port_busy,
-    report,
-    through_client,
-)
 
 CONTROL_IMAGE = "localhost/diffserve-control:latest"
 REDIS_IMAGE = "localhost/diffserve-base:bookworm"  # build-offline.sh's base: it has redis-server
@@ -217,9 +207,9 @@ class Smoke:
         self.release = "smoke" + secrets.token_hex(3)
         self.password = secrets.token_hex(16)
         self.users = {s: secrets.token_hex(16) for s in SERVICES}
-        self.redis_port = free_port()
-        self.worker_ports = [free_port() for _ in range(2)]
-        self.gateway_port = free_port()
+        self.redis_port = tools.smoke.free_port()
+        self.worker_ports = [tools.smoke.free_port() for _ in range(2)]
+        self.gateway_port = tools.smoke.free_port()
         self.api_key = secrets.token_hex(16)
         self.secret_names = {"redis": f"{self.release}-redis", "gateway": f"{self.release}-gateway"}
         self.keys = Keys("diffserve")
@@ -238,10 +228,10 @@ class Smoke:
             f"redis.existingSecret={self.secret_names['redis']}",
             f"gateway.apiKeys.existingSecret={self.secret_names['gateway']}",
             f"gateway.port={self.gateway_port}",
-            f"router.metricsPort={free_port()}",
-            f"controller.metricsPort={free_port()}",
-            f"gateway.metricsPort={free_port()}",
-            f"discriminator.metricsPort={free_port()}",
+            f"router.metricsPort={tools.smoke.free_port()}",
+            f"controller.metricsPort={tools.smoke.free_port()}",
+            f"gateway.metricsPort={tools.smoke.free_port()}",
+            f"discriminator.metricsPort={tools.smoke.free_port()}",
             f"workers.metricsPort={self.worker_ports[0]}",
             f"workers.replicas={len(self.worker_ports)}",
             f"settings.DIFFSERVE_TIME_SCALE={TIME_SCALE}",
@@ -311,7 +301,7 @@ class Smoke:
         left = self.podman("ps", "-a", "--filter", f"name={self.release}", "--format", "{{.Names}}", check=False)
         if left.stdout.strip():
             problems.append(f"left running: {left.stdout.split()}")
-        busy = [p for p in [self.redis_port, *self.worker_ports] if port_busy(p)]
+        busy = [p for p in [self.redis_port, *self.worker_ports] if tools.smoke.port_busy(p)]
         if busy:
             problems.append(f"ports still in use: {busy}")
         return problems
@@ -348,7 +338,7 @@ def holding_worker(smoke: Smoke, r: redis.Redis, *, deadline: float) -> tuple[st
         for i in range(len(smoke.worker_ports)):
             name = f"{smoke.release}-diffserve-worker-{i}"
             for stream in (keys.light_queue, keys.heavy_queue):
-                if (count := pending_of(r, stream, name)) > 0:
+                if (count := tools.smoke.pending_of(r, stream, name)) > 0:
                     return name, count, stream
         time.sleep(0.02)
     return "", 0, ""
@@ -363,13 +353,13 @@ def run_jobs(smoke: Smoke, summary: dict[str, str], problems: list[str]) -> None
     for job_id in cli_ids:
         r.xadd(keys.jobs, {"job_id": job_id, "prompt": f"a lighthouse at dusk, number {job_id}"})
     sent += len(cli_ids)
-    answered += list_answers(r, keys, cli_ids, 120, problems)
+    answered += tools.smoke.list_answers(r, keys, cli_ids, 120, problems)
 
     answered += through_gateway(smoke, 10, problems)  # 2. HTTP, with the API key from the Secret
     sent += 10
-    answered += through_client(url, 10, problems)  # 3. the Python client, reply streams
+    answered += tools.smoke.through_client(url, 10, problems)  # 3. the Python client, reply streams
     sent += 10
-    burst = enqueue(url, 60)  # 4. a burst, and a worker pod killed while it holds entries
+    burst = tools.smoke.enqueue(url, 60)  # 4. a burst, and a worker pod killed while it holds entries
     sent += len(burst)
     victim, held, queue = holding_worker(smoke, r, deadline=time.monotonic() + 30)
     if not held:
@@ -377,12 +367,12 @@ def run_jobs(smoke: Smoke, summary: dict[str, str], problems: list[str]) -> None
     else:
         smoke.podman("pod", "kill", "-s", "KILL", victim)
         smoke.podman("pod", "rm", "-f", victim)
-        log(NAME, f"killed {victim} holding {held} entries of {queue}")
+        tools.smoke.log(NAME, f"killed {victim} holding {held} entries of {queue}")
         time.sleep(2)
         smoke.replay_worker(int(victim.rsplit("-", 1)[1]))
         smoke.wait_healthy({f"{victim}-worker"})
-    answered += list_answers(r, keys, burst, 180, problems)
-    left = pending_of(r, queue, victim) if held else 0
+    answered += tools.smoke.list_answers(r, keys, burst, 180, problems)
+    left = tools.smoke.pending_of(r, queue, victim) if held else 0
     if left:
         problems.append(f"{victim} still has {left} pending entries")
     if held:
@@ -401,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("chart-smoke: run as root (it installs packages and runs podman)")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="diffserve-chart-smoke."))
-    install_missing(NAME, PACKAGES)
+    tools.smoke.install_missing(NAME, PACKAGES)
     smoke = Smoke(args.helm, workdir)
     summary: dict[str, str] = {}
     problems: list[str] = []
@@ -427,13 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         smoke.wait_healthy()
         summary["healthy"] = f"{pods} pods healthy {time.monotonic() - t:.1f} s after kube play"
         summary["shim"] = f"StatefulSets as Pods; not played: {', '.join(dropped)} (need a cluster)"
-        log(NAME, summary["healthy"])
+        tools.smoke.log(NAME, summary["healthy"])
         run_jobs(smoke, summary, problems)
     finally:
         leftovers = smoke.teardown()
         problems += leftovers
         summary["after"] = "; ".join(leftovers) or "no pod, container or secret of the release left; its ports free"
-    return report(NAME, started, summary, problems, workdir)
+    return tools.smoke.report(NAME, started, summary, problems, workdir)
 
 
 if __name__ == "__main__":
