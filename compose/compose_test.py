@@ -11,14 +11,10 @@ Prints a summary and exits non-zero on any failure."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import io
 import json
 import os
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,10 +24,9 @@ from pathlib import Path
 
 import redis
 import yaml
-from PIL import Image
 
-from common.client import Client
-from common.messages import FinalResult
+from common.config import Keys
+from tools import smoke
 from tools.compose_files import absolute_paths, load, merge
 
 COMPOSE = Path(__file__).resolve().parent
@@ -40,13 +35,17 @@ PROJECT = "diffserve-e2e"
 BASE_IMAGE = "diffserve-base:bookworm"  # also the Redis image: it has redis-server
 PROMETHEUS_IMAGE = "diffserve-prometheus:bookworm"  # build-offline.sh, from Debian's package
 GRAFANA_WHY = "grafana/grafana is not packaged by Debian and no registry answers"
-LIGHT_QUEUE = "diffserve:queue:light"
+KEYS = Keys("diffserve")  # DIFFSERVE_NAMESPACE in diffserve.env
 TIME_SCALE = "0.2"  # profiled latencies 5x faster: heavy batches still take a second or more
 RECLAIM_IDLE_MS = "3000"
-
-
-def log(msg: str) -> None:
-    print(f"compose-test: {msg}", flush=True)
+NAME = "compose-test"
+# tool -> the Debian package that has it, installed where missing
+PACKAGES = {
+    "dockerd": "docker.io",
+    "docker-compose": "docker-compose",
+    "debootstrap": "debootstrap",
+    "redis-cli": "redis-tools",
+}
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -59,33 +58,6 @@ def sh(*cmd: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_busy(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def install_missing() -> None:
-    needed = {
-        "dockerd": "docker.io",
-        "docker-compose": "docker-compose",
-        "debootstrap": "debootstrap",
-        "redis-cli": "redis-tools",
-    }
-    packages = [pkg for tool, pkg in needed.items() if not shutil.which(tool)]
-    if sh("/usr/bin/python3", "-m", "pip", "--version", check=False).returncode != 0:
-        packages.append("python3-pip")  # build-offline.sh resolves the wheelhouse with Debian's Python
-    if packages:
-        log(f"apt-get install {' '.join(packages)}")
-        sh("apt-get", "update")
-        sh("apt-get", "install", "-y", *packages, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
 class Dockerd:
     """The engine: the one already running, or one started here (and stopped here, by its pid)."""
 
@@ -96,9 +68,9 @@ class Dockerd:
 
     def up(self) -> None:
         if sh("docker", "info", check=False).returncode == 0:
-            log("using the Docker engine that is already running")
+            smoke.log(NAME, "using the Docker engine that is already running")
             return
-        log("starting dockerd --bridge=none --iptables=false")
+        smoke.log(NAME, "starting dockerd --bridge=none --iptables=false")
         with open(self.workdir / "dockerd.log", "w") as dockerd_log:  # dockerd has its own copy
             self.proc = subprocess.Popen(
                 ["dockerd", "--bridge=none", "--iptables=false"], stdout=dockerd_log, stderr=subprocess.STDOUT
@@ -196,45 +168,6 @@ class Stack:
             time.sleep(1)
 
 
-def check_result(raw: FinalResult | None, job_id: str, problems: list[str]) -> bool:
-    if raw is None:
-        problems.append(f"{job_id}: no answer")
-        return False
-    if raw.status != "ok":
-        problems.append(f"{job_id}: {raw.error_code} {raw.error_message}")
-        return False
-    try:
-        Image.open(io.BytesIO(raw.image)).load()
-    except Exception as exc:  # any decoding failure is a test failure, reported with the job
-        problems.append(f"{job_id}: image does not decode ({exc})")
-        return False
-    return True
-
-
-def list_answers(r: redis.Redis, job_ids: list[str], timeout: float, problems: list[str]) -> int:
-    """Answers pushed to diffserve:result:<id>: each must be there exactly once."""
-    answered = 0
-    deadline = time.monotonic() + timeout
-    for job_id in job_ids:
-        key = f"diffserve:result:{job_id}"
-        while r.llen(key) == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        entries = r.lrange(key, 0, -1)
-        if len(entries) > 1:
-            problems.append(f"{job_id}: answered {len(entries)} times")
-        answered += check_result(FinalResult.decode(entries[0]) if entries else None, job_id, problems)
-    return answered
-
-
-def pending_of(r: redis.Redis, stream: str, consumer: str) -> int:
-    return sum(
-        c["pending"]
-        for group in r.xinfo_groups(stream)
-        for c in r.xinfo_consumers(stream, group["name"])
-        if c["name"].decode() == consumer
-    )
-
-
 def scraped(problems: list[str], timeout: float = 30) -> str:
     """Prometheus (5 s scrape interval) sees every service's metrics endpoint up."""
     deadline = time.monotonic() + timeout
@@ -260,16 +193,16 @@ def main() -> int:
     summary: dict[str, str] = {}
     problems: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="diffserve-compose-test."))
-    install_missing()
+    smoke.install_missing(NAME, PACKAGES)
     dockerd = Dockerd(workdir)
     stack = None
     try:
         dockerd.up()
-        busy = [p for p in (8000, 9090, 9101, 9102, 9103, 9104, 9110, 9111) if port_busy(p)]
+        busy = [p for p in (8000, 9090, 9101, 9102, 9103, 9104, 9110, 9111) if smoke.port_busy(p)]
         if busy:
             raise SystemExit(f"compose-test: metrics ports {busy} are in use on 127.0.0.1")
         file, notes = build(workdir, summary)
-        password, redis_port = secrets.token_hex(16), free_port()
+        password, redis_port = secrets.token_hex(16), smoke.free_port()
         env_file = workdir / ".env"
         env_file.write_text(
             f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"
@@ -283,7 +216,7 @@ def main() -> int:
         stack.compose("up", "-d", "--no-build")
         stack.wait_healthy(services)
         summary["healthy"] = f"{len(services)} services healthy {time.monotonic() - t:.1f} s after up"
-        log(summary["healthy"])
+        smoke.log(NAME, summary["healthy"])
         exercise(stack, password, redis_port, summary, problems)
         if "prometheus" in services:
             summary["prometheus"] = scraped(problems)
@@ -294,17 +227,7 @@ def main() -> int:
             if down.returncode != 0:
                 problems.append(f"docker-compose down -v failed: {down.stderr[-500:]}")
         dockerd.down()
-    ok = not problems
-    log("summary")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
-    for problem in problems[:20]:
-        print(f"  FAIL {problem}")
-    print(
-        f"compose-test: {'PASS' if ok else 'FAIL'} in {time.monotonic() - started:.0f} s "
-        f"({summary.get('jobs', 'no jobs run')}; logs in {workdir})"
-    )
-    return 0 if ok else 1
+    return smoke.report(NAME, started, summary, problems, workdir)
 
 
 def build(workdir: Path, summary: dict[str, str]) -> tuple[Path, list[str]]:
@@ -321,7 +244,7 @@ def build(workdir: Path, summary: dict[str, str]) -> tuple[Path, list[str]]:
     images = set(sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
     file, notes = stack_file(workdir, images)
     for note in notes:
-        log(f"not run: {note}")
+        smoke.log(NAME, f"not run: {note}")
     return file, notes
 
 
@@ -341,7 +264,7 @@ def exercise(stack: Stack, password: str, redis_port: int, summary: dict[str, st
             "-a",
             password,
             "XADD",
-            "diffserve:jobs",
+            KEYS.jobs,
             "*",
             "job_id",
             job_id,
@@ -349,18 +272,10 @@ def exercise(stack: Stack, password: str, redis_port: int, summary: dict[str, st
             f"a lighthouse at dusk, number {job_id}",
         )
     sent += len(cli_ids)
-    answered += list_answers(r, cli_ids, 120, problems)
-
+    answered += smoke.list_answers(r, KEYS, cli_ids, 120, problems)
     # 2. The Python client: reply streams.
-    async def through_client() -> list[FinalResult]:
-        async with Client(redis_url=url) as client:
-            return await client.submit_many([f"a watercolor fox {i}" for i in range(20)], timeout=120)
-
-    results = asyncio.run(through_client())
+    answered += smoke.through_client(url, 20, problems)
     sent += 20
-    answered += sum(check_result(res, res.job_id, problems) for res in results)
-    if len({res.job_id for res in results}) != 20:
-        problems.append("the client got duplicate or missing job ids")
     burst_sent, burst_answered = kill_a_worker_in_a_burst(stack, r, url, summary, problems)
     sent, answered = sent + burst_sent, answered + burst_answered
     summary["jobs"] = f"sent {sent}, answered {answered}, lost {sent - answered}"
@@ -371,27 +286,22 @@ def kill_a_worker_in_a_burst(
     stack: Stack, r: redis.Redis, url: str, summary: dict[str, str], problems: list[str]
 ) -> tuple[int, int]:
     """3. A burst, and the light worker's container killed while it holds entries: (sent, answered)."""
-
-    async def enqueue(n: int) -> list[str]:
-        async with Client(redis_url=url) as client:
-            return [await client.enqueue(f"a city in the rain {i}", reply=False) for i in range(n)]
-
-    burst = asyncio.run(enqueue(60))
+    burst = smoke.enqueue(url, 60)
     deadline = time.monotonic() + 30
-    while (held := pending_of(r, LIGHT_QUEUE, "worker-0")) == 0 and time.monotonic() < deadline:
+    while (held := smoke.pending_of(r, KEYS.light_queue, "worker-0")) == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     victim = stack.containers()["worker-0"]
     sh("docker", "kill", victim)
-    log(f"killed worker-0 holding {held} light entries")
+    smoke.log(NAME, f"killed worker-0 holding {held} light entries")
     time.sleep(2)
     restarted = "by its restart policy"
     if sh("docker", "inspect", "--format", "{{.State.Running}}", victim).stdout.strip() != "true":
         stack.compose("start", "worker-0")  # what a supervisor does after a crash
         restarted = "with docker-compose start"
-    answered = list_answers(r, burst, 180, problems)
+    answered = smoke.list_answers(r, KEYS, burst, 180, problems)
     if held == 0:
         problems.append("worker-0 held no entries when killed: the reclaim path was not exercised")
-    left = pending_of(r, LIGHT_QUEUE, "worker-0")
+    left = smoke.pending_of(r, KEYS.light_queue, "worker-0")
     if left:
         problems.append(f"worker-0 still has {left} pending light entries")
     summary["kill"] = f"worker-0 killed holding {held} light entries, restarted {restarted}, " + (

@@ -31,8 +31,8 @@ On this kernel (cgroup v1 with a v2 hierarchy mounted: "hybrid") Debian's crun 1
 containers, so the script's containers.conf selects runc; it also raises the ulimits podman would copy
 from the host.  Prints a summary; exits non-zero on any failure.
 
-One script on purpose (over 500 lines): the opt-in smoke run, read top to bottom, like
-compose/compose_test.py."""
+One script on purpose: the opt-in smoke run, read top to bottom, like compose/compose_test.py (what the
+two share, the job checks and the summary, is in tools/smoke.py)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,9 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import chart_check as C  # noqa: E402
 
-from common.client import Client  # noqa: E402
+import tools.smoke  # noqa: E402  # used qualified: `smoke` here names the run
 from common.config import Keys  # noqa: E402
-from common.messages import FinalResult  # noqa: E402
 
 CONTROL_IMAGE = "localhost/diffserve-control:latest"
 REDIS_IMAGE = "localhost/diffserve-base:bookworm"  # build-offline.sh's base: it has redis-server
@@ -80,10 +77,9 @@ TIME_SCALE = "0.2"
 RECLAIM_IDLE_MS = "3000"
 SERVICES = ("router", "controller", "gateway", "discriminator", "worker")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-
-
-def log(msg: str) -> None:
-    print(f"chart-smoke: {msg}", flush=True)
+NAME = "chart-smoke"
+# tool -> the Debian package that has it, installed where missing
+PACKAGES = {"podman": "podman", "catatonit": "catatonit", "runc": "runc", "debootstrap": "debootstrap"}
 
 
 class Podman:
@@ -99,24 +95,6 @@ class Podman:
                 f"chart-smoke: podman {' '.join(args[:3])} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
             )
         return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def install_missing() -> None:
-    needed = {"podman": "podman", "catatonit": "catatonit", "runc": "runc", "debootstrap": "debootstrap"}
-    packages = [pkg for tool, pkg in needed.items() if not shutil.which(tool)]
-    if subprocess.run(["/usr/bin/python3", "-m", "pip", "--version"], capture_output=True).returncode != 0:
-        packages.append("python3-pip")  # build-offline.sh resolves the wheelhouse with Debian's Python
-    if packages:
-        log(f"apt-get install {' '.join(packages)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", *packages], check=True, capture_output=True, env=env)
 
 
 # ---------------------------------------------------------------- the shim
@@ -229,9 +207,9 @@ class Smoke:
         self.release = "smoke" + secrets.token_hex(3)
         self.password = secrets.token_hex(16)
         self.users = {s: secrets.token_hex(16) for s in SERVICES}
-        self.redis_port = free_port()
-        self.worker_ports = [free_port() for _ in range(2)]
-        self.gateway_port = free_port()
+        self.redis_port = tools.smoke.free_port()
+        self.worker_ports = [tools.smoke.free_port() for _ in range(2)]
+        self.gateway_port = tools.smoke.free_port()
         self.api_key = secrets.token_hex(16)
         self.secret_names = {"redis": f"{self.release}-redis", "gateway": f"{self.release}-gateway"}
         self.keys = Keys("diffserve")
@@ -250,10 +228,10 @@ class Smoke:
             f"redis.existingSecret={self.secret_names['redis']}",
             f"gateway.apiKeys.existingSecret={self.secret_names['gateway']}",
             f"gateway.port={self.gateway_port}",
-            f"router.metricsPort={free_port()}",
-            f"controller.metricsPort={free_port()}",
-            f"gateway.metricsPort={free_port()}",
-            f"discriminator.metricsPort={free_port()}",
+            f"router.metricsPort={tools.smoke.free_port()}",
+            f"controller.metricsPort={tools.smoke.free_port()}",
+            f"gateway.metricsPort={tools.smoke.free_port()}",
+            f"discriminator.metricsPort={tools.smoke.free_port()}",
             f"workers.metricsPort={self.worker_ports[0]}",
             f"workers.replicas={len(self.worker_ports)}",
             f"settings.DIFFSERVE_TIME_SCALE={TIME_SCALE}",
@@ -323,47 +301,10 @@ class Smoke:
         left = self.podman("ps", "-a", "--filter", f"name={self.release}", "--format", "{{.Names}}", check=False)
         if left.stdout.strip():
             problems.append(f"left running: {left.stdout.split()}")
-        busy = [p for p in [self.redis_port, *self.worker_ports] if not port_free(p)]
+        busy = [p for p in [self.redis_port, *self.worker_ports] if tools.smoke.port_busy(p)]
         if busy:
             problems.append(f"ports still in use: {busy}")
         return problems
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def pending_of(r: redis.Redis, stream: str, consumer: str) -> int:
-    return sum(
-        int(c["pending"])
-        for group in r.xinfo_groups(stream)
-        for c in r.xinfo_consumers(stream, group["name"])
-        if c["name"].decode() == consumer
-    )
-
-
-def check_result(result: FinalResult | None, job_id: str, problems: list[str]) -> bool:
-    if result is None:
-        problems.append(f"{job_id}: no answer")
-        return False
-    if result.status != "ok":
-        problems.append(f"{job_id}: {result.error_code} {result.error_message}")
-        return False
-    return bool(result.image)
-
-
-def list_answers(r: redis.Redis, keys: Keys, job_ids: list[str], timeout: float, problems: list[str]) -> int:
-    """Answers pushed to the result lists: each exactly once."""
-    answered, deadline = 0, time.monotonic() + timeout
-    for job_id in job_ids:
-        while r.llen(keys.result(job_id)) == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        entries = r.lrange(keys.result(job_id), 0, -1)
-        if len(entries) > 1:
-            problems.append(f"{job_id}: answered {len(entries)} times")
-        answered += check_result(FinalResult.decode(entries[0]) if entries else None, job_id, problems)
-    return answered
 
 
 def through_gateway(smoke: Smoke, n: int, problems: list[str]) -> int:
@@ -397,7 +338,7 @@ def holding_worker(smoke: Smoke, r: redis.Redis, *, deadline: float) -> tuple[st
         for i in range(len(smoke.worker_ports)):
             name = f"{smoke.release}-diffserve-worker-{i}"
             for stream in (keys.light_queue, keys.heavy_queue):
-                if (count := pending_of(r, stream, name)) > 0:
+                if (count := tools.smoke.pending_of(r, stream, name)) > 0:
                     return name, count, stream
         time.sleep(0.02)
     return "", 0, ""
@@ -412,26 +353,13 @@ def run_jobs(smoke: Smoke, summary: dict[str, str], problems: list[str]) -> None
     for job_id in cli_ids:
         r.xadd(keys.jobs, {"job_id": job_id, "prompt": f"a lighthouse at dusk, number {job_id}"})
     sent += len(cli_ids)
-    answered += list_answers(r, keys, cli_ids, 120, problems)
+    answered += tools.smoke.list_answers(r, keys, cli_ids, 120, problems)
 
     answered += through_gateway(smoke, 10, problems)  # 2. HTTP, with the API key from the Secret
     sent += 10
-
-    async def through_client() -> list[FinalResult]:  # 3. the Python client, reply streams
-        async with Client(redis_url=url) as client:
-            return await client.submit_many([f"a watercolor fox {i}" for i in range(10)], timeout=120)
-
-    results = asyncio.run(through_client())
+    answered += tools.smoke.through_client(url, 10, problems)  # 3. the Python client, reply streams
     sent += 10
-    answered += sum(check_result(res, res.job_id, problems) for res in results)
-    if len({res.job_id for res in results}) != 10:
-        problems.append("the client got duplicate or missing job ids")
-
-    async def enqueue(n: int) -> list[str]:  # 4. a burst, and a worker pod killed while it holds entries
-        async with Client(redis_url=url) as client:
-            return [await client.enqueue(f"a city in the rain {i}", reply=False) for i in range(n)]
-
-    burst = asyncio.run(enqueue(60))
+    burst = tools.smoke.enqueue(url, 60)  # 4. a burst, and a worker pod killed while it holds entries
     sent += len(burst)
     victim, held, queue = holding_worker(smoke, r, deadline=time.monotonic() + 30)
     if not held:
@@ -439,12 +367,12 @@ def run_jobs(smoke: Smoke, summary: dict[str, str], problems: list[str]) -> None
     else:
         smoke.podman("pod", "kill", "-s", "KILL", victim)
         smoke.podman("pod", "rm", "-f", victim)
-        log(f"killed {victim} holding {held} entries of {queue}")
+        tools.smoke.log(NAME, f"killed {victim} holding {held} entries of {queue}")
         time.sleep(2)
         smoke.replay_worker(int(victim.rsplit("-", 1)[1]))
         smoke.wait_healthy({f"{victim}-worker"})
-    answered += list_answers(r, keys, burst, 180, problems)
-    left = pending_of(r, queue, victim) if held else 0
+    answered += tools.smoke.list_answers(r, keys, burst, 180, problems)
+    left = tools.smoke.pending_of(r, queue, victim) if held else 0
     if left:
         problems.append(f"{victim} still has {left} pending entries")
     if held:
@@ -463,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("chart-smoke: run as root (it installs packages and runs podman)")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="diffserve-chart-smoke."))
-    install_missing()
+    tools.smoke.install_missing(NAME, PACKAGES)
     smoke = Smoke(args.helm, workdir)
     summary: dict[str, str] = {}
     problems: list[str] = []
@@ -489,23 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         smoke.wait_healthy()
         summary["healthy"] = f"{pods} pods healthy {time.monotonic() - t:.1f} s after kube play"
         summary["shim"] = f"StatefulSets as Pods; not played: {', '.join(dropped)} (need a cluster)"
-        log(summary["healthy"])
+        tools.smoke.log(NAME, summary["healthy"])
         run_jobs(smoke, summary, problems)
     finally:
         leftovers = smoke.teardown()
         problems += leftovers
         summary["after"] = "; ".join(leftovers) or "no pod, container or secret of the release left; its ports free"
-    ok = not problems
-    log("summary")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
-    for problem in problems[:20]:
-        print(f"  FAIL {problem}")
-    print(
-        f"chart-smoke: {'PASS' if ok else 'FAIL'} in {time.monotonic() - started:.0f} s "
-        f"({summary.get('jobs', 'no jobs run')}; logs in {workdir})"
-    )
-    return 0 if ok else 1
+    return tools.smoke.report(NAME, started, summary, problems, workdir)
 
 
 if __name__ == "__main__":
