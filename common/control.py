@@ -6,12 +6,13 @@ run the very same control law.
 Each tick (:meth:`ControlLoop.decide`):
 
 1. demand D: an EWMA of the jobs counter's per-tick rate that follows a rise quickly and a fall
-   slowly, extrapolated one interval ahead while it rises (the plan is ready for the next
-   interval, not the last one); the light stage is provisioned for the larger of D and the recent
-   peak rate (a maximum that decays with ``peak_halflife_s``), since bursts rise 4x within seconds
-   and every query passes through the light model;
-2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force (smoothing);
-   only when nothing inside that window is feasible may it jump;
+   slowly, but no longer than three quiet ticks (common/demand.py); the light stage is provisioned
+   for the larger of D and the light stage's recurring peak (the rate the last ``peak_window_s``
+   exceeded for ``peak_share`` of their length), since every query passes through the light model;
+2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force (smoothing;
+   ``shift_threshold_step`` once the load has moved to another level, and freely while the loop's
+   own measurements are shorter than ``hindsight_min_s``); it leaves that window only when nothing
+   inside it is feasible;
 3. solve twice: freely, and keeping every worker's current role; the free plan's role changes are
    applied only when they matter (hysteresis): when the current allocation cannot serve the demand,
    or when the free plan's threshold differs from the keep-roles plan's by more than
@@ -19,11 +20,16 @@ Each tick (:meth:`ControlLoop.decide`):
    only if the workers to switch reload their model well within an interval and two consecutive
    ticks propose the same move; such a move is taken in steps of at most ``max_switch_fraction``
    of the workers per tick.  Switching workers serve nothing while they load: the work they would
-   have done is added to the backlog of the stage they join and the plan is solved again with it.
+   have done is added to the backlog of the stage they join and the plan is solved again with it;
+4. for the roles chosen, the threshold and batch sizes are re-chosen by replaying the last
+   ``hindsight_s`` of arrivals through the simulator's model (common/hindsight.py).
 
 ``static`` plans once (the ``fixed_plan`` given, else the solver's plan for ``static_demand`` or,
 without one, for the first demand measured) and keeps that plan; only workers that appear or
 disappear are (re)assigned.
+
+A little over 500 lines on purpose: the whole control law in one place, so that the controller
+service and the simulator cannot drift apart.
 """
 
 from __future__ import annotations
