@@ -170,7 +170,12 @@ class BlobStore:
         if time.monotonic() < self._next_sweep:
             return 0
         self._next_sweep = time.monotonic() + self.sweep_interval_s()
-        removed = await self._sweep()
+        try:
+            removed = await self._sweep()
+        except Exception as exc:  # best effort, as discard: the next sweep catches up
+            metrics.BLOB_ERRORS.labels("sweep").inc()
+            log.warning("expired images not swept", extra={"error": str(exc)[:200]})
+            return 0
         if removed:
             log.info("expired images deleted", extra={"count": removed})
         return removed
