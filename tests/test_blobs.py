@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from common.blobs import NAME_MAX, BlobUnavailable, blob_key, digest, file_name, open_store
+from common.blobs import NAME_MAX, BlobUnavailable, FileBlobs, blob_key, digest, file_name, in_memory, open_store
 from common.client import Client
 from common.config import Keys, RedisSettings
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
@@ -142,12 +143,28 @@ def test_s3_store_on_a_loopback_server_reads_signs_deletes_and_sweeps_what_outli
     assert swept == 4 and after == []
 
 
-def test_file_store_reads_takes_once_expires_and_sweeps_what_outlived_its_ttl(tmp_path):
-    root = tmp_path / "blobs"
+@pytest.fixture(params=["disk", "memory"])
+def blob_dir(request, tmp_path):
+    """A directory for the file store on each kind of file system it tells apart: the I/O in a thread
+    (disk: it could block), or inline (tmpfs)."""
+    if request.param == "disk":
+        if in_memory(str(tmp_path)):
+            pytest.skip("the temporary directory is in memory here")
+        yield tmp_path / "blobs"
+        return
+    if not in_memory("/dev/shm"):
+        pytest.skip("no tmpfs at /dev/shm")
+    with tempfile.TemporaryDirectory(prefix="test-blobs-", dir="/dev/shm") as root:
+        yield Path(root) / "blobs"
+
+
+def test_file_store_reads_takes_once_expires_and_sweeps_what_outlived_its_ttl(blob_dir):
+    root = blob_dir
     settings = RedisSettings(blob_url=f"file://{root}", blob_ttl_s=1, blob_min_bytes=100)
 
     async def go():
         store, rival = open_store(settings), open_store(settings)
+        assert isinstance(store, FileBlobs) and store.inline == (root.parts[1:3] == ("dev", "shm"))
         kept = await store.keep(_items(8, 1000) + [("tiny.light", b"x" * 10, "png", "")])
         refs = [k for k in kept if isinstance(k, BlobRef)]
         read = await store.read(refs[:2])
