@@ -203,7 +203,8 @@ class RedisSettings(Settings):
     blob_url: str = option(
         "",
         "image store: empty = the queue Redis; redis://... (several, comma-separated: shards; user:password@ "
-        "in the URL, TLS files as for REDIS_URL); s3://bucket/prefix (endpoint and credentials from AWS_* env)",
+        "in the URL, TLS files as for REDIS_URL); s3://bucket/prefix (endpoint and credentials from AWS_* env); "
+        "file:///dir (a directory every process shares: tmpfs, a shared volume)",
         env="DIFFSERVE_BLOB_URL",
     )
     blob_ttl_s: int = option(

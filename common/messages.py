@@ -315,7 +315,7 @@ def _blob_ref(name: str, value: dict[str, Any], body: dict[str, Any]) -> BlobRef
     return BlobRef(key=key, size=size, format=fmt, digest=digest)
 
 
-# A blob key is a pipeline job id, '/', and what the blob is (common/blobs.py).
+# A blob key is a pipeline job id, '.', and what the blob is (common/blobs.py: blob_key).
 MAX_BLOB_KEY_CHARS = MAX_PIPELINE_ID_CHARS + 16
 
 

@@ -22,7 +22,8 @@ and reads each image's bytes from the image store itself (latency is send -> byt
 step also reports the bytes that crossed the queue Redis per answered job (its ``INFO`` counters
 total_net_input_bytes + total_net_output_bytes) and, when the image store is other Redis servers, theirs.
 ``--blob-url``: the image store: empty (the queue Redis, the default), ``local`` or ``local:N`` (N
-throwaway redis-servers started for the run, shards), or a URL as for ``DIFFSERVE_BLOB_URL``.
+throwaway redis-servers started for the run, shards), ``localfs`` (a throwaway directory in ``/dev/shm``
+where there is one: the ``file://`` store on tmpfs), or a URL as for ``DIFFSERVE_BLOB_URL``.
 
 Prints a table and writes JSON to ``--out``.
 """
@@ -33,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -350,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--blob-url",
         default="",
         help="image store: empty = the queue Redis; local or local:N = N redis-servers started for the run; "
-        "else a DIFFSERVE_BLOB_URL (redis://..., s3://...)",
+        "localfs = a directory in /dev/shm made for the run; else a DIFFSERVE_BLOB_URL (redis://, s3://, file://)",
     )
     p.add_argument(
         "--image-ref",
@@ -375,7 +377,13 @@ def write_bench(path: str, result: dict[str, Any], meta: dict[str, Any], text: s
 
 @contextlib.contextmanager
 def blob_store(spec: str, log_dir: str) -> Iterator[str]:
-    """``--blob-url`` as a DIFFSERVE_BLOB_URL: ``local[:N]`` starts N redis-servers for the run."""
+    """``--blob-url`` as a DIFFSERVE_BLOB_URL: ``local[:N]`` starts N redis-servers for the run, ``localfs``
+    makes a directory for it (on tmpfs where there is one)."""
+    if spec == "localfs":
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        with tempfile.TemporaryDirectory(prefix="bench-blobs-", dir=shm) as root:
+            yield f"file://{root}"
+        return
     if spec != "local" and not spec.startswith("local:"):
         yield spec
         return
@@ -393,7 +401,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     args.rates = [float(x) for x in args.rates.split(",") if x.strip()]
     sizes = [int(x) for x in args.image_kb.split(",") if x.strip()]
-    import os
     import platform
 
     meta = {

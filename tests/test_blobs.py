@@ -1,18 +1,21 @@
-"""The image store (common/blobs.py): Redis (one server or shards) and S3 against a real loopback S3 server
-(moto's, started here), and whole profiled stacks whose images go through it: exactly once, fetchable,
-nothing left behind without an expiry, a store that is down answered with internal_error."""
+"""The image store (common/blobs.py): Redis (one server or shards), S3 against a real loopback S3 server
+(moto's, started here) and a shared directory, and whole profiled stacks whose images go through each:
+exactly once, fetchable, nothing left behind without an expiry, a store that is down answered with
+internal_error."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from common.blobs import BlobUnavailable, blob_key, digest, open_store
+from common.blobs import NAME_MAX, BlobUnavailable, FileBlobs, blob_key, digest, file_name, in_memory, open_store
 from common.client import Client
 from common.config import Keys, RedisSettings
 from common.localstack import LocalStack, RedisServer, StackSpec, free_port
@@ -140,6 +143,76 @@ def test_s3_store_on_a_loopback_server_reads_signs_deletes_and_sweeps_what_outli
     assert swept == 4 and after == []
 
 
+@pytest.fixture(params=["disk", "memory"])
+def blob_dir(request, tmp_path):
+    """A directory for the file store on each kind of file system it tells apart: the I/O in a thread
+    (disk: it could block), or inline (tmpfs)."""
+    if request.param == "disk":
+        if in_memory(str(tmp_path)):
+            pytest.skip("the temporary directory is in memory here")
+        yield tmp_path / "blobs"
+        return
+    if not in_memory("/dev/shm"):
+        pytest.skip("no tmpfs at /dev/shm")
+    with tempfile.TemporaryDirectory(prefix="test-blobs-", dir="/dev/shm") as root:
+        yield Path(root) / "blobs"
+
+
+def test_file_store_reads_takes_once_expires_and_sweeps_what_outlived_its_ttl(blob_dir):
+    root = blob_dir
+    settings = RedisSettings(blob_url=f"file://{root}", blob_ttl_s=1, blob_min_bytes=100)
+
+    async def go():
+        store, rival = open_store(settings), open_store(settings)
+        assert isinstance(store, FileBlobs) and store.inline == (root.parts[1:3] == ("dev", "shm"))
+        kept = await store.keep(_items(8, 1000) + [("tiny.light", b"x" * 10, "png", "")])
+        refs = [k for k in kept if isinstance(k, BlobRef)]
+        read = await store.read(refs[:2])
+        # Two takers of the same images (two processes' stores): each image goes to exactly one of them.
+        mine, theirs = await asyncio.gather(store.read(refs[2:6], take=True), rival.read(refs[2:6], take=True))
+        wrong = await store.read([BlobRef(key=refs[6].key, size=999, format="png")])
+        before = sorted(await store.keys())
+        (root / ".tmp-left-by-a-crash").write_bytes(b"half")
+        await asyncio.sleep(2.2)  # older than the TTL now
+        expired = await store.read(refs[6:])
+        swept = await store.maybe_sweep()
+        return kept, refs, read, mine, theirs, wrong, before, expired, swept, await store.keys()
+
+    kept, refs, read, mine, theirs, wrong, before, expired, swept, after = asyncio.run(go())
+    assert kept[-1] == b"x" * 10 and len(refs) == 8  # under blob_min_bytes: inline
+    assert read == [bytes([0]) * 1000, bytes([1]) * 1000]
+    assert [a or b for a, b in zip(mine, theirs, strict=True)] == [bytes([i]) * 1000 for i in range(2, 6)]
+    assert not any(a and b for a, b in zip(mine, theirs, strict=True))
+    assert wrong == [None]  # not what the reference says: never handed out as the image
+    assert before == sorted(r.key for r in refs[:2] + refs[6:])
+    assert expired == [None, None]  # past the TTL an image reads as gone, swept or not
+    assert swept == 5 and after == [] and os.listdir(root) == []  # the crash's leftover too
+
+
+def test_file_store_keeps_every_key_inside_its_directory_and_refuses_one_no_file_can_be_named_after(tmp_path):
+    root = tmp_path / "blobs"
+    settings = RedisSettings(blob_url=f"file://{root}", blob_min_bytes=1)
+    unsafe = ["../escaped.light", "/etc/diffserve.light", "..", ".", ".tmp-x", "a/../../b", "t\0.light", "é/x"]
+    too_long = "j" * (NAME_MAX + 1)
+
+    async def go():
+        store = open_store(settings)
+        refs = [k for k in await store.keep([(key, b"data", "png", "") for key in unsafe]) if isinstance(k, BlobRef)]
+        with pytest.raises(ValueError, match="no file can be named"):
+            await store.keep([(too_long, b"data", "png", "")])
+        listed = sorted(await store.keys())
+        gone = await store.read([BlobRef(key=too_long, size=4, format="png")])
+        taken = await store.read(refs, take=True)
+        return listed, gone, taken
+
+    listed, gone, taken = asyncio.run(go())
+    assert sorted(os.listdir(tmp_path)) == ["blobs"]  # nothing written beside the directory
+    assert listed == sorted(unsafe) and gone == [None] and taken == [b"data"] * len(unsafe)
+    assert all("/" not in file_name(key) and not file_name(key).startswith(".") for key in unsafe)
+    with pytest.raises(ValueError, match="file:///absolute/directory"):
+        open_store(RedisSettings(blob_url="file://relative/dir"))
+
+
 def _answers(stack: LocalStack, settings: RedisSettings, prompts: list[str], url_jobs: int = 0):
     """Half the prompts with the image inline (the default), half by reference (read and released by the
     client); then ``url_jobs`` through the gateway's url answers, each fetched."""
@@ -170,7 +243,7 @@ def _answers(stack: LocalStack, settings: RedisSettings, prompts: list[str], url
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["redis", "s3"])
+@pytest.mark.parametrize("store", ["redis", "s3", "file"])
 def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(redis_server, tmp_path, request, store):
     """16 KiB images (stored, not inline): 100 jobs, half answered inline and half by reference, every one
     exactly once with the worker's image; url answers from the gateway are fetchable (presigned on S3);
@@ -181,9 +254,11 @@ def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(
     env = {"DIFFSERVE_IMAGE_KB": "16", "DIFFSERVE_SLO_MS": "60000"}  # a burst of 100: nothing refused
     if store == "redis":  # two shards of their own: the first scale step
         env["DIFFSERVE_BLOB_URL"] = ",".join(s.url for s in blob_servers)
-    else:
+    elif store == "s3":
         env.update(request.getfixturevalue("s3_env"))
         env["DIFFSERVE_BLOB_URL"] = f"s3://{BUCKET}/e2e"
+    else:
+        env["DIFFSERVE_BLOB_URL"] = f"file://{tmp_path / 'blobs'}"
     settings = RedisSettings(redis_url=redis_server.url, blob_url=env["DIFFSERVE_BLOB_URL"])
     spec = StackSpec(
         redis_url=redis_server.url, light_workers=1, heavy_workers=1, time_scale=0.02, env=env, gateway_port=free_port()
@@ -219,18 +294,37 @@ def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(
     assert fetched == [image] * 4
     if store == "s3":
         assert all("X-Amz-Signature=" in u for u in urls)
-    else:
+    elif store == "redis":
         assert len(ttls) == 4 and all(t > 0 for t in ttls)
     assert len(remaining) == 4 and all(key.endswith((".light", ".heavy")) for key in remaining)
 
 
+class _Volume:
+    """A shared directory that can go away (unmounted) and come back, as the file store sees it."""
+
+    def __init__(self, root: Path):
+        self.root, self.away = root, root.with_name(root.name + "-away")
+        self.url = f"file://{root}"
+
+    def stop(self) -> None:
+        self.root.rename(self.away)
+
+    def start(self) -> None:
+        self.away.rename(self.root)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["redis", "file"])
 def test_an_image_store_that_is_down_gets_its_jobs_a_clear_internal_error_and_the_stack_recovers(
-    redis_server, tmp_path
+    redis_server, tmp_path, kind
 ):
-    """The image store (a Redis of its own) stops: jobs get internal_error saying so, once each, within
-    the blob timeout; it comes back on the same port: the next jobs are served."""
-    store = RedisServer().start()
+    """The image store (a Redis of its own, or the shared directory) goes away: jobs get internal_error
+    saying so, once each, within the blob timeout; it comes back: the next jobs are served."""
+    if kind == "redis":
+        store: RedisServer | _Volume = RedisServer().start()
+    else:
+        (tmp_path / "blobs").mkdir()
+        store = _Volume(tmp_path / "blobs")
     env = {
         "DIFFSERVE_IMAGE_KB": "16",
         "DIFFSERVE_BLOB_URL": store.url,
@@ -252,7 +346,8 @@ def test_an_image_store_that_is_down_gets_its_jobs_a_clear_internal_error_and_th
 
             down, back, delivered = asyncio.run(go())
     finally:
-        store.stop()
+        if isinstance(store, RedisServer):
+            store.stop()
     assert delivered == 10
     assert {(r.status, r.error_code) for r in down} == {("error", "internal_error")}
     assert all("image store is unavailable" in r.error_message for r in down)

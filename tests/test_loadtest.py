@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -288,10 +289,13 @@ def test_replay_against_a_running_deployment(tmp_path):
 
 
 @pytest.mark.slow
-def test_serving_bench_smoke(tmp_path):
+@pytest.mark.parametrize("store", ["local", "localfs"])
+def test_serving_bench_smoke(tmp_path, store):
     from loadtest import serving_bench
 
     out = tmp_path / "bench.json"
+    shm = Path("/dev/shm")
+    before = set(shm.glob("bench-blobs-*"))
     serving_bench.main(
         [
             "--rates",
@@ -305,7 +309,7 @@ def test_serving_bench_smoke(tmp_path):
             "--image-kb",
             "64",
             "--blob-url",
-            "local",
+            store,
             "--out",
             str(out),
             "--log-dir",
@@ -322,7 +326,10 @@ def test_serving_bench_smoke(tmp_path):
     # Each job's two 64 KiB images cross the image store (written, then the answer read); the queue
     # Redis carries references only.
     for step in result["steps"]:
-        assert step["blob_kb_per_job"] > 3 * 64 and step["queue_kb_per_job"] < 30, step
+        assert step["queue_kb_per_job"] < 30, step
+        assert step["blob_kb_per_job"] > 3 * 64 if store == "local" else step["blob_kb_per_job"] is None, step
+    if store == "localfs":  # its directory goes with the run
+        assert set(shm.glob("bench-blobs-*")) <= before
     assert "| bare Redis" in out.with_suffix(".md").read_text()
 
 
