@@ -242,6 +242,19 @@ def _answers(stack: LocalStack, settings: RedisSettings, prompts: list[str], url
     return inline, by_ref, read, delivered, previews, urls, fetched
 
 
+def test_the_profiled_model_emits_the_image_of_image_kb_made_once():
+    from common.backends import BackendSettings, make_model
+    from common.backends.profiled import fixed_image
+    from common.imaging import PngImage
+
+    model = make_model(BackendSettings(backend="profiled", image_kb=16, time_scale=0.0), "light")
+    images = model.generate(["a fox", "a lighthouse"], [1, 2])
+    # the very bytes the worker's encoder sends for it (no placeholder drawn only to be replaced)
+    assert images == [fixed_image(16).data] * 2 and all(isinstance(i, PngImage) for i in images)
+    plain = make_model(BackendSettings(backend="profiled", time_scale=0.0), "light").generate(["a fox"], [1])
+    assert plain[0] != images[0] and len(plain[0]) < 16 * 1024
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["redis", "s3", "file"])
 def test_a_profiled_stack_answers_100_jobs_exactly_once_through_the_image_store(redis_server, tmp_path, request, store):

@@ -216,7 +216,7 @@ def make_model(settings: BackendSettings, role: str) -> ImageModel:
 
         spec = MODELS[name]
         table = load_profile(settings).table(role)
-        return ProfiledModel(name, role, table, settings.time_scale, spec.resolution, spec.steps)
+        return ProfiledModel(name, role, table, settings.time_scale, spec.resolution, spec.steps, settings.image_kb)
     require_backend(settings.backend)
     from common.backends.devices import resolve_device
     from common.backends.diffusion import DiffusersModel, local_spec, tiny_spec
