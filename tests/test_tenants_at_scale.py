@@ -240,7 +240,10 @@ def test_a_tenant_filling_its_own_stream_cannot_fill_redis_for_everyone(stack):
                     pipe.xadd(KEYS.tenant_in("filler"), {"job_id": f"fill-{batch}-{i}", "prompt": "p", "pad": pad})
                 replies = pipe.execute(raise_on_error=False)
             refused += sum(isinstance(reply, redis.exceptions.ResponseError) for reply in replies)
-        time.sleep(1.0)  # a housekeeping round or two
+        # the router cuts the stream once its tenant watcher has seen the new tenant (a round or two)
+        deadline = time.monotonic() + 15
+        while admin.xlen(KEYS.tenant_in("filler")) > 1000 and time.monotonic() < deadline:
+            time.sleep(0.1)
         bystander = as_tenant(server, "bystander", passwords["bystander"])
         bystander.xadd(KEYS.tenant_in("bystander"), job("by-1", slo_ms=60_000))
         got = answers(admin, {"bystander": ["by-1"]}, timeout=15)
