@@ -5,6 +5,7 @@ a discriminator, workers and optionally the controller and the HTTP gateway, eac
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,16 +21,33 @@ from common import health
 _HANDED_OUT: set[int] = set()
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 elsewhere, the usual floor)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now, and not one this process handed out before (two ports asked
-    for in a row, before either is bound, must differ)."""
-    while True:
+    for in a row, before either is bound, must differ).  Drawn below the ephemeral range: a port the kernel
+    picked (bind to 0) is one it may give a client connection before the service binds it."""
+    high = _ephemeral_low()
+    low = max(1024, high - 20_000)
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high) if high - low >= 1000 else 0
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+            port = int(s.getsockname()[1])
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise RuntimeError("no free loopback port")
 
 
 class RedisServer:
@@ -259,6 +277,14 @@ class LocalStack:
             fh.write(f"{pid}\n")
 
     def start(self, ready_timeout: float = 120.0) -> LocalStack:
+        try:
+            self._start(ready_timeout)
+        except BaseException:  # a service that did not come up: stop the others (no orphans, no leaked pipes)
+            self.stop()
+            raise
+        return self
+
+    def _start(self, ready_timeout: float) -> None:
         if not self.redis_url:
             self.redis = RedisServer().start()
             self.redis_url = self.redis.url
@@ -274,7 +300,6 @@ class LocalStack:
         if self.spec.gateway_port:
             self.spawn("gateway", "gateway", "--port", str(self.spec.gateway_port), *self.spec.gateway_args)
         self.wait_ready(list(self.procs), ready_timeout)
-        return self
 
     def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
         """Wait until each process's health endpoint says ready (what compose's healthchecks ask too)."""

@@ -26,6 +26,7 @@ import redis
 import yaml
 
 from common.config import Keys
+from common.localstack import free_port
 from tools import smoke
 from tools.compose_files import absolute_paths, load, merge
 
@@ -202,7 +203,7 @@ def main() -> int:
         if busy:
             raise SystemExit(f"compose-test: metrics ports {busy} are in use on 127.0.0.1")
         file, notes = build(workdir, summary)
-        password, redis_port = secrets.token_hex(16), smoke.free_port()
+        password, redis_port = secrets.token_hex(16), free_port()
         env_file = workdir / ".env"
         env_file.write_text(
             f"REDIS_PASSWORD={password}\nGRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}\n"

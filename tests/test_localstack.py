@@ -47,3 +47,22 @@ def test_a_local_stack_goes_away_when_its_parent_is_sigkilled(tmp_path):
         parent.kill()
         parent.wait()
         parent.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_stack_that_does_not_come_up_stops_what_it_started(tmp_path):
+    from common.localstack import LocalStack, StackSpec
+
+    stack = LocalStack(StackSpec(light_workers=1, heavy_workers=0), str(tmp_path))
+    stack.spec.env["DIFFSERVE_CASCADE"] = "no-such-cascade"  # every service refuses it and exits
+    with pytest.raises(RuntimeError, match="exited"):
+        stack.start(ready_timeout=60)
+    assert stack.procs and all(p.poll() is not None for p in stack.procs.values())
+    assert stack.redis is not None and not stack.redis.pidfile.exists()  # its redis-server shut down too
+
+
+def test_free_ports_are_below_the_range_the_kernel_gives_client_connections():
+    from common.localstack import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(1024 <= p < _ephemeral_low() for p in ports)

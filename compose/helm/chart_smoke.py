@@ -65,6 +65,7 @@ import chart_check as C  # noqa: E402
 
 import tools.smoke  # noqa: E402  # used qualified: `smoke` here names the run
 from common.config import Keys  # noqa: E402
+from common.localstack import free_port  # noqa: E402
 
 CONTROL_IMAGE = "localhost/diffserve-control:latest"
 REDIS_IMAGE = "localhost/diffserve-base:bookworm"  # build-offline.sh's base: it has redis-server
@@ -207,9 +208,9 @@ class Smoke:
         self.release = "smoke" + secrets.token_hex(3)
         self.password = secrets.token_hex(16)
         self.users = {s: secrets.token_hex(16) for s in SERVICES}
-        self.redis_port = tools.smoke.free_port()
-        self.worker_ports = [tools.smoke.free_port() for _ in range(2)]
-        self.gateway_port = tools.smoke.free_port()
+        self.redis_port = free_port()
+        self.worker_ports = [free_port() for _ in range(2)]
+        self.gateway_port = free_port()
         self.api_key = secrets.token_hex(16)
         self.secret_names = {"redis": f"{self.release}-redis", "gateway": f"{self.release}-gateway"}
         self.keys = Keys("diffserve")
@@ -228,10 +229,10 @@ class Smoke:
             f"redis.existingSecret={self.secret_names['redis']}",
             f"gateway.apiKeys.existingSecret={self.secret_names['gateway']}",
             f"gateway.port={self.gateway_port}",
-            f"router.metricsPort={tools.smoke.free_port()}",
-            f"controller.metricsPort={tools.smoke.free_port()}",
-            f"gateway.metricsPort={tools.smoke.free_port()}",
-            f"discriminator.metricsPort={tools.smoke.free_port()}",
+            f"router.metricsPort={free_port()}",
+            f"controller.metricsPort={free_port()}",
+            f"gateway.metricsPort={free_port()}",
+            f"discriminator.metricsPort={free_port()}",
             f"workers.metricsPort={self.worker_ports[0]}",
             f"workers.replicas={len(self.worker_ports)}",
             f"settings.DIFFSERVE_TIME_SCALE={TIME_SCALE}",
