@@ -21,12 +21,7 @@ import time
 from common.blobs import open_store
 from common.config import RedisSettings
 from common.localstack import RedisServer
-
-
-def _cpu_s(pid: int) -> float:
-    """utime + stime of a process (``/proc/<pid>/stat``)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from loadtest.report import cpu_seconds
 
 
 async def per_job(url: str, server_pid: int | None, kb: int, batches: int, batch: int) -> tuple[float, float, float]:
@@ -46,13 +41,13 @@ async def per_job(url: str, server_pid: int | None, kb: int, batches: int, batch
     try:
         for n in range(10):  # warm-up: connections, the thread pool
             await one(n)
-        cpu, server, wall = time.process_time(), _cpu_s(server_pid) if server_pid else 0.0, time.perf_counter()
+        cpu, server, wall = time.process_time(), cpu_seconds(server_pid) if server_pid else 0.0, time.perf_counter()
         for n in range(batches):
             await one(10 + n)
         jobs = batches * batch
         return (
             (time.process_time() - cpu) / jobs * 1000,
-            ((_cpu_s(server_pid) - server) if server_pid else 0.0) / jobs * 1000,
+            ((cpu_seconds(server_pid) - server) if server_pid else 0.0) / jobs * 1000,
             (time.perf_counter() - wall) / jobs * 1000,
         )
     finally:

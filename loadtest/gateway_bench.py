@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,7 +36,7 @@ from common.client import Client
 from common.localstack import LocalStack, StackSpec, free_port
 from common.messages import Status
 from common.profiles import load_prompts
-from loadtest.report import percentiles
+from loadtest.report import cpu_seconds, percentiles
 from loadtest.runner import close_client
 from loadtest.serving_bench import write_bench
 
@@ -73,17 +72,11 @@ async def _sequential(call: Callable[[str], Awaitable[None]], prompts: list[str]
     return percentiles(lat, 3)
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _closed_loop(
     call: Callable[[str], Awaitable[None]], prompts: list[str], concurrency: int, seconds: float, gateway_pid: int
 ) -> dict[str, Any]:
     done, lat = 0, []
-    gateway_cpu, own_cpu = _cpu_s(gateway_pid), time.process_time()
+    gateway_cpu, own_cpu = cpu_seconds(gateway_pid), time.process_time()
     stop_at = time.perf_counter() + seconds
 
     async def loop(k: int) -> None:
@@ -107,7 +100,7 @@ async def _closed_loop(
         "requests": done,
         "rps": round(done / wall, 1),
         "latency_ms": percentiles(lat, 3),
-        "gateway_cpu_ms_per_request": per_request(_cpu_s(gateway_pid) - gateway_cpu),
+        "gateway_cpu_ms_per_request": per_request(cpu_seconds(gateway_pid) - gateway_cpu),
         "bench_cpu_ms_per_request": per_request(time.process_time() - own_cpu),
     }
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,13 @@ if TYPE_CHECKING:
     from loadtest.runner import JobRecord, RunRecord
 
 LAG_WARN_SHARE = 0.1  # warn when the tester sent a query later than this share of the SLO
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc): what benchmarks report per job."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(values: list[float], digits: int = 2) -> dict[str, float | None]:
