@@ -759,10 +759,9 @@ def test_playground_preview_progress_final_cancel_history(stack, tmp_path):
             shot("queued")
             driver.find_element(By.CSS_SELECTOR, ".card button.cancel").click()
             # the page's DELETE sets the flag before the light worker runs again (else it may run the job)
-            flags = redis.Redis.from_url(stack.stack.redis_url)
             job_id = card("c.dataset.jobId")
-            wait.until(lambda d: flags.exists(KEYS.cancel(job_id)))
-            flags.close()
+            with redis.Redis.from_url(stack.stack.redis_url) as flags:
+                wait.until(lambda d: flags.exists(KEYS.cancel(job_id)))
         # resumed, the light worker finds the job cancelled before it starts: answered, never run
         wait.until(lambda d: (card("c.querySelector('.state').textContent") or "").startswith("cancelled"))
         shot("cancelled")
