@@ -55,6 +55,12 @@ DUPLICATES = Counter(
 ROUTED = Counter(
     "diffserve_discriminator_routed_total", "light results by routing decision", ["decision"], registry=None
 )
+HEAVY_EXCHANGES = Counter(
+    "diffserve_heavy_exchanges_total",
+    "late jobs sent to the heavy model in the place of an easier waiting one (tried; one taken by a heavy "
+    "worker meanwhile leaves the late job answered light)",
+    registry=None,
+)
 DISCRIMINATOR_THRESHOLD = Gauge(
     "diffserve_discriminator_threshold", "confidence threshold applied to the last scored batch", registry=None
 )

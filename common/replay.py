@@ -6,7 +6,8 @@ controller that plan for the recent past, every interval, before the fact.
 The model (:class:`Replay`) is the data plane with a fixed plan, in the caller's clock: the
 router's admission (common/admission.admit), light workers pulling up to their batch from one FIFO
 queue, the discriminator's decision per scored batch (least confident first, the deadline rule of
-common/routing.py on the heavy stage), heavy workers pulling up to their batch and answering with
+common/routing.py on the heavy stage, and its exchange: a late job takes the place of an easier waiting
+one), heavy workers pulling up to their batch and answering with
 the light image a job that can no longer finish in time.  The discriminator is a delay of its batch
 time (it is never the bottleneck: ~15 ms for 32 images).  Arrival times come from a histogram of
 ``bucket_ms`` buckets (the router writes it, :class:`ArrivalHistory`), spread evenly inside each
@@ -31,7 +32,7 @@ from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKL
 from common.messages import Plan
 from common.profiles import CascadeProfile
 from common.quality import QUALITY_WINDOW_S, QualityModel
-from common.routing import Decision, Stage, batch_times
+from common.routing import Decision, Stage, batch_times, exchange_for
 
 ARRIVAL_BUCKET_MS = 100.0  # the router's arrival histogram: arrivals per 100 ms of its clock
 # CPU per batch in each service of a live stack on this machine kind (wall clock, measured by the serving
@@ -388,6 +389,14 @@ class _Run:
                 self.state[j] = HEAVY
                 self.heavy_q.append(j)
                 self.heavy.admit()
+            elif (
+                k := exchange_for(self.heavy, now, self.r.arrivals[j] + slo, conf[j], [conf[q] for q in self.heavy_q])
+            ) is not None:
+                yielded = self.heavy_q[k]
+                del self.heavy_q[k]
+                self.state[yielded], self.done_ms[yielded] = DEGRADED, now + hop
+                self.state[j] = HEAVY
+                self.heavy_q.append(j)
             else:
                 self.state[j], self.done_ms[j] = DEGRADED, now + hop
         self.start_heavy(now)

@@ -13,7 +13,9 @@ at the stage's capacity and finishes one batch time later::
 
 It is on time when ``finish <= deadline``.  A worker about to start a batch uses the same rule
 with no backlog ahead of it and its own batch.  ``e`` is :func:`batch_times`: the profiled batch
-latency in the deployment's clock (a worker uses its measured time once it has one).
+latency in the deployment's clock (a worker uses its measured time once it has one).  A late job may
+take the place of an easier one still waiting in the heavy queue (:func:`exchange_for`), so a heavy
+stage that is short runs the hardest prompts.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from common.config import Settings, option
 from common.messages import LightReason
@@ -163,6 +165,31 @@ class LatePolicySettings(Settings):
         env="DIFFSERVE_LATE_POLICY",
         choices=LATE_POLICIES,
     )
+
+
+def exchange_for(
+    heavy: Stage,
+    now_ms: float,
+    deadline_ms: float,
+    confidence: float,
+    waiting: Sequence[float | None],
+    skew_ms: float = 0.0,
+) -> int | None:
+    """The deadline rule's exchange: a job the heavy stage cannot finish in time (``Decision.LATE``) takes
+    the place of the most confident job still waiting for a heavy worker (``waiting``: their confidences,
+    None for one sent straight to heavy, which has no light image to answer with), when that one is more
+    confident (an easier prompt: its light image costs less as the answer) and the late job, joining behind
+    one fewer, finishes in time.  Returns the index in ``waiting`` of the job that yields its place (it is
+    answered with its light image, ``LightReason.DEADLINE``), or None.  So when the heavy stage is short, the
+    hardest prompts of the last deadline's worth of arrivals run on it, not the first ones to come."""
+    known = [i for i, c in enumerate(waiting) if c is not None]
+    if not known:
+        return None
+    k = max(known, key=lambda i: waiting[i] or 0.0)
+    if (waiting[k] or 0.0) <= confidence:
+        return None
+    behind_one_fewer = replace(heavy, backlog=heavy.backlog - 1)
+    return k if behind_one_fewer.on_time(now_ms, deadline_ms, skew_ms) else None
 
 
 def decision_order(confidences: list[float]) -> list[int]:

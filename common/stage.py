@@ -12,7 +12,18 @@ import redis.asyncio as aioredis
 
 from common import metrics
 from common.config import Keys
-from common.messages import E_INTERNAL, Completion, DeadLetter, ErrorCode, MessageError, RoutedJob, Status, unpack
+from common.messages import (
+    E_INTERNAL,
+    Completion,
+    DeadLetter,
+    ErrorCode,
+    LightReason,
+    MessageError,
+    Role,
+    RoutedJob,
+    Status,
+    unpack,
+)
 from common.streams import Entry, StreamConsumer
 
 # The discriminator scores at most this many light images at once (its --batch; the simulator models it).
@@ -106,6 +117,21 @@ def one_per_input(outputs: Iterable[T], inputs: list[Any], what: str) -> list[T]
 
 
 Outputs = list[tuple[str, bytes]]  # (stream, payload) written with the batch's ack
+
+
+def light_answer(job: RoutedJob, model: str, worker_id: str, reason: LightReason) -> Completion:
+    """A job sent on to the heavy model answered with its light image instead (it carries it, or its
+    reference): the deadline rule's answer, from the heavy worker or from the discriminator's exchange."""
+    return Completion.answer(
+        job,
+        job.light_ref or job.light_image or b"",
+        image_format=job.light_image_format or "png",
+        answered_by=Role.LIGHT,
+        model=model,
+        confidence=job.confidence,
+        worker_id=worker_id,
+        light_reason=reason,
+    )
 
 
 def failures(keys: Keys, jobs: Iterable[RoutedJob], code: ErrorCode, message: str, worker_id: str) -> Outputs:

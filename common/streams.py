@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -184,6 +184,40 @@ NOTIFY = script("common", "lua/notify.lua")
 def notify(pipe: aioredis.client.Pipeline, stream: str, payload: bytes, *, maxlen: int, ttl_s: int) -> None:
     """Queue a NOTIFY of ``payload`` on ``stream`` in ``pipe`` (plain EVAL: it may run inside MULTI)."""
     pipe.eval(NOTIFY, 1, stream, payload, maxlen, ttl_s)
+
+
+async def undelivered(r: aioredis.Redis, stream: str, group: str, count: int) -> list[Entry]:
+    """Up to ``count`` entries of ``stream`` that ``group`` has not handed to any consumer yet, oldest first."""
+    last = "0-0"
+    try:
+        for info in await r.xinfo_groups(stream):
+            if _s(info.get("name")) == group:
+                last = _s(info.get("last-delivered-id"))
+    except aioredis.ResponseError:  # no such stream yet
+        return []
+    rows = await r.xrange(stream, next_id(last), "+", count=count) or []
+    return [_entry(_s(i), cast("dict[bytes, bytes]", f), stream) for i, f in rows]
+
+
+# The deadline rule's exchange in the heavy queue (common/routing.exchange), atomic with the caller's batch.
+EXCHANGE = script("common", "lua/exchange.lua")
+
+
+def exchange_waiting(
+    pipe: aioredis.client.Pipeline,
+    *,
+    queue: str,
+    completions: str,
+    group: str,
+    waiting_id: str,
+    waiting_answer: bytes,
+    late_job: bytes,
+    late_answer: bytes,
+) -> None:
+    """Queue in ``pipe`` the exchange of the waiting entry ``waiting_id`` of ``queue`` (still undelivered to
+    ``group``: deleted, ``waiting_answer`` to ``completions``) for ``late_job`` (onto ``queue``); when it was
+    delivered meanwhile, ``late_answer`` instead. Its reply is 1 when exchanged, else 0."""
+    pipe.eval(EXCHANGE, 2, queue, completions, group, waiting_id, waiting_answer, late_job, late_answer)
 
 
 class StreamConsumer:

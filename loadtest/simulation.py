@@ -28,6 +28,7 @@ from common.routing import (
     cascade_decision,
     decision_order,
     direct_decision,
+    exchange_for,
     light_reason,
 )
 from common.stage import DISCRIMINATOR_BATCH
@@ -369,6 +370,15 @@ class Simulation:
                 fallback=job.routed_by == RoutedBy.FALLBACK,
                 on_time=heavy is None or heavy.on_time(self.now, job.deadline_ms),
             )
+            if decision == Decision.LATE and heavy is not None and job.routed_by != RoutedBy.FALLBACK:
+                waiting = self.queues["heavy"]
+                k = exchange_for(heavy, self.now, job.deadline_ms, scores[i], [w.confidence for w in waiting])
+                if k is not None:  # it takes the place of an easier prompt, answered with its light image
+                    yielded = waiting[k]
+                    del waiting[k]
+                    self.finish(yielded, Role.LIGHT, LightReason.DEADLINE)
+                    onward.append(job)
+                    continue
             if decision == Decision.HEAVY:
                 if heavy is not None:
                     heavy.admit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from PIL import Image
@@ -14,23 +15,42 @@ from common.backends import BackendSettings, latency_scale, load_profile, make_d
 from common.blobs import BlobUnavailable, open_store
 from common.config import ConsumerSettings, ServiceConfig, WorkerRegistrySettings, option
 from common.imaging import decode, from_thumbnail
-from common.messages import E_INTERNAL, E_MODEL, BlobRef, Completion, LightReady, LightResult, Plan, Role, RoutedBy
+from common.messages import (
+    E_INTERNAL,
+    E_MODEL,
+    BlobRef,
+    Completion,
+    LightReady,
+    LightReason,
+    LightResult,
+    MessageError,
+    Plan,
+    Role,
+    RoutedBy,
+    RoutedJob,
+)
 from common.plan_store import PlanWatcher, StageWatcher
 from common.planner import default_plan
 from common.replay import RECENT_CONFIDENCES
 from common.routing import (
     Decision,
     LatePolicySettings,
+    Stage,
     batch_times,
     cascade_decision,
     decision_order,
     degrades_late,
+    exchange_for,
     light_reason,
 )
 from common.service import Service, now_ms, run
-from common.stage import DISCRIMINATOR_BATCH, Outputs, Processed, failures, one_per_input, run_batch
-from common.streams import Entry, StreamConsumer, run_forever
+from common.stage import DISCRIMINATOR_BATCH, Outputs, Processed, failures, light_answer, one_per_input, run_batch
+from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, exchange_waiting, run_forever, undelivered
 from common.tenants import client_job_id
+
+HEAVY_GROUP = dict(PIPELINE_GROUPS)["heavy_queue"]
+# The exchange looks this far into the heavy queue's undelivered jobs (a queue the deadline rule keeps short).
+EXCHANGE_SCAN = 256
 
 
 @dataclass(kw_only=True)
@@ -93,18 +113,24 @@ class Discriminator:
         await self.blobs.discard([r.thumbnail_ref.key for r in scored if r.thumbnail_ref])
 
     async def _process(self, _entries: list[Entry], results: list[LightResult]) -> Processed:
-        outputs, scores = await self.route(results)
+        outputs, scores, exchanges = await self.route(results)
 
-        def publish_scores(pipe: aioredis.client.Pipeline) -> None:
+        def publish_scores_and_exchange(pipe: aioredis.client.Pipeline) -> None:
             # The controller's replay draws confidences from the recent ones (common/replay.py).
             if scores:
                 pipe.rpush(self.keys.confidences, *(round(c, 4) for c in scores))
                 pipe.ltrim(self.keys.confidences, -RECENT_CONFIDENCES, -1)
+            for swap in exchanges:
+                exchange_waiting(
+                    pipe, queue=self.keys.heavy_queue, completions=self.keys.completions, group=HEAVY_GROUP, **swap
+                )
 
-        return Processed(outputs=outputs, extra=publish_scores)
+        return Processed(outputs=outputs, extra=publish_scores_and_exchange)
 
-    async def route(self, results: list[LightResult]) -> tuple[Outputs, list[float]]:
-        """Score one batch: the outputs it sends on, and the confidences."""
+    async def route(self, results: list[LightResult]) -> tuple[Outputs, list[float], list[dict[str, Any]]]:
+        """Score one batch: the outputs it sends on, the confidences, and the exchanges in the heavy queue
+        (common/streams.exchange's arguments: each either sends a late job on in the place of an easier
+        waiting one, or answers it with its light image)."""
         plan = await self.plans.current()
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
@@ -113,7 +139,11 @@ class Discriminator:
         except (BlobUnavailable, ValueError) as exc:  # answered: nothing to score them on
             self.svc.log.error("light images unavailable", extra={"batch": len(results), "error": str(exc)[:200]})
             metrics.ERRORS.labels("discriminator", E_INTERNAL).inc(len(results))
-            return failures(self.keys, [r.routed() for r in results], E_INTERNAL, str(exc), self.cfg.instance_id), []
+            return (
+                failures(self.keys, [r.routed() for r in results], E_INTERNAL, str(exc), self.cfg.instance_id),
+                [],
+                [],
+            )
         try:
             scores = one_per_input(
                 await asyncio.to_thread(
@@ -126,18 +156,24 @@ class Discriminator:
             self.svc.log.exception("discriminator failed", extra={"batch": len(results)})
             metrics.ERRORS.labels("discriminator", E_MODEL).inc(len(results))
             message = f"{type(exc).__name__}: {exc}"
-            return failures(self.keys, [r.routed() for r in results], E_MODEL, message, self.cfg.instance_id), []
+            return failures(self.keys, [r.routed() for r in results], E_MODEL, message, self.cfg.instance_id), [], []
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
         metrics.DISCRIMINATOR_THRESHOLD.set(threshold)
-        return await self._decide(plan, results, scores, threshold), scores
+        outputs, exchanges = await self._decide(plan, results, scores, threshold)
+        return outputs, scores, exchanges
 
-    async def _decide(self, plan: Plan, results: list[LightResult], scores: list[float], threshold: float) -> Outputs:
-        """Each scored light image: the answer, or the job on to the heavy model (least confident first)."""
+    async def _decide(
+        self, plan: Plan, results: list[LightResult], scores: list[float], threshold: float
+    ) -> tuple[Outputs, list[dict[str, Any]]]:
+        """Each scored light image: the answer, or the job on to the heavy model (least confident first); a
+        job the heavy stage cannot take in time may take the place of an easier waiting one (the exchange)."""
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage(Role.HEAVY, plan, self.heavy_times) if degrade_late else None
         now = now_ms()
         outputs: Outputs = []
+        exchanges: list[dict[str, Any]] = []
+        waiting: list[tuple[str, RoutedJob | None]] | None = None  # the heavy queue's undelivered jobs, read once
         previews = await self._previews(results, scores, threshold)
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
@@ -152,8 +188,12 @@ class Discriminator:
                 on_time=on_time,
             )
             metrics.ROUTED.labels(decision).inc()
-            if decision != Decision.HEAVY:
-                reason = light_reason(decision, confidence, plan.target_threshold)
+            if decision == Decision.HEAVY:
+                if heavy is not None:
+                    heavy.admit()
+                job.confidence = confidence
+                outputs.append((self.keys.heavy_queue, job.encode()))
+            else:
                 answer = Completion.answer(
                     job,
                     result.image_ref or result.image or b"",
@@ -162,14 +202,16 @@ class Discriminator:
                     model=result.model,
                     confidence=confidence,
                     worker_id=self.cfg.instance_id,
-                    light_reason=reason,
+                    light_reason=light_reason(decision, confidence, plan.target_threshold),
                 )
-                outputs.append((self.keys.completions, answer.encode()))
-                continue
-            if heavy is not None:
-                heavy.admit()
-            job.confidence = confidence
-            outputs.append((self.keys.heavy_queue, job.encode()))
+                swap = None
+                if decision == Decision.LATE and heavy is not None and job.routed_by != RoutedBy.FALLBACK:
+                    waiting = await self._waiting() if waiting is None else waiting
+                    swap = self._exchange(heavy, now, job, confidence, answer, waiting)
+                if swap is None:
+                    outputs.append((self.keys.completions, answer.encode()))
+                    continue
+                exchanges.append(swap)
             preview = previews.get(i)
             if preview is not None and job.reply_to:  # the client shows the light image while heavy runs
                 ready = LightReady(  # under the id the client submitted (a tenant's job is scoped)
@@ -183,7 +225,46 @@ class Discriminator:
                     reply_token=job.reply_token,
                 )
                 outputs.append((job.reply_to, ready.encode()))
-        return outputs
+        return outputs, exchanges
+
+    def _exchange(
+        self,
+        heavy: Stage,
+        now: float,
+        job: RoutedJob,
+        confidence: float,
+        answer: Completion,
+        waiting: list[tuple[str, RoutedJob | None]],
+    ) -> dict[str, Any] | None:
+        """The late ``job`` in the place of an easier waiting one, when the rule allows it
+        (common/routing.exchange_for): common/streams.exchange_waiting's arguments, else None. The script
+        does it only if no heavy worker took the waiting job meanwhile; otherwise ``answer`` is the answer."""
+        confidences = [w.confidence if w is not None else None for _id, w in waiting]
+        k = exchange_for(heavy, now, job.deadline_ms, confidence, confidences, self.cfg.clock_skew_ms)
+        if k is None:
+            return None
+        (waiting_id, yielded), waiting[k] = waiting[k], ("", None)
+        assert yielded is not None  # exchange_for picks a job with a confidence
+        job.confidence = confidence
+        metrics.HEAVY_EXCHANGES.inc()
+        return {
+            "waiting_id": waiting_id,
+            "waiting_answer": light_answer(
+                yielded, self.profile.spec.light, self.cfg.instance_id, LightReason.DEADLINE
+            ).encode(),
+            "late_job": job.encode(),
+            "late_answer": answer.encode(),
+        }
+
+    async def _waiting(self) -> list[tuple[str, RoutedJob | None]]:
+        """The heavy queue's jobs no heavy worker has taken yet (None for one that does not decode)."""
+        waiting: list[tuple[str, RoutedJob | None]] = []
+        for entry in await undelivered(self.r, self.keys.heavy_queue, HEAVY_GROUP, EXCHANGE_SCAN):
+            try:
+                waiting.append((entry.id, RoutedJob.decode(entry.payload or b"")))
+            except MessageError:
+                waiting.append((entry.id, None))
+        return waiting
 
     async def _previews(
         self, results: list[LightResult], scores: list[float], threshold: float

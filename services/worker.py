@@ -45,7 +45,7 @@ from common.plan_store import PlanWatcher
 from common.planner import default_plan
 from common.routing import LatePolicySettings, Stage, batch_times, degrades_late
 from common.service import Service, now_ms, run
-from common.stage import Outputs, Processed, cancelled_ids, failures, one_per_input, run_batch
+from common.stage import Outputs, Processed, cancelled_ids, failures, light_answer, one_per_input, run_batch
 from common.streams import TRANSIENT_ERRORS, Entry, StreamConsumer, notify, run_forever
 from common.tenants import client_job_id
 
@@ -307,22 +307,8 @@ class Worker:
             if batch.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms):
                 on_time.append(job)
             elif job.light_ref is not None or job.light_image is not None:
-                light: bytes | BlobRef = job.light_ref or job.light_image or b""
-                late.append(
-                    (
-                        self.keys.completions,
-                        Completion.answer(
-                            job,
-                            light,
-                            image_format=job.light_image_format or "png",
-                            answered_by=Role.LIGHT,
-                            model=self.profile.spec.light,
-                            confidence=job.confidence,
-                            worker_id=self.id,
-                            light_reason=LightReason.DEADLINE,
-                        ).encode(),
-                    )
-                )
+                answer = light_answer(job, self.profile.spec.light, self.id, LightReason.DEADLINE)
+                late.append((self.keys.completions, answer.encode()))
             else:
                 job.routed_by = RoutedBy.FALLBACK
                 late.append((self.keys.light_queue, job.encode()))

@@ -205,3 +205,17 @@ def test_a_burst_costs_seconds_not_minutes(profile, prompts, workers):
         [(s["t_s"], s["threshold"]) for s in after],
     )
     assert all(s["demand_qps"] <= 1.5 * base for s in after), [(s["t_s"], s["demand_qps"]) for s in after]
+
+
+def test_a_short_heavy_stage_runs_the_hardest_prompts(profile, prompts):
+    """The exchange (common/routing.exchange_for): with more escalations than two heavy workers can carry, the
+    prompts answered by the heavy model are harder (less confident) than the escalated ones answered light
+    by the deadline rule, by far: not whichever came first."""
+    trace = generate("bursty", duration_s=120, n_prompts=len(prompts), seed=3)
+    fixed = FixedPlan.parse("t=0.21,light=2x16,heavy=2x2")
+    run = simulate(profile, trace, prompts, SimConfig(policy="static", workers=4, slo_ms=5000, fixed_plan=fixed))
+    results = [j.result for j in run.jobs if j.result is not None and j.result.confidence is not None]
+    heavy = [r.confidence for r in results if r.answered_by == "heavy"]
+    deadline = [r.confidence for r in results if r.light_reason == "deadline"]
+    assert len(heavy) > 50 and len(deadline) > 50
+    assert statistics.median(heavy) < 0.5 * statistics.median(deadline)
