@@ -9,10 +9,10 @@ Each tick (:meth:`ControlLoop.decide`):
    slowly, but no longer than three quiet ticks (common/demand.py); the light stage is provisioned
    for the larger of D and the light stage's recurring peak (the rate the last ``peak_window_s``
    exceeded for ``peak_share`` of their length), since every query passes through the light model;
-2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force (smoothing;
-   ``shift_threshold_step`` once the load has moved to another level, and freely while the loop's
-   own measurements are shorter than ``hindsight_min_s``); it leaves that window only when nothing
-   inside it is feasible;
+2. the threshold falls at most ``max_threshold_step`` per tick from the plan in force and rises at most
+   ``max_threshold_rise`` (smoothing; ``shift_threshold_step`` both ways once the load has moved to
+   another level, and freely while the loop's own measurements are shorter than ``hindsight_min_s``);
+   it leaves that window only when nothing inside it is feasible;
 3. solve twice: freely, and keeping every worker's current role; the free plan's role changes are
    applied only when they matter (hysteresis): when the current allocation cannot serve the demand,
    or when the free plan's threshold differs from the keep-roles plan's by more than
@@ -160,6 +160,9 @@ class ControlSettings:
     shift_ticks: int = 4  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
     max_threshold_step: float = 0.02
     shift_threshold_step: float = 0.1  # ... and once the load has moved to another level (level_shift)
+    # ... and up to this far up: with the exchange (common/routing.exchange_for) a threshold above what the
+    # heavy stage can carry costs light answers for easier prompts only, one below it costs heavy answers
+    max_threshold_rise: float = 0.1
     threshold_margin: float = 0.05
     worker_margin: int = 1
     max_switch_fraction: float = 0.25
@@ -239,8 +242,8 @@ class ControlLoop:
         window = None
         center = self.smoothed_from(stored, current)
         if center is not None:
-            step = self.threshold_step()
-            window = (center - step, center + step)
+            down, up = self.threshold_steps()
+            window = (center - down, center + up)
         return plan(
             self.profile,
             demand,
@@ -299,10 +302,12 @@ class ControlLoop:
         started = recent[0][0] - recent[0][2]
         return new / old, last_at - started
 
-    def threshold_step(self) -> float:
-        """How far t may move this tick: a small step while the load holds its level (the replay of a few
-        minutes is noisy, and a burst is the deadline rule's to carry), a larger one once it moved."""
-        return self.cfg.max_threshold_step if self.level_shift() is None else self.cfg.shift_threshold_step
+    def threshold_steps(self) -> tuple[float, float]:
+        """How far t may fall and rise this tick: a small step while the load holds its level (the replay of
+        a few minutes is noisy, and a burst is the deadline rule's to carry), a larger one once it moved; a
+        rise may always be as large (the exchange makes a threshold set too high cheap, one too low not)."""
+        down = self.cfg.max_threshold_step if self.level_shift() is None else self.cfg.shift_threshold_step
+        return down, max(down, self.cfg.max_threshold_rise)
 
     def light_floor(self, workers: int) -> int:
         """Two light workers in a cluster of four or more until the history shows the light stage's
@@ -400,7 +405,7 @@ class ControlLoop:
             profile=self.profile,
             settings=cfg,
             center=result.threshold if smoothed is None else smoothed,
-            step=1.0 if smoothed is None else self.threshold_step(),
+            steps=(1.0, 1.0) if smoothed is None else self.threshold_steps(),
             keep=stored if same_roles and cfg.hindsight_keep else None,
             confidences=confidences,
         )

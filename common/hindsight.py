@@ -23,12 +23,13 @@ def rechoose(
     profile: CascadeProfile,
     settings: ControlSettings,
     center: float,
-    step: float,
+    steps: tuple[float, float],
     keep: Plan | None,
     confidences: Sequence[float] | None,
 ) -> str:
-    """Replay ``arrivals`` (ms) under candidate plans around ``center`` (within ``step``, below the cascade's
-    preferred threshold) and apply the best to ``result``; ``keep``: the plan in force, which wins ties.
+    """Replay ``arrivals`` (ms) under candidate plans around ``center`` (``steps``: how far below and above it,
+    below the cascade's preferred threshold) and apply the best to ``result``; ``keep``: the plan in force,
+    which wins ties.
     Returns what it did, in words."""
     cfg = settings
     replay = Replay(
@@ -42,7 +43,8 @@ def rechoose(
         hop_ms=cfg.hop_ms,
     )
     target = quality_threshold(profile) or 1.0
-    grid = [t for t in THRESHOLD_GRID if center - step - 1e-9 <= t <= min(target, center + step) + 1e-9] or [
+    down, up = steps
+    grid = [t for t in THRESHOLD_GRID if center - down - 1e-9 <= t <= min(target, center + up) + 1e-9] or [
         result.threshold
     ]
     first_light = replay.batch_ms("light", 1) + replay.batch_ms("discriminator", 1)

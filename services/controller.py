@@ -117,6 +117,12 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
         "largest change of the threshold from one plan to the next, unless nothing that close is feasible",
         env="DIFFSERVE_MAX_THRESHOLD_STEP",
     )
+    max_threshold_rise: float = option(
+        DEFAULT.max_threshold_rise,
+        "largest rise of the threshold from one plan to the next (a threshold above what the heavy stage can "
+        "carry costs light answers for easier prompts only: the exchange)",
+        env="DIFFSERVE_MAX_THRESHOLD_RISE",
+    )
     headroom: float = option(
         DEFAULT.headroom,
         "plan every stage at most this busy (the profiled latencies are means)",
@@ -166,6 +172,7 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
         hindsight_halflife_s=ControlSettings.hindsight_halflife_s * scale,
         traffic_settle_s=ControlSettings.traffic_settle_s * scale,
         max_threshold_step=cfg.max_threshold_step,
+        max_threshold_rise=cfg.max_threshold_rise,
         threshold_margin=cfg.threshold_margin,
         worker_margin=cfg.worker_margin,
         max_switch_fraction=cfg.max_switch_fraction,
