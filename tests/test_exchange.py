@@ -9,7 +9,7 @@ import asyncio
 from common.messages import Completion, LightReason, LightResult, Plan, Role, RoutedJob
 from common.routing import Stage, exchange_for
 from common.service import Service, now_ms
-from common.streams import ensure_group, undelivered
+from common.streams import backlog, ensure_group, undelivered
 from services.discriminator import HEAVY_GROUP, Discriminator, DiscriminatorConfig
 
 # One heavy worker, one job a batch of a second: a job joining behind ``backlog`` finishes after backlog + 1 s.
@@ -96,6 +96,12 @@ def _exchange_scenario(redis_url: str, *, worker_takes_first: bool) -> tuple[lis
                 for e in await undelivered(r, keys.heavy_queue, HEAVY_GROUP, 10)
             ]
             taken = [RoutedJob.decode(f[b"m"]).job_id for _s, entries in handed for _id, f in entries]
+            # the deadline rule's view of the queue: the three jobs left (running or waiting), not Redis's lag
+            # (7.0 counts a deleted entry as still to read), then none once workers took and acked them all
+            assert await backlog(r, keys.heavy_queue, HEAVY_GROUP) == 3
+            rest = await r.xreadgroup(HEAVY_GROUP, "heavy-3", {keys.heavy_queue: ">"}, count=10)
+            await r.xack(keys.heavy_queue, HEAVY_GROUP, *[i for _s, entries in handed + rest for i, _f in entries])
+            assert await backlog(r, keys.heavy_queue, HEAVY_GROUP) == 0
             return answers, still, taken
         finally:
             await r.aclose()
