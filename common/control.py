@@ -22,7 +22,9 @@ Each tick (:meth:`ControlLoop.decide`):
    of the workers per tick.  Switching workers serve nothing while they load: the work they would
    have done is added to the backlog of the stage they join and the plan is solved again with it;
 4. for the roles chosen, the threshold and batch sizes are re-chosen by replaying the last
-   ``hindsight_s`` of arrivals through the simulator's model (common/hindsight.py).
+   ``hindsight_s`` of arrivals through the simulator's model (common/hindsight.py); until there are
+   ``hindsight_min_s`` of them the cascade's preferred threshold is kept where the solver fitted a lower
+   one to the heavy stage (the exchange rations what it cannot run).
 
 ``static`` plans once (the ``fixed_plan`` given, else the solver's plan for ``static_demand`` or,
 without one, for the first demand measured) and keeps that plan; only workers that appear or
@@ -42,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.demand import RateEstimator, RecurringPeak
-from common.hindsight import rechoose
+from common.hindsight import hold_preferred, rechoose
 from common.messages import Objective, Plan
 from common.planner import (
     DEFAULT_HEADROOM,
@@ -386,7 +388,7 @@ class ControlLoop:
         first = min(history.counts, default=None)
         covered_ms = now_ms - first * history.bucket_ms if first is not None else 0.0
         if covered_ms < cfg.hindsight_min_s * 1000.0 or len(arrivals) < 2:
-            return ""
+            return hold_preferred(result, self.profile)
         shift = self.level_shift()
         if shift is not None:  # replay the history at the level the load has moved to
             ratio, age_s = shift

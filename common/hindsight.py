@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from common.messages import Plan
-from common.planner import THRESHOLD_GRID, Objective, PlanResult, quality_threshold
+from common.planner import THRESHOLD_GRID, Objective, PlanResult, policy_spec, quality_threshold
 from common.profiles import CascadeProfile
 from common.replay import Candidate, Replay, search
 
@@ -80,11 +80,33 @@ def rechoose(
         result.light_batch,
         result.heavy_batch,
     ):
-        f = profile.curve.f(chosen.threshold)
-        result.threshold = chosen.threshold
+        set_threshold(result, profile, chosen.threshold)
         result.light_batch, result.heavy_batch = chosen.light_batch, chosen.heavy_batch
-        result.light_share = 1.0 - f
-        result.estimated_quality = quality.score(1.0 - f)
-        if result.objective == Objective.QUALITY:
-            result.objective_value = result.estimated_quality
     return note
+
+
+def hold_preferred(result: PlanResult, profile: CascadeProfile) -> str:
+    """Before the replay has history enough to judge (the first seconds of traffic, after an idle spell): a
+    plan that degrades late jobs keeps the cascade's preferred threshold where the solver fitted a lower one
+    to the heavy stage's capacity. The exchange (common/routing.exchange_for) gives the heavy stage the
+    hardest of what it is sent, so sending more than it can run costs light answers for easier prompts only,
+    and a guess made from a few seconds of demand cannot cost the hard ones theirs. Returns what it did."""
+    target = result.target_threshold
+    if target is None or not policy_spec(result.policy).degrade_late or result.threshold >= target:
+        return ""
+    note = f"too little history to replay: t={target:g} (the solver's {result.threshold:g}), the exchange rations"
+    set_threshold(result, profile, target)
+    result.notes.append(note)
+    return note
+
+
+def set_threshold(result: PlanResult, profile: CascadeProfile, threshold: float) -> None:
+    """``result`` with threshold ``threshold`` and the light share and estimated quality that go with it."""
+    quality = profile.quality
+    assert quality is not None  # the controller re-chooses t only for a cascade with a quality curve
+    f = profile.curve.f(threshold)
+    result.threshold = threshold
+    result.light_share = 1.0 - f
+    result.estimated_quality = quality.score(1.0 - f)
+    if result.objective == Objective.QUALITY:
+        result.objective_value = result.estimated_quality

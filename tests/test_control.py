@@ -9,6 +9,7 @@ from common.control import ControlLoop, ControlReason, ControlSettings, WorkerVi
 from common.demand import RateEstimator, RecurringPeak
 from common.planner import FixedPlan, QueueStats
 from common.profiles import load_cascade_profile
+from common.replay import ArrivalHistory
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,26 @@ def test_static_plan_is_solved_for_the_cluster_it_runs_on(profile):
     assert full.light_workers + full.heavy_workers == 16 and full.heavy_workers >= 12
     again, _ = loop.decide(full.to_message(2, full.roles), 30.0, _workers(8, 8), QueueStats())
     assert (again.threshold, again.light_workers) == (full.threshold, full.light_workers)
+
+
+def test_until_the_replay_can_judge_the_preferred_threshold_is_kept(profile):
+    """The first seconds of traffic on four workers: the solver fits t to what two heavy workers can run, but
+    with under ``hindsight_min_s`` of history the plan keeps the cascade's preferred threshold (the exchange
+    rations the rest); with enough history the replay decides, and it goes below the preferred one here."""
+    workers = _workers(2, 2)
+    history = ArrivalHistory(bucket_ms=100.0)
+    for i in range(100):  # 10 q/s for 10 s
+        history.add(i * 100.0)
+    loop = _loop(profile)
+    solver, _ = loop.decide(None, 10.0, workers, QueueStats())
+    assert solver.threshold < 0.21 and solver.target_threshold == 0.21
+    early, why = _loop(profile).decide(None, 10.0, workers, QueueStats(), history=history, now_ms=10_000.0)
+    assert early.threshold == 0.21 and early.light_share == pytest.approx(1 - profile.curve.f(0.21))
+    assert "too little history to replay" in why.detail
+    for i in range(100, 400):  # 30 s of it: the replay judges
+        history.add(i * 100.0)
+    later, why = _loop(profile).decide(None, 10.0, workers, QueueStats(), history=history, now_ms=40_000.0)
+    assert "hindsight over" in why.detail and later.threshold < 0.21
+    # with the replay off (--hindsight-s 0) the solver's t stands from the start
+    off, _ = _loop(profile, hindsight_s=0.0).decide(None, 10.0, workers, QueueStats(), history=history, now_ms=1e4)
+    assert off.threshold == solver.threshold
