@@ -9,10 +9,11 @@ Each tick (:meth:`ControlLoop.decide`):
    slowly, but no longer than three quiet ticks (common/demand.py); the light stage is provisioned
    for the larger of D and the light stage's recurring peak (the rate the last ``peak_window_s``
    exceeded for ``peak_share`` of their length), since every query passes through the light model;
-2. the threshold falls at most ``max_threshold_step`` per tick from the plan in force and rises at most
-   ``max_threshold_rise`` (smoothing; ``shift_threshold_step`` both ways once the load has moved to
-   another level, and freely while the loop's own measurements are shorter than ``hindsight_min_s``);
-   it leaves that window only when nothing inside it is feasible;
+2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force, and may rise up to
+   ``max_threshold_rise`` while nothing waits for a heavy worker (smoothing; ``shift_threshold_step`` in
+   the direction the load moved once it has moved to another level, and freely while the loop's own
+   measurements are shorter than ``hindsight_min_s``); it leaves that window only when nothing inside it
+   is feasible;
 3. solve twice: freely, and keeping every worker's current role; the free plan's role changes are
    applied only when they matter (hysteresis): when the current allocation cannot serve the demand,
    or when the free plan's threshold differs from the keep-roles plan's by more than
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 
 from common.demand import RateEstimator, RecurringPeak
 from common.hindsight import hold_preferred, rechoose
-from common.messages import Objective, Plan
+from common.messages import Objective, Plan, Role
 from common.planner import (
     DEFAULT_HEADROOM,
     ROLES,
@@ -162,8 +163,9 @@ class ControlSettings:
     shift_ticks: int = 4  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
     max_threshold_step: float = 0.02
     shift_threshold_step: float = 0.1  # ... and once the load has moved to another level (level_shift)
-    # ... and up to this far up: with the exchange (common/routing.exchange_for) a threshold above what the
-    # heavy stage can carry costs light answers for easier prompts only, one below it costs heavy answers
+    # ... and up to this far up while nothing waits for a heavy worker: with the exchange
+    # (common/routing.exchange_for) a threshold above what the heavy stage can carry costs light answers for
+    # easier prompts only, one below it costs heavy answers
     max_threshold_rise: float = 0.1
     threshold_margin: float = 0.05
     worker_margin: int = 1
@@ -215,6 +217,7 @@ class ControlLoop:
         self.peak = RecurringPeak(settings.peak_window_s, settings.peak_share)
         self.proposal: tuple[int, int, int] | None = None  # a role change seen once, awaiting confirmation
         self.fixed = settings.fixed_plan if self.spec.fixed else None
+        self.heavy_has_room = False  # at the last tick nothing waited for a heavy worker (threshold_steps)
 
     @property
     def idle(self) -> bool:
@@ -306,10 +309,16 @@ class ControlLoop:
 
     def threshold_steps(self) -> tuple[float, float]:
         """How far t may fall and rise this tick: a small step while the load holds its level (the replay of
-        a few minutes is noisy, and a burst is the deadline rule's to carry), a larger one once it moved; a
-        rise may always be as large (the exchange makes a threshold set too high cheap, one too low not)."""
-        down = self.cfg.max_threshold_step if self.level_shift() is None else self.cfg.shift_threshold_step
-        return down, max(down, self.cfg.max_threshold_rise)
+        a few minutes is noisy, and a burst is the deadline rule's to carry), a larger one in the direction
+        the load moved once it moved to another level (down when it rose, up when it fell), and up to
+        ``max_threshold_rise`` while nothing waits for a heavy worker (the exchange makes a threshold set too
+        high cheap and one too low not, and an idle heavy stage says t is too low)."""
+        small, shift = self.cfg.max_threshold_step, self.level_shift()
+        down = self.cfg.shift_threshold_step if shift is not None and shift[0] > 1 else small
+        up = self.cfg.shift_threshold_step if shift is not None and shift[0] < 1 else small
+        if self.heavy_has_room:
+            up = max(up, self.cfg.max_threshold_rise)
+        return down, up
 
     def light_floor(self, workers: int) -> int:
         """Two light workers in a cluster of four or more until the history shows the light stage's
@@ -350,6 +359,8 @@ class ControlLoop:
         """The plan to write and why (logged): the solver's plan under the hysteresis on roles, its
         threshold and batch sizes then re-chosen by replaying the recent arrivals (``history``, in the
         caller's ms, up to ``now_ms``) when the policy plans a threshold for quality."""
+        running = sum(w.role == Role.HEAVY for w in workers) * (stored.heavy_batch if stored else 1)
+        self.heavy_has_room = queues.heavy_backlog <= running
         result, why = self._decide(stored, demand, workers, queues, aimd)
         if history is not None:
             hindsight = self.hindsight(result, stored, history, now_ms, confidences)

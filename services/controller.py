@@ -119,8 +119,8 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
     )
     max_threshold_rise: float = option(
         DEFAULT.max_threshold_rise,
-        "largest rise of the threshold from one plan to the next (a threshold above what the heavy stage can "
-        "carry costs light answers for easier prompts only: the exchange)",
+        "largest rise of the threshold from one plan to the next while nothing waits for a heavy worker (a "
+        "threshold above what the heavy stage can carry costs light answers for easier prompts only: the exchange)",
         env="DIFFSERVE_MAX_THRESHOLD_RISE",
     )
     headroom: float = option(
