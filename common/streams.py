@@ -193,31 +193,37 @@ async def undelivered(r: aioredis.Redis, stream: str, group: str, count: int) ->
         for info in await r.xinfo_groups(stream):
             if _s(info.get("name")) == group:
                 last = _s(info.get("last-delivered-id"))
-    except aioredis.ResponseError:  # no such stream yet
+    except ResponseError as exc:  # no such stream yet; a NOPERM must not read as an empty queue
+        if not missing(exc):
+            raise
         return []
     rows = await r.xrange(stream, next_id(last), "+", count=count) or []
     return [_entry(_s(i), cast("dict[bytes, bytes]", f), stream) for i, f in rows]
 
 
-# The deadline rule's exchange in the heavy queue (common/routing.exchange), atomic with the caller's batch.
+# The deadline rule's exchange in the heavy queue (common/routing.exchange_for), atomic with the caller's batch.
 EXCHANGE = script("common", "lua/exchange.lua")
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """A late job for the place of the waiting entry ``waiting_id``, with both answers it may need."""
+
+    waiting_id: str
+    waiting_answer: bytes  # the waiting job's light answer, should it yield its place
+    late_job: bytes  # the late job for the queue, should it get that place
+    late_answer: bytes  # the late job's light answer, should a worker have taken the waiting one meanwhile
+
+
 def exchange_waiting(
-    pipe: aioredis.client.Pipeline,
-    *,
-    queue: str,
-    completions: str,
-    group: str,
-    waiting_id: str,
-    waiting_answer: bytes,
-    late_job: bytes,
-    late_answer: bytes,
+    pipe: aioredis.client.Pipeline, *, queue: str, completions: str, group: str, swap: Exchange
 ) -> None:
-    """Queue in ``pipe`` the exchange of the waiting entry ``waiting_id`` of ``queue`` (still undelivered to
-    ``group``: deleted, ``waiting_answer`` to ``completions``) for ``late_job`` (onto ``queue``); when it was
-    delivered meanwhile, ``late_answer`` instead. Its reply is 1 when exchanged, else 0."""
-    pipe.eval(EXCHANGE, 2, queue, completions, group, waiting_id, waiting_answer, late_job, late_answer)
+    """Queue in ``pipe`` the exchange ``swap`` in ``queue``: the waiting entry, still undelivered to ``group``,
+    deleted and its answer added to ``completions``, the late job added to ``queue``; when the entry was
+    delivered meanwhile, the late job's answer instead. Its reply is 1 when exchanged, else 0."""
+    pipe.eval(
+        EXCHANGE, 2, queue, completions, group, swap.waiting_id, swap.waiting_answer, swap.late_job, swap.late_answer
+    )
 
 
 class StreamConsumer:

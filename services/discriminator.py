@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 from PIL import Image
@@ -45,7 +44,15 @@ from common.routing import (
 )
 from common.service import Service, now_ms, run
 from common.stage import DISCRIMINATOR_BATCH, Outputs, Processed, failures, light_answer, one_per_input, run_batch
-from common.streams import PIPELINE_GROUPS, Entry, StreamConsumer, exchange_waiting, run_forever, undelivered
+from common.streams import (
+    PIPELINE_GROUPS,
+    Entry,
+    Exchange,
+    StreamConsumer,
+    exchange_waiting,
+    run_forever,
+    undelivered,
+)
 from common.tenants import client_job_id
 
 HEAVY_GROUP = dict(PIPELINE_GROUPS)["heavy_queue"]
@@ -122,15 +129,15 @@ class Discriminator:
                 pipe.ltrim(self.keys.confidences, -RECENT_CONFIDENCES, -1)
             for swap in exchanges:
                 exchange_waiting(
-                    pipe, queue=self.keys.heavy_queue, completions=self.keys.completions, group=HEAVY_GROUP, **swap
+                    pipe, queue=self.keys.heavy_queue, completions=self.keys.completions, group=HEAVY_GROUP, swap=swap
                 )
 
         return Processed(outputs=outputs, extra=publish_scores_and_exchange)
 
-    async def route(self, results: list[LightResult]) -> tuple[Outputs, list[float], list[dict[str, Any]]]:
+    async def route(self, results: list[LightResult]) -> tuple[Outputs, list[float], list[Exchange]]:
         """Score one batch: the outputs it sends on, the confidences, and the exchanges in the heavy queue
-        (common/streams.exchange's arguments: each either sends a late job on in the place of an easier
-        waiting one, or answers it with its light image)."""
+        (each either sends a late job on in the place of an easier waiting one, or answers it with its light
+        image: common/streams.exchange_waiting)."""
         plan = await self.plans.current()
         threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
@@ -165,14 +172,14 @@ class Discriminator:
 
     async def _decide(
         self, plan: Plan, results: list[LightResult], scores: list[float], threshold: float
-    ) -> tuple[Outputs, list[dict[str, Any]]]:
+    ) -> tuple[Outputs, list[Exchange]]:
         """Each scored light image: the answer, or the job on to the heavy model (least confident first); a
         job the heavy stage cannot take in time may take the place of an easier waiting one (the exchange)."""
         degrade_late = degrades_late(self.cfg.late_policy, plan.degrade_late)
         heavy = await self.heavy.stage(Role.HEAVY, plan, self.heavy_times) if degrade_late else None
         now = now_ms()
         outputs: Outputs = []
-        exchanges: list[dict[str, Any]] = []
+        exchanges: list[Exchange] = []
         waiting: list[tuple[str, RoutedJob | None]] | None = None  # the heavy queue's undelivered jobs, read once
         previews = await self._previews(results, scores, threshold)
         for i in decision_order(scores):
@@ -235,10 +242,10 @@ class Discriminator:
         confidence: float,
         answer: Completion,
         waiting: list[tuple[str, RoutedJob | None]],
-    ) -> dict[str, Any] | None:
+    ) -> Exchange | None:
         """The late ``job`` in the place of an easier waiting one, when the rule allows it
-        (common/routing.exchange_for): common/streams.exchange_waiting's arguments, else None. The script
-        does it only if no heavy worker took the waiting job meanwhile; otherwise ``answer`` is the answer."""
+        (common/routing.exchange_for), else None. The script does it only if no heavy worker took the
+        waiting job meanwhile; otherwise ``answer`` is the answer."""
         confidences = [w.confidence if w is not None else None for _id, w in waiting]
         k = exchange_for(heavy, now, job.deadline_ms, confidence, confidences, self.cfg.clock_skew_ms)
         if k is None:
@@ -247,14 +254,14 @@ class Discriminator:
         assert yielded is not None  # exchange_for picks a job with a confidence
         job.confidence = confidence
         metrics.HEAVY_EXCHANGES.inc()
-        return {
-            "waiting_id": waiting_id,
-            "waiting_answer": light_answer(
+        return Exchange(
+            waiting_id=waiting_id,
+            waiting_answer=light_answer(
                 yielded, self.profile.spec.light, self.cfg.instance_id, LightReason.DEADLINE
             ).encode(),
-            "late_job": job.encode(),
-            "late_answer": answer.encode(),
-        }
+            late_job=job.encode(),
+            late_answer=answer.encode(),
+        )
 
     async def _waiting(self) -> list[tuple[str, RoutedJob | None]]:
         """The heavy queue's jobs no heavy worker has taken yet (None for one that does not decode)."""

@@ -1,4 +1,4 @@
--- The deadline rule's exchange (common/routing.exchange), atomically: a late job takes the place of a job
+-- The deadline rule's exchange (common/routing.exchange_for), atomically: a late job takes the place of a job
 -- that still waits in the heavy queue, only if no heavy worker has been handed that job yet (its id is
 -- after the group's last-delivered id) and it is still there. Then the waiting job is deleted from the
 -- queue and answered with its light image, and the late job joins the queue; otherwise the late job is
