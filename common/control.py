@@ -7,8 +7,11 @@ Each tick (:meth:`ControlLoop.decide`):
 
 1. demand D: an EWMA of the jobs counter's per-tick rate that follows a rise quickly and a fall
    slowly, but no longer than three quiet ticks (common/demand.py); the light stage is provisioned
-   for the larger of D and the light stage's recurring peak (the rate the last ``peak_window_s``
-   exceeded for ``peak_share`` of their length), since every query passes through the light model;
+   for the larger of D and the rate the last ``peak_window_s`` exceeded for ``peak_share`` of their
+   length (half of it: the light stage does not shrink below what the load needs half the time);
+   one light worker is enough wherever that carries it: between ticks the controller watches the light
+   queue, and a burst that one cannot absorb gets heavy workers moved to the light stage within
+   seconds (:meth:`ControlLoop.burst`), so no light worker is held back for bursts that may not come;
 2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force, and may rise up to
    ``max_threshold_rise`` while nothing waits for a heavy worker (smoothing; ``shift_threshold_step`` in
    the direction the load moved once it has moved to another level, and freely while the loop's own
@@ -17,7 +20,8 @@ Each tick (:meth:`ControlLoop.decide`):
 3. solve twice: freely, and keeping every worker's current role; the free plan's role changes are
    applied only when they matter (hysteresis): when the current allocation cannot serve the demand,
    or when the free plan's threshold differs from the keep-roles plan's by more than
-   ``threshold_margin`` or its light/heavy split by more than ``worker_margin`` workers, and then
+   ``threshold_margin`` or its light/heavy split by more than ``worker_margin_share`` of the workers
+   (rounded down: one worker matters in a small cluster), and then
    only if the workers to switch reload their model well within an interval and two consecutive
    ticks propose the same move; such a move is taken in steps of at most ``max_switch_fraction``
    of the workers per tick.  Switching workers serve nothing while they load: the work they would
@@ -66,7 +70,10 @@ from common.replay import HOP_MS, ArrivalHistory, relevel
 
 # The role-switch time assumed for a worker that has not switched yet (unscaled seconds).
 DEFAULT_SWITCH_S = 5.0
-LIGHT_RESERVE_FROM = 4  # clusters this large keep ``light_reserve`` light workers until the peak is known
+# A plan fixed before the load is seen cannot add a light worker in a burst: in clusters of four or more it
+# keeps two.
+FIXED_LIGHT_RESERVE, LIGHT_RESERVE_FROM = 2, 4
+WATCH_S = 0.25  # how often the controller looks at the worker set and the light queue between ticks (wall s)
 SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
 
 
@@ -84,6 +91,7 @@ class ControlReason(enum.StrEnum):
     CONFIRMED = "plan moved beyond margins (confirmed)"
     PARTIAL_INFEASIBLE = "partial move infeasible: roles kept"
     SWITCH_COST = "switch cost makes the change infeasible: roles kept"
+    BURST = "burst: the light stage cannot absorb it, light workers added between ticks"
 
     @property
     def deferred(self) -> bool:
@@ -148,9 +156,8 @@ class ControlSettings:
     batch_grid: tuple[int, ...] = BATCH_GRID
     ewma_alpha: float = 0.5
     ewma_alpha_down: float = 0.2
-    peak_window_s: float = 300.0  # the light stage's recurring peak is taken over this much history
-    peak_share: float = 0.1  # ... as the rate exceeded for this share of it
-    light_reserve: int = 2  # light workers kept (in clusters of 4+) until the history covers peak_window_s
+    peak_window_s: float = 300.0  # the light stage's floor (RecurringPeak) is taken over this much history
+    peak_share: float = 0.5  # ... as the rate exceeded for this share of it
     hindsight_s: float = 120.0  # replay this much of the recent arrivals to pick t and batches (0: off)
     hindsight_min_s: float = 20.0  # ... once there is this much history
     hindsight_halflife_s: float = 30.0  # ... scoring recent seconds more: their weight halves with this age
@@ -160,6 +167,11 @@ class ControlSettings:
     hindsight_keep: bool = True  # ... the plan in force is the one to beat
     hop_ms: float = HOP_MS  # ... each service's CPU per batch, in this clock
     traffic_settle_s: float = 2.0  # after an idle tick, re-plan this long after traffic starts
+    # Between ticks, a burst the light stage of the plan in force cannot absorb (a new arrival would wait
+    # more than ``burst_wait_share`` of the SLO for a light worker) is planned for at once, at the arrival
+    # rate of the last ``burst_window_s``, at most once per such window (ControlLoop.burst)
+    burst_wait_share: float = 0.25
+    burst_window_s: float = 2.0
     shift_ticks: int = 4  # ... re-leveled when the median rate of this many ticks moved (a shorter burst does not)
     max_threshold_step: float = 0.02
     shift_threshold_step: float = 0.1  # ... and once the load has moved to another level (level_shift)
@@ -168,7 +180,7 @@ class ControlSettings:
     # easier prompts only, one below it costs heavy answers
     max_threshold_rise: float = 0.1
     threshold_margin: float = 0.05
-    worker_margin: int = 1
+    worker_margin_share: float = 0.1
     max_switch_fraction: float = 0.25
     spare_util: float = 0.5
     headroom: float = DEFAULT_HEADROOM
@@ -176,6 +188,11 @@ class ControlSettings:
     drain_intervals: float = 2.0  # a backlog is planned to drain within this many intervals
     fixed_plan: FixedPlan | None = None
     static_demand: float | None = None
+
+
+def _reason(result: PlanResult, why: Why) -> str:
+    """Plan.reason: the plan's trade-offs, then why it has these roles."""
+    return "; ".join(part for part in (explain(result, 1), str(why)) if part)
 
 
 def _sign(x: float) -> int:
@@ -197,8 +214,7 @@ def static_plan(profile: CascadeProfile, demand: float, workers: int, settings: 
         headroom=settings.headroom,
         spare_util=settings.spare_util,
         current={f"w{i}": "" for i in range(workers)},
-        # a plan fixed before the load is seen keeps the light reserve the controller starts with
-        light_floor=settings.light_reserve if workers >= LIGHT_RESERVE_FROM else 1,
+        light_floor=FIXED_LIGHT_RESERVE if workers >= LIGHT_RESERVE_FROM else 1,
     )
     return FixedPlan(
         threshold=result.threshold,
@@ -260,7 +276,6 @@ class ControlLoop:
             latency_scale=self.cfg.latency_scale,
             threshold_window=window,
             light_demand_qps=max(demand, self.peak.value),
-            light_floor=self.light_floor(len(current)),
             current=current,
             queues=queues,
             keep_roles=keep_roles,
@@ -320,15 +335,6 @@ class ControlLoop:
             up = max(up, self.cfg.max_threshold_rise)
         return down, up
 
-    def light_floor(self, workers: int) -> int:
-        """Two light workers in a cluster of four or more until the history shows the light stage's
-        recurring peak (every query passes the light model, and nothing yet says how bursty the load
-        is); one after that, when the peak fits one (a lost light worker is covered by the deadline
-        rule and the re-plan that a changed worker set triggers)."""
-        if workers < LIGHT_RESERVE_FROM or (self.demand.at is not None and self.peak.known(self.demand.at)):
-            return 1
-        return self.cfg.light_reserve
-
     def with_switch_backlog(
         self, result: PlanResult, current: Mapping[str, str], switch_s: dict[str, float], demand: float
     ) -> dict[str, float] | None:
@@ -367,9 +373,7 @@ class ControlLoop:
             if hindsight:
                 why = dataclasses.replace(why, detail=f"{why.detail}; {hindsight}")
         if not self.fixed:
-            result.reason = "; ".join(
-                part for part in (explain(result, self.light_floor(len(workers))), str(why)) if part
-            )
+            result.reason = _reason(result, why)
         return result, why
 
     def hindsight(
@@ -464,6 +468,50 @@ class ControlLoop:
             return keep, Why(kept)
         return self._move(tick, new, keep)
 
+    def light_pressure(self, stored: Plan | None, light_backlog: int, rate_qps: float) -> bool:
+        """Whether the plan's light stage cannot keep up: the arrival rate of the last ``burst_window_s``
+        (``rate_qps``) is above what it runs, or a job arriving now would wait more than
+        ``burst_wait_share`` of the SLO for one of its workers (every query passes the light model)."""
+        if stored is None or self.spec.fixed or stored.light_workers < 1:
+            return False
+        batch = max(1, stored.light_batch)
+        batch_ms = self.profile.light.latency_ms(batch) * self.cfg.latency_scale
+        if rate_qps > stored.light_workers * batch * 1000.0 / batch_ms:
+            return True
+        rounds = math.ceil(light_backlog / (stored.light_workers * batch))
+        return rounds * batch_ms > self.cfg.burst_wait_share * self.cfg.slo_ms
+
+    def burst(
+        self, stored: Plan, rate_qps: float, workers: list[WorkerView], queues: QueueStats
+    ) -> tuple[PlanResult, Why] | None:
+        """Between ticks, under light pressure: the plan for the larger of the demand and ``rate_qps`` (the
+        arrival rate of the last ``burst_window_s``) with the fewest heavy workers moved to the light stage,
+        when the current roles cannot carry it and such a move can; None otherwise.  No confirmation (a
+        burst of seconds does not wait an interval), the threshold within a tick's step of the plan in force,
+        and the demand estimate and hysteresis untouched: the next tick judges whether the workers stay."""
+        tick = _Tick(
+            demand=max(self.demand.smoothed, rate_qps),
+            current={w.worker_id: w.role for w in workers},
+            switch_s={w.worker_id: w.switch_s for w in workers},
+            queues=queues,
+            stored=stored,
+            aimd=None,
+        )
+        keep = self._solve(tick, tick.current, keep_roles=True)
+        if keep.feasible:
+            return None
+        roles = dict(tick.current)
+        heavy = sorted((w for w, r in roles.items() if r == Role.HEAVY), key=lambda w: tick.switch_s.get(w, 0.0))
+        for w in heavy[:-1]:  # the fewest (fastest) heavy workers that make it feasible; one heavy stays
+            roles[w] = Role.LIGHT
+            result = self._solve(tick, roles, keep_roles=True)
+            if result.feasible:
+                result.role_changes = count_changes(tick.current, result.roles)
+                result, why = self._with_switch_cost(tick, result, keep, roles, True, Why(ControlReason.BURST))
+                result.reason = _reason(result, why)
+                return result, why
+        return None
+
     def _solve(self, tick: _Tick, roles: dict[str, str], *, keep_roles: bool = False) -> PlanResult:
         return self.solve(
             tick.demand, roles, tick.queues, tick.stored, keep_roles=keep_roles, aimd=tick.aimd, switch_s=tick.switch_s
@@ -478,7 +526,7 @@ class ControlLoop:
         differs = (
             abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
             or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
-            or abs(new.light_workers - keep.light_workers) > self.cfg.worker_margin
+            or abs(new.light_workers - keep.light_workers) > int(self.cfg.worker_margin_share * len(tick.current))
         )
         if not differs:
             return ControlReason.WITHIN_MARGINS

@@ -1,5 +1,5 @@
 """Demand as the controller measures it, from the jobs counter: the rate to plan for (quick to follow a
-rise, slow to believe a fall) and the light stage's recurring peak."""
+rise, slow to believe a fall) and the light stage's floor (the rate the recent minutes exceeded half the time)."""
 
 from __future__ import annotations
 
@@ -56,18 +56,15 @@ class RateEstimator:
 
 
 class RecurringPeak:
-    """The light stage's demand: the highest arrival rate that the last ``window_s`` seconds
-    exceeded for at least ``share`` of their length.  A burst that recurs counts; a one-off burst
-    of a few seconds in a long quiet window does not, so it costs no quality once it is over."""
+    """The light stage's floor: the highest arrival rate that the last ``window_s`` seconds exceeded
+    for at least ``share`` of their length (the controller: half).  A load that stays up counts; a
+    burst of a few seconds in a quiet window does not, so it costs no quality once it is over."""
 
     def __init__(self, window_s: float, share: float):
         self.window_s, self.share = window_s, share
         self.samples: deque[tuple[float, float, float]] = deque()  # (at, rate, seconds)
-        self.first_at: float | None = None
 
     def update(self, rate: float, at: float, seconds: float) -> None:
-        if self.first_at is None:
-            self.first_at = at - seconds
         self.samples.append((at, rate, seconds))
         while self.samples and self.samples[0][0] <= at - self.window_s:
             self.samples.popleft()
@@ -76,10 +73,6 @@ class RecurringPeak:
     def span_s(self) -> float:
         """How much of the window the samples cover."""
         return sum(s for _at, _r, s in self.samples)
-
-    def known(self, at: float) -> bool:
-        """Whether the history already covers a whole window."""
-        return self.first_at is not None and at - self.first_at >= self.window_s
 
     @property
     def value(self) -> float:

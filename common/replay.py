@@ -74,6 +74,10 @@ class ArrivalHistory:
             out.extend(t - start for k in range(n) if start <= (t := lo + (k + 0.5) * step) < end_ms)
         return out
 
+    def rate_qps(self, end_ms: float, span_ms: float) -> float:
+        """Arrivals per second in [end - span, end)."""
+        return len(self.window(end_ms, span_ms)) * 1000.0 / span_ms
+
 
 def relevel(arrivals_ms: Sequence[float], change_ms: float, ratio: float, seed: int = 0) -> list[float]:
     """The arrivals before ``change_ms`` thinned (``ratio`` < 1) or repeated (> 1) to the level after it,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -15,10 +16,10 @@ from typing import Any
 from common import admission
 from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKLOG
 from common.backends.profiled import DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator
-from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlSettings, WorkerView
+from common.control import DEFAULT_SWITCH_S, WATCH_S, ControlLoop, ControlSettings, WorkerView
 from common.messages import ErrorCode, FinalResult, LightReason, Plan, Role, RoutedBy, Status
 from common.plan_store import PLAN_REFRESH_S
-from common.planner import FixedPlan, Policy, QueueStats, default_plan, policy_spec
+from common.planner import FixedPlan, PlanResult, Policy, QueueStats, default_plan, policy_spec
 from common.profiles import CascadeProfile
 from common.replay import ARRIVAL_BUCKET_MS, HOP_MS, RECENT_CONFIDENCES, ArrivalHistory
 from common.routing import (
@@ -116,6 +117,8 @@ class Simulation:
         # the arrivals the router's histogram would hold: 100-ms buckets of a live stack's wall clock
         self.history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS / cfg.time_scale)
         self.early_tick = False  # a tick is due soon: traffic arrived after an idle one
+        self.watch_ms = WATCH_S * 1000.0 / cfg.time_scale  # the controller's look at the light queue
+        self.burst_at = -math.inf  # the last burst plan
         self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
         self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
@@ -136,6 +139,8 @@ class Simulation:
             if self.stored is not None:  # tick() stores one
                 self.publish(self.stored)
         self.at(0.0, self.sample)
+        if self.cfg.controller and not self.spec.fixed:
+            self.at(self.watch_ms, self.watch)
         end_ms = self.trace.duration_s * 1000.0
         while self.events:
             t, _seq, fn, args = heapq.heappop(self.events)
@@ -168,26 +173,52 @@ class Simulation:
     def tick(self, periodic: bool = True) -> None:
         self.early_tick = False
         demand = self.loop.observe(self.arrived, self.now / 1000.0)
+        self.history.prune(self.now - self.loop.cfg.hindsight_s * 1000.0 - 1000.0)
+        result, _reason = self.loop.decide(
+            self.stored,
+            demand,
+            self.views(),
+            self.queue_stats(),
+            history=self.history,
+            now_ms=self.now,
+            confidences=self.scored,
+        )
+        self.store(result, demand)
+        if periodic and (self.outstanding or self.now < self.trace.duration_s * 1000.0):
+            self.at(self.now + self.cfg.interval_s * 1000.0, self.tick)
+
+    def views(self) -> list[WorkerView]:
         planned = self.stored.roles if self.stored is not None else {}
-        views = [
+        return [
             WorkerView(w.worker_id, planned.get(w.worker_id, w.role), w.switch_s or DEFAULT_SWITCH_S)
             for w in self.workers
         ]
+
+    def queue_stats(self) -> QueueStats:
         b = self.backlogs()
-        queues = QueueStats(
-            light_backlog=b["light"], discriminator_backlog=b["discriminator"], heavy_backlog=b["heavy"]
-        )
-        self.history.prune(self.now - self.loop.cfg.hindsight_s * 1000.0 - 1000.0)
-        result, _reason = self.loop.decide(
-            self.stored, demand, views, queues, history=self.history, now_ms=self.now, confidences=self.scored
-        )
+        return QueueStats(light_backlog=b["light"], discriminator_backlog=b["discriminator"], heavy_backlog=b["heavy"])
+
+    def store(self, result: PlanResult, demand: float) -> None:
         self.version += 1
         message = result.to_message(self.version, result.roles, self.now)
         message.demand_qps = demand
         self.stored = message
         self.at(self.now + self.plan_delay_ms, self.publish, message)
-        if periodic and (self.outstanding or self.now < self.trace.duration_s * 1000.0):
-            self.at(self.now + self.cfg.interval_s * 1000.0, self.tick)
+
+    def watch(self) -> None:
+        """The controller between ticks (services/controller.py ``burst``): a burst the light stage cannot
+        absorb is planned for at once (ControlLoop.burst), at most one try per burst window."""
+        window_ms = self.loop.cfg.burst_window_s * 1000.0
+        stored = self.stored
+        if stored is not None and not self.loop.idle and self.now - self.burst_at >= window_ms:
+            rate = self.history.rate_qps(self.now, window_ms)
+            if self.loop.light_pressure(stored, self.backlogs()["light"], rate):
+                self.burst_at = self.now
+                burst = self.loop.burst(stored, rate, self.views(), self.queue_stats())
+                if burst is not None:
+                    self.store(burst[0], stored.demand_qps)
+        if self.outstanding or self.now < self.trace.duration_s * 1000.0:
+            self.at(self.now + self.watch_ms, self.watch)
 
     def publish(self, message: Plan) -> None:
         self.plan = message

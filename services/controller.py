@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from redis.exceptions import ResponseError
 from common import metrics
 from common.backends import BackendSettings, SloSettings, effective_slo_ms, latency_scale, load_profile
 from common.config import ServiceConfig, WorkerRegistrySettings, option
-from common.control import DEFAULT_SWITCH_S, ControlLoop, ControlReason, ControlSettings, Why, WorkerView
+from common.control import DEFAULT_SWITCH_S, WATCH_S, ControlLoop, ControlReason, ControlSettings, Why, WorkerView
 from common.messages import Objective, Plan, Policy
 from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
 from common.planner import (
@@ -56,7 +57,6 @@ from common.tenants import tenant_names
 
 DEFAULT = ControlSettings(slo_ms=0.0)  # the control law's defaults (its knobs' one declaration)
 MIN_INTERVAL_S = 0.25
-WATCH_S = 0.25  # wall-clock seconds between looks at the worker set
 SETTLE_S = 0.5
 
 
@@ -101,8 +101,9 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
     )
     peak_window_s: float = option(
         DEFAULT.peak_window_s,
-        "the light stage is provisioned for the highest demand this many full-speed seconds of history "
-        "exceeded for --peak-share of the time (recurring bursts count, a one-off does not)",
+        "the light stage is provisioned for at least the demand this many full-speed seconds of history "
+        "exceeded for --peak-share of the time (a burst above it moves heavy workers to the light stage "
+        "between ticks)",
         env="DIFFSERVE_PEAK_WINDOW_S",
     )
     peak_share: float = option(DEFAULT.peak_share, "see --peak-window-s", env="DIFFSERVE_PEAK_SHARE")
@@ -133,10 +134,10 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
         "keep the current roles unless the new plan's threshold differs by more than this",
         env="DIFFSERVE_THRESHOLD_MARGIN",
     )
-    worker_margin: int = option(
-        DEFAULT.worker_margin,
-        "... or its light/heavy split by more than this many workers",
-        env="DIFFSERVE_WORKER_MARGIN",
+    worker_margin_share: float = option(
+        DEFAULT.worker_margin_share,
+        "... or its light/heavy split by more than this share of the workers, rounded down (0 below 10 workers)",
+        env="DIFFSERVE_WORKER_MARGIN_SHARE",
     )
     default_switch_s: float = option(
         DEFAULT_SWITCH_S,
@@ -171,10 +172,11 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
         hindsight_min_s=ControlSettings.hindsight_min_s * scale,
         hindsight_halflife_s=ControlSettings.hindsight_halflife_s * scale,
         traffic_settle_s=ControlSettings.traffic_settle_s * scale,
+        burst_window_s=ControlSettings.burst_window_s * scale,
         max_threshold_step=cfg.max_threshold_step,
         max_threshold_rise=cfg.max_threshold_rise,
         threshold_margin=cfg.threshold_margin,
-        worker_margin=cfg.worker_margin,
+        worker_margin_share=cfg.worker_margin_share,
         max_switch_fraction=cfg.max_switch_fraction,
         spare_util=cfg.spare_util,
         headroom=cfg.headroom,
@@ -204,6 +206,7 @@ class Controller:
         self.settle_s = min(SETTLE_S, self.interval_s / 4)
         self._added: dict[str, int] = {}  # entries-added per submission stream at the last look
         self._arrivals = 0
+        self.burst_at = -math.inf  # the last look at a burst (Controller.burst)
 
     # ---------- measurements ----------
     async def arrivals(self) -> int:
@@ -293,11 +296,7 @@ class Controller:
         result, why = self.loop.decide(
             stored, self.demand, workers, queues, aimd, history=history, now_ms=now, confidences=confidences
         )
-        version = (stored.version if stored is not None else 0) + 1
-        message = result.to_message(version, result.roles, now_ms())
-        message.demand_qps = self.demand
-        await store_plan(self.r, self.keys, message)
-        self.export(result, self.demand)
+        message = await self.publish(stored, result, why, workers)
         # The autoscaler's signal: how many workers the plan for this demand wants (common/scaling.py).
         peak = max(self.demand, self.loop.peak.value)
         wanted = workers_wanted(self.profile, self.loop.cfg, self.demand, light_demand_qps=peak, queues=queues)
@@ -305,6 +304,38 @@ class Controller:
         for at, quality in (("live", result.estimated_quality), ("wanted", wanted.estimated_quality)):
             if quality is not None:
                 metrics.ESTIMATED_QUALITY.labels(at).set(quality)
+        return message
+
+    async def burst(self) -> Plan | None:
+        """Between ticks: when a job arriving now would wait too long for the light stage of the plan in
+        force, the plan for the arrival rate of the last burst window with heavy workers moved to the light
+        stage (ControlLoop.burst); at most one try per burst window."""
+        cfg = self.loop.cfg
+        if self.last is None or time.monotonic() - self.burst_at < cfg.burst_window_s:
+            return None
+        now, window_ms = now_ms(), cfg.burst_window_s * 1000.0
+        rate = (await load_arrivals(self.r, self.keys, now - window_ms, now)).rate_qps(now, window_ms)
+        light_backlog = await backlog(self.r, self.keys.light_queue, "workers")
+        if not self.loop.light_pressure(self.last, light_backlog, rate):
+            return None
+        self.burst_at = time.monotonic()
+        stored = await load_plan(self.r, self.keys)
+        if stored is None:
+            return None
+        workers = await self.live_workers(stored)
+        burst = self.loop.burst(stored, rate, workers, await self.queue_stats())
+        if burst is None:
+            return None
+        self.log.info("burst: re-planning", extra={"arrival_qps": round(rate, 3)})
+        return await self.publish(stored, *burst, workers)
+
+    async def publish(self, stored: Plan | None, result: PlanResult, why: Why, workers: list[WorkerView]) -> Plan:
+        """Store ``result`` as the next plan version (made for the demand measured at the last tick)."""
+        version = (stored.version if stored is not None else 0) + 1
+        message = result.to_message(version, result.roles, now_ms())
+        message.demand_qps = self.demand
+        await store_plan(self.r, self.keys, message)
+        self.export(result, self.demand)
         self.report(stored, message, result, why, workers)
         self.last, self.last_result = message, result
         return message
@@ -385,6 +416,8 @@ class Controller:
                 if traffic_at is not None and time.monotonic() - traffic_at >= self.loop.cfg.traffic_settle_s:
                     self.log.info("traffic after an idle spell: re-planning")
                     return  # the next step ticks now
+            else:
+                await self.burst()
             ids = await self.live_ids()
             if ids == self.planned_for:
                 changed_at = None

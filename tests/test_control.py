@@ -171,7 +171,6 @@ def test_recurring_peak_counts_bursts_that_recur_not_a_one_off():
         recurring.update(32.0 if tick % 6 == 0 else 4.0, at, 10.0)  # a burst every minute
     assert one_off.value == 4.0  # 10 s of 300 is under the 10 % share
     assert recurring.value == 32.0  # 50 s of 300
-    assert one_off.known(300.0) and not RecurringPeak(300.0, 0.1).known(0.0)
     early = RecurringPeak(window_s=300.0, share=0.1)
     early.update(4.0, 10.0, 10.0)
     early.update(30.0, 20.0, 10.0)
@@ -210,3 +209,31 @@ def test_until_the_replay_can_judge_the_preferred_threshold_is_kept(profile):
     # with the replay off (--hindsight-s 0) the solver's t stands from the start
     off, _ = _loop(profile, hindsight_s=0.0).decide(None, 10.0, workers, QueueStats(), history=history, now_ms=1e4)
     assert off.threshold == solver.threshold
+
+
+def test_a_burst_moves_the_fewest_heavy_workers_to_light_between_ticks(profile):
+    """Between bursts one light worker carries the load and the other three run the heavy model; a burst
+    that one light worker cannot absorb (by its arrival rate or by the wait in its queue) moves one heavy
+    worker to the light stage at once, without the confirming tick a role change otherwise waits for."""
+    loop = _loop(profile)
+    workers = _workers(1, 3)
+    stored = _stored(_loop(profile), workers, 6.0)
+    assert (stored.light_workers, stored.heavy_workers) == (1, 3)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    assert not loop.light_pressure(stored, light_backlog=4, rate_qps=6.0)
+    assert loop.light_pressure(stored, light_backlog=4, rate_qps=30.0)  # above what one light worker runs
+    assert loop.light_pressure(stored, light_backlog=80, rate_qps=6.0)  # a queue waited on for seconds
+    assert loop.burst(stored, 6.0, workers, QueueStats(light_backlog=4)) is None  # the roles carry it
+    result, why = loop.burst(stored, 30.0, workers, QueueStats(light_backlog=40))
+    assert why.reason == ControlReason.BURST and "burst" in result.reason
+    assert (result.light_workers, result.heavy_workers) == (2, 2) and result.feasible
+    moved = [w for w in workers if result.roles[w.worker_id] != w.role]
+    assert len(moved) == 1 and moved[0].role == "heavy"
+    assert loop.proposal is None  # the hysteresis of the next tick is untouched
+
+
+def test_a_fixed_plan_does_not_react_to_a_burst(profile):
+    loop = _loop(profile, policy="static", static_demand=6.0)
+    workers = _workers(2, 2)
+    stored = _stored(loop, workers, 6.0)
+    assert not loop.light_pressure(stored, light_backlog=200, rate_qps=60.0)

@@ -129,3 +129,46 @@ def test_the_first_plan_has_the_registered_workers_and_heavy_answers_come_from_t
     assert all(r.status == "ok" for r in results)
     heavy = sum(r.answered_by == "heavy" for r in results)
     assert heavy >= len(results) // 4, [(r.answered_by, r.light_reason) for r in results]
+
+
+def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
+    """Four workers at 3 q/s: the controller runs one light worker and three heavy.  A 10x burst that one
+    light worker cannot absorb makes it move a heavy worker to the light stage at once, not at its next
+    tick (the burst plan's reason says so)."""
+    scale = 0.5
+    spec = StackSpec(
+        redis_url=redis_server.url,
+        light_workers=2,
+        heavy_workers=2,
+        controller=True,
+        time_scale=scale,
+        controller_args=["--interval-s", str(10 * scale)],
+        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * scale)},
+    )
+    prompts = [p for p in load_prompts() if p]
+    rng = random.Random(3)
+    with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                tasks = []
+                for rate, seconds in ((3.0, 40.0), (30.0, 8.0), (3.0, 12.0)):
+                    end = time.monotonic() + seconds * scale
+                    while time.monotonic() < end:
+                        tasks.append(asyncio.create_task(client.submit(prompts[len(tasks)], timeout=120)))
+                        await asyncio.sleep(rng.expovariate(rate / scale))
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(scenario())
+        assert all(stack.alive().values())
+        log = (stack.log_dir / "controller.log").read_text().splitlines()
+    assert len({r.job_id for r in results}) == len(results)
+    # every job answered; on a busy 2-core box the router may still refuse a few at the burst's peak
+    assert sum(r.status == "ok" for r in results) >= 0.95 * len(results), {r.error_code for r in results}
+    plans = [json.loads(line) for line in log if '"new plan"' in line]
+    before = [p for p in plans if p["version"] > 1 and not p["reason"].startswith("burst")]
+    assert any((p["light_workers"], p["heavy_workers"]) == (1, 3) for p in before), [
+        (p["light_workers"], p["reason"]) for p in plans
+    ]
+    burst = [p for p in plans if p["reason"].startswith("burst")]
+    assert burst and burst[0]["light_workers"] == 2, [(p["light_workers"], p["reason"]) for p in plans]

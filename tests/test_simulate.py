@@ -207,6 +207,19 @@ def test_a_burst_costs_seconds_not_minutes(profile, prompts, workers):
     assert all(s["demand_qps"] <= 1.5 * base for s in after), [(s["t_s"], s["demand_qps"]) for s in after]
 
 
+def test_a_burst_gets_a_second_light_worker_within_seconds_and_gives_it_back(profile, prompts):
+    """4 workers at 3 q/s: one light worker and three heavy.  A 10x burst of 8 s that one light worker
+    cannot absorb gets a second one within 5 s of its start (between the controller's 10-s ticks), every
+    query is answered within the SLO, and the worker is back on the heavy model within 40 s of the end."""
+    trace = _burst_trace(3.0, len(prompts), before_s=60.0, burst_s=8.0, after_s=90.0)
+    run = simulate(profile, trace, prompts, SimConfig(policy="diffserve", workers=4, slo_ms=5000))
+    light = {s["t_s"]: s["roles"]["light"] for s in run.plan_samples}
+    assert all(n == 1 for t, n in light.items() if 20 <= t < 60), light
+    assert any(n == 2 for t, n in light.items() if 60 <= t <= 65), light
+    assert all(n == 1 for t, n in light.items() if 68 + 40 <= t <= 150), light
+    assert _entry(run, profile)["slo_violation_ratio"] == 0.0
+
+
 def test_a_short_heavy_stage_runs_the_hardest_prompts(profile, prompts):
     """The exchange (common/routing.exchange_for): with more escalations than two heavy workers can carry, the
     prompts answered by the heavy model are harder (less confident) than the escalated ones answered light

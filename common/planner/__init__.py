@@ -21,9 +21,10 @@ Differences from the original, on purpose:
 - capacity is planned at utilisation ``headroom`` (rho, 0.85 by default), because the profiled
   latencies are means and queues grow without bound as utilisation nears 1; with that cap a job
   waits about k = half a batch for a worker (``WAIT_BATCHES``), which the latency budget includes;
-- the light stage may be planned for a higher demand DL than the heavy stage (the controller
-  passes its recent peak): every query passes through the light model, so an under-provisioned
-  light stage misses the SLO for everyone, while a short heavy overload only degrades some answers;
+- the light stage may be planned for a higher demand DL than the heavy stage (the controller passes
+  the rate the last minutes exceeded half the time, or a burst's rate): every query passes through the
+  light model, so an under-provisioned light stage misses the SLO for everyone, while a short heavy
+  overload only degrades some answers;
 - the discriminator's batch latency ed(b1) is in the latency budget (it scores each light batch);
 - no worker is reserved for a sink;
 - ties on the objective are broken by fewer role changes against the current assignment, then

@@ -144,9 +144,9 @@ def hand_out_spares(problem: Problem, ch: Choice, *, target_util: float = 0.5) -
 
     First, while a stage's utilisation (load incl. backlog to drain, over capacity) is above
     ``target_util``, the stage with the highest utilisation gets the next spare, so its queueing
-    falls.  The rest go to the heavy stage when the option uses it: the light stage is already
-    provisioned for the recent peak, and heavy capacity is what a burst runs out of (the
-    controller's hysteresis decides whether such a move is worth its role changes).  Stages the
+    falls.  The rest go to the heavy stage when the option uses it: heavy capacity is what quality
+    runs out of, and the controller moves heavy workers to the light stage within seconds of a burst
+    (common/control.py; its hysteresis decides whether a move is worth its role changes).  Stages the
     option does not use get none."""
     o = problem.options[ch.option]
     allowed = [r for r, used in ((Role.LIGHT, o.uses_light), (Role.HEAVY, o.uses_heavy)) if used] or [Role.LIGHT]

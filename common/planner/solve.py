@@ -112,9 +112,9 @@ def plan(profile: CascadeProfile, demand_qps: float, workers: int, **options: An
     limits t (h) to a range while any option in it is feasible.  ``fixed`` returns that plan
     as given.  ``solver`` is ``milp`` (CBC) or ``enumerate`` (the exact enumeration).
     ``light_floor``: the fewest light workers a policy that uses the light model keeps (heavy
-    keeps one where it can).  One is enough where the light stage's peak is known (a lost light
-    worker is covered by the deadline rule and a re-plan); the controller asks for two in a cluster
-    of four or more until its history shows the light stage's recurring peak (common/control.py)."""
+    keeps one where it can).  The controller's plans keep one (a lost light worker or a burst is met by
+    the deadline rule and by moving heavy workers to the light stage between ticks); a plan fixed before
+    the load is seen keeps two in a cluster of four or more (common/control.py)."""
     given = {name: value for name, value in options.items() if not (name in ("current", "queues") and value is None)}
     return solve(PlanRequest(profile=profile, demand_qps=demand_qps, workers=workers, **given))
 
@@ -187,7 +187,7 @@ def solve(req: PlanRequest) -> PlanResult:
     if best is None and req.light_demand_qps and req.light_demand_qps > req.demand_qps and req.workers > 0:
         best = search.run(None, None)
         if best is not None:
-            notes.append("the light stage is planned for the current demand, not its recent peak")
+            notes.append("the light stage is planned for the current demand, not its light demand")
     solve_ms = search.solve_s * 1000.0
     assert search.problem is not None  # run() builds a problem before anything else
     if search.problem.workers <= 0:
