@@ -362,19 +362,43 @@ class ControlLoop:
         now_ms: float = 0.0,
         confidences: Sequence[float] | None = None,
     ) -> tuple[PlanResult, Why]:
-        """The plan to write and why (logged): the solver's plan under the hysteresis on roles, its
-        threshold and batch sizes then re-chosen by replaying the recent arrivals (``history``, in the
-        caller's ms, up to ``now_ms``) when the policy plans a threshold for quality."""
+        """The plan to write and why (logged): :meth:`propose`, then :meth:`refine`."""
+        result, why = self.propose(stored, demand, workers, queues, aimd)
+        return result, self.refine(result, why, stored, history, now_ms, confidences)
+
+    def propose(
+        self,
+        stored: Plan | None,
+        demand: float,
+        workers: list[WorkerView],
+        queues: QueueStats,
+        aimd: AimdState | None = None,
+    ) -> tuple[PlanResult, Why]:
+        """The solver's plan under the hysteresis on roles, and why."""
         running = sum(w.role == Role.HEAVY for w in workers) * (stored.heavy_batch if stored else 1)
         self.heavy_has_room = queues.heavy_backlog <= running
-        result, why = self._decide(stored, demand, workers, queues, aimd)
+        return self._decide(stored, demand, workers, queues, aimd)
+
+    def refine(
+        self,
+        result: PlanResult,
+        why: Why,
+        stored: Plan | None,
+        history: ArrivalHistory | None,
+        now_ms: float,
+        confidences: Sequence[float] | None = None,
+    ) -> Why:
+        """``result``'s threshold and batch sizes re-chosen by replaying the recent arrivals (``history``, in
+        the caller's ms, up to ``now_ms``) when the policy plans a threshold for quality, and its reason.  The
+        slow part of a tick, and it changes no state of the loop: the live controller runs it in a thread
+        while it goes on watching for bursts (:meth:`burst`)."""
         if history is not None:
             hindsight = self.hindsight(result, stored, history, now_ms, confidences)
             if hindsight:
                 why = dataclasses.replace(why, detail=f"{why.detail}; {hindsight}")
         if not self.fixed:
             result.reason = _reason(result, why)
-        return result, why
+        return why
 
     def hindsight(
         self,

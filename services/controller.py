@@ -207,6 +207,8 @@ class Controller:
         self._added: dict[str, int] = {}  # entries-added per submission stream at the last look
         self._arrivals = 0
         self.burst_at = -math.inf  # the last look at a burst (Controller.burst)
+        self.bursts = 0  # burst plans stored
+        self.planning = asyncio.Lock()  # a tick's plan and a burst's are stored one at a time
 
     # ---------- measurements ----------
     async def arrivals(self) -> int:
@@ -293,10 +295,15 @@ class Controller:
         span_ms = self.loop.cfg.hindsight_s * 1000.0
         history = await load_arrivals(self.r, self.keys, now - span_ms, now) if span_ms > 0 else None
         confidences = await load_confidences(self.r, self.keys) if span_ms > 0 else None
-        result, why = self.loop.decide(
-            stored, self.demand, workers, queues, aimd, history=history, now_ms=now, confidences=confidences
-        )
-        message = await self.publish(stored, result, why, workers)
+        bursts = self.bursts
+        result, why = self.loop.propose(stored, self.demand, workers, queues, aimd)
+        # the replay takes up to a second of CPU: in a thread, so that a burst meanwhile is planned for
+        why = await asyncio.to_thread(self.loop.refine, result, why, stored, history, now, confidences)
+        async with self.planning:
+            if self.bursts != bursts:  # its roles are from before the burst; the next tick sees it
+                self.log.info("tick overtaken by a burst plan: not stored", extra={"demand_qps": round(self.demand, 3)})
+                return self.last
+            message = await self.publish(stored, result, why, workers)
         # The autoscaler's signal: how many workers the plan for this demand wants (common/scaling.py).
         peak = max(self.demand, self.loop.peak.value)
         wanted = workers_wanted(self.profile, self.loop.cfg, self.demand, light_demand_qps=peak, queues=queues)
@@ -311,7 +318,7 @@ class Controller:
         force, the plan for the arrival rate of the last burst window with heavy workers moved to the light
         stage (ControlLoop.burst); at most one try per burst window."""
         cfg = self.loop.cfg
-        if self.last is None or time.monotonic() - self.burst_at < cfg.burst_window_s:
+        if self.last is None or self.loop.idle or time.monotonic() - self.burst_at < cfg.burst_window_s:
             return None
         now, window_ms = now_ms(), cfg.burst_window_s * 1000.0
         rate = (await load_arrivals(self.r, self.keys, now - window_ms, now)).rate_qps(now, window_ms)
@@ -319,15 +326,17 @@ class Controller:
         if not self.loop.light_pressure(self.last, light_backlog, rate):
             return None
         self.burst_at = time.monotonic()
-        stored = await load_plan(self.r, self.keys)
-        if stored is None:
-            return None
-        workers = await self.live_workers(stored)
-        burst = self.loop.burst(stored, rate, workers, await self.queue_stats())
-        if burst is None:
-            return None
-        self.log.info("burst: re-planning", extra={"arrival_qps": round(rate, 3)})
-        return await self.publish(stored, *burst, workers)
+        async with self.planning:
+            stored = await load_plan(self.r, self.keys)
+            if stored is None:
+                return None
+            workers = await self.live_workers(stored)
+            burst = self.loop.burst(stored, rate, workers, await self.queue_stats())
+            if burst is None:
+                return None
+            self.log.info("burst: re-planning", extra={"arrival_qps": round(rate, 3)})
+            self.bursts += 1
+            return await self.publish(stored, *burst, workers)
 
     async def publish(self, stored: Plan | None, result: PlanResult, why: Why, workers: list[WorkerView]) -> Plan:
         """Store ``result`` as the next plan version (made for the demand measured at the last tick)."""
@@ -402,7 +411,10 @@ class Controller:
         if self.ticks == 0:
             await self.wait_for_workers()
         started, ticked_ms = time.monotonic(), now_ms()
-        await self.tick()
+        tick = asyncio.create_task(self.tick())
+        while not (await asyncio.wait({tick}, timeout=self.watch_s))[0]:
+            await self.burst()  # while the tick replays the recent arrivals
+        tick.result()
         changed_at: float | None = None
         traffic_at: float | None = None
         while not self.svc.stop.is_set():
