@@ -366,19 +366,6 @@ class ControlLoop:
         result, why = self.propose(stored, demand, workers, queues, aimd)
         return result, self.refine(result, why, stored, history, now_ms, confidences)
 
-    def propose(
-        self,
-        stored: Plan | None,
-        demand: float,
-        workers: list[WorkerView],
-        queues: QueueStats,
-        aimd: AimdState | None = None,
-    ) -> tuple[PlanResult, Why]:
-        """The solver's plan under the hysteresis on roles, and why."""
-        running = sum(w.role == Role.HEAVY for w in workers) * (stored.heavy_batch if stored else 1)
-        self.heavy_has_room = queues.heavy_backlog <= running
-        return self._decide(stored, demand, workers, queues, aimd)
-
     def refine(
         self,
         result: PlanResult,
@@ -451,7 +438,7 @@ class ControlLoop:
             confidences=confidences,
         )
 
-    def _decide(
+    def propose(
         self,
         stored: Plan | None,
         demand: float,
@@ -459,6 +446,9 @@ class ControlLoop:
         queues: QueueStats,
         aimd: AimdState | None = None,
     ) -> tuple[PlanResult, Why]:
+        """The solver's plan under the hysteresis on roles, and why."""
+        running = sum(w.role == Role.HEAVY for w in workers) * (stored.heavy_batch if stored else 1)
+        self.heavy_has_room = queues.heavy_backlog <= running
         if (
             self.spec.fixed
             and self.cfg.fixed_plan is None

@@ -29,16 +29,21 @@ PHASES = [(2.5, 100.0), (14.0, 100.0), (2.5, 30.0)]
 pytestmark = pytest.mark.slow
 
 
-def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server, tmp_path):
-    spec = StackSpec(
+def _spec(redis_server, *, light: int, heavy: int, scale: float) -> StackSpec:
+    """A profiled stack with a controller, its interval and SLO at ``scale`` (10 s and the cascade's SLO)."""
+    return StackSpec(
         redis_url=redis_server.url,
-        light_workers=3,
-        heavy_workers=3,
+        light_workers=light,
+        heavy_workers=heavy,
         controller=True,
-        time_scale=TIME_SCALE,
-        controller_args=["--interval-s", str(10 * TIME_SCALE)],
-        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * TIME_SCALE)},
+        time_scale=scale,
+        controller_args=["--interval-s", str(10 * scale)],
+        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * scale)},
     )
+
+
+def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server, tmp_path):
+    spec = _spec(redis_server, light=3, heavy=3, scale=TIME_SCALE)
     prompts = [p for p in load_prompts() if p]
     rng = random.Random(7)
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
@@ -98,15 +103,7 @@ def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server,
 def test_the_first_plan_has_the_registered_workers_and_heavy_answers_come_from_the_start(redis_server, tmp_path):
     """Before, the first plan was made before any worker registered (t = 0, no roles) and every answer
     of the first interval came from the light model."""
-    spec = StackSpec(
-        redis_url=redis_server.url,
-        light_workers=2,
-        heavy_workers=2,
-        controller=True,
-        time_scale=TIME_SCALE,
-        controller_args=["--interval-s", str(10 * TIME_SCALE)],
-        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * TIME_SCALE)},
-    )
+    spec = _spec(redis_server, light=2, heavy=2, scale=TIME_SCALE)
     prompts = [p for p in load_prompts() if p][:20]
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
 
@@ -136,15 +133,7 @@ def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
     light worker cannot absorb makes it move a heavy worker to the light stage at once, not at its next
     tick (the burst plan's reason says so)."""
     scale = 0.5
-    spec = StackSpec(
-        redis_url=redis_server.url,
-        light_workers=2,
-        heavy_workers=2,
-        controller=True,
-        time_scale=scale,
-        controller_args=["--interval-s", str(10 * scale)],
-        env={"DIFFSERVE_SLO_MS": str(cascade("sdturbo-sdv15").slo_ms * scale)},
-    )
+    spec = _spec(redis_server, light=2, heavy=2, scale=scale)
     prompts = [p for p in load_prompts() if p]
     rng = random.Random(3)
     with LocalStack(spec, str(tmp_path / "logs")) as stack:
