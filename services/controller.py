@@ -314,9 +314,9 @@ class Controller:
         return message
 
     async def burst(self) -> Plan | None:
-        """Between ticks: when a job arriving now would wait too long for the light stage of the plan in
-        force, the plan for the arrival rate of the last burst window with heavy workers moved to the light
-        stage (ControlLoop.burst); at most one try per burst window."""
+        """Between ticks: when the light stage of the plan in force cannot keep up (ControlLoop.light_pressure),
+        the plan for the arrival rate of the last burst window with heavy workers moved to the light stage
+        (ControlLoop.burst); at most one try per burst window."""
         cfg = self.loop.cfg
         if self.last is None or self.loop.idle or time.monotonic() - self.burst_at < cfg.burst_window_s:
             return None
