@@ -118,7 +118,7 @@ class Simulation:
         self.history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS / cfg.time_scale)
         self.early_tick = False  # a tick is due soon: traffic arrived after an idle one
         self.watch_ms = WATCH_S * 1000.0 / cfg.time_scale  # the controller's look at the light queue
-        self.burst_at = -math.inf  # the last burst plan
+        self.burst_at = -math.inf  # the last try at a burst plan
         self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
         self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
