@@ -61,6 +61,12 @@ HEAVY_EXCHANGES = Counter(
     "worker meanwhile leaves the late job answered light)",
     registry=None,
 )
+BURST_PLANS = Counter(
+    "diffserve_burst_plans_total",
+    "plans made between the controller's ticks for a burst the light stage could not absorb (heavy workers "
+    "moved to it)",
+    registry=None,
+)
 DISCRIMINATOR_THRESHOLD = Gauge(
     "diffserve_discriminator_threshold", "confidence threshold applied to the last scored batch", registry=None
 )
@@ -173,6 +179,7 @@ FAMILIES: dict[str, tuple[Collector, ...]] = {
         SOLVE_TIME,
         WORKERS_WANTED,
         ESTIMATED_QUALITY,
+        BURST_PLANS,
     ),
     "gateway": (
         *_EVERY,

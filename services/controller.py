@@ -336,6 +336,7 @@ class Controller:
                 return None
             self.log.info("burst: re-planning", extra={"arrival_qps": round(rate, 3)})
             self.bursts += 1
+            metrics.BURST_PLANS.inc()
             return await self.publish(stored, *burst, workers)
 
     async def publish(self, stored: Plan | None, result: PlanResult, why: Why, workers: list[WorkerView]) -> Plan:

@@ -8,8 +8,10 @@ import asyncio
 import json
 import random
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.cascades import cascade
 from common.client import Client
@@ -151,6 +153,13 @@ def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
         results = asyncio.run(scenario())
         assert all(stack.alive().values())
         log = (stack.log_dir / "controller.log").read_text().splitlines()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['controller']}/metrics", timeout=5)
+        counted = [
+            sample.value
+            for family in text_string_to_metric_families(page.read().decode())
+            for sample in family.samples
+            if sample.name == "diffserve_burst_plans_total"
+        ]
     assert len({r.job_id for r in results}) == len(results)
     # every job answered; on a busy 2-core box the router may still refuse a few at the burst's peak
     assert sum(r.status == "ok" for r in results) >= 0.95 * len(results), {r.error_code for r in results}
@@ -161,3 +170,4 @@ def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
     ]
     burst = [p for p in plans if p["reason"].startswith("burst")]
     assert burst and burst[0]["light_workers"] == 2, [(p["light_workers"], p["reason"]) for p in plans]
+    assert counted == [len(burst)]  # diffserve_burst_plans_total
