@@ -488,12 +488,11 @@ class ControlLoop:
         ``burst_wait_share`` of the SLO for one of its workers (every query passes the light model)."""
         if stored is None or self.spec.fixed or stored.light_workers < 1:
             return False
-        batch = max(1, stored.light_batch)
-        batch_ms = self.profile.light.latency_ms(batch) * self.cfg.latency_scale
-        if rate_qps > stored.light_workers * batch * 1000.0 / batch_ms:
+        batch, light = max(1, stored.light_batch), self.profile.light
+        if rate_qps > stored.light_workers * light.throughput_qps(batch) / self.cfg.latency_scale:
             return True
         rounds = math.ceil(light_backlog / (stored.light_workers * batch))
-        return rounds * batch_ms > self.cfg.burst_wait_share * self.cfg.slo_ms
+        return rounds * light.latency_ms(batch) * self.cfg.latency_scale > self.cfg.burst_wait_share * self.cfg.slo_ms
 
     def burst(
         self, stored: Plan, rate_qps: float, workers: list[WorkerView], queues: QueueStats
