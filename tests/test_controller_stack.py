@@ -97,8 +97,11 @@ def test_threshold_holds_at_steady_demand_and_settles_after_a_step(redis_server,
     assert max(held, default=0.0) <= ControlSettings.max_threshold_step + 1e-9, [p.threshold for p in steady]
     high = phase(1)
     assert high[-1].threshold < steady[-1].threshold  # the step moved it
-    settled = [p.threshold for p in high[-2:]]
-    assert max(settled) - min(settled) <= 0.02 + 1e-9, settled  # and it settled (demand noise: a grid step)
+    # and it settled: the last four ticks of the busy phase hold one level, the steady phase's band wide (a
+    # tick that finds the heavy stage caught up may lift t by more than a step, the next replay takes it back)
+    settled = [p.threshold for p in high[-4:]]
+    assert max(settled) - min(settled) <= 0.05 + 1e-9, settled
+    assert max(settled) < min(p.threshold for p in steady), (settled, [p.threshold for p in steady])
     assert max(p.light_workers for p in high) >= max(p.light_workers for p in steady)
 
 
