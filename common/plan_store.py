@@ -40,7 +40,7 @@ async def store_plan(r: aioredis.Redis, keys: Keys, plan: Plan) -> None:
 
 
 # Every service re-reads the plan at most this often (wall clock); the simulator models the same delay.
-PLAN_REFRESH_S = 0.5
+PLAN_REFRESH_S = 0.1
 
 
 class PlanWatcher:
@@ -110,7 +110,7 @@ class StageWatcher:
     (re-counted at most every ``refresh_s``) and its queue's backlog (read on every call, since
     it is what changes between batches)."""
 
-    def __init__(self, r: aioredis.Redis, keys: Keys, alive_s: float, refresh_s: float = 0.25):
+    def __init__(self, r: aioredis.Redis, keys: Keys, alive_s: float, refresh_s: float = 0.1):
         self.r, self.keys, self.alive_s, self.refresh_s = r, keys, alive_s, refresh_s
         self.workers: dict[str, int] = {}
         self._counted_at = -1e9

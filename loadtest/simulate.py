@@ -15,7 +15,7 @@ discriminator's confidence function and load times (common/backends/profiled.py)
 tester's report and plots (loadtest/report.py, loadtest/plots.py).
 
 ``--time-scale X`` models a live stack run at time scale X (what ``diffserve loadtest
---time-scale X`` measures): that stack's wall-clock constants (the 0.5 s plan refresh of every
+--time-scale X`` measures): that stack's wall-clock constants (the 0.1 s plan refresh of every
 service, each service's ~1.5 ms of CPU per batch) are 1/X times longer in full-speed time.
 
 Two uses beyond comparing policies:
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale",
         type=float,
         default=1.0,
-        help="model a live stack run at this time scale (its wall-clock constants, e.g. the 0.5 s "
+        help="model a live stack run at this time scale (its wall-clock constants, e.g. the 0.1 s "
         "plan refresh, are 1/X longer at full speed); 1 = a real deployment",
     )
     c.add_argument(
