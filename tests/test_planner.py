@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from common import planner as P
+from common.planner.allocation import heavy_limited
 from common.profiles import load_cascade_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +169,21 @@ def test_all_workers_get_a_role_and_spares_go_to_the_busier_stage(sdturbo):
     result = P.plan(sdturbo, 20.0, 40, objective="quality")
     assert result.light_workers + result.heavy_workers == 40
     assert result.heavy_workers - result.min_heavy_workers > result.light_workers - result.min_light_workers
+
+
+def test_spare_workers_go_heavy_when_the_heavy_stage_limits_quality(sdturbo):
+    """24 q/s on 4 workers: the light stage needs two, and two heavy workers cannot carry even t = 0.01
+    (36 % of prompts score below 0.05), so the solver plans t = 0.  The spares go to the heavy stage, not to
+    the busier light stage: the controller's replay and the deadline rule's exchange give them the hardest
+    prompts.  Where the heavy stage does not limit quality, the busier stage still gets them."""
+    limited = P.plan(sdturbo, 24.0, 4)
+    assert limited.threshold == 0.0 and limited.min_light_workers == 2
+    assert (limited.light_workers, limited.heavy_workers) == (2, 2)
+    problem = P.build_problem(sdturbo, 24.0, 4)
+    t0 = next(o for o in problem.options if o.value == 0.0)
+    assert heavy_limited(problem, t0)
+    best = min(problem.options, key=lambda o: o.rank)
+    assert not heavy_limited(problem, best)
 
 
 def test_a_backlog_is_capacity_to_drain_not_latency(sdturbo):
@@ -347,7 +363,7 @@ def test_a_queue_with_jobs_keeps_a_worker(sdturbo):
     assert busy.threshold == 0.0 and busy.heavy_workers == 1 and busy.light_workers == 7
     overload = P.plan(sdturbo, 1000.0, 8, queues=queues)
     assert not overload.feasible and overload.heavy_workers == 1
-    assert P.plan(sdturbo, 120.0, 8).heavy_workers == 0  # without a backlog, all light
+    assert P.plan(sdturbo, 130.0, 8).heavy_workers == 0  # without a backlog, every worker for the light stage
     heavy_only = P.plan(sdturbo, 1.0, 4, policy="clipper-heavy", queues=P.QueueStats(light_backlog=3))
     assert heavy_only.light_workers == 1 and heavy_only.heavy_workers == 3
     _same_optimum(P.build_problem(sdturbo, 120.0, 8, queues=queues))

@@ -139,18 +139,36 @@ def _pool(problem: Problem, ch: Choice) -> _Pool:
     return _Pool(x={Role.LIGHT: ch.x1, Role.HEAVY: ch.x2}, surplus=surplus, unknown=unknown)
 
 
+def heavy_limited(problem: Problem, o: Option) -> bool:
+    """Whether the objective ranks higher an option that needs more heavy capacity than ``o``: the solver
+    chose ``o`` because the heavy stage could not carry better (in a busy phase on a small cluster it may
+    plan t = 0, so the heavy stage "runs nothing" and looked like the place a spare is wasted).  Cascade
+    options only: there the deadline rule's exchange gives heavy capacity the hardest prompts whatever t
+    the plan states; a split sends its heavy workers only their fraction."""
+    if o.split:
+        return False
+    need = problem.heavy_load(o)
+    return any(other.rank < o.rank and problem.heavy_load(other) > need for other in problem.options)
+
+
 def hand_out_spares(problem: Problem, ch: Choice, *, target_util: float = 0.5) -> tuple[int, int]:
     """Final counts: the solver's counts plus every spare worker.
 
-    First, while a stage's utilisation (load incl. backlog to drain, over capacity) is above
-    ``target_util``, the stage with the highest utilisation gets the next spare, so its queueing
-    falls.  The rest go to the heavy stage when the option uses it: heavy capacity is what quality
-    runs out of, and the controller moves heavy workers to the light stage within seconds of a burst
-    (common/control.py; its hysteresis decides whether a move is worth its role changes).  Stages the
-    option does not use get none."""
+    When the option is short of heavy capacity (:func:`heavy_limited`: the objective ranks an option that
+    needs more of it higher), every spare goes to the heavy stage, even where the option runs none (t = 0):
+    the light stage already carries its load, and a heavy worker is quality, since the controller's replay
+    and the deadline rule's exchange give any heavy capacity the hardest prompts.  Otherwise, while a
+    stage's utilisation (load incl. backlog to drain, over capacity) is above ``target_util``, the stage
+    with the highest utilisation gets the next spare, so its queueing falls, and the rest go to the heavy
+    stage when the option uses it.  Either way the controller moves heavy workers to the light stage
+    within seconds of a burst (common/control.py; its hysteresis decides whether a move is worth its role
+    changes).  Stages the option does not use get none otherwise."""
     o = problem.options[ch.option]
     allowed = [r for r, used in ((Role.LIGHT, o.uses_light), (Role.HEAVY, o.uses_heavy)) if used] or [Role.LIGHT]
     pool = _pool(problem, ch)
+    if heavy_limited(problem, o):
+        while pool.spare > 0:
+            pool.take(Role.HEAVY)
     b = {Role.LIGHT: ch.b1, Role.HEAVY: ch.b2}
 
     def rho(r: Role) -> float:
