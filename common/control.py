@@ -128,9 +128,24 @@ class _Tick:
     demand: float
     current: dict[str, str]  # worker id -> its role now
     switch_s: dict[str, float]
+    ready_s: dict[str, float]  # worker id -> when it could serve another role: its batch, then its switch
     queues: QueueStats
     stored: Plan | None
     aimd: AimdState | None
+
+    @classmethod
+    def of(
+        cls, demand: float, workers: list[WorkerView], queues: QueueStats, stored: Plan | None, aimd: AimdState | None
+    ) -> _Tick:
+        return cls(
+            demand=demand,
+            current={w.worker_id: w.role for w in workers},
+            switch_s={w.worker_id: w.switch_s for w in workers},
+            ready_s={w.worker_id: w.busy_s + w.switch_s for w in workers},
+            queues=queues,
+            stored=stored,
+            aimd=aimd,
+        )
 
     def flipping(self, plan: PlanResult) -> list[str]:
         """The workers ``plan`` moves from the role they have."""
@@ -142,6 +157,7 @@ class WorkerView:
     worker_id: str
     role: str  # current role: the planned one if it is in the stored plan, else the reported one
     switch_s: float
+    busy_s: float = 0.0  # until the batch it is running ends (0: idle): a switch starts after it
 
 
 @dataclass(kw_only=True)
@@ -258,7 +274,7 @@ class ControlLoop:
         *,
         keep_roles: bool = False,
         aimd: AimdState | None = None,
-        switch_s: dict[str, float] | None = None,
+        ready_s: dict[str, float] | None = None,
     ) -> PlanResult:
         window = None
         center = self.smoothed_from(stored, current)
@@ -283,7 +299,7 @@ class ControlLoop:
             drain_s=self.cfg.drain_intervals * self.cfg.interval_s,
             headroom=self.cfg.headroom,
             spare_util=self.cfg.spare_util,
-            switch_s=switch_s,
+            ready_s=ready_s,
             fixed=self.fixed,
         )
 
@@ -458,14 +474,7 @@ class ControlLoop:
         ):
             # Solved once for the cluster as it is; again only if workers join or leave.
             self.fixed = static_plan(self.profile, self.cfg.static_demand or demand, len(workers), self.cfg)
-        tick = _Tick(
-            demand=demand,
-            current={w.worker_id: w.role for w in workers},
-            switch_s={w.worker_id: w.switch_s for w in workers},
-            queues=queues,
-            stored=stored,
-            aimd=aimd,
-        )
+        tick = _Tick.of(demand, workers, queues, stored, aimd)
         new = self._solve(tick, tick.current)
         proposal, self.proposal = self.proposal, None  # kept only while a change awaits confirmation
         if not tick.current or new.role_changes == 0:
@@ -502,20 +511,13 @@ class ControlLoop:
         when the current roles cannot carry it and such a move can; None otherwise.  No confirmation (a
         burst of seconds does not wait an interval), the threshold within a tick's step of the plan in force,
         and the demand estimate and hysteresis untouched: the next tick judges whether the workers stay."""
-        tick = _Tick(
-            demand=max(self.demand.smoothed, rate_qps),
-            current={w.worker_id: w.role for w in workers},
-            switch_s={w.worker_id: w.switch_s for w in workers},
-            queues=queues,
-            stored=stored,
-            aimd=None,
-        )
+        tick = _Tick.of(max(self.demand.smoothed, rate_qps), workers, queues, stored, None)
         keep = self._solve(tick, tick.current, keep_roles=True)
         if keep.feasible:
             return None
         roles = dict(tick.current)
-        heavy = sorted((w for w, r in roles.items() if r == Role.HEAVY), key=lambda w: tick.switch_s.get(w, 0.0))
-        for w in heavy[:-1]:  # the fewest (fastest) heavy workers that make it feasible; one heavy stays
+        heavy = sorted((w for w, r in roles.items() if r == Role.HEAVY), key=lambda w: tick.ready_s.get(w, 0.0))
+        for w in heavy[:-1]:  # the fewest heavy workers, ready soonest, that make it feasible; one heavy stays
             roles[w] = Role.LIGHT
             result = self._solve(tick, roles, keep_roles=True)
             if result.feasible:
@@ -527,7 +529,7 @@ class ControlLoop:
 
     def _solve(self, tick: _Tick, roles: dict[str, str], *, keep_roles: bool = False) -> PlanResult:
         return self.solve(
-            tick.demand, roles, tick.queues, tick.stored, keep_roles=keep_roles, aimd=tick.aimd, switch_s=tick.switch_s
+            tick.demand, roles, tick.queues, tick.stored, keep_roles=keep_roles, aimd=tick.aimd, ready_s=tick.ready_s
         )
 
     def _hysteresis(
@@ -562,7 +564,7 @@ class ControlLoop:
         if len(flipping) <= step:
             return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.CONFIRMED))
         partial = dict(tick.current)
-        for w in sorted(flipping, key=lambda w: tick.switch_s.get(w, 0.0))[:step]:
+        for w in sorted(flipping, key=lambda w: tick.ready_s.get(w, 0.0))[:step]:
             partial[w] = new.roles[w]
         partial_plan = self._solve(tick, partial, keep_roles=True)
         if not partial_plan.feasible:
@@ -586,7 +588,7 @@ class ControlLoop:
             heavy_backlog=tick.queues.heavy_backlog + round(extra["heavy"]),
         )
         again = self.solve(
-            tick.demand, target, loaded, tick.stored, keep_roles=stepped, aimd=tick.aimd, switch_s=tick.switch_s
+            tick.demand, target, loaded, tick.stored, keep_roles=stepped, aimd=tick.aimd, ready_s=tick.ready_s
         )
         again.role_changes = count_changes(tick.current, again.roles)
         if again.feasible and again.role_changes:

@@ -68,6 +68,7 @@ class WorkerRecord:
     worker_id: str
     role: str  # as it reports it ("" when its info hash is gone)
     switch_s: float  # its last measured role switch (0: none yet)
+    busy_until_ms: float = 0.0  # when the batch it started last ends, on the deployment's clock (0: none yet)
 
 
 def _text(value: object) -> str:
@@ -88,16 +89,25 @@ async def live_workers(r: aioredis.Redis, keys: Keys, alive_s: float) -> list[Wo
         return []
     async with r.pipeline(transaction=False) as pipe:
         for w in ids:
-            pipe.hmget(keys.worker_info(w), ["role", "switch_s"])
+            pipe.hmget(keys.worker_info(w), ["role", "switch_s", "busy_until_ms"])
         infos = await pipe.execute()
-    out = []
-    for w, (role, switch) in zip(ids, infos, strict=True):
-        try:
-            switch_s = float(_text(switch)) if switch is not None else 0.0
-        except ValueError:
-            switch_s = 0.0
-        out.append(WorkerRecord(worker_id=w, role=_text(role) if role is not None else "", switch_s=switch_s))
-    return out
+    return [
+        WorkerRecord(
+            worker_id=w,
+            role=_text(role) if role is not None else "",
+            switch_s=_number(switch),
+            busy_until_ms=_number(busy_until),
+        )
+        for w, (role, switch, busy_until) in zip(ids, infos, strict=True)
+    ]
+
+
+def _number(value: object) -> float:
+    """A number a worker wrote to its info hash (0 when missing or not a number)."""
+    try:
+        return float(_text(value)) if value is not None else 0.0
+    except ValueError:
+        return 0.0
 
 
 async def live_roles(r: aioredis.Redis, keys: Keys, alive_s: float) -> dict[str, str]:

@@ -55,6 +55,7 @@ class SimWorker:
     busy: bool = False
     batch: list[SimJob] = field(default_factory=list)
     switch_s: float = 0.0
+    free_at: float = 0.0  # when the batch it is running ends (the controller's busy_s)
 
 
 @dataclass(kw_only=True)
@@ -190,7 +191,12 @@ class Simulation:
     def views(self) -> list[WorkerView]:
         planned = self.stored.roles if self.stored is not None else {}
         return [
-            WorkerView(w.worker_id, planned.get(w.worker_id, w.role), w.switch_s or DEFAULT_SWITCH_S)
+            WorkerView(
+                w.worker_id,
+                planned.get(w.worker_id, w.role),
+                w.switch_s or DEFAULT_SWITCH_S,
+                busy_s=max(0.0, w.free_at - self.now) / 1000.0 if w.batch else 0.0,
+            )
             for w in self.workers
         ]
 
@@ -351,7 +357,8 @@ class Simulation:
                 self.at(self.now + self.hop_ms, self._free, w)
                 return
         w.busy, w.batch = True, jobs
-        self.at(self.now + self.latency_ms(w.role, len(jobs)) + self.hop_ms, self.batch_done, w)
+        w.free_at = self.now + self.latency_ms(w.role, len(jobs)) + self.hop_ms
+        self.at(w.free_at, self.batch_done, w)
 
     def _free(self, w: SimWorker) -> None:
         w.busy = False

@@ -240,12 +240,16 @@ class Controller:
         """The live workers (common/plan_store.py), each with its planned role where the stored plan has one."""
         planned = stored.roles if stored is not None else {}
         default_switch_s = self.cfg.default_switch_s * self.scale
+        now = now_ms()
         out = []
         for w in await live_workers(self.r, self.keys, self.cfg.worker_timeout_s):
             role = planned.get(w.worker_id) if planned.get(w.worker_id) in ROLES else w.role
             out.append(
                 WorkerView(
-                    w.worker_id, role if role in ROLES else "", w.switch_s if w.switch_s > 0 else default_switch_s
+                    w.worker_id,
+                    role if role in ROLES else "",
+                    w.switch_s if w.switch_s > 0 else default_switch_s,
+                    busy_s=max(0.0, w.busy_until_ms - now) / 1000.0,
                 )
             )
         return out

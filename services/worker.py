@@ -320,6 +320,8 @@ class Worker:
         """Run the model on a batch and answer each job (heavy), or send its light image on (light)."""
         model_name = self.loaded.name
         running = RunningBatch(self.r, self.keys, self.cfg, jobs, model_name) if self.role == Role.HEAVY else None
+        with contextlib.suppress(*TRANSIENT_ERRORS):  # a hint for the controller: which worker frees up first
+            await self.r.hset(self.keys.worker_info(self.id), "busy_until_ms", now_ms() + self.estimate_ms(len(jobs)))
         start = time.perf_counter()
         try:
             images = await self._generate(jobs, running)

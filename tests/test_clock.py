@@ -65,9 +65,14 @@ def test_a_heavy_host_one_second_ahead_still_answers_with_the_heavy_model(redis_
                 return [await client.submit(f"a lighthouse {i}", timeout=30) for i in range(3)]
 
         results = asyncio.run(scenario())
-        offset = redis.Redis.from_url(redis_server.url).hget(KEYS.worker_info("worker-heavy"), "clock_offset_ms")
+        r = redis.Redis.from_url(redis_server.url)
+        offset, busy_until = r.hmget(KEYS.worker_info("worker-heavy"), ["clock_offset_ms", "busy_until_ms"])
+        seconds, micros = r.time()
     assert [(r.status, r.answered_by, r.degraded) for r in results] == [("ok", "heavy", False)] * 3
     assert 900 < float(offset) < 1100  # the skew is real, and reported
+    # when its last batch was to end, on Redis's clock too (its own would put it ~1 s in the future)
+    redis_now_ms = seconds * 1000 + micros / 1000
+    assert redis_now_ms - 10_000 < float(busy_until) < redis_now_ms + 500, (busy_until, redis_now_ms)
 
 
 @pytest.mark.slow

@@ -232,6 +232,20 @@ def test_a_burst_moves_the_fewest_heavy_workers_to_light_between_ticks(profile):
     assert loop.proposal is None  # the hysteresis of the next tick is untouched
 
 
+def test_a_burst_moves_the_heavy_worker_that_can_serve_light_first(profile):
+    """A heavy worker switches once its batch ends: the burst takes the one whose batch ends first, even
+    when another has a faster switch on record (1.5 s of batch + 0.4 s of load > 0.2 s + 0.8 s)."""
+    loop = _loop(profile)
+    workers = _workers(1, 3)
+    stored = _stored(_loop(profile), workers, 6.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    heavy = [w for w in workers if w.role == "heavy"]
+    heavy[0].busy_s, heavy[1].busy_s, heavy[2].busy_s = 1.5, 0.2, 2.0
+    heavy[1].switch_s = 0.8
+    result, _why = loop.burst(stored, 30.0, workers, QueueStats(light_backlog=40))
+    assert [w.worker_id for w in heavy if result.roles[w.worker_id] == "light"] == [heavy[1].worker_id]
+
+
 def test_a_fixed_plan_does_not_react_to_a_burst(profile):
     loop = _loop(profile, policy="static", static_demand=6.0)
     workers = _workers(2, 2)

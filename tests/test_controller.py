@@ -288,8 +288,10 @@ def test_every_stage_counts_the_same_live_workers(redis_server):
             for worker, age in ages_s.items():
                 await r.zadd(keys.workers, {worker: now - age * 1000})
                 await r.hset(keys.worker_info(worker), mapping={"role": "light", "switch_s": 0.5})
+            await r.hset(keys.worker_info("fresh"), "busy_until_ms", now + 1500)  # its batch ends in 1.5 s
             controller = Controller(svc)
             views = await controller.live_workers(None)
+            assert 1.3 < views[0].busy_s <= 1.5 and views[0].switch_s == 0.5
             stage = await StageWatcher(r, keys, cfg.worker_timeout_s).stage(Role.LIGHT, Plan(), lambda n: 100.0)
             return (
                 await controller.live_ids(),

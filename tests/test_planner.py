@@ -276,7 +276,7 @@ def test_assign_roles_minimal_changes():
     current = {"a": "light", "b": "", "c": "heavy", "d": "heavy"}
     roles = P.assign_roles(current, 2, 2)
     assert roles["b"] == "light" and P.count_changes(current, roles) == 0
-    roles = P.assign_roles({"a": "heavy", "b": "heavy", "c": "heavy"}, 1, 2, switch_s={"a": 9, "b": 1, "c": 5})
+    roles = P.assign_roles({"a": "heavy", "b": "heavy", "c": "heavy"}, 1, 2, ready_s={"a": 9, "b": 1, "c": 5})
     assert roles == {"a": "heavy", "b": "light", "c": "heavy"}
 
 

@@ -14,14 +14,15 @@ from common.planner.problem import ROLES, AimdState, Choice, Evaluation, Option,
 
 
 def assign_roles(
-    current: Mapping[str, str], light_workers: int, heavy_workers: int, *, switch_s: dict[str, float] | None = None
+    current: Mapping[str, str], light_workers: int, heavy_workers: int, *, ready_s: dict[str, float] | None = None
 ) -> dict[str, Role]:
     """A role for every worker in ``current`` (worker id -> its role now, or anything else
     for unknown) with ``light_workers`` light and ``heavy_workers`` heavy, changing the fewest
     known roles.  Workers beyond light+heavy keep their role (light when unknown); when the
     counts exceed the workers, light is served first.  Among workers that must flip, those
-    with the shortest measured ``switch_s`` flip first; ids break ties so the result is stable."""
-    cost = switch_s or {}
+    ready soonest (``ready_s``: the batch each is running, then its measured switch) flip first; ids
+    break ties so the result is stable."""
+    cost = ready_s or {}
     ids = sorted(current)
     want = {Role.LIGHT: max(0, light_workers), Role.HEAVY: max(0, heavy_workers)}
     roles: dict[str, Role] = {}

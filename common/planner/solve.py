@@ -64,7 +64,7 @@ class PlanRequest:
     drain_s: float = DEFAULT_DRAIN_S
     headroom: float = DEFAULT_HEADROOM
     spare_util: float = 0.5
-    switch_s: dict[str, float] | None = None
+    ready_s: dict[str, float] | None = None  # worker -> seconds until it could serve another role
     fixed: FixedPlan | None = None
     solver: Solver = "milp"
     light_floor: int = 1
@@ -308,7 +308,7 @@ def _result(
     ``problem``: the solved problem's demand and workers (else the request's, as given)."""
     profile, objective = req.profile, req.resolved_objective
     quality = profile.quality.score(light_share) if profile.quality is not None and ev is not None else None
-    roles = assign_roles(req.current, ch.x1, ch.x2, switch_s=req.switch_s) if req.current and ev is not None else {}
+    roles = assign_roles(req.current, ch.x1, ch.x2, ready_s=req.ready_s) if req.current and ev is not None else {}
     lat = LatencyBreakdown()
     if ev is not None:
         lat = LatencyBreakdown(
