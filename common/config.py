@@ -359,7 +359,6 @@ class Keys:
         self.completions = f"{ns}:completions"  # any stage -> router
         self.dead_letters = f"{ns}:dead-letters"
         self.plan = f"{ns}:plan"
-        self.plan_channel = f"{ns}:plan-announce"
         self.workers = f"{ns}:workers"  # zset: worker_id -> last heartbeat (ms)
         self.worker_info_prefix = f"{ns}:worker:"  # hash per worker
         self.stats = f"{ns}:stats"  # hash of counters the controller reads

@@ -32,11 +32,7 @@ async def load_plan(r: aioredis.Redis, keys: Keys) -> Plan | None:
 
 
 async def store_plan(r: aioredis.Redis, keys: Keys, plan: Plan) -> None:
-    payload = plan.encode()
-    async with r.pipeline(transaction=True) as pipe:
-        pipe.set(keys.plan, payload)
-        pipe.publish(keys.plan_channel, plan.version)
-        await pipe.execute()
+    await r.set(keys.plan, plan.encode())
 
 
 # Every service re-reads the plan at most this often (wall clock); the simulator models the same delay.

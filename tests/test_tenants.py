@@ -105,7 +105,7 @@ def test_a_tenant_can_touch_nothing_but_its_own_stream_and_replies(admin_server)
         "the light queue": lambda: alice.xadd(KEYS.light_queue, {"m": b"x"}),
         "EVAL": lambda: alice.eval("return 1", 0),
         "FCALL": lambda: alice.fcall("f", 0),
-        "PUBLISH": lambda: alice.publish(KEYS.plan_channel, "x"),
+        "PUBLISH": lambda: alice.publish(f"{KEYS.plan}-announce", "x"),
         "ACL": lambda: alice.acl_list(),
     }
     for what, attempt in refused.items():
