@@ -6,8 +6,9 @@ tester accepts; the router (admission, and the direct routing of split policies)
 discriminator and heavy queues pulled in batches of up to the plan's size by whichever worker is
 free; the profiled batch latencies; the discriminator's confidences (the profiled backend's own
 draw, or a recorded confidence file by line); role switches with the profiled model load times
-(from disk the first time, from host memory after); and the controller every interval, with its watch on
-the light queue between intervals (a burst moves heavy workers to the light stage at once).
+(from host memory: workers stage the other role's model there at start); and the controller every
+interval, with its watch on the light queue between intervals (a burst moves heavy workers to the
+light stage at once).
 
 What is imported, not copied: the control law (common/control.py) over the planner
 (common/planner.py), the routing and deadline rules (common/routing.py), the profiled

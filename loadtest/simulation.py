@@ -69,6 +69,9 @@ class SimConfig:
     controller: bool = True
     sample_interval_s: float = 1.0
     fixed_plan: FixedPlan | None = None
+    # workers read the other role's model into host memory at start (the worker's --stage-other-role, on by
+    # default; the trace starts after they did): every switch is a load from host memory
+    stage_other_role: bool = True
     control: dict[str, Any] = field(default_factory=dict)  # other ControlSettings fields
 
 
@@ -95,7 +98,7 @@ class Simulation:
         light = cfg.light_workers if cfg.light_workers is not None else max(1, cfg.workers // 2)
         self.workers = [SimWorker(f"worker-{i}", "light" if i < light else "heavy") for i in range(cfg.workers)]
         for w in self.workers:
-            w.loaded.add(w.role)
+            w.loaded.update(("light", "heavy") if cfg.stage_other_role else (w.role,))
         self.disc_busy = False
         self.disc_batch: list[SimJob] = []
         self.plan = default_plan(profile)  # in force at the data plane

@@ -97,6 +97,22 @@ def test_host_memory_switch_matches_fresh_load(tiny_dir):
     model.unload()
 
 
+def test_a_staged_model_is_read_into_host_memory_and_loads_from_there(tiny_dir):
+    fresh = _model(tiny_dir)
+    fresh.load("disk")
+    reference = _arrays(fresh.generate(PROMPTS[:2], SEEDS[:2]))
+    fresh.unload()
+
+    model = _model(tiny_dir)
+    assert model.stage() > 0
+    pipe = model.pipe
+    assert model._on_host and pipe.unet.device.type == "cpu"  # read from disk, parked in host memory
+    model.load("host")
+    assert model.pipe is pipe and not model._on_host  # the staged pipeline, not read again
+    assert np.abs(_arrays(model.generate(PROMPTS[:2], SEEDS[:2])) - reference).max() <= TOL
+    model.unload()
+
+
 def test_flat_host_copy_keeps_the_weights(tiny_dir):
     """The offload path of CUDA (one flat host buffer, views per tensor) on CPU tensors."""
     model = _model(tiny_dir)

@@ -52,6 +52,11 @@ class ImageModel(Protocol):
         """Park in host memory (a later ``load("host")`` is fast)."""
         ...
 
+    def stage(self) -> float:
+        """From disk into host memory only, not onto the device (a later ``load("host")`` is fast); returns
+        the seconds it took."""
+        ...
+
     def unload(self) -> None: ...
 
     def generate(
@@ -114,6 +119,12 @@ class BackendSettings(CascadeSettings):
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N", env="DIFFSERVE_DEVICE")
     host_cache: bool = option(
         True, "keep the idle pipeline in host memory for fast role switches", env="DIFFSERVE_HOST_CACHE"
+    )
+    stage_other_role: bool = option(
+        True,
+        "with --host-cache: at start, also read the other role's model into host memory (in the background), "
+        "so the first role switch, often a burst's, is a copy from host memory rather than a load from disk",
+        env="DIFFSERVE_STAGE_OTHER_ROLE",
     )
     batch_grid: list[int] = option(
         [1, 2, 4, 8, 16, 32], "batch sizes the planner chooses from and graph mode captures", env="DIFFSERVE_BATCH_GRID"

@@ -121,13 +121,22 @@ class DiffusersModel:
                 self.pipe.to(self.device)
             self._on_host = self._pinned = False
         elif self.pipe is None:
-            self.pipe = self._from_pretrained()
+            self.pipe = self._from_pretrained(self.device)
         if self.cuda_graphs and self.graphs is None:
             self.capture()
         self.last_load_s = time.perf_counter() - start
         return self.last_load_s
 
-    def _from_pretrained(self) -> Any:
+    def stage(self) -> float:
+        """Read the pipeline from disk into host memory without touching the device (a worker does this for
+        the other role's model while it serves): a later ``load("host")`` is a copy.  Returns the seconds."""
+        start = time.perf_counter()
+        if self.pipe is None:
+            self.pipe = self._from_pretrained("cpu")
+            self._on_host, self._pinned = True, False
+        return time.perf_counter() - start
+
+    def _from_pretrained(self, device: str) -> Any:
         from diffusers import AutoPipelineForText2Image, DDIMScheduler, EulerDiscreteScheduler
 
         if self.pipeline_factory is not None:
@@ -148,7 +157,7 @@ class DiffusersModel:
         pipe.set_progress_bar_config(disable=True)
         # the pipeline warns with the truncated prompt text on every long prompt: keep prompts out of logs
         logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
-        return pipe.to(self.device)
+        return pipe.to(device)
 
     def capture(self) -> float:
         """Capture the UNet step (and VAE decode) for every pad-grid batch size. A size

@@ -125,6 +125,9 @@ class ProfiledModel:
     def offload(self) -> None:
         pass
 
+    def stage(self) -> float:
+        return self.load("disk")  # the disk read, in the caller's background thread
+
     def unload(self) -> None:
         pass
 
