@@ -19,16 +19,21 @@ tester's report and plots (loadtest/report.py, loadtest/plots.py).
 --time-scale X`` measures): that stack's wall-clock constants (the 0.1 s plan refresh of every
 service, each service's ~1.5 ms of CPU per batch) are 1/X times longer in full-speed time.
 
-Two uses beyond comparing policies:
+Three uses beyond comparing policies:
 
 - ``--search-static``: the best fixed plan in hindsight (grid over threshold x light workers x
   batch sizes, the rest of the workers heavy): best estimated quality with < 1 % SLO misses;
-- capacity planning: ``--workers 8,12,16,24`` gives one row per cluster size.
+- capacity planning: ``--workers 8,12,16,24`` gives one row per cluster size;
+- ``--seeds 1,2,3``: every row again on other draws of the trace (arrivals and prompts), and the mean
+  (seeds.md, seeds.json).  The fixed plan picked in hindsight on ``--seed`` is scored on the other draws
+  as it is: held out, it is what a plan chosen on past load gets, not the luckiest of a few hundred
+  plans on the very draw it is scored on.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -90,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also find the best fixed plan in hindsight (grid over threshold x light workers x batch "
         "sizes; best estimated quality with < 1 %% SLO misses) and add it as 'static-hindsight'",
     )
+    c.add_argument(
+        "--seeds",
+        default=None,
+        metavar="1,2,3",
+        help="also run every row on these trace seeds (synthetic traces) and report each row's mean over "
+        "--seed and them (seeds.md, seeds.json); static-hindsight keeps the plan it picked on --seed",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out/simulate", help="output folder (report.json, summary.md, plots)")
     o.add_argument("--no-plots", action="store_true")
@@ -109,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sizes = [int(x) for x in args.workers.split(",") if x.strip()]
         fixed = FixedPlan.parse(args.static_plan) if args.static_plan else None
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else []
     except ValueError as exc:
         raise SystemExit(f"diffserve simulate: {exc}") from None
+    if seeds and args.trace_file:
+        raise SystemExit("diffserve simulate: --seeds draws synthetic traces; a --trace-file has no seed")
     profile = load_cascade_profile(args.cascade, args.hardware)
     slo_ms = args.slo_ms or profile.slo_ms
     prompts = load_prompts(args.prompts)
@@ -127,11 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     run = Run(args=args, profile=profile, trace=trace, prompts=prompts, slo_ms=slo_ms, overrides=overrides, out=out)
     entries = []
+    picked: dict[int, tuple[str, str]] = {}  # size -> the static-hindsight row's name and plan
     for size in sizes:
         named = len(sizes) > 1
         entries += [run.policy(Policy(policy), size, fixed, named) for policy in policies]
         if args.search_static:
             entries.append(run.static_search(size, named))
+            picked[size] = (entries[-1]["policy"], entries[-1]["static_plan"])
     meta = {
         "trace": trace.name,
         "trace_params": trace.params,
@@ -152,6 +169,72 @@ def main(argv: list[str] | None = None) -> None:
         "units": "virtual full-speed time (simulation)",
     }
     report_mod.publish(out, entries, meta, plots=not args.no_plots)
+    if seeds:
+        other_seeds(run, entries, seeds, sizes, policies, fixed, picked)
+
+
+def other_seeds(
+    first: Run,
+    entries: list[dict[str, Any]],
+    seeds: list[int],
+    sizes: list[int],
+    policies: list[str],
+    fixed: FixedPlan | None,
+    picked: dict[int, tuple[str, str]],
+) -> None:
+    """Every row of ``entries`` (run on ``first``'s trace) again on each of ``seeds``' draws of the trace, the
+    fixed plans picked in hindsight (``picked``: size -> row name, plan) kept as they are; writes seeds.json
+    and seeds.md and prints the table."""
+    from loadtest.cli import load_trace
+
+    args = first.args
+    named = len(sizes) > 1
+    scores: dict[str, dict[int, dict[str, float]]] = {e["policy"]: {args.seed: _score(e)} for e in entries}
+    for seed in seeds:
+        if seed == args.seed:
+            continue
+        trace = load_trace(argparse.Namespace(**{**vars(args), "seed": seed}), len(first.prompts))
+        run = dataclasses.replace(first, trace=trace, seed=seed)
+        for size in sizes:
+            rows = [run.policy(Policy(policy), size, fixed, named) for policy in policies]
+            if size in picked:
+                rows.append(run.fixed(picked[size][1], size, picked[size][0]))
+            for e in rows:
+                scores[e["policy"]][seed] = _score(e)
+    order = [args.seed] + [s for s in seeds if s != args.seed]
+    summary = {
+        "seeds": order,
+        "picked_on_seed": args.seed,
+        "static_plans": {name: plan for name, plan in picked.values()},
+        "rows": {
+            name: {
+                "per_seed": {str(s): per[s] for s in order},
+                "mean_estimate": _mean([per[s]["estimate"] for s in order]),
+                "mean_slo_violation_ratio": _mean([per[s]["slo_violation_ratio"] for s in order]),
+            }
+            for name, per in scores.items()
+        },
+    }
+    (first.out / "seeds.json").write_text(json.dumps(summary, indent=1))
+    head = "| row | " + " | ".join(f"seed {s}" for s in order) + " | mean | SLO miss (mean) |"
+    lines = [head, "|---|" + "---:|" * (len(order) + 2)]
+    for name, row in summary["rows"].items():
+        cells = [f"{row['per_seed'][str(s)]['estimate']:.3f}" for s in order]
+        mean = row["mean_estimate"]
+        miss = row["mean_slo_violation_ratio"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} | {100 * miss:.2f} % |")
+    table = "\n".join(lines)
+    note = f"FID est. per trace seed; static-hindsight rows keep the plan picked on seed {args.seed}."
+    (first.out / "seeds.md").write_text(f"{table}\n\n{note}\n")
+    print(f"\n{table}\n\n{note}", flush=True)
+
+
+def _score(entry: dict[str, Any]) -> dict[str, float]:
+    return {"estimate": entry["quality"].get("estimate"), "slo_violation_ratio": entry["slo_violation_ratio"]}
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs), 4)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +248,7 @@ class Run:
     slo_ms: float
     overrides: dict[int, float] | None
     out: Path
+    seed: int | None = None  # another trace seed than --seed (--seeds): its runs are printed with it
 
     def policy(self, policy: Policy, size: int, fixed: FixedPlan | None, named: bool) -> dict[str, Any]:
         """One policy on ``size`` workers; static's fixed plan is the one given, else the solver's for the
@@ -183,9 +267,10 @@ class Run:
         name = f"{policy} ({size} workers)" if named else policy
         e = self._entry(cfg, name)
         print(
-            f"  {name}: SLO miss {100 * e['slo_violation_ratio']:.2f} %, p99 {e['latency_ms']['p99']} ms, "
-            f"heavy share {e['heavy_share']}, FID est. {e['quality'].get('estimate')}, degraded "
-            f"{e['degraded']} ({time.perf_counter() - started:.1f} s)",
+            f"  {self._on_seed()}{name}: SLO miss {100 * e['slo_violation_ratio']:.2f} %, "
+            f"p99 {e['latency_ms']['p99']} ms, heavy share {e['heavy_share']}, "
+            f"FID est. {e['quality'].get('estimate')}, degraded {e['degraded']} "
+            f"({time.perf_counter() - started:.1f} s)",
             flush=True,
         )
         return e
@@ -203,16 +288,8 @@ class Run:
             overrides=self.overrides,
         )
         (self.out / f"static_search_{size}.json").write_text(json.dumps(rows, indent=1))
-        cfg = SimConfig(
-            policy=Policy.STATIC,
-            workers=size,
-            slo_ms=self.slo_ms,
-            light_workers=self.args.light_workers,
-            time_scale=self.args.time_scale,
-            fixed_plan=FixedPlan.parse(rows[0]["plan"]),
-        )
         name = f"static-hindsight ({size} workers)" if named else "static-hindsight"
-        e = self._entry(cfg, name)
+        e = self._entry(self._fixed_config(rows[0]["plan"], size), name)
         e["static_plan"] = rows[0]["plan"]
         print(
             f"  {name}: best of {len(rows)} fixed plans {rows[0]['plan']}: SLO miss "
@@ -222,8 +299,28 @@ class Run:
         )
         return e
 
+    def fixed(self, plan: str, size: int, name: str) -> dict[str, Any]:
+        """``plan`` (a fixed plan's text) run as it is on ``size`` workers, reported as ``name``."""
+        e = self._entry(self._fixed_config(plan, size), name)
+        print(f"  {self._on_seed()}{name}: {plan}, FID est. {e['quality'].get('estimate')}", flush=True)
+        return e
+
+    def _fixed_config(self, plan: str, size: int) -> SimConfig:
+        return SimConfig(
+            policy=Policy.STATIC,
+            workers=size,
+            slo_ms=self.slo_ms,
+            light_workers=self.args.light_workers,
+            time_scale=self.args.time_scale,
+            fixed_plan=FixedPlan.parse(plan),
+        )
+
+    def _on_seed(self) -> str:
+        return "" if self.seed is None else f"seed {self.seed}: "
+
     def _entry(self, cfg: SimConfig, name: str) -> dict[str, Any]:
-        run = simulate(self.profile, self.trace, self.prompts, cfg, overrides=self.overrides, seed=self.args.seed)
+        seed = self.args.seed if self.seed is None else self.seed
+        run = simulate(self.profile, self.trace, self.prompts, cfg, overrides=self.overrides, seed=seed)
         entry = summarize(
             run, slo_ms=self.slo_ms, backend="profiled", curve=self.profile.quality, confidence_curve=self.profile.curve
         )

@@ -134,6 +134,39 @@ def test_cli_one_row_per_cluster_size(tmp_path):
         assert flag in help_text
 
 
+def test_seeds_score_every_row_on_other_draws_and_keep_the_plan_picked_on_the_first(tmp_path):
+    out = tmp_path / "sim"
+    args = ["--trace", "bursty", "--duration", "60", "--workers", "4", "--policies", "diffserve", "--no-plots"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "diffserve", "simulate", *args, "--out", str(out)]
+    proc = subprocess.run(
+        [*command, "--search-static", "--seeds", "1,2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert seeds["seeds"] == [0, 1, 2] and seeds["picked_on_seed"] == 0
+    plan = report["policies"]["static-hindsight"]["static_plan"]
+    assert seeds["static_plans"] == {"static-hindsight": plan}
+    assert f"seed 2: static-hindsight: {plan}" in proc.stdout  # the plan picked on seed 0, run as it is
+    for name in ("diffserve", "static-hindsight"):
+        row = seeds["rows"][name]
+        per = [row["per_seed"][s]["estimate"] for s in ("0", "1", "2")]
+        assert per[0] == report["policies"][name]["quality"]["estimate"]  # --seed's row is the report's
+        assert len(set(per)) == 3  # other draws of the trace, other scores
+        assert row["mean_estimate"] == pytest.approx(sum(per) / 3, abs=1e-4)
+    assert "| diffserve |" in (out / "seeds.md").read_text()
+    refused = subprocess.run(
+        [*command, "--trace-file", str(out / "trace.csv"), "--seeds", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "--trace-file has no seed" in refused.stderr
+
+
 @pytest.mark.slow
 def test_simulator_routes_each_query_as_the_live_stack(profile, prompts, tmp_path):
     """A small fixed trace with recorded confidences, a fixed plan, light load: the simulator and a
