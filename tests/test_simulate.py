@@ -87,33 +87,22 @@ def test_search_static_ranks_plans(profile, prompts):
     assert any(round(r["threshold"] * 100) % 5 for r in rows)  # the refine pass tried thresholds between
 
 
-def test_cli_one_row_per_cluster_size(tmp_path):
-    out = tmp_path / "sim"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffserve",
-            "simulate",
-            "--trace",
-            "bursty",
-            "--duration",
-            "60",
-            "--workers",
-            "4,8,16",
-            "--policies",
-            "diffserve",
-            "--out",
-            str(out),
-            "--no-plots",
-        ],
+def _simulate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``diffserve simulate ARGS`` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "diffserve", "simulate", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+def test_cli_one_row_per_cluster_size(tmp_path):
+    out = tmp_path / "sim"
+    args = ["--trace", "bursty", "--duration", "60", "--workers", "4,8,16", "--policies", "diffserve", "--no-plots"]
+    proc = _simulate(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     names = list(report["policies"])
@@ -122,14 +111,7 @@ def test_cli_one_row_per_cluster_size(tmp_path):
     assert misses[0] >= misses[1] >= misses[2]
     for e in report["policies"].values():
         assert {"slo_violation_ratio", "latency_ms", "heavy_share", "quality", "degraded", "timeline"} <= set(e)
-    help_text = subprocess.run(
-        [sys.executable, "-m", "diffserve", "simulate", "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    ).stdout
+    help_text = _simulate("--help", timeout=60).stdout
     for flag in ("--search-static", "--workers", "--policies", "--trace-file", "--static-plan", "--time-scale"):
         assert flag in help_text
 
@@ -137,11 +119,8 @@ def test_cli_one_row_per_cluster_size(tmp_path):
 def test_seeds_score_every_row_on_other_draws_and_keep_the_plan_picked_on_the_first(tmp_path):
     out = tmp_path / "sim"
     args = ["--trace", "bursty", "--duration", "60", "--workers", "4", "--policies", "diffserve", "--no-plots"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "diffserve", "simulate", *args, "--out", str(out)]
-    proc = subprocess.run(
-        [*command, "--search-static", "--seeds", "1,2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
+    args += ["--out", str(out)]
+    proc = _simulate(*args, "--search-static", "--seeds", "1,2")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     seeds = json.loads((out / "seeds.json").read_text())
@@ -156,14 +135,7 @@ def test_seeds_score_every_row_on_other_draws_and_keep_the_plan_picked_on_the_fi
         assert len(set(per)) == 3  # other draws of the trace, other scores
         assert row["mean_estimate"] == pytest.approx(sum(per) / 3, abs=1e-4)
     assert "| diffserve |" in (out / "seeds.md").read_text()
-    refused = subprocess.run(
-        [*command, "--trace-file", str(out / "trace.csv"), "--seeds", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
+    refused = _simulate(*args, "--trace-file", str(out / "trace.csv"), "--seeds", "1", timeout=60)
     assert refused.returncode != 0 and "--trace-file has no seed" in refused.stderr
 
 
