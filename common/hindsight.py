@@ -41,8 +41,10 @@ def rechoose(
         confidences=confidences,
         draws=cfg.hindsight_draws,
         hop_ms=cfg.hop_ms,
+        fill_ms=cfg.heavy_fill_ms,
+        target_threshold=quality_threshold(profile),
     )
-    target = quality_threshold(profile) or 1.0
+    target = replay.target_threshold or 1.0
     down, up = steps
     grid = [t for t in THRESHOLD_GRID if center - down - 1e-9 <= t <= min(target, center + up) + 1e-9] or [
         result.threshold

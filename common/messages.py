@@ -656,4 +656,7 @@ class Plan(Message):
     # answer below it was kept light by the plan (LightReason.PLAN).
     target_threshold: float | None = None
     reason: str | None = None  # why the controller chose this plan (its trade-offs, in words)
-    LATER: ClassVar[frozenset[str]] = frozenset({"target_threshold", "reason"})
+    # ms (the deployment's clock) a heavy worker that read fewer jobs than heavy_batch waits for more before it
+    # runs them (common/routing.heavy_fill_ms: only while the threshold is below target_threshold)
+    heavy_fill_ms: float = 0.0
+    LATER: ClassVar[frozenset[str]] = frozenset({"target_threshold", "reason", "heavy_fill_ms"})

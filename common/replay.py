@@ -32,7 +32,7 @@ from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKL
 from common.messages import Plan
 from common.profiles import CascadeProfile
 from common.quality import QUALITY_WINDOW_S, QualityModel
-from common.routing import Decision, Stage, batch_times, exchange_for
+from common.routing import Decision, Stage, batch_times, exchange_for, fill_until_ms, heavy_fill_ms
 
 ARRIVAL_BUCKET_MS = 100.0  # the router's arrival histogram: arrivals per 100 ms of its clock
 # CPU per batch in each service of a live stack on this machine kind (wall clock, measured by the serving
@@ -41,7 +41,7 @@ HOP_MS = 1.5
 RECENT_CONFIDENCES = 2000  # the discriminator publishes its last scores, the replay draws from them
 # Job states after a replay.
 REFUSED, LIGHT, HEAVY, DEGRADED = 0, 1, 2, 3
-_LIGHT_DONE, _SCORED, _HEAVY_DONE = 0, 1, 2
+_LIGHT_DONE, _SCORED, _HEAVY_DONE, _FILLED = 0, 1, 2, 3
 
 
 @dataclass
@@ -137,8 +137,12 @@ class Replay:
         draws: int = 1,
         job_confidences: Sequence[float] | None = None,
         hop_ms: float = HOP_MS,
+        fill_ms: float = 0.0,
+        target_threshold: float | None = None,
     ):
         self.arrivals = list(arrivals_ms)
+        # the heavy batch fill a candidate's plan gets (common/routing.heavy_fill_ms)
+        self.fill_ms, self.target_threshold = fill_ms, target_threshold
         self.profile, self.scale, self.slo_ms = profile, latency_scale, slo_ms
         self.max_light_backlog = max_light_backlog
         self.hop_ms = hop_ms
@@ -312,6 +316,8 @@ class _Run:
         # the stages as the router and the discriminator see them (admission at its headroom)
         self.light = at_headroom(replay.stage("light", cand.light_workers, self.b1), DEFAULT_ADMISSION_HEADROOM)
         self.heavy = replay.stage("heavy", cand.heavy_workers, self.b2)  # not admission's: late jobs degrade
+        self.fill_ms = heavy_fill_ms(cand.threshold, replay.target_threshold, self.b2, replay.fill_ms)
+        self.filling: list[list[int]] = []  # short heavy batches whose workers wait for more, longest first
         self.disc_ms = replay.batch_ms("discriminator", self.b1) / DEFAULT_ADMISSION_HEADROOM
         self.light_q: deque[int] = deque()
         self.heavy_q: deque[int] = deque()
@@ -332,6 +338,11 @@ class _Run:
                 self.light_done(now, batch)
             elif kind == _SCORED:
                 self.scored(now, batch)
+            elif kind == _FILLED:
+                if any(f is batch for f in self.filling):  # else it filled before its time was up
+                    self.filling = [f for f in self.filling if f is not batch]
+                    self.run_heavy(now, batch)
+                    self.start_heavy(now)
             else:
                 self.heavy_done(now, batch)
 
@@ -365,18 +376,41 @@ class _Run:
         r, slo = self.r, self.r.slo_ms
         while self.idle["heavy"] > 0 and self.heavy_q:
             taken = [self.heavy_q.popleft() for _ in range(min(self.b2, len(self.heavy_q)))]
-            # the heavy worker's last check: the deadline rule with nothing ahead of this batch
-            check = Stage(workers=1, batch=len(taken), batch_ms=r.batch_ms("heavy", len(taken)))
-            batch = []
-            for j in taken:
-                if check.on_time(now, r.arrivals[j] + slo):
-                    batch.append(j)
-                else:
-                    self.state[j], self.done_ms[j] = DEGRADED, now + r.hop_ms
-                    self.heavy.backlog -= 1
-            if batch:
-                self.idle["heavy"] -= 1
-                self.at(now + r.batch_ms("heavy", len(batch)) + r.hop_ms, _HEAVY_DONE, batch)
+            self.idle["heavy"] -= 1
+            if self.fill_ms > 0 and len(taken) < self.b2:
+                deadlines = [r.arrivals[j] + slo for j in taken]
+                until = fill_until_ms(now, deadlines, r.batch_ms("heavy", self.b2), self.fill_ms)
+                if until > now:  # the batch fill: the worker waits for more
+                    self.filling.append(taken)
+                    self.at(until, _FILLED, taken)
+                    continue
+            self.run_heavy(now, taken)
+        while self.filling and self.heavy_q:  # what the idle workers left goes to those filling a batch
+            taken = self.filling[0]
+            while self.heavy_q and len(taken) < self.b2:
+                taken.append(self.heavy_q.popleft())
+            if len(taken) >= self.b2:
+                self.filling.pop(0)
+                self.run_heavy(now, taken)
+        if self.idle["heavy"] > 0 and self.heavy_q:  # a batch whose jobs were all late freed its worker
+            self.start_heavy(now)
+
+    def run_heavy(self, now: float, taken: list[int]) -> None:
+        """A heavy worker's batch, read: its last check (the deadline rule with nothing ahead of this batch),
+        then the model; its worker is free again at once when every job was late."""
+        r, slo = self.r, self.r.slo_ms
+        check = Stage(workers=1, batch=len(taken), batch_ms=r.batch_ms("heavy", len(taken)))
+        batch = []
+        for j in taken:
+            if check.on_time(now, r.arrivals[j] + slo):
+                batch.append(j)
+            else:
+                self.state[j], self.done_ms[j] = DEGRADED, now + r.hop_ms
+                self.heavy.backlog -= 1
+        if batch:
+            self.at(now + r.batch_ms("heavy", len(batch)) + r.hop_ms, _HEAVY_DONE, batch)
+        else:
+            self.idle["heavy"] += 1
 
     def light_done(self, now: float, batch: list[int]) -> None:
         self.idle["light"] += 1

@@ -16,6 +16,13 @@ with no backlog ahead of it and its own batch.  ``e`` is :func:`batch_times`: th
 latency in the deployment's clock (a worker uses its measured time once it has one).  A late job may
 take the place of an easier one still waiting in the heavy queue (:func:`exchange_for`), so a heavy
 stage that is short runs the hardest prompts.
+
+The batch fill (:func:`heavy_fill_ms`, :func:`fill_until_ms`): while the plan lowered the threshold for the
+heavy stage's capacity, a heavy worker that reads fewer jobs than the plan's batch waits a moment for more
+before it runs them, never so long that a full batch would miss the earliest deadline.  A batch of two costs
+little more than one (SD v1.5 on the A100 table: 2160 against 1780 ms, 0.93 against 0.56 jobs/s a worker),
+and a short heavy stage otherwise runs batches of one whenever its queue runs dry between the
+discriminator's batches.
 """
 
 from __future__ import annotations
@@ -50,6 +57,22 @@ def finishes_in_time(
     """The deadline rule: starting after ``queue_wait_ms`` and taking ``batch_ms``, is it done by the deadline?
     ``skew_ms``: how far this host's clock may lag the one that set the deadline (DIFFSERVE_CLOCK_SKEW_MS)."""
     return now_ms + skew_ms + queue_wait_ms + batch_ms <= deadline_ms
+
+
+def heavy_fill_ms(threshold: float, target_threshold: float | None, heavy_batch: int, fill_ms: float) -> float:
+    """How long a heavy worker holding a short batch may wait for more jobs under a plan (0: it runs what it
+    read): ``fill_ms`` while the threshold is below the cascade's target (the heavy stage is what limits
+    quality, so its capacity is worth a wait) and the batch has room for more than one; else 0 (the stage has
+    room: a wait would only add latency)."""
+    if heavy_batch <= 1 or target_threshold is None or threshold >= target_threshold - 1e-9:
+        return 0.0
+    return max(0.0, fill_ms)
+
+
+def fill_until_ms(first_ms: float, deadlines_ms: Sequence[float], full_batch_ms: float, fill_ms: float) -> float:
+    """When a heavy worker that read its first jobs at ``first_ms`` stops waiting for more and runs what it has:
+    ``fill_ms`` later, or sooner where a full batch started later would miss the earliest deadline."""
+    return min(first_ms + fill_ms, min(deadlines_ms, default=math.inf) - full_batch_ms)
 
 
 def batch_times(profile: CascadeProfile, role: str, latency_scale: float) -> Callable[[int], float]:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from common import metrics
+from common.clock import CLOCK
 from common.config import Keys
 from common.messages import (
     E_INTERNAL,
@@ -157,26 +158,42 @@ async def run_batch(
     service: str,
     job_of: Callable[[M], RoutedJob],
     block_ms: int = 250,
+    fill_until: Callable[[list[M]], float] | None = None,
 ) -> list[M]:
     """One cycle of a model stage (workers, discriminator): read up to ``count`` entries, decode them (the
     bad and the poisonous answered, :func:`split_batch`), ``process`` the rest, then write every output and
-    ack the batch in one transaction. Returns the messages processed."""
+    ack the batch in one transaction. Returns the messages processed.
+
+    ``fill_until``: given the messages of a short read, until when (the deployment's clock, ``CLOCK.now_ms()``)
+    to wait for more to fill the batch (the heavy worker's batch fill, common/routing.fill_until_ms)."""
     entries = await consumer.read(max(1, count), block_ms=block_ms)
     if not entries:
         return []
     reclaimed = sum(e.deliveries > 1 for e in entries)
     if reclaimed:
         metrics.RECLAIMED.labels(service).inc(reclaimed)
-    good, outputs = split_batch(
-        entries,
-        decode,
-        keys=keys,
-        stream=consumer.stream,
-        service=service,
-        max_deliveries=consumer.max_deliveries,
-        job_of=job_of,
-    )
-    messages = [message for _entry, message in good]
+
+    def decoded(read: list[Entry]) -> tuple[list[M], Outputs]:
+        good, answered = split_batch(
+            read,
+            decode,
+            keys=keys,
+            stream=consumer.stream,
+            service=service,
+            max_deliveries=consumer.max_deliveries,
+            job_of=job_of,
+        )
+        return [message for _entry, message in good], answered
+
+    messages, outputs = decoded(entries)
+    if fill_until is not None and messages and len(entries) < count:
+        until = fill_until(messages)
+        while len(entries) < count and (wait_ms := int(until - CLOCK.now_ms())) > 0:
+            more = await consumer.read_more(count - len(entries), wait_ms)
+            entries += more
+            more_messages, more_outputs = decoded(more)
+            messages += more_messages
+            outputs += more_outputs
     done = await process(entries, messages) if messages else Processed()
     await consumer.write_and_ack([e.id for e in entries], outputs + done.outputs, done.extra)
     return messages

@@ -291,6 +291,16 @@ class StreamConsumer:
                 return []
             raise
 
+    async def read_more(self, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` new entries for the batch read last, not yet acked (a heavy worker filling a short
+        batch): waits up to ``block_ms`` for one; never our pending or a reclaim, which :meth:`read` owns."""
+        reply: Any = await self.r.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=max(1, count), block=max(1, block_ms)
+        )
+        entries = [_entry(i, f) for _stream, items in reply or [] for i, f in items]
+        self._unacked = self._unacked or bool(entries)
+        return entries
+
     async def _reclaim(self, count: int) -> list[Entry]:
         reply = await self.r.xautoclaim(
             self.stream, self.group, self.consumer, self.reclaim_idle_ms, start_id=self._reclaim_cursor, count=count

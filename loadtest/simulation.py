@@ -30,6 +30,7 @@ from common.routing import (
     decision_order,
     direct_decision,
     exchange_for,
+    fill_until_ms,
     light_reason,
 )
 from common.stage import DISCRIMINATOR_BATCH
@@ -56,6 +57,8 @@ class SimWorker:
     batch: list[SimJob] = field(default_factory=list)
     switch_s: float = 0.0
     free_at: float = 0.0  # when the batch it is running ends (the controller's busy_s)
+    filling: bool = False  # it holds a short heavy batch, waiting for more
+    fills: int = 0  # fills begun (a fill's timer that finds a later one ignores itself)
 
 
 @dataclass(kw_only=True)
@@ -325,6 +328,13 @@ class Simulation:
                 break
             if not w.busy and w.role == queue:
                 self.try_worker(w)
+        # then workers filling a short batch: a Redis stream serves the consumers blocked longest first, and a
+        # worker blocks again for its fill after the idle ones blocked
+        for w in self.workers:
+            if not self.queues[queue]:
+                break
+            if w.filling and w.role == queue:
+                self._fill(w)
 
     def try_worker(self, w: SimWorker) -> None:
         if w.busy:
@@ -342,6 +352,31 @@ class Simulation:
             return
         size = max(1, self.plan.light_batch if w.role == "light" else self.plan.heavy_batch)
         jobs = [queue.popleft() for _ in range(min(size, len(queue)))]
+        fill_ms = self.plan.heavy_fill_ms if w.role == "heavy" else 0.0
+        if fill_ms > 0 and len(jobs) < size:
+            until = fill_until_ms(self.now, [j.deadline_ms for j in jobs], self.latency_ms("heavy", size), fill_ms)
+            if until > self.now:  # the batch fill (common/routing.py): hold the short batch for more
+                w.busy, w.batch, w.filling, w.fills = True, jobs, True, w.fills + 1
+                self.at(until, self._filled, w, w.fills)
+                return
+        self._start(w, jobs)
+
+    def _fill(self, w: SimWorker) -> None:
+        """A filling worker reads what arrived; with a full batch it runs it."""
+        queue, size = self.queues[w.role], max(1, self.plan.heavy_batch)
+        while queue and len(w.batch) < size:
+            w.batch.append(queue.popleft())
+        if len(w.batch) >= size:
+            self._filled(w, w.fills)
+
+    def _filled(self, w: SimWorker, fill: int) -> None:
+        if not w.filling or w.fills != fill:  # the batch filled before this timer
+            return
+        jobs, w.batch, w.filling = w.batch, [], False
+        self._start(w, jobs)
+
+    def _start(self, w: SimWorker, jobs: list[SimJob]) -> None:
+        """A worker's batch, read: the heavy worker's last check, then the model."""
         if w.role == "heavy" and self.plan.degrade_late:
             # the heavy worker's own check, with nothing ahead of this batch
             batch = Stage(workers=1, batch=len(jobs), batch_ms=self.latency_ms("heavy", len(jobs)))

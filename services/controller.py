@@ -154,6 +154,12 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
         "spare workers go to the busiest stage while its utilisation is above this",
         env="DIFFSERVE_SPARE_UTIL",
     )
+    heavy_fill_ms: float = option(
+        DEFAULT.heavy_fill_ms,
+        "while the plan's threshold is below the cascade's target (the heavy stage limits quality), a heavy worker "
+        "that read fewer jobs than its batch waits up to this long for more (full-speed ms; 0: never)",
+        env="DIFFSERVE_HEAVY_FILL_MS",
+    )
 
 
 def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interval_s: float) -> ControlSettings:
@@ -179,6 +185,7 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
         worker_margin_share=cfg.worker_margin_share,
         max_switch_fraction=cfg.max_switch_fraction,
         spare_util=cfg.spare_util,
+        heavy_fill_ms=cfg.heavy_fill_ms * scale,
         headroom=cfg.headroom,
         fixed_plan=FixedPlan.parse(cfg.static_plan) if cfg.static_plan else None,
         static_demand=cfg.static_demand,

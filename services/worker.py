@@ -43,7 +43,7 @@ from common.messages import (
 )
 from common.plan_store import PlanWatcher
 from common.planner import default_plan
-from common.routing import LatePolicySettings, Stage, batch_times, degrades_late
+from common.routing import LatePolicySettings, Stage, batch_times, degrades_late, fill_until_ms
 from common.service import Service, now_ms, run
 from common.stage import Outputs, Processed, cancelled_ids, failures, light_answer, one_per_input, run_batch
 from common.streams import TRANSIENT_ERRORS, Entry, StreamConsumer, notify, run_forever
@@ -282,6 +282,7 @@ class Worker:
         if wanted != self.role and wanted in ROLES:
             await self.switch(Role(wanted))
         batch = self.cfg.batch or (plan.light_batch if self.role == Role.LIGHT else plan.heavy_batch)
+        fill = plan.heavy_fill_ms if self.role == Role.HEAVY and not self.cfg.batch else 0.0
         await run_batch(
             self.consumers[self.role],
             batch,
@@ -290,6 +291,15 @@ class Worker:
             keys=self.keys,
             service="worker",
             job_of=lambda j: j,
+            fill_until=(
+                (
+                    lambda jobs: fill_until_ms(
+                        now_ms(), [j.deadline_ms - self.cfg.clock_skew_ms for j in jobs], self.estimate_ms(batch), fill
+                    )
+                )
+                if fill > 0
+                else None
+            ),
         )
 
     async def _process(self, plan: Plan, entries: list[Entry], jobs: list[RoutedJob]) -> Processed:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from common.backends.profiled import ProfiledDiscriminator
-from common.planner import FixedPlan
+from common.control import ControlSettings
+from common.planner import FixedPlan, quality_threshold
 from common.profiles import load_cascade_profile, load_prompts
 from common.replay import ArrivalHistory, Candidate, Replay, search
 from loadtest.report import summarize
@@ -40,25 +41,40 @@ def _candidate(text: str) -> Candidate:
     )
 
 
+@pytest.mark.parametrize("fill_ms", [0.0, ControlSettings.heavy_fill_ms], ids=["no-fill", "fill"])
 @pytest.mark.parametrize("plan", ["t=0.07,light=2x16,heavy=2x2", "t=0.2,light=2x8,heavy=6x2"])
-def test_a_fixed_plan_replays_as_the_simulator_plays_it(profile, plan):
+def test_a_fixed_plan_replays_as_the_simulator_plays_it(profile, plan, fill_ms):
     """Same arrivals, same confidences, same plan: the replay's quality and answers agree with the
-    simulator's (which models more: per-batch CPU time, plan refresh, a discriminator queue)."""
+    simulator's (which models more: per-batch CPU time, plan refresh, a discriminator queue), with the heavy
+    batch fill and without."""
     prompts = load_prompts()
     trace = generate("step", duration_s=120, n_prompts=len(prompts), seed=4)
     fixed = FixedPlan.parse(plan)
     workers = fixed.light_workers + fixed.heavy_workers
     cfg = SimConfig(
-        policy="static", workers=workers, slo_ms=5000, fixed_plan=fixed, light_workers=fixed.light_workers
-    )  # the roles of the plan from the start, as the replay has them
+        policy="static",
+        workers=workers,
+        slo_ms=5000,
+        fixed_plan=fixed,
+        light_workers=fixed.light_workers,  # the roles of the plan from the start, as the replay has them
+        control={"heavy_fill_ms": fill_ms},
+    )
     sim = simulate(profile, trace, prompts, cfg)
     e = summarize(sim, slo_ms=5000, curve=profile.quality, confidence_curve=profile.curve)
     scorer = ProfiledDiscriminator(profile.discriminator, profile.curve, 0.0)
     confidences = [scorer.confidence(prompts[i], i) for i in trace.prompt_indices]
-    replay = Replay(trace.arrivals_ms, profile=profile, latency_scale=1.0, slo_ms=5000, job_confidences=confidences)
+    replay = Replay(
+        trace.arrivals_ms,
+        profile=profile,
+        latency_scale=1.0,
+        slo_ms=5000,
+        job_confidences=confidences,
+        fill_ms=fill_ms,
+        target_threshold=quality_threshold(profile),
+    )
     out = replay.run(_candidate(plan))
     assert out.quality == pytest.approx(e["quality"]["estimate"], abs=0.05)
-    assert out.heavy == pytest.approx(e["answered_heavy"], rel=0.05)
+    assert out.heavy == pytest.approx(e["answered_heavy"], rel=0.02)
     assert out.misses == pytest.approx(e["slo_violation_ratio"], abs=0.01)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from common.messages import Objective, Plan, Policy, Role
 from common.planner.policies import policy_spec
+from common.routing import heavy_fill_ms
 
 
 @dataclass(kw_only=True)
@@ -50,6 +51,7 @@ class PlanResult:
     plan_ms: float = 0.0  # solve_ms plus building the problems and placing spare workers
     target_threshold: float | None = None  # quality_threshold(profile): what the cascade wants with room for all
     reason: str = ""  # why this plan, in words (the controller adds its part)
+    fill_ms: float = 0.0  # the heavy batch fill the controller allows (Plan.heavy_fill_ms when the rule applies)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +77,11 @@ class PlanResult:
             degrade_late=spec.degrade_late,
             target_threshold=self.target_threshold,
             reason=self.reason or None,
+            heavy_fill_ms=(
+                heavy_fill_ms(self.threshold, self.target_threshold, self.heavy_batch, self.fill_ms)
+                if spec.discriminator_routes
+                else 0.0
+            ),
         )
 
 
