@@ -341,7 +341,14 @@ class ControlLoop:
         new, old = statistics.median(r for _at, r, _s in recent), statistics.median(before)
         if old <= 0 or new <= 0 or 1 / SHIFT_RATIO <= new / old <= SHIFT_RATIO:
             return None
-        started = recent[0][0] - recent[0][2]
+        # The shift began with the earliest of the latest ticks already nearer the new level than the old one,
+        # which may be before the ``shift_ticks`` it is judged on: history from there on is at the new level
+        # already, and releveled again it would replay a phantom burst (or lull).
+        middle, rising = math.sqrt(new * old), new > old
+        first = len(samples) - 1
+        while first > 0 and (samples[first - 1][1] > middle) == rising:
+            first -= 1
+        started = samples[first][0] - samples[first][2]
         return new / old, last_at - started
 
     def threshold_steps(self) -> tuple[float, float]:

@@ -251,3 +251,19 @@ def test_a_fixed_plan_does_not_react_to_a_burst(profile):
     workers = _workers(2, 2)
     stored = _stored(loop, workers, 6.0)
     assert not loop.light_pressure(stored, light_backlog=200, rate_qps=60.0)
+
+
+@pytest.mark.parametrize("before,after", [(6.0, 24.0), (24.0, 6.0)], ids=["step-up", "step-down"])
+def test_a_level_shift_dates_from_the_first_tick_at_the_new_level(profile, before, after):
+    """The replay re-levels the history before a shift to the new level; the shift began with the first tick at
+    the new level, though it is only judged once four ticks say so. Dated four ticks back, the ticks in between
+    would be re-leveled twice: at 4x, a phantom burst of 96 q/s the replay makes every plan miss."""
+    loop = ControlLoop(profile, ControlSettings(slo_ms=5000))
+    rates = [before] * 8 + [after] * 6
+    for i, rate in enumerate(rates):
+        loop.peak.update(rate, at=10.0 * (i + 1), seconds=10.0)
+    shift = loop.level_shift()
+    assert shift is not None
+    ratio, age_s = shift
+    assert ratio == pytest.approx(after / before)
+    assert age_s == pytest.approx(60.0)  # six ticks of 10 s at the new level, not the last four
