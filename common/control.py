@@ -73,6 +73,11 @@ DEFAULT_SWITCH_S = 5.0
 # A plan fixed before the load is seen cannot add a light worker in a burst: in clusters of four or more it
 # keeps two.
 FIXED_LIGHT_RESERVE, LIGHT_RESERVE_FROM = 2, 4
+# The controller keeps two light workers where a one-worker move is inside the role hysteresis
+# (worker_margin_share: ten workers and more): the second costs a heavy worker that a quiet phase does not
+# need, and the next burst meets two light workers instead of waiting for a move; over trace seeds 0-7 at 12
+# and 16 workers the bursty trace 0.014-0.018 better, the step trace within 0.004.
+LIGHT_RESERVE = 2
 WATCH_S = 0.25  # how often the controller looks at the worker set and the light queue between ticks (wall s)
 SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
 
@@ -204,15 +209,15 @@ class ControlSettings:
     drain_intervals: float = 2.0  # a backlog is planned to drain within this many intervals
     # while the threshold is below the cascade's target, a heavy worker that read fewer jobs than its batch
     # waits up to this long for more (Plan.heavy_fill_ms; 0: never): over four trace seeds at 4, 8 and 16
-    # workers the step trace 0.02-0.07 better, the bursty one within 0.01
+    # workers the step trace 0.04-0.11 better, the bursty one within 0.02 (docs/evaluation.md)
     heavy_fill_ms: float = 400.0
     fixed_plan: FixedPlan | None = None
     static_demand: float | None = None
 
 
-def _reason(result: PlanResult, why: Why) -> str:
+def _reason(result: PlanResult, why: Why, light_floor: int) -> str:
     """Plan.reason: the plan's trade-offs, then why it has these roles."""
-    return "; ".join(part for part in (explain(result, 1), str(why)) if part)
+    return "; ".join(part for part in (explain(result, light_floor), str(why)) if part)
 
 
 def _sign(x: float) -> int:
@@ -305,9 +310,17 @@ class ControlLoop:
             spare_util=self.cfg.spare_util,
             ready_s=ready_s,
             fixed=self.fixed,
+            light_floor=self.light_floor(len(current)),
         )
         result.fill_ms = self.cfg.heavy_fill_ms
         return result
+
+    def light_floor(self, workers: int) -> int:
+        """The fewest light workers the solver keeps on ``workers``: LIGHT_RESERVE where a one-worker move is
+        inside the role hysteresis, else 1 (a fixed plan has its own)."""
+        if not self.spec.fixed and int(self.cfg.worker_margin_share * workers) >= 1:
+            return LIGHT_RESERVE
+        return 1
 
     def smoothed_from(self, stored: Plan | None, current: Mapping[str, str]) -> float | None:
         """The threshold (split policies: heavy fraction) the next plan stays within
@@ -413,7 +426,7 @@ class ControlLoop:
             if hindsight:
                 why = dataclasses.replace(why, detail=f"{why.detail}; {hindsight}")
         if not self.fixed:
-            result.reason = _reason(result, why)
+            result.reason = _reason(result, why, self.light_floor(len(result.roles)))
         return why
 
     def hindsight(
@@ -538,7 +551,7 @@ class ControlLoop:
             if result.feasible:
                 result.role_changes = count_changes(tick.current, result.roles)
                 result, why = self._with_switch_cost(tick, result, keep, roles, True, Why(ControlReason.BURST))
-                result.reason = _reason(result, why)
+                result.reason = _reason(result, why, self.light_floor(len(result.roles)))
                 return result, why
         return None
 

@@ -267,3 +267,12 @@ def test_a_level_shift_dates_from_the_first_tick_at_the_new_level(profile, befor
     ratio, age_s = shift
     assert ratio == pytest.approx(after / before)
     assert age_s == pytest.approx(60.0)  # six ticks of 10 s at the new level, not the last four
+
+
+def test_from_ten_workers_two_light_workers_wait_for_the_next_burst(profile):
+    """Where a one-worker move is inside the role hysteresis (10 % of the workers, rounded down: ten and more),
+    the controller keeps a second light worker even when one carries the load; below that, one."""
+    for workers, light in ((8, 1), (9, 1), (10, 2), (16, 2)):
+        loop = ControlLoop(profile, ControlSettings(slo_ms=5000))
+        result = loop.solve(2.0, {f"w{i}": "" for i in range(workers)}, QueueStats(), None)
+        assert result.light_workers == light, workers
