@@ -294,9 +294,14 @@ class StreamConsumer:
     async def read_more(self, count: int, block_ms: int) -> list[Entry]:
         """Up to ``count`` new entries for the batch read last, not yet acked (a heavy worker filling a short
         batch): waits up to ``block_ms`` for one; never our pending or a reclaim, which :meth:`read` owns."""
-        reply: Any = await self.r.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=max(1, count), block=max(1, block_ms)
-        )
+        try:
+            reply: Any = await self.r.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=max(1, count), block=max(1, block_ms)
+            )
+        except ResponseError as exc:
+            if missing(exc):  # Redis lost the group meanwhile: run what we have; the next read recreates it
+                return []
+            raise
         entries = [_entry(i, f) for _stream, items in reply or [] for i, f in items]
         self._unacked = self._unacked or bool(entries)
         return entries

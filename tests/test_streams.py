@@ -128,6 +128,26 @@ def test_missing_group_after_a_redis_flush_is_recreated(redis_server):
     _run(go())
 
 
+def test_filling_a_batch_reads_only_new_entries_and_survives_a_lost_group(redis_server):
+    """A heavy worker filling a short batch (read_more) gets new entries, never its own pending ones again; if
+    Redis lost the group meanwhile it runs what it has rather than fail the batch."""
+
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "fill", "g", "c")
+        await c.ensure_group()
+        await add(r, "fill", b"first")
+        assert [e.payload for e in await c.read(2, block_ms=50)] == [b"first"]
+        await add(r, "fill", b"second")
+        assert [e.payload for e in await c.read_more(1, block_ms=50)] == [b"second"]
+        assert await c.read_more(1, block_ms=50) == []  # nothing new: the pending two are not read again
+        await r.delete("fill")  # the group goes with the stream
+        assert await c.read_more(1, block_ms=50) == []
+        await r.aclose()
+
+    _run(go())
+
+
 def test_password_is_required_and_used(tmp_path):
     from common.localstack import RedisServer
 
