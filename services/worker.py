@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -282,7 +282,6 @@ class Worker:
         if wanted != self.role and wanted in ROLES:
             await self.switch(Role(wanted))
         batch = self.cfg.batch or (plan.light_batch if self.role == Role.LIGHT else plan.heavy_batch)
-        fill = plan.heavy_fill_ms if self.role == Role.HEAVY and not self.cfg.batch else 0.0
         await run_batch(
             self.consumers[self.role],
             batch,
@@ -291,16 +290,18 @@ class Worker:
             keys=self.keys,
             service="worker",
             job_of=lambda j: j,
-            fill_until=(
-                (
-                    lambda jobs: fill_until_ms(
-                        now_ms(), [j.deadline_ms - self.cfg.clock_skew_ms for j in jobs], self.estimate_ms(batch), fill
-                    )
-                )
-                if fill > 0
-                else None
-            ),
+            fill_until=self._fill_until(plan, batch),
         )
+
+    def _fill_until(self, plan: Plan, batch: int) -> Callable[[list[RoutedJob]], float] | None:
+        """The heavy batch fill under ``plan`` (common/routing.fill_until_ms): given a short read's jobs, until
+        when to wait for the rest of ``batch``; None when the plan carries no fill (or --batch fixes it)."""
+        fill_ms = plan.heavy_fill_ms
+        if self.role != Role.HEAVY or self.cfg.batch or fill_ms <= 0:
+            return None
+        full_ms = self.estimate_ms(batch)
+        skew = self.cfg.clock_skew_ms
+        return lambda jobs: fill_until_ms(now_ms(), [j.deadline_ms - skew for j in jobs], full_ms, fill_ms)
 
     async def _process(self, plan: Plan, entries: list[Entry], jobs: list[RoutedJob]) -> Processed:
         """A batch's jobs: those cancelled before it started answered, late heavy ones degraded (the deadline
