@@ -12,6 +12,9 @@ Each tick (:meth:`ControlLoop.decide`):
    one light worker is enough wherever that carries it: between ticks the controller watches the light
    queue, and a burst that one cannot absorb gets heavy workers moved to the light stage within
    seconds (:meth:`ControlLoop.burst`), so no light worker is held back for bursts that may not come;
+   and between ticks a step of the load nudges the threshold within seconds (:meth:`ControlLoop.watch`:
+   a step down from the cascade's threshold when the heavy stage is sent more than it runs, back up to it
+   when the heavy stage has room to spare), where a tick's replay of the minutes before would lag;
 2. the threshold moves at most ``max_threshold_step`` per tick from the plan in force, and may rise up to
    ``max_threshold_rise`` while nothing waits for a heavy worker (smoothing; ``shift_threshold_step`` in
    the direction the load moved once it has moved to another level, and freely while the loop's own
@@ -35,7 +38,7 @@ Each tick (:meth:`ControlLoop.decide`):
 without one, for the first demand measured) and keeps that plan; only workers that appear or
 disappear are (re)assigned.
 
-A little over 500 lines on purpose: the whole control law in one place, so that the controller
+About 700 lines on purpose: the whole control law in one place, so that the controller
 service and the simulator cannot drift apart.
 """
 
@@ -49,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.demand import RateEstimator, RecurringPeak
-from common.hindsight import hold_preferred, rechoose
+from common.hindsight import hold_preferred, rechoose, set_threshold
 from common.messages import Objective, Plan, Role
 from common.planner import (
     DEFAULT_HEADROOM,
@@ -80,6 +83,9 @@ FIXED_LIGHT_RESERVE, LIGHT_RESERVE_FROM = 2, 4
 LIGHT_RESERVE = 2
 WATCH_S = 0.25  # how often the controller looks at the worker set and the light queue between ticks (wall s)
 SHIFT_RATIO = 1.5  # the load moved to another level: the median rate of the last ticks differs this much
+# Between ticks, a threshold below the cascade's goes back up once the arrival rate would fill at most this share
+# of the heavy stage at the cascade's threshold (ControlLoop.heavy_room)
+ROOM_SHARE = 0.5
 
 
 class ControlReason(enum.StrEnum):
@@ -97,6 +103,8 @@ class ControlReason(enum.StrEnum):
     PARTIAL_INFEASIBLE = "partial move infeasible: roles kept"
     SWITCH_COST = "switch cost makes the change infeasible: roles kept"
     BURST = "burst: the light stage cannot absorb it, light workers added between ticks"
+    HEAVY_PRESSURE = "heavy pressure: the heavy stage is sent more than it runs, threshold a step down between ticks"
+    HEAVY_ROOM = "heavy room: the heavy stage has room at the cascade's threshold, threshold back up between ticks"
 
     @property
     def deferred(self) -> bool:
@@ -113,6 +121,17 @@ _DEFERRED = frozenset(
         ControlReason.SWITCH_COST,
     }
 )
+
+
+class Watch(enum.StrEnum):
+    """What the controller sees between ticks that the plan in force does not carry (ControlLoop.watch)."""
+
+    BURST = "burst"  # the light stage cannot keep up: heavy workers move to it (ControlLoop.burst)
+    HEAVY_PRESSURE = "heavy pressure"  # at the cascade's threshold the heavy stage is sent more than it runs
+    HEAVY_ROOM = "heavy room"  # below that threshold, and at it the heavy stage would run half empty
+
+
+_NUDGES = {Watch.HEAVY_PRESSURE: ControlReason.HEAVY_PRESSURE, Watch.HEAVY_ROOM: ControlReason.HEAVY_ROOM}
 
 
 @dataclass(frozen=True)
@@ -259,6 +278,7 @@ class ControlLoop:
         self.proposal: tuple[int, int, int] | None = None  # a role change seen once, awaiting confirmation
         self.fixed = settings.fixed_plan if self.spec.fixed else None
         self.heavy_has_room = False  # at the last tick nothing waited for a heavy worker (threshold_steps)
+        self.watched_at = {Watch.BURST: -math.inf, Watch.HEAVY_PRESSURE: -math.inf}  # the last try of each kind
 
     @property
     def idle(self) -> bool:
@@ -517,6 +537,41 @@ class ControlLoop:
             return keep, Why(kept)
         return self._move(tick, new, keep)
 
+    def watch(
+        self, stored: Plan | None, rate_qps: float, light_backlog: int, heavy_backlog: int, now_s: float
+    ) -> Watch | None:
+        """Between ticks, what the plan in force does not carry at the arrival rate of the last
+        ``burst_window_s`` (``rate_qps``): a burst the light stage cannot absorb, else a heavy stage sent
+        more than it runs, else one with room to spare (None: the plan carries it).  At most one try at a
+        burst per burst window, and one threshold nudge (a nudge waits while a burst was tried)."""
+        if stored is None or self.spec.fixed or self.idle:
+            return None
+        window = self.cfg.burst_window_s
+        if now_s - self.watched_at[Watch.BURST] < window:
+            return None
+        if self.light_pressure(stored, light_backlog, rate_qps):
+            self.watched_at[Watch.BURST] = now_s
+            return Watch.BURST
+        if now_s - self.watched_at[Watch.HEAVY_PRESSURE] < window:
+            return None
+        for seen, sees in (
+            (Watch.HEAVY_PRESSURE, self.heavy_pressure(stored, rate_qps, heavy_backlog)),
+            (Watch.HEAVY_ROOM, self.heavy_room(stored, rate_qps, heavy_backlog)),
+        ):
+            if sees:
+                self.watched_at[Watch.HEAVY_PRESSURE] = now_s
+                return seen
+        return None
+
+    def between_ticks(
+        self, seen: Watch, stored: Plan, rate_qps: float, workers: list[WorkerView], queues: QueueStats
+    ) -> tuple[PlanResult, Why] | None:
+        """The plan for what :meth:`watch` saw: a burst's (:meth:`burst`) or the plan in force with its threshold
+        nudged (:meth:`nudge`); None when none is needed or possible."""
+        if seen == Watch.BURST:
+            return self.burst(stored, rate_qps, workers, queues)
+        return self.nudge(seen, stored, workers, queues)
+
     def light_pressure(self, stored: Plan | None, light_backlog: int, rate_qps: float) -> bool:
         """Whether the plan's light stage cannot keep up: the arrival rate of the last ``burst_window_s``
         (``rate_qps``) is above what it runs, or a job arriving now would wait more than
@@ -530,6 +585,65 @@ class ControlLoop:
         # wait triggered later and scored worse on the bursty trace at 4 workers: 18.32 vs 18.23)
         rounds = math.ceil(light_backlog / (stored.light_workers * batch))
         return rounds * light.latency_ms(batch) * self.cfg.latency_scale > self.cfg.burst_wait_share * self.cfg.slo_ms
+
+    def heavy_capacity_qps(self, stored: Plan) -> float:
+        """Jobs a second the plan's heavy stage runs (full batches)."""
+        batch = max(1, stored.heavy_batch)
+        return stored.heavy_workers * self.profile.heavy.throughput_qps(batch) / self.cfg.latency_scale
+
+    def _nudges(self, stored: Plan) -> bool:
+        return (
+            self.spec.discriminator_routes
+            and self.spec.degrade_late
+            and stored.target_threshold is not None
+            and stored.heavy_workers >= 1
+        )
+
+    def heavy_pressure(self, stored: Plan, rate_qps: float, heavy_backlog: int) -> bool:
+        """Whether the plan holds the cascade's threshold while the arrival rate sends its heavy stage more than
+        it runs and jobs wait beyond a batch a heavy worker: the load rose since the tick that found room for it
+        (a step up), and the next tick is up to an interval away.  Both signs, not the rate alone: a few seconds'
+        rate is noisy, and at four workers the rate alone squeezed on noise (bursty trace, seeds 0-7: 18.354
+        against 18.335 with both).  Below the cascade's threshold the tick's replay has judged the load already."""
+        if not self._nudges(stored) or stored.threshold < (stored.target_threshold or 0.0) - 1e-9:
+            return False
+        if heavy_backlog <= stored.heavy_workers * max(1, stored.heavy_batch):
+            return False
+        return rate_qps * self.profile.curve.f(stored.threshold) > self.heavy_capacity_qps(stored)
+
+    def heavy_room(self, stored: Plan, rate_qps: float, heavy_backlog: int) -> bool:
+        """Whether the plan's threshold is below the cascade's while nothing waits beyond a batch a heavy worker
+        and, at the cascade's threshold, the arrival rate would fill at most ROOM_SHARE of the heavy stage: the
+        load fell (a step down), and the tick's replay of minutes of busier history would raise the threshold
+        a step at a time."""
+        target = stored.target_threshold
+        if not self._nudges(stored) or target is None or stored.threshold >= target - 1e-9:
+            return False
+        if heavy_backlog > stored.heavy_workers * max(1, stored.heavy_batch):
+            return False
+        return rate_qps * self.profile.curve.f(target) < ROOM_SHARE * self.heavy_capacity_qps(stored)
+
+    def nudge(
+        self, seen: Watch, stored: Plan, workers: list[WorkerView], queues: QueueStats
+    ) -> tuple[PlanResult, Why] | None:
+        """The plan in force (roles and batches) with its threshold a ``max_threshold_step`` down (heavy
+        pressure: below the cascade's threshold the heavy batch fill turns on, common/routing.heavy_fill_ms) or
+        up to ``max_threshold_rise`` up, at most to the cascade's threshold (heavy room); the next tick's
+        smoothing goes on from there."""
+        target = stored.target_threshold or 1.0
+        if seen == Watch.HEAVY_PRESSURE:
+            threshold = max(0.0, stored.threshold - self.cfg.max_threshold_step)
+        else:
+            threshold = min(target, stored.threshold + self.cfg.max_threshold_rise)
+        tick = _Tick.of(stored.demand_qps, workers, queues, stored, None)
+        result = self._solve(tick, tick.current, keep_roles=True)
+        if not result.feasible or not result.roles:
+            return None
+        set_threshold(result, self.profile, round(threshold, 6))
+        result.light_batch, result.heavy_batch = stored.light_batch, stored.heavy_batch
+        why = Why(_NUDGES[seen])
+        result.reason = _reason(result, why, self.light_floor(len(result.roles)))
+        return result, why
 
     def burst(
         self, stored: Plan, rate_qps: float, workers: list[WorkerView], queues: QueueStats

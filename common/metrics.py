@@ -67,6 +67,13 @@ BURST_PLANS = Counter(
     "moved to it)",
     registry=None,
 )
+THRESHOLD_NUDGES = Counter(
+    "diffserve_threshold_nudges_total",
+    "plans made between the controller's ticks that moved the threshold alone: down a step when the heavy stage "
+    "was sent more than it runs at the cascade's threshold, up when it had room to spare below it",
+    ["direction"],
+    registry=None,
+)
 DISCRIMINATOR_THRESHOLD = Gauge(
     "diffserve_discriminator_threshold", "confidence threshold applied to the last scored batch", registry=None
 )
@@ -180,6 +187,7 @@ FAMILIES: dict[str, tuple[Collector, ...]] = {
         WORKERS_WANTED,
         ESTIMATED_QUALITY,
         BURST_PLANS,
+        THRESHOLD_NUDGES,
     ),
     "gateway": (
         *_EVERY,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -125,7 +124,6 @@ class Simulation:
         self.history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS / cfg.time_scale)
         self.early_tick = False  # a tick is due soon: traffic arrived after an idle one
         self.watch_ms = WATCH_S * 1000.0 / cfg.time_scale  # the controller's look at the light queue
-        self.burst_at = -math.inf  # the last try at a burst plan
         self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
         self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
@@ -218,17 +216,17 @@ class Simulation:
         self.at(self.now + self.plan_delay_ms, self.publish, message)
 
     def watch(self) -> None:
-        """The controller between ticks (services/controller.py ``burst``): a burst the light stage cannot
-        absorb is planned for at once (ControlLoop.burst), at most one try per burst window."""
-        window_ms = self.loop.cfg.burst_window_s * 1000.0
+        """The controller between ticks (services/controller.py ``watch``): what the plan in force does not
+        carry (a burst the light stage cannot absorb, a heavy stage sent more than it runs or with room to spare,
+        ControlLoop.watch) is planned for at once."""
         stored = self.stored
-        if stored is not None and not self.loop.idle and self.now - self.burst_at >= window_ms:
-            rate = self.history.rate_qps(self.now, window_ms)
-            if self.loop.light_pressure(stored, self.backlogs()["light"], rate):
-                self.burst_at = self.now
-                burst = self.loop.burst(stored, rate, self.views(), self.queue_stats())
-                if burst is not None:
-                    self.store(burst[0], stored.demand_qps)
+        rate = self.history.rate_qps(self.now, self.loop.cfg.burst_window_s * 1000.0)
+        backlogs = self.backlogs()
+        seen = self.loop.watch(stored, rate, backlogs["light"], backlogs["heavy"], self.now / 1000.0)
+        if seen is not None and stored is not None:
+            plan = self.loop.between_ticks(seen, stored, rate, self.views(), self.queue_stats())
+            if plan is not None:
+                self.store(plan[0], stored.demand_qps)
         if self.outstanding or self.now < self.trace.duration_s * 1000.0:
             self.at(self.now + self.watch_ms, self.watch)
 

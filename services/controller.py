@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -36,7 +35,16 @@ from redis.exceptions import ResponseError
 from common import metrics
 from common.backends import BackendSettings, SloSettings, effective_slo_ms, latency_scale, load_profile
 from common.config import ServiceConfig, WorkerRegistrySettings, option
-from common.control import DEFAULT_SWITCH_S, WATCH_S, ControlLoop, ControlReason, ControlSettings, Why, WorkerView
+from common.control import (
+    DEFAULT_SWITCH_S,
+    WATCH_S,
+    ControlLoop,
+    ControlReason,
+    ControlSettings,
+    Watch,
+    Why,
+    WorkerView,
+)
 from common.messages import Objective, Plan, Policy
 from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
 from common.planner import (
@@ -213,7 +221,6 @@ class Controller:
         self.settle_s = min(SETTLE_S, self.interval_s / 4)
         self._added: dict[str, int] = {}  # entries-added per submission stream at the last look
         self._arrivals = 0
-        self.burst_at = -math.inf  # the last look at a burst (Controller.burst)
         self.bursts = 0  # burst plans stored
         self.planning = asyncio.Lock()  # a tick's plan and a burst's are stored one at a time
 
@@ -324,31 +331,33 @@ class Controller:
                 metrics.ESTIMATED_QUALITY.labels(at).set(quality)
         return message
 
-    async def burst(self) -> Plan | None:
-        """Between ticks: when the light stage of the plan in force cannot keep up (ControlLoop.light_pressure),
-        the plan for the arrival rate of the last burst window with heavy workers moved to the light stage
-        (ControlLoop.burst); at most one try per burst window."""
-        cfg = self.loop.cfg
-        if self.last is None or self.loop.idle or time.monotonic() - self.burst_at < cfg.burst_window_s:
+    async def watch(self) -> Plan | None:
+        """Between ticks: what the plan in force does not carry at the arrival rate of the last burst window
+        (ControlLoop.watch: a burst the light stage cannot absorb, a heavy stage sent more than it runs or with
+        room to spare) is planned for at once (ControlLoop.between_ticks)."""
+        if self.last is None or self.loop.idle:
             return None
-        now, window_ms = now_ms(), cfg.burst_window_s * 1000.0
+        now, window_ms = now_ms(), self.loop.cfg.burst_window_s * 1000.0
         rate = (await load_arrivals(self.r, self.keys, now - window_ms, now)).rate_qps(now, window_ms)
-        light_backlog = await backlog(self.r, self.keys.light_queue, "workers")
-        if not self.loop.light_pressure(self.last, light_backlog, rate):
+        queues = await self.queue_stats()
+        seen = self.loop.watch(self.last, rate, queues.light_backlog, queues.heavy_backlog, time.monotonic())
+        if seen is None:
             return None
-        self.burst_at = time.monotonic()
         async with self.planning:
             stored = await load_plan(self.r, self.keys)
             if stored is None:
                 return None
             workers = await self.live_workers(stored)
-            burst = self.loop.burst(stored, rate, workers, await self.queue_stats())
-            if burst is None:
+            planned = self.loop.between_ticks(seen, stored, rate, workers, await self.queue_stats())
+            if planned is None:
                 return None
-            self.log.info("burst: re-planning", extra={"arrival_qps": round(rate, 3)})
-            self.bursts += 1
-            metrics.BURST_PLANS.inc()
-            return await self.publish(stored, *burst, workers)
+            self.log.info(f"{seen}: re-planning", extra={"arrival_qps": round(rate, 3)})
+            if seen == Watch.BURST:
+                self.bursts += 1
+                metrics.BURST_PLANS.inc()
+            else:
+                metrics.THRESHOLD_NUDGES.labels("down" if seen == Watch.HEAVY_PRESSURE else "up").inc()
+            return await self.publish(stored, *planned, workers)
 
     async def publish(self, stored: Plan | None, result: PlanResult, why: Why, workers: list[WorkerView]) -> Plan:
         """Store ``result`` as the next plan version (made for the demand measured at the last tick)."""
@@ -425,7 +434,7 @@ class Controller:
         started, ticked_ms = time.monotonic(), now_ms()
         tick = asyncio.create_task(self.tick())
         while not (await asyncio.wait({tick}, timeout=self.watch_s))[0]:
-            await self.burst()  # while the tick replays the recent arrivals
+            await self.watch()  # while the tick replays the recent arrivals
         tick.result()
         changed_at: float | None = None
         traffic_at: float | None = None
@@ -441,7 +450,7 @@ class Controller:
                     self.log.info("traffic after an idle spell: re-planning")
                     return  # the next step ticks now
             else:
-                await self.burst()
+                await self.watch()
             ids = await self.live_ids()
             if ids == self.planned_for:
                 changed_at = None

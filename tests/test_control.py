@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.control import ControlLoop, ControlReason, ControlSettings, WorkerView
+from common.control import ControlLoop, ControlReason, ControlSettings, Watch, WorkerView
 from common.demand import RateEstimator, RecurringPeak
 from common.planner import FixedPlan, QueueStats
 from common.profiles import load_cascade_profile
@@ -251,6 +251,44 @@ def test_a_fixed_plan_does_not_react_to_a_burst(profile):
     workers = _workers(2, 2)
     stored = _stored(loop, workers, 6.0)
     assert not loop.light_pressure(stored, light_backlog=200, rate_qps=60.0)
+    loop.demand.rate = 6.0
+    assert loop.watch(stored, 60.0, 200, 200, now_s=10.0) is None
+
+
+def test_between_ticks_the_threshold_steps_down_for_a_short_heavy_stage_and_back_up_when_it_has_room(profile):
+    """At the cascade's threshold, a load that sends the heavy stage more than it runs (by the arrival rate and
+    by the queue) gets the threshold a step down at once, which turns the heavy batch fill on; once the load
+    falls and the heavy stage would run half empty at the cascade's threshold, it goes back up, the fill off.
+    Roles and batches stay the plan's; one nudge per burst window."""
+    workers = _workers(2, 14)
+    stored = _stored(_loop(profile), workers, 6.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    target = stored.target_threshold
+    assert stored.threshold == target and stored.heavy_batch == 2 and stored.heavy_fill_ms == 0.0
+    loop = _loop(profile)
+    loop.demand.rate = 6.0  # the last tick measured 6 q/s
+    assert loop.watch(stored, 24.0, 0, 20, now_s=0.0) is None  # the rate alone: 20 waiting is no queue for 14
+    assert loop.watch(stored, 6.0, 0, 40, now_s=0.0) is None  # a queue without the rate behind it
+    seen = loop.watch(stored, 24.0, 0, 40, now_s=1.0)
+    assert seen == Watch.HEAVY_PRESSURE
+    assert loop.watch(stored, 24.0, 0, 40, now_s=2.0) is None  # one nudge per burst window (2 s)
+    result, why = loop.between_ticks(seen, stored, 24.0, workers, QueueStats(heavy_backlog=40))
+    assert why.reason == ControlReason.HEAVY_PRESSURE and "heavy pressure" in result.reason
+    lowered = result.to_message(2, result.roles)
+    assert lowered.threshold == pytest.approx(target - 0.02) and lowered.heavy_fill_ms > 0
+    assert lowered.roles == stored.roles and (lowered.light_batch, lowered.heavy_batch) == (
+        stored.light_batch,
+        stored.heavy_batch,
+    )
+    assert loop.watch(lowered, 24.0, 0, 40, now_s=4.0) is None  # below the target: the tick's replay judges
+    assert loop.watch(lowered, 6.0, 0, 40, now_s=6.0) is None  # the load fell, but jobs still wait
+    assert loop.watch(lowered, 12.0, 0, 5, now_s=8.0) is None  # at the target 12 q/s would fill over half
+    seen = loop.watch(lowered, 6.0, 0, 5, now_s=10.0)
+    assert seen == Watch.HEAVY_ROOM
+    result, why = loop.between_ticks(seen, lowered, 6.0, workers, QueueStats(heavy_backlog=5))
+    raised = result.to_message(3, result.roles)
+    assert why.reason == ControlReason.HEAVY_ROOM
+    assert raised.threshold == pytest.approx(target) and raised.heavy_fill_ms == 0.0
 
 
 @pytest.mark.parametrize("before,after", [(6.0, 24.0), (24.0, 6.0)], ids=["step-up", "step-down"])

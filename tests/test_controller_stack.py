@@ -19,7 +19,8 @@ from common.config import Keys
 from common.control import ControlSettings
 from common.localstack import LocalStack, StackSpec
 from common.plan_store import load_plan
-from common.profiles import load_prompts
+from common.planner import quality_threshold
+from common.profiles import load_cascade_profile, load_prompts
 
 TIME_SCALE = 0.2
 # steady: well inside the heavy capacity (4 heavy workers carry ~3 q/s at the planned utilisation), so
@@ -174,3 +175,47 @@ def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
     burst = [p for p in plans if p["reason"].startswith("burst")]
     assert burst and burst[0]["light_workers"] == 2, [(p["light_workers"], p["reason"]) for p in plans]
     assert counted == [len(burst)]  # diffserve_burst_plans_total
+
+
+def test_a_step_nudges_the_threshold_between_ticks(redis_server, tmp_path):
+    """Four workers (one light, three heavy) at 2 q/s hold the cascade's threshold.  A step to 10 q/s sends the
+    heavy stage more than it runs: the controller takes the threshold a step down between ticks (the heavy batch
+    fill turns on), says why in the plan and counts it.  After the load falls to 1 q/s the threshold is back at
+    the cascade's (by a nudge up or by a tick, whichever comes first: tests/test_control.py and
+    tests/test_simulate.py pin the nudge up), and every nudge logged is counted."""
+    scale = 0.5
+    spec = _spec(redis_server, light=2, heavy=2, scale=scale)
+    prompts = [p for p in load_prompts() if p]
+    rng = random.Random(3)
+    with LocalStack(spec, str(tmp_path / "logs")) as stack:
+
+        async def scenario():
+            async with Client(redis_url=redis_server.url) as client:
+                tasks = []
+                for rate, seconds in ((2.0, 30.0), (10.0, 30.0), (1.0, 25.0)):
+                    end = time.monotonic() + seconds * scale
+                    while time.monotonic() < end:
+                        tasks.append(asyncio.create_task(client.submit(prompts[len(tasks)], timeout=120)))
+                        await asyncio.sleep(rng.expovariate(rate / scale))
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(scenario())
+        assert all(stack.alive().values())
+        log = (stack.log_dir / "controller.log").read_text().splitlines()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['controller']}/metrics", timeout=5)
+        nudges = {
+            sample.labels["direction"]: sample.value
+            for family in text_string_to_metric_families(page.read().decode())
+            for sample in family.samples
+            if sample.name == "diffserve_threshold_nudges_total"
+        }
+    assert sum(r.status == "ok" for r in results) >= 0.95 * len(results), {r.error_code for r in results}
+    plans = [json.loads(line) for line in log if '"new plan"' in line]
+    target = quality_threshold(load_cascade_profile("sdturbo-sdv15", "a100"))
+    seen = [(p["threshold"], p["reason"].split(":")[0]) for p in plans]
+    down = [i for i, p in enumerate(plans) if p["reason"].startswith("heavy pressure")]
+    assert down and plans[down[0]]["threshold"] == pytest.approx(target - 0.02), seen
+    assert plans[down[0] - 1]["threshold"] == pytest.approx(target), seen
+    assert plans[-1]["threshold"] == pytest.approx(target), seen
+    up = [p for p in plans if p["reason"].startswith("heavy room")]
+    assert (nudges.get("down", 0), nudges.get("up", 0)) == (len(down), len(up)), (nudges, seen)

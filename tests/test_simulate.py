@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.planner import FixedPlan
+from common.planner import FixedPlan, quality_threshold
 from common.profiles import load_cascade_profile, load_prompts
 from loadtest.report import summarize
 from loadtest.simulation import SimConfig, simulate
@@ -210,6 +210,34 @@ def test_a_burst_costs_seconds_not_minutes(profile, prompts, workers):
         [(s["t_s"], s["threshold"]) for s in after],
     )
     assert all(s["demand_qps"] <= 1.5 * base for s in after), [(s["t_s"], s["demand_qps"]) for s in after]
+
+
+def _step_trace(low_qps: float, high_qps: float, n_prompts: int, up_s: float, down_s: float, end_s: float, seed=1):
+    """Poisson at ``low_qps``, ``high_qps`` from ``up_s`` to ``down_s``, then ``low_qps`` again."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(high_qps if up_s <= t < down_s else low_qps)
+        if t >= end_s:
+            break
+        arrivals.append(round(t * 1000, 3))
+    return Trace(arrivals, [rng.randrange(1, n_prompts) for _ in arrivals], "step", end_s)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_step_moves_the_threshold_within_seconds_not_at_the_next_ticks(profile, prompts, seed):
+    """16 workers, 6 q/s then 24 q/s from 63 s to 123 s (ticks every 10 s: at 70 and 130 s).  Within seconds
+    of the step up the threshold is below the cascade's (the heavy stage is sent more than it runs; below it
+    the heavy batch fill is on), before the next tick; within 3 s of the step down it is back at the cascade's
+    threshold and stays there, where the ticks' replay of the busy minute would hold it low for half a minute."""
+    trace = _step_trace(6.0, 24.0, len(prompts), up_s=63.0, down_s=123.0, end_s=170.0, seed=seed)
+    run = simulate(profile, trace, prompts, SimConfig(policy="diffserve", workers=16, slo_ms=5000))
+    target = quality_threshold(profile)
+    threshold = {s["t_s"]: s["threshold"] for s in run.plan_samples}
+    assert all(threshold[t] == target for t in range(50, 63)), threshold
+    assert any(threshold[t] < target for t in range(64, 70)), threshold
+    assert all(threshold[t] == target for t in range(126, 160)), threshold
+    assert _entry(run, profile)["slo_violation_ratio"] == 0.0
 
 
 def test_a_burst_gets_a_second_light_worker_within_seconds_and_gives_it_back(profile, prompts):
