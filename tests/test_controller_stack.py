@@ -134,11 +134,10 @@ def test_the_first_plan_has_the_registered_workers_and_heavy_answers_come_from_t
     assert heavy >= len(results) // 4, [(r.answered_by, r.light_reason) for r in results]
 
 
-def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
-    """Four workers at 3 q/s: the controller runs one light worker and three heavy.  A 10x burst that one
-    light worker cannot absorb makes it move a heavy worker to the light stage at once, not at its next
-    tick (the burst plan's reason says so)."""
-    scale = 0.5
+def _phases(redis_server, tmp_path, phases, *, scale: float, metric: str):
+    """Four workers (the stack starts two light, two heavy) and a controller, driven through ``phases``
+    ((full-speed q/s, full-speed s), ...): the results, the controller's "new plan" log records and the samples of
+    its ``metric``."""
     spec = _spec(redis_server, light=2, heavy=2, scale=scale)
     prompts = [p for p in load_prompts() if p]
     rng = random.Random(3)
@@ -147,7 +146,7 @@ def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
         async def scenario():
             async with Client(redis_url=redis_server.url) as client:
                 tasks = []
-                for rate, seconds in ((3.0, 40.0), (30.0, 8.0), (3.0, 12.0)):
+                for rate, seconds in phases:
                     end = time.monotonic() + seconds * scale
                     while time.monotonic() < end:
                         tasks.append(asyncio.create_task(client.submit(prompts[len(tasks)], timeout=120)))
@@ -158,23 +157,31 @@ def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
         assert all(stack.alive().values())
         log = (stack.log_dir / "controller.log").read_text().splitlines()
         page = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['controller']}/metrics", timeout=5)
-        counted = [
-            sample.value
+        samples = [
+            sample
             for family in text_string_to_metric_families(page.read().decode())
             for sample in family.samples
-            if sample.name == "diffserve_burst_plans_total"
+            if sample.name == metric
         ]
     assert len({r.job_id for r in results}) == len(results)
-    # every job answered; on a busy 2-core box the router may still refuse a few at the burst's peak
+    # every job answered; on a busy 2-core box the router may still refuse a few at a burst's peak
     assert sum(r.status == "ok" for r in results) >= 0.95 * len(results), {r.error_code for r in results}
-    plans = [json.loads(line) for line in log if '"new plan"' in line]
+    return results, [json.loads(line) for line in log if '"new plan"' in line], samples
+
+
+def test_a_burst_gets_a_light_worker_between_ticks(redis_server, tmp_path):
+    """Four workers at 3 q/s: the controller runs one light worker and three heavy.  A 10x burst that one
+    light worker cannot absorb makes it move a heavy worker to the light stage at once, not at its next
+    tick (the burst plan's reason says so)."""
+    phases = ((3.0, 40.0), (30.0, 8.0), (3.0, 12.0))
+    _results, plans, counted = _phases(redis_server, tmp_path, phases, scale=0.5, metric="diffserve_burst_plans_total")
     before = [p for p in plans if p["version"] > 1 and not p["reason"].startswith("burst")]
     assert any((p["light_workers"], p["heavy_workers"]) == (1, 3) for p in before), [
         (p["light_workers"], p["reason"]) for p in plans
     ]
     burst = [p for p in plans if p["reason"].startswith("burst")]
     assert burst and burst[0]["light_workers"] == 2, [(p["light_workers"], p["reason"]) for p in plans]
-    assert counted == [len(burst)]  # diffserve_burst_plans_total
+    assert [s.value for s in counted] == [len(burst)]  # diffserve_burst_plans_total
 
 
 def test_a_step_nudges_the_threshold_between_ticks(redis_server, tmp_path):
@@ -183,34 +190,11 @@ def test_a_step_nudges_the_threshold_between_ticks(redis_server, tmp_path):
     fill turns on), says why in the plan and counts it.  After the load falls to 1 q/s the threshold is back at
     the cascade's (by a nudge up or by a tick, whichever comes first: tests/test_control.py and
     tests/test_simulate.py pin the nudge up), and every nudge logged is counted."""
-    scale = 0.5
-    spec = _spec(redis_server, light=2, heavy=2, scale=scale)
-    prompts = [p for p in load_prompts() if p]
-    rng = random.Random(3)
-    with LocalStack(spec, str(tmp_path / "logs")) as stack:
-
-        async def scenario():
-            async with Client(redis_url=redis_server.url) as client:
-                tasks = []
-                for rate, seconds in ((2.0, 30.0), (10.0, 30.0), (1.0, 25.0)):
-                    end = time.monotonic() + seconds * scale
-                    while time.monotonic() < end:
-                        tasks.append(asyncio.create_task(client.submit(prompts[len(tasks)], timeout=120)))
-                        await asyncio.sleep(rng.expovariate(rate / scale))
-                return await asyncio.gather(*tasks)
-
-        results = asyncio.run(scenario())
-        assert all(stack.alive().values())
-        log = (stack.log_dir / "controller.log").read_text().splitlines()
-        page = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['controller']}/metrics", timeout=5)
-        nudges = {
-            sample.labels["direction"]: sample.value
-            for family in text_string_to_metric_families(page.read().decode())
-            for sample in family.samples
-            if sample.name == "diffserve_threshold_nudges_total"
-        }
-    assert sum(r.status == "ok" for r in results) >= 0.95 * len(results), {r.error_code for r in results}
-    plans = [json.loads(line) for line in log if '"new plan"' in line]
+    phases = ((2.0, 30.0), (10.0, 30.0), (1.0, 25.0))
+    _results, plans, samples = _phases(
+        redis_server, tmp_path, phases, scale=0.5, metric="diffserve_threshold_nudges_total"
+    )
+    nudges = {s.labels["direction"]: s.value for s in samples}
     target = quality_threshold(load_cascade_profile("sdturbo-sdv15", "a100"))
     seen = [(p["threshold"], p["reason"].split(":")[0]) for p in plans]
     down = [i for i, p in enumerate(plans) if p["reason"].startswith("heavy pressure")]
