@@ -278,7 +278,8 @@ class ControlLoop:
         self.proposal: tuple[int, int, int] | None = None  # a role change seen once, awaiting confirmation
         self.fixed = settings.fixed_plan if self.spec.fixed else None
         self.heavy_has_room = False  # at the last tick nothing waited for a heavy worker (threshold_steps)
-        self.watched_at = {Watch.BURST: -math.inf, Watch.HEAVY_PRESSURE: -math.inf}  # the last try of each kind
+        self.burst_tried_at = -math.inf  # between ticks (watch): the last try at a burst plan
+        self.nudged_at = -math.inf  # ... and the last threshold nudge
 
     @property
     def idle(self) -> bool:
@@ -547,19 +548,19 @@ class ControlLoop:
         if stored is None or self.spec.fixed or self.idle:
             return None
         window = self.cfg.burst_window_s
-        if now_s - self.watched_at[Watch.BURST] < window:
+        if now_s - self.burst_tried_at < window:
             return None
         if self.light_pressure(stored, light_backlog, rate_qps):
-            self.watched_at[Watch.BURST] = now_s
+            self.burst_tried_at = now_s
             return Watch.BURST
-        if now_s - self.watched_at[Watch.HEAVY_PRESSURE] < window:
+        if now_s - self.nudged_at < window:
             return None
         for seen, sees in (
             (Watch.HEAVY_PRESSURE, self.heavy_pressure(stored, rate_qps, heavy_backlog)),
             (Watch.HEAVY_ROOM, self.heavy_room(stored, rate_qps, heavy_backlog)),
         ):
             if sees:
-                self.watched_at[Watch.HEAVY_PRESSURE] = now_s
+                self.nudged_at = now_s
                 return seen
         return None
 
