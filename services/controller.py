@@ -339,8 +339,9 @@ class Controller:
             return None
         now, window_ms = now_ms(), self.loop.cfg.burst_window_s * 1000.0
         rate = (await load_arrivals(self.r, self.keys, now - window_ms, now)).rate_qps(now, window_ms)
-        queues = await self.queue_stats()
-        seen = self.loop.watch(self.last, rate, queues.light_backlog, queues.heavy_backlog, time.monotonic())
+        light_backlog = await backlog(self.r, self.keys.light_queue, "workers")
+        heavy_backlog = await backlog(self.r, self.keys.heavy_queue, "workers")
+        seen = self.loop.watch(self.last, rate, light_backlog, heavy_backlog, time.monotonic())
         if seen is None:
             return None
         async with self.planning:
