@@ -100,6 +100,7 @@ class ControlReason(enum.StrEnum):
     SLOW_SWITCH = "switch slower than half an interval: roles kept"
     PROPOSED = "change proposed: confirming next interval"
     CONFIRMED = "plan moved beyond margins (confirmed)"
+    LEVEL_SHIFT = "the load moved to another level: roles follow without a confirming tick"
     PARTIAL_INFEASIBLE = "partial move infeasible: roles kept"
     SWITCH_COST = "switch cost makes the change infeasible: roles kept"
     BURST = "burst: the light stage cannot absorb it, light workers added between ticks"
@@ -533,10 +534,10 @@ class ControlLoop:
         keep = self._solve(tick, tick.current, keep_roles=True)
         if not keep.feasible:
             return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.MUST_CHANGE))
-        kept = self._hysteresis(tick, new, keep, proposal)
-        if kept is not None:
-            return keep, Why(kept)
-        return self._move(tick, new, keep)
+        reason = self._hysteresis(tick, new, keep, proposal)
+        if reason.deferred:
+            return keep, Why(reason)
+        return self._move(tick, new, keep, reason)
 
     def watch(
         self, stored: Plan | None, rate_qps: float, light_backlog: int, heavy_backlog: int, now_s: float
@@ -677,10 +678,13 @@ class ControlLoop:
 
     def _hysteresis(
         self, tick: _Tick, new: PlanResult, keep: PlanResult, proposal: tuple[int, int, int] | None
-    ) -> ControlReason | None:
-        """Why the current roles stay though they could carry the demand (None: the free plan's move goes on).
-        A move must differ from the keep-roles plan beyond the margins, its workers must switch fast
-        enough, and (noise damping) two consecutive ticks must propose it before workers reload models."""
+    ) -> ControlReason:
+        """Why the current roles stay though they could carry the demand (a deferred reason), or why the free
+        plan's move goes on.  A move must differ from the keep-roles plan beyond the margins, its workers must
+        switch fast enough, and (noise damping) two consecutive ticks must propose it before workers reload
+        models, unless it follows a level shift: the medians of several ticks (level_shift) have confirmed the
+        load already, and a step down would otherwise hold the light workers of the busy level a tick longer
+        (step trace at 4 workers, seeds 0-3: the move 10 s sooner, 18.899 -> 18.861)."""
         differs = (
             abs(new.threshold - keep.threshold) > self.cfg.threshold_margin + 1e-9
             or abs(new.heavy_fraction - keep.heavy_fraction) > self.cfg.threshold_margin + 1e-9
@@ -696,16 +700,19 @@ class ControlLoop:
             _sign(new.heavy_fraction - keep.heavy_fraction),
         )  # the direction, not the exact plan
         self.proposal = move  # once confirmed, the next tick may continue the same move without waiting
-        return ControlReason.PROPOSED if move != proposal else None
+        shift = self.level_shift()
+        if shift is not None and move[0] != 0 and (move[0] > 0) == (shift[0] > 1):
+            return ControlReason.LEVEL_SHIFT  # more light workers for a rise, fewer for a fall
+        return ControlReason.PROPOSED if move != proposal else ControlReason.CONFIRMED
 
-    def _move(self, tick: _Tick, new: PlanResult, keep: PlanResult) -> tuple[PlanResult, Why]:
+    def _move(self, tick: _Tick, new: PlanResult, keep: PlanResult, why: ControlReason) -> tuple[PlanResult, Why]:
         """A confirmed move the current roles can live with, taken in steps of at most
         ``max_switch_fraction`` of the workers (fastest switchers first), so a burst does not swing the
         whole cluster between models."""
         flipping = tick.flipping(new)
         step = max(1, math.ceil(self.cfg.max_switch_fraction * len(tick.current)))
         if len(flipping) <= step:
-            return self._with_switch_cost(tick, new, keep, tick.current, False, Why(ControlReason.CONFIRMED))
+            return self._with_switch_cost(tick, new, keep, tick.current, False, Why(why))
         partial = dict(tick.current)
         for w in sorted(flipping, key=lambda w: tick.ready_s.get(w, 0.0))[:step]:
             partial[w] = new.roles[w]
@@ -714,8 +721,8 @@ class ControlLoop:
             return keep, Why(ControlReason.PARTIAL_INFEASIBLE)
         partial_plan.solve_ms += new.solve_ms
         partial_plan.role_changes = count_changes(tick.current, partial_plan.roles)
-        why = Why(ControlReason.CONFIRMED, f", {step} of {len(flipping)} role changes this tick")
-        return self._with_switch_cost(tick, partial_plan, keep, partial, True, why)
+        moved = Why(why, f", {step} of {len(flipping)} role changes this tick")
+        return self._with_switch_cost(tick, partial_plan, keep, partial, True, moved)
 
     def _with_switch_cost(
         self, tick: _Tick, new: PlanResult, keep: PlanResult, target: dict[str, str], stepped: bool, why: Why

@@ -74,6 +74,27 @@ def test_a_move_is_confirmed_by_a_second_tick_and_taken_in_steps(profile):
     assert 0 < second.role_changes <= 4  # a quarter of 16 per tick
 
 
+@pytest.mark.parametrize("level", ["steady", "fell"])
+def test_a_move_that_follows_a_level_shift_needs_no_confirming_tick(profile, level):
+    """Four workers planned for 24 q/s (two light) when the load falls to 6 q/s: the move to one light worker
+    waits for a second tick while the ticks before were at 6 q/s too, and goes on at once once the medians of
+    the ticks (level_shift) say the load fell from another level."""
+    loop = _loop(profile)
+    rates = [6.0] * 10 + ([24.0] * 10 if level == "fell" else [6.0] * 10) + [6.0] * 4
+    for i, rate in enumerate(rates):
+        loop.peak.update(rate, at=10.0 * (i + 1), seconds=10.0)
+    assert (loop.level_shift() is not None) is (level == "fell")
+    workers = _workers(2, 2)
+    stored = _stored(_loop(profile), workers, 24.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    result, why = loop.decide(stored, 6.0, workers, QueueStats())
+    if level == "steady":
+        assert why.reason == ControlReason.PROPOSED and result.role_changes == 0
+    else:
+        assert why.reason == ControlReason.LEVEL_SHIFT and result.role_changes == 1
+        assert (result.light_workers, result.heavy_workers) == (1, 3)
+
+
 def test_slow_switchers_keep_their_roles(profile):
     loop = _loop(profile, interval_s=10.0)
     workers = _workers(8, 8, switch_s=30.0)
