@@ -6,7 +6,7 @@ run the very same control law.
 Each tick (:meth:`ControlLoop.decide`):
 
 1. demand D: an EWMA of the jobs counter's per-tick rate that follows a rise quickly and a fall
-   slowly, but no longer than three quiet ticks (common/demand.py); the light stage is provisioned
+   slowly, but no longer than two quiet ticks (common/demand.py); the light stage is provisioned
    for the larger of D and the rate the last ``peak_window_s`` exceeded for ``peak_share`` of their
    length (half of it: the light stage does not shrink below what the load needs half the time);
    one light worker is enough wherever that carries it: between ticks the controller watches the light

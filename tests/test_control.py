@@ -183,6 +183,21 @@ def test_demand_falls_slowly_until_three_quiet_ticks_say_the_burst_is_over():
     assert rate.smoothed == 0.0 and rate.forecast() == 0.0  # an idle cluster reports no demand
 
 
+def test_the_controller_believes_a_fall_after_two_quiet_ticks(profile):
+    """The demand the controller plans for after a step from 24 to 6 q/s: the first quiet tick is believed
+    by a fifth only, the second in full (a burst or a busy level is over; the burst watch brings light
+    workers back within seconds if it was not)."""
+    loop = _loop(profile)
+    count = 0
+    for tick in range(1, 7):
+        count += 240
+        loop.observe(count, 10.0 * tick)
+    count += 60
+    assert loop.observe(count, 70.0) > 18.0
+    count += 60
+    assert loop.observe(count, 80.0) == pytest.approx(6.0)
+
+
 def test_recurring_peak_counts_bursts_that_recur_not_a_one_off():
     one_off = RecurringPeak(window_s=300.0, share=0.1)
     recurring = RecurringPeak(window_s=300.0, share=0.1)
