@@ -556,14 +556,14 @@ class ControlLoop:
             return Watch.BURST
         if now_s - self.nudged_at < window:
             return None
-        for seen, sees in (
-            (Watch.HEAVY_PRESSURE, self.heavy_pressure(stored, rate_qps, heavy_backlog)),
-            (Watch.HEAVY_ROOM, self.heavy_room(stored, rate_qps, heavy_backlog)),
-        ):
-            if sees:
-                self.nudged_at = now_s
-                return seen
-        return None
+        if self.heavy_pressure(stored, rate_qps, heavy_backlog):
+            seen = Watch.HEAVY_PRESSURE
+        elif self.heavy_room(stored, rate_qps, heavy_backlog):
+            seen = Watch.HEAVY_ROOM
+        else:
+            return None
+        self.nudged_at = now_s
+        return seen
 
     def between_ticks(
         self, seen: Watch, stored: Plan, rate_qps: float, workers: list[WorkerView], queues: QueueStats
@@ -593,6 +593,11 @@ class ControlLoop:
         batch = max(1, stored.heavy_batch)
         return stored.heavy_workers * self.profile.heavy.throughput_qps(batch) / self.cfg.latency_scale
 
+    @staticmethod
+    def _heavy_queue_beyond_batches(stored: Plan, heavy_backlog: int) -> bool:
+        """More jobs wait for the heavy stage than one batch a heavy worker."""
+        return heavy_backlog > stored.heavy_workers * max(1, stored.heavy_batch)
+
     def _nudges(self, stored: Plan) -> bool:
         return (
             self.spec.discriminator_routes
@@ -609,7 +614,7 @@ class ControlLoop:
         against 18.335 with both).  Below the cascade's threshold the tick's replay has judged the load already."""
         if not self._nudges(stored) or stored.threshold < (stored.target_threshold or 0.0) - 1e-9:
             return False
-        if heavy_backlog <= stored.heavy_workers * max(1, stored.heavy_batch):
+        if not self._heavy_queue_beyond_batches(stored, heavy_backlog):
             return False
         return rate_qps * self.profile.curve.f(stored.threshold) > self.heavy_capacity_qps(stored)
 
@@ -621,7 +626,7 @@ class ControlLoop:
         target = stored.target_threshold
         if not self._nudges(stored) or target is None or stored.threshold >= target - 1e-9:
             return False
-        if heavy_backlog > stored.heavy_workers * max(1, stored.heavy_batch):
+        if self._heavy_queue_beyond_batches(stored, heavy_backlog):
             return False
         return rate_qps * self.profile.curve.f(target) < ROOM_SHARE * self.heavy_capacity_qps(stored)
 
