@@ -95,6 +95,28 @@ def test_a_move_that_follows_a_level_shift_needs_no_confirming_tick(profile, lev
         assert (result.light_workers, result.heavy_workers) == (1, 3)
 
 
+def test_the_next_tick_confirms_a_role_move_after_a_nudge_moved_the_threshold(profile):
+    """Four workers planned for 24 q/s (two light) at a steady 6 q/s: the first tick proposes one light worker
+    fewer with the threshold up; a nudge between the ticks moves the plan's threshold, so the second tick's
+    threshold direction differs, but its role move is the same, and it is confirmed."""
+    loop = _loop(profile)
+    for i in range(24):
+        loop.peak.update(6.0, at=10.0 * (i + 1), seconds=10.0)
+    assert loop.level_shift() is None
+    workers = _workers(2, 2)
+    stored = _stored(_loop(profile), workers, 24.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    first, why = loop.decide(stored, 6.0, workers, QueueStats())
+    assert why.reason == ControlReason.PROPOSED and first.role_changes == 0
+    proposed = loop.proposal
+    stored.threshold = 0.19  # a heavy-pressure nudge between the ticks
+    second, why = loop.decide(stored, 6.0, workers, QueueStats())
+    assert loop.proposal is not None and loop.proposal[0] == proposed[0] == -1
+    assert loop.proposal[1] != proposed[1]  # the threshold's direction changed with the plan in force
+    assert why.reason == ControlReason.CONFIRMED and second.role_changes == 1
+    assert (second.light_workers, second.heavy_workers) == (1, 3)
+
+
 def test_slow_switchers_keep_their_roles(profile):
     loop = _loop(profile, interval_s=10.0)
     workers = _workers(8, 8, switch_s=30.0)
