@@ -17,7 +17,7 @@ from common.clock import CLOCK
 from common.config import Keys
 from common.messages import MessageError, Plan, Role
 from common.replay import ARRIVAL_BUCKET_MS, ArrivalHistory
-from common.routing import Stage
+from common.routing import Stage, joining_ms
 from common.streams import backlog
 
 
@@ -118,23 +118,25 @@ class StageWatcher:
 
     def __init__(self, r: aioredis.Redis, keys: Keys, alive_s: float, refresh_s: float = 0.1):
         self.r, self.keys, self.alive_s, self.refresh_s = r, keys, alive_s, refresh_s
-        self.workers: dict[str, int] = {}
+        self.records: list[WorkerRecord] = []
         self._counted_at = -1e9
 
-    async def stage(self, role: Role, plan: Plan, times: Callable[[int], float]) -> Stage:
-        """``times``: batch size -> ms on this stage (common/routing.batch_times)."""
+    async def stage(self, role: Role, plan: Plan, times: Callable[[int], float], *, joining: bool = False) -> Stage:
+        """``times``: batch size -> ms on this stage (common/routing.batch_times); ``joining``: with the workers
+        the plan moves into the stage (common/routing.joining_ms: admission counts them)."""
         now = time.monotonic()
         if now - self._counted_at >= self.refresh_s:
             self._counted_at = now
-            roles = list((await live_roles(self.r, self.keys, self.alive_s)).values())
-            self.workers = {name: roles.count(name) for name in ("light", "heavy")}
+            self.records = await live_workers(self.r, self.keys, self.alive_s)
         batch = max(1, plan.light_batch if role == "light" else plan.heavy_batch)
+        workers = ((w.worker_id, w.role, w.switch_s, w.busy_until_ms) for w in self.records)
         return Stage(
-            workers=self.workers.get(role, 0),
+            workers=sum(w.role == role for w in self.records),
             batch=batch,
             batch_ms=times(batch),
             backlog=await backlog(self.r, self.keys.queue_for(role), "workers"),
             times=times,
+            joining_ms=joining_ms(role, plan.roles, workers, CLOCK.now_ms()) if joining else (),
         )
 
 

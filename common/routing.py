@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from common.config import Settings, option
@@ -44,11 +44,35 @@ class Decision(enum.StrEnum):
     LATE = "late"  # the heavy model cannot make the deadline: the light image, marked degraded
 
 
-def heavy_queue_wait_ms(backlog: int, workers: int, batch: int, batch_ms: float) -> float:
-    """Expected wait before a job that joins the heavy queue now starts (ms); inf without workers."""
-    if workers <= 0:
+def queue_wait_ms(backlog: int, workers: int, batch: int, batch_ms: float, joining_ms: Sequence[float] = ()) -> float:
+    """Expected wait before a job that joins a stage's queue now starts (ms): the ``backlog`` ahead of it served
+    by ``workers`` workers, ``batch`` jobs each per ``batch_ms``, and by one more from each of ``joining_ms`` (ms
+    from now) on; inf without any worker."""
+    rate = max(1, batch) / batch_ms  # jobs a worker serves per ms
+    left, at_ms, serving = float(max(0, backlog)), 0.0, workers
+    for joins_ms in sorted(joining_ms):
+        span = max(0.0, joins_ms - at_ms)
+        if serving > 0 and left <= serving * rate * span:
+            break
+        left -= serving * rate * span
+        at_ms, serving = at_ms + span, serving + 1
+    if serving <= 0:
         return math.inf
-    return max(0, backlog) * batch_ms / (workers * max(1, batch))
+    return at_ms + left / (serving * rate)
+
+
+def joining_ms(
+    role: str, planned: Mapping[str, str], workers: Iterable[tuple[str, str, float, float]], now_ms: float
+) -> tuple[float, ...]:
+    """ms from ``now_ms`` until each worker the plan (``planned``: worker id -> role) moves into ``role``'s stage
+    serves it: the batch it runs ends, then it loads the model in its last measured switch time.  ``workers``:
+    (id, the role it reports, its last switch in s, when its batch ends in ms), on the caller's clock.  A
+    worker that never switched (no measured time) is not counted."""
+    return tuple(
+        max(0.0, busy_until_ms - now_ms) + switch_s * 1000.0
+        for worker_id, reported, switch_s, busy_until_ms in workers
+        if planned.get(worker_id) == role and reported not in (role, "") and switch_s > 0
+    )
 
 
 def finishes_in_time(
@@ -98,6 +122,9 @@ class Stage:
     backlog: int = 0
     times: Callable[[int], float] | None = None
     headroom: float = 1.0
+    # ms from now until each worker the plan moves into this stage serves it: admission counts them (a job it
+    # refuses is a miss for sure), the deadline rule does not (its mistake is a degraded answer, not a late one)
+    joining_ms: tuple[float, ...] = ()
 
     def run(self) -> tuple[int, float]:
         """The batch a job joining now runs in, and its time."""
@@ -108,14 +135,14 @@ class Stage:
 
     def wait_ms(self) -> float:
         n, ms = self.run()
-        return heavy_queue_wait_ms(self.backlog, self.workers, n, ms)
+        return queue_wait_ms(self.backlog, self.workers, n, ms, self.joining_ms)
 
     def service_ms(self) -> float:
         return self.run()[1]
 
     def on_time(self, now_ms: float, deadline_ms: float, skew_ms: float = 0.0) -> bool:
         n, ms = self.run()
-        wait = heavy_queue_wait_ms(self.backlog, self.workers, n, ms)
+        wait = queue_wait_ms(self.backlog, self.workers, n, ms, self.joining_ms)
         return finishes_in_time(now_ms, deadline_ms, wait, ms, skew_ms)
 
     def admit(self) -> None:

@@ -30,6 +30,7 @@ from common.routing import (
     direct_decision,
     exchange_for,
     fill_until_ms,
+    joining_ms,
     light_reason,
 )
 from common.stage import DISCRIMINATOR_BATCH
@@ -263,15 +264,18 @@ class Simulation:
     def latency_ms(self, role: str, batch: int) -> float:
         return self.times[role](batch)
 
-    def stage(self, role: str) -> Stage:
-        """The deadline rule's view of a stage, as StageWatcher gives it to the live services."""
+    def stage(self, role: str, joining: bool = False) -> Stage:
+        """The deadline rule's view of a stage, as StageWatcher gives it to the live services (``joining``: with
+        the workers the plan moves into it, as the router's admission sees them)."""
         batch = max(1, self.plan.light_batch if role == "light" else self.plan.heavy_batch)
+        workers = ((w.worker_id, w.role, w.switch_s, w.free_at) for w in self.workers)
         return Stage(
             workers=sum(w.role == role for w in self.workers),
             batch=batch,
             batch_ms=self.latency_ms(role, batch),
             backlog=self.backlogs()[role],
             times=self.times[role],
+            joining_ms=joining_ms(role, self.plan.roles, workers, self.now) if joining else (),
         )
 
     def admit(self, rec: JobRecord) -> None:
@@ -300,7 +304,7 @@ class Simulation:
             decision,
             self.now,
             job.deadline_ms,
-            light=admission.at_headroom(self.stage("light"), headroom),
+            light=admission.at_headroom(self.stage("light", joining=True), headroom),
             heavy=admission.at_headroom(heavy, headroom),
             discriminator_ms=self.latency_ms("discriminator", max(1, self.plan.light_batch)) / headroom,
             max_light_backlog=DEFAULT_MAX_LIGHT_BACKLOG,

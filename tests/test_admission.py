@@ -76,6 +76,18 @@ def test_admission(plan, route, deadline, light, light_backlog, heavy, heavy_bac
     assert bool(verdict.reason) is not admitted
 
 
+@pytest.mark.parametrize("joining_ms,admitted", [((), False), ((1000.0,), True), ((4000.0,), False)])
+def test_a_worker_joining_the_light_stage_counts_from_when_it_serves(joining_ms, admitted):
+    """One light worker (4 jobs per 200 ms) with 150 jobs ahead: 7.5 s of wait alone, refused for a 5-s deadline;
+    with a heavy worker the plan moved that serves light in 1 s, 20 jobs drain alone and 130 by two (3.25 s
+    more), so the job fits; one that serves only in 4 s helps too little."""
+    light = Stage(1, 4, 200.0, backlog=150, joining_ms=joining_ms)
+    verdict = admit(
+        CASCADE, LIGHT, 0.0, 5000.0, light=light, heavy=Stage(*H), discriminator_ms=20.0, max_light_backlog=CAP
+    )
+    assert verdict.admitted is admitted, verdict
+
+
 def test_admissions_within_one_batch_count_against_the_next():
     """What the router does with one read batch: every admitted job joins the stage it was
     admitted to, so the same measurement cannot let in more than fits."""

@@ -292,7 +292,14 @@ def test_every_stage_counts_the_same_live_workers(redis_server):
             controller = Controller(svc)
             views = await controller.live_workers(None)
             assert 1.3 < views[0].busy_s <= 1.5 and views[0].switch_s == 0.5
-            stage = await StageWatcher(r, keys, cfg.worker_timeout_s).stage(Role.LIGHT, Plan(), lambda n: 100.0)
+            watcher = StageWatcher(r, keys, cfg.worker_timeout_s)
+            stage = await watcher.stage(Role.LIGHT, Plan(), lambda n: 100.0)
+            # a plan that moves it to the heavy stage: the router's admission counts it there from when its batch
+            # has ended and it has loaded the other model (its last switch, 0.5 s)
+            moved = Plan(roles={"fresh": "heavy"})
+            joining = (await watcher.stage(Role.HEAVY, moved, lambda n: 100.0, joining=True)).joining_ms
+            assert len(joining) == 1 and 1800.0 < joining[0] <= 2000.0, joining
+            assert (await watcher.stage(Role.HEAVY, moved, lambda n: 100.0)).joining_ms == ()
             return (
                 await controller.live_ids(),
                 [v.worker_id for v in views],

@@ -15,7 +15,8 @@ from common.routing import (
     degrades_late,
     direct_decision,
     finishes_in_time,
-    heavy_queue_wait_ms,
+    joining_ms,
+    queue_wait_ms,
 )
 
 # (backlog, workers, batch, batch_ms) -> expected wait before a job joining now starts
@@ -31,8 +32,38 @@ WAITS = [
 
 
 @pytest.mark.parametrize("backlog,workers,batch,batch_ms,wait", WAITS)
-def test_heavy_queue_wait(backlog, workers, batch, batch_ms, wait):
-    assert heavy_queue_wait_ms(backlog, workers, batch, batch_ms) == pytest.approx(wait)
+def test_queue_wait(backlog, workers, batch, batch_ms, wait):
+    assert queue_wait_ms(backlog, workers, batch, batch_ms) == pytest.approx(wait)
+
+
+# (backlog, workers, joining ms) -> wait; batches of 10 jobs in 1000 ms (10 jobs/s a worker)
+JOINING_WAITS = [
+    (40, 1, (), 4000.0),
+    (40, 1, (1000.0,), 2500.0),  # 10 served alone, the other 30 by two workers: 1.5 s more
+    (40, 1, (5000.0,), 4000.0),  # it joins after the queue ahead has drained: no help
+    (40, 1, (1000.0, 2000.0), 2000.0 + 1000.0 / 3),  # 10, then 20 by two, the last 10 by three
+    (40, 0, (1000.0,), 5000.0),  # nobody serves until the first joins
+    (0, 0, (1000.0,), 1000.0),
+    (0, 0, (), math.inf),
+]
+
+
+def test_the_workers_joining_a_stage_are_those_the_plan_moves_there_with_a_measured_switch():
+    planned = {"a": "light", "b": "light", "c": "light", "d": "heavy"}
+    workers = [
+        ("a", "heavy", 0.4, 10_800.0),  # running a heavy batch until 800 ms from now, then 400 ms to load
+        ("b", "heavy", 0.0, 0.0),  # never switched: its load time is unknown, not counted
+        ("c", "light", 0.4, 0.0),  # already serves light: one of the stage's workers
+        ("d", "heavy", 0.4, 0.0),  # the plan keeps it heavy
+        ("e", "heavy", 0.4, 0.0),  # not in the plan
+    ]
+    assert joining_ms("light", planned, workers, now_ms=10_000.0) == pytest.approx((1200.0,))
+    assert joining_ms("light", planned, [("a", "heavy", 0.4, 9_000.0)], now_ms=10_000.0) == pytest.approx((400.0,))
+
+
+@pytest.mark.parametrize("backlog,workers,joining,wait", JOINING_WAITS)
+def test_queue_wait_counts_workers_joining_the_stage(backlog, workers, joining, wait):
+    assert queue_wait_ms(backlog, workers, 10, 1000.0, joining) == pytest.approx(wait)
 
 
 # (now, deadline, queue wait, batch time) -> on time?

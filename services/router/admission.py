@@ -165,7 +165,7 @@ class Admission:
     async def _stages(self, plan: Plan) -> Stages:
         headroom = self.cfg.admission_headroom
         heavy_now = await self.stages.stage(Role.HEAVY, plan, self.times(Role.HEAVY))
-        light = await self.stages.stage(Role.LIGHT, plan, self.times(Role.LIGHT))
+        light = await self.stages.stage(Role.LIGHT, plan, self.times(Role.LIGHT), joining=True)
         return Stages(
             heavy_now=heavy_now,
             light=admission.at_headroom(light, headroom),
