@@ -1,6 +1,7 @@
 """Admission by predicted wait: the router's decision for one new job, a pure function of the
 plan, the job's route and deadline and the stages' state (common/routing.Stage, the one deadline
-rule ``finishes_in_time`` with the queue wait ``backlog·batch_ms/(workers·batch)``).
+rule ``finishes_in_time`` with the queue wait ``backlog·batch_ms/(workers·batch)``; the router's light stage
+also counts the workers the plan moves into it, each from when it will serve there, ``routing.queue_wait_ms``).
 
 A job is admitted only when the stage that decides whether it is answered by its deadline can
 answer it in time:
