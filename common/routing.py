@@ -48,17 +48,18 @@ def queue_wait_ms(backlog: int, workers: int, batch: int, batch_ms: float, joini
     """Expected wait before a job that joins a stage's queue now starts (ms): the ``backlog`` ahead of it served
     by ``workers`` workers, ``batch`` jobs each per ``batch_ms``, and by one more from each of ``joining_ms`` (ms
     from now) on; inf without any worker."""
-    rate = max(1, batch) / batch_ms  # jobs a worker serves per ms
+    job_ms = batch_ms / max(1, batch)  # a worker's time per job (0 for a stage that takes none)
     left, at_ms, serving = float(max(0, backlog)), 0.0, workers
     for joins_ms in sorted(joining_ms):
         span = max(0.0, joins_ms - at_ms)
-        if serving > 0 and left <= serving * rate * span:
-            break
-        left -= serving * rate * span
+        if serving > 0 and left * job_ms <= serving * span:
+            break  # the queue ahead is gone before this worker joins
+        if serving > 0:
+            left -= serving * span / job_ms
         at_ms, serving = at_ms + span, serving + 1
     if serving <= 0:
         return math.inf
-    return at_ms + left / (serving * rate)
+    return at_ms + left * job_ms / serving
 
 
 def joining_ms(

@@ -28,6 +28,7 @@ WAITS = [
     (5, 1, 1, 100.0, 500.0),
     (-3, 2, 1, 100.0, 0.0),  # a negative backlog reading counts as none
     (5, 0, 2, 2000.0, math.inf),  # no heavy worker: never on time
+    (5, 2, 2, 0.0, 0.0),  # a stage that takes no time (a profile of zeros)
 ]
 
 
@@ -46,6 +47,11 @@ JOINING_WAITS = [
     (0, 0, (1000.0,), 1000.0),
     (0, 0, (), math.inf),
 ]
+
+
+def test_a_stage_that_takes_no_time_waits_only_for_its_first_worker():
+    assert queue_wait_ms(40, 1, 10, 0.0, (1000.0,)) == 0.0
+    assert queue_wait_ms(40, 0, 10, 0.0, (1000.0, 2000.0)) == 1000.0
 
 
 def test_the_workers_joining_a_stage_are_those_the_plan_moves_there_with_a_measured_switch():
