@@ -231,6 +231,11 @@ class ControlSettings:
     # waits up to this long for more (Plan.heavy_fill_ms; 0: never): over four trace seeds at 4, 8 and 16
     # workers the step trace 0.04-0.11 better, the bursty one within 0.02 (docs/evaluation.md)
     heavy_fill_ms: float = 400.0
+    # the discriminator holds the light share of the plan's threshold over this window of decisions
+    # (Plan.share_window_ms, common/routing.ShareKeeper; 0: off; a fixed plan keeps its threshold): the quality
+    # estimate's window (common/quality.QUALITY_WINDOW_S, the paper's per-window FID). Over eight step-trace seeds
+    # at 24 workers it beats every fixed threshold (docs/evaluation.md)
+    share_window_s: float = 5.0
     fixed_plan: FixedPlan | None = None
     static_demand: float | None = None
 
@@ -345,6 +350,7 @@ class ControlLoop:
             light_floor=self.light_floor(len(current)),
         )
         result.fill_ms = self.cfg.heavy_fill_ms
+        result.share_window_ms = 0.0 if self.spec.fixed else self.cfg.share_window_s * 1000.0
         return result
 
     def light_floor(self, workers: int) -> int:

@@ -659,4 +659,7 @@ class Plan(Message):
     # ms (the deployment's clock) a heavy worker that read fewer jobs than heavy_batch waits for more before it
     # runs them (common/routing.heavy_fill_ms: only while the threshold is below target_threshold)
     heavy_fill_ms: float = 0.0
-    LATER: ClassVar[frozenset[str]] = frozenset({"target_threshold", "reason", "heavy_fill_ms"})
+    # ms (the deployment's clock) over which the discriminator holds the light share the threshold gives its
+    # recent confidences (common/routing.ShareKeeper; 0: the threshold as it is, as a fixed plan keeps it)
+    share_window_ms: float = 0.0
+    LATER: ClassVar[frozenset[str]] = frozenset({"target_threshold", "reason", "heavy_fill_ms", "share_window_ms"})

@@ -75,7 +75,9 @@ THRESHOLD_NUDGES = Counter(
     registry=None,
 )
 DISCRIMINATOR_THRESHOLD = Gauge(
-    "diffserve_discriminator_threshold", "confidence threshold applied to the last scored batch", registry=None
+    "diffserve_discriminator_threshold",
+    "confidence threshold applied to the last scored job (the plan's, or the share keeper's around it)",
+    registry=None,
 )
 THRESHOLD = Gauge("diffserve_threshold", "confidence threshold of the plan in force", registry=None)
 WORKERS = Gauge("diffserve_workers", "workers per role in the plan", ["role"], registry=None)

@@ -23,18 +23,26 @@ before it runs them, never so long that a full batch would miss the earliest dea
 little more than one (SD v1.5 on the A100 table: 2160 against 1780 ms, 0.93 against 0.56 jobs/s a worker),
 and a short heavy stage otherwise runs batches of one whenever its queue runs dry between the
 discriminator's batches.
+
+The share keeper (:class:`ShareKeeper`): the plan's threshold stands for a light share (the quality curve is a
+function of it, and the plan sized the heavy stage for the rest), but a run of confident or hard prompts moves
+the share a fixed threshold gives from one 5-s window to the next.  The discriminator holds the share the plan's
+threshold gives its recent confidences over the last ``Plan.share_window_ms`` of decisions: each job's threshold
+makes up what the window answered light above or below that share.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from common.config import Settings, option
-from common.messages import LightReason
+from common.messages import LightReason, Plan
 from common.profiles import CascadeProfile
 
 
@@ -150,14 +158,21 @@ class Stage:
         self.backlog += 1
 
 
-def light_reason(decision: Decision, confidence: float | None, target_threshold: float | None) -> LightReason:
+def light_reason(decision: Decision, confidence: float | None, plan: Plan) -> LightReason:
     """Why a light image is the answer: the deadline rule (``Decision.LATE``); else the plan, when the
     confidence is below the threshold the cascade wants with heavy room for every job (the plan's
-    ``target_threshold``: its own threshold was lowered for capacity, or the policy sends nothing
-    on); else confident."""
+    ``target_threshold``) and the plan's own threshold was lowered below it for capacity, or the policy sends
+    nothing on; else confident (the share keeper's threshold a little below the target holds the cascade's
+    share: those answers are the confident ones too)."""
     if decision == Decision.LATE:
         return LightReason.DEADLINE
-    if target_threshold is not None and confidence is not None and confidence < target_threshold:
+    target = plan.target_threshold
+    if (
+        target is not None
+        and confidence is not None
+        and confidence < target
+        and (not plan.discriminator_routes or plan.threshold < target - 1e-9)
+    ):
         return LightReason.PLAN
     return LightReason.CONFIDENT
 
@@ -194,6 +209,74 @@ def direct_decision(draw: float, heavy_fraction: float, *, degrade_late: bool, o
     if degrade_late and not on_time:
         return Decision.LATE
     return Decision.HEAVY
+
+
+SHARE_MIN_SCORES = 50  # the keeper holds a share once it has this many recent confidences to read it from
+SHARE_MIN_DECISIONS = 5  # ... and this many decisions in its window
+SHARE_MAX_SHIFT = 0.1  # ... moving the next batch's light share at most this far from the plan's
+
+
+class ShareKeeper:
+    """The discriminator's threshold for each job of a scored batch: the one that makes up, over the last
+    ``window_ms`` of its decisions, the light answers above or below the share the plan's threshold gives its last
+    ``history`` confidences (common/routing's docstring).  A batch is decided a job at a time, as if its jobs came
+    one by one (a light batch of 16 decided at one threshold would hold the share sixteen times more coarsely).
+    Each decision is held to the share of its own plan, so a new plan starts from an even window.  It holds the
+    share while the heavy stage has room for it (the plan's threshold at the cascade's target): below, the
+    threshold is what the heavy stage can carry and the exchange gives it the hardest prompts.  A plan without a
+    window (a fixed plan, no controller): the plan's threshold."""
+
+    def __init__(self, history: int):
+        self.recent: deque[float] = deque()  # the last ``history`` confidences, in arrival order ...
+        self.ranked: list[float] = []  # ... and ascending
+        self.history = history
+        self.decisions: deque[tuple[float, float]] = deque()  # (ms, light 1/0 minus its plan's share)
+        self.excess = 0.0  # the sum of decisions' second terms
+
+    def thresholds(self, plan: Plan, now_ms: float, confidences: Sequence[float]) -> list[float]:
+        """The threshold of each of ``confidences`` (a batch, decided now under ``plan``); each is recorded as
+        decided."""
+        plan_threshold, target = plan.threshold, plan.target_threshold
+        room = target is None or plan_threshold >= target - 1e-9
+        window_ms = plan.share_window_ms if plan.discriminator_routes and room else 0.0
+        while self.decisions and (window_ms <= 0 or self.decisions[0][0] <= now_ms - window_ms):
+            self.excess -= self.decisions.popleft()[1]
+        if not self.decisions:
+            self.excess = 0.0  # no rounding left over
+        out = []
+        for c in confidences:
+            threshold = plan_threshold
+            if window_ms > 0 and len(self.ranked) >= SHARE_MIN_SCORES:
+                share = self.share_at(plan_threshold)
+                if len(self.decisions) >= SHARE_MIN_DECISIONS:
+                    shift = max(-SHARE_MAX_SHIFT, min(SHARE_MAX_SHIFT, self.excess / len(self.decisions)))
+                    threshold = self.threshold_for(min(1.0, max(0.0, share - shift)))
+                decision = float(c >= threshold) - share
+                self.decisions.append((now_ms, decision))
+                self.excess += decision
+            out.append(threshold)
+            self._remember(c)
+        return out
+
+    def _remember(self, confidence: float) -> None:
+        self.recent.append(confidence)
+        bisect.insort(self.ranked, confidence)
+        if len(self.recent) > self.history:
+            del self.ranked[bisect.bisect_left(self.ranked, self.recent.popleft())]
+
+    def share_at(self, threshold: float) -> float:
+        """The share of the recent confidences at or above ``threshold``."""
+        return (len(self.ranked) - bisect.bisect_left(self.ranked, threshold)) / len(self.ranked)
+
+    def threshold_for(self, share: float) -> float:
+        """A threshold that answers ``share`` of the recent confidences light."""
+        ranked, n = self.ranked, len(self.ranked)
+        k = round(share * n)  # the k most confident
+        if k <= 0:
+            return math.nextafter(ranked[-1], math.inf)
+        if k >= n:
+            return ranked[0]
+        return (ranked[n - k - 1] + ranked[n - k]) / 2
 
 
 LATE_POLICIES = ("plan", "light", "heavy")  # a stage's override of the plan's degrade_late (tests, benchmarks)

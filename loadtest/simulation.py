@@ -23,6 +23,7 @@ from common.profiles import CascadeProfile
 from common.replay import ARRIVAL_BUCKET_MS, HOP_MS, RECENT_CONFIDENCES, ArrivalHistory
 from common.routing import (
     Decision,
+    ShareKeeper,
     Stage,
     batch_times,
     cascade_decision,
@@ -126,6 +127,7 @@ class Simulation:
         self.early_tick = False  # a tick is due soon: traffic arrived after an idle one
         self.watch_ms = WATCH_S * 1000.0 / cfg.time_scale  # the controller's look at the light queue
         self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
+        self.keeper = ShareKeeper(RECENT_CONFIDENCES)
         self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
     # ---------- event machinery ----------
@@ -437,12 +439,13 @@ class Simulation:
         for job, score in zip(jobs, scores, strict=False):
             job.confidence = score
         self.scored.extend(scores)
+        thresholds = self.keeper.thresholds(plan, self.now, scores)
         onward = []
         for i in decision_order(scores):
             job = jobs[i]
             decision = cascade_decision(
                 scores[i],
-                plan.threshold,
+                thresholds[i],
                 discriminator_routes=plan.discriminator_routes,
                 degrade_late=plan.degrade_late,
                 fallback=job.routed_by == RoutedBy.FALLBACK,
@@ -462,7 +465,7 @@ class Simulation:
                     heavy.admit()
                 onward.append(job)
             else:
-                self.finish(job, Role.LIGHT, light_reason(decision, scores[i], plan.target_threshold))
+                self.finish(job, Role.LIGHT, light_reason(decision, scores[i], plan))
         self.enqueue("heavy", onward)
         self.try_discriminator()
 

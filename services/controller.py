@@ -168,6 +168,12 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
         "that read fewer jobs than its batch waits up to this long for more (full-speed ms; 0: never)",
         env="DIFFSERVE_HEAVY_FILL_MS",
     )
+    share_window_s: float = option(
+        DEFAULT.share_window_s,
+        "the discriminator holds the light share of the plan's threshold over this many seconds of its decisions "
+        "(full-speed s; 0: the threshold as it is)",
+        env="DIFFSERVE_SHARE_WINDOW_S",
+    )
 
 
 def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interval_s: float) -> ControlSettings:
@@ -194,6 +200,7 @@ def control_settings(cfg: ControllerConfig, slo_ms: float, scale: float, interva
         max_switch_fraction=cfg.max_switch_fraction,
         spare_util=cfg.spare_util,
         heavy_fill_ms=cfg.heavy_fill_ms * scale,
+        share_window_s=cfg.share_window_s * scale,
         headroom=cfg.headroom,
         fixed_plan=FixedPlan.parse(cfg.static_plan) if cfg.static_plan else None,
         static_demand=cfg.static_demand,

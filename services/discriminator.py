@@ -34,6 +34,7 @@ from common.replay import RECENT_CONFIDENCES
 from common.routing import (
     Decision,
     LatePolicySettings,
+    ShareKeeper,
     Stage,
     batch_times,
     cascade_decision,
@@ -86,6 +87,7 @@ class Discriminator:
         self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
         self.heavy = StageWatcher(self.r, self.keys, self.cfg.worker_timeout_s)
         self.heavy_times = batch_times(self.profile, Role.HEAVY, latency_scale(self.cfg))
+        self.keeper = ShareKeeper(RECENT_CONFIDENCES)  # this replica's recent confidences and decisions
         self.needs_images = self.cfg.backend != "profiled"
         self.blobs = open_store(self.cfg, self.r)
 
@@ -139,7 +141,6 @@ class Discriminator:
         (each either sends a late job on in the place of an easier waiting one, or answers it with its light
         image: common/streams.exchange_waiting)."""
         plan = await self.plans.current()
-        threshold = self.cfg.threshold if self.cfg.threshold is not None else plan.threshold
         start = time.perf_counter()
         try:
             images = await self._images(results)
@@ -166,12 +167,17 @@ class Discriminator:
             return failures(self.keys, [r.routed() for r in results], E_MODEL, message, self.cfg.instance_id), [], []
         metrics.BATCH_LATENCY.labels("discriminator", "discriminator").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels("discriminator", "discriminator").observe(len(results))
-        metrics.DISCRIMINATOR_THRESHOLD.set(threshold)
-        outputs, exchanges = await self._decide(plan, results, scores, threshold)
+        if self.cfg.threshold is not None:
+            thresholds = [self.cfg.threshold] * len(scores)
+        else:  # the plan's, or the share keeper's around it
+            thresholds = self.keeper.thresholds(plan, now_ms(), scores)
+        if thresholds:
+            metrics.DISCRIMINATOR_THRESHOLD.set(thresholds[-1])
+        outputs, exchanges = await self._decide(plan, results, scores, thresholds)
         return outputs, scores, exchanges
 
     async def _decide(
-        self, plan: Plan, results: list[LightResult], scores: list[float], threshold: float
+        self, plan: Plan, results: list[LightResult], scores: list[float], thresholds: list[float]
     ) -> tuple[Outputs, list[Exchange]]:
         """Each scored light image: the answer, or the job on to the heavy model (least confident first); a
         job the heavy stage cannot take in time may take the place of an easier waiting one (the exchange)."""
@@ -181,14 +187,14 @@ class Discriminator:
         outputs: Outputs = []
         exchanges: list[Exchange] = []
         waiting: list[tuple[str, RoutedJob | None]] | None = None  # the heavy queue's undelivered jobs, read once
-        previews = await self._previews(results, scores, threshold)
+        previews = await self._previews(results, scores, thresholds)
         for i in decision_order(scores):
             result, confidence = results[i], scores[i]
             job = result.routed()
             on_time = heavy is None or heavy.on_time(now, job.deadline_ms, self.cfg.clock_skew_ms)
             decision = cascade_decision(
                 confidence,
-                threshold,
+                thresholds[i],
                 discriminator_routes=plan.discriminator_routes,
                 degrade_late=degrade_late,
                 fallback=job.routed_by == RoutedBy.FALLBACK,
@@ -209,7 +215,7 @@ class Discriminator:
                     model=result.model,
                     confidence=confidence,
                     worker_id=self.cfg.instance_id,
-                    light_reason=light_reason(decision, confidence, plan.target_threshold),
+                    light_reason=light_reason(decision, confidence, plan),
                 )
                 swap = None
                 if decision == Decision.LATE and heavy is not None and job.routed_by != RoutedBy.FALLBACK:
@@ -274,13 +280,13 @@ class Discriminator:
         return waiting
 
     async def _previews(
-        self, results: list[LightResult], scores: list[float], threshold: float
+        self, results: list[LightResult], scores: list[float], thresholds: list[float]
     ) -> dict[int, bytes | BlobRef]:
         """The light image each job that asked for partials gets in its LightReady, should it go on to the
         heavy model (a LightReady is sent only then): the reference when the job asked for references, else
         the bytes, read from the image store in one round. A preview the store cannot give is skipped (the
         final answer still comes)."""
-        wanted = {i for i, r in enumerate(results) if r.job.partials and r.job.reply_to and scores[i] < threshold}
+        wanted = {i for i, r in enumerate(results) if r.job.partials and r.job.reply_to and scores[i] < thresholds[i]}
         previews: dict[int, bytes | BlobRef] = {}
         fetch: list[int] = []
         for i in sorted(wanted):

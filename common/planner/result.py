@@ -52,6 +52,7 @@ class PlanResult:
     target_threshold: float | None = None  # quality_threshold(profile): what the cascade wants with room for all
     reason: str = ""  # why this plan, in words (the controller adds its part)
     fill_ms: float = 0.0  # the heavy batch fill the controller allows (Plan.heavy_fill_ms when the rule applies)
+    share_window_ms: float = 0.0  # the share keeper's window (Plan.share_window_ms; a policy that routes on t)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +83,7 @@ class PlanResult:
                 if spec.discriminator_routes
                 else 0.0
             ),
+            share_window_ms=self.share_window_ms if spec.discriminator_routes else 0.0,
         )
 
 
