@@ -358,8 +358,12 @@ class Controller:
             workers = await self.live_workers(stored)
             planned = self.loop.between_ticks(seen, stored, rate, workers, await self.queue_stats())
             if planned is None:
+                if seen == Watch.BURST:  # the light queue grew, but the solver says the roles in force carry it
+                    self.log.info(
+                        "burst: roles kept", extra={"arrival_qps": round(rate, 3), "light_backlog": light_backlog}
+                    )
                 return None
-            self.log.info(f"{seen}: re-planning", extra={"arrival_qps": round(rate, 3)})
+            self.log.info(f"{seen}: re-planning", extra={"arrival_qps": round(rate, 3), "light_backlog": light_backlog})
             if seen == Watch.BURST:
                 self.bursts += 1
                 metrics.BURST_PLANS.inc()
