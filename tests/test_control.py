@@ -290,6 +290,25 @@ def test_a_burst_moves_the_fewest_heavy_workers_to_light_between_ticks(profile):
     assert loop.proposal is None  # the hysteresis of the next tick is untouched
 
 
+def test_the_workers_a_burst_moved_go_back_in_one_step(profile):
+    """A burst takes two heavy workers to the light stage of a 4-worker cluster (one light worker -> three); once
+    it is over, the confirmed move back gives both back at the same tick, where a move the ticks planned
+    themselves goes a quarter of the workers (here one) a tick."""
+    loop = _loop(profile)
+    workers = _workers(1, 3)
+    stored = _stored(_loop(profile), workers, 6.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    result, why = loop.burst(stored, 40.0, workers, QueueStats(light_backlog=40))
+    assert why.reason == ControlReason.BURST and (result.light_workers, result.heavy_workers) == (3, 1)
+    workers = [WorkerView(w.worker_id, result.roles[w.worker_id], w.switch_s) for w in workers]
+    stored = result.to_message(2, result.roles)
+    _first, why = loop.decide(stored, 6.0, workers, QueueStats())
+    assert why.reason == ControlReason.PROPOSED
+    second, why = loop.decide(stored, 6.0, workers, QueueStats())
+    assert why.reason == ControlReason.CONFIRMED, why
+    assert (second.light_workers, second.heavy_workers, second.role_changes) == (1, 3, 2)
+
+
 def test_a_burst_moves_the_heavy_worker_that_can_serve_light_first(profile):
     """A heavy worker switches once its batch ends: the burst takes the one whose batch ends first, even
     when another has a faster switch on record (1.5 s of batch + 0.4 s of load > 0.2 s + 0.8 s)."""
