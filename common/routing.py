@@ -213,7 +213,7 @@ def direct_decision(draw: float, heavy_fraction: float, *, degrade_late: bool, o
 
 SHARE_MIN_SCORES = 50  # the keeper holds a share once it has this many recent confidences to read it from
 SHARE_MIN_DECISIONS = 5  # ... and this many decisions in its window
-SHARE_MAX_SHIFT = 0.1  # ... moving the next batch's light share at most this far from the plan's
+SHARE_MAX_SHIFT = 0.1  # ... moving the next job's light share at most this far from the plan's
 
 
 class ShareKeeper:
