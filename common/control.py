@@ -70,6 +70,7 @@ from common.planner import (
 )
 from common.profiles import BATCH_GRID, CascadeProfile
 from common.replay import HOP_MS, ArrivalHistory, relevel
+from common.routing import below_target
 
 # The role-switch time assumed for a worker that has not switched yet (unscaled seconds).
 DEFAULT_SWITCH_S = 5.0
@@ -629,7 +630,7 @@ class ControlLoop:
         (a step up), and the next tick is up to an interval away.  Both signs, not the rate alone: a few seconds'
         rate is noisy, and at four workers the rate alone squeezed on noise (bursty trace, seeds 0-7: 18.354
         against 18.335 with both).  Below the cascade's threshold the tick's replay has judged the load already."""
-        if not self._nudges(stored) or stored.threshold < (stored.target_threshold or 0.0) - 1e-9:
+        if not self._nudges(stored) or below_target(stored.threshold, stored.target_threshold):
             return False
         if not self._heavy_queue_beyond_batches(stored, heavy_backlog):
             return False
@@ -641,7 +642,7 @@ class ControlLoop:
         load fell (a step down), and the tick's replay of minutes of busier history would raise the threshold
         a step at a time."""
         target = stored.target_threshold
-        if not self._nudges(stored) or target is None or stored.threshold >= target - 1e-9:
+        if not self._nudges(stored) or target is None or not below_target(stored.threshold, target):
             return False
         if self._heavy_queue_beyond_batches(stored, heavy_backlog):
             return False

@@ -92,12 +92,19 @@ def finishes_in_time(
     return now_ms + skew_ms + queue_wait_ms + batch_ms <= deadline_ms
 
 
+def below_target(threshold: float, target_threshold: float | None) -> bool:
+    """Whether a plan's threshold is below the cascade's target (lowered for the heavy stage's capacity: the heavy
+    stage limits quality).  The batch fill, the share keeper, the light reasons and the controller's nudges
+    turn on it."""
+    return target_threshold is not None and threshold < target_threshold - 1e-9
+
+
 def heavy_fill_ms(threshold: float, target_threshold: float | None, heavy_batch: int, fill_ms: float) -> float:
     """How long a heavy worker holding a short batch may wait for more jobs under a plan (0: it runs what it
     read): ``fill_ms`` while the threshold is below the cascade's target (the heavy stage is what limits
     quality, so its capacity is worth a wait) and the batch has room for more than one; else 0 (the stage has
     room: a wait would only add latency)."""
-    if heavy_batch <= 1 or target_threshold is None or threshold >= target_threshold - 1e-9:
+    if heavy_batch <= 1 or not below_target(threshold, target_threshold):
         return 0.0
     return max(0.0, fill_ms)
 
@@ -171,7 +178,7 @@ def light_reason(decision: Decision, confidence: float | None, plan: Plan) -> Li
         target is not None
         and confidence is not None
         and confidence < target
-        and (not plan.discriminator_routes or plan.threshold < target - 1e-9)
+        and (not plan.discriminator_routes or below_target(plan.threshold, target))
     ):
         return LightReason.PLAN
     return LightReason.CONFIDENT
@@ -236,8 +243,8 @@ class ShareKeeper:
     def thresholds(self, plan: Plan, now_ms: float, confidences: Sequence[float]) -> list[float]:
         """The threshold of each of ``confidences`` (a batch, decided now under ``plan``); each is recorded as
         decided."""
-        plan_threshold, target = plan.threshold, plan.target_threshold
-        room = target is None or plan_threshold >= target - 1e-9
+        plan_threshold = plan.threshold
+        room = not below_target(plan_threshold, plan.target_threshold)
         window_ms = plan.share_window_ms if plan.discriminator_routes and room else 0.0
         while self.decisions and (window_ms <= 0 or self.decisions[0][0] <= now_ms - window_ms):
             self.excess -= self.decisions.popleft()[1]

@@ -126,8 +126,7 @@ class Simulation:
         self.history = ArrivalHistory(bucket_ms=ARRIVAL_BUCKET_MS / cfg.time_scale)
         self.early_tick = False  # a tick is due soon: traffic arrived after an idle one
         self.watch_ms = WATCH_S * 1000.0 / cfg.time_scale  # the controller's look at the light queue
-        self.scored: deque[float] = deque(maxlen=RECENT_CONFIDENCES)  # what the discriminator publishes
-        self.keeper = ShareKeeper(RECENT_CONFIDENCES)
+        self.keeper = ShareKeeper(RECENT_CONFIDENCES)  # its ``recent``: what the discriminator publishes
         self.times = {role: batch_times(profile, role, 1.0) for role in ("light", "heavy", "discriminator")}
 
     # ---------- event machinery ----------
@@ -189,7 +188,7 @@ class Simulation:
             self.queue_stats(),
             history=self.history,
             now_ms=self.now,
-            confidences=self.scored,
+            confidences=self.keeper.recent,
         )
         self.store(result, demand)
         if periodic and (self.outstanding or self.now < self.trace.duration_s * 1000.0):
@@ -438,7 +437,6 @@ class Simulation:
         scores = [self.scorer.confidence(job.prompt, job.record.prompt_index) for job in jobs]
         for job, score in zip(jobs, scores, strict=False):
             job.confidence = score
-        self.scored.extend(scores)
         thresholds = self.keeper.thresholds(plan, self.now, scores)
         onward = []
         for i in decision_order(scores):

@@ -10,7 +10,7 @@ from typing import Any
 
 from common.messages import Objective, Plan, Policy, Role
 from common.planner.policies import policy_spec
-from common.routing import heavy_fill_ms
+from common.routing import below_target, heavy_fill_ms
 
 
 @dataclass(kw_only=True)
@@ -93,7 +93,7 @@ def explain(result: PlanResult, light_floor: int) -> str:
     if not result.feasible:
         parts.append("demand exceeds capacity even at the lowest threshold: maximum-throughput plan")
     target = result.target_threshold
-    if result.heavy_workers and target is not None and result.threshold < target - 1e-9 and result.heavy_fraction == 0:
+    if result.heavy_workers and below_target(result.threshold, target) and result.heavy_fraction == 0:
         parts.append(
             f"t={result.threshold:g} < the cascade's {target:g}: {result.heavy_workers} heavy x{result.heavy_batch} "
             f"carry {100 * (1 - result.light_share):.0f} % of {result.demand_qps:.1f} q/s"
