@@ -72,7 +72,8 @@ from common.profiles import BATCH_GRID, CascadeProfile
 from common.replay import HOP_MS, ArrivalHistory, relevel
 from common.routing import below_target
 
-# The role-switch time assumed for a worker that has not switched yet (unscaled seconds).
+# The role-switch time assumed for a worker that has not switched yet while no other worker has either
+# (unscaled seconds).
 DEFAULT_SWITCH_S = 5.0
 # A plan fixed before the load is seen cannot add a light worker in a burst: in clusters of four or more it
 # keeps two.
@@ -184,6 +185,16 @@ class WorkerView:
     role: str  # current role: the planned one if it is in the stored plan, else the reported one
     switch_s: float
     busy_s: float = 0.0  # until the batch it is running ends (0: idle): a switch starts after it
+
+
+def switch_estimates(measured: Mapping[str, float], default_s: float) -> dict[str, float]:
+    """Each worker's role-switch time: its last measured one, else the median of its peers' (the same models on
+    the same kind of GPU: a worker that has not switched yet has none of its own), else ``default_s``.  With the
+    default for every worker that had not switched, a burst moved the one worker that had switched once (0.4 s
+    against 5 s assumed) even while another heavy worker was idle and it ran a batch for 1.5 s more."""
+    known = sorted(s for s in measured.values() if s > 0)
+    fallback = known[len(known) // 2] if known else default_s
+    return {w: s if s > 0 else fallback for w, s in measured.items()}
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,7 @@ from typing import Any
 from common import admission
 from common.admission import DEFAULT_ADMISSION_HEADROOM, DEFAULT_MAX_LIGHT_BACKLOG
 from common.backends.profiled import DEFAULT_LOAD_SECONDS, LOAD_SECONDS, ProfiledDiscriminator
-from common.control import DEFAULT_SWITCH_S, WATCH_S, ControlLoop, ControlSettings, WorkerView
+from common.control import DEFAULT_SWITCH_S, WATCH_S, ControlLoop, ControlSettings, WorkerView, switch_estimates
 from common.messages import ErrorCode, FinalResult, LightReason, Plan, Role, RoutedBy, Status
 from common.plan_store import PLAN_REFRESH_S
 from common.planner import FixedPlan, PlanResult, Policy, QueueStats, default_plan, policy_spec
@@ -196,11 +196,12 @@ class Simulation:
 
     def views(self) -> list[WorkerView]:
         planned = self.stored.roles if self.stored is not None else {}
+        switch_s = switch_estimates({w.worker_id: w.switch_s for w in self.workers}, DEFAULT_SWITCH_S)
         return [
             WorkerView(
                 w.worker_id,
                 planned.get(w.worker_id, w.role),
-                w.switch_s or DEFAULT_SWITCH_S,
+                switch_s[w.worker_id],
                 busy_s=max(0.0, w.free_at - self.now) / 1000.0 if w.batch else 0.0,
             )
             for w in self.workers

@@ -44,6 +44,7 @@ from common.control import (
     Watch,
     Why,
     WorkerView,
+    switch_estimates,
 )
 from common.messages import Objective, Plan, Policy
 from common.plan_store import live_ids, live_workers, load_arrivals, load_confidences, load_plan, store_plan
@@ -149,7 +150,8 @@ class ControllerConfig(ServiceConfig, BackendSettings, SloSettings, WorkerRegist
     )
     default_switch_s: float = option(
         DEFAULT_SWITCH_S,
-        "role-switch time assumed for a worker that has not switched yet (unscaled)",
+        "role-switch time assumed for a worker that has not switched yet while no worker has (unscaled; "
+        "else its peers' median)",
         env="DIFFSERVE_DEFAULT_SWITCH_S",
     )
     max_switch_fraction: float = option(
@@ -260,16 +262,17 @@ class Controller:
     async def live_workers(self, stored: Plan | None) -> list[WorkerView]:
         """The live workers (common/plan_store.py), each with its planned role where the stored plan has one."""
         planned = stored.roles if stored is not None else {}
-        default_switch_s = self.cfg.default_switch_s * self.scale
         now = now_ms()
+        records = await live_workers(self.r, self.keys, self.cfg.worker_timeout_s)
+        switch_s = switch_estimates({w.worker_id: w.switch_s for w in records}, self.cfg.default_switch_s * self.scale)
         out = []
-        for w in await live_workers(self.r, self.keys, self.cfg.worker_timeout_s):
+        for w in records:
             role = planned.get(w.worker_id) if planned.get(w.worker_id) in ROLES else w.role
             out.append(
                 WorkerView(
                     w.worker_id,
                     role if role in ROLES else "",
-                    w.switch_s if w.switch_s > 0 else default_switch_s,
+                    switch_s[w.worker_id],
                     busy_s=max(0.0, w.busy_until_ms - now) / 1000.0,
                 )
             )

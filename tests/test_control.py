@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from common.control import ControlLoop, ControlReason, ControlSettings, Watch, WorkerView
+from common.control import (
+    DEFAULT_SWITCH_S,
+    ControlLoop,
+    ControlReason,
+    ControlSettings,
+    Watch,
+    WorkerView,
+    switch_estimates,
+)
 from common.demand import RateEstimator, RecurringPeak
 from common.planner import FixedPlan, QueueStats
 from common.profiles import load_cascade_profile
@@ -321,6 +329,32 @@ def test_a_burst_moves_the_heavy_worker_that_can_serve_light_first(profile):
     heavy[1].switch_s = 0.8
     result, _why = loop.burst(stored, 30.0, workers, QueueStats(light_backlog=40))
     assert [w.worker_id for w in heavy if result.roles[w.worker_id] == "light"] == [heavy[1].worker_id]
+
+
+def test_a_worker_that_has_not_switched_is_assumed_to_switch_like_its_peers():
+    """Its own measurement where it has one, else the median of the others', else the default."""
+    assert switch_estimates({"a": 0.4, "b": 0.0, "c": 0.6, "d": 2.8}, DEFAULT_SWITCH_S) == {
+        "a": 0.4,
+        "b": 0.6,
+        "c": 0.6,
+        "d": 2.8,
+    }
+    assert switch_estimates({"a": 0.0, "b": 0.0}, DEFAULT_SWITCH_S) == {"a": DEFAULT_SWITCH_S, "b": DEFAULT_SWITCH_S}
+
+
+def test_a_burst_takes_an_idle_heavy_worker_though_it_never_switched(profile):
+    """The one heavy worker that switched before (0.4 s on record) runs a batch for 1.5 s more; the others never
+    switched, one of them idle: with their switch taken as their peer's, the burst takes the idle one (with the
+    5-s default it took the busy one, whose record looked faster)."""
+    loop = _loop(profile)
+    measured = {"w0": 0.4, "w1": 0.4, "w2": 0.0, "w3": 0.0}  # w0: light; w1 switched to heavy once
+    switch_s = switch_estimates(measured, DEFAULT_SWITCH_S)
+    busy_s = {"w1": 1.5, "w2": 2.0, "w3": 0.0}
+    workers = [WorkerView(w, "light" if w == "w0" else "heavy", switch_s[w], busy_s.get(w, 0.0)) for w in measured]
+    stored = _stored(_loop(profile), workers, 6.0)
+    stored.roles = {w.worker_id: w.role for w in workers}
+    result, _why = loop.burst(stored, 30.0, workers, QueueStats(light_backlog=40))
+    assert sorted(w for w, r in result.roles.items() if r == "light") == ["w0", "w3"]
 
 
 def test_a_fixed_plan_does_not_react_to_a_burst(profile):
