@@ -4,6 +4,7 @@ their clients cancelled, and the one batch cycle of the model stages (:func:`run
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -142,10 +143,36 @@ def failures(keys: Keys, jobs: Iterable[RoutedJob], code: ErrorCode, message: st
 
 @dataclass(kw_only=True)
 class Processed:
-    """What a stage made of a batch: the outputs, and more for the same transaction (``extra``)."""
+    """What a stage made of a batch: the outputs, and more for the same transaction (``extra``).  ``tail``: the
+    rest of its outputs, still to make once the model is free (a worker's image encoding and storing), which
+    :func:`run_batch` may overlap with the stage's next batch (``overlap``)."""
 
     outputs: Outputs = field(default_factory=list)
     extra: Callable[[Any], None] | None = None  # (a redis-py pipeline) -> None
+    tail: Callable[[], Awaitable[Outputs]] | None = None
+
+
+class Overlap:
+    """The tail of a stage's last batch (:class:`Processed`), running while the model runs the next one: the
+    CPU's share of a batch (PNG encoding 40-57 ms an image, common/data/h100/README.md) then costs the GPU no
+    time.  One tail at a time besides the newest: a tail slower than the model holds the next batch back
+    instead of piling images up.  A failed tail raises from the next :meth:`start` or :meth:`drain`; its
+    entries, never acked, are the consumer's to take up again first (StreamConsumer.undefer)."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, tail: Callable[[], Awaitable[None]]) -> None:
+        """Start ``tail``, then wait for the one before it."""
+        previous, self._task = self._task, asyncio.ensure_future(tail())
+        if previous is not None:
+            await previous
+
+    async def drain(self) -> None:
+        """Wait for the running tail (before a worker stops)."""
+        task, self._task = self._task, None
+        if task is not None:
+            await task
 
 
 async def run_batch(
@@ -159,13 +186,15 @@ async def run_batch(
     job_of: Callable[[M], RoutedJob],
     block_ms: int = 250,
     fill_until: Callable[[list[M]], float] | None = None,
+    overlap: Overlap | None = None,
 ) -> list[M]:
     """One cycle of a model stage (workers, discriminator): read up to ``count`` entries, decode them (the
     bad and the poisonous answered, :func:`split_batch`), ``process`` the rest, then write every output and
     ack the batch in one transaction. Returns the messages processed.
 
     ``fill_until``: given the messages of a short read, until when (the deployment's clock, ``CLOCK.now_ms()``)
-    to wait for more to fill the batch (the heavy worker's batch fill, common/routing.fill_until_ms)."""
+    to wait for more to fill the batch (the heavy worker's batch fill, common/routing.fill_until_ms).
+    ``overlap``: a batch's tail (:class:`Processed`), its write and its ack go on while the next cycle runs."""
     entries = await consumer.read(max(1, count), block_ms=block_ms)
     if not entries:
         return []
@@ -195,5 +224,24 @@ async def run_batch(
             messages += more_messages
             outputs += more_outputs
     done = await process(entries, messages) if messages else Processed()
-    await consumer.write_and_ack([e.id for e in entries], outputs + done.outputs, done.extra)
+    ids, tail = [e.id for e in entries], done.tail
+
+    async def finish() -> None:
+        rest = await tail() if tail is not None else []
+        await consumer.write_and_ack(ids, outputs + done.outputs + rest, done.extra)
+
+    if tail is None or overlap is None:
+        await finish()
+        return messages
+    consumer.defer(ids)
+
+    async def finish_deferred() -> None:
+        failed = True
+        try:
+            await finish()
+            failed = False
+        finally:
+            consumer.undefer(ids, failed=failed)
+
+    await overlap.start(finish_deferred)
     return messages

@@ -245,6 +245,7 @@ class StreamConsumer:
         self._reclaim_cursor = "0-0"
         self._resume_own = True  # after a restart under the same name, first finish our own pending entries
         self._unacked = False  # the last batch read has not been acked yet
+        self._deferred: set[str] = set()  # entries of batches finished in the background (defer)
         self._next_reclaim = 0.0
 
     async def ensure_group(self) -> None:
@@ -258,8 +259,11 @@ class StreamConsumer:
             self._resume_own = True
         try:
             if self._resume_own:
-                reply: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+                reply: Any = await self.r.xreadgroup(
+                    self.group, self.consumer, {self.stream: "0"}, count=count + len(self._deferred)
+                )
                 own = [_entry(i, f) for _s_, items in reply or [] for i, f in items if f]
+                own = [e for e in own if e.id not in self._deferred][:count]
                 if own:
                     # Redis counted this re-delivery; a poison entry that crashed us N times must say N.
                     await self._set_deliveries(own)
@@ -324,7 +328,23 @@ class StreamConsumer:
     async def ack(self, ids: Sequence[str]) -> None:
         if ids:
             await self.r.xack(self.stream, self.group, *ids)
+        self._acked(ids)
+
+    def _acked(self, ids: Sequence[str]) -> None:
+        if not self._deferred.intersection(ids):  # a deferred batch's ack says nothing of the one read since
+            self._unacked = False
+
+    def defer(self, ids: Sequence[str]) -> None:
+        """The batch read last is finished in the background while the next is read (run_batch's overlap):
+        the next read is no retry of it, and resuming our own pending entries passes its entries by."""
+        self._deferred.update(ids)
         self._unacked = False
+
+    def undefer(self, ids: Sequence[str], *, failed: bool) -> None:
+        """A deferred batch acked, or ``failed`` before its ack: then its entries are ours to take up again."""
+        self._deferred.difference_update(ids)
+        if failed:
+            self._resume_own = True
 
     async def write_and_ack(
         self,
@@ -343,7 +363,7 @@ class StreamConsumer:
             if ids:
                 pipe.xack(self.stream, self.group, *ids)
             replies = await pipe.execute()
-        self._unacked = False
+        self._acked(ids)
         return replies
 
     @contextlib.asynccontextmanager

@@ -45,7 +45,7 @@ from common.plan_store import PlanWatcher
 from common.planner import default_plan
 from common.routing import LatePolicySettings, Stage, batch_times, degrades_late, fill_until_ms
 from common.service import Service, now_ms, run
-from common.stage import Outputs, Processed, cancelled_ids, failures, light_answer, one_per_input, run_batch
+from common.stage import Outputs, Overlap, Processed, cancelled_ids, failures, light_answer, one_per_input, run_batch
 from common.streams import TRANSIENT_ERRORS, Entry, StreamConsumer, notify, run_forever
 from common.tenants import client_job_id
 
@@ -148,6 +148,18 @@ class RunningBatch:
             await task
 
 
+@dataclass(kw_only=True)
+class Generated:
+    """A batch the model ran, to be encoded and answered (Worker._answer) while the model runs the next."""
+
+    jobs: list[RoutedJob]
+    images: list[Image.Image | PngImage]
+    role: Role
+    model: str
+    seconds: float
+    dropped: set[str]  # cancelled while it ran, alongside jobs that were not: their results are dropped
+
+
 class Worker:
     def __init__(self, svc: Service[WorkerConfig]):
         self.svc, self.cfg, self.keys, self.r = svc, svc.config, svc.keys, svc.redis
@@ -173,6 +185,7 @@ class Worker:
         self.plans = PlanWatcher(self.r, self.keys, default=default_plan(self.profile))
         fixed = fixed_image(self.cfg.image_kb) if self.cfg.backend == "profiled" and self.cfg.image_kb > 0 else None
         self.encoder = EncoderPool(self.cfg.encode_threads, fixed)
+        self.overlap = Overlap()  # the last batch's encoding and writes, while the model runs the next
         self.blobs = open_store(self.cfg, self.r)  # each image is written once; entries carry references
         self.batch_ms: dict[int, float] = {}  # measured, smoothed; the profile until measured
         self.profiled_ms = {role: batch_times(self.profile, role, latency_scale(self.cfg)) for role in ROLES}
@@ -291,6 +304,7 @@ class Worker:
             service="worker",
             job_of=lambda j: j,
             fill_until=self._fill_until(plan, batch),
+            overlap=self.overlap,
         )
 
     def _fill_until(self, plan: Plan, batch: int) -> Callable[[list[RoutedJob]], float] | None:
@@ -322,10 +336,19 @@ class Worker:
         if self.role == Role.HEAVY and degrades_late(self.cfg.late_policy, plan.degrade_late):
             jobs, late = self._split_late(jobs)
             outputs += late
-        if jobs:
-            async with self.consumers[self.role].keep_claimed([e.id for e in entries]):
-                outputs += await self._run(jobs)
-        return Processed(outputs=outputs)
+        if not jobs:
+            return Processed(outputs=outputs)
+        consumer, ids = self.consumers[self.role], [e.id for e in entries]
+        async with consumer.keep_claimed(ids):
+            ran = await self._run(jobs)
+        if not isinstance(ran, Generated):  # failed or cancelled: answered already
+            return Processed(outputs=outputs + ran)
+
+        async def tail() -> Outputs:  # while the model runs the next batch (run_batch's overlap)
+            async with consumer.keep_claimed(ids):
+                return await self._answer(ran)
+
+        return Processed(outputs=outputs, tail=tail)
 
     def _split_late(self, jobs: list[RoutedJob]) -> tuple[list[RoutedJob], list[tuple[str, bytes]]]:
         """Jobs that would finish after their deadline even if started now (the deadline rule
@@ -349,8 +372,8 @@ class Worker:
             metrics.PROCESSED.labels("worker", "degraded").inc(len(late))
         return on_time, late
 
-    async def _run(self, jobs: list[RoutedJob]) -> Outputs:
-        """Run the model on a batch and answer each job (heavy), or send its light image on (light)."""
+    async def _run(self, jobs: list[RoutedJob]) -> Generated | Outputs:
+        """Run the model on a batch: its images, or the jobs' answers where it failed or every job was cancelled."""
         model_name = self.loaded.name
         running = RunningBatch(self.r, self.keys, self.cfg, jobs, model_name) if self.role == Role.HEAVY else None
         with contextlib.suppress(*TRANSIENT_ERRORS):  # a hint for the controller: which worker frees up first
@@ -372,13 +395,18 @@ class Worker:
         self.batch_ms[len(jobs)] = 0.7 * self.batch_ms.get(len(jobs), elapsed * 1000) + 0.3 * elapsed * 1000
         metrics.BATCH_SIZE.labels("worker", model_name).observe(len(jobs))
         metrics.BATCH_LATENCY.labels("worker", model_name).observe(elapsed)
-        encoded, raw_thumbs = await self._encode(jobs, images)
         dropped: set[str] = set()
         if running is not None:  # cancelled while it ran, alongside jobs that were not: its result is dropped
             dropped = running.cancelled
             metrics.PROCESSED.labels("worker", "cancelled").inc(len(dropped))
-        # Each image is written once (the big ones to the image store, in one round for the batch).
-        kind = LIGHT if self.role == Role.LIGHT else HEAVY
+        return Generated(jobs=jobs, images=images, role=self.role, model=model_name, seconds=elapsed, dropped=dropped)
+
+    async def _answer(self, done: Generated) -> Outputs:
+        """A run batch's images encoded and written once (the big ones to the image store, in one round for the
+        batch), each job answered (heavy) or its light image sent on (light)."""
+        jobs, dropped = done.jobs, done.dropped
+        encoded, raw_thumbs = await self._encode(done.role, jobs, done.images)
+        kind = LIGHT if done.role == Role.LIGHT else HEAVY
         try:
             kept = await self.blobs.keep(
                 [
@@ -396,16 +424,17 @@ class Worker:
             return failures(self.keys, jobs, E_INTERNAL, str(exc), self.id)
         images_out, thumbs_out = iter(kept), iter(thumbs)
         outputs: Outputs = []
-        for job, done, raw_thumb in zip(jobs, encoded, raw_thumbs, strict=True):
+        for job, encoded_job, raw_thumb in zip(jobs, encoded, raw_thumbs, strict=True):
             thumb = next(thumbs_out) if raw_thumb else None
             if job.job_id in dropped:
                 message = "cancelled by the client while it ran (with others in its batch): result dropped"
                 outputs.append((self.keys.completions, Completion.cancelled(job, self.id, message).encode()))
-            elif done.data is None:  # the encoder failed (and says why)
-                outputs += failures(self.keys, [job], E_MODEL, done.error or "image encoding failed", self.id)
+            elif encoded_job.data is None:  # the encoder failed (and says why)
+                message = encoded_job.error or "image encoding failed"
+                outputs += failures(self.keys, [job], E_MODEL, message, self.id)
             else:
-                outputs.append(self._output(job, next(images_out), done.format, thumb, len(jobs), elapsed))
-        metrics.PROCESSED.labels("worker", self.role).inc(len(jobs) - len(dropped))
+                outputs.append(self._output(done, job, next(images_out), encoded_job.format, thumb))
+        metrics.PROCESSED.labels("worker", done.role).inc(len(jobs) - len(dropped))
         return outputs
 
     async def _generate(self, jobs: list[RoutedJob], running: RunningBatch | None) -> list[Image.Image | PngImage]:
@@ -422,7 +451,7 @@ class Worker:
         return one_per_input(generated, jobs, "the model")
 
     async def _encode(
-        self, jobs: list[RoutedJob], images: list[Image.Image | PngImage]
+        self, role: Role, jobs: list[RoutedJob], images: list[Image.Image | PngImage]
     ) -> tuple[list[Encoded], list[bytes | None]]:
         """Each image in the format its job asked for (the encoder's threads), and a light image's thumbnail
         for the discriminator (meanwhile, off the event loop)."""
@@ -430,17 +459,17 @@ class Worker:
         size = self.thumbnail_size
         raw_thumbs: list[bytes | None] = (
             await asyncio.to_thread(lambda: [thumbnail_rgb(img, size) for img in images])
-            if self.role == Role.LIGHT and size
+            if role == Role.LIGHT and size
             else [None] * len(jobs)
         )
         return [await asyncio.wrap_future(future) for future in futures], raw_thumbs
 
     def _output(
-        self, job: RoutedJob, image: bytes | BlobRef, image_format: str, thumb: bytes | BlobRef | None, n: int, s: float
+        self, done: Generated, job: RoutedJob, image: bytes | BlobRef, image_format: str, thumb: bytes | BlobRef | None
     ) -> tuple[str, bytes]:
-        """A light image on to the discriminator, or a heavy one as the job's answer (``n`` jobs in ``s``)."""
-        model_name = self.loaded.name
-        if self.role == Role.HEAVY:
+        """A light image on to the discriminator, or a heavy one as the job's answer."""
+        model_name = done.model
+        if done.role == Role.HEAVY:
             answer = Completion.answer(
                 job,
                 image,
@@ -461,14 +490,17 @@ class Worker:
             thumbnail_size=self.thumbnail_size if thumb else 0,
             worker_id=self.id,
             model=model_name,
-            batch_size=n,
-            light_ms=s * 1000,
+            batch_size=len(done.jobs),
+            light_ms=done.seconds * 1000,
         )
         return self.keys.light_results, light.encode()
 
     async def close(self) -> None:
         if self.staging is not None:
             self.staging.cancel()
+        # The last batch's answers; if they cannot be written, its entries stay pending and are reclaimed.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.overlap.drain(), CLOSE_TIMEOUT_S)
         # Deregistering is a courtesy (the controller stops counting a worker whose heartbeat stops):
         # a hung Redis must not keep a SIGTERMed worker alive.
         with contextlib.suppress(asyncio.TimeoutError, *TRANSIENT_ERRORS):

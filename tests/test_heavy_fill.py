@@ -97,6 +97,7 @@ async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[l
         await second
         if sizes == [1]:
             await worker.step()
+        await worker.overlap.drain()  # a batch's answers are written while the model runs the next one
         answered = [Completion.decode(f[b"m"]) for _id, f in await r.xrange(keys.completions)]
         return sizes, sorted(c.job_id for c in answered if c.answered_by == Role.HEAVY)
     finally:

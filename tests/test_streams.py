@@ -7,7 +7,9 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from common.config import RedisSettings
+from common.config import Keys, RedisSettings
+from common.messages import ENTRY_FIELD
+from common.stage import Overlap, Processed, run_batch
 from common.streams import (
     StreamConsumer,
     SubmissionReader,
@@ -85,6 +87,74 @@ def test_keep_claimed_protects_a_long_batch_of_a_live_consumer(redis_server):
         await r.aclose()
 
     _run(go())
+
+
+def test_a_batch_finished_in_the_background_is_not_read_again_unless_its_finish_failed(redis_server):
+    """A worker encodes and writes one batch while its model runs the next (run_batch's overlap): the read of
+    the next batch is no retry of the deferred one; a deferred batch that failed before its ack is taken up
+    again first, and a deferred batch's ack does not clear the batch read since."""
+
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "s", "g", "w")
+        await c.ensure_group()
+        for i in range(6):
+            await add(r, "s", f"p{i}".encode())
+        first = await c.read(2, block_ms=100)
+        c.defer([e.id for e in first])
+        second = await c.read(2, block_ms=100)
+        assert [e.payload for e in second] == [b"p2", b"p3"]
+        await c.write_and_ack([e.id for e in first], [])  # the first batch's tail acks it
+        c.undefer([e.id for e in first], failed=False)
+        # the second was never acked (its step failed): read again, first
+        assert [e.id for e in await c.read(2, block_ms=100)] == [e.id for e in second]
+        c.defer([e.id for e in second])
+        third = await c.read(2, block_ms=100)
+        assert [e.payload for e in third] == [b"p4", b"p5"]
+        c.defer([e.id for e in third])
+        c.undefer([e.id for e in second], failed=True)  # its tail failed: ours again, the third still deferred
+        assert [e.id for e in await c.read(4, block_ms=100)] == [e.id for e in second]
+        await r.aclose()
+
+    _run(go())
+
+
+def test_a_model_stage_encodes_one_batch_while_it_runs_the_next(redis_server):
+    """run_batch with an overlap: a batch's tail (a worker's encoding and writes) goes on while the next batch
+    runs; each batch is written and acked once, and a tail slower than the model holds the batch after next."""
+    events: list[str] = []
+
+    async def process(_entries, messages):
+        events.append(f"run {messages[0]}")
+        await asyncio.sleep(0.05)  # the model
+
+        async def tail():
+            events.append(f"tail {messages[0]} starts")
+            await asyncio.sleep(0.2)  # the encoding, slower than the model
+            events.append(f"tail {messages[0]} ends")
+            return [("out", f"answer {messages[0]}".encode())]
+
+        return Processed(tail=tail)
+
+    async def go():
+        r = await _client(redis_server.url)
+        c = StreamConsumer(r, "in", "workers", "w")
+        await c.ensure_group()
+        for i in range(3):
+            await add(r, "in", f"b{i}".encode())
+        overlap = Overlap()
+        for _ in range(3):
+            await run_batch(c, 1, bytes.decode, process, keys=Keys("t"), service="worker", job_of=None, overlap=overlap)
+        await overlap.drain()
+        answers = [fields[ENTRY_FIELD] for _id, fields in await r.xrange("out")]
+        assert sorted(answers) == [b"answer b0", b"answer b1", b"answer b2"]
+        assert await backlog(r, "in", "workers") == 0
+        await r.aclose()
+
+    _run(go())
+    # b1 runs while b0's tail goes on; b2 waits for b0's tail (one tail besides the newest), not for b1's
+    assert events.index("run b1") < events.index("tail b0 ends")
+    assert events.index("tail b0 ends") < events.index("run b2") < events.index("tail b1 ends")
 
 
 def test_write_and_ack_is_atomic_and_trimming_keeps_unprocessed_entries(redis_server):
