@@ -30,6 +30,16 @@ async def _client(url: str) -> aioredis.Redis:
     return connect(RedisSettings(redis_url=url))
 
 
+async def _stream_of(url: str, stream: str, payloads: list[str]) -> tuple[aioredis.Redis, StreamConsumer]:
+    """A stream holding ``payloads`` and a consumer "w" of its group "workers"."""
+    r = await _client(url)
+    c = StreamConsumer(r, stream, "workers", "w")
+    await c.ensure_group()
+    for payload in payloads:
+        await add(r, stream, payload.encode())
+    return r, c
+
+
 def test_group_creation_is_idempotent_and_reads_in_batches(redis_server):
     async def go():
         r = await _client(redis_server.url)
@@ -95,11 +105,7 @@ def test_a_batch_finished_in_the_background_is_not_read_again_unless_its_finish_
     again first, and a deferred batch's ack does not clear the batch read since."""
 
     async def go():
-        r = await _client(redis_server.url)
-        c = StreamConsumer(r, "s", "g", "w")
-        await c.ensure_group()
-        for i in range(6):
-            await add(r, "s", f"p{i}".encode())
+        r, c = await _stream_of(redis_server.url, "s", [f"p{i}" for i in range(6)])
         first = await c.read(2, block_ms=100)
         c.defer([e.id for e in first])
         second = await c.read(2, block_ms=100)
@@ -137,11 +143,7 @@ def test_a_model_stage_encodes_one_batch_while_it_runs_the_next(redis_server):
         return Processed(tail=tail)
 
     async def go():
-        r = await _client(redis_server.url)
-        c = StreamConsumer(r, "in", "workers", "w")
-        await c.ensure_group()
-        for i in range(3):
-            await add(r, "in", f"b{i}".encode())
+        r, c = await _stream_of(redis_server.url, "in", [f"b{i}" for i in range(3)])
         overlap = Overlap()
         for _ in range(3):
             await run_batch(c, 1, bytes.decode, process, keys=Keys("t"), service="worker", job_of=None, overlap=overlap)
