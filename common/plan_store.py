@@ -64,7 +64,7 @@ class WorkerRecord:
     worker_id: str
     role: str  # as it reports it ("" when its info hash is gone)
     switch_s: float  # its last measured role switch (0: none yet)
-    busy_until_ms: float = 0.0  # when the batch it started last ends, on the deployment's clock (0: none yet)
+    busy_until_ms: float = 0.0  # when the batch it runs or fills last ends, on the deployment's clock (0: none yet)
 
 
 def _text(value: object) -> str:

@@ -185,7 +185,7 @@ async def run_batch(
     service: str,
     job_of: Callable[[M], RoutedJob],
     block_ms: int = 250,
-    fill_until: Callable[[list[M]], float] | None = None,
+    fill_until: Callable[[list[M]], Awaitable[float]] | None = None,
     overlap: Overlap | None = None,
 ) -> list[M]:
     """One cycle of a model stage (workers, discriminator): read up to ``count`` entries, decode them (the
@@ -216,7 +216,7 @@ async def run_batch(
 
     messages, outputs = decoded(entries)
     if fill_until is not None and messages and len(entries) < count:
-        until = fill_until(messages)
+        until = await fill_until(messages)
         while len(entries) < count and (wait_ms := int(until - CLOCK.now_ms())) > 0:
             more = await consumer.read_more(count - len(entries), wait_ms)
             entries += more

@@ -57,7 +57,7 @@ class SimWorker:
     busy: bool = False
     batch: list[SimJob] = field(default_factory=list)
     switch_s: float = 0.0
-    free_at: float = 0.0  # when the batch it is running ends (the controller's busy_s)
+    free_at: float = 0.0  # when the batch it is running (or filling) ends (the controller's busy_s)
     filling: bool = False  # it holds a short heavy batch, waiting for more
     fills: int = 0  # fills begun (a fill's timer that finds a later one ignores itself)
 
@@ -361,6 +361,7 @@ class Simulation:
             until = fill_until_ms(self.now, [j.deadline_ms for j in jobs], self.latency_ms("heavy", size), fill_ms)
             if until > self.now:  # the batch fill (common/routing.py): hold the short batch for more
                 w.busy, w.batch, w.filling, w.fills = True, jobs, True, w.fills + 1
+                w.free_at = until + self.latency_ms("heavy", size)  # its busy_s: it runs this batch first
                 self.at(until, self._filled, w, w.fills)
                 return
         self._start(w, jobs)

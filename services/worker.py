@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -282,6 +282,11 @@ class Worker:
         await self.heartbeat()
         await self.svc.sleep(self.cfg.heartbeat_s)
 
+    async def _busy_until(self, at_ms: float) -> None:
+        """A hint for the controller: when this worker's batch ends (which worker frees up first)."""
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self.r.hset(self.keys.worker_info(self.id), "busy_until_ms", at_ms)
+
     def estimate_ms(self, batch: int) -> float:
         """This worker's time for a batch: measured once it ran one that size, else the estimate every
         stage uses (common/routing.batch_times)."""
@@ -307,7 +312,7 @@ class Worker:
             overlap=self.overlap,
         )
 
-    def _fill_until(self, plan: Plan, batch: int) -> Callable[[list[RoutedJob]], float] | None:
+    def _fill_until(self, plan: Plan, batch: int) -> Callable[[list[RoutedJob]], Awaitable[float]] | None:
         """The heavy batch fill under ``plan`` (common/routing.fill_until_ms): given a short read's jobs, until
         when to wait for the rest of ``batch``; None when the plan carries no fill (or --batch fixes it)."""
         fill_ms = plan.heavy_fill_ms
@@ -315,7 +320,15 @@ class Worker:
             return None
         full_ms = self.estimate_ms(batch)
         skew = self.cfg.clock_skew_ms
-        return lambda jobs: fill_until_ms(now_ms(), [j.deadline_ms - skew for j in jobs], full_ms, fill_ms)
+
+        async def until(jobs: list[RoutedJob]) -> float:
+            at = fill_until_ms(now_ms(), [j.deadline_ms - skew for j in jobs], full_ms, fill_ms)
+            # A filling worker runs this batch before anything else, a role switch too: the controller's
+            # ``busy_s`` (which worker a burst moves) counts it from now, not from when it starts.
+            await self._busy_until(at + full_ms)
+            return at
+
+        return until
 
     async def _process(self, plan: Plan, entries: list[Entry], jobs: list[RoutedJob]) -> Processed:
         """A batch's jobs: those cancelled before it started answered, late heavy ones degraded (the deadline
@@ -376,8 +389,7 @@ class Worker:
         """Run the model on a batch: its images, or the jobs' answers where it failed or every job was cancelled."""
         model_name = self.loaded.name
         running = RunningBatch(self.r, self.keys, self.cfg, jobs, model_name) if self.role == Role.HEAVY else None
-        with contextlib.suppress(*TRANSIENT_ERRORS):  # a hint for the controller: which worker frees up first
-            await self.r.hset(self.keys.worker_info(self.id), "busy_until_ms", now_ms() + self.estimate_ms(len(jobs)))
+        await self._busy_until(now_ms() + self.estimate_ms(len(jobs)))
         start = time.perf_counter()
         try:
             images = await self._generate(jobs, running)

@@ -56,9 +56,10 @@ def _job(name: str) -> RoutedJob:
     )
 
 
-async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[list[int], list[str]]:
+async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[list[int], list[str], float]:
     """A heavy worker under a plan with a batch of two: one job, a second 0.2 s later. The batch sizes its
-    model ran and the jobs answered by the heavy model."""
+    model ran, the jobs answered by the heavy model, and how far ahead its ``busy_until_ms`` hint lay 0.1 s
+    after the first job."""
     sizes: list[int] = []
     real = ProfiledModel.generate
 
@@ -88,8 +89,13 @@ async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[l
         await worker.start()
         await r.xadd(keys.heavy_queue, {"m": _job("first").encode()})
 
+        ahead_ms: list[float] = []
+
         async def later() -> None:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
+            hint = await r.hget(keys.worker_info("h"), "busy_until_ms")
+            ahead_ms.append(float(hint or 0.0) - now_ms())
+            await asyncio.sleep(0.1)
             await r.xadd(keys.heavy_queue, {"m": _job("second").encode()})
 
         second = asyncio.create_task(later())
@@ -99,19 +105,22 @@ async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[l
             await worker.step()
         await worker.overlap.drain()  # a batch's answers are written while the model runs the next one
         answered = [Completion.decode(f[b"m"]) for _id, f in await r.xrange(keys.completions)]
-        return sizes, sorted(c.job_id for c in answered if c.answered_by == Role.HEAVY)
+        return sizes, sorted(c.job_id for c in answered if c.answered_by == Role.HEAVY), ahead_ms[0]
     finally:
         await worker.close()
         await r.aclose()
 
 
 def test_a_heavy_worker_under_a_fill_runs_the_job_that_came_a_moment_later_in_the_same_batch(redis_server, monkeypatch):
-    sizes, answered = asyncio.run(_heavy_batches(redis_server.url, 1000.0, monkeypatch))
+    sizes, answered, ahead_ms = asyncio.run(_heavy_batches(redis_server.url, 1000.0, monkeypatch))
     assert sizes == [2]
     assert answered == ["first", "second"]
+    # while it waits it tells the controller it is busy until the fill's end and its batch of two after it
+    # (2160 ms x 0.1): a burst does not take it for an idle worker
+    assert 1000.0 - 100.0 < ahead_ms < 1000.0 + 216.0 + 50.0
 
 
 def test_without_a_fill_the_first_job_runs_alone(redis_server, monkeypatch):
-    sizes, answered = asyncio.run(_heavy_batches(redis_server.url, 0.0, monkeypatch))
+    sizes, answered, _ahead_ms = asyncio.run(_heavy_batches(redis_server.url, 0.0, monkeypatch))
     assert sizes == [1, 1]
     assert answered == ["first", "second"]
