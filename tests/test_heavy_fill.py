@@ -9,13 +9,10 @@ import asyncio
 from common.backends.profiled import ProfiledModel
 from common.control import ControlLoop, ControlSettings
 from common.messages import Completion, Plan, Role, RoutedJob
-from common.plan_store import store_plan
 from common.planner import QueueStats, quality_threshold
 from common.profiles import load_cascade_profile
 from common.routing import fill_until_ms, heavy_fill_ms
-from common.service import Service, now_ms
-from common.streams import ensure_pipeline_groups
-from services.worker import Worker, WorkerConfig
+from common.service import now_ms
 
 
 def test_a_heavy_worker_waits_for_more_only_while_the_heavy_stage_limits_quality():
@@ -56,7 +53,9 @@ def _job(name: str) -> RoutedJob:
     )
 
 
-async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[list[int], list[str], float]:
+async def _heavy_batches(
+    redis_url: str, fill_ms: float, monkeypatch, make_worker
+) -> tuple[list[int], list[str], float]:
     """A heavy worker under a plan with a batch of two: one job, a second 0.2 s later. The batch sizes its
     model ran, the jobs answered by the heavy model, and how far ahead its ``busy_until_ms`` hint lay 0.1 s
     after the first job."""
@@ -68,23 +67,11 @@ async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[l
         return real(self, prompts, seeds, **kw)
 
     monkeypatch.setattr(ProfiledModel, "generate", spy)
-    cfg = WorkerConfig(
-        redis_url=redis_url,
-        namespace=f"fill{fill_ms:g}",
-        backend="profiled",
-        instance_id="h",
-        role="heavy",
-        time_scale=0.1,
-        stage_other_role=False,
-    )
-    svc = Service("worker", cfg)
-    r, keys = svc.redis, svc.keys
     plan = Plan(
         version=1, threshold=0.1, target_threshold=0.21, heavy_batch=2, heavy_fill_ms=fill_ms, roles={"h": Role.HEAVY}
     )
-    await store_plan(r, keys, plan)
-    await ensure_pipeline_groups(r, keys)  # as Service.run does before a service's loop
-    worker = Worker(svc)
+    worker = await make_worker(redis_url, f"fill{fill_ms:g}", "h", "heavy", plan, 0.1)
+    r, keys = worker.r, worker.keys
     try:
         await worker.start()
         await r.xadd(keys.heavy_queue, {"m": _job("first").encode()})
@@ -111,8 +98,10 @@ async def _heavy_batches(redis_url: str, fill_ms: float, monkeypatch) -> tuple[l
         await r.aclose()
 
 
-def test_a_heavy_worker_under_a_fill_runs_the_job_that_came_a_moment_later_in_the_same_batch(redis_server, monkeypatch):
-    sizes, answered, ahead_ms = asyncio.run(_heavy_batches(redis_server.url, 1000.0, monkeypatch))
+def test_a_heavy_worker_under_a_fill_runs_the_job_that_came_a_moment_later_in_the_same_batch(
+    redis_server, monkeypatch, profiled_worker
+):
+    sizes, answered, ahead_ms = asyncio.run(_heavy_batches(redis_server.url, 1000.0, monkeypatch, profiled_worker))
     assert sizes == [2]
     assert answered == ["first", "second"]
     # while it waits it tells the controller it is busy until the fill's end and its batch of two after it
@@ -120,7 +109,7 @@ def test_a_heavy_worker_under_a_fill_runs_the_job_that_came_a_moment_later_in_th
     assert 1000.0 - 100.0 < ahead_ms < 1000.0 + 216.0 + 50.0
 
 
-def test_without_a_fill_the_first_job_runs_alone(redis_server, monkeypatch):
-    sizes, answered, _ahead_ms = asyncio.run(_heavy_batches(redis_server.url, 0.0, monkeypatch))
+def test_without_a_fill_the_first_job_runs_alone(redis_server, monkeypatch, profiled_worker):
+    sizes, answered, _ahead_ms = asyncio.run(_heavy_batches(redis_server.url, 0.0, monkeypatch, profiled_worker))
     assert sizes == [1, 1]
     assert answered == ["first", "second"]

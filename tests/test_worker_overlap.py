@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from common.messages import LightResult, Plan, Role, RoutedJob
-from common.plan_store import store_plan
-from common.service import Service, now_ms
-from common.streams import backlog, ensure_pipeline_groups
-from services.worker import Worker, WorkerConfig
+from common.service import now_ms
+from common.streams import backlog
 
 
 def _job(name: str) -> RoutedJob:
@@ -17,23 +15,12 @@ def _job(name: str) -> RoutedJob:
     return RoutedJob(job_id=name, prompt=f"prompt of {name}", arrival_ms=now, deadline_ms=now + 60_000, seed=1)
 
 
-async def _one_batch_then_stop(redis_url: str) -> tuple[list[str], int, bool]:
+async def _one_batch_then_stop(redis_url: str, make_worker) -> tuple[list[str], int, bool]:
     """A light worker runs one batch of three and is closed at once: the light results written, the light
     queue's backlog after, and whether the batch's tail was still running when the step returned."""
-    cfg = WorkerConfig(
-        redis_url=redis_url,
-        namespace="overlap",
-        backend="profiled",
-        instance_id="w",
-        role="light",
-        time_scale=0.01,
-        stage_other_role=False,
-    )
-    svc = Service("worker", cfg)
-    r, keys = svc.redis, svc.keys
-    await store_plan(r, keys, Plan(version=1, threshold=0.2, light_batch=4, roles={"w": Role.LIGHT}))
-    await ensure_pipeline_groups(r, keys)
-    worker = Worker(svc)
+    plan = Plan(version=1, threshold=0.2, light_batch=4, roles={"w": Role.LIGHT})
+    worker = await make_worker(redis_url, "overlap", "w", "light", plan, 0.01)
+    r, keys = worker.r, worker.keys
     release = asyncio.Event()
     answer = worker._answer
 
@@ -57,8 +44,8 @@ async def _one_batch_then_stop(redis_url: str) -> tuple[list[str], int, bool]:
     return sorted(written), left, pending_after_step
 
 
-def test_a_stopping_worker_writes_the_batch_it_ran_before_it_exits(redis_server):
-    written, left, pending_after_step = asyncio.run(_one_batch_then_stop(redis_server.url))
+def test_a_stopping_worker_writes_the_batch_it_ran_before_it_exits(redis_server, profiled_worker):
+    written, left, pending_after_step = asyncio.run(_one_batch_then_stop(redis_server.url, profiled_worker))
     assert pending_after_step  # the step returned while the batch's encoding and writes went on
     assert written == ["a", "b", "c"]
     assert left == 0  # and acked
