@@ -510,9 +510,10 @@ class Worker:
     async def close(self) -> None:
         if self.staging is not None:
             self.staging.cancel()
-        # The last batch's answers; if they cannot be written, its entries stay pending and are reclaimed.
-        with contextlib.suppress(Exception):
+        try:  # the last batch's answers, written while the model ran (Overlap)
             await asyncio.wait_for(self.overlap.drain(), CLOSE_TIMEOUT_S)
+        except Exception as exc:  # its entries stay pending: another worker, or this one restarted, takes them up
+            self.svc.log.warning("last batch not written before stopping", extra={"error": repr(exc)[:200]})
         # Deregistering is a courtesy (the controller stops counting a worker whose heartbeat stops):
         # a hung Redis must not keep a SIGTERMed worker alive.
         with contextlib.suppress(asyncio.TimeoutError, *TRANSIENT_ERRORS):
